@@ -1,0 +1,270 @@
+//! Overhead of `call_and_track` over a bare provider call, against a local mock provider that
+//! answers at once, with rows written to SQLite and (when `BENCH_DATABASE_URL` names a
+//! PostgreSQL server) to PostgreSQL.
+//!
+//! `cargo bench --bench tracker` (optionally `BENCH_CALLS=20000`,
+//! `BENCH_DATABASE_URL=postgres://user@127.0.0.1:5432/postgres`).
+//!
+//! Added latency per call = the tracked call's time minus the provider's own time in that call
+//! (measured by a wrapping provider, so the mock's latency cancels out exactly).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llm_tracker::config::DatabaseUrl;
+use llm_tracker::tracker::{StoreOptions, TrackerOptions, WriteMode};
+use llm_tracker::{
+    CallRequest, ChatRequest, ChatResponse, LlmTracker, Message, Provider, ProviderError, Settings,
+};
+use sea_orm::ConnectionTrait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+tokio::task_local! {
+    static PROVIDER_TIME: Cell<Duration>;
+}
+
+/// Times the inner provider for the current task.
+struct Timed(Arc<dyn Provider>);
+
+#[async_trait::async_trait]
+impl Provider for Timed {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn default_model(&self) -> &str {
+        self.0.default_model()
+    }
+    async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, ProviderError> {
+        let started = Instant::now();
+        let result = self.0.chat(request).await;
+        let _ = PROVIDER_TIME.try_with(|t| t.set(started.elapsed()));
+        result
+    }
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMode) {
+    let vars = HashMap::from([
+        (
+            "OPENAI_API_KEY".to_owned(),
+            "sk-bench-0123456789".to_owned(),
+        ),
+        ("OPENAI_BASE_URL".to_owned(), base_url.to_owned()),
+        ("LLM_MAX_RETRIES".to_owned(), "0".to_owned()),
+    ]);
+    let settings = Settings::from_map(&vars).unwrap();
+    let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", url).unwrap())
+        .await
+        .unwrap();
+    llm_tracker::db::migrate(&db).await.unwrap();
+    db.execute_unprepared("DELETE FROM llm_tracker_usage")
+        .await
+        .unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let provider: Arc<dyn Provider> = Arc::new(Timed(llm_tracker::llm_service(&settings).unwrap()));
+    let mut store = StoreOptions::new(spool.path().join("spool.jsonl"));
+    store.write_mode = mode;
+    let options = TrackerOptions {
+        store,
+        secrets: vec![],
+    };
+    let tracker = Arc::new(LlmTracker::new(provider.clone(), db.clone(), options).await);
+    let request = CallRequest::new(vec![Message::user("hi")]).node_name("bench");
+
+    for concurrency in [1usize, 64] {
+        // Warm-up: connections, caches.
+        for _ in 0..200 {
+            let _ = tracker.track(request.clone()).await;
+        }
+        let per_worker = calls / concurrency;
+        let started = Instant::now();
+        // Spawn every worker before awaiting any (a lazy iterator would run them one by one).
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let tracker = tracker.clone();
+                let request = request.clone();
+                tokio::spawn(async move {
+                    let mut added = Vec::with_capacity(per_worker);
+                    let mut prov = Vec::with_capacity(per_worker);
+                    for _ in 0..per_worker {
+                        let (elapsed, provider_time) = PROVIDER_TIME
+                            .scope(Cell::new(Duration::ZERO), async {
+                                let t = Instant::now();
+                                let tracked = tracker.track(request.clone()).await;
+                                assert!(tracked.result.is_ok());
+                                (t.elapsed(), PROVIDER_TIME.with(Cell::get))
+                            })
+                            .await;
+                        added.push(elapsed.saturating_sub(provider_time));
+                        prov.push(provider_time);
+                    }
+                    (added, prov)
+                })
+            })
+            .collect();
+        let mut added: Vec<Duration> = Vec::new();
+        let mut prov: Vec<Duration> = Vec::new();
+        for w in workers {
+            let (a, p) = w.await.unwrap();
+            added.extend(a);
+            prov.extend(p);
+        }
+        prov.sort();
+        eprintln!(
+            "provider time inside tracked calls: p50 {} p99 {}",
+            us(quantile(&prov, 0.5)),
+            us(quantile(&prov, 0.99))
+        );
+        let wall = started.elapsed();
+        added.sort();
+        let rows = added.len();
+        println!(
+            "| {label} | {mode:?} | {concurrency} | {rows} | {} | {} | {} | {:.0} |",
+            us(quantile(&added, 0.5)),
+            us(quantile(&added, 0.99)),
+            us(quantile(&added, 0.999)),
+            rows as f64 / wall.as_secs_f64()
+        );
+    }
+    tracker.shutdown().await;
+    assert_eq!(
+        tracker.store().pending().await,
+        0,
+        "nothing left in the spool"
+    );
+}
+
+/// The baseline: provider calls with no tracker.
+async fn bare(base_url: &str, calls: usize) {
+    let vars = HashMap::from([
+        (
+            "OPENAI_API_KEY".to_owned(),
+            "sk-bench-0123456789".to_owned(),
+        ),
+        ("OPENAI_BASE_URL".to_owned(), base_url.to_owned()),
+        ("LLM_MAX_RETRIES".to_owned(), "0".to_owned()),
+    ]);
+    let provider = llm_tracker::llm_service(&Settings::from_map(&vars).unwrap()).unwrap();
+    let request = ChatRequest {
+        messages: vec![Message::user("hi")],
+        ..Default::default()
+    };
+    for concurrency in [1usize, 64] {
+        let per_worker = calls / concurrency;
+        let started = Instant::now();
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let provider = provider.clone();
+                let request = request.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per_worker {
+                        provider.chat(request.clone()).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+        let rate = (per_worker * concurrency) as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "| none (bare provider call) | – | {concurrency} | {} | – | – | – | {rate:.0} |",
+            per_worker * concurrency
+        );
+    }
+}
+
+/// A keep-alive HTTP/1.1 server on loopback answering every request with `body` at once
+/// (wiremock's matching and bookkeeping capped throughput at ~2,400 requests/s here).
+async fn instant_provider(body: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let response: Arc<[u8]> = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+    .into();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::with_capacity(4096);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request: headers, then content-length bytes of body.
+                    let (head_end, length) = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (i + 4, length);
+                        }
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    while buf.len() < head_end + length {
+                        match socket.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + length);
+                    if socket.write_all(&response).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::main]
+async fn main() {
+    let calls: usize = std::env::var("BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let body = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/providers/openai_success.json"
+    ))
+    .unwrap();
+    let base_url = instant_provider(body).await;
+    println!(
+        "| database | write mode | concurrency | calls | added p50 | added p99 | added p99.9 | tracked calls/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    bare(&base_url, calls).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("bench.db").display()
+    );
+    for mode in [WriteMode::Committed, WriteMode::Queued] {
+        run("SQLite", &sqlite, &base_url, calls, mode).await;
+    }
+    match std::env::var("BENCH_DATABASE_URL") {
+        Ok(url) => {
+            for mode in [WriteMode::Committed, WriteMode::Queued] {
+                run("PostgreSQL", &url, &base_url, calls, mode).await;
+            }
+        }
+        Err(_) => eprintln!("BENCH_DATABASE_URL not set: PostgreSQL skipped"),
+    }
+}

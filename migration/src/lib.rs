@@ -1,0 +1,26 @@
+//! Schema migrations for llm-tracker.
+//!
+//! Every statement is idempotent (`IF NOT EXISTS`) and uses the exact table, column and index
+//! names of the Django app, so running these over a database the Django app created changes
+//! nothing that is already there and only adds what is missing.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20250101_000001_create_auth_user;
+mod m20250101_000002_create_llm_tracker_usage;
+mod m20250301_000003_add_usage_started_at;
+mod util;
+
+/// All migrations, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20250101_000001_create_auth_user::Migration),
+            Box::new(m20250101_000002_create_llm_tracker_usage::Migration),
+            Box::new(m20250301_000003_add_usage_started_at::Migration),
+        ]
+    }
+}

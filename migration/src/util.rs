@@ -1,0 +1,62 @@
+//! Helpers shared by the migrations: run plain SQL per backend, and remember which tables we
+//! created so that `down` never drops a table the Django app owns.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+/// The marker written as a PostgreSQL table comment on tables this crate created.
+pub const OWNED_MARKER: &str = "created by llm-tracker";
+
+/// Runs each statement in order.
+pub async fn run_all(manager: &SchemaManager<'_>, statements: &[&str]) -> Result<(), DbErr> {
+    let conn = manager.get_connection();
+    for sql in statements {
+        conn.execute_unprepared(sql).await?;
+    }
+    Ok(())
+}
+
+/// Creates a table when it is missing and marks it as ours (PostgreSQL: a table comment).
+/// An existing table, such as one the Django app made, is left exactly as it is.
+pub async fn create_table_if_missing(
+    manager: &SchemaManager<'_>,
+    table: &str,
+    create_sql: &str,
+) -> Result<(), DbErr> {
+    if manager.has_table(table).await? {
+        return Ok(());
+    }
+    run_all(manager, &[create_sql]).await?;
+    if manager.get_database_backend() == DbBackend::Postgres {
+        let sql = format!("COMMENT ON TABLE {table} IS '{OWNED_MARKER}'");
+        run_all(manager, &[&sql]).await?;
+    }
+    Ok(())
+}
+
+/// True when `down` may drop the table: on PostgreSQL only tables carrying our marker (so a
+/// rollback never destroys the Django app's own tables); on SQLite, whose Django compatibility
+/// is not promised, every table.
+pub async fn table_is_ours(manager: &SchemaManager<'_>, table: &str) -> Result<bool, DbErr> {
+    if !manager.has_table(table).await? {
+        return Ok(false);
+    }
+    let conn = manager.get_connection();
+    match manager.get_database_backend() {
+        DbBackend::Postgres => {
+            let row = conn
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT obj_description(to_regclass($1), 'pg_class') AS c",
+                    [table.into()],
+                ))
+                .await?;
+            let comment: Option<String> = match row {
+                Some(row) => row.try_get("", "c")?,
+                None => None,
+            };
+            Ok(comment.as_deref() == Some(OWNED_MARKER))
+        }
+        _ => Ok(true),
+    }
+}

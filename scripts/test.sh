@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or CI: cargo fmt --check, clippy -D warnings, and
+# every test on SQLite and on a throwaway PostgreSQL server that this script finds or installs,
+# starts on a free loopback port as an unprivileged user, and always stops by its pid.
+#
+# TEST_DATABASE_URL=postgres://... uses an existing server instead of starting one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "[test.sh] $*" >&2; }
+fail() { say "FAILED: $*"; exit 1; }
+
+PG_PID=""
+PG_TMP=""
+cleanup() {
+  if [ -n "$PG_PID" ] && kill -0 "$PG_PID" 2>/dev/null; then
+    kill -INT "$PG_PID" 2>/dev/null || true          # fast shutdown
+    for _ in $(seq 1 100); do kill -0 "$PG_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$PG_PID" 2>/dev/null || true
+    say "stopped PostgreSQL (pid $PG_PID)"
+  fi
+  [ -n "$PG_TMP" ] && rm -rf "$PG_TMP"
+  return 0
+}
+trap cleanup EXIT INT TERM
+
+find_pg_bindir() {
+  local d
+  for d in /usr/lib/postgresql/*/bin "$(pg_config --bindir 2>/dev/null || true)" /usr/local/pgsql/bin; do
+    if [ -n "$d" ] && [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ] && [ -x "$d/postgres" ]; then
+      echo "$d"
+    fi
+  done | sort -V | tail -n 1
+}
+
+free_port() {
+  local p
+  for _ in $(seq 1 200); do
+    p=$(( 20000 + RANDOM % 40000 ))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
+  done
+  return 1
+}
+
+start_postgres() {
+  local bindir port runas=()
+  bindir=$(find_pg_bindir)
+  if [ -z "$bindir" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      say "PostgreSQL not found: installing it with apt-get"
+      apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2 \
+        || fail "could not install PostgreSQL"
+      bindir=$(find_pg_bindir)
+    fi
+    [ -n "$bindir" ] || fail "PostgreSQL server binaries (initdb, pg_ctl) not found; install postgresql or set TEST_DATABASE_URL"
+  fi
+  PG_TMP=$(mktemp -d -t llmt-pg.XXXXXX)
+  if [ "$(id -u)" = 0 ]; then
+    # initdb refuses to run as root: the server runs as the unprivileged 'postgres' user.
+    id postgres >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+    chown postgres "$PG_TMP"
+    runas=(runuser -u postgres --)
+  fi
+  port=$(free_port) || fail "no free loopback port"
+  "${runas[@]}" "$bindir/initdb" -D "$PG_TMP/data" -U postgres -A trust -E UTF8 --locale=C --no-sync >"$PG_TMP/initdb.log" 2>&1 \
+    || { cat "$PG_TMP/initdb.log" >&2; fail "initdb"; }
+  "${runas[@]}" "$bindir/pg_ctl" -D "$PG_TMP/data" -l "$PG_TMP/server.log" -w -t 60 \
+    -o "-p $port -k $PG_TMP -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+    start >/dev/null || { cat "$PG_TMP/server.log" >&2; fail "PostgreSQL did not start"; }
+  PG_PID=$(head -n 1 "$PG_TMP/data/postmaster.pid")
+  export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  say "PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $PG_PID)"
+}
+
+if [ -z "${TEST_DATABASE_URL:-}" ]; then
+  start_postgres
+else
+  say "using TEST_DATABASE_URL from the environment"
+fi
+
+say "cargo fmt --check"
+cargo fmt --all -- --check || fail "cargo fmt: run 'cargo fmt --all'"
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings || fail "clippy"
+
+say "cargo test (SQLite and PostgreSQL)"
+LOG=$(mktemp -t llmt-test.XXXXXX)
+status=0
+cargo test --workspace 2>&1 | tee "$LOG" || status=$?
+sqlite=$(grep -cE '::sqlite \.\.\. ok$' "$LOG" || true)
+postgres=$(grep -cE '::postgres \.\.\. ok$' "$LOG" || true)
+rm -f "$LOG"
+say "database tests passed: $sqlite on SQLite, $postgres on PostgreSQL"
+[ "$status" = 0 ] || fail "cargo test exited $status"
+[ "$postgres" -gt 0 ] || fail "no PostgreSQL test ran"
+say "all checks passed"

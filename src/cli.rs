@@ -1,0 +1,307 @@
+//! The `llm-tracker` command line.
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::jwt;
+use crate::config::{ConfigError, Settings};
+use crate::providers::Message;
+use crate::tracker::{CallRequest, CallState, LlmTracker, TrackerError};
+use crate::users::{self, NewUser, UserError};
+
+/// Records every LLM call a backend makes and serves the record to administrators.
+#[derive(Debug, Parser)]
+#[command(name = "llm-tracker", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply migrations, then serve HTTP until Ctrl-C / SIGTERM.
+    Serve {
+        /// Fill an empty database with demo rows, create an admin user, print the URLs and a
+        /// ready admin token (and use a generated JWT key when JWT_SECRET is not set).
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Apply migrations and exit.
+    Migrate,
+    /// Create a Django-compatible user (pbkdf2_sha256 password).
+    CreateUser {
+        /// Username (letters, digits and @ . + - _; at most 150).
+        #[arg(long)]
+        username: String,
+        /// Password; without it the user gets an unusable password, as in Django.
+        #[arg(long)]
+        password: Option<String>,
+        /// Mark the user as staff (may use the admin API).
+        #[arg(long)]
+        staff: bool,
+        /// Mark the user as superuser (may use the admin API).
+        #[arg(long)]
+        superuser: bool,
+    },
+    /// Make one tracked call with the configured provider; print the reply, usage and row id.
+    Call {
+        /// The user message.
+        prompt: String,
+        /// A system message sent first.
+        #[arg(long)]
+        system: Option<String>,
+        /// The pipeline step recorded as metadata.node_name.
+        #[arg(long, default_value = "cli")]
+        node_name: String,
+        /// The end user (auth_user.id) the call is made for.
+        #[arg(long)]
+        user_id: Option<i32>,
+        /// Ask the model for a JSON object, and print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the OpenAPI document (to refresh openapi/openapi.json).
+    Openapi,
+    /// Print an HS256 access token for a user (the token alone on stdout).
+    Token {
+        /// The user the token is for.
+        #[arg(long)]
+        username: String,
+        /// Lifetime: 90s, 15m, 1h, 7d (at most 366d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+/// A command's failure, printed as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error("database: {0}")]
+    Db(#[from] sea_orm::DbErr),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tracker(#[from] TrackerError),
+}
+
+/// Runs one command to completion.
+pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve { demo } => {
+            let mut settings = settings;
+            if settings.jwt_secret.is_none() {
+                if !demo {
+                    return Err(ConfigError::missing(
+                        "JWT_SECRET",
+                        "the admin API checks tokens with it; or try `serve --demo`",
+                    )
+                    .into());
+                }
+                settings.jwt_secret = Some(crate::config::Secret::new(random_string(48)));
+            }
+            let db = open_migrated(&settings).await?;
+            if demo {
+                demo_setup(&settings, &db).await?;
+            }
+            crate::server::run(settings, db).await?;
+        }
+        Command::Migrate => {
+            open_migrated(&settings).await?;
+            eprintln!("migrations applied to {}", settings.database_url);
+        }
+        Command::CreateUser {
+            username,
+            password,
+            staff,
+            superuser,
+        } => {
+            // Validate everything before touching the database.
+            if !users::is_valid_username(&username) {
+                return Err(UserError::InvalidUsername(username).into());
+            }
+            if password.as_deref() == Some("") {
+                return Err(UserError::EmptyPassword.into());
+            }
+            let db = open_migrated(&settings).await?;
+            let user = users::create_user(
+                &db,
+                NewUser {
+                    username,
+                    password,
+                    is_staff: staff,
+                    is_superuser: superuser,
+                },
+            )
+            .await?;
+            println!(
+                "created user {:?} (id {}, staff: {}, superuser: {})",
+                user.username, user.id, user.is_staff, user.is_superuser
+            );
+        }
+        Command::Openapi => print!("{}", crate::http::openapi::openapi_json()),
+        Command::Call {
+            prompt,
+            system,
+            node_name,
+            user_id,
+            json,
+        } => {
+            call(&settings, prompt, system, node_name, user_id, json).await?;
+        }
+        Command::Token { username, ttl } => {
+            let ttl = jwt::parse_ttl(&ttl).map_err(CliError::Usage)?;
+            let secret = settings.require_jwt_secret()?.clone();
+            let db = open_migrated(&settings).await?;
+            let user = users::find_by_username(&db, &username)
+                .await?
+                .ok_or(UserError::NotFound(username))?;
+            if !user.is_active {
+                eprintln!(
+                    "warning: user {:?} is inactive; the API will refuse this token",
+                    user.username
+                );
+            } else if !(user.is_staff || user.is_superuser) {
+                eprintln!(
+                    "warning: user {:?} is neither staff nor superuser; the admin API will answer 403",
+                    user.username
+                );
+            }
+            println!("{}", jwt::mint_access_token(secret.expose(), user.id, ttl));
+        }
+    }
+    Ok(())
+}
+
+async fn call(
+    settings: &Settings,
+    prompt: String,
+    system: Option<String>,
+    node_name: String,
+    user_id: Option<i32>,
+    json: bool,
+) -> Result<(), CliError> {
+    if prompt.trim().is_empty() {
+        return Err(CliError::Usage("the prompt must not be empty".into()));
+    }
+    let tracker = LlmTracker::from_settings(settings).await?;
+    let messages = system
+        .into_iter()
+        .map(Message::system)
+        .chain([Message::user(prompt)])
+        .collect();
+    let request = CallRequest::new(messages)
+        .node_name(node_name)
+        .json_mode(json)
+        .state(CallState {
+            user_id,
+            source_type: Some("cli".into()),
+            ..Default::default()
+        });
+    let tracked = tracker.track(request).await;
+    tracker.shutdown().await;
+    let row_id = tracked.row_id.map(|id| id.to_string());
+    match tracked.result {
+        Ok((content, usage)) if json => {
+            let doc = serde_json::json!({"content": content, "usage": usage, "row_id": row_id});
+            println!("{doc}");
+            Ok(())
+        }
+        Ok((content, usage)) => {
+            println!("{content}");
+            println!("{}", serde_json::to_string(&usage).unwrap_or_default());
+            println!("row_id: {}", row_id.unwrap_or_default());
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(id) = row_id {
+                eprintln!("recorded as row {id}");
+            }
+            // Provider messages can echo a key back; the terminal gets what the row got.
+            let secrets = crate::tracker::options_from_settings(settings).secrets;
+            Err(CliError::Usage(crate::redact::redact(
+                &e.to_string(),
+                &secrets,
+            )))
+        }
+    }
+}
+
+fn random_string(len: usize) -> String {
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
+}
+
+/// Demo rows, an admin user and a token, printed with the URLs to open.
+async fn demo_setup(settings: &Settings, db: &sea_orm::DatabaseConnection) -> Result<(), CliError> {
+    let written = crate::demo::seed(db, crate::demo::DEMO_ROWS, rand::random()).await?;
+    let password = match users::find_by_username(db, "admin").await? {
+        Some(_) => None,
+        None => {
+            let password = random_string(16);
+            let new = NewUser {
+                username: "admin".into(),
+                password: Some(password.clone()),
+                is_staff: true,
+                is_superuser: true,
+            };
+            users::create_user(db, new).await?;
+            Some(password)
+        }
+    };
+    let admin = users::find_by_username(db, "admin")
+        .await?
+        .ok_or_else(|| UserError::NotFound("admin".into()))?;
+    let secret = settings.require_jwt_secret()?;
+    let token = jwt::mint_access_token(
+        secret.expose(),
+        admin.id,
+        std::time::Duration::from_secs(12 * 3600),
+    );
+    let base = format!("http://{}", settings.bind_addr);
+    println!("llm-tracker demo");
+    if written > 0 {
+        println!("  demo data:    {written} usage rows over the last 90 days");
+    } else {
+        println!("  demo data:    the database already had usage rows; none added");
+    }
+    println!("  Swagger UI:   {base}/api/docs/  (Authorize with the token below)");
+    println!("  token-stats:  {base}/api/v1/admin/token-stats/?granularity=month");
+    println!("  llm-usage:    {base}/api/v1/admin/llm-usage/");
+    match password {
+        Some(pw) => println!("  admin user:   admin / {pw}"),
+        None => println!("  admin user:   admin (existing; password unchanged)"),
+    }
+    println!("  admin token (12 h):");
+    println!("{token}");
+    println!("  try: curl -H \"Authorization: Bearer $TOKEN\" '{base}/api/v1/admin/token-stats/'");
+    Ok(())
+}
+
+async fn open_migrated(settings: &Settings) -> Result<sea_orm::DatabaseConnection, CliError> {
+    let db = crate::db::connect(&settings.database_url).await?;
+    crate::db::migrate(&db).await?;
+    Ok(db)
+}
+
+/// clap's usage errors span several lines; the CLI promises one.
+pub fn one_line_usage_error(err: &clap::Error) -> String {
+    let rendered = err.to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    format!("error: {message} (see --help)")
+}

@@ -1,0 +1,139 @@
+//! One error type for every HTTP error: a JSON body with `detail` (what the dashboard shows),
+//! a stable snake_case `code`, and `errors` per parameter for validation failures.
+
+use std::collections::BTreeMap;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
+use serde::Serialize;
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{detail}")]
+    BadRequest {
+        detail: String,
+        errors: BTreeMap<String, Vec<String>>,
+    },
+    /// 401, with `WWW-Authenticate: Bearer realm="api"`.
+    #[error("{detail}")]
+    Unauthorized {
+        detail: &'static str,
+        code: &'static str,
+    },
+    #[error("You do not have permission to perform this action.")]
+    Forbidden,
+    #[error("Not found.")]
+    NotFound,
+    #[error("Service temporarily unavailable, try again later.")]
+    ServiceUnavailable,
+    #[error("A server error occurred.")]
+    Internal,
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"detail": "start_date: \"2025-02-30\" is not a valid date or date-time", "code": "invalid_query", "errors": {"start_date": ["\"2025-02-30\" is not a valid date or date-time"]}}))]
+pub struct ErrorBody {
+    pub detail: String,
+    pub code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<BTreeMap<String, Vec<String>>>,
+}
+
+impl ApiError {
+    /// A 400 about one query parameter.
+    /// A database failure: logged with its cause, answered as a generic 503.
+    pub fn database(err: sea_orm::DbErr) -> Self {
+        tracing::error!(error = %err, "database error");
+        Self::ServiceUnavailable
+    }
+
+    pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let mut errors = BTreeMap::new();
+        errors.insert(param.to_owned(), vec![message.clone()]);
+        Self::BadRequest {
+            detail: format!("{param}: {message}"),
+            errors,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { .. } => "invalid_query",
+            Self::Unauthorized { code, .. } => code,
+            Self::Forbidden => "permission_denied",
+            Self::NotFound => "not_found",
+            Self::ServiceUnavailable => "service_unavailable",
+            Self::Internal => "server_error",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let errors = match self {
+            Self::BadRequest { errors, .. } if !errors.is_empty() => Some(errors.clone()),
+            _ => None,
+        };
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, Self::Unauthorized { .. }) {
+            response.insert_header(("WWW-Authenticate", r#"Bearer realm="api""#));
+        }
+        response.json(ErrorBody {
+            detail: self.to_string(),
+            code: self.code(),
+            errors,
+        })
+    }
+}
+
+/// Unknown routes answer 404 in the JSON shape.
+pub async fn not_found(_req: HttpRequest) -> HttpResponse {
+    ApiError::NotFound.error_response()
+}
+
+/// Malformed query strings get the JSON shape.
+pub fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default().error_handler(|err, _req| {
+        ApiError::BadRequest {
+            detail: format!("Malformed query string: {err}"),
+            errors: BTreeMap::new(),
+        }
+        .into()
+    })
+}
+
+/// Malformed path segments get the JSON shape.
+pub fn path_config() -> web::PathConfig {
+    web::PathConfig::default().error_handler(|err, _req| {
+        ApiError::BadRequest {
+            detail: format!("Malformed path: {err}"),
+            errors: BTreeMap::new(),
+        }
+        .into()
+    })
+}
+
+/// Malformed JSON bodies get the JSON shape.
+pub fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default().error_handler(|err, _req| {
+        ApiError::BadRequest {
+            detail: format!("Malformed JSON body: {err}"),
+            errors: BTreeMap::new(),
+        }
+        .into()
+    })
+}

@@ -1,0 +1,80 @@
+//! The HTTP layer: a thin actix-web adapter over the library modules.
+
+pub mod auth;
+pub mod error;
+pub mod middleware;
+pub mod openapi;
+pub mod routes;
+
+use actix_cors::Cors;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::{Method, header};
+use actix_web::middleware::{Condition, from_fn};
+use actix_web::{App, web};
+use sea_orm::DatabaseConnection;
+
+use crate::config::Settings;
+
+/// Shared, read-only state for every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: DatabaseConnection,
+    pub settings: Settings,
+}
+
+/// Registers every route and the JSON error handlers; used by `serve` and by the tests.
+pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg: &mut web::ServiceConfig| {
+        cfg.app_data(web::Data::new(state))
+            .app_data(error::query_config())
+            .app_data(error::path_config())
+            .app_data(error::json_config())
+            .service(routes::health::healthz)
+            .service(routes::health::readyz)
+            .configure(routes::admin::configure)
+            .service(utoipa_swagger_ui::SwaggerUi::new("/api/docs/{_:.*}").url(
+                "/api/openapi.json",
+                <openapi::ApiDoc as utoipa::OpenApi>::openapi(),
+            ))
+            .default_service(web::to(error::not_found));
+    }
+}
+
+/// The whole application as `serve` runs it: request logging, JSON error bodies, CORS and
+/// every route. Tests build the same thing.
+pub fn app(
+    state: AppState,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let origins = &state.settings.cors_allowed_origins;
+    // With no origin configured there is no CORS layer at all: actix-cors would otherwise
+    // answer any origin.
+    let cors = Condition::new(!origins.is_empty(), cors(origins));
+    App::new()
+        .wrap(cors)
+        .wrap(from_fn(middleware::json_errors))
+        .wrap(from_fn(middleware::log_requests))
+        .configure(configure(state))
+}
+
+/// CORS for the configured origins only (`CORS_ALLOWED_ORIGINS`): GET with `Authorization`.
+/// Other origins get no CORS headers (their requests still run; browsers block the reading).
+/// No `Access-Control-Expose-Headers`: actix-cors would send it to every origin.
+fn cors(origins: &[String]) -> Cors {
+    let mut cors = Cors::default()
+        .allowed_methods([Method::GET, Method::OPTIONS])
+        .allowed_headers([header::AUTHORIZATION, header::ACCEPT, header::CONTENT_TYPE])
+        .max_age(3600);
+    for origin in origins {
+        cors = cors.allowed_origin(origin);
+    }
+    cors
+}

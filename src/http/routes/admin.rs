@@ -1,0 +1,226 @@
+//! The admin API (SPEC §5): token-stats and llm-usage, read-only, admin-only.
+
+use actix_web::{HttpResponse, web};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::http::AppState;
+use crate::http::auth::AdminUser;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::usage::filters::given;
+use crate::usage::list::UsagePage;
+use crate::usage::list::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, list_usage};
+use crate::usage::stats::{
+    Granularity, ModelStats, SeriesItem, Summary, stats_by_model, summary_stats, time_series_stats,
+};
+use crate::usage::{FilterError, UsageFilter};
+
+/// Query of `GET /api/v1/admin/token-stats/`. Every value is trimmed; empty = not given.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TokenStatsQuery {
+    /// `created_at >= start_date`: RFC 3339 (`2024-01-01T08:00:00+08:00`, `…Z`), naive date-time (UTC) or date.
+    #[param(example = "2025-01-01")]
+    pub start_date: Option<String>,
+    /// `created_at <= end_date`; a date means the end of that day.
+    #[param(example = "2025-01-31")]
+    pub end_date: Option<String>,
+    /// Only this user's calls (integer).
+    pub user_id: Option<String>,
+    /// `day` (hourly buckets), `month` (daily) or `year` (monthly); case-insensitive. Without it `series` is null.
+    #[param(example = "month")]
+    pub granularity: Option<String>,
+}
+
+/// The time series of token-stats.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Series {
+    pub granularity: Granularity,
+    pub items: Vec<SeriesItem>,
+}
+
+/// token-stats: summary, per-model breakdown (by total tokens, then model), series.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenStats {
+    pub summary: Summary,
+    pub by_model: Vec<ModelStats>,
+    /// Null unless `granularity` was given.
+    pub series: Option<Series>,
+}
+
+/// Query of `GET /api/v1/admin/llm-usage/`. Every value is trimmed; empty = not given.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// Page number, an integer ≥ 1 (default 1).
+    #[param(example = "1")]
+    pub page: Option<String>,
+    /// Rows per page (default 20); above 100 → 100, below 1 → 1.
+    #[param(example = "20")]
+    pub page_size: Option<String>,
+    /// Only this user's calls (integer).
+    pub user_id: Option<String>,
+    /// Case-insensitive substring of the model name; `%`, `_`, `\` are literal.
+    #[param(example = "gpt-4o")]
+    pub model: Option<String>,
+    /// `true` or `false`; any other value (`all`) is no filter.
+    pub success: Option<String>,
+    /// `created_at >= start_date` (as token-stats).
+    pub start_date: Option<String>,
+    /// `created_at <= end_date` (as token-stats).
+    pub end_date: Option<String>,
+}
+
+impl From<FilterError> for ApiError {
+    fn from(e: FilterError) -> Self {
+        ApiError::invalid_param(e.param, e.message)
+    }
+}
+
+/// Registers both routes, with and without the trailing slash.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource(["/api/v1/admin/token-stats/", "/api/v1/admin/token-stats"])
+            .route(web::get().to(token_stats)),
+    )
+    .service(
+        web::resource(["/api/v1/admin/llm-usage/", "/api/v1/admin/llm-usage"])
+            .route(web::get().to(llm_usage)),
+    );
+}
+
+/// Token statistics: summary, per-model breakdown and (with `granularity`) a time series.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/token-stats/",
+    tag = "admin",
+    params(TokenStatsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Statistics over the matching rows", body = TokenStats),
+        (status = 400, description = "A bad parameter, named in `errors`", body = ErrorBody),
+        (status = 401, description = "No, or no valid, credentials", body = ErrorBody),
+        (status = 403, description = "Not a staff user or superuser", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub async fn token_stats(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+    query: web::Query<TokenStatsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let q = query.into_inner();
+    let filter = UsageFilter::from_params(
+        q.start_date.as_deref(),
+        q.end_date.as_deref(),
+        q.user_id.as_deref(),
+        None,
+        None,
+    )?;
+    let granularity = match given(q.granularity.as_deref()) {
+        None => None,
+        Some(raw) => Some(Granularity::parse(raw).ok_or_else(|| {
+            ApiError::BadRequest {
+                detail: "Unsupported granularity. Use one of: day, month, year.".into(),
+                errors: [(
+                    "granularity".to_owned(),
+                    vec!["Unsupported granularity. Use one of: day, month, year.".to_owned()],
+                )]
+                .into(),
+            }
+        })?),
+    };
+    let db = &state.db;
+    let summary = summary_stats(db, &filter)
+        .await
+        .map_err(ApiError::database)?;
+    let by_model = stats_by_model(db, &filter)
+        .await
+        .map_err(ApiError::database)?;
+    let series = match granularity {
+        None => None,
+        Some(g) => Some(Series {
+            granularity: g,
+            items: time_series_stats(db, &filter, g)
+                .await
+                .map_err(ApiError::database)?,
+        }),
+    };
+    Ok(HttpResponse::Ok().json(TokenStats {
+        summary,
+        by_model,
+        series,
+    }))
+}
+
+/// One page of usage rows, newest first (`created_at` descending, then id).
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/llm-usage/",
+    tag = "admin",
+    params(UsageQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The page and the true total", body = UsagePage),
+        (status = 400, description = "A bad parameter, named in `errors`", body = ErrorBody),
+        (status = 401, description = "No, or no valid, credentials", body = ErrorBody),
+        (status = 403, description = "Not a staff user or superuser", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub async fn llm_usage(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+    query: web::Query<UsageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let q = query.into_inner();
+    let page = match given(q.page.as_deref()) {
+        None => 1,
+        Some(raw) => match raw.parse::<i64>() {
+            Ok(p) if p >= 1 => p as u64,
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "page",
+                    format!("must be an integer ≥ 1, got {raw:?}"),
+                ));
+            }
+        },
+    };
+    let page_size = match given(q.page_size.as_deref()) {
+        None => DEFAULT_PAGE_SIZE,
+        Some(raw) => parse_page_size(raw).ok_or_else(|| {
+            ApiError::invalid_param("page_size", format!("must be an integer, got {raw:?}"))
+        })?,
+    };
+    let filter = UsageFilter::from_params(
+        q.start_date.as_deref(),
+        q.end_date.as_deref(),
+        q.user_id.as_deref(),
+        q.model.as_deref(),
+        q.success.as_deref(),
+    )?;
+    let listing = list_usage(&state.db, &filter, page, page_size)
+        .await
+        .map_err(ApiError::database)?;
+    Ok(HttpResponse::Ok().json(listing))
+}
+
+/// An integer, clamped to 1..=100 (even one too large for any integer type); else `None`.
+fn parse_page_size(raw: &str) -> Option<u64> {
+    let (negative, digits) = match raw.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, raw.strip_prefix('+').unwrap_or(raw)),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if negative {
+        return Some(1);
+    }
+    Some(
+        digits
+            .parse::<u64>()
+            .unwrap_or(u64::MAX)
+            .clamp(1, MAX_PAGE_SIZE),
+    )
+}

@@ -1,0 +1,4 @@
+//! Route handlers, one module per area.
+
+pub mod admin;
+pub mod health;

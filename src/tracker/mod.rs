@@ -1,0 +1,373 @@
+//! `LlmTracker`: calls the provider and stores one `llm_tracker_usage` row per call, on
+//! success and on failure (SPEC §4).
+
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sea_orm::{DatabaseConnection, DbErr};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::config::{ConfigError, Settings};
+use crate::db::entities::usage;
+use crate::providers::{self, ChatRequest, ChatResponse, Message, Provider, ProviderError, Usage};
+use crate::redact::redact;
+pub use store::{StoreOptions, Stored, UsageStore, WriteMode};
+
+/// Who and what a call is made for; stored in the row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallState {
+    /// The end user (`auth_user.id`) the call is made for.
+    pub user_id: Option<i32>,
+    pub source_type: Option<String>,
+    pub source_task_id: Option<String>,
+    pub source_path: Option<String>,
+    /// Extra keys merged into the row's `metadata`.
+    pub metadata: Map<String, Value>,
+}
+
+/// One tracked call: the LLM parameters first, then what is recorded about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRequest {
+    pub messages: Vec<Message>,
+    pub json_mode: bool,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub response_format: Option<Value>,
+    pub model: Option<String>,
+    pub node_name: String,
+    pub state: CallState,
+}
+
+impl CallRequest {
+    /// A request for these messages, `node_name` `"unknown"`.
+    pub fn new(messages: Vec<Message>) -> Self {
+        Self {
+            messages,
+            json_mode: false,
+            max_tokens: None,
+            temperature: None,
+            response_format: None,
+            model: None,
+            node_name: "unknown".into(),
+            state: CallState::default(),
+        }
+    }
+
+    /// Ask for a JSON object reply.
+    pub fn json_mode(mut self, on: bool) -> Self {
+        self.json_mode = on;
+        self
+    }
+
+    /// Cap the reply length (else the provider's configured default).
+    pub fn max_tokens(mut self, n: u32) -> Self {
+        self.max_tokens = Some(n);
+        self
+    }
+
+    /// Sampling temperature (else the provider's configured default).
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.temperature = Some(t);
+        self
+    }
+
+    /// OpenAI-style `response_format`, e.g. a `json_schema`.
+    pub fn response_format(mut self, format: Value) -> Self {
+        self.response_format = Some(format);
+        self
+    }
+
+    /// Use another model (Azure: deployment) than the configured one.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// The pipeline step making the call (`metadata.node_name`).
+    pub fn node_name(mut self, name: impl Into<String>) -> Self {
+        self.node_name = name.into();
+        self
+    }
+
+    /// Who and what the call is for.
+    pub fn state(mut self, state: CallState) -> Self {
+        self.state = state;
+        self
+    }
+}
+
+/// Why a tracked call failed. Every variant but `EmptyMessages` and `Config` has its row.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("Messages cannot be empty")]
+    EmptyMessages,
+    /// The provider answered without text (blocked, filtered); `usage` is what it reported.
+    #[error("LLM returned empty response")]
+    EmptyResponse { usage: Usage },
+    /// The provider's error, unchanged in kind and message.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("database: {0}")]
+    Database(#[from] DbErr),
+}
+
+/// The outcome of [`LlmTracker::track`]: the row's id (none when no call was made) and
+/// the result `call_and_track` returns.
+#[derive(Debug)]
+pub struct TrackedCall {
+    pub row_id: Option<Uuid>,
+    pub stored: Option<Stored>,
+    pub result: Result<(String, Usage), TrackerError>,
+}
+
+/// How the tracker stores rows and what it redacts.
+#[derive(Debug, Clone)]
+pub struct TrackerOptions {
+    pub store: StoreOptions,
+    /// Secret values (API keys) removed from error text before it is stored.
+    pub secrets: Vec<String>,
+}
+
+/// Calls the configured provider and records every call.
+pub struct LlmTracker {
+    provider: Arc<dyn Provider>,
+    store: UsageStore,
+    secrets: Vec<String>,
+}
+
+impl LlmTracker {
+    /// From the environment (and `.env`): connects, migrates, builds the provider.
+    pub async fn from_env() -> Result<Self, TrackerError> {
+        Self::from_settings(&Settings::from_env()?).await
+    }
+
+    /// From loaded settings: connects, migrates, builds the provider.
+    pub async fn from_settings(settings: &Settings) -> Result<Self, TrackerError> {
+        let provider = providers::llm_service(settings)?;
+        let db = crate::db::connect(&settings.database_url).await?;
+        crate::db::migrate(&db).await?;
+        Ok(Self::new(provider, db, options_from_settings(settings)).await)
+    }
+
+    /// From a provider and a migrated database. Replays rows an earlier run spooled.
+    pub async fn new(
+        provider: Arc<dyn Provider>,
+        db: DatabaseConnection,
+        options: TrackerOptions,
+    ) -> Self {
+        Self {
+            provider,
+            store: UsageStore::open(db, options.store).await,
+            secrets: options.secrets,
+        }
+    }
+
+    /// Sends the chat request and records the call; returns the reply text and usage.
+    pub async fn call_and_track(
+        &self,
+        request: CallRequest,
+    ) -> Result<(String, Usage), TrackerError> {
+        self.track(request).await.result
+    }
+
+    /// As `call_and_track`, also telling the row's id and where it was stored.
+    pub async fn track(&self, request: CallRequest) -> TrackedCall {
+        if request.messages.is_empty() {
+            return TrackedCall {
+                row_id: None,
+                stored: None,
+                result: Err(TrackerError::EmptyMessages),
+            };
+        }
+        // The id exists before the first attempt so that a retried insert stays one row.
+        let row_id = Uuid::new_v4();
+        let started_at = now_micros();
+        let chat = ChatRequest {
+            messages: request.messages.clone(),
+            model: request.model.clone(),
+            max_tokens: request.max_tokens,
+            temperature: request.temperature,
+            json_mode: request.json_mode,
+            response_format: request.response_format.clone(),
+            keep_raw: false,
+        };
+        let outcome = self.provider.chat(chat).await;
+        let fallback_model = request
+            .model
+            .clone()
+            .unwrap_or_else(|| self.provider.default_model().to_owned());
+        let (row, result) = self.row_for(row_id, started_at, &request, fallback_model, outcome);
+        let stored = self.store.record(row).await;
+        TrackedCall {
+            row_id: Some(row_id),
+            stored: Some(stored),
+            result,
+        }
+    }
+
+    fn row_for(
+        &self,
+        id: Uuid,
+        started_at: DateTime<Utc>,
+        request: &CallRequest,
+        fallback_model: String,
+        outcome: Result<ChatResponse, ProviderError>,
+    ) -> (usage::Model, Result<(String, Usage), TrackerError>) {
+        let (usage, attempts, error, result) = match outcome {
+            Ok(response) if !response.content.is_empty() => {
+                let usage = response.usage;
+                (
+                    usage.clone(),
+                    response.attempts,
+                    None,
+                    Ok((response.content, usage)),
+                )
+            }
+            Ok(response) => {
+                let err = TrackerError::EmptyResponse {
+                    usage: response.usage.clone(),
+                };
+                (
+                    response.usage,
+                    response.attempts,
+                    Some(err.to_string()),
+                    Err(err),
+                )
+            }
+            Err(e) => {
+                let usage = Usage {
+                    model: fallback_model.clone(),
+                    ..Default::default()
+                };
+                (
+                    usage,
+                    e.attempts,
+                    Some(e.message.clone()),
+                    Err(TrackerError::Provider(e)),
+                )
+            }
+        };
+        let model = if usage.model.is_empty() {
+            fallback_model
+        } else {
+            usage.model.clone()
+        };
+        let row = usage::Model {
+            id,
+            user_id: request.state.user_id,
+            model: truncate(&model, 255),
+            prompt_tokens: to_i32(usage.prompt_tokens),
+            completion_tokens: to_i32(usage.completion_tokens),
+            total_tokens: to_i32(usage.total_tokens),
+            cached_tokens: to_i32(usage.cached_tokens),
+            reasoning_tokens: to_i32(usage.reasoning_tokens),
+            success: result.is_ok(),
+            error: error.map(|e| redact(&e, &self.secrets)),
+            metadata: self.metadata(request, attempts),
+            created_at: now_micros(),
+            started_at: Some(started_at),
+        };
+        (row, result)
+    }
+
+    fn metadata(&self, request: &CallRequest, attempts: u32) -> Value {
+        let state = &request.state;
+        let mut map = state.metadata.clone();
+        map.insert("node_name".into(), json!(request.node_name));
+        for (key, value) in [
+            ("source_type", &state.source_type),
+            ("source_task_id", &state.source_task_id),
+            ("source_path", &state.source_path),
+        ] {
+            if let Some(v) = value {
+                map.insert(key.into(), json!(v));
+            }
+        }
+        map.insert("provider".into(), json!(self.provider.name()));
+        map.insert("attempts".into(), json!(attempts));
+        Value::Object(map)
+    }
+
+    /// The row store (to flush or inspect what is pending).
+    pub fn store(&self) -> &UsageStore {
+        &self.store
+    }
+
+    /// Stores what is pending if the database answers; the rest stays in the spool.
+    pub async fn shutdown(&self) {
+        self.store.shutdown().await;
+    }
+}
+
+/// Store and redaction options as the settings say.
+pub fn options_from_settings(settings: &Settings) -> TrackerOptions {
+    let secrets = [
+        &settings.openai.api_key,
+        &settings.azure.api_key,
+        &settings.gemini.api_key,
+    ]
+    .into_iter()
+    .flatten()
+    .map(|s| s.expose().to_owned())
+    .collect();
+    TrackerOptions {
+        store: StoreOptions::new(settings.usage_spool_path.clone()),
+        secrets,
+    }
+}
+
+/// The default spool: next to a SQLite database file, else in the working directory.
+pub fn default_spool_path(database_url: &str) -> PathBuf {
+    let sqlite_file = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest))
+        .filter(|p| !p.is_empty() && !p.contains(":memory:"));
+    match sqlite_file {
+        Some(file) => PathBuf::from(format!("{file}.usage-spool.jsonl")),
+        None => PathBuf::from("llm_tracker_usage.spool.jsonl"),
+    }
+}
+
+fn now_micros() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn to_i32(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_defaults_sit_next_to_the_sqlite_file() {
+        assert_eq!(
+            default_spool_path("sqlite://llm_tracker.db?mode=rwc"),
+            PathBuf::from("llm_tracker.db.usage-spool.jsonl")
+        );
+        assert_eq!(
+            default_spool_path("sqlite:///var/lib/x.db"),
+            PathBuf::from("/var/lib/x.db.usage-spool.jsonl")
+        );
+        assert_eq!(
+            default_spool_path("sqlite::memory:"),
+            PathBuf::from("llm_tracker_usage.spool.jsonl")
+        );
+        assert_eq!(
+            default_spool_path("postgres://h/db"),
+            PathBuf::from("llm_tracker_usage.spool.jsonl")
+        );
+    }
+}

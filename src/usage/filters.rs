@@ -1,0 +1,260 @@
+//! The one filter every read uses, and the parsing of its query parameters (SPEC §5): every
+//! value trimmed, empty means not given, dates strict (a typo is a 400, never "all time").
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr};
+use sea_orm::{ColumnTrait, Condition};
+
+use crate::db::entities::usage;
+
+/// Which rows a read covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageFilter {
+    /// `created_at >= start`.
+    pub start: Option<DateTime<Utc>>,
+    /// `created_at <= end`.
+    pub end: Option<DateTime<Utc>>,
+    pub user_id: Option<i32>,
+    /// Case-insensitive substring of the model name; `%`, `_`, `\` are literal.
+    pub model: Option<String>,
+    pub success: Option<bool>,
+}
+
+/// A parameter that could not be read, with the message for the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{param}: {message}")]
+pub struct FilterError {
+    pub param: &'static str,
+    pub message: String,
+}
+
+impl UsageFilter {
+    /// Builds the filter from raw query values (`None` = parameter absent).
+    pub fn from_params(
+        start_date: Option<&str>,
+        end_date: Option<&str>,
+        user_id: Option<&str>,
+        model: Option<&str>,
+        success: Option<&str>,
+    ) -> Result<Self, FilterError> {
+        Ok(Self {
+            start: parse_date(start_date, Bound::Start).map_err(|message| FilterError {
+                param: "start_date",
+                message,
+            })?,
+            end: parse_date(end_date, Bound::End).map_err(|message| FilterError {
+                param: "end_date",
+                message,
+            })?,
+            user_id: match given(user_id) {
+                None => None,
+                Some(v) => Some(v.parse::<i32>().map_err(|_| FilterError {
+                    param: "user_id",
+                    message: format!("must be an integer, got {v:?}"),
+                })?),
+            },
+            model: given(model).map(str::to_owned),
+            success: match given(success).map(str::to_ascii_lowercase).as_deref() {
+                Some("true") => Some(true),
+                Some("false") => Some(false),
+                // As the Django app: any other value (`all`, `any`) is no filter.
+                _ => None,
+            },
+        })
+    }
+
+    /// The SQL condition for this filter.
+    pub fn condition(&self) -> Condition {
+        let mut c = Condition::all();
+        if let Some(start) = self.start {
+            c = c.add(usage::Column::CreatedAt.gte(start));
+        }
+        if let Some(end) = self.end {
+            c = c.add(usage::Column::CreatedAt.lte(end));
+        }
+        if let Some(user_id) = self.user_id {
+            c = c.add(usage::Column::UserId.eq(user_id));
+        }
+        if let Some(model) = &self.model {
+            let pattern = format!("%{}%", escape_like(&model.to_lowercase()));
+            c = c.add(
+                Expr::expr(Func::lower(Expr::col(usage::Column::Model)))
+                    .like(LikeExpr::new(pattern).escape('\\')),
+            );
+        }
+        if let Some(success) = self.success {
+            c = c.add(usage::Column::Success.eq(success));
+        }
+        c
+    }
+
+    /// True when `row` passes this filter (the same rule as [`Self::condition`], in Rust).
+    pub fn matches(&self, row: &usage::Model) -> bool {
+        self.start.is_none_or(|s| row.created_at >= s)
+            && self.end.is_none_or(|e| row.created_at <= e)
+            && self.user_id.is_none_or(|u| row.user_id == Some(u))
+            && self
+                .model
+                .as_ref()
+                .is_none_or(|m| row.model.to_lowercase().contains(&m.to_lowercase()))
+            && self.success.is_none_or(|s| row.success == s)
+    }
+}
+
+/// The trimmed value, or `None` when absent or empty.
+pub fn given(raw: Option<&str>) -> Option<&str> {
+    raw.map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Bound {
+    Start,
+    End,
+}
+
+/// RFC 3339 (`…+08:00`, `…Z`), a naive date-time (UTC), or a date (start of day; for `end`,
+/// its last microsecond). A `+` that arrived as a space is read as `+`.
+fn parse_date(raw: Option<&str>, bound: Bound) -> Result<Option<DateTime<Utc>>, String> {
+    let Some(raw) = given(raw) else {
+        return Ok(None);
+    };
+    let fixed = restore_plus(raw);
+    let s = fixed.as_str();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(Some(t.with_timezone(&Utc)));
+    }
+    for format in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
+    ] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, format) {
+            return Ok(Some(Utc.from_utc_datetime(&t)));
+        }
+    }
+    // An offset without RFC 3339's seconds or with a space separator: `2024-01-01 08:00+08:00`.
+    for format in [
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%dT%H:%M%:z",
+        "%Y-%m-%d %H:%M%:z",
+    ] {
+        if let Ok(t) = DateTime::parse_from_str(s, format) {
+            return Ok(Some(t.with_timezone(&Utc)));
+        }
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        let time = match bound {
+            Bound::Start => NaiveTime::MIN,
+            Bound::End => {
+                NaiveTime::from_hms_micro_opt(23, 59, 59, 999_999).unwrap_or(NaiveTime::MIN)
+            }
+        };
+        return Ok(Some(Utc.from_utc_datetime(&d.and_time(time))));
+    }
+    Err(format!(
+        "{raw:?} is not a valid date or date-time (use e.g. 2024-01-01, 2024-01-01T08:00:00 or 2024-01-01T08:00:00+08:00)"
+    ))
+}
+
+/// `2024-01-01T08:00:00 08:00` (a `+` decoded as a space) → `2024-01-01T08:00:00+08:00`. Only
+/// a space after a time, followed by `HH:MM`, is an offset; `2024-01-01 08:00` stays as it is.
+fn restore_plus(raw: &str) -> String {
+    if let Some(i) = raw.rfind(' ') {
+        let (before, after) = (&raw[..i], &raw[i + 1..]);
+        let looks_like_offset = after.len() == 5
+            && after.as_bytes()[2] == b':'
+            && after
+                .bytes()
+                .enumerate()
+                .all(|(k, b)| k == 2 || b.is_ascii_digit());
+        if looks_like_offset && before.contains(':') {
+            return format!("{before}+{after}");
+        }
+    }
+    raw.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(raw: &str) -> String {
+        parse_date(Some(raw), Bound::Start)
+            .unwrap()
+            .unwrap()
+            .to_rfc3339()
+    }
+
+    #[test]
+    fn every_spec_date_form_parses() {
+        assert_eq!(
+            start("2024-01-01T08:00:00+08:00"),
+            "2024-01-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            start("2024-01-01T08:00:00 08:00"),
+            "2024-01-01T00:00:00+00:00"
+        );
+        assert_eq!(start("2024-01-01T08:00:00Z"), "2024-01-01T08:00:00+00:00");
+        assert_eq!(start("2024-01-01T08:00:00"), "2024-01-01T08:00:00+00:00");
+        assert_eq!(start("2024-01-01 08:00"), "2024-01-01T08:00:00+00:00");
+        assert_eq!(start(" 2024-01-01 "), "2024-01-01T00:00:00+00:00");
+        assert_eq!(
+            start("2024-01-01T05:30:00-04:00"),
+            "2024-01-01T09:30:00+00:00"
+        );
+        let end = parse_date(Some("2024-01-01"), Bound::End).unwrap().unwrap();
+        assert_eq!(end.to_rfc3339(), "2024-01-01T23:59:59.999999+00:00");
+        assert_eq!(parse_date(Some("  "), Bound::Start), Ok(None));
+    }
+
+    #[test]
+    fn impossible_or_garbled_dates_are_refused() {
+        for bad in [
+            "2025-02-30",
+            "2024-13-01",
+            "yesterday",
+            "2024-01-01T25:00:00",
+            "2024/01/01",
+            "1704067200",
+        ] {
+            assert!(
+                parse_date(Some(bad), Bound::Start).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn lenient_parameters_behave_as_the_django_app() {
+        let f =
+            UsageFilter::from_params(None, None, Some(" 7 "), Some(" gpt "), Some("ALL")).unwrap();
+        assert_eq!(
+            (f.user_id, f.model.as_deref(), f.success),
+            (Some(7), Some("gpt"), None)
+        );
+        let f = UsageFilter::from_params(None, None, Some(""), None, Some(" False ")).unwrap();
+        assert_eq!((f.user_id, f.success), (None, Some(false)));
+        let err = UsageFilter::from_params(None, None, Some("abc"), None, None).unwrap_err();
+        assert_eq!(err.param, "user_id");
+        let err = UsageFilter::from_params(None, Some("2025-02-30"), None, None, None).unwrap_err();
+        assert_eq!(err.param, "end_date");
+    }
+
+    #[test]
+    fn like_metacharacters_are_literal() {
+        assert_eq!(escape_like(r"a%b_c\d"), r"a\%b\_c\\d");
+    }
+}

@@ -1,0 +1,122 @@
+//! llm-usage: the paginated listing, newest first, with each row's username.
+
+use sea_orm::{
+    DatabaseConnection, DbErr, EntityTrait, JoinType, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, RelationTrait,
+};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::{UsageFilter, isoformat};
+use crate::db::entities::{auth_user, usage};
+
+/// Rows per page: default 20, at most 100, at least 1.
+pub const DEFAULT_PAGE_SIZE: u64 = 20;
+pub const MAX_PAGE_SIZE: u64 = 100;
+
+/// One listed row, keys and order as the Django app's JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct UsageRow {
+    pub id: Uuid,
+    pub user_id: Option<i32>,
+    pub username: Option<String>,
+    pub model: String,
+    pub prompt_tokens: i32,
+    pub completion_tokens: i32,
+    pub total_tokens: i32,
+    pub cached_tokens: i32,
+    pub reasoning_tokens: i32,
+    pub success: bool,
+    pub error: Option<String>,
+    /// As Python's `isoformat()`: `2025-01-31T10:00:00.123456+00:00`.
+    pub created_at: String,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+}
+
+/// One page of the listing and the true total.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct UsagePage {
+    pub results: Vec<UsageRow>,
+    pub total: u64,
+    pub page: u64,
+    pub page_size: u64,
+}
+
+/// `page` ≥ 1 and `page_size` already clamped to 1..=100 by the caller's parsing.
+pub async fn list_usage(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    page: u64,
+    page_size: u64,
+) -> Result<UsagePage, DbErr> {
+    let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+    let total = usage::Entity::find()
+        .filter(filter.condition())
+        .count(db)
+        .await?;
+    let offset = page.saturating_sub(1).saturating_mul(page_size);
+    let results = if offset >= total {
+        Vec::new()
+    } else {
+        usage::Entity::find()
+            .filter(filter.condition())
+            .join(JoinType::LeftJoin, usage::Relation::User.def())
+            .column_as(auth_user::Column::Username, "username")
+            .order_by_desc(usage::Column::CreatedAt)
+            .order_by_desc(usage::Column::Id)
+            .offset(offset)
+            .limit(page_size)
+            .into_model::<RowWithUser>()
+            .all(db)
+            .await?
+            .into_iter()
+            .map(UsageRow::from)
+            .collect()
+    };
+    Ok(UsagePage {
+        results,
+        total,
+        page,
+        page_size,
+    })
+}
+
+#[derive(Debug, sea_orm::FromQueryResult)]
+struct RowWithUser {
+    id: Uuid,
+    user_id: Option<i32>,
+    username: Option<String>,
+    model: String,
+    prompt_tokens: i32,
+    completion_tokens: i32,
+    total_tokens: i32,
+    cached_tokens: i32,
+    reasoning_tokens: i32,
+    success: bool,
+    error: Option<String>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    metadata: Value,
+}
+
+impl From<RowWithUser> for UsageRow {
+    fn from(r: RowWithUser) -> Self {
+        Self {
+            id: r.id,
+            user_id: r.user_id,
+            username: r.username,
+            model: r.model,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            total_tokens: r.total_tokens,
+            cached_tokens: r.cached_tokens,
+            reasoning_tokens: r.reasoning_tokens,
+            success: r.success,
+            error: r.error,
+            created_at: isoformat(&r.created_at),
+            metadata: r.metadata,
+        }
+    }
+}

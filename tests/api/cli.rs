@@ -1,0 +1,426 @@
+//! The `llm-tracker` binary: create-user, token, serve; bad input fails in one line and
+//! writes nothing.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::credentials::assert_simplejwt_access_claims;
+use crate::db_test;
+use sea_orm::EntityTrait;
+
+use crate::helpers::{TestDb, free_port, http_get};
+
+const KEY: &str = "cli-test-signing-key-0123456789";
+
+/// Runs the binary in an empty directory (no stray `.env`) with only the given variables.
+fn cmd(t: &TestDb, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-tracker"));
+    cmd.args(args)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("DATABASE_URL", t.url.expose())
+        .env("RUST_LOG", "warn");
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run llm-tracker")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_one_line_failure(o: &Output, mentions: &str) {
+    assert!(
+        !o.status.success(),
+        "expected failure, got success: {}",
+        stdout(o)
+    );
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one-line error expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(
+        err.contains(mentions),
+        "{err:?} does not mention {mentions:?}"
+    );
+}
+
+db_test!(
+    async fn create_user_then_token_gives_a_simplejwt_access_token(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let out = cmd(
+            &t,
+            &[
+                "create-user",
+                "--username",
+                "admin",
+                "--password",
+                "s3cret",
+                "--staff",
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains("\"admin\""));
+        let user = llm_tracker::users::find_by_username(&t.db, "admin")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(user.is_staff && !user.is_superuser && user.is_active);
+        assert!(llm_tracker::auth::password::check_password(
+            "s3cret",
+            &user.password
+        ));
+
+        let out = cmd(
+            &t,
+            &["token", "--username", "admin", "--ttl", "2h"],
+            &[("JWT_SECRET", KEY)],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let printed = stdout(&out);
+        assert_eq!(printed.lines().count(), 1, "the token alone on stdout");
+        let token = printed.trim();
+        assert_simplejwt_access_claims(token, user.id, 7200);
+        assert_eq!(
+            llm_tracker::auth::jwt::decode_access_token(KEY, token),
+            Ok(user.id)
+        );
+
+        // Without --password the user exists but cannot sign in (Django's unusable password).
+        let out = cmd(
+            &t,
+            &["create-user", "--username", "bob", "--superuser"],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let bob = llm_tracker::users::find_by_username(&t.db, "bob")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(bob.password.starts_with('!') && bob.is_superuser);
+    }
+);
+
+db_test!(
+    async fn bad_cli_input_fails_in_one_line_and_writes_nothing(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let ok = cmd(
+            &t,
+            &["create-user", "--username", "taken", "--password", "x"],
+            &[],
+        );
+        assert!(ok.status.success(), "{}", stderr(&ok));
+        let users = || t.scalar_i64("SELECT COUNT(*) FROM auth_user");
+        assert_eq!(users().await, 1);
+
+        let jwt = [("JWT_SECRET", KEY)];
+        type Case<'a> = (Vec<&'a str>, &'a [(&'a str, &'a str)], &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                vec!["create-user", "--username", "taken", "--password", "y"],
+                &[],
+                "already exists",
+            ),
+            (
+                vec!["create-user", "--username", "bad name"],
+                &[],
+                "invalid username",
+            ),
+            (
+                vec!["create-user", "--username", ""],
+                &[],
+                "invalid username",
+            ),
+            (
+                vec!["create-user", "--username", "new", "--password", ""],
+                &[],
+                "password",
+            ),
+            (vec!["create-user"], &[], "--username"),
+            (
+                vec!["create-user", "--username", "new", "--bogus"],
+                &[],
+                "--bogus",
+            ),
+            (vec!["token", "--username", "nobody"], &jwt, "no user named"),
+            (
+                vec!["token", "--username", "taken", "--ttl", "5y"],
+                &jwt,
+                "TTL",
+            ),
+            (
+                vec!["token", "--username", "taken", "--ttl", "0"],
+                &jwt,
+                "TTL",
+            ),
+            (vec!["token", "--username", "taken"], &[], "JWT_SECRET"),
+            (
+                vec!["token", "--username", "taken"],
+                &[("JWT_SECRET", "short")],
+                "JWT_SECRET",
+            ),
+            (
+                vec!["migrate"],
+                &[("DATABASE_URL", "mysql://x/y")],
+                "DATABASE_URL",
+            ),
+            (
+                vec!["create-user", "--username", "new"],
+                &[("LLM_TIMEOUT_SECS", "soon")],
+                "LLM_TIMEOUT_SECS",
+            ),
+            (vec!["frobnicate"], &[], "frobnicate"),
+            (vec!["serve"], &[], "JWT_SECRET"),
+        ];
+        for (args, env, mentions) in cases {
+            let out = cmd(&t, &args, env);
+            assert_one_line_failure(&out, mentions);
+            assert_eq!(users().await, 1, "{args:?} wrote a user");
+        }
+    }
+);
+
+db_test!(
+    async fn serve_answers_health_and_readiness_and_stops_on_sigterm(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_llm-tracker"))
+            .arg("serve")
+            .current_dir(dir.path())
+            .env_clear()
+            .env("DATABASE_URL", t.url.expose())
+            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("JWT_SECRET", KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let health = loop {
+            match http_get(port, "/healthz") {
+                Ok(r) => break r,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => {
+                    child.kill().ok();
+                    panic!("server never answered: {e}");
+                }
+            }
+        };
+        assert_eq!(health.0, 200);
+        assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
+
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "server ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "graceful shutdown exits 0, got {status}");
+        assert!(
+            http_get(port, "/healthz").is_err(),
+            "port closed after shutdown"
+        );
+    }
+);
+
+// `llm-tracker call` against a mock OpenAI: prints reply, usage and row id; one row.
+db_test!(
+    async fn call_prints_the_reply_usage_and_row_id(backend: Backend) {
+        use wiremock::matchers::{body_partial_json, method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let t = TestDb::migrated(backend).await;
+        let server = MockServer::start().await;
+        let body: serde_json::Value =
+            serde_json::from_str(&crate::helpers::fixture("providers/openai_success.json"))
+                .unwrap();
+        Mock::given(method("POST"))
+            .and(path("/v1/chat/completions"))
+            .and(body_partial_json(serde_json::json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}], "response_format": {"type": "json_object"}})))
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let base = format!("{}/v1", server.uri());
+        let spool_dir = tempfile::tempdir().unwrap();
+        let spool = spool_dir.path().join("s.jsonl");
+        let env = [
+            ("OPENAI_API_KEY", "sk-test-cli-0123456789"),
+            ("OPENAI_BASE_URL", base.as_str()),
+            ("USAGE_SPOOL_PATH", spool.to_str().unwrap()),
+        ];
+        let out = cmd(
+            &t,
+            &[
+                "call",
+                "hello",
+                "--system",
+                "Be brief.",
+                "--node-name",
+                "cli-test",
+                "--json",
+            ],
+            &env,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let doc: serde_json::Value =
+            serde_json::from_str(stdout(&out).trim()).expect("one JSON document");
+        assert_eq!(
+            doc["content"],
+            r#"{"category":"billing","confidence":0.92}"#
+        );
+        assert_eq!(doc["usage"]["cached_tokens"], 1536);
+        let row_id = doc["row_id"].as_str().unwrap().to_owned();
+        let rows = llm_tracker::db::entities::usage::Entity::find()
+            .all(&t.db)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id.to_string(), row_id);
+        assert_eq!(rows[0].metadata["node_name"], "cli-test");
+
+        // A provider error: one line, exit ≠ 0, no key echoed, and still a row.
+        server.reset().await;
+        let err_body: serde_json::Value =
+            serde_json::from_str(&crate::helpers::fixture("providers/openai_401.json")).unwrap();
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(401).set_body_json(err_body))
+            .mount(&server)
+            .await;
+        let out = cmd(&t, &["call", "hello"], &env);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains("Incorrect API key provided") && !err.contains("sk-test-"),
+            "{err}"
+        );
+        let rows = llm_tracker::db::entities::usage::Entity::find()
+            .all(&t.db)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+
+        // Missing provider key: named, no call, no row.
+        let out = cmd(
+            &t,
+            &["call", "hello"],
+            &[("OPENAI_BASE_URL", base.as_str())],
+        );
+        assert_one_line_failure(&out, "OPENAI_API_KEY");
+    }
+);
+
+db_test!(
+    async fn demo_data_is_realistic_and_only_fills_an_empty_table(backend: Backend) {
+        use llm_tracker::db::entities::usage;
+        let t = TestDb::migrated(backend).await;
+        assert_eq!(llm_tracker::demo::seed(&t.db, 3000, 7).await.unwrap(), 3000);
+        let rows = usage::Entity::find().all(&t.db).await.unwrap();
+        assert_eq!(rows.len(), 3000);
+        let failed = rows.iter().filter(|r| !r.success).count();
+        assert!((30..=180).contains(&failed), "~3% failures, got {failed}");
+        let models: std::collections::HashSet<_> = rows.iter().map(|r| r.model.as_str()).collect();
+        assert!(models.len() >= 6, "{models:?}");
+        let providers: std::collections::HashSet<_> = rows
+            .iter()
+            .map(|r| r.metadata["provider"].as_str().unwrap())
+            .collect();
+        assert_eq!(providers.len(), 3);
+        assert!(
+            rows.iter().any(|r| r.cached_tokens > 0) && rows.iter().any(|r| r.reasoning_tokens > 0)
+        );
+        assert!(
+            rows.iter()
+                .filter(|r| r.model.starts_with("gpt-4o"))
+                .all(|r| r.reasoning_tokens == 0)
+        );
+        let now = chrono::Utc::now();
+        for r in &rows {
+            assert!(
+                r.cached_tokens <= r.prompt_tokens && r.reasoning_tokens <= r.completion_tokens
+            );
+            assert_eq!(r.total_tokens, r.prompt_tokens + r.completion_tokens);
+            assert!(r.created_at <= now && now - r.created_at <= chrono::Duration::days(90));
+            assert!(r.started_at.unwrap() <= r.created_at);
+        }
+        let with_user = rows.iter().filter(|r| r.user_id.is_some()).count();
+        assert!(with_user > 2400 && with_user < 3000);
+        assert_eq!(
+            llm_tracker::demo::seed(&t.db, 3000, 8).await.unwrap(),
+            0,
+            "never over existing rows"
+        );
+    }
+);
+
+db_test!(
+    async fn serve_demo_prints_urls_and_a_working_admin_token(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_llm-tracker"))
+            .args(["serve", "--demo"])
+            .current_dir(dir.path())
+            .env_clear()
+            .env("DATABASE_URL", t.url.expose())
+            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while http_get(port, "/healthz").is_err() {
+            assert!(Instant::now() < deadline, "serve --demo never answered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(http_get(port, "/api/docs/").unwrap().0, 200);
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            printed.contains(&format!("http://127.0.0.1:{port}/api/docs/")),
+            "{printed}"
+        );
+        assert!(printed.contains("50000 usage rows"), "{printed}");
+        let token = printed
+            .lines()
+            .find(|l| l.starts_with("eyJ"))
+            .expect("a token line");
+        let admin = llm_tracker::users::find_by_username(&t.db, "admin")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(admin.is_staff && admin.is_superuser);
+        let (_, claims) = crate::credentials::claims_of(token);
+        assert_eq!(claims["user_id"], admin.id.to_string());
+        assert_eq!(
+            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+            12 * 3600
+        );
+        assert_eq!(
+            t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage").await,
+            50_000
+        );
+    }
+);

@@ -1,0 +1,15 @@
+//! The one integration-test binary. Database tests run on SQLite and on PostgreSQL
+//! (`<test>::sqlite`, `<test>::postgres`); see `helpers.rs`.
+
+mod helpers;
+
+mod admin_api;
+mod cli;
+mod credentials;
+mod django_compat;
+mod health;
+mod http_shell;
+mod migrations;
+mod openapi;
+mod tracker;
+mod usage_read;

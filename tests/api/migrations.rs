@@ -1,0 +1,202 @@
+//! SPEC §2: the migrator builds both tables on both backends, idempotently and reversibly.
+
+use chrono::{SubsecRound, Utc};
+use llm_tracker::db::entities::{auth_user, usage};
+use llm_tracker::users::{NewUser, create_user};
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{ActiveModelTrait, EntityTrait, ModelTrait, Set};
+use serde_json::json;
+
+use crate::db_test;
+use crate::helpers::{Backend, TestDb};
+
+const OUR_TABLES: [&str; 2] = ["auth_user", "llm_tracker_usage"];
+
+fn has_all(tables: &[String]) -> bool {
+    OUR_TABLES.iter().all(|t| tables.iter().any(|x| x == t))
+}
+
+fn has_none(tables: &[String]) -> bool {
+    OUR_TABLES.iter().all(|t| !tables.iter().any(|x| x == t))
+}
+
+db_test!(
+    async fn migrations_go_up_down_and_up_again(backend: Backend) {
+        let t = TestDb::empty(backend).await;
+        assert!(has_none(&t.tables().await));
+
+        Migrator::up(&t.db, None).await.expect("up");
+        assert!(
+            has_all(&t.tables().await),
+            "after up: {:?}",
+            t.tables().await
+        );
+
+        Migrator::down(&t.db, None).await.expect("down");
+        assert!(
+            has_none(&t.tables().await),
+            "after down: {:?}",
+            t.tables().await
+        );
+
+        Migrator::up(&t.db, None).await.expect("up again");
+        assert!(has_all(&t.tables().await));
+        assert_eq!(
+            t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage").await,
+            0
+        );
+    }
+);
+
+db_test!(
+    async fn migrating_twice_changes_nothing(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let user = create_user(
+            &t.db,
+            NewUser {
+                username: "keep".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        llm_tracker::db::migrate(&t.db)
+            .await
+            .expect("second migrate");
+        assert!(
+            auth_user::Entity::find_by_id(user.id)
+                .one(&t.db)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            Migrator::get_pending_migrations(&t.db)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+);
+
+db_test!(
+    async fn usage_rows_round_trip_and_lose_their_user_on_delete(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let user = create_user(
+            &t.db,
+            NewUser {
+                username: "alice".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let row = usage::Model {
+            id: uuid::Uuid::new_v4(),
+            user_id: Some(user.id),
+            model: "gpt-4o-mini-2024-07-18".into(),
+            prompt_tokens: 2048,
+            completion_tokens: 420,
+            total_tokens: 2468,
+            cached_tokens: 1536,
+            reasoning_tokens: 384,
+            success: false,
+            error: Some("LLM returned empty response".into()),
+            metadata: json!({"node_name": "interpret", "nested": {"ü": [1, 2.5, null]}}),
+            created_at: Utc::now().trunc_subsecs(6),
+            started_at: Some(Utc::now().trunc_subsecs(6) - chrono::Duration::milliseconds(1500)),
+        };
+        usage::ActiveModel::from(row.clone())
+            .insert(&t.db)
+            .await
+            .expect("insert");
+        let back = usage::Entity::find_by_id(row.id)
+            .one(&t.db)
+            .await
+            .unwrap()
+            .expect("row");
+        assert_eq!(back, row);
+
+        // SPEC §2: user_id is ON DELETE SET NULL (SQLite needs foreign keys switched on).
+        user.delete(&t.db).await.expect("delete user");
+        let back = usage::Entity::find_by_id(row.id)
+            .one(&t.db)
+            .await
+            .unwrap()
+            .expect("row");
+        assert_eq!(back.user_id, None);
+        assert_eq!(
+            t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage").await,
+            1
+        );
+    }
+);
+
+db_test!(
+    async fn usage_rows_need_an_existing_user(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let orphan = usage::ActiveModel {
+            id: Set(uuid::Uuid::new_v4()),
+            user_id: Set(Some(999_999)),
+            model: Set("m".into()),
+            prompt_tokens: Set(0),
+            completion_tokens: Set(0),
+            total_tokens: Set(0),
+            cached_tokens: Set(0),
+            reasoning_tokens: Set(0),
+            success: Set(true),
+            error: Set(None),
+            metadata: Set(json!({})),
+            created_at: Set(Utc::now()),
+            started_at: Set(None),
+        };
+        assert!(
+            orphan.insert(&t.db).await.is_err(),
+            "foreign key not enforced"
+        );
+        assert_eq!(
+            t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage").await,
+            0
+        );
+    }
+);
+
+db_test!(
+    async fn the_spec_indexes_exist(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let sql = match backend {
+            Backend::Sqlite => {
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'llm_tracker_usage' AND name IN ('llm_tracker_usage_created_at_f9de3faa', 'llm_tracker_usage_user_created_idx', 'llm_tracker_usage_model_created_idx')"
+            }
+            Backend::Postgres => {
+                "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'llm_tracker_usage' AND indexdef IN ('CREATE INDEX llm_tracker_usage_created_at_f9de3faa ON public.llm_tracker_usage USING btree (created_at)', 'CREATE INDEX llm_tracker_usage_user_created_idx ON public.llm_tracker_usage USING btree (user_id, created_at)', 'CREATE INDEX llm_tracker_usage_model_created_idx ON public.llm_tracker_usage USING btree (model, created_at)')"
+            }
+        };
+        assert_eq!(t.scalar_i64(sql).await, 3);
+    }
+);
+
+/// SQLite is opened in WAL mode with a busy timeout and foreign keys on (issue 2, item 5).
+mod sqlite_connection_uses_wal_busy_timeout_and_foreign_keys {
+    use super::*;
+
+    #[actix_web::test]
+    async fn sqlite() {
+        let t = TestDb::migrated(Backend::Sqlite).await;
+        let mode = {
+            use sea_orm::{ConnectionTrait, Statement};
+            let row =
+                t.db.query_one_raw(Statement::from_string(
+                    t.db_backend(),
+                    "PRAGMA journal_mode",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get_by_index::<String>(0).unwrap()
+        };
+        assert_eq!(mode.to_lowercase(), "wal");
+        assert_eq!(t.scalar_i64("PRAGMA busy_timeout").await, 5000);
+        assert_eq!(t.scalar_i64("PRAGMA foreign_keys").await, 1);
+    }
+}

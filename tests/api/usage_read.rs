@@ -1,0 +1,406 @@
+//! The read side (SPEC §5 token-stats and llm-usage figures), on both databases: a small
+//! hand-built data set with exact expectations, and random data checked against a fold in Rust.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use llm_tracker::db::entities::usage;
+use llm_tracker::usage::UsageFilter;
+use llm_tracker::usage::list::list_usage;
+use llm_tracker::usage::stats::{Granularity, stats_by_model, summary_stats, time_series_stats};
+use llm_tracker::users::{NewUser, create_user};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sea_orm::{DatabaseConnection, EntityTrait};
+use serde_json::json;
+
+use crate::db_test;
+use crate::helpers::TestDb;
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(
+    n: u128,
+    user: Option<i32>,
+    model: &str,
+    tokens: (i32, i32, i32, i32),
+    success: bool,
+    created: DateTime<Utc>,
+) -> usage::Model {
+    let (p, c, cached, reasoning) = tokens;
+    usage::Model {
+        id: uuid::Uuid::from_u128(n),
+        user_id: user,
+        model: model.into(),
+        prompt_tokens: p,
+        completion_tokens: c,
+        total_tokens: p + c,
+        cached_tokens: cached,
+        reasoning_tokens: reasoning,
+        success,
+        error: (!success).then(|| "boom".to_owned()),
+        metadata: json!({"node_name": format!("n{n}")}),
+        created_at: created,
+        started_at: None,
+    }
+}
+
+async fn insert(db: &DatabaseConnection, rows: &[usage::Model]) {
+    for chunk in rows.chunks(200) {
+        usage::Entity::insert_many(chunk.iter().cloned().map(usage::ActiveModel::from))
+            .exec_without_returning(db)
+            .await
+            .unwrap();
+    }
+}
+
+db_test!(
+    async fn a_small_data_set_gives_the_exact_figures_and_json(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let alice = create_user(
+            &t.db,
+            NewUser {
+                username: "alice".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        insert(
+            &t.db,
+            &[
+                row(
+                    1,
+                    Some(alice.id),
+                    "gpt-4o",
+                    (10, 5, 0, 0),
+                    true,
+                    at("2025-01-31T10:00:00.123456Z"),
+                ),
+                row(
+                    2,
+                    Some(alice.id),
+                    "gpt-4o",
+                    (20, 10, 5, 0),
+                    true,
+                    at("2025-01-31T10:59:59Z"),
+                ),
+                row(
+                    3,
+                    None,
+                    "o4-mini",
+                    (100, 50, 0, 30),
+                    false,
+                    at("2025-01-31T11:00:00Z"),
+                ),
+                row(
+                    4,
+                    None,
+                    "a%_model",
+                    (1, 1, 0, 0),
+                    true,
+                    at("2025-02-01T00:00:00Z"),
+                ),
+            ],
+        )
+        .await;
+        let all = UsageFilter::default();
+
+        let summary = summary_stats(&t.db, &all).await.unwrap();
+        assert_eq!(
+            serde_json::to_value(&summary).unwrap(),
+            json!({
+            "total_prompt_tokens": 131, "total_completion_tokens": 66, "total_tokens": 197,
+            "total_cached_tokens": 5, "total_reasoning_tokens": 30,
+            "total_calls": 4, "successful_calls": 3, "failed_calls": 1})
+        );
+
+        let by_model = stats_by_model(&t.db, &all).await.unwrap();
+        let order: Vec<(&str, i64)> = by_model
+            .iter()
+            .map(|m| (m.model.as_str(), m.total_tokens))
+            .collect();
+        assert_eq!(order, [("o4-mini", 150), ("gpt-4o", 45), ("a%_model", 2)]);
+        assert_eq!(
+            serde_json::to_value(&by_model[1]).unwrap(),
+            json!({
+            "model": "gpt-4o", "total_calls": 2, "total_prompt_tokens": 30, "total_completion_tokens": 15,
+            "total_tokens": 45, "total_cached_tokens": 5, "total_reasoning_tokens": 0})
+        );
+
+        let db = &t.db;
+        let buckets = |g| async move {
+            time_series_stats(db, &UsageFilter::default(), g)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.bucket, i.total_calls))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            buckets(Granularity::Day).await,
+            [
+                ("2025-01-31T10:00:00+00:00".to_owned(), 2),
+                ("2025-01-31T11:00:00+00:00".to_owned(), 1),
+                ("2025-02-01T00:00:00+00:00".to_owned(), 1)
+            ]
+        );
+        assert_eq!(
+            buckets(Granularity::Month).await,
+            [("2025-01-31".to_owned(), 3), ("2025-02-01".to_owned(), 1)]
+        );
+        assert_eq!(
+            buckets(Granularity::Year).await,
+            [
+                ("2025-01-01T00:00:00+00:00".to_owned(), 3),
+                ("2025-02-01T00:00:00+00:00".to_owned(), 1)
+            ]
+        );
+
+        let page = list_usage(&t.db, &all, 1, 20).await.unwrap();
+        assert_eq!(page.total, 4);
+        let ids: Vec<u128> = page.results.iter().map(|r| r.id.as_u128()).collect();
+        assert_eq!(ids, [4, 3, 2, 1], "newest first");
+        assert_eq!(
+            serde_json::to_value(&page.results[3]).unwrap(),
+            json!({
+            "id": "00000000-0000-0000-0000-000000000001", "user_id": alice.id, "username": "alice",
+            "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+            "cached_tokens": 0, "reasoning_tokens": 0, "success": true, "error": null,
+            "created_at": "2025-01-31T10:00:00.123456+00:00", "metadata": {"node_name": "n1"}})
+        );
+        assert_eq!(
+            page.results[2].created_at, "2025-01-31T10:59:59+00:00",
+            "no fraction when zero"
+        );
+        assert_eq!(page.results[1].username, None);
+        let keys: Vec<String> = serde_json::to_value(&page)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(keys.len(), 4);
+
+        // Pages past the end are empty with the true total; the model filter is literal.
+        let past = list_usage(&t.db, &all, 99, 2).await.unwrap();
+        assert!(past.results.is_empty() && past.total == 4);
+        let literal = UsageFilter {
+            model: Some("%_".into()),
+            ..Default::default()
+        };
+        assert_eq!(list_usage(&t.db, &literal, 1, 20).await.unwrap().total, 1);
+        let case = UsageFilter {
+            model: Some("GPT".into()),
+            ..Default::default()
+        };
+        assert_eq!(summary_stats(&t.db, &case).await.unwrap().total_calls, 2);
+        // Date-only end_date covers the whole day.
+        let day =
+            UsageFilter::from_params(Some("2025-01-31"), Some("2025-01-31"), None, None, None)
+                .unwrap();
+        assert_eq!(summary_stats(&t.db, &day).await.unwrap().total_calls, 3);
+        let none = UsageFilter {
+            user_id: Some(999),
+            ..Default::default()
+        };
+        assert_eq!(
+            summary_stats(&t.db, &none).await.unwrap(),
+            Default::default()
+        );
+    }
+);
+
+/// What the SQL must compute, folded in Rust over the same rows.
+fn fold(rows: &[&usage::Model]) -> [i64; 6] {
+    let mut s = [0i64; 6];
+    for r in rows {
+        s[0] += 1;
+        s[1] += i64::from(r.prompt_tokens);
+        s[2] += i64::from(r.completion_tokens);
+        s[3] += i64::from(r.total_tokens);
+        s[4] += i64::from(r.cached_tokens);
+        s[5] += i64::from(r.reasoning_tokens);
+    }
+    s
+}
+
+db_test!(
+    async fn random_data_and_filters_match_a_plain_rust_fold(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let mut users = Vec::new();
+        for name in ["u1", "u2", "u3"] {
+            users.push(
+                create_user(
+                    &t.db,
+                    NewUser {
+                        username: name.into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+                .id,
+            );
+        }
+        let models = [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "o4-mini",
+            "gemini-2.5-flash",
+            "GPT_x%",
+        ];
+        let mut rng = StdRng::seed_from_u64(20261123);
+        let base = Utc.with_ymd_and_hms(2024, 12, 30, 0, 0, 0).unwrap();
+        let rows: Vec<usage::Model> = (0..3000u128)
+            .map(|n| {
+                let user = if rng.random_bool(0.2) {
+                    None
+                } else {
+                    Some(users[rng.random_range(0..users.len())])
+                };
+                let model = models[rng.random_range(0..models.len())];
+                let p = rng.random_range(0..5000);
+                let c = rng.random_range(0..2000);
+                let created = base
+                    + Duration::microseconds(rng.random_range(0..(70i64 * 86_400 * 1_000_000)));
+                row(
+                    n + 1,
+                    user,
+                    model,
+                    (p, c, rng.random_range(0..=p), rng.random_range(0..=c)),
+                    rng.random_bool(0.97),
+                    created,
+                )
+            })
+            .collect();
+        insert(&t.db, &rows).await;
+
+        for case in 0..25 {
+            let start = rng
+                .random_bool(0.6)
+                .then(|| base + Duration::seconds(rng.random_range(0..(40 * 86_400))));
+            let filter = UsageFilter {
+                start,
+                end: rng.random_bool(0.6).then(|| {
+                    start.unwrap_or(base) + Duration::seconds(rng.random_range(0..(40 * 86_400)))
+                }),
+                user_id: rng
+                    .random_bool(0.3)
+                    .then(|| users[rng.random_range(0..users.len())]),
+                model: rng
+                    .random_bool(0.3)
+                    .then(|| ["gpt", "MINI", "_x%", "flash"][rng.random_range(0..4)].to_owned()),
+                success: [None, Some(true), Some(false)][rng.random_range(0..3)],
+            };
+            let matching: Vec<&usage::Model> = rows.iter().filter(|r| filter.matches(r)).collect();
+            let expected = fold(&matching);
+
+            let s = summary_stats(&t.db, &filter).await.unwrap();
+            assert_eq!(
+                [
+                    s.total_calls,
+                    s.total_prompt_tokens,
+                    s.total_completion_tokens,
+                    s.total_tokens,
+                    s.total_cached_tokens,
+                    s.total_reasoning_tokens
+                ],
+                expected,
+                "case {case}: {filter:?}"
+            );
+            assert_eq!(
+                s.successful_calls,
+                matching.iter().filter(|r| r.success).count() as i64
+            );
+            assert_eq!(s.failed_calls + s.successful_calls, s.total_calls);
+
+            let mut per_model: BTreeMap<&str, Vec<&usage::Model>> = BTreeMap::new();
+            for r in &matching {
+                per_model.entry(r.model.as_str()).or_default().push(r);
+            }
+            let mut want: Vec<(String, [i64; 6])> = per_model
+                .iter()
+                .map(|(m, rs)| (m.to_string(), fold(rs)))
+                .collect();
+            want.sort_by(|a, b| b.1[3].cmp(&a.1[3]).then(a.0.cmp(&b.0)));
+            let got: Vec<(String, [i64; 6])> = stats_by_model(&t.db, &filter)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| {
+                    (
+                        m.model,
+                        [
+                            m.total_calls,
+                            m.total_prompt_tokens,
+                            m.total_completion_tokens,
+                            m.total_tokens,
+                            m.total_cached_tokens,
+                            m.total_reasoning_tokens,
+                        ],
+                    )
+                })
+                .collect();
+            assert_eq!(got, want, "case {case} by_model");
+
+            for (g, fmt) in [
+                (Granularity::Day, "%Y-%m-%dT%H:00:00+00:00"),
+                (Granularity::Month, "%Y-%m-%d"),
+                (Granularity::Year, "%Y-%m-01T00:00:00+00:00"),
+            ] {
+                let mut buckets: BTreeMap<String, Vec<&usage::Model>> = BTreeMap::new();
+                for r in &matching {
+                    buckets
+                        .entry(r.created_at.format(fmt).to_string())
+                        .or_default()
+                        .push(r);
+                }
+                let want: Vec<(String, [i64; 6])> = buckets
+                    .iter()
+                    .map(|(b, rs)| (b.clone(), fold(rs)))
+                    .collect();
+                let got: Vec<(String, [i64; 6])> = time_series_stats(&t.db, &filter, g)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|i| {
+                        (
+                            i.bucket,
+                            [
+                                i.total_calls,
+                                i.total_prompt_tokens,
+                                i.total_completion_tokens,
+                                i.total_tokens,
+                                i.total_cached_tokens,
+                                i.total_reasoning_tokens,
+                            ],
+                        )
+                    })
+                    .collect();
+                assert_eq!(got, want, "case {case} series {g:?}");
+            }
+
+            let mut newest: Vec<&usage::Model> = matching.clone();
+            newest.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+            let page_no = rng.random_range(1..4u64);
+            let page = list_usage(&t.db, &filter, page_no, 7).await.unwrap();
+            assert_eq!(page.total as usize, matching.len());
+            let want_ids: Vec<_> = newest
+                .iter()
+                .skip((page_no as usize - 1) * 7)
+                .take(7)
+                .map(|r| r.id)
+                .collect();
+            assert_eq!(
+                page.results.iter().map(|r| r.id).collect::<Vec<_>>(),
+                want_ids,
+                "case {case} page {page_no}"
+            );
+        }
+    }
+);
