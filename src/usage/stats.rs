@@ -1,9 +1,11 @@
-//! token-stats: summary, per-model breakdown and time series, each one SQL aggregate.
+//! token-stats: summary, per-model breakdown and time series, from one SQL aggregate.
 
+use std::collections::BTreeMap;
+
+use chrono::NaiveDateTime;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    DatabaseConnection, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect,
+    DatabaseConnection, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -70,21 +72,45 @@ impl Granularity {
         }
     }
 
-    /// The bucket label as SQL text, the one place the two backends differ.
-    fn bucket_sql(self, backend: DbBackend) -> &'static str {
+    /// The bucket's start as SQL text `YYYY-MM-DD HH:MM:SS` (UTC), the one place the two
+    /// backends differ. Grouping on PostgreSQL's `date_trunc` (not on a formatted string) keeps
+    /// the per-row work small; the label is formatted once per bucket, in Rust.
+    fn bucket_start_sql(self, backend: DbBackend) -> (&'static str, &'static str) {
+        // (grouping expression, its text form)
         match (backend, self) {
-            (DbBackend::Postgres, Self::Day) => {
-                "to_char(date_trunc('hour', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD\"T\"HH24:00:00') || '+00:00'"
-            }
-            (DbBackend::Postgres, Self::Month) => {
-                "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-            }
-            (DbBackend::Postgres, Self::Year) => {
-                "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM') || '-01T00:00:00+00:00'"
-            }
-            (_, Self::Day) => "strftime('%Y-%m-%dT%H:00:00', created_at) || '+00:00'",
-            (_, Self::Month) => "strftime('%Y-%m-%d', created_at)",
-            (_, Self::Year) => "strftime('%Y-%m', created_at) || '-01T00:00:00+00:00'",
+            (DbBackend::Postgres, Self::Day) => (
+                "date_trunc('hour', created_at AT TIME ZONE 'UTC')",
+                "CAST(date_trunc('hour', created_at AT TIME ZONE 'UTC') AS TEXT)",
+            ),
+            (DbBackend::Postgres, Self::Month) => (
+                "date_trunc('day', created_at AT TIME ZONE 'UTC')",
+                "CAST(date_trunc('day', created_at AT TIME ZONE 'UTC') AS TEXT)",
+            ),
+            (DbBackend::Postgres, Self::Year) => (
+                "date_trunc('month', created_at AT TIME ZONE 'UTC')",
+                "CAST(date_trunc('month', created_at AT TIME ZONE 'UTC') AS TEXT)",
+            ),
+            (_, Self::Day) => (
+                "strftime('%Y-%m-%d %H:00:00', created_at)",
+                "strftime('%Y-%m-%d %H:00:00', created_at)",
+            ),
+            (_, Self::Month) => (
+                "strftime('%Y-%m-%d 00:00:00', created_at)",
+                "strftime('%Y-%m-%d 00:00:00', created_at)",
+            ),
+            (_, Self::Year) => (
+                "strftime('%Y-%m-01 00:00:00', created_at)",
+                "strftime('%Y-%m-01 00:00:00', created_at)",
+            ),
+        }
+    }
+
+    /// The JSON label of a bucket starting at `start` (UTC): SPEC §5's three formats.
+    fn label(self, start: NaiveDateTime) -> String {
+        match self {
+            Self::Day => start.format("%Y-%m-%dT%H:00:00+00:00").to_string(),
+            Self::Month => start.format("%Y-%m-%d").to_string(),
+            Self::Year => start.format("%Y-%m-01T00:00:00+00:00").to_string(),
         }
     }
 }
@@ -130,23 +156,147 @@ pub async fn summary_stats(
     Ok(q.into_model::<Summary>().one(db).await?.unwrap_or_default())
 }
 
+/// Everything token-stats shows, from one pass over the matching rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStatsData {
+    pub summary: Summary,
+    pub by_model: Vec<ModelStats>,
+    /// `Some` when a granularity was asked for.
+    pub series: Option<Vec<SeriesItem>>,
+}
+
+/// One `(model, bucket)` group of the single aggregate query behind [`token_stats`].
+#[derive(Debug, FromQueryResult)]
+struct Group {
+    model: String,
+    bucket: Option<String>,
+    total_calls: i64,
+    successful_calls: i64,
+    total_prompt_tokens: i64,
+    total_completion_tokens: i64,
+    total_tokens: i64,
+    total_cached_tokens: i64,
+    total_reasoning_tokens: i64,
+}
+
+/// Calls and the five token sums, added up in Rust from the groups.
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    calls: i64,
+    prompt: i64,
+    completion: i64,
+    total: i64,
+    cached: i64,
+    reasoning: i64,
+}
+
+impl Totals {
+    fn add(&mut self, g: &Group) {
+        self.calls += g.total_calls;
+        self.prompt += g.total_prompt_tokens;
+        self.completion += g.total_completion_tokens;
+        self.total += g.total_tokens;
+        self.cached += g.total_cached_tokens;
+        self.reasoning += g.total_reasoning_tokens;
+    }
+}
+
+/// Summary, per-model breakdown and (with a granularity) the series, from a single
+/// `GROUP BY model[, bucket]` query: one pass over the rows where the Django app makes three.
+/// The groups (models × buckets) are folded in Rust; rows are never loaded.
+pub async fn token_stats(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    granularity: Option<Granularity>,
+) -> Result<TokenStatsData, DbErr> {
+    let mut q = with_sums(
+        usage::Entity::find()
+            .select_only()
+            .column(usage::Column::Model),
+    )
+    .column_as(
+        Expr::cust("CAST(COALESCE(SUM(CASE WHEN success THEN 1 ELSE 0 END), 0) AS BIGINT)"),
+        "successful_calls",
+    )
+    .filter(filter.condition())
+    .group_by(usage::Column::Model);
+    if let Some(g) = granularity {
+        let (group, text) = g.bucket_start_sql(db.get_database_backend());
+        q = q
+            .column_as(Expr::cust(text), "bucket")
+            .group_by(Expr::cust(group));
+    } else {
+        q = q.column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket");
+    }
+    let groups = q.into_model::<Group>().all(db).await?;
+
+    let mut summary = Summary::default();
+    let mut models: BTreeMap<&str, Totals> = BTreeMap::new();
+    let mut buckets: BTreeMap<&str, Totals> = BTreeMap::new();
+    for g in &groups {
+        summary.total_calls += g.total_calls;
+        summary.successful_calls += g.successful_calls;
+        summary.total_prompt_tokens += g.total_prompt_tokens;
+        summary.total_completion_tokens += g.total_completion_tokens;
+        summary.total_tokens += g.total_tokens;
+        summary.total_cached_tokens += g.total_cached_tokens;
+        summary.total_reasoning_tokens += g.total_reasoning_tokens;
+        models.entry(&g.model).or_default().add(g);
+        if let Some(b) = &g.bucket {
+            buckets.entry(b).or_default().add(g);
+        }
+    }
+    summary.failed_calls = summary.total_calls - summary.successful_calls;
+
+    let mut by_model: Vec<ModelStats> = models
+        .into_iter()
+        .map(|(model, t)| ModelStats {
+            model: model.to_owned(),
+            total_calls: t.calls,
+            total_prompt_tokens: t.prompt,
+            total_completion_tokens: t.completion,
+            total_tokens: t.total,
+            total_cached_tokens: t.cached,
+            total_reasoning_tokens: t.reasoning,
+        })
+        .collect();
+    // Total tokens descending, then model ascending (the map already gave model order).
+    by_model.sort_by(|a, b| b.total_tokens.cmp(&a.total_tokens));
+
+    let series = match granularity {
+        None => None,
+        Some(g) => Some(
+            buckets
+                .into_iter()
+                .map(|(start, t)| {
+                    let start = NaiveDateTime::parse_from_str(start, "%Y-%m-%d %H:%M:%S")
+                        .map_err(|e| DbErr::Custom(format!("bucket {start:?}: {e}")))?;
+                    Ok(SeriesItem {
+                        bucket: g.label(start),
+                        total_calls: t.calls,
+                        total_prompt_tokens: t.prompt,
+                        total_completion_tokens: t.completion,
+                        total_tokens: t.total,
+                        total_cached_tokens: t.cached,
+                        total_reasoning_tokens: t.reasoning,
+                    })
+                })
+                .collect::<Result<Vec<_>, DbErr>>()?,
+        ),
+    };
+    Ok(TokenStatsData {
+        summary,
+        by_model,
+        series,
+    })
+}
+
 /// One item per model, by total tokens descending, then model ascending.
 pub async fn stats_by_model(
     db: &DatabaseConnection,
     filter: &UsageFilter,
 ) -> Result<Vec<ModelStats>, DbErr> {
-    with_sums(
-        usage::Entity::find()
-            .select_only()
-            .column(usage::Column::Model),
-    )
-    .filter(filter.condition())
-    .group_by(usage::Column::Model)
-    .order_by_desc(Expr::cust("CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT)"))
-    .order_by_asc(usage::Column::Model)
-    .into_model::<ModelStats>()
-    .all(db)
-    .await
+    Ok(token_stats(db, filter, None).await?.by_model)
 }
 
 /// Buckets that have rows, in order.
@@ -155,16 +305,8 @@ pub async fn time_series_stats(
     filter: &UsageFilter,
     granularity: Granularity,
 ) -> Result<Vec<SeriesItem>, DbErr> {
-    let bucket = granularity.bucket_sql(db.get_database_backend());
-    with_sums(
-        usage::Entity::find()
-            .select_only()
-            .column_as(Expr::cust(bucket), "bucket"),
-    )
-    .filter(filter.condition())
-    .group_by(Expr::cust(bucket))
-    .order_by_asc(Expr::cust(bucket))
-    .into_model::<SeriesItem>()
-    .all(db)
-    .await
+    Ok(token_stats(db, filter, Some(granularity))
+        .await?
+        .series
+        .unwrap_or_default())
 }

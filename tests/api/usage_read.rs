@@ -7,7 +7,9 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use llm_tracker::db::entities::usage;
 use llm_tracker::usage::UsageFilter;
 use llm_tracker::usage::list::list_usage;
-use llm_tracker::usage::stats::{Granularity, stats_by_model, summary_stats, time_series_stats};
+use llm_tracker::usage::stats::{
+    Granularity, stats_by_model, summary_stats, time_series_stats, token_stats,
+};
 use llm_tracker::users::{NewUser, create_user};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -383,6 +385,9 @@ db_test!(
                     })
                     .collect();
                 assert_eq!(got, want, "case {case} series {g:?}");
+                // The one-pass query behind the endpoint gives the same summary as the plain one.
+                let one = token_stats(&t.db, &filter, Some(g)).await.unwrap();
+                assert_eq!(one.summary, s, "case {case} one-pass summary {g:?}");
             }
 
             let mut newest: Vec<&usage::Model> = matching.clone();

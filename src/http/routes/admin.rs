@@ -10,9 +10,7 @@ use crate::http::error::{ApiError, ErrorBody};
 use crate::usage::filters::given;
 use crate::usage::list::UsagePage;
 use crate::usage::list::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, list_usage};
-use crate::usage::stats::{
-    Granularity, ModelStats, SeriesItem, Summary, stats_by_model, summary_stats, time_series_stats,
-};
+use crate::usage::stats::{self, Granularity, ModelStats, SeriesItem, Summary};
 use crate::usage::{FilterError, UsageFilter};
 
 /// Query of `GET /api/v1/admin/token-stats/`. Every value is trimmed; empty = not given.
@@ -130,22 +128,14 @@ pub async fn token_stats(
             }
         })?),
     };
-    let db = &state.db;
-    let summary = summary_stats(db, &filter)
+    let stats = stats::token_stats(&state.db, &filter, granularity)
         .await
         .map_err(ApiError::database)?;
-    let by_model = stats_by_model(db, &filter)
-        .await
-        .map_err(ApiError::database)?;
-    let series = match granularity {
-        None => None,
-        Some(g) => Some(Series {
-            granularity: g,
-            items: time_series_stats(db, &filter, g)
-                .await
-                .map_err(ApiError::database)?,
-        }),
-    };
+    let (summary, by_model) = (stats.summary, stats.by_model);
+    let series = granularity.zip(stats.series).map(|(g, items)| Series {
+        granularity: g,
+        items,
+    });
     Ok(HttpResponse::Ok().json(TokenStats {
         summary,
         by_model,
