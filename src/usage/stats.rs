@@ -261,7 +261,7 @@ pub async fn token_stats(
         })
         .collect();
     // Total tokens descending, then model ascending (the map already gave model order).
-    by_model.sort_by(|a, b| b.total_tokens.cmp(&a.total_tokens));
+    by_model.sort_by_key(|m| std::cmp::Reverse(m.total_tokens));
 
     let series = match granularity {
         None => None,
