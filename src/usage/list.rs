@@ -1,8 +1,9 @@
 //! llm-usage: the paginated listing, newest first, with each row's username.
 
+use sea_orm::sea_query::Expr;
 use sea_orm::{
-    DatabaseConnection, DbErr, EntityTrait, JoinType, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, RelationTrait,
+    DatabaseConnection, DbErr, EntityTrait, JoinType, QueryFilter, QueryOrder, QuerySelect,
+    RelationTrait, Select,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -53,22 +54,17 @@ pub async fn list_usage(
     page_size: u64,
 ) -> Result<UsagePage, DbErr> {
     let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
-    let total = usage::Entity::find()
-        .filter(filter.condition())
-        .count(db)
-        .await?;
+    let total = count_query(filter)
+        .into_tuple::<i64>()
+        .one(db)
+        .await?
+        .unwrap_or(0)
+        .max(0) as u64;
     let offset = page.saturating_sub(1).saturating_mul(page_size);
     let results = if offset >= total {
         Vec::new()
     } else {
-        usage::Entity::find()
-            .filter(filter.condition())
-            .join(JoinType::LeftJoin, usage::Relation::User.def())
-            .column_as(auth_user::Column::Username, "username")
-            .order_by_desc(usage::Column::CreatedAt)
-            .order_by_desc(usage::Column::Id)
-            .offset(offset)
-            .limit(page_size)
+        page_query(filter, offset, page_size)
             .into_model::<RowWithUser>()
             .all(db)
             .await?
@@ -82,6 +78,26 @@ pub async fn list_usage(
         page,
         page_size,
     })
+}
+
+/// `SELECT COUNT(*)` over the matching rows (see [`super::plans`]).
+pub(crate) fn count_query(filter: &UsageFilter) -> Select<usage::Entity> {
+    usage::Entity::find()
+        .select_only()
+        .column_as(Expr::cust("COUNT(*)"), "total")
+        .filter(filter.condition())
+}
+
+/// One page, newest first, with each row's username (see [`super::plans`]).
+pub(crate) fn page_query(filter: &UsageFilter, offset: u64, limit: u64) -> Select<usage::Entity> {
+    usage::Entity::find()
+        .filter(filter.condition())
+        .join(JoinType::LeftJoin, usage::Relation::User.def())
+        .column_as(auth_user::Column::Username, "username")
+        .order_by_desc(usage::Column::CreatedAt)
+        .order_by_desc(usage::Column::Id)
+        .offset(offset)
+        .limit(limit)
 }
 
 #[derive(Debug, sea_orm::FromQueryResult)]

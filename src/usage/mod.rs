@@ -3,6 +3,7 @@
 
 pub mod filters;
 pub mod list;
+pub mod plans;
 pub mod stats;
 
 pub use filters::{FilterError, UsageFilter};

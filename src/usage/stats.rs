@@ -6,6 +6,7 @@ use chrono::NaiveDateTime;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     DatabaseConnection, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter, QuerySelect,
+    Select,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -201,15 +202,23 @@ impl Totals {
     }
 }
 
-/// Summary, per-model breakdown and (with a granularity) the series, from a single
-/// `GROUP BY model[, bucket]` query: one pass over the rows where the Django app makes three.
-/// The groups (models × buckets) are folded in Rust; rows are never loaded.
-pub async fn token_stats(
-    db: &DatabaseConnection,
+/// The model as a grouping key. On SQLite `+model` (a no-op) keeps the planner from walking
+/// the `(model, created_at)` index to save a sort: that turns a scan into a million random
+/// row lookups (3.2 s instead of 0.95 s for token-stats over 1M rows, measured).
+fn model_group(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => "model",
+        _ => "+model",
+    }
+}
+
+/// The one aggregate query behind [`token_stats`] (see [`super::plans`]).
+pub(crate) fn token_stats_query(
+    backend: DbBackend,
     filter: &UsageFilter,
     granularity: Option<Granularity>,
-) -> Result<TokenStatsData, DbErr> {
-    let mut q = with_sums(
+) -> Select<usage::Entity> {
+    let q = with_sums(
         usage::Entity::find()
             .select_only()
             .column(usage::Column::Model),
@@ -219,15 +228,26 @@ pub async fn token_stats(
         "successful_calls",
     )
     .filter(filter.condition())
-    .group_by(usage::Column::Model);
-    if let Some(g) = granularity {
-        let (group, text) = g.bucket_start_sql(db.get_database_backend());
-        q = q
-            .column_as(Expr::cust(text), "bucket")
-            .group_by(Expr::cust(group));
-    } else {
-        q = q.column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket");
+    .group_by(Expr::cust(model_group(backend)));
+    match granularity {
+        Some(g) => {
+            let (group, text) = g.bucket_start_sql(backend);
+            q.column_as(Expr::cust(text), "bucket")
+                .group_by(Expr::cust(group))
+        }
+        None => q.column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket"),
     }
+}
+
+/// Summary, per-model breakdown and (with a granularity) the series, from a single
+/// `GROUP BY model[, bucket]` query: one pass over the rows where the Django app makes three.
+/// The groups (models × buckets) are folded in Rust; rows are never loaded.
+pub async fn token_stats(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    granularity: Option<Granularity>,
+) -> Result<TokenStatsData, DbErr> {
+    let q = token_stats_query(db.get_database_backend(), filter, granularity);
     let groups = q.into_model::<Group>().all(db).await?;
 
     let mut summary = Summary::default();

@@ -1,0 +1,420 @@
+//! The admin API at scale: loads N demo rows (default 1,000,000) into SQLite and, when
+//! `BENCH_DATABASE_URL` names a PostgreSQL server, into PostgreSQL; serves the real application
+//! (`llm_tracker::http::app`) on a loopback port; then measures p50/p99 latency and requests/s
+//! at concurrency 1 and 16 for token-stats and llm-usage, and prints the query plans (`EXPLAIN`)
+//! of the statements behind them, checking that those an index can serve use one.
+//!
+//! ```sh
+//! BENCH_DATABASE_URL=postgres://postgres@127.0.0.1:55432/postgres cargo bench --bench api
+//! ```
+//!
+//! Environment: `BENCH_ROWS` (default 1000000), `BENCH_SECONDS` per scenario and concurrency
+//! (default 5), `BENCH_MAX_REQUESTS` (default 2000), `BENCH_BACKENDS` (default
+//! `sqlite,postgres`). SQLite data is kept in `target/bench-api/` and PostgreSQL data in the
+//! database `llm_tracker_bench_api` (created on the server), so a second run with the same
+//! `BENCH_ROWS` skips the load.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use llm_tracker::config::DatabaseUrl;
+use llm_tracker::db::entities::usage;
+use llm_tracker::http::{AppState, app};
+use llm_tracker::usage::UsageFilter;
+use llm_tracker::usage::plans::{explain, list_usage_statements, token_stats_statements};
+use llm_tracker::usage::stats::Granularity;
+use llm_tracker::users::{NewUser, create_user, find_by_username};
+use llm_tracker::{Settings, auth};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait,
+    QueryFilter,
+};
+use tokio::sync::Mutex;
+
+const SECRET: &str = "bench-secret-bench-secret-bench-secret-bench-secret-0123456789";
+
+struct Config {
+    rows: usize,
+    seconds: f64,
+    max_requests: usize,
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Connects, migrates and makes sure the table holds exactly `rows` demo rows.
+async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
+    let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", url).unwrap())
+        .await
+        .unwrap();
+    llm_tracker::db::migrate(&db).await.unwrap();
+    let have = usage::Entity::find().count(&db).await.unwrap() as usize;
+    if have != rows {
+        eprintln!("[{label}] loading {rows} rows (table had {have})");
+        db.execute_unprepared("DELETE FROM llm_tracker_usage")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let written = llm_tracker::demo::seed(&db, rows, 42).await.unwrap();
+        assert_eq!(written, rows);
+        eprintln!(
+            "[{label}] loaded in {:.1} s ({:.0} rows/s)",
+            started.elapsed().as_secs_f64(),
+            rows as f64 / started.elapsed().as_secs_f64()
+        );
+        let analyze = match db.get_database_backend() {
+            DbBackend::Postgres => "VACUUM ANALYZE llm_tracker_usage",
+            _ => "ANALYZE",
+        };
+        db.execute_unprepared(analyze).await.unwrap();
+    } else {
+        eprintln!("[{label}] reusing {rows} rows");
+    }
+    db
+}
+
+/// A staff user and a token for it.
+async fn admin_token(db: &DatabaseConnection) -> String {
+    let user = match find_by_username(db, "bench-admin").await.unwrap() {
+        Some(u) => u,
+        None => create_user(
+            db,
+            NewUser {
+                username: "bench-admin".into(),
+                is_staff: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
+    };
+    auth::jwt::mint_access_token(SECRET, user.id, Duration::from_secs(7200))
+}
+
+/// A user with a few percent of the rows (an index helps), and how many rows they have.
+async fn typical_user(db: &DatabaseConnection) -> (i32, u64) {
+    let user = find_by_username(db, "demo-user-06").await.unwrap().unwrap();
+    let n = usage::Entity::find()
+        .filter(usage::Column::UserId.eq(user.id))
+        .count(db)
+        .await
+        .unwrap();
+    (user.id, n)
+}
+
+/// Serves the application on a loopback port in its own actix system; returns the base URL.
+fn serve(db: DatabaseConnection, url: &str) -> (String, actix_web::dev::ServerHandle) {
+    let vars = std::collections::HashMap::from([
+        ("DATABASE_URL".to_owned(), url.to_owned()),
+        ("JWT_SECRET".to_owned(), SECRET.to_owned()),
+    ]);
+    let settings = Settings::from_map(&vars).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let state = AppState { db, settings };
+            let server = actix_web::HttpServer::new(move || app(state.clone()))
+                .workers(2)
+                .bind(("127.0.0.1", 0))
+                .unwrap();
+            let addr = server.addrs()[0];
+            let server = server.run();
+            tx.send((format!("http://{addr}"), server.handle()))
+                .unwrap();
+            server.await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+struct Outcome {
+    requests: usize,
+    p50: Duration,
+    p99: Duration,
+    per_second: f64,
+}
+
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `concurrency` clients in a closed loop until the time or request budget is spent.
+async fn measure(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    concurrency: usize,
+    cfg: &Config,
+) -> Outcome {
+    let get = |client: reqwest::Client, url: String, token: String| async move {
+        let started = Instant::now();
+        let response = client.get(&url).bearer_auth(&token).send().await.unwrap();
+        let status = response.status();
+        let body = response.bytes().await.unwrap();
+        assert!(
+            status.is_success(),
+            "{url}: {status} {}",
+            String::from_utf8_lossy(&body)
+        );
+        started.elapsed()
+    };
+    for _ in 0..2 {
+        get(client.clone(), url.to_owned(), token.to_owned()).await;
+    }
+    let budget = Duration::from_secs_f64(cfg.seconds);
+    let issued = Arc::new(Mutex::new(0usize));
+    let started = Instant::now();
+    let workers = (0..concurrency).map(|_| {
+        let (client, url, token, issued) = (
+            client.clone(),
+            url.to_owned(),
+            token.to_owned(),
+            issued.clone(),
+        );
+        let max = cfg.max_requests;
+        tokio::spawn(async move {
+            let mut times = Vec::new();
+            loop {
+                {
+                    let mut n = issued.lock().await;
+                    // At least 10 requests, then until the budget is spent.
+                    if *n >= max || (*n >= 10 && started.elapsed() >= budget) {
+                        break;
+                    }
+                    *n += 1;
+                }
+                times.push(get(client.clone(), url.clone(), token.clone()).await);
+            }
+            times
+        })
+    });
+    let mut all = Vec::new();
+    for w in futures_util::future::join_all(workers).await {
+        all.extend(w.unwrap());
+    }
+    let wall = started.elapsed();
+    all.sort();
+    Outcome {
+        requests: all.len(),
+        p50: quantile(&all, 0.5),
+        p99: quantile(&all, 0.99),
+        per_second: all.len() as f64 / wall.as_secs_f64(),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    let v = d.as_secs_f64() * 1e3;
+    if v < 10.0 {
+        format!("{v:.2} ms")
+    } else {
+        format!("{v:.0} ms")
+    }
+}
+
+/// Prints each statement's plan; returns whether some plan line uses an index.
+async fn plan(db: &DatabaseConnection, name: &str, statements: Vec<sea_orm::Statement>) -> bool {
+    let backend = db.get_database_backend();
+    let mut uses_index = false;
+    println!("\n`{name}`:\n\n```");
+    for statement in statements {
+        println!("{}", statement.sql);
+        for row in db
+            .query_all_raw(explain(backend, &statement))
+            .await
+            .unwrap()
+        {
+            let line: String = match backend {
+                DbBackend::Postgres => row.try_get_by_index(0).unwrap(),
+                _ => row.try_get("", "detail").unwrap(),
+            };
+            uses_index |= line.contains("Index")
+                || line.contains("USING INDEX")
+                || line.contains("USING COVERING INDEX");
+            println!("  {line}");
+        }
+    }
+    println!("```");
+    uses_index
+}
+
+async fn bench_backend(label: &str, url: &str, cfg: &Config) {
+    let db = prepare(label, url, cfg.rows).await;
+    let token = admin_token(&db).await;
+    let (user, user_rows) = typical_user(&db).await;
+    let backend = db.get_database_backend();
+
+    // Plans first: a missing index is worth knowing before any figure.
+    println!("\n### {label}: query plans at {} rows\n", cfg.rows);
+    let week = UsageFilter {
+        start: Some(Utc::now() - chrono::Duration::days(7)),
+        ..Default::default()
+    };
+    let by_user = UsageFilter {
+        user_id: Some(user),
+        ..Default::default()
+    };
+    let model = UsageFilter {
+        model: Some("gemini".into()),
+        ..Default::default()
+    };
+    let all = UsageFilter::default();
+    let checks: Vec<(&str, Vec<sea_orm::Statement>, bool)> = vec![
+        (
+            "token-stats granularity=month",
+            token_stats_statements(backend, &all, Some(Granularity::Month)),
+            false,
+        ),
+        (
+            "token-stats user_id (a few % of rows)",
+            token_stats_statements(backend, &by_user, None),
+            true,
+        ),
+        (
+            "token-stats last 7 days",
+            token_stats_statements(backend, &week, Some(Granularity::Day)),
+            true,
+        ),
+        (
+            "llm-usage page 1",
+            list_usage_statements(backend, &all, 1, 20),
+            true,
+        ),
+        (
+            "llm-usage page 1000",
+            list_usage_statements(backend, &all, 1000, 20),
+            true,
+        ),
+        (
+            "llm-usage user_id",
+            list_usage_statements(backend, &by_user, 1, 20),
+            true,
+        ),
+        (
+            "llm-usage model=gemini",
+            list_usage_statements(backend, &model, 1, 20),
+            true,
+        ),
+    ];
+    let mut missing = Vec::new();
+    for (name, statements, wants_index) in checks {
+        let uses = plan(&db, name, statements).await;
+        println!("uses an index: {}", if uses { "yes" } else { "no" });
+        if wants_index && !uses {
+            missing.push(name);
+        }
+    }
+    if !missing.is_empty() {
+        println!("\n**No index used where one helps: {missing:?}**");
+    }
+
+    let (base, handle) = serve(db, url);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(32)
+        .build()
+        .unwrap();
+    let scenarios: Vec<(String, String)> = vec![
+        ("token-stats".into(), "/api/v1/admin/token-stats/".into()),
+        (
+            "token-stats granularity=day".into(),
+            "/api/v1/admin/token-stats/?granularity=day".into(),
+        ),
+        (
+            "token-stats granularity=month".into(),
+            "/api/v1/admin/token-stats/?granularity=month".into(),
+        ),
+        (
+            "token-stats granularity=year".into(),
+            "/api/v1/admin/token-stats/?granularity=year".into(),
+        ),
+        (
+            format!("token-stats user_id ({user_rows} rows)"),
+            format!("/api/v1/admin/token-stats/?user_id={user}&granularity=month"),
+        ),
+        ("llm-usage page 1".into(), "/api/v1/admin/llm-usage/".into()),
+        (
+            "llm-usage page 1000".into(),
+            "/api/v1/admin/llm-usage/?page=1000".into(),
+        ),
+        (
+            "llm-usage model=gemini".into(),
+            "/api/v1/admin/llm-usage/?model=gemini".into(),
+        ),
+    ];
+    println!("\n### {label}: {} rows\n", cfg.rows);
+    println!("| request | concurrency | requests | p50 | p99 | requests/s |");
+    println!("|---|---|---|---|---|---|");
+    for (name, path) in &scenarios {
+        for concurrency in [1, 16] {
+            let o = measure(&client, &format!("{base}{path}"), &token, concurrency, cfg).await;
+            println!(
+                "| {name} | {concurrency} | {} | {} | {} | {:.1} |",
+                o.requests,
+                ms(o.p50),
+                ms(o.p99),
+                o.per_second
+            );
+        }
+    }
+    handle.stop(true).await;
+}
+
+/// The PostgreSQL URL of the bench database on the server `BENCH_DATABASE_URL` names.
+async fn bench_database(server: &str) -> String {
+    let db = sea_orm::Database::connect(server).await.unwrap();
+    let exists = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT 1 FROM pg_database WHERE datname = 'llm_tracker_bench_api'",
+        ))
+        .await
+        .unwrap()
+        .is_some();
+    if !exists {
+        db.execute_unprepared("CREATE DATABASE llm_tracker_bench_api")
+            .await
+            .unwrap();
+    }
+    let mut url = url::Url::parse(server).unwrap();
+    url.set_path("/llm_tracker_bench_api");
+    url.to_string()
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = Config {
+        rows: env_or("BENCH_ROWS", 1_000_000),
+        seconds: env_or("BENCH_SECONDS", 5.0),
+        max_requests: env_or("BENCH_MAX_REQUESTS", 2000),
+    };
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    println!(
+        "# admin API benchmark, {} rows, {} s or {} requests per line",
+        cfg.rows, cfg.seconds, cfg.max_requests
+    );
+    if backends.contains("sqlite") {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-api");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("usage-{}.sqlite3", cfg.rows));
+        bench_backend(
+            "SQLite",
+            &format!("sqlite://{}?mode=rwc", path.display()),
+            &cfg,
+        )
+        .await;
+    }
+    if backends.contains("postgres") {
+        match std::env::var("BENCH_DATABASE_URL") {
+            Ok(server) => {
+                let url = bench_database(&server).await;
+                bench_backend("PostgreSQL", &url, &cfg).await;
+            }
+            Err(_) => eprintln!("BENCH_DATABASE_URL not set: PostgreSQL skipped"),
+        }
+    }
+}
