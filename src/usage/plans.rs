@@ -32,6 +32,12 @@ pub fn list_usage_statements(
     ]
 }
 
+/// Planner settings the token-stats aggregate runs under (in its own transaction), if any:
+/// run them before explaining its statement to see the plan that is served.
+pub fn token_stats_settings(backend: DbBackend) -> Option<&'static str> {
+    super::stats::aggregate_settings(backend)
+}
+
 /// `statement` prefixed for the backend's plan output: `EXPLAIN` on PostgreSQL, `EXPLAIN QUERY
 /// PLAN` on SQLite.
 pub fn explain(backend: DbBackend, statement: &Statement) -> Statement {
