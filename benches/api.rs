@@ -62,7 +62,10 @@ async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
             .await
             .unwrap();
         let started = Instant::now();
-        let written = llm_tracker::demo::seed(&db, rows, 42).await.unwrap();
+        let written =
+            llm_tracker::demo::seed(&db, &llm_tracker::pricing::PriceTable::builtin(), rows, 42)
+                .await
+                .unwrap();
         assert_eq!(written, rows);
         eprintln!(
             "[{label}] loaded in {:.1} s ({:.0} rows/s)",

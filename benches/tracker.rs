@@ -76,6 +76,7 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
     let options = TrackerOptions {
         store,
         secrets: vec![],
+        prices: std::sync::Arc::new(llm_tracker::pricing::PriceTable::builtin()),
     };
     let tracker = Arc::new(LlmTracker::new(provider.clone(), db.clone(), options).await);
     let request = CallRequest::new(vec![Message::user("hi")]).node_name("bench");

@@ -243,7 +243,8 @@ fn random_string(len: usize) -> String {
 
 /// Demo rows, an admin user and a token, printed with the URLs to open.
 async fn demo_setup(settings: &Settings, db: &sea_orm::DatabaseConnection) -> Result<(), CliError> {
-    let written = crate::demo::seed(db, crate::demo::DEMO_ROWS, rand::random()).await?;
+    let written =
+        crate::demo::seed(db, &settings.prices, crate::demo::DEMO_ROWS, rand::random()).await?;
     let password = match users::find_by_username(db, "admin").await? {
         Some(_) => None,
         None => {

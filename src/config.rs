@@ -213,6 +213,8 @@ pub struct Settings {
     pub usage_spool_path: std::path::PathBuf,
     /// Whether callers wait for their row's commit (`committed`) or only its hand-over.
     pub usage_write_mode: crate::tracker::WriteMode,
+    /// The active price table: built-in, plus the file named by `LLM_PRICES_PATH`.
+    pub prices: std::sync::Arc<crate::pricing::PriceTable>,
     pub log_filter: String,
     pub log_format: LogFormat,
 }
@@ -394,6 +396,12 @@ impl Settings {
             },
             log_filter: src.string("RUST_LOG", DEFAULT_LOG_FILTER),
             log_format,
+            prices: std::sync::Arc::new(
+                crate::pricing::PriceTable::load(
+                    crate::pricing::prices_path(src.get("LLM_PRICES_PATH")).as_deref(),
+                )
+                .map_err(|e| ConfigError::invalid("LLM_PRICES_PATH", e.to_string()))?,
+            ),
         })
     }
 

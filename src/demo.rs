@@ -8,6 +8,7 @@ use sea_orm::{DatabaseConnection, DbErr, EntityTrait, PaginatorTrait};
 use serde_json::json;
 
 use crate::db::entities::usage;
+use crate::pricing::{PriceTable, Tokens};
 use crate::users::{NewUser, create_user, find_by_username};
 
 /// Rows `serve --demo` writes.
@@ -51,7 +52,13 @@ const ERRORS: &[&str] = &[
 
 /// Fills an empty usage table with `rows` demo rows (and 12 demo users); returns how many
 /// rows it wrote (0 when the table already had rows).
-pub async fn seed(db: &DatabaseConnection, rows: usize, seed: u64) -> Result<usize, DbErr> {
+/// Costs come from `prices` (the demo's models are all in the built-in table).
+pub async fn seed(
+    db: &DatabaseConnection,
+    prices: &PriceTable,
+    rows: usize,
+    seed: u64,
+) -> Result<usize, DbErr> {
     if usage::Entity::find().count(db).await? > 0 {
         return Ok(0);
     }
@@ -119,7 +126,16 @@ pub async fn seed(db: &DatabaseConnection, rows: usize, seed: u64) -> Result<usi
         } else {
             (prompt, completion, cached, reasoning)
         };
-        batch.push(usage::ActiveModel::from(usage::Model {
+        let cost = prices.cost_micros(
+            model,
+            Tokens {
+                prompt: p.into(),
+                completion: c.into(),
+                cached: ca.into(),
+                reasoning: re.into(),
+            },
+        );
+        batch.push(usage::Model {
             id: uuid::Uuid::new_v4(),
             user_id,
             model: model.into(),
@@ -139,17 +155,13 @@ pub async fn seed(db: &DatabaseConnection, rows: usize, seed: u64) -> Result<usi
             }),
             created_at,
             started_at: Some(created_at - Duration::milliseconds(latency_ms)),
-        }));
+            cost: cost.map(usage::Cost),
+            cost_currency: "USD".into(),
+        });
         if batch.len() == 500 {
-            usage::Entity::insert_many(std::mem::take(&mut batch))
-                .exec_without_returning(db)
-                .await?;
+            usage::insert_rows(db, &std::mem::take(&mut batch)).await?;
         }
     }
-    if !batch.is_empty() {
-        usage::Entity::insert_many(batch)
-            .exec_without_returning(db)
-            .await?;
-    }
+    usage::insert_rows(db, &batch).await?;
     Ok(rows)
 }

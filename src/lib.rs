@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod http;
+pub mod pricing;
 pub mod providers;
 pub mod redact;
 pub mod server;

@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20250101_000001_create_auth_user;
 mod m20250101_000002_create_llm_tracker_usage;
 mod m20250301_000003_add_usage_started_at;
+mod m20251101_000004_add_usage_cost;
 mod util;
 
 /// All migrations, oldest first.
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20250101_000001_create_auth_user::Migration),
             Box::new(m20250101_000002_create_llm_tracker_usage::Migration),
             Box::new(m20250301_000003_add_usage_started_at::Migration),
+            Box::new(m20251101_000004_add_usage_cost::Migration),
         ]
     }
 }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::config::{ConfigError, Settings};
 use crate::db::entities::usage;
+use crate::pricing::{PriceTable, Tokens};
 use crate::providers::{self, ChatRequest, ChatResponse, Message, Provider, ProviderError, Usage};
 use crate::redact::redact;
 pub use store::{StoreOptions, Stored, UsageStore, WriteMode};
@@ -132,6 +133,8 @@ pub struct TrackerOptions {
     pub store: StoreOptions,
     /// Secret values (API keys) removed from error text before it is stored.
     pub secrets: Vec<String>,
+    /// Prices each row's cost is computed from.
+    pub prices: Arc<PriceTable>,
 }
 
 /// Calls the configured provider and records every call.
@@ -139,6 +142,7 @@ pub struct LlmTracker {
     provider: Arc<dyn Provider>,
     store: UsageStore,
     secrets: Vec<String>,
+    prices: Arc<PriceTable>,
 }
 
 impl LlmTracker {
@@ -165,6 +169,7 @@ impl LlmTracker {
             provider,
             store: UsageStore::open(db, options.store).await,
             secrets: options.secrets,
+            prices: options.prices,
         }
     }
 
@@ -272,6 +277,19 @@ impl LlmTracker {
             metadata: self.metadata(request, attempts),
             created_at: now_micros(),
             started_at: Some(started_at),
+            cost: self
+                .prices
+                .cost_micros(
+                    &model,
+                    Tokens {
+                        prompt: usage.prompt_tokens.into(),
+                        completion: usage.completion_tokens.into(),
+                        cached: usage.cached_tokens.into(),
+                        reasoning: usage.reasoning_tokens.into(),
+                    },
+                )
+                .map(usage::Cost),
+            cost_currency: "USD".into(),
         };
         (row, result)
     }
@@ -319,6 +337,7 @@ pub fn options_from_settings(settings: &Settings) -> TrackerOptions {
     TrackerOptions {
         store: StoreOptions::new(settings.usage_spool_path.clone()),
         secrets,
+        prices: settings.prices.clone(),
     }
 }
 

@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sea_orm::sea_query::OnConflict;
-use sea_orm::{DatabaseConnection, DbErr, EntityTrait, SqlErr};
+use sea_orm::{DatabaseConnection, DbErr, SqlErr};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -355,19 +354,10 @@ async fn wait_for_stop(inner: &Inner) {
     }
 }
 
-fn on_conflict_do_nothing() -> OnConflict {
-    OnConflict::column(usage::Column::Id)
-        .do_nothing()
-        .to_owned()
-}
-
 /// Inserts one row, idempotently. A row naming a user that does not exist is stored without
 /// it (the id kept in `metadata.unknown_user_id`) rather than refused: the call happened.
 pub(crate) async fn insert_one(db: &DatabaseConnection, row: usage::Model) -> Result<(), DbErr> {
-    let attempt = usage::Entity::insert(usage::ActiveModel::from(row.clone()))
-        .on_conflict(on_conflict_do_nothing())
-        .exec_without_returning(db)
-        .await;
+    let attempt = usage::insert_rows(db, std::slice::from_ref(&row)).await;
     match attempt {
         Ok(_) => Ok(()),
         Err(e)
@@ -379,11 +369,7 @@ pub(crate) async fn insert_one(db: &DatabaseConnection, row: usage::Model) -> Re
                 map.insert("unknown_user_id".into(), row.user_id.into());
             }
             row.user_id = None;
-            usage::Entity::insert(usage::ActiveModel::from(row))
-                .on_conflict(on_conflict_do_nothing())
-                .exec_without_returning(db)
-                .await
-                .map(|_| ())
+            usage::insert_rows(db, &[row]).await
         }
         Err(e) => Err(e),
     }
@@ -399,9 +385,7 @@ async fn insert_rows(
 ) -> Result<(), DbErr> {
     let timed_out = || DbErr::Custom("storing spooled rows timed out".into());
     for chunk in rows.chunks(200) {
-        let batch = usage::Entity::insert_many(chunk.iter().cloned().map(usage::ActiveModel::from))
-            .on_conflict(on_conflict_do_nothing())
-            .exec_without_returning(db);
+        let batch = usage::insert_rows(db, chunk);
         match tokio::time::timeout(timeout, batch).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.sql_err().is_some() => {

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{UsageFilter, isoformat};
 use crate::db::entities::{auth_user, usage};
+use crate::pricing::Usd;
 
 /// Rows per page: default 20, at most 100, at least 1.
 pub const DEFAULT_PAGE_SIZE: u64 = 20;
@@ -35,6 +36,11 @@ pub struct UsageRow {
     pub created_at: String,
     #[schema(value_type = Object)]
     pub metadata: Value,
+    /// USD, exact to the micro-dollar; null when the model has no price.
+    #[schema(value_type = Option<f64>, example = 0.00128)]
+    pub cost: Option<Usd>,
+    #[schema(example = "USD")]
+    pub cost_currency: String,
 }
 
 /// One page of the listing and the true total.
@@ -115,6 +121,8 @@ struct RowWithUser {
     error: Option<String>,
     created_at: chrono::DateTime<chrono::Utc>,
     metadata: Value,
+    cost: Option<usage::Cost>,
+    cost_currency: String,
 }
 
 impl From<RowWithUser> for UsageRow {
@@ -133,6 +141,8 @@ impl From<RowWithUser> for UsageRow {
             error: r.error,
             created_at: isoformat(&r.created_at),
             metadata: r.metadata,
+            cost: r.cost.map(|c| Usd(c.0)),
+            cost_currency: r.cost_currency,
         }
     }
 }

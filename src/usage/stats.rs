@@ -13,9 +13,10 @@ use utoipa::ToSchema;
 
 use super::UsageFilter;
 use crate::db::entities::usage;
+use crate::pricing::{CURRENCY, Usd};
 
 /// Sums over the matching rows; zeros when nothing matches.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, FromQueryResult, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Summary {
     pub total_prompt_tokens: i64,
     pub total_completion_tokens: i64,
@@ -25,10 +26,35 @@ pub struct Summary {
     pub total_calls: i64,
     pub successful_calls: i64,
     pub failed_calls: i64,
+    /// USD over the priced calls (0 when none is priced), exact to the micro-dollar.
+    #[schema(value_type = f64, example = 0.00128)]
+    pub total_cost: Usd,
+    #[schema(value_type = String, example = "USD")]
+    pub total_cost_currency: &'static str,
+    /// Calls whose model had no price (their `cost` is null; not in `total_cost`).
+    pub unpriced_calls: i64,
+}
+
+impl Default for Summary {
+    fn default() -> Self {
+        Self {
+            total_prompt_tokens: 0,
+            total_completion_tokens: 0,
+            total_tokens: 0,
+            total_cached_tokens: 0,
+            total_reasoning_tokens: 0,
+            total_calls: 0,
+            successful_calls: 0,
+            failed_calls: 0,
+            total_cost: Usd(0),
+            total_cost_currency: CURRENCY,
+            unpriced_calls: 0,
+        }
+    }
 }
 
 /// One model's totals.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromQueryResult, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct ModelStats {
     pub model: String,
     pub total_calls: i64,
@@ -37,10 +63,14 @@ pub struct ModelStats {
     pub total_tokens: i64,
     pub total_cached_tokens: i64,
     pub total_reasoning_tokens: i64,
+    #[schema(value_type = f64, example = 0.00128)]
+    pub total_cost: Usd,
+    #[schema(value_type = String, example = "USD")]
+    pub total_cost_currency: &'static str,
 }
 
 /// One bucket of the time series.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromQueryResult, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct SeriesItem {
     /// `day`: `2025-01-31T10:00:00+00:00` (hour); `month`: `2025-01-31`; `year`:
     /// `2025-01-01T00:00:00+00:00` (month).
@@ -51,6 +81,8 @@ pub struct SeriesItem {
     pub total_tokens: i64,
     pub total_cached_tokens: i64,
     pub total_reasoning_tokens: i64,
+    #[schema(value_type = f64, example = 0.00128)]
+    pub total_cost: Usd,
 }
 
 /// Series granularity: `day` → hourly buckets, `month` → daily, `year` → monthly.
@@ -130,13 +162,32 @@ const SUMS: [(&str, &str); 5] = [
     ),
 ];
 
-fn with_sums<S: QuerySelect>(mut q: S) -> S {
+/// The sum of `cost` in micro-dollars: PostgreSQL sums `numeric` USD exactly, SQLite sums
+/// integer micro-dollars exactly; NULLs (unpriced) are skipped.
+fn cost_sum_sql(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => "CAST(COALESCE(SUM(cost), 0) * 1000000 AS BIGINT)",
+        _ => "CAST(COALESCE(SUM(cost), 0) AS BIGINT)",
+    }
+}
+
+fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
     q = q.column_as(Expr::cust("COUNT(*)"), "total_calls");
     for (sql, alias) in SUMS {
         // PostgreSQL's SUM(integer) is bigint; the cast keeps SQLite and PostgreSQL alike.
         q = q.column_as(Expr::cust(format!("CAST({sql} AS BIGINT)")), alias);
     }
-    q
+    q.column_as(Expr::cust(cost_sum_sql(backend)), "cost_micros")
+        .column_as(
+            Expr::cust(
+                "CAST(COALESCE(SUM(CASE WHEN cost IS NULL THEN 1 ELSE 0 END), 0) AS BIGINT)",
+            ),
+            "unpriced_calls",
+        )
+        .column_as(
+            Expr::cust("CAST(COALESCE(SUM(CASE WHEN success THEN 1 ELSE 0 END), 0) AS BIGINT)"),
+            "successful_calls",
+        )
 }
 
 /// Sums over every matching row, in one pass.
@@ -144,17 +195,31 @@ pub async fn summary_stats(
     db: &DatabaseConnection,
     filter: &UsageFilter,
 ) -> Result<Summary, DbErr> {
-    let q = with_sums(usage::Entity::find().select_only())
-        .column_as(
-            Expr::cust("CAST(COALESCE(SUM(CASE WHEN success THEN 1 ELSE 0 END), 0) AS BIGINT)"),
-            "successful_calls",
-        )
-        .column_as(
-            Expr::cust("CAST(COALESCE(SUM(CASE WHEN success THEN 0 ELSE 1 END), 0) AS BIGINT)"),
-            "failed_calls",
-        )
+    let backend = db.get_database_backend();
+    let q = with_sums(usage::Entity::find().select_only(), backend)
+        .column_as(Expr::cust("CAST(NULL AS TEXT)"), "model")
+        .column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket")
         .filter(filter.condition());
-    Ok(q.into_model::<Summary>().one(db).await?.unwrap_or_default())
+    let mut summary = Summary::default();
+    if let Some(row) = q.into_model::<Group>().one(db).await? {
+        summary.add(&row);
+    }
+    Ok(summary)
+}
+
+impl Summary {
+    fn add(&mut self, g: &Group) {
+        self.total_calls += g.total_calls;
+        self.successful_calls += g.successful_calls;
+        self.failed_calls += g.total_calls - g.successful_calls;
+        self.total_prompt_tokens += g.total_prompt_tokens;
+        self.total_completion_tokens += g.total_completion_tokens;
+        self.total_tokens += g.total_tokens;
+        self.total_cached_tokens += g.total_cached_tokens;
+        self.total_reasoning_tokens += g.total_reasoning_tokens;
+        self.total_cost.0 += g.cost_micros;
+        self.unpriced_calls += g.unpriced_calls;
+    }
 }
 
 /// Everything token-stats shows, from one pass over the matching rows.
@@ -169,10 +234,12 @@ pub struct TokenStatsData {
 /// One `(model, bucket)` group of the single aggregate query behind [`token_stats`].
 #[derive(Debug, FromQueryResult)]
 struct Group {
-    model: String,
+    model: Option<String>,
     bucket: Option<String>,
     total_calls: i64,
     successful_calls: i64,
+    cost_micros: i64,
+    unpriced_calls: i64,
     total_prompt_tokens: i64,
     total_completion_tokens: i64,
     total_tokens: i64,
@@ -189,6 +256,7 @@ struct Totals {
     total: i64,
     cached: i64,
     reasoning: i64,
+    cost: i64,
 }
 
 impl Totals {
@@ -199,6 +267,7 @@ impl Totals {
         self.total += g.total_tokens;
         self.cached += g.total_cached_tokens;
         self.reasoning += g.total_reasoning_tokens;
+        self.cost += g.cost_micros;
     }
 }
 
@@ -240,10 +309,7 @@ pub(crate) fn token_stats_query(
         usage::Entity::find()
             .select_only()
             .column(usage::Column::Model),
-    )
-    .column_as(
-        Expr::cust("CAST(COALESCE(SUM(CASE WHEN success THEN 1 ELSE 0 END), 0) AS BIGINT)"),
-        "successful_calls",
+        backend,
     )
     .filter(filter.condition())
     .group_by(Expr::cust(model_group(backend)));
@@ -282,19 +348,15 @@ pub async fn token_stats(
     let mut models: BTreeMap<&str, Totals> = BTreeMap::new();
     let mut buckets: BTreeMap<&str, Totals> = BTreeMap::new();
     for g in &groups {
-        summary.total_calls += g.total_calls;
-        summary.successful_calls += g.successful_calls;
-        summary.total_prompt_tokens += g.total_prompt_tokens;
-        summary.total_completion_tokens += g.total_completion_tokens;
-        summary.total_tokens += g.total_tokens;
-        summary.total_cached_tokens += g.total_cached_tokens;
-        summary.total_reasoning_tokens += g.total_reasoning_tokens;
-        models.entry(&g.model).or_default().add(g);
+        summary.add(g);
+        models
+            .entry(g.model.as_deref().unwrap_or_default())
+            .or_default()
+            .add(g);
         if let Some(b) = &g.bucket {
             buckets.entry(b).or_default().add(g);
         }
     }
-    summary.failed_calls = summary.total_calls - summary.successful_calls;
 
     let mut by_model: Vec<ModelStats> = models
         .into_iter()
@@ -306,6 +368,8 @@ pub async fn token_stats(
             total_tokens: t.total,
             total_cached_tokens: t.cached,
             total_reasoning_tokens: t.reasoning,
+            total_cost: Usd(t.cost),
+            total_cost_currency: CURRENCY,
         })
         .collect();
     // Total tokens descending, then model ascending (the map already gave model order).
@@ -327,6 +391,7 @@ pub async fn token_stats(
                         total_tokens: t.total,
                         total_cached_tokens: t.cached,
                         total_reasoning_tokens: t.reasoning,
+                        total_cost: Usd(t.cost),
                     })
                 })
                 .collect::<Result<Vec<_>, DbErr>>()?,

@@ -200,12 +200,12 @@ db_test!(
             auth.clone()
         );
         assert_eq!(status, 200, "{body}");
-        let item = json!({"total_calls": 1, "total_prompt_tokens": 10, "total_completion_tokens": 5, "total_tokens": 15, "total_cached_tokens": 0, "total_reasoning_tokens": 0});
+        // A row written as Django writes it has no cost: unpriced, 0 USD in the sums.
+        let item = json!({"total_calls": 1, "total_prompt_tokens": 10, "total_completion_tokens": 5, "total_tokens": 15, "total_cached_tokens": 0, "total_reasoning_tokens": 0, "total_cost": 0.0});
         let mut by_model = item.clone();
-        by_model
-            .as_object_mut()
-            .unwrap()
-            .insert("model".into(), json!("gpt-4o"));
+        let m = by_model.as_object_mut().unwrap();
+        m.insert("model".into(), json!("gpt-4o"));
+        m.insert("total_cost_currency".into(), json!("USD"));
         let mut bucket = item.clone();
         bucket
             .as_object_mut()
@@ -215,7 +215,8 @@ db_test!(
             body,
             json!({
                 "summary": {"total_prompt_tokens": 10, "total_completion_tokens": 5, "total_tokens": 15, "total_cached_tokens": 0,
-                            "total_reasoning_tokens": 0, "total_calls": 1, "successful_calls": 1, "failed_calls": 0},
+                            "total_reasoning_tokens": 0, "total_calls": 1, "successful_calls": 1, "failed_calls": 0,
+                            "total_cost": 0.0, "total_cost_currency": "USD", "unpriced_calls": 1},
                 "by_model": [by_model],
                 "series": {"granularity": "month", "items": [bucket]}
             })
@@ -238,7 +239,7 @@ db_test!(
             json!({"results": [{"id": "6f1c2a0e-8d4b-4c36-9a57-0e0f8b7b1c11", "user_id": 2, "username": "alice",
             "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cached_tokens": 0,
             "reasoning_tokens": 0, "success": true, "error": null, "created_at": "2025-01-31T10:00:00.123456+00:00",
-            "metadata": {"node_name": "interpret"}}], "total": 1, "page": 1, "page_size": 20})
+            "metadata": {"node_name": "interpret"}, "cost": null, "cost_currency": "USD"}], "total": 1, "page": 1, "page_size": 20})
         );
         // An unencoded `+` arrives as a space and is read as `+`.
         let (status, body, _) = get!(

@@ -331,7 +331,12 @@ db_test!(
     async fn demo_data_is_realistic_and_only_fills_an_empty_table(backend: Backend) {
         use llm_tracker::db::entities::usage;
         let t = TestDb::migrated(backend).await;
-        assert_eq!(llm_tracker::demo::seed(&t.db, 3000, 7).await.unwrap(), 3000);
+        assert_eq!(
+            llm_tracker::demo::seed(&t.db, &llm_tracker::pricing::PriceTable::builtin(), 3000, 7)
+                .await
+                .unwrap(),
+            3000
+        );
         let rows = usage::Entity::find().all(&t.db).await.unwrap();
         assert_eq!(rows.len(), 3000);
         let failed = rows.iter().filter(|r| !r.success).count();
@@ -363,7 +368,9 @@ db_test!(
         let with_user = rows.iter().filter(|r| r.user_id.is_some()).count();
         assert!(with_user > 2400 && with_user < 3000);
         assert_eq!(
-            llm_tracker::demo::seed(&t.db, 3000, 8).await.unwrap(),
+            llm_tracker::demo::seed(&t.db, &llm_tracker::pricing::PriceTable::builtin(), 3000, 8)
+                .await
+                .unwrap(),
             0,
             "never over existing rows"
         );

@@ -113,6 +113,17 @@ impl TestDb {
         row.try_get_by_index::<i64>(0).expect("i64 column")
     }
 
+    /// The one text value `sql` returns.
+    pub async fn scalar_string(&self, sql: &str) -> String {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(self.db_backend(), sql.to_owned()))
+            .await
+            .expect("query")
+            .expect("one row");
+        row.try_get_by_index::<String>(0).expect("text column")
+    }
+
     /// Table names in the database (excluding SQLite's internal ones).
     pub async fn tables(&self) -> Vec<String> {
         let sql = match self.backend {

@@ -105,11 +105,23 @@ db_test!(
             metadata: json!({"node_name": "interpret", "nested": {"ü": [1, 2.5, null]}}),
             created_at: Utc::now().trunc_subsecs(6),
             started_at: Some(Utc::now().trunc_subsecs(6) - chrono::Duration::milliseconds(1500)),
+            cost: Some(usage::Cost(1_234_567)),
+            cost_currency: "USD".into(),
         };
-        usage::ActiveModel::from(row.clone())
-            .insert(&t.db)
+        usage::insert_rows(&t.db, std::slice::from_ref(&row))
             .await
             .expect("insert");
+        // The cost column holds the successor's numeric(12,6) USD on PostgreSQL and exact
+        // integer micro-dollars on SQLite (issue 5).
+        let stored = match backend {
+            Backend::Postgres => "SELECT cost::text FROM llm_tracker_usage",
+            Backend::Sqlite => "SELECT typeof(cost) || ':' || cost FROM llm_tracker_usage",
+        };
+        let stored = t.scalar_string(stored).await;
+        match backend {
+            Backend::Postgres => assert_eq!(stored, "1.234567"),
+            Backend::Sqlite => assert_eq!(stored, "integer:1234567"),
+        }
         let back = usage::Entity::find_by_id(row.id)
             .one(&t.db)
             .await
@@ -149,6 +161,8 @@ db_test!(
             metadata: Set(json!({})),
             created_at: Set(Utc::now()),
             started_at: Set(None),
+            cost: Set(None),
+            cost_currency: Set("USD".into()),
         };
         assert!(
             orphan.insert(&t.db).await.is_err(),

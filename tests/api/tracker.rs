@@ -655,6 +655,7 @@ db_test!(
                 let options = TrackerOptions {
                     store: fast_store(spool),
                     secrets: vec![],
+                    prices: std::sync::Arc::new(llm_tracker::pricing::PriceTable::builtin()),
                 };
                 LlmTracker::new(llm_service(&settings).unwrap(), db, options).await
             }
@@ -709,6 +710,7 @@ db_test!(
                 let options = TrackerOptions {
                     store,
                     secrets: vec![],
+                    prices: std::sync::Arc::new(llm_tracker::pricing::PriceTable::builtin()),
                 };
                 Arc::new(LlmTracker::new(llm_service(&settings).unwrap(), db, options).await)
             }

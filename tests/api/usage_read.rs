@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use llm_tracker::db::entities::usage;
+use llm_tracker::pricing::{PriceTable, Tokens};
 use llm_tracker::usage::UsageFilter;
 use llm_tracker::usage::list::list_usage;
 use llm_tracker::usage::stats::{
@@ -13,7 +14,7 @@ use llm_tracker::usage::stats::{
 use llm_tracker::users::{NewUser, create_user};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sea_orm::{DatabaseConnection, EntityTrait};
+use sea_orm::DatabaseConnection;
 use serde_json::json;
 
 use crate::db_test;
@@ -22,6 +23,8 @@ use crate::helpers::TestDb;
 fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
+
+static PRICES: std::sync::LazyLock<PriceTable> = std::sync::LazyLock::new(PriceTable::builtin);
 
 #[allow(clippy::too_many_arguments)]
 fn row(
@@ -47,15 +50,25 @@ fn row(
         metadata: json!({"node_name": format!("n{n}")}),
         created_at: created,
         started_at: None,
+        // As the tracker prices its rows: the built-in table, NULL for unknown models.
+        cost: PRICES
+            .cost_micros(
+                model,
+                Tokens {
+                    prompt: p.into(),
+                    completion: c.into(),
+                    cached: cached.into(),
+                    reasoning: reasoning.into(),
+                },
+            )
+            .map(usage::Cost),
+        cost_currency: "USD".into(),
     }
 }
 
 async fn insert(db: &DatabaseConnection, rows: &[usage::Model]) {
     for chunk in rows.chunks(200) {
-        usage::Entity::insert_many(chunk.iter().cloned().map(usage::ActiveModel::from))
-            .exec_without_returning(db)
-            .await
-            .unwrap();
+        usage::insert_rows(db, chunk).await.unwrap();
     }
 }
 
@@ -117,7 +130,10 @@ db_test!(
             json!({
             "total_prompt_tokens": 131, "total_completion_tokens": 66, "total_tokens": 197,
             "total_cached_tokens": 5, "total_reasoning_tokens": 30,
-            "total_calls": 4, "successful_calls": 3, "failed_calls": 1})
+            "total_calls": 4, "successful_calls": 3, "failed_calls": 1,
+            // gpt-4o: 10·2.50 + 5·10 = 75 µ$; 15·2.50 + 5·1.25 + 10·10 = 143.75 → 144 µ$.
+            // o4-mini: 100·1.10 + 20·4.40 + 30·4.40 = 330 µ$. a%_model: no price.
+            "total_cost": 0.000549, "total_cost_currency": "USD", "unpriced_calls": 1})
         );
 
         let by_model = stats_by_model(&t.db, &all).await.unwrap();
@@ -130,7 +146,8 @@ db_test!(
             serde_json::to_value(&by_model[1]).unwrap(),
             json!({
             "model": "gpt-4o", "total_calls": 2, "total_prompt_tokens": 30, "total_completion_tokens": 15,
-            "total_tokens": 45, "total_cached_tokens": 5, "total_reasoning_tokens": 0})
+            "total_tokens": 45, "total_cached_tokens": 5, "total_reasoning_tokens": 0,
+            "total_cost": 0.000219, "total_cost_currency": "USD"})
         );
 
         let db = &t.db;
@@ -172,7 +189,13 @@ db_test!(
             "id": "00000000-0000-0000-0000-000000000001", "user_id": alice.id, "username": "alice",
             "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
             "cached_tokens": 0, "reasoning_tokens": 0, "success": true, "error": null,
-            "created_at": "2025-01-31T10:00:00.123456+00:00", "metadata": {"node_name": "n1"}})
+            "created_at": "2025-01-31T10:00:00.123456+00:00", "metadata": {"node_name": "n1"},
+            "cost": 0.000075, "cost_currency": "USD"})
+        );
+        assert_eq!(
+            serde_json::to_value(&page.results[0]).unwrap()["cost"],
+            json!(null),
+            "unpriced model"
         );
         assert_eq!(
             page.results[2].created_at, "2025-01-31T10:59:59+00:00",
@@ -320,6 +343,14 @@ db_test!(
                 matching.iter().filter(|r| r.success).count() as i64
             );
             assert_eq!(s.failed_calls + s.successful_calls, s.total_calls);
+            // Cost: the exact micro-dollar sum of the priced rows; the others counted apart.
+            let cost: i64 = matching.iter().filter_map(|r| r.cost).map(|c| c.0).sum();
+            let unpriced = matching.iter().filter(|r| r.cost.is_none()).count() as i64;
+            assert_eq!(
+                (s.total_cost.0, s.unpriced_calls),
+                (cost, unpriced),
+                "case {case} cost"
+            );
 
             let mut per_model: BTreeMap<&str, Vec<&usage::Model>> = BTreeMap::new();
             for r in &matching {

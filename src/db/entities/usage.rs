@@ -22,6 +22,95 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     /// When the request started; null on rows written by the Django app.
     pub started_at: Option<DateTimeUtc>,
+    /// USD, exact to the micro-dollar; null when the model has no price (or the row predates
+    /// pricing, or the Django app wrote it).
+    #[sea_orm(column_type = "Decimal(Some((12, 6)))", nullable)]
+    pub cost: Option<Cost>,
+    /// Always `USD` for rows we write (the successor's column, default `'USD'`).
+    pub cost_currency: String,
+}
+
+/// A cost in whole micro-dollars (`Cost(1280)` is 0.001280 USD).
+///
+/// PostgreSQL stores it as `numeric(12,6)` USD, SQLite as an integer count of micro-dollars
+/// (exact sums). Reading handles both; writing through [`insert_statement`] (the one write
+/// path) binds the backend's form. A plain `ActiveModel` insert binds the
+/// PostgreSQL form, which SQLite would store inexactly: rows are never written that way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cost(pub i64);
+
+impl Cost {
+    /// Exact USD with six decimals.
+    pub fn usd(self) -> rust_decimal::Decimal {
+        rust_decimal::Decimal::new(self.0, 6)
+    }
+
+    /// Whole micro-dollars from USD, half to even past the sixth decimal.
+    pub fn from_usd(usd: rust_decimal::Decimal) -> Option<Self> {
+        let micros = (usd * rust_decimal::Decimal::from(1_000_000))
+            .round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointNearestEven);
+        i64::try_from(micros).ok().map(Self)
+    }
+
+    /// The value to bind for `backend`.
+    pub fn to_value(cost: Option<Self>, backend: sea_orm::DbBackend) -> sea_orm::Value {
+        match backend {
+            sea_orm::DbBackend::Postgres => sea_orm::Value::Decimal(cost.map(|c| c.usd())),
+            _ => sea_orm::Value::BigInt(cost.map(|c| c.0)),
+        }
+    }
+}
+
+impl From<Cost> for sea_orm::Value {
+    fn from(c: Cost) -> Self {
+        sea_orm::Value::Decimal(Some(c.usd()))
+    }
+}
+
+impl sea_orm::TryGetable for Cost {
+    fn try_get_by<I: sea_orm::ColIdx>(
+        res: &sea_orm::QueryResult,
+        index: I,
+    ) -> Result<Self, sea_orm::TryGetError> {
+        if res.try_as_sqlite_row().is_some() {
+            return i64::try_get_by(res, index).map(Cost);
+        }
+        let usd = rust_decimal::Decimal::try_get_by(res, index)?;
+        Cost::from_usd(usd).ok_or_else(|| {
+            sea_orm::TryGetError::DbErr(DbErr::Type(format!("cost {usd} out of range")))
+        })
+    }
+}
+
+impl sea_orm::sea_query::ValueType for Cost {
+    fn try_from(v: sea_orm::Value) -> Result<Self, sea_orm::sea_query::ValueTypeErr> {
+        match v {
+            sea_orm::Value::Decimal(Some(d)) => {
+                Cost::from_usd(d).ok_or(sea_orm::sea_query::ValueTypeErr)
+            }
+            sea_orm::Value::BigInt(Some(i)) => Ok(Cost(i)),
+            _ => Err(sea_orm::sea_query::ValueTypeErr),
+        }
+    }
+
+    fn type_name() -> String {
+        "Cost".into()
+    }
+
+    fn array_type() -> sea_orm::sea_query::ArrayType {
+        sea_orm::sea_query::ArrayType::Decimal
+    }
+
+    fn column_type() -> sea_orm::sea_query::ColumnType {
+        sea_orm::sea_query::ColumnType::Decimal(Some((12, 6)))
+    }
+}
+
+impl sea_orm::sea_query::Nullable for Cost {
+    fn null() -> sea_orm::Value {
+        sea_orm::Value::Decimal(None)
+    }
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -42,3 +131,41 @@ impl Related<super::auth_user::Entity> for Entity {
 }
 
 impl ActiveModelBehavior for ActiveModel {}
+
+/// `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with `cost` bound in the backend's form
+/// (see [`Cost`]). Every usage row this product writes goes through here.
+pub fn insert_statement(
+    backend: sea_orm::DbBackend,
+    rows: &[Model],
+) -> sea_orm::sea_query::InsertStatement {
+    use sea_orm::sea_query::{OnConflict, Query};
+    use sea_orm::{ActiveModelTrait, Iterable};
+    let mut q = Query::insert();
+    q.into_table(Entity)
+        .columns(Column::iter())
+        .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned());
+    for row in rows {
+        let active = ActiveModel::from(row.clone());
+        let values = Column::iter().map(|c| match c {
+            Column::Cost => Cost::to_value(row.cost, backend).into(),
+            c => active
+                .get(c)
+                .into_value()
+                .unwrap_or(sea_orm::Value::Bool(None))
+                .into(),
+        });
+        q.values_panic(values);
+    }
+    q
+}
+
+/// Runs [`insert_statement`]; nothing to do for no rows.
+pub async fn insert_rows<C: ConnectionTrait>(db: &C, rows: &[Model]) -> Result<(), DbErr> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let backend = db.get_database_backend();
+    db.execute(&insert_statement(backend, rows))
+        .await
+        .map(|_| ())
+}
