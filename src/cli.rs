@@ -62,6 +62,19 @@ pub enum Command {
     },
     /// Print the OpenAPI document (to refresh openapi/openapi.json).
     Openapi,
+    /// Recompute the cost of stored rows from the current price table (in batches; safe to
+    /// interrupt and rerun). Prints how many rows changed.
+    Reprice {
+        /// Only rows that have no cost yet.
+        #[arg(long)]
+        missing_only: bool,
+        /// Only rows created at or after this date or date-time (as the API's start_date).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only rows created at or before this date or date-time (a date means its end).
+        #[arg(long)]
+        until: Option<String>,
+    },
     /// Print an HS256 access token for a user (the token alone on stdout).
     Token {
         /// The user the token is for.
@@ -145,6 +158,41 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
             );
         }
         Command::Openapi => print!("{}", crate::http::openapi::openapi_json()),
+        Command::Reprice {
+            missing_only,
+            since,
+            until,
+        } => {
+            // Dates are checked before the database is touched.
+            let filter = crate::usage::UsageFilter::from_params(
+                since.as_deref(),
+                until.as_deref(),
+                None,
+                None,
+                None,
+            )
+            .map_err(|e| {
+                let flag = if e.param == "start_date" {
+                    "--since"
+                } else {
+                    "--until"
+                };
+                CliError::Usage(format!("{flag}: {}", e.message))
+            })?;
+            let db = open_migrated(&settings).await?;
+            let scope = crate::usage::reprice::RepriceScope {
+                filter,
+                missing_only,
+            };
+            let report = crate::usage::reprice::reprice(&db, &settings.prices, &scope, 1000, |r| {
+                tracing::info!(scanned = r.scanned, changed = r.changed, "repricing");
+            })
+            .await?;
+            println!(
+                "repriced: {} rows scanned, {} changed, {} without a price",
+                report.scanned, report.changed, report.unpriced
+            );
+        }
         Command::Call {
             prompt,
             system,

@@ -16,10 +16,10 @@ use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary};
         title = "llm-tracker",
         description = "Admin API over the record of LLM calls: token statistics and the usage listing. JSON-compatible with the Django llm_tracker app. Every path also works without the trailing slash."
     ),
-    paths(admin::token_stats, admin::llm_usage, health::healthz, health::readyz),
+    paths(admin::token_stats, admin::llm_usage, admin::prices, health::healthz, health::readyz),
     components(schemas(
         admin::TokenStats, admin::Series, Summary, ModelStats, SeriesItem, Granularity,
-        UsagePage, UsageRow, ErrorBody
+        UsagePage, UsageRow, admin::PriceList, admin::PriceEntry, ErrorBody
     )),
     modifiers(&BearerAuth),
     tags((name = "admin", description = "Staff or superuser, Bearer JWT"), (name = "health", description = "Probes"))

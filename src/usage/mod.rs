@@ -4,6 +4,7 @@
 pub mod filters;
 pub mod list;
 pub mod plans;
+pub mod reprice;
 pub mod stats;
 
 pub use filters::{FilterError, UsageFilter};

@@ -325,3 +325,54 @@ db_test!(
         );
     }
 );
+
+db_test!(
+    async fn the_prices_endpoint_lists_the_active_table_to_admins_only(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        fixture_users(&t).await;
+        let app = test::init_service(App::new().configure(configure(state(&t)))).await;
+        let (status, _, _) = get!(app, "/api/v1/admin/prices/", None::<String>);
+        assert_eq!(status, 401);
+        let (status, _, _) = get!(
+            app,
+            "/api/v1/admin/prices",
+            Some(format!(
+                "Bearer {}",
+                jwt_fixture()["tokens"]["non_staff_access"]["token"]
+                    .as_str()
+                    .unwrap()
+            ))
+        );
+        assert_eq!(status, 403);
+        let (status, body, _) = get!(
+            app,
+            "/api/v1/admin/prices",
+            Some(format!("Bearer {}", staff_token()))
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (&body["currency"], &body["per"]),
+            (&json!("USD"), &json!("1M tokens"))
+        );
+        let models = body["models"].as_array().unwrap();
+        let gpt4o = models.iter().find(|m| m["model"] == "gpt-4o").unwrap();
+        assert_eq!(
+            (
+                &gpt4o["input"],
+                &gpt4o["cached_input"],
+                &gpt4o["output"],
+                &gpt4o["reasoning"]
+            ),
+            (&json!("2.5"), &json!("1.25"), &json!("10"), &json!("10"))
+        );
+        assert_eq!(gpt4o["origin"], "builtin");
+        assert!(gpt4o["source"].as_str().unwrap().starts_with("https://"));
+        let names: Vec<&str> = models
+            .iter()
+            .map(|m| m["model"].as_str().unwrap())
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "by model name");
+    }
+);

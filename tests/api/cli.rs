@@ -431,3 +431,106 @@ db_test!(
         );
     }
 );
+
+fn priced_row(n: u128, model: &str, cost: Option<i64>) -> llm_tracker::db::entities::usage::Model {
+    use chrono::TimeZone;
+    llm_tracker::db::entities::usage::Model {
+        id: uuid::Uuid::from_u128(n),
+        user_id: None,
+        model: model.into(),
+        prompt_tokens: 2048,
+        completion_tokens: 420,
+        total_tokens: 2468,
+        cached_tokens: 1536,
+        reasoning_tokens: 384,
+        success: true,
+        error: None,
+        metadata: serde_json::json!({}),
+        created_at: chrono::Utc
+            .with_ymd_and_hms(2025, 3, 1 + n as u32, 12, 0, 0)
+            .unwrap(),
+        started_at: None,
+        cost: cost.map(llm_tracker::db::entities::usage::Cost),
+        cost_currency: "USD".into(),
+    }
+}
+
+db_test!(
+    async fn reprice_fills_and_fixes_costs_and_a_rerun_changes_nothing(backend: Backend) {
+        use llm_tracker::db::entities::usage;
+        let t = TestDb::migrated(backend).await;
+        // o4-mini-2025-04-16 with these tokens costs 2834 µ$ (see the tracker tests).
+        let rows = [
+            priced_row(1, "o4-mini-2025-04-16", None), // written by Django: no cost
+            priced_row(2, "o4-mini-2025-04-16", Some(1)), // priced with an old table
+            priced_row(3, "o4-mini-2025-04-16", Some(2834)),
+            priced_row(4, "acme-unknown", None),
+        ];
+        usage::insert_rows(&t.db, &rows).await.unwrap();
+        let costs = || async {
+            let mut all = usage::Entity::find().all(&t.db).await.unwrap();
+            all.sort_by_key(|r| r.id);
+            all.into_iter()
+                .map(|r| r.cost.map(|c| c.0))
+                .collect::<Vec<_>>()
+        };
+
+        let out = cmd(&t, &["reprice", "--missing-only"], &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(
+            stdout(&out).trim(),
+            "repriced: 2 rows scanned, 1 changed, 1 without a price"
+        );
+        assert_eq!(costs().await, [Some(2834), Some(1), Some(2834), None]);
+
+        let out = cmd(&t, &["reprice", "--since", "2025-03-04"], &[]);
+        assert_eq!(
+            stdout(&out).trim(),
+            "repriced: 2 rows scanned, 0 changed, 1 without a price",
+            "rows 3 and 4 (4 and 5 March)"
+        );
+        let out = cmd(&t, &["reprice", "--until", "2025-03-03"], &[]);
+        assert_eq!(
+            stdout(&out).trim(),
+            "repriced: 2 rows scanned, 1 changed, 0 without a price"
+        );
+        assert_eq!(costs().await, [Some(2834), Some(2834), Some(2834), None]);
+        let out = cmd(&t, &["reprice"], &[]);
+        assert_eq!(
+            stdout(&out).trim(),
+            "repriced: 4 rows scanned, 0 changed, 1 without a price",
+            "a rerun finds nothing to change"
+        );
+
+        assert_one_line_failure(
+            &cmd(&t, &["reprice", "--since", "yesterday"], &[]),
+            "--since",
+        );
+    }
+);
+
+db_test!(
+    async fn a_bad_prices_file_stops_start_up_naming_file_line_and_reason(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("prices.toml");
+        std::fs::write(
+            &file,
+            "[models.\"a\"]\ninput = 1\noutput = 2\n\n[models.\"b\"]\ninput = \"cheap\"\noutput = 2\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        for args in [&["migrate"][..], &["serve"][..], &["reprice"][..]] {
+            let out = cmd(&t, args, &[("LLM_PRICES_PATH", path), ("JWT_SECRET", KEY)]);
+            assert_one_line_failure(&out, &format!("LLM_PRICES_PATH is invalid: {path}:5:"));
+            assert!(stderr(&out).contains("`input`"), "{}", stderr(&out));
+        }
+        let missing = dir.path().join("nope.toml");
+        let out = cmd(
+            &t,
+            &["migrate"],
+            &[("LLM_PRICES_PATH", missing.to_str().unwrap())],
+        );
+        assert_one_line_failure(&out, "nope.toml");
+    }
+);

@@ -188,6 +188,11 @@ db_test!(
         assert!(row.success && row.error.is_none());
         assert_eq!(row.model, "o4-mini-2025-04-16");
         assert_eq!(tokens(&row), (2048, 420, 2468, 1536, 384));
+        // Issue 5, o4-mini (snapshot → base name) at 1.10 / 0.275 / 4.40 per 1M tokens:
+        // 512 uncached · 1.10 + 1536 cached · 0.275 + 36 visible · 4.40 + 384 reasoning · 4.40
+        // = 563.2 + 422.4 + 158.4 + 1689.6 = 2833.6 µ$ → 2834 µ$.
+        assert_eq!(row.cost, Some(usage::Cost(2834)));
+        assert_eq!(row.cost_currency, "USD");
         assert_eq!(row.user_id, Some(user.id));
         assert_eq!(
             row.metadata,
@@ -228,6 +233,8 @@ db_test!(
         let row = only_row(&t.db).await;
         assert_eq!(row.model, "gpt-4o-2024-11-20");
         assert_eq!(tokens(&row), (1320, 14, 1334, 1024, 0));
+        // gpt-4o at 2.50 / 1.25 / 10: 296 · 2.50 + 1024 · 1.25 + 14 · 10 = 2160 µ$.
+        assert_eq!(row.cost, Some(usage::Cost(2160)));
         assert_eq!(row.metadata["provider"], "azure_openai");
         assert_eq!(row.metadata["node_name"], "unknown");
     }
@@ -272,6 +279,10 @@ db_test!(
         assert!(row.success);
         assert_eq!(row.model, "gemini-2.5-flash");
         assert_eq!(tokens(&row), (2048, 420, 2468, 1536, 384));
+        // gemini-2.5-flash at 0.30 / 0.03 / 2.50 (thinking at the output price):
+        // 512 · 0.30 + 1536 · 0.03 + 36 · 2.50 + 384 · 2.50 = 153.6 + 46.08 + 90 + 960
+        // = 1249.68 µ$ → 1250 µ$.
+        assert_eq!(row.cost, Some(usage::Cost(1250)));
         assert_eq!(row.metadata["provider"], "gemini");
     }
 );
@@ -294,7 +305,55 @@ db_test!(
             assert!(!row.success, "{fixture_name}");
             assert_eq!(row.error.as_deref(), Some("LLM returned empty response"));
             assert_eq!(tokens(&row), expected, "{fixture_name}");
+            // Billed tokens are priced even when the reply was empty:
+            // blocked 9 · 0.30 = 2.7 → 3 µ$; safety 31 · 0.30 + 112 · 2.50 = 289.3 → 289 µ$.
+            let want = if expected.0 == 9 { 3 } else { 289 };
+            assert_eq!(row.cost, Some(usage::Cost(want)), "{fixture_name}");
         }
+    }
+);
+
+db_test!(
+    async fn unknown_models_are_unpriced_until_a_prices_file_names_them(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let mut body = json_fixture("openai_success.json");
+        body["model"] = json!("acme-large-2025-01-01");
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(body))
+            .mount(&server)
+            .await;
+        let (tracker, _spool) = new_tracker(&t.db, &openai(&server)).await;
+        tracker.call_and_track(hello()).await.expect("success");
+        tracker.shutdown().await;
+        let row = only_row(&t.db).await;
+        assert_eq!(
+            (row.model.as_str(), row.cost),
+            ("acme-large-2025-01-01", None)
+        );
+
+        // A user prices file extends the table; the dated name falls back to it.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("prices.toml");
+        std::fs::write(
+            &file,
+            "[models.\"acme-large\"]\ninput = \"1\"\ncached_input = \"0.5\"\noutput = 2\nreasoning = 3\n",
+        )
+        .unwrap();
+        let mut with_file = openai(&server);
+        with_file.prices = std::sync::Arc::new(
+            llm_tracker::pricing::PriceTable::load(Some(&file)).expect("prices file"),
+        );
+        let (tracker, _spool) = new_tracker(&t.db, &with_file).await;
+        tracker.call_and_track(hello()).await.expect("success");
+        tracker.shutdown().await;
+        let priced = rows(&t.db)
+            .await
+            .into_iter()
+            .find_map(|r| r.cost)
+            .expect("a priced row");
+        // 512 · 1 + 1536 · 0.5 + 36 · 2 + 384 · 3 = 512 + 768 + 72 + 1152 = 2504 µ$.
+        assert_eq!(priced, usage::Cost(2504));
     }
 );
 

@@ -440,3 +440,60 @@ db_test!(
         }
     }
 );
+
+db_test!(
+    async fn costs_of_100k_rows_sum_to_the_exact_micro_dollar(backend: Backend) {
+        // Issue 5: sums never drift. Random micro-dollar costs (up to $5 a call, every digit
+        // significant), a tenth unpriced; PostgreSQL sums numeric(12,6), SQLite integers.
+        let t = TestDb::migrated(backend).await;
+        let mut rng = StdRng::seed_from_u64(5);
+        let base = Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap();
+        let models = ["gpt-4o", "o3", "gemini-2.5-pro"];
+        let rows: Vec<usage::Model> = (0..100_000u128)
+            .map(|n| {
+                let mut r = row(
+                    n + 1,
+                    None,
+                    models[(n % 3) as usize],
+                    (1, 1, 0, 0),
+                    true,
+                    base + Duration::seconds(n as i64),
+                );
+                r.cost =
+                    (!rng.random_bool(0.1)).then(|| usage::Cost(rng.random_range(0..5_000_000)));
+                r
+            })
+            .collect();
+        for chunk in rows.chunks(1000) {
+            usage::insert_rows(&t.db, chunk).await.unwrap();
+        }
+        let exact: i64 = rows.iter().filter_map(|r| r.cost).map(|c| c.0).sum();
+        let unpriced = rows.iter().filter(|r| r.cost.is_none()).count() as i64;
+
+        let all = UsageFilter::default();
+        let s = summary_stats(&t.db, &all).await.unwrap();
+        assert_eq!((s.total_cost.0, s.unpriced_calls), (exact, unpriced));
+        let one = token_stats(&t.db, &all, Some(Granularity::Year))
+            .await
+            .unwrap();
+        assert_eq!(one.summary.total_cost.0, exact);
+        for m in &one.by_model {
+            let want: i64 = rows
+                .iter()
+                .filter(|r| r.model == m.model)
+                .filter_map(|r| r.cost)
+                .map(|c| c.0)
+                .sum();
+            assert_eq!(m.total_cost.0, want, "{}", m.model);
+        }
+        let series: i64 = one.series.unwrap().iter().map(|i| i.total_cost.0).sum();
+        assert_eq!(series, exact);
+        // The JSON number is the exact six-decimal amount.
+        let text = serde_json::to_value(&s).unwrap()["total_cost"].to_string();
+        assert_eq!(
+            text.parse::<rust_decimal::Decimal>().unwrap(),
+            rust_decimal::Decimal::new(exact, 6),
+            "{text}"
+        );
+    }
+);

@@ -84,7 +84,85 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(["/api/v1/admin/llm-usage/", "/api/v1/admin/llm-usage"])
             .route(web::get().to(llm_usage)),
+    )
+    .service(
+        web::resource(["/api/v1/admin/prices/", "/api/v1/admin/prices"])
+            .route(web::get().to(prices)),
     );
+}
+
+/// The active price table.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PriceList {
+    /// Always `USD`.
+    #[schema(example = "USD")]
+    pub currency: &'static str,
+    /// What the prices are per.
+    #[schema(example = "1M tokens")]
+    pub per: &'static str,
+    /// By model name.
+    pub models: Vec<PriceEntry>,
+}
+
+/// One model's prices, USD per 1M tokens, as exact decimal strings.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PriceEntry {
+    #[schema(example = "gpt-4o")]
+    pub model: String,
+    #[schema(value_type = String, example = "2.5")]
+    pub input: rust_decimal::Decimal,
+    #[schema(value_type = String, example = "1.25")]
+    pub cached_input: rust_decimal::Decimal,
+    #[schema(value_type = String, example = "10")]
+    pub output: rust_decimal::Decimal,
+    /// The output price unless the table names one.
+    #[schema(value_type = String, example = "10")]
+    pub reasoning: rust_decimal::Decimal,
+    /// Where the price was read.
+    pub source: Option<String>,
+    /// When it was read.
+    pub date: Option<String>,
+    /// `builtin`, or the `LLM_PRICES_PATH` file that set it.
+    #[schema(example = "builtin")]
+    pub origin: String,
+}
+
+/// The price table costs are computed from: built in, plus `LLM_PRICES_PATH`. A dated
+/// snapshot name (`gpt-4o-2024-11-20`) without its own entry uses its base name's.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/prices/",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every priced model", body = PriceList),
+        (status = 401, description = "No, or no valid, credentials", body = ErrorBody),
+        (status = 403, description = "Not a staff user or superuser", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub async fn prices(_admin: AdminUser, state: web::Data<AppState>) -> HttpResponse {
+    let models = state
+        .settings
+        .prices
+        .models()
+        .iter()
+        .map(|(model, p)| PriceEntry {
+            model: model.clone(),
+            input: p.input,
+            cached_input: p.cached_input,
+            output: p.output,
+            reasoning: p.reasoning,
+            source: p.source.clone(),
+            date: p.date.clone(),
+            origin: p.origin.clone(),
+        })
+        .collect();
+    HttpResponse::Ok().json(PriceList {
+        currency: crate::pricing::CURRENCY,
+        per: "1M tokens",
+        models,
+    })
 }
 
 /// Token statistics: summary, per-model breakdown and (with `granularity`) a time series.
