@@ -1,7 +1,10 @@
 //! The one filter every read uses, and the parsing of its query parameters (SPEC §5): every
 //! value trimmed, empty means not given, dates strict (a typo is a 400, never "all time").
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use chrono::{
+    DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc,
+};
+use chrono_tz::Tz;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr};
 use sea_orm::{ColumnTrait, Condition};
 
@@ -29,7 +32,8 @@ pub struct FilterError {
 }
 
 impl UsageFilter {
-    /// Builds the filter from raw query values (`None` = parameter absent).
+    /// Builds the filter from raw query values (`None` = parameter absent), reading naive and
+    /// date-only dates as UTC.
     pub fn from_params(
         start_date: Option<&str>,
         end_date: Option<&str>,
@@ -37,12 +41,25 @@ impl UsageFilter {
         model: Option<&str>,
         success: Option<&str>,
     ) -> Result<Self, FilterError> {
+        Self::from_params_in(Tz::UTC, start_date, end_date, user_id, model, success)
+    }
+
+    /// As [`Self::from_params`], reading naive and date-only dates as local times in `tz`
+    /// (a date-only `end_date` is the end of that local day, 23 or 25 hours long across DST).
+    pub fn from_params_in(
+        tz: Tz,
+        start_date: Option<&str>,
+        end_date: Option<&str>,
+        user_id: Option<&str>,
+        model: Option<&str>,
+        success: Option<&str>,
+    ) -> Result<Self, FilterError> {
         Ok(Self {
-            start: parse_date(start_date, Bound::Start).map_err(|message| FilterError {
+            start: parse_date(start_date, Bound::Start, tz).map_err(|message| FilterError {
                 param: "start_date",
                 message,
             })?,
-            end: parse_date(end_date, Bound::End).map_err(|message| FilterError {
+            end: parse_date(end_date, Bound::End, tz).map_err(|message| FilterError {
                 param: "end_date",
                 message,
             })?,
@@ -123,9 +140,9 @@ enum Bound {
     End,
 }
 
-/// RFC 3339 (`…+08:00`, `…Z`), a naive date-time (UTC), or a date (start of day; for `end`,
-/// its last microsecond). A `+` that arrived as a space is read as `+`.
-fn parse_date(raw: Option<&str>, bound: Bound) -> Result<Option<DateTime<Utc>>, String> {
+/// RFC 3339 (`…+08:00`, `…Z`), a naive date-time (local in `tz`), or a date (start of the
+/// local day; for `end`, its last microsecond). A `+` that arrived as a space is read as `+`.
+fn parse_date(raw: Option<&str>, bound: Bound, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
     let Some(raw) = given(raw) else {
         return Ok(None);
     };
@@ -141,7 +158,7 @@ fn parse_date(raw: Option<&str>, bound: Bound) -> Result<Option<DateTime<Utc>>, 
         "%Y-%m-%d %H:%M",
     ] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, format) {
-            return Ok(Some(Utc.from_utc_datetime(&t)));
+            return Ok(Some(local_instant(tz, t)));
         }
     }
     // An offset without RFC 3339's seconds or with a space separator: `2024-01-01 08:00+08:00`.
@@ -155,17 +172,42 @@ fn parse_date(raw: Option<&str>, bound: Bound) -> Result<Option<DateTime<Utc>>, 
         }
     }
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        let time = match bound {
-            Bound::Start => NaiveTime::MIN,
-            Bound::End => {
-                NaiveTime::from_hms_micro_opt(23, 59, 59, 999_999).unwrap_or(NaiveTime::MIN)
-            }
-        };
-        return Ok(Some(Utc.from_utc_datetime(&d.and_time(time))));
+        return Ok(Some(match bound {
+            Bound::Start => day_start(tz, d),
+            Bound::End => match d.succ_opt() {
+                Some(next) => day_start(tz, next) - chrono::Duration::microseconds(1),
+                None => day_start(tz, d),
+            },
+        }));
     }
     Err(format!(
         "{raw:?} is not a valid date or date-time (use e.g. 2024-01-01, 2024-01-01T08:00:00 or 2024-01-01T08:00:00+08:00)"
     ))
+}
+
+/// The instant a local wall-clock time in `tz` names: the earlier one when the time occurs
+/// twice (autumn), the first instant after the gap when it does not occur (spring).
+pub fn local_instant(tz: Tz, t: NaiveDateTime) -> DateTime<Utc> {
+    // DST gaps last at most a few hours: step through one a minute at a time.
+    let mut probe = t;
+    for _ in 0..(6 * 60) {
+        match tz.from_local_datetime(&probe) {
+            LocalResult::Single(x) => return x.with_timezone(&Utc),
+            LocalResult::Ambiguous(a, b) => return a.min(b).with_timezone(&Utc),
+            LocalResult::None => {
+                probe = (probe + chrono::Duration::minutes(1))
+                    .with_second(0)
+                    .and_then(|p| p.with_nanosecond(0))
+                    .unwrap_or(probe + chrono::Duration::minutes(1));
+            }
+        }
+    }
+    Utc.from_utc_datetime(&t)
+}
+
+/// The first instant of local date `d` in `tz`.
+pub fn day_start(tz: Tz, d: NaiveDate) -> DateTime<Utc> {
+    local_instant(tz, d.and_time(NaiveTime::MIN))
 }
 
 /// `2024-01-01T08:00:00 08:00` (a `+` decoded as a space) → `2024-01-01T08:00:00+08:00`. Only
@@ -191,7 +233,7 @@ mod tests {
     use super::*;
 
     fn start(raw: &str) -> String {
-        parse_date(Some(raw), Bound::Start)
+        parse_date(Some(raw), Bound::Start, Tz::UTC)
             .unwrap()
             .unwrap()
             .to_rfc3339()
@@ -215,9 +257,9 @@ mod tests {
             start("2024-01-01T05:30:00-04:00"),
             "2024-01-01T09:30:00+00:00"
         );
-        let end = parse_date(Some("2024-01-01"), Bound::End).unwrap().unwrap();
+        let end = parse_date(Some("2024-01-01"), Bound::End, Tz::UTC).unwrap().unwrap();
         assert_eq!(end.to_rfc3339(), "2024-01-01T23:59:59.999999+00:00");
-        assert_eq!(parse_date(Some("  "), Bound::Start), Ok(None));
+        assert_eq!(parse_date(Some("  "), Bound::Start, Tz::UTC), Ok(None));
     }
 
     #[test]
@@ -231,7 +273,7 @@ mod tests {
             "1704067200",
         ] {
             assert!(
-                parse_date(Some(bad), Bound::Start).is_err(),
+                parse_date(Some(bad), Bound::Start, Tz::UTC).is_err(),
                 "{bad:?} accepted"
             );
         }

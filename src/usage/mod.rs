@@ -1,6 +1,7 @@
 //! The read side of `llm_tracker_usage`: one filter, the statistics and the listing, shared by
 //! the admin API and the admin pages. Free of any web framework; aggregates run in SQL.
 
+pub mod buckets;
 pub mod filters;
 pub mod list;
 pub mod plans;

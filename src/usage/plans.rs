@@ -14,7 +14,7 @@ pub fn token_stats_statements(
     filter: &UsageFilter,
     granularity: Option<Granularity>,
 ) -> Vec<Statement> {
-    vec![token_stats_query(backend, filter, granularity).build(backend)]
+    vec![token_stats_query(backend, filter, granularity, chrono_tz::Tz::UTC).build(backend)]
 }
 
 /// The statements one llm-usage request runs: the count, then the page (when it is not past

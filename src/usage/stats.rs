@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use chrono::NaiveDateTime;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono_tz::Tz;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, FromQueryResult,
@@ -12,6 +13,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::UsageFilter;
+use super::buckets::{bucket_of, buckets_between};
 use crate::db::entities::usage;
 use crate::pricing::{CURRENCY, Usd};
 
@@ -138,12 +140,32 @@ impl Granularity {
         }
     }
 
-    /// The JSON label of a bucket starting at `start` (UTC): SPEC §5's three formats.
-    fn label(self, start: NaiveDateTime) -> String {
-        match self {
-            Self::Day => start.format("%Y-%m-%dT%H:00:00+00:00").to_string(),
-            Self::Month => start.format("%Y-%m-%d").to_string(),
-            Self::Year => start.format("%Y-%m-01T00:00:00+00:00").to_string(),
+}
+
+/// The 15-minute UTC slot of each row (`epoch seconds / 900`), as text: every real time-zone
+/// offset is a whole number of slots, so local buckets are unions of slots.
+fn slot_sql(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => {
+            "CAST(CAST(floor(extract(epoch FROM created_at) / 900) AS BIGINT) AS TEXT)"
+        }
+        _ => "CAST(CAST(strftime('%s', created_at) AS INTEGER) / 900 AS TEXT)",
+    }
+}
+
+/// How the series is bucketed: the time zone of its local buckets, and whether a range given
+/// by both dates is zero-filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesOptions {
+    pub tz: Tz,
+    pub fill: bool,
+}
+
+impl Default for SeriesOptions {
+    fn default() -> Self {
+        Self {
+            tz: Tz::UTC,
+            fill: false,
         }
     }
 }
@@ -304,6 +326,7 @@ pub(crate) fn token_stats_query(
     backend: DbBackend,
     filter: &UsageFilter,
     granularity: Option<Granularity>,
+    tz: Tz,
 ) -> Select<usage::Entity> {
     let q = with_sums(
         usage::Entity::find()
@@ -314,12 +337,30 @@ pub(crate) fn token_stats_query(
     .filter(filter.condition())
     .group_by(Expr::cust(model_group(backend)));
     match granularity {
-        Some(g) => {
+        // In UTC the buckets themselves are grouped in SQL (fewest groups); in any other zone,
+        // 15-minute UTC slots, mapped to local buckets in Rust.
+        Some(g) if tz == Tz::UTC => {
             let (group, text) = g.bucket_start_sql(backend);
             q.column_as(Expr::cust(text), "bucket")
                 .group_by(Expr::cust(group))
         }
+        Some(_) => q
+            .column_as(Expr::cust(slot_sql(backend)), "bucket")
+            .group_by(Expr::cust(slot_sql(backend))),
         None => q.column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket"),
+    }
+}
+
+/// The instant a group's bucket text stands for: a UTC bucket start, or a 15-minute slot.
+fn group_instant(text: &str, tz: Tz) -> Result<DateTime<Utc>, DbErr> {
+    let bad = |e: String| DbErr::Custom(format!("bucket {text:?}: {e}"));
+    if tz == Tz::UTC {
+        NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+            .map(|t| t.and_utc())
+            .map_err(|e| bad(e.to_string()))
+    } else {
+        let slot: i64 = text.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?;
+        DateTime::from_timestamp(slot * 900, 0).ok_or_else(|| bad("out of range".into()))
     }
 }
 
@@ -331,8 +372,21 @@ pub async fn token_stats(
     filter: &UsageFilter,
     granularity: Option<Granularity>,
 ) -> Result<TokenStatsData, DbErr> {
+    token_stats_in(db, filter, granularity, SeriesOptions::default()).await
+}
+
+/// [`token_stats`] with local buckets in `options.tz` and, with `options.fill` and both ends
+/// of the range in `filter`, every bucket of the range (empty ones with zeros). The caller
+/// checks the range against [`super::buckets::MAX_BUCKETS`] first.
+pub async fn token_stats_in(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    granularity: Option<Granularity>,
+    options: SeriesOptions,
+) -> Result<TokenStatsData, DbErr> {
     let backend = db.get_database_backend();
-    let q = token_stats_query(backend, filter, granularity);
+    let tz = options.tz;
+    let q = token_stats_query(backend, filter, granularity, tz);
     let groups = match aggregate_settings(backend) {
         Some(settings) => {
             let txn = db.begin().await?;
@@ -346,15 +400,30 @@ pub async fn token_stats(
 
     let mut summary = Summary::default();
     let mut models: BTreeMap<&str, Totals> = BTreeMap::new();
-    let mut buckets: BTreeMap<&str, Totals> = BTreeMap::new();
+    // Local buckets by start instant (labels with offsets do not sort by time across DST).
+    let mut buckets: BTreeMap<DateTime<Utc>, (String, Totals)> = BTreeMap::new();
     for g in &groups {
         summary.add(g);
         models
             .entry(g.model.as_deref().unwrap_or_default())
             .or_default()
             .add(g);
-        if let Some(b) = &g.bucket {
-            buckets.entry(b).or_default().add(g);
+        if let (Some(text), Some(gran)) = (&g.bucket, granularity) {
+            let b = bucket_of(gran, tz, group_instant(text, tz)?);
+            buckets
+                .entry(b.start)
+                .or_insert_with(|| (b.label, Totals::default()))
+                .1
+                .add(g);
+        }
+    }
+    if let (Some(gran), true, Some(start), Some(end)) =
+        (granularity, options.fill, filter.start, filter.end)
+    {
+        for b in buckets_between(gran, tz, start, end).unwrap_or_default() {
+            buckets
+                .entry(b.start)
+                .or_insert_with(|| (b.label, Totals::default()));
         }
     }
 
@@ -375,28 +444,21 @@ pub async fn token_stats(
     // Total tokens descending, then model ascending (the map already gave model order).
     by_model.sort_by_key(|m| std::cmp::Reverse(m.total_tokens));
 
-    let series = match granularity {
-        None => None,
-        Some(g) => Some(
-            buckets
-                .into_iter()
-                .map(|(start, t)| {
-                    let start = NaiveDateTime::parse_from_str(start, "%Y-%m-%d %H:%M:%S")
-                        .map_err(|e| DbErr::Custom(format!("bucket {start:?}: {e}")))?;
-                    Ok(SeriesItem {
-                        bucket: g.label(start),
-                        total_calls: t.calls,
-                        total_prompt_tokens: t.prompt,
-                        total_completion_tokens: t.completion,
-                        total_tokens: t.total,
-                        total_cached_tokens: t.cached,
-                        total_reasoning_tokens: t.reasoning,
-                        total_cost: Usd(t.cost),
-                    })
-                })
-                .collect::<Result<Vec<_>, DbErr>>()?,
-        ),
-    };
+    let series = granularity.map(|_| {
+        buckets
+            .into_values()
+            .map(|(label, t)| SeriesItem {
+                bucket: label,
+                total_calls: t.calls,
+                total_prompt_tokens: t.prompt,
+                total_completion_tokens: t.completion,
+                total_tokens: t.total,
+                total_cached_tokens: t.cached,
+                total_reasoning_tokens: t.reasoning,
+                total_cost: Usd(t.cost),
+            })
+            .collect()
+    });
     Ok(TokenStatsData {
         summary,
         by_model,

@@ -1,0 +1,267 @@
+//! Local time buckets of the series: which bucket an instant falls in, its label, and every
+//! bucket of a range (zero fill). Pure functions over chrono-tz: SQL only groups rows by UTC
+//! time (a UTC hour, day or month, or a 15-minute UTC slot when a time zone is asked for), so
+//! both backends give the same buckets, DST and :30/:45 offsets included.
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Timelike, Utc};
+use chrono_tz::Tz;
+
+use super::filters::day_start;
+use super::stats::Granularity;
+
+/// At most this many buckets in a zero-filled series.
+pub const MAX_BUCKETS: usize = 10_000;
+
+/// One bucket: the instant it starts, and its label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    pub start: DateTime<Utc>,
+    pub label: String,
+}
+
+fn with_offset(tz: Tz, t: DateTime<Utc>) -> String {
+    t.with_timezone(&tz)
+        .format("%Y-%m-%dT%H:%M:%S%:z")
+        .to_string()
+}
+
+fn month_start(d: NaiveDate) -> NaiveDate {
+    d.with_day(1).unwrap_or(d)
+}
+
+/// The bucket of `t`: `day` → the local hour (`2024-03-10T03:00:00-04:00`, the repeated
+/// autumn hour once per offset), `month` → the local date (`2024-03-10`), `year` → the local
+/// month (`2024-03-01T00:00:00-05:00`). In UTC these are SPEC §5's labels.
+pub fn bucket_of(g: Granularity, tz: Tz, t: DateTime<Utc>) -> Bucket {
+    let local = t.with_timezone(&tz);
+    match g {
+        Granularity::Day => {
+            let into_hour = Duration::seconds(i64::from(local.minute() * 60 + local.second()))
+                + Duration::nanoseconds(i64::from(local.nanosecond()));
+            let start = t - into_hour;
+            Bucket {
+                start,
+                label: with_offset(tz, start),
+            }
+        }
+        Granularity::Month => {
+            let d = local.date_naive();
+            Bucket {
+                start: day_start(tz, d),
+                label: d.format("%Y-%m-%d").to_string(),
+            }
+        }
+        Granularity::Year => {
+            let start = day_start(tz, month_start(local.date_naive()));
+            Bucket {
+                start,
+                label: with_offset(tz, start),
+            }
+        }
+    }
+}
+
+/// Every bucket from the one holding `start` to the one holding `end`, in order; `Err` with
+/// the count when that is more than [`MAX_BUCKETS`].
+pub fn buckets_between(
+    g: Granularity,
+    tz: Tz,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<Vec<Bucket>, u64> {
+    if end < start {
+        return Ok(Vec::new());
+    }
+    let (first, last) = (
+        start.with_timezone(&tz).date_naive(),
+        end.with_timezone(&tz).date_naive(),
+    );
+    let estimate: u64 = match g {
+        Granularity::Day => ((end - start).num_hours() + 2).max(0) as u64,
+        Granularity::Month => ((last - first).num_days() + 1).max(0) as u64,
+        Granularity::Year => {
+            let months = |d: NaiveDate| i64::from(d.year()) * 12 + i64::from(d.month0());
+            (months(last) - months(first) + 1).max(0) as u64
+        }
+    };
+    if estimate > MAX_BUCKETS as u64 + 1 {
+        return Err(estimate);
+    }
+    let mut out = Vec::new();
+    match g {
+        Granularity::Day => {
+            let mut b = bucket_of(g, tz, start);
+            while b.start <= end {
+                let next = bucket_of(g, tz, b.start + Duration::hours(1));
+                out.push(b);
+                b = next;
+            }
+        }
+        Granularity::Month => {
+            let mut d = first;
+            while d <= last {
+                out.push(Bucket {
+                    start: day_start(tz, d),
+                    label: d.format("%Y-%m-%d").to_string(),
+                });
+                d = match d.succ_opt() {
+                    Some(n) => n,
+                    None => break,
+                };
+            }
+        }
+        Granularity::Year => {
+            let mut d = month_start(first);
+            while d <= last {
+                let start = day_start(tz, d);
+                out.push(Bucket {
+                    start,
+                    label: with_offset(tz, start),
+                });
+                d = match d.checked_add_months(chrono::Months::new(1)) {
+                    Some(n) => n,
+                    None => break,
+                };
+            }
+        }
+    }
+    if out.len() > MAX_BUCKETS {
+        return Err(out.len() as u64);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn labels(v: &[Bucket]) -> Vec<&str> {
+        v.iter().map(|b| b.label.as_str()).collect()
+    }
+
+    #[test]
+    fn utc_labels_are_spec_5s() {
+        let t = at("2025-01-31T10:20:30.5Z");
+        assert_eq!(
+            bucket_of(Granularity::Day, Tz::UTC, t).label,
+            "2025-01-31T10:00:00+00:00"
+        );
+        assert_eq!(bucket_of(Granularity::Month, Tz::UTC, t).label, "2025-01-31");
+        assert_eq!(
+            bucket_of(Granularity::Year, Tz::UTC, t).label,
+            "2025-01-01T00:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn new_york_spring_forward_and_fall_back_hours() {
+        let ny: Tz = "America/New_York".parse().unwrap();
+        // 2024-03-10: 02:00 EST jumps to 03:00 EDT (07:00Z).
+        let hours = buckets_between(
+            Granularity::Day,
+            ny,
+            at("2024-03-10T05:00:00Z"),
+            at("2024-03-10T08:59:59Z"),
+        )
+        .unwrap();
+        assert_eq!(
+            labels(&hours),
+            [
+                "2024-03-10T00:00:00-05:00",
+                "2024-03-10T01:00:00-05:00",
+                "2024-03-10T03:00:00-04:00",
+                "2024-03-10T04:00:00-04:00"
+            ]
+        );
+        // 2024-11-03: 01:00-02:00 happens twice, first EDT then EST.
+        let hours = buckets_between(
+            Granularity::Day,
+            ny,
+            at("2024-11-03T04:00:00Z"),
+            at("2024-11-03T07:59:59Z"),
+        )
+        .unwrap();
+        assert_eq!(
+            labels(&hours),
+            [
+                "2024-11-03T00:00:00-04:00",
+                "2024-11-03T01:00:00-04:00",
+                "2024-11-03T01:00:00-05:00",
+                "2024-11-03T02:00:00-05:00"
+            ]
+        );
+        assert_eq!(
+            bucket_of(Granularity::Day, ny, at("2024-11-03T06:30:00Z")).label,
+            "2024-11-03T01:00:00-05:00"
+        );
+        // The local days around them are 23 and 25 hours long.
+        let day = |d| bucket_of(Granularity::Month, ny, at(d));
+        let (a, b) = (day("2024-03-10T12:00:00Z"), day("2024-03-11T12:00:00Z"));
+        assert_eq!((b.start - a.start).num_hours(), 23);
+        let (a, b) = (day("2024-11-03T12:00:00Z"), day("2024-11-04T12:00:00Z"));
+        assert_eq!((b.start - a.start).num_hours(), 25);
+        assert_eq!(
+            bucket_of(Granularity::Year, ny, at("2024-03-31T12:00:00Z")).label,
+            "2024-03-01T00:00:00-05:00"
+        );
+        assert_eq!(
+            bucket_of(Granularity::Year, ny, at("2024-04-01T12:00:00Z")).label,
+            "2024-04-01T00:00:00-04:00"
+        );
+    }
+
+    #[test]
+    fn half_and_three_quarter_hour_offsets() {
+        let kolkata: Tz = "Asia/Kolkata".parse().unwrap();
+        let b = bucket_of(Granularity::Day, kolkata, at("2024-05-01T09:29:59Z"));
+        assert_eq!(b.label, "2024-05-01T14:00:00+05:30");
+        assert_eq!(b.start, at("2024-05-01T08:30:00Z"));
+        let b = bucket_of(Granularity::Month, kolkata, at("2024-04-30T18:30:00Z"));
+        assert_eq!(b.label, "2024-05-01");
+        let kathmandu: Tz = "Asia/Kathmandu".parse().unwrap();
+        assert_eq!(
+            bucket_of(Granularity::Day, kathmandu, at("2024-05-01T00:14:00Z")).label,
+            "2024-05-01T05:00:00+05:45"
+        );
+    }
+
+    #[test]
+    fn ranges_cross_month_and_year_ends_and_are_capped() {
+        let tz = Tz::UTC;
+        let days = buckets_between(
+            Granularity::Month,
+            tz,
+            at("2024-12-30T10:00:00Z"),
+            at("2025-01-02T00:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(
+            labels(&days),
+            ["2024-12-30", "2024-12-31", "2025-01-01", "2025-01-02"]
+        );
+        let months = buckets_between(
+            Granularity::Year,
+            tz,
+            at("2024-11-15T00:00:00Z"),
+            at("2025-02-01T00:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(months.len(), 4);
+        assert_eq!(months[3].label, "2025-02-01T00:00:00+00:00");
+        let start = Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).unwrap();
+        assert!(
+            buckets_between(Granularity::Day, tz, start, start + Duration::days(3650)).is_err()
+        );
+        assert_eq!(
+            buckets_between(Granularity::Day, tz, start, start + Duration::hours(9_999))
+                .unwrap()
+                .len(),
+            10_000
+        );
+    }
+}
