@@ -213,6 +213,8 @@ pub struct Settings {
     pub usage_spool_path: std::path::PathBuf,
     /// Whether callers wait for their row's commit (`committed`) or only its hand-over.
     pub usage_write_mode: crate::tracker::WriteMode,
+    /// The zone of token-stats buckets and of naive dates when a request names none.
+    pub default_timezone: chrono_tz::Tz,
     /// The active price table: built-in, plus the file named by `LLM_PRICES_PATH`.
     pub prices: std::sync::Arc<crate::pricing::PriceTable>,
     pub log_filter: String,
@@ -396,6 +398,15 @@ impl Settings {
             },
             log_filter: src.string("RUST_LOG", DEFAULT_LOG_FILTER),
             log_format,
+            default_timezone: match src.get("DEFAULT_TIMEZONE") {
+                None => chrono_tz::Tz::UTC,
+                Some(name) => name.parse().map_err(|_| {
+                    ConfigError::invalid(
+                        "DEFAULT_TIMEZONE",
+                        format!("{name:?} is not an IANA time zone (e.g. UTC, Asia/Shanghai)"),
+                    )
+                })?,
+            },
             prices: std::sync::Arc::new(
                 crate::pricing::PriceTable::load(
                     crate::pricing::prices_path(src.get("LLM_PRICES_PATH")).as_deref(),

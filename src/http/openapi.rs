@@ -7,7 +7,7 @@ use utoipa::{Modify, OpenApi};
 use crate::http::error::ErrorBody;
 use crate::http::routes::{admin, health};
 use crate::usage::list::{UsagePage, UsageRow};
-use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary};
+use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary, UserStats};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -18,7 +18,7 @@ use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary};
     ),
     paths(admin::token_stats, admin::llm_usage, admin::prices, health::healthz, health::readyz),
     components(schemas(
-        admin::TokenStats, admin::Series, Summary, ModelStats, SeriesItem, Granularity,
+        admin::TokenStats, admin::Series, Summary, ModelStats, SeriesItem, UserStats, Granularity,
         UsagePage, UsageRow, admin::PriceList, admin::PriceEntry, ErrorBody
     )),
     modifiers(&BearerAuth),

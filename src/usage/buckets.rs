@@ -151,7 +151,10 @@ mod tests {
             bucket_of(Granularity::Day, Tz::UTC, t).label,
             "2025-01-31T10:00:00+00:00"
         );
-        assert_eq!(bucket_of(Granularity::Month, Tz::UTC, t).label, "2025-01-31");
+        assert_eq!(
+            bucket_of(Granularity::Month, Tz::UTC, t).label,
+            "2025-01-31"
+        );
         assert_eq!(
             bucket_of(Granularity::Year, Tz::UTC, t).label,
             "2025-01-01T00:00:00+00:00"

@@ -1,9 +1,7 @@
 //! The one filter every read uses, and the parsing of its query parameters (SPEC §5): every
 //! value trimmed, empty means not given, dates strict (a typo is a 400, never "all time").
 
-use chrono::{
-    DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc,
-};
+use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr};
 use sea_orm::{ColumnTrait, Condition};
@@ -257,7 +255,9 @@ mod tests {
             start("2024-01-01T05:30:00-04:00"),
             "2024-01-01T09:30:00+00:00"
         );
-        let end = parse_date(Some("2024-01-01"), Bound::End, Tz::UTC).unwrap().unwrap();
+        let end = parse_date(Some("2024-01-01"), Bound::End, Tz::UTC)
+            .unwrap()
+            .unwrap();
         assert_eq!(end.to_rfc3339(), "2024-01-01T23:59:59.999999+00:00");
         assert_eq!(parse_date(Some("  "), Bound::Start, Tz::UTC), Ok(None));
     }

@@ -139,7 +139,6 @@ impl Granularity {
             ),
         }
     }
-
 }
 
 /// The 15-minute UTC slot of each row (`epoch seconds / 900`), as text: every real time-zone
@@ -359,7 +358,9 @@ fn group_instant(text: &str, tz: Tz) -> Result<DateTime<Utc>, DbErr> {
             .map(|t| t.and_utc())
             .map_err(|e| bad(e.to_string()))
     } else {
-        let slot: i64 = text.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()))?;
+        let slot: i64 = text
+            .parse()
+            .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?;
         DateTime::from_timestamp(slot * 900, 0).ok_or_else(|| bad("out of range".into()))
     }
 }
@@ -484,4 +485,75 @@ pub async fn time_series_stats(
         .await?
         .series
         .unwrap_or_default())
+}
+
+/// One user's totals (`user_id` null: calls made for no user).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct UserStats {
+    pub user_id: Option<i32>,
+    /// Null when the row has no user or the user no longer exists.
+    pub username: Option<String>,
+    pub total_calls: i64,
+    pub total_prompt_tokens: i64,
+    pub total_completion_tokens: i64,
+    pub total_tokens: i64,
+    pub total_cached_tokens: i64,
+    pub total_reasoning_tokens: i64,
+    #[schema(value_type = f64, example = 0.00128)]
+    pub total_cost: Usd,
+    #[schema(value_type = String, example = "USD")]
+    pub total_cost_currency: &'static str,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct UserGroup {
+    user_id: Option<i32>,
+    username: Option<String>,
+    total_calls: i64,
+    total_prompt_tokens: i64,
+    total_completion_tokens: i64,
+    total_tokens: i64,
+    total_cached_tokens: i64,
+    total_reasoning_tokens: i64,
+    cost_micros: i64,
+}
+
+/// Per-user totals, by total tokens descending (then user id, no-user last), at most `limit`.
+pub async fn stats_by_user(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    limit: u64,
+) -> Result<Vec<UserStats>, DbErr> {
+    use sea_orm::{JoinType, QueryOrder, RelationTrait};
+    let backend = db.get_database_backend();
+    let tokens = "CAST(COALESCE(SUM(llm_tracker_usage.total_tokens), 0) AS BIGINT)";
+    let rows = with_sums(usage::Entity::find().select_only(), backend)
+        .column(usage::Column::UserId)
+        .column_as(crate::db::entities::auth_user::Column::Username, "username")
+        .join(JoinType::LeftJoin, usage::Relation::User.def())
+        .filter(filter.condition())
+        .group_by(usage::Column::UserId)
+        .group_by(crate::db::entities::auth_user::Column::Username)
+        .order_by_desc(Expr::cust(tokens))
+        .order_by_asc(Expr::cust("llm_tracker_usage.user_id IS NULL"))
+        .order_by_asc(usage::Column::UserId)
+        .limit(limit)
+        .into_model::<UserGroup>()
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| UserStats {
+            user_id: r.user_id,
+            username: r.username,
+            total_calls: r.total_calls,
+            total_prompt_tokens: r.total_prompt_tokens,
+            total_completion_tokens: r.total_completion_tokens,
+            total_tokens: r.total_tokens,
+            total_cached_tokens: r.total_cached_tokens,
+            total_reasoning_tokens: r.total_reasoning_tokens,
+            total_cost: Usd(r.cost_micros),
+            total_cost_currency: CURRENCY,
+        })
+        .collect())
 }

@@ -196,10 +196,23 @@ db_test!(
 
         let (status, body, _) = get!(
             app,
-            "/api/v1/admin/token-stats/?granularity=%20Month%20&start_date=2025-01-01&end_date=2025-01-31",
+            "/api/v1/admin/token-stats/?granularity=%20Month%20&start_date=2025-01-01&end_date=2025-01-31&fill=none",
             auth.clone()
         );
         assert_eq!(status, 200, "{body}");
+        // Issue 6: by default a range with both ends is zero-filled, every other key unchanged.
+        let (_, filled, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?granularity=month&start_date=2025-01-01&end_date=2025-01-31",
+            auth.clone()
+        );
+        let items = filled["series"]["items"].as_array().unwrap();
+        assert_eq!(items.len(), 31);
+        assert_eq!(items[0]["bucket"], "2025-01-01");
+        assert_eq!(items[0]["total_calls"], 0);
+        assert_eq!(items[30]["bucket"], "2025-01-31");
+        assert_eq!(items[30]["total_tokens"], 15);
+        assert_eq!(filled["summary"], body["summary"]);
         // A row written as Django writes it has no cost: unpriced, 0 USD in the sums.
         let item = json!({"total_calls": 1, "total_prompt_tokens": 10, "total_completion_tokens": 5, "total_tokens": 15, "total_cached_tokens": 0, "total_reasoning_tokens": 0, "total_cost": 0.0});
         let mut by_model = item.clone();
@@ -374,5 +387,344 @@ db_test!(
         let mut sorted = names.clone();
         sorted.sort();
         assert_eq!(names, sorted, "by model name");
+    }
+);
+
+/// Usage rows at the given instants (RFC 3339), 1 prompt + 1 completion token each, for
+/// user `user` (None: no user); inserted through the product's write path.
+async fn rows_at(t: &TestDb, user: Option<i32>, instants: &[&str]) {
+    use llm_tracker::db::entities::usage;
+    let rows: Vec<usage::Model> = instants
+        .iter()
+        .map(|s| usage::Model {
+            id: uuid::Uuid::new_v4(),
+            user_id: user,
+            model: "gpt-4o".into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            total_tokens: 2,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            success: true,
+            error: None,
+            metadata: json!({}),
+            created_at: chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc),
+            started_at: None,
+            cost: Some(usage::Cost(30)),
+            cost_currency: "USD".into(),
+        })
+        .collect();
+    usage::insert_rows(&t.db, &rows).await.unwrap();
+}
+
+/// `(bucket, total_calls)` of a token-stats series.
+fn series(body: &Value) -> Vec<(String, i64)> {
+    body["series"]["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no series: {body}"))
+        .iter()
+        .map(|i| {
+            (
+                i["bucket"].as_str().unwrap().to_owned(),
+                i["total_calls"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(v: &[(&str, i64)]) -> Vec<(String, i64)> {
+    v.iter().map(|(b, n)| (b.to_string(), *n)).collect()
+}
+
+db_test!(
+    async fn local_buckets_follow_dst_and_half_hour_offsets(backend: Backend) {
+        // Issue 6: hand-computed buckets; the same on SQLite and PostgreSQL.
+        let t = TestDb::migrated(backend).await;
+        fixture_users(&t).await;
+        rows_at(
+            &t,
+            None,
+            &[
+                // New York, spring forward 2024-03-10 (02:00 EST → 03:00 EDT at 07:00Z).
+                "2024-03-10T06:30:00Z", // 01:30 EST
+                "2024-03-10T07:10:00Z", // 03:10 EDT
+                "2024-03-10T07:50:00Z", // 03:50 EDT
+                // Fall back 2024-11-03: 01:00–02:00 twice (EDT at 05:xxZ, EST at 06:xxZ).
+                "2024-11-03T05:15:00Z",
+                "2024-11-03T06:15:00Z",
+                "2024-11-03T06:45:00Z",
+                // Late on 2024-11-03 local (25-hour day) and just after midnight.
+                "2024-11-04T04:59:59Z", // 23:59:59 EST, still 3 November
+                "2024-11-04T05:00:00Z", // 00:00 EST, 4 November
+            ],
+        )
+        .await;
+        let app = test::init_service(App::new().configure(configure(state(&t)))).await;
+        let auth = Some(format!("Bearer {}", staff_token()));
+        let get_series = |uri: String| {
+            let app = &app;
+            let auth = auth.clone();
+            async move {
+                let (status, body, _) = get!(app, &uri, auth);
+                assert_eq!(status, 200, "{uri}: {body}");
+                body
+            }
+        };
+
+        let body = get_series(
+            "/api/v1/admin/token-stats/?granularity=day&tz=America/New_York&start_date=2024-03-10T01:00:00&end_date=2024-03-10T03:59:59".into(),
+        )
+        .await;
+        assert_eq!(
+            series(&body),
+            pairs(&[
+                ("2024-03-10T01:00:00-05:00", 1),
+                ("2024-03-10T03:00:00-04:00", 2)
+            ]),
+            "02:00 does not exist; naive dates are New York times"
+        );
+        let body = get_series(
+            "/api/v1/admin/token-stats/?granularity=day&tz=America/New_York&start_date=2024-11-03T05:00:00Z&end_date=2024-11-03T06:59:59Z&fill=none".into(),
+        )
+        .await;
+        assert_eq!(
+            series(&body),
+            pairs(&[
+                ("2024-11-03T01:00:00-04:00", 1),
+                ("2024-11-03T01:00:00-05:00", 2)
+            ]),
+            "the repeated hour appears once per instant"
+        );
+        let body = get_series(
+            "/api/v1/admin/token-stats/?granularity=month&tz=America/New_York&start_date=2024-11-03&end_date=2024-11-04".into(),
+        )
+        .await;
+        assert_eq!(
+            series(&body),
+            pairs(&[("2024-11-03", 4), ("2024-11-04", 1)]),
+            "date-only dates are local days; 3 November has 25 hours"
+        );
+        assert_eq!(body["summary"]["total_calls"], 5);
+        let body = get_series(
+            "/api/v1/admin/token-stats/?granularity=year&tz=America/New_York&start_date=2024-02-01&end_date=2024-04-30".into(),
+        )
+        .await;
+        assert_eq!(
+            series(&body),
+            pairs(&[
+                ("2024-02-01T00:00:00-05:00", 0),
+                ("2024-03-01T00:00:00-05:00", 3),
+                ("2024-04-01T00:00:00-04:00", 0)
+            ])
+        );
+
+        // Kolkata is +05:30: its local hours start at :30 UTC.
+        let body = get_series(
+            "/api/v1/admin/token-stats/?granularity=day&tz=Asia/Kolkata&start_date=2024-03-10T12:00:00&end_date=2024-03-10T13:59:59".into(),
+        )
+        .await;
+        assert_eq!(
+            series(&body),
+            pairs(&[
+                ("2024-03-10T12:00:00+05:30", 2), // 06:30Z and 07:10Z
+                ("2024-03-10T13:00:00+05:30", 1)  // 07:50Z
+            ])
+        );
+        // The same rows in UTC keep SPEC §5's labels.
+        let body = get_series(
+            "/api/v1/admin/token-stats/?granularity=day&start_date=2024-03-10T06:00:00&end_date=2024-03-10T07:59:59".into(),
+        )
+        .await;
+        assert_eq!(
+            series(&body),
+            pairs(&[
+                ("2024-03-10T06:00:00+00:00", 1),
+                ("2024-03-10T07:00:00+00:00", 2)
+            ])
+        );
+        // llm-usage reads its naive dates in the zone too.
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/llm-usage/?tz=America/New_York&start_date=2024-11-03&end_date=2024-11-03",
+            auth.clone()
+        );
+        assert_eq!(body["total"], 4, "{body}");
+    }
+);
+
+db_test!(
+    async fn zero_fill_by_user_and_their_limits(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        fixture_users(&t).await;
+        rows_at(
+            &t,
+            Some(2),
+            &["2024-12-31T23:30:00Z", "2025-01-02T10:00:00Z"],
+        )
+        .await;
+        rows_at(&t, Some(1), &["2025-01-01T10:00:00Z"]).await;
+        rows_at(
+            &t,
+            None,
+            &[
+                "2025-01-01T11:00:00Z",
+                "2025-01-01T12:00:00Z",
+                "2025-01-01T13:00:00Z",
+            ],
+        )
+        .await;
+        let app = test::init_service(App::new().configure(configure(state(&t)))).await;
+        let auth = Some(format!("Bearer {}", staff_token()));
+
+        // Zero-filled day buckets across a year end; hours over a day.
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?granularity=month&start_date=2024-12-30&end_date=2025-01-03",
+            auth.clone()
+        );
+        assert_eq!(
+            series(&body),
+            pairs(&[
+                ("2024-12-30", 0),
+                ("2024-12-31", 1),
+                ("2025-01-01", 4),
+                ("2025-01-02", 1),
+                ("2025-01-03", 0)
+            ])
+        );
+        assert_eq!(body["series"]["items"][0]["total_cost"], json!(0.0));
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?granularity=day&start_date=2025-01-01&end_date=2025-01-01",
+            auth.clone()
+        );
+        assert_eq!(series(&body).len(), 24);
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?granularity=year&start_date=2024-11-15&end_date=2025-02-01&fill=none",
+            auth.clone()
+        );
+        assert_eq!(
+            series(&body),
+            pairs(&[
+                ("2024-12-01T00:00:00+00:00", 1),
+                ("2025-01-01T00:00:00+00:00", 5)
+            ])
+        );
+        // Without both dates there is nothing to fill.
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?granularity=month&start_date=2024-12-30",
+            auth.clone()
+        );
+        assert_eq!(series(&body).len(), 3);
+        assert!(body.get("by_user").is_none(), "by_user only when asked");
+
+        // by_user: tokens descending; users without rows absent; the no-user group too.
+        let (status, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?include=by_user",
+            auth.clone()
+        );
+        assert_eq!(status, 200, "{body}");
+        let users: Vec<(Value, Value, i64)> = body["by_user"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| {
+                (
+                    u["user_id"].clone(),
+                    u["username"].clone(),
+                    u["total_tokens"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            users,
+            [
+                (json!(null), json!(null), 6),
+                (json!(2), json!("alice"), 4),
+                (json!(1), json!("admin"), 2)
+            ]
+        );
+        assert_eq!(body["by_user"][1]["total_cost"], json!(0.00006));
+        assert_eq!(body["by_user"][1]["total_cost_currency"], "USD");
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?include=by_user&user_limit=2&user_id=2",
+            auth.clone()
+        );
+        assert_eq!(body["by_user"].as_array().unwrap().len(), 1);
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?include=by_user&user_limit=99999",
+            auth.clone()
+        );
+        assert_eq!(
+            body["by_user"].as_array().unwrap().len(),
+            3,
+            "clamped to 1000"
+        );
+
+        // Refusals name their parameter.
+        for (uri, param) in [
+            ("/api/v1/admin/token-stats/?tz=Mars/Olympus", "tz"),
+            ("/api/v1/admin/llm-usage/?tz=UTC%2B8", "tz"),
+            ("/api/v1/admin/token-stats/?fill=some", "fill"),
+            ("/api/v1/admin/token-stats/?include=by_model", "include"),
+            (
+                "/api/v1/admin/token-stats/?include=by_user&user_limit=0",
+                "user_limit",
+            ),
+            (
+                "/api/v1/admin/token-stats/?include=by_user&user_limit=x",
+                "user_limit",
+            ),
+            (
+                "/api/v1/admin/token-stats/?granularity=day&start_date=2020-01-01&end_date=2025-01-01",
+                "granularity",
+            ),
+        ] {
+            let (status, body, _) = get!(app, uri, auth.clone());
+            assert_eq!(status, 400, "{uri}: {body}");
+            assert!(body["errors"][param].is_array(), "{uri}: {body}");
+        }
+        // The same long range is fine without zero-fill.
+        let (status, _, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?granularity=day&start_date=2020-01-01&end_date=2025-01-01&fill=none",
+            auth.clone()
+        );
+        assert_eq!(status, 200);
+    }
+);
+
+db_test!(
+    async fn default_timezone_applies_when_no_tz_is_given(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        fixture_users(&t).await;
+        rows_at(&t, None, &["2025-01-01T20:00:00Z"]).await;
+        let mut st = state(&t);
+        st.settings.default_timezone = "Asia/Shanghai".parse().unwrap();
+        let app = test::init_service(App::new().configure(configure(st))).await;
+        let auth = Some(format!("Bearer {}", staff_token()));
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?granularity=month&start_date=2025-01-02&end_date=2025-01-02",
+            auth.clone()
+        );
+        assert_eq!(
+            series(&body),
+            pairs(&[("2025-01-02", 1)]),
+            "04:00 in Shanghai"
+        );
+        let (_, body, _) = get!(
+            app,
+            "/api/v1/admin/token-stats/?granularity=month&tz=UTC&start_date=2025-01-02&end_date=2025-01-02",
+            auth.clone()
+        );
+        assert_eq!(series(&body), pairs(&[("2025-01-02", 0)]));
     }
 );

@@ -68,7 +68,8 @@ db_test!(
                 "model",
                 "success",
                 "start_date",
-                "end_date"
+                "end_date",
+                "tz"
             ]
         );
 

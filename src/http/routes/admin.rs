@@ -7,10 +7,30 @@ use utoipa::{IntoParams, ToSchema};
 use crate::http::AppState;
 use crate::http::auth::AdminUser;
 use crate::http::error::{ApiError, ErrorBody};
+use crate::usage::buckets::{MAX_BUCKETS, buckets_between};
 use crate::usage::filters::given;
 use crate::usage::list::UsagePage;
 use crate::usage::list::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, list_usage};
-use crate::usage::stats::{self, Granularity, ModelStats, SeriesItem, Summary};
+use crate::usage::stats::{self, Granularity, ModelStats, SeriesItem, Summary, UserStats};
+
+/// `by_user` rows by default, and at most.
+const DEFAULT_USER_LIMIT: u64 = 50;
+const MAX_USER_LIMIT: u64 = 1000;
+
+/// The `tz` parameter: an IANA zone name, else the configured default; unknown → 400.
+fn parse_tz(raw: Option<&str>, default: chrono_tz::Tz) -> Result<chrono_tz::Tz, ApiError> {
+    match given(raw) {
+        None => Ok(default),
+        Some(name) => name.parse().map_err(|_| {
+            ApiError::invalid_param(
+                "tz",
+                format!(
+                    "unknown time zone {name:?}; use an IANA name such as UTC or Asia/Shanghai"
+                ),
+            )
+        }),
+    }
+}
 use crate::usage::{FilterError, UsageFilter};
 
 /// Query of `GET /api/v1/admin/token-stats/`. Every value is trimmed; empty = not given.
@@ -28,6 +48,18 @@ pub struct TokenStatsQuery {
     /// `day` (hourly buckets), `month` (daily) or `year` (monthly); case-insensitive. Without it `series` is null.
     #[param(example = "month")]
     pub granularity: Option<String>,
+    /// IANA time zone of the buckets and of naive or date-only dates (default `DEFAULT_TIMEZONE`, itself `UTC`).
+    #[param(example = "America/New_York")]
+    pub tz: Option<String>,
+    /// With both dates: `zero` (default) returns every bucket of the range, empty ones as zeros; `none` only buckets with rows. At most 10,000 buckets.
+    #[param(example = "zero")]
+    pub fill: Option<String>,
+    /// `by_user` adds per-user totals.
+    #[param(example = "by_user")]
+    pub include: Option<String>,
+    /// Users in `by_user` (default 50, at most 1000).
+    #[param(example = "50")]
+    pub user_limit: Option<String>,
 }
 
 /// The time series of token-stats.
@@ -44,6 +76,9 @@ pub struct TokenStats {
     pub by_model: Vec<ModelStats>,
     /// Null unless `granularity` was given.
     pub series: Option<Series>,
+    /// Only with `include=by_user`: per-user totals by total tokens descending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by_user: Option<Vec<UserStats>>,
 }
 
 /// Query of `GET /api/v1/admin/llm-usage/`. Every value is trimmed; empty = not given.
@@ -67,6 +102,9 @@ pub struct UsageQuery {
     pub start_date: Option<String>,
     /// `created_at <= end_date` (as token-stats).
     pub end_date: Option<String>,
+    /// IANA time zone of naive and date-only dates (default `DEFAULT_TIMEZONE`, itself `UTC`).
+    #[param(example = "Asia/Shanghai")]
+    pub tz: Option<String>,
 }
 
 impl From<FilterError> for ApiError {
@@ -186,13 +224,53 @@ pub async fn token_stats(
     query: web::Query<TokenStatsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query.into_inner();
-    let filter = UsageFilter::from_params(
+    let tz = parse_tz(q.tz.as_deref(), state.settings.default_timezone)?;
+    let filter = UsageFilter::from_params_in(
+        tz,
         q.start_date.as_deref(),
         q.end_date.as_deref(),
         q.user_id.as_deref(),
         None,
         None,
     )?;
+    let fill = match given(q.fill.as_deref())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("zero") => true,
+        Some("none") => false,
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "fill",
+                "must be zero (every bucket of the range) or none (only buckets with rows)",
+            ));
+        }
+    };
+    let mut by_user_limit = None;
+    if let Some(raw) = given(q.include.as_deref()) {
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if part.eq_ignore_ascii_case("by_user") {
+                by_user_limit = Some(DEFAULT_USER_LIMIT);
+            } else {
+                return Err(ApiError::invalid_param(
+                    "include",
+                    format!("unknown value {part:?}; use by_user"),
+                ));
+            }
+        }
+    }
+    if let Some(raw) = given(q.user_limit.as_deref()) {
+        let limit = match raw.parse::<i64>() {
+            Ok(n) if n >= 1 => (n as u64).min(MAX_USER_LIMIT),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "user_limit",
+                    format!("must be an integer from 1 to {MAX_USER_LIMIT}, got {raw:?}"),
+                ));
+            }
+        };
+        by_user_limit = by_user_limit.map(|_| limit);
+    }
     let granularity = match given(q.granularity.as_deref()) {
         None => None,
         Some(raw) => Some(Granularity::parse(raw).ok_or_else(|| {
@@ -206,7 +284,18 @@ pub async fn token_stats(
             }
         })?),
     };
-    let stats = stats::token_stats(&state.db, &filter, granularity)
+    if let (Some(g), true, Some(start), Some(end)) = (granularity, fill, filter.start, filter.end)
+        && let Err(n) = buckets_between(g, tz, start, end)
+    {
+        return Err(ApiError::invalid_param(
+            "granularity",
+            format!(
+                "the range holds {n} buckets, more than {MAX_BUCKETS}: use a coarser granularity, a shorter range or fill=none"
+            ),
+        ));
+    }
+    let options = stats::SeriesOptions { tz, fill };
+    let stats = stats::token_stats_in(&state.db, &filter, granularity, options)
         .await
         .map_err(ApiError::database)?;
     let (summary, by_model) = (stats.summary, stats.by_model);
@@ -214,10 +303,19 @@ pub async fn token_stats(
         granularity: g,
         items,
     });
+    let by_user = match by_user_limit {
+        None => None,
+        Some(limit) => Some(
+            stats::stats_by_user(&state.db, &filter, limit)
+                .await
+                .map_err(ApiError::database)?,
+        ),
+    };
     Ok(HttpResponse::Ok().json(TokenStats {
         summary,
         by_model,
         series,
+        by_user,
     }))
 }
 
@@ -260,7 +358,9 @@ pub async fn llm_usage(
             ApiError::invalid_param("page_size", format!("must be an integer, got {raw:?}"))
         })?,
     };
-    let filter = UsageFilter::from_params(
+    let tz = parse_tz(q.tz.as_deref(), state.settings.default_timezone)?;
+    let filter = UsageFilter::from_params_in(
+        tz,
         q.start_date.as_deref(),
         q.end_date.as_deref(),
         q.user_id.as_deref(),
