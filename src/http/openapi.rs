@@ -16,7 +16,7 @@ use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary, UserStat
         title = "llm-tracker",
         description = "Admin API over the record of LLM calls: token statistics and the usage listing. JSON-compatible with the Django llm_tracker app. Every path also works without the trailing slash."
     ),
-    paths(admin::token_stats, admin::llm_usage, admin::prices, health::healthz, health::readyz),
+    paths(admin::token_stats, admin::llm_usage, admin::usage_detail, admin::export_csv, admin::prices, health::healthz, health::readyz),
     components(schemas(
         admin::TokenStats, admin::Series, Summary, ModelStats, SeriesItem, UserStats, Granularity,
         UsagePage, UsageRow, admin::PriceList, admin::PriceEntry, ErrorBody

@@ -41,6 +41,11 @@ pub struct UsageRow {
     pub cost: Option<Usd>,
     #[schema(example = "USD")]
     pub cost_currency: String,
+    /// When the request started (`isoformat()`), null on rows that do not know it.
+    pub started_at: Option<String>,
+    /// `created_at − started_at` in seconds (≥ 0), null when `started_at` is unknown.
+    #[schema(example = 1.25)]
+    pub latency_sec: Option<f64>,
 }
 
 /// One page of the listing and the true total.
@@ -86,6 +91,50 @@ pub async fn list_usage(
     })
 }
 
+/// One row by id, with its username; `None` when there is no such row.
+pub async fn get_usage(db: &DatabaseConnection, id: Uuid) -> Result<Option<UsageRow>, DbErr> {
+    Ok(usage::Entity::find_by_id(id)
+        .join(JoinType::LeftJoin, usage::Relation::User.def())
+        .column_as(auth_user::Column::Username, "username")
+        .into_model::<RowWithUser>()
+        .one(db)
+        .await?
+        .map(UsageRow::from))
+}
+
+/// Up to `limit` matching rows after `after` (a `(created_at, id)` cursor) in listing order,
+/// each with its cursor: the export walks the whole listing with these, in constant memory.
+pub async fn keyset_batch(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+    limit: u64,
+) -> Result<Vec<(chrono::DateTime<chrono::Utc>, Uuid, UsageRow)>, DbErr> {
+    use sea_orm::{ColumnTrait, Condition, QueryFilter};
+    let mut q = usage::Entity::find()
+        .filter(filter.condition())
+        .join(JoinType::LeftJoin, usage::Relation::User.def())
+        .column_as(auth_user::Column::Username, "username")
+        .order_by_desc(usage::Column::CreatedAt)
+        .order_by_desc(usage::Column::Id)
+        .limit(limit);
+    if let Some((at, id)) = after {
+        q = q.filter(
+            Condition::any().add(usage::Column::CreatedAt.lt(at)).add(
+                Condition::all()
+                    .add(usage::Column::CreatedAt.eq(at))
+                    .add(usage::Column::Id.lt(id)),
+            ),
+        );
+    }
+    Ok(q.into_model::<RowWithUser>()
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| (r.created_at, r.id, UsageRow::from(r)))
+        .collect())
+}
+
 /// `SELECT COUNT(*)` over the matching rows (see [`super::plans`]).
 pub(crate) fn count_query(filter: &UsageFilter) -> Select<usage::Entity> {
     usage::Entity::find()
@@ -123,6 +172,7 @@ struct RowWithUser {
     metadata: Value,
     cost: Option<usage::Cost>,
     cost_currency: String,
+    started_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl From<RowWithUser> for UsageRow {
@@ -143,6 +193,11 @@ impl From<RowWithUser> for UsageRow {
             metadata: r.metadata,
             cost: r.cost.map(|c| Usd(c.0)),
             cost_currency: r.cost_currency,
+            started_at: r.started_at.as_ref().map(isoformat),
+            latency_sec: r.started_at.map(|s| {
+                let us = (r.created_at - s).num_microseconds().unwrap_or(0).max(0);
+                us as f64 / 1e6
+            }),
         }
     }
 }

@@ -56,7 +56,7 @@ impl Default for Summary {
 }
 
 /// One model's totals.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ModelStats {
     pub model: String,
     pub total_calls: i64,
@@ -69,6 +69,9 @@ pub struct ModelStats {
     pub total_cost: Usd,
     #[schema(value_type = String, example = "USD")]
     pub total_cost_currency: &'static str,
+    /// Mean `created_at − started_at` in seconds over the rows that know it; null if none does.
+    #[schema(example = 1.25)]
+    pub avg_latency_sec: Option<f64>,
 }
 
 /// One bucket of the time series.
@@ -192,6 +195,19 @@ fn cost_sum_sql(backend: DbBackend) -> &'static str {
     }
 }
 
+/// Latency in whole microseconds summed over the rows that have `started_at` (negative clock
+/// skew counts as 0), and how many rows those are.
+fn latency_sum_sql(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => {
+            "CAST(COALESCE(SUM(GREATEST(0, EXTRACT(EPOCH FROM (created_at - started_at)) * 1000000)), 0) AS BIGINT)"
+        }
+        _ => {
+            "CAST(COALESCE(SUM(MAX(0, (unixepoch(created_at, 'subsec') - unixepoch(started_at, 'subsec')) * 1000000)), 0) AS INTEGER)"
+        }
+    }
+}
+
 fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
     q = q.column_as(Expr::cust("COUNT(*)"), "total_calls");
     for (sql, alias) in SUMS {
@@ -199,6 +215,8 @@ fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
         q = q.column_as(Expr::cust(format!("CAST({sql} AS BIGINT)")), alias);
     }
     q.column_as(Expr::cust(cost_sum_sql(backend)), "cost_micros")
+        .column_as(Expr::cust(latency_sum_sql(backend)), "latency_us")
+        .column_as(Expr::cust("CAST(COUNT(started_at) AS BIGINT)"), "latency_n")
         .column_as(
             Expr::cust(
                 "CAST(COALESCE(SUM(CASE WHEN cost IS NULL THEN 1 ELSE 0 END), 0) AS BIGINT)",
@@ -244,7 +262,7 @@ impl Summary {
 }
 
 /// Everything token-stats shows, from one pass over the matching rows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TokenStatsData {
     pub summary: Summary,
     pub by_model: Vec<ModelStats>,
@@ -261,6 +279,8 @@ struct Group {
     successful_calls: i64,
     cost_micros: i64,
     unpriced_calls: i64,
+    latency_us: i64,
+    latency_n: i64,
     total_prompt_tokens: i64,
     total_completion_tokens: i64,
     total_tokens: i64,
@@ -278,6 +298,8 @@ struct Totals {
     cached: i64,
     reasoning: i64,
     cost: i64,
+    latency_us: i64,
+    latency_n: i64,
 }
 
 impl Totals {
@@ -289,6 +311,13 @@ impl Totals {
         self.cached += g.total_cached_tokens;
         self.reasoning += g.total_reasoning_tokens;
         self.cost += g.cost_micros;
+        self.latency_us += g.latency_us;
+        self.latency_n += g.latency_n;
+    }
+
+    /// Mean latency in seconds (microsecond precision), if any row knows it.
+    fn avg_latency_sec(&self) -> Option<f64> {
+        (self.latency_n > 0).then(|| (self.latency_us as f64 / self.latency_n as f64).round() / 1e6)
     }
 }
 
@@ -440,6 +469,7 @@ pub async fn token_stats_in(
             total_reasoning_tokens: t.reasoning,
             total_cost: Usd(t.cost),
             total_cost_currency: CURRENCY,
+            avg_latency_sec: t.avg_latency_sec(),
         })
         .collect();
     // Total tokens descending, then model ascending (the map already gave model order).

@@ -219,6 +219,8 @@ db_test!(
         let m = by_model.as_object_mut().unwrap();
         m.insert("model".into(), json!("gpt-4o"));
         m.insert("total_cost_currency".into(), json!("USD"));
+        // Issue 6: Django's rows have no started_at, so no latency.
+        m.insert("avg_latency_sec".into(), Value::Null);
         let mut bucket = item.clone();
         bucket
             .as_object_mut()
@@ -252,7 +254,8 @@ db_test!(
             json!({"results": [{"id": "6f1c2a0e-8d4b-4c36-9a57-0e0f8b7b1c11", "user_id": 2, "username": "alice",
             "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cached_tokens": 0,
             "reasoning_tokens": 0, "success": true, "error": null, "created_at": "2025-01-31T10:00:00.123456+00:00",
-            "metadata": {"node_name": "interpret"}, "cost": null, "cost_currency": "USD"}], "total": 1, "page": 1, "page_size": 20})
+            "metadata": {"node_name": "interpret"}, "cost": null, "cost_currency": "USD", "started_at": null,
+            "latency_sec": null}], "total": 1, "page": 1, "page_size": 20})
         );
         // An unencoded `+` arrives as a space and is read as `+`.
         let (status, body, _) = get!(
@@ -726,5 +729,173 @@ db_test!(
             auth.clone()
         );
         assert_eq!(series(&body), pairs(&[("2025-01-02", 0)]));
+    }
+);
+
+db_test!(
+    async fn one_row_latency_and_the_csv_export(backend: Backend) {
+        use llm_tracker::db::entities::usage;
+        let t = TestDb::migrated(backend).await;
+        fixture_users(&t).await;
+        let base = chrono::DateTime::parse_from_rfc3339("2025-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        // 2,500 rows, three per second (ties on created_at cross the export's batches).
+        let rows: Vec<usage::Model> = (0..2500u128)
+            .map(|n| {
+                let created_at = base + chrono::Duration::seconds((n / 3) as i64);
+                usage::Model {
+                    id: uuid::Uuid::from_u128(n * 7919 % 2503 + 1),
+                    user_id: (n % 2 == 0).then_some(2),
+                    model: match n {
+                        7 => "=HYPERLINK(\"http://x\")".into(),
+                        _ => "gpt-4o".into(),
+                    },
+                    prompt_tokens: 10,
+                    completion_tokens: 5,
+                    total_tokens: 15,
+                    cached_tokens: 0,
+                    reasoning_tokens: 0,
+                    success: n != 8,
+                    error: (n == 8).then(|| "-boom, \"quoted\"\nsecond line".to_owned()),
+                    metadata: json!({"node_name": format!("step,{n}")}),
+                    created_at,
+                    started_at: (n % 5 == 0)
+                        .then(|| created_at - chrono::Duration::milliseconds(1500)),
+                    cost: Some(usage::Cost(75)),
+                    cost_currency: "USD".into(),
+                }
+            })
+            .collect();
+        for chunk in rows.chunks(500) {
+            usage::insert_rows(&t.db, chunk).await.unwrap();
+        }
+        let app = test::init_service(App::new().configure(configure(state(&t)))).await;
+        let auth = Some(format!("Bearer {}", staff_token()));
+
+        // One row.
+        let known = &rows[10];
+        let (status, body, _) = get!(
+            app,
+            &format!("/api/v1/admin/llm-usage/{}/", known.id),
+            auth.clone()
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["id"], known.id.to_string());
+        assert_eq!(body["username"], "alice");
+        assert_eq!(body["latency_sec"], json!(1.5));
+        assert_eq!(body["started_at"], "2025-01-01T00:00:01.500000+00:00");
+        assert_eq!(body["cost"], json!(0.000075));
+        let (status, body, _) = get!(
+            app,
+            &format!("/api/v1/admin/llm-usage/{}", rows[11].id),
+            auth.clone()
+        );
+        assert_eq!((status, &body["latency_sec"]), (200, &Value::Null));
+        let (status, body, _) = get!(
+            app,
+            "/api/v1/admin/llm-usage/00000000-0000-0000-0000-000000000000/",
+            auth.clone()
+        );
+        assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+        let (status, body, _) = get!(app, "/api/v1/admin/llm-usage/nope/", auth.clone());
+        assert_eq!(status, 400);
+        assert!(body["errors"]["id"].is_array(), "{body}");
+        let (status, _, _) = get!(
+            app,
+            &format!("/api/v1/admin/llm-usage/{}/", known.id),
+            None::<String>
+        );
+        assert_eq!(status, 401);
+
+        // Average latency per model: only rows that know their start count.
+        let (_, body, _) = get!(app, "/api/v1/admin/token-stats/", auth.clone());
+        let gpt = body["by_model"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["model"] == "gpt-4o")
+            .unwrap();
+        assert_eq!(gpt["avg_latency_sec"], json!(1.5), "{gpt}");
+        let odd = body["by_model"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["model"] != "gpt-4o")
+            .unwrap();
+        assert_eq!(odd["avg_latency_sec"], Value::Null);
+
+        // The export: every row, newest first, through a real CSV parser.
+        let export = |uri: &'static str| {
+            let app = &app;
+            let auth = auth.clone();
+            async move {
+                let req = test::TestRequest::get()
+                    .uri(uri)
+                    .insert_header(("Authorization", auth.unwrap()))
+                    .to_request();
+                let res = test::call_service(app, req).await;
+                assert_eq!(res.status().as_u16(), 200, "{uri}");
+                let headers = res.headers().clone();
+                let body = test::read_body(res).await;
+                (headers, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        let (headers, text) = export("/api/v1/admin/llm-usage/export.csv").await;
+        assert_eq!(
+            headers.get("content-type").unwrap(),
+            "text/csv; charset=utf-8"
+        );
+        assert_eq!(
+            headers
+                .get("content-disposition")
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            format!(
+                "attachment; filename=\"llm-usage-{}.csv\"",
+                chrono::Utc::now().format("%Y-%m-%d")
+            )
+        );
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(header, llm_tracker::usage::export::COLUMNS);
+        let records: Vec<csv::StringRecord> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(records.len(), 2500);
+        let mut expected = rows.clone();
+        expected.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        let got_ids: Vec<String> = records.iter().map(|r| r[0].to_owned()).collect();
+        let want_ids: Vec<String> = expected.iter().map(|r| r.id.to_string()).collect();
+        assert_eq!(got_ids, want_ids, "every row once, in listing order");
+        let find = |id: uuid::Uuid| {
+            records
+                .iter()
+                .find(|r| r[0] == id.to_string())
+                .unwrap()
+                .clone()
+        };
+        let formula = find(rows[7].id);
+        assert_eq!(&formula[6], "'=HYPERLINK(\"http://x\")", "formula defused");
+        let error = find(rows[8].id);
+        assert_eq!(&error[13], "'-boom, \"quoted\"\nsecond line");
+        assert_eq!(&error[12], "false");
+        let first = find(rows[10].id);
+        assert_eq!(&first[3], "1.5");
+        assert_eq!(&first[5], "alice");
+        assert_eq!(&first[14], "0.000075");
+        assert_eq!(&first[17], "step,10");
+        let meta: Value = serde_json::from_str(&first[16]).unwrap();
+        assert_eq!(meta, json!({"node_name": "step,10"}));
+
+        let (_, text) = export("/api/v1/admin/llm-usage/export.csv?user_id=2&success=true").await;
+        let n = csv::Reader::from_reader(text.as_bytes()).records().count();
+        assert_eq!(
+            n,
+            rows.iter()
+                .filter(|r| r.user_id == Some(2) && r.success)
+                .count()
+        );
+        let (_, text) = export("/api/v1/admin/llm-usage/export.csv?model=nothing-like-this").await;
+        assert_eq!(text.lines().count(), 1, "header only");
     }
 );

@@ -147,7 +147,7 @@ db_test!(
             json!({
             "model": "gpt-4o", "total_calls": 2, "total_prompt_tokens": 30, "total_completion_tokens": 15,
             "total_tokens": 45, "total_cached_tokens": 5, "total_reasoning_tokens": 0,
-            "total_cost": 0.000219, "total_cost_currency": "USD"})
+            "total_cost": 0.000219, "total_cost_currency": "USD", "avg_latency_sec": null})
         );
 
         let db = &t.db;
@@ -190,7 +190,7 @@ db_test!(
             "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
             "cached_tokens": 0, "reasoning_tokens": 0, "success": true, "error": null,
             "created_at": "2025-01-31T10:00:00.123456+00:00", "metadata": {"node_name": "n1"},
-            "cost": 0.000075, "cost_currency": "USD"})
+            "cost": 0.000075, "cost_currency": "USD", "started_at": null, "latency_sec": null})
         );
         assert_eq!(
             serde_json::to_value(&page.results[0]).unwrap()["cost"],

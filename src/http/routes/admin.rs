@@ -8,9 +8,10 @@ use crate::http::AppState;
 use crate::http::auth::AdminUser;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::usage::buckets::{MAX_BUCKETS, buckets_between};
+use crate::usage::export;
 use crate::usage::filters::given;
-use crate::usage::list::UsagePage;
 use crate::usage::list::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, list_usage};
+use crate::usage::list::{UsagePage, UsageRow, get_usage, keyset_batch};
 use crate::usage::stats::{self, Granularity, ModelStats, SeriesItem, Summary, UserStats};
 
 /// `by_user` rows by default, and at most.
@@ -122,6 +123,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(["/api/v1/admin/llm-usage/", "/api/v1/admin/llm-usage"])
             .route(web::get().to(llm_usage)),
+    )
+    // Before `{id}`: `export.csv` is not an id.
+    .service(
+        web::resource([
+            "/api/v1/admin/llm-usage/export.csv",
+            "/api/v1/admin/llm-usage/export.csv/",
+        ])
+        .route(web::get().to(export_csv)),
+    )
+    .service(
+        web::resource([
+            "/api/v1/admin/llm-usage/{id}/",
+            "/api/v1/admin/llm-usage/{id}",
+        ])
+        .route(web::get().to(usage_detail)),
     )
     .service(
         web::resource(["/api/v1/admin/prices/", "/api/v1/admin/prices"])
@@ -371,6 +387,149 @@ pub async fn llm_usage(
         .await
         .map_err(ApiError::database)?;
     Ok(HttpResponse::Ok().json(listing))
+}
+
+/// One usage row, with the listing's keys.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/llm-usage/{id}/",
+    tag = "admin",
+    params(("id" = String, Path, description = "The row's UUID", example = "6f1c2a0e-8d4b-4c36-9a57-0e0f8b7b1c11")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The row", body = UsageRow),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 401, description = "No, or no valid, credentials", body = ErrorBody),
+        (status = 403, description = "Not a staff user or superuser", body = ErrorBody),
+        (status = 404, description = "No such row", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub async fn usage_detail(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let raw = id.into_inner();
+    let id = uuid::Uuid::parse_str(raw.trim())
+        .map_err(|_| ApiError::invalid_param("id", format!("{raw:?} is not a UUID")))?;
+    match get_usage(&state.db, id).await.map_err(ApiError::database)? {
+        Some(row) => Ok(HttpResponse::Ok().json(row)),
+        None => Err(ApiError::NotFound),
+    }
+}
+
+/// Query of the CSV export: the listing's filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExportQuery {
+    /// Only this user's calls (integer).
+    pub user_id: Option<String>,
+    /// Case-insensitive substring of the model name; `%`, `_`, `\` are literal.
+    pub model: Option<String>,
+    /// `true` or `false`; any other value is no filter.
+    pub success: Option<String>,
+    /// `created_at >= start_date` (as token-stats).
+    pub start_date: Option<String>,
+    /// `created_at <= end_date` (as token-stats).
+    pub end_date: Option<String>,
+    /// IANA time zone of naive and date-only dates.
+    pub tz: Option<String>,
+}
+
+/// Rows fetched per query while exporting.
+const EXPORT_BATCH: u64 = 1000;
+
+/// Every matching row as CSV (RFC 4180, header row, newest first), streamed.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/llm-usage/export.csv",
+    tag = "admin",
+    params(ExportQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "`text/csv`, with `Content-Disposition: attachment; filename=\"llm-usage-YYYY-MM-DD.csv\"`. Columns: id, created_at, started_at, latency_sec, user_id, username, model, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, success, error, cost, cost_currency, metadata (JSON), node_name. Text cells starting with = + - @ are prefixed with '.", content_type = "text/csv", body = String),
+        (status = 400, description = "A bad parameter, named in `errors`", body = ErrorBody),
+        (status = 401, description = "No, or no valid, credentials", body = ErrorBody),
+        (status = 403, description = "Not a staff user or superuser", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    )
+)]
+pub async fn export_csv(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+    query: web::Query<ExportQuery>,
+) -> Result<HttpResponse, ApiError> {
+    use futures_util::stream;
+    let q = query.into_inner();
+    let tz = parse_tz(q.tz.as_deref(), state.settings.default_timezone)?;
+    let filter = UsageFilter::from_params_in(
+        tz,
+        q.start_date.as_deref(),
+        q.end_date.as_deref(),
+        q.user_id.as_deref(),
+        q.model.as_deref(),
+        q.success.as_deref(),
+    )?;
+    // The first batch is read before answering, so an unreachable database is still a 503.
+    let db = state.db.clone();
+    let first = keyset_batch(&db, &filter, None, EXPORT_BATCH)
+        .await
+        .map_err(ApiError::database)?;
+    struct Walk {
+        db: sea_orm::DatabaseConnection,
+        filter: UsageFilter,
+        pending: Option<Vec<(chrono::DateTime<chrono::Utc>, uuid::Uuid, UsageRow)>>,
+        header: bool,
+        done: bool,
+    }
+    let walk = Walk {
+        db,
+        filter,
+        pending: Some(first),
+        header: true,
+        done: false,
+    };
+    let body = stream::unfold(walk, |mut w| async move {
+        if w.header {
+            w.header = false;
+            return Some((Ok(web::Bytes::from(export::header())), w));
+        }
+        // A batch is pending until the walk is done.
+        let batch = match (w.done, w.pending.take()) {
+            (false, Some(b)) => b,
+            _ => return None,
+        };
+        let mut out = String::with_capacity(batch.len() * 256);
+        for (_, _, row) in &batch {
+            export::row(&mut out, row);
+        }
+        if (batch.len() as u64) < EXPORT_BATCH {
+            w.done = true;
+        } else if let Some((at, id, _)) = batch.last() {
+            match keyset_batch(&w.db, &w.filter, Some((*at, *id)), EXPORT_BATCH).await {
+                Ok(next) => w.pending = Some(next),
+                Err(e) => {
+                    // Headers are sent: all that is left is to cut the download short.
+                    tracing::error!(error = %e, "CSV export stopped: database error");
+                    w.done = true;
+                    return Some((
+                        Err(actix_web::error::ErrorServiceUnavailable("database error")),
+                        w,
+                    ));
+                }
+            }
+        }
+        Some((Ok(web::Bytes::from(out)), w))
+    });
+    let filename = format!("llm-usage-{}.csv", chrono::Utc::now().format("%Y-%m-%d"));
+    Ok(HttpResponse::Ok()
+        .content_type("text/csv; charset=utf-8")
+        .insert_header((
+            actix_web::http::header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{filename}\""),
+        ))
+        .streaming(body))
 }
 
 /// An integer, clamped to 1..=100 (even one too large for any integer type); else `None`.
