@@ -122,7 +122,7 @@ fn serve(db: DatabaseConnection, url: &str) -> (String, actix_web::dev::ServerHa
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
-            let state = AppState { db, settings };
+            let state = AppState::new(db, settings);
             let server = actix_web::HttpServer::new(move || app(state.clone()))
                 .workers(2)
                 .bind(("127.0.0.1", 0))
@@ -362,6 +362,22 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
         (
             "token-stats granularity=year".into(),
             "/api/v1/admin/token-stats/?granularity=year".into(),
+        ),
+        (
+            "token-stats month tz=America/New_York".into(),
+            "/api/v1/admin/token-stats/?granularity=month&tz=America/New_York".into(),
+        ),
+        (
+            "token-stats day tz=Asia/Kolkata, last 7 days, zero-filled".into(),
+            format!(
+                "/api/v1/admin/token-stats/?granularity=day&tz=Asia/Kolkata&start_date={}&end_date={}",
+                (Utc::now() - chrono::Duration::days(7)).format("%Y-%m-%d"),
+                Utc::now().format("%Y-%m-%d")
+            ),
+        ),
+        (
+            "token-stats include=by_user".into(),
+            "/api/v1/admin/token-stats/?include=by_user".into(),
         ),
         (
             format!("token-stats user_id ({user_rows} rows)"),

@@ -200,6 +200,8 @@ pub struct GeminiSettings {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub database_url: DatabaseUrl,
+    /// Where admin reads go (a PostgreSQL read replica); `None`: `database_url`.
+    pub database_read_url: Option<DatabaseUrl>,
     pub bind_addr: SocketAddr,
     pub jwt_secret: Option<Secret>,
     pub provider: ProviderKind,
@@ -372,6 +374,10 @@ impl Settings {
         };
         Ok(Self {
             database_url: database_url.clone(),
+            database_read_url: match src.get("DATABASE_READ_URL") {
+                None => None,
+                Some(url) => Some(DatabaseUrl::parse("DATABASE_READ_URL", url)?),
+            },
             bind_addr,
             jwt_secret,
             provider,

@@ -16,10 +16,12 @@ pub async fn run(settings: Settings, db: DatabaseConnection) -> std::io::Result<
         StoreOptions::new(settings.usage_spool_path.clone()),
     )
     .await;
-    let state = AppState {
-        db: db.clone(),
-        settings,
-    };
+    let state = AppState::open(db.clone(), settings)
+        .await
+        .map_err(|e| std::io::Error::other(format!("read database: {e}")))?;
+    if state.settings.database_read_url.is_some() {
+        tracing::info!("admin reads go to DATABASE_READ_URL");
+    }
     let server = HttpServer::new(move || app(state.clone()))
         .shutdown_timeout(30)
         .bind(bind_addr)?;

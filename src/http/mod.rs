@@ -19,8 +19,37 @@ use crate::config::Settings;
 /// Shared, read-only state for every handler.
 #[derive(Clone)]
 pub struct AppState {
+    /// The primary database (`DATABASE_URL`): users, readiness.
     pub db: DatabaseConnection,
+    /// Where the admin API's usage reads go: `DATABASE_READ_URL` (a read replica) when set,
+    /// else the primary.
+    pub read_db: DatabaseConnection,
     pub settings: Settings,
+}
+
+impl AppState {
+    /// Reads and writes on `db`.
+    pub fn new(db: DatabaseConnection, settings: Settings) -> Self {
+        Self {
+            read_db: db.clone(),
+            db,
+            settings,
+        }
+    }
+
+    /// As `serve` builds it: usage reads on a pool of its own for `DATABASE_READ_URL` when set
+    /// (not migrated: a replica follows its primary).
+    pub async fn open(db: DatabaseConnection, settings: Settings) -> Result<Self, sea_orm::DbErr> {
+        let read_db = match &settings.database_read_url {
+            Some(url) => crate::db::connect(url).await?,
+            None => db.clone(),
+        };
+        Ok(Self {
+            db,
+            read_db,
+            settings,
+        })
+    }
 }
 
 /// Registers every route and the JSON error handlers; used by `serve` and by the tests.

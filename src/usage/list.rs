@@ -55,6 +55,42 @@ pub struct UsagePage {
     pub total: u64,
     pub page: u64,
     pub page_size: u64,
+    /// Pass as `cursor` for the rows after this page (keyset paging); null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A position in the listing (`created_at` descending, then `id`): the last row seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub id: Uuid,
+}
+
+impl Cursor {
+    /// Opaque URL-safe text: base64url of `<microseconds since the epoch>.<uuid>`.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        let raw = format!(
+            "{}.{}",
+            self.created_at.timestamp_micros(),
+            self.id.simple()
+        );
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    /// The cursor `encode` wrote; `None` for anything else.
+    pub fn decode(text: &str) -> Option<Self> {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text.trim())
+            .ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let (micros, id) = raw.split_once('.')?;
+        Some(Self {
+            created_at: chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            id: Uuid::parse_str(id).ok()?,
+        })
+    }
 }
 
 /// `page` ≥ 1 and `page_size` already clamped to 1..=100 by the caller's parsing.
@@ -72,22 +108,71 @@ pub async fn list_usage(
         .unwrap_or(0)
         .max(0) as u64;
     let offset = page.saturating_sub(1).saturating_mul(page_size);
-    let results = if offset >= total {
+    let rows = if offset >= total {
         Vec::new()
     } else {
         page_query(filter, offset, page_size)
             .into_model::<RowWithUser>()
             .all(db)
             .await?
-            .into_iter()
-            .map(UsageRow::from)
-            .collect()
     };
+    let more = offset.saturating_add(rows.len() as u64) < total;
+    let next_cursor = rows
+        .last()
+        .filter(|_| more)
+        .map(|r| Cursor {
+            created_at: r.created_at,
+            id: r.id,
+        })
+        .map(|c| c.encode());
     Ok(UsagePage {
-        results,
+        results: rows.into_iter().map(UsageRow::from).collect(),
         total,
         page,
         page_size,
+        next_cursor,
+    })
+}
+
+/// The `page_size` rows after `cursor` (keyset paging: O(page size) however deep), with the
+/// true total and the next cursor. `page` is only echoed.
+pub async fn list_usage_after(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    cursor: Cursor,
+    page: u64,
+    page_size: u64,
+) -> Result<UsagePage, DbErr> {
+    let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+    let total = count_query(filter)
+        .into_tuple::<i64>()
+        .one(db)
+        .await?
+        .unwrap_or(0)
+        .max(0) as u64;
+    let mut rows = keyset_batch(
+        db,
+        filter,
+        Some((cursor.created_at, cursor.id)),
+        page_size + 1,
+    )
+    .await?;
+    let more = rows.len() as u64 > page_size;
+    rows.truncate(page_size as usize);
+    let next_cursor = rows
+        .last()
+        .filter(|_| more)
+        .map(|(at, id, _)| Cursor {
+            created_at: *at,
+            id: *id,
+        })
+        .map(|c| c.encode());
+    Ok(UsagePage {
+        results: rows.into_iter().map(|(_, _, r)| r).collect(),
+        total,
+        page,
+        page_size,
+        next_cursor,
     })
 }
 

@@ -27,10 +27,7 @@ fn state(t: &TestDb) -> AppState {
         ("DATABASE_URL".to_owned(), t.url.expose().to_owned()),
         ("JWT_SECRET".to_owned(), key()),
     ]);
-    AppState {
-        db: t.db.clone(),
-        settings: Settings::from_map(&vars).unwrap(),
-    }
+    AppState::new(t.db.clone(), Settings::from_map(&vars).unwrap())
 }
 
 /// The fixture's users: 1 admin (staff), 2 alice (not staff); plus 3 inactive staff and
@@ -255,7 +252,7 @@ db_test!(
             "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cached_tokens": 0,
             "reasoning_tokens": 0, "success": true, "error": null, "created_at": "2025-01-31T10:00:00.123456+00:00",
             "metadata": {"node_name": "interpret"}, "cost": null, "cost_currency": "USD", "started_at": null,
-            "latency_sec": null}], "total": 1, "page": 1, "page_size": 20})
+            "latency_sec": null}], "total": 1, "page": 1, "page_size": 20, "next_cursor": null})
         );
         // An unencoded `+` arrives as a space and is read as `+`.
         let (status, body, _) = get!(
@@ -897,5 +894,136 @@ db_test!(
         );
         let (_, text) = export("/api/v1/admin/llm-usage/export.csv?model=nothing-like-this").await;
         assert_eq!(text.lines().count(), 1, "header only");
+    }
+);
+
+db_test!(
+    async fn cursor_paging_walks_every_row_once(backend: Backend) {
+        // Issue 7: keyset paging with `cursor` / `next_cursor`, ties on created_at included.
+        let t = TestDb::migrated(backend).await;
+        fixture_users(&t).await;
+        let instants: Vec<String> = (0..45)
+            .map(|n| format!("2025-01-01T00:00:{:02}Z", n / 4))
+            .collect();
+        let refs: Vec<&str> = instants.iter().map(String::as_str).collect();
+        rows_at(&t, Some(2), &refs).await;
+        let app = test::init_service(App::new().configure(configure(state(&t)))).await;
+        let auth = Some(format!("Bearer {}", staff_token()));
+
+        let (_, first, _) = get!(app, "/api/v1/admin/llm-usage/?page_size=10", auth.clone());
+        let by_offset: Vec<Value> = {
+            let mut all = Vec::new();
+            for page in 1..=5 {
+                let (_, body, _) = get!(
+                    app,
+                    &format!("/api/v1/admin/llm-usage/?page_size=10&page={page}"),
+                    auth.clone()
+                );
+                all.extend(
+                    body["results"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r["id"].clone()),
+                );
+            }
+            all
+        };
+        let mut by_cursor: Vec<Value> = first["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].clone())
+            .collect();
+        let mut cursor = first["next_cursor"].as_str().map(str::to_owned);
+        let mut pages = 1;
+        while let Some(c) = cursor {
+            let (status, body, _) = get!(
+                app,
+                &format!("/api/v1/admin/llm-usage/?page_size=10&cursor={c}"),
+                auth.clone()
+            );
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["total"], 45);
+            by_cursor.extend(
+                body["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["id"].clone()),
+            );
+            cursor = body["next_cursor"].as_str().map(str::to_owned);
+            pages += 1;
+        }
+        assert_eq!(pages, 5);
+        assert_eq!(by_cursor, by_offset, "the same rows in the same order");
+        let (_, last, _) = get!(
+            app,
+            "/api/v1/admin/llm-usage/?page_size=10&page=5",
+            auth.clone()
+        );
+        assert_eq!(last["next_cursor"], Value::Null);
+
+        for bad in ["nope", "MTIz", "%zz"] {
+            let (status, body, _) = get!(
+                app,
+                &format!("/api/v1/admin/llm-usage/?cursor={bad}"),
+                auth.clone()
+            );
+            assert_eq!(status, 400, "{bad}: {body}");
+            if bad != "%zz" {
+                assert!(body["errors"]["cursor"].is_array(), "{body}");
+            }
+        }
+    }
+);
+
+db_test!(
+    async fn admin_reads_go_to_database_read_url(backend: Backend) {
+        // Issue 7: with DATABASE_READ_URL set, usage reads come from it (here a second
+        // database holding different rows), while users still come from the primary.
+        let primary = TestDb::migrated(backend).await;
+        let replica = TestDb::migrated(backend).await;
+        fixture_users(&primary).await;
+        fixture_users(&replica).await;
+        rows_at(&primary, None, &["2025-01-01T00:00:00Z"]).await;
+        rows_at(
+            &replica,
+            None,
+            &[
+                "2025-01-01T00:00:00Z",
+                "2025-01-01T00:00:01Z",
+                "2025-01-01T00:00:02Z",
+            ],
+        )
+        .await;
+        let vars = HashMap::from([
+            ("DATABASE_URL".to_owned(), primary.url.expose().to_owned()),
+            (
+                "DATABASE_READ_URL".to_owned(),
+                replica.url.expose().to_owned(),
+            ),
+            ("JWT_SECRET".to_owned(), key()),
+        ]);
+        let settings = Settings::from_map(&vars).unwrap();
+        let st = AppState::open(primary.db.clone(), settings).await.unwrap();
+        let app = test::init_service(App::new().configure(configure(st))).await;
+        let auth = Some(format!("Bearer {}", staff_token()));
+        let (_, body, _) = get!(app, "/api/v1/admin/token-stats/", auth.clone());
+        assert_eq!(body["summary"]["total_calls"], 3, "{body}");
+        let (_, body, _) = get!(app, "/api/v1/admin/llm-usage/", auth.clone());
+        assert_eq!(body["total"], 3);
+
+        // Without it, the primary serves the reads.
+        let vars = HashMap::from([
+            ("DATABASE_URL".to_owned(), primary.url.expose().to_owned()),
+            ("JWT_SECRET".to_owned(), key()),
+        ]);
+        let st = AppState::open(primary.db.clone(), Settings::from_map(&vars).unwrap())
+            .await
+            .unwrap();
+        let app = test::init_service(App::new().configure(configure(st))).await;
+        let (_, body, _) = get!(app, "/api/v1/admin/token-stats/", auth.clone());
+        assert_eq!(body["summary"]["total_calls"], 1);
     }
 );

@@ -13,10 +13,7 @@ use crate::helpers::{Backend, TestDb, pg_admin_url};
 
 fn state(t: &TestDb) -> AppState {
     let vars = HashMap::from([("DATABASE_URL".to_owned(), t.url.expose().to_owned())]);
-    AppState {
-        db: t.db.clone(),
-        settings: Settings::from_map(&vars).unwrap(),
-    }
+    AppState::new(t.db.clone(), Settings::from_map(&vars).unwrap())
 }
 
 db_test!(

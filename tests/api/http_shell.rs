@@ -22,10 +22,7 @@ fn state(t: &TestDb, origins: &str) -> AppState {
         ),
         ("CORS_ALLOWED_ORIGINS".to_owned(), origins.to_owned()),
     ]);
-    AppState {
-        db: t.db.clone(),
-        settings: Settings::from_map(&vars).unwrap(),
-    }
+    AppState::new(t.db.clone(), Settings::from_map(&vars).unwrap())
 }
 
 fn header(

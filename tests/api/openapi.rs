@@ -14,10 +14,10 @@ db_test!(
             "DATABASE_URL".to_owned(),
             t.url.expose().to_owned(),
         )]);
-        let state = llm_tracker::http::AppState {
-            db: t.db.clone(),
-            settings: llm_tracker::Settings::from_map(&vars).unwrap(),
-        };
+        let state = llm_tracker::http::AppState::new(
+            t.db.clone(),
+            llm_tracker::Settings::from_map(&vars).unwrap(),
+        );
         let svc = test::init_service(llm_tracker::http::app(state)).await;
         let res = test::call_service(
             &svc,
@@ -69,7 +69,8 @@ db_test!(
                 "success",
                 "start_date",
                 "end_date",
-                "tz"
+                "tz",
+                "cursor"
             ]
         );
 

@@ -10,7 +10,7 @@ use crate::http::error::{ApiError, ErrorBody};
 use crate::usage::buckets::{MAX_BUCKETS, buckets_between};
 use crate::usage::export;
 use crate::usage::filters::given;
-use crate::usage::list::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, list_usage};
+use crate::usage::list::{Cursor, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, list_usage, list_usage_after};
 use crate::usage::list::{UsagePage, UsageRow, get_usage, keyset_batch};
 use crate::usage::stats::{self, Granularity, ModelStats, SeriesItem, Summary, UserStats};
 
@@ -106,6 +106,8 @@ pub struct UsageQuery {
     /// IANA time zone of naive and date-only dates (default `DEFAULT_TIMEZONE`, itself `UTC`).
     #[param(example = "Asia/Shanghai")]
     pub tz: Option<String>,
+    /// The `next_cursor` of the previous page: the rows after it, however deep (`page` is then only echoed).
+    pub cursor: Option<String>,
 }
 
 impl From<FilterError> for ApiError {
@@ -311,7 +313,7 @@ pub async fn token_stats(
         ));
     }
     let options = stats::SeriesOptions { tz, fill };
-    let stats = stats::token_stats_in(&state.db, &filter, granularity, options)
+    let stats = stats::token_stats_in(&state.read_db, &filter, granularity, options)
         .await
         .map_err(ApiError::database)?;
     let (summary, by_model) = (stats.summary, stats.by_model);
@@ -322,7 +324,7 @@ pub async fn token_stats(
     let by_user = match by_user_limit {
         None => None,
         Some(limit) => Some(
-            stats::stats_by_user(&state.db, &filter, limit)
+            stats::stats_by_user(&state.read_db, &filter, limit)
                 .await
                 .map_err(ApiError::database)?,
         ),
@@ -383,9 +385,16 @@ pub async fn llm_usage(
         q.model.as_deref(),
         q.success.as_deref(),
     )?;
-    let listing = list_usage(&state.db, &filter, page, page_size)
-        .await
-        .map_err(ApiError::database)?;
+    let listing = match given(q.cursor.as_deref()) {
+        None => list_usage(&state.read_db, &filter, page, page_size).await,
+        Some(raw) => {
+            let cursor = Cursor::decode(raw).ok_or_else(|| {
+                ApiError::invalid_param("cursor", "not a cursor this API returned as next_cursor")
+            })?;
+            list_usage_after(&state.read_db, &filter, cursor, page, page_size).await
+        }
+    }
+    .map_err(ApiError::database)?;
     Ok(HttpResponse::Ok().json(listing))
 }
 
@@ -413,7 +422,10 @@ pub async fn usage_detail(
     let raw = id.into_inner();
     let id = uuid::Uuid::parse_str(raw.trim())
         .map_err(|_| ApiError::invalid_param("id", format!("{raw:?} is not a UUID")))?;
-    match get_usage(&state.db, id).await.map_err(ApiError::database)? {
+    match get_usage(&state.read_db, id)
+        .await
+        .map_err(ApiError::database)?
+    {
         Some(row) => Ok(HttpResponse::Ok().json(row)),
         None => Err(ApiError::NotFound),
     }
@@ -472,7 +484,7 @@ pub async fn export_csv(
         q.success.as_deref(),
     )?;
     // The first batch is read before answering, so an unreachable database is still a 503.
-    let db = state.db.clone();
+    let db = state.read_db.clone();
     let first = keyset_batch(&db, &filter, None, EXPORT_BATCH)
         .await
         .map_err(ApiError::database)?;
