@@ -78,6 +78,13 @@ impl Cursor {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     }
 
+    fn of(r: &RowWithUser) -> Self {
+        Self {
+            created_at: r.created_at,
+            id: r.id,
+        }
+    }
+
     /// The cursor `encode` wrote; `None` for anything else.
     pub fn decode(text: &str) -> Option<Self> {
         use base64::Engine;
@@ -101,12 +108,7 @@ pub async fn list_usage(
     page_size: u64,
 ) -> Result<UsagePage, DbErr> {
     let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
-    let total = count_query(filter)
-        .into_tuple::<i64>()
-        .one(db)
-        .await?
-        .unwrap_or(0)
-        .max(0) as u64;
+    let total = count_matching(db, filter).await?;
     let offset = page.saturating_sub(1).saturating_mul(page_size);
     let rows = if offset >= total {
         Vec::new()
@@ -117,14 +119,7 @@ pub async fn list_usage(
             .await?
     };
     let more = offset.saturating_add(rows.len() as u64) < total;
-    let next_cursor = rows
-        .last()
-        .filter(|_| more)
-        .map(|r| Cursor {
-            created_at: r.created_at,
-            id: r.id,
-        })
-        .map(|c| c.encode());
+    let next_cursor = rows.last().filter(|_| more).map(|r| Cursor::of(r).encode());
     Ok(UsagePage {
         results: rows.into_iter().map(UsageRow::from).collect(),
         total,
@@ -144,31 +139,13 @@ pub async fn list_usage_after(
     page_size: u64,
 ) -> Result<UsagePage, DbErr> {
     let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
-    let total = count_query(filter)
-        .into_tuple::<i64>()
-        .one(db)
-        .await?
-        .unwrap_or(0)
-        .max(0) as u64;
-    let mut rows = keyset_batch(
-        db,
-        filter,
-        Some((cursor.created_at, cursor.id)),
-        page_size + 1,
-    )
-    .await?;
+    let total = count_matching(db, filter).await?;
+    let mut rows = keyset_batch(db, filter, Some(cursor), page_size + 1).await?;
     let more = rows.len() as u64 > page_size;
     rows.truncate(page_size as usize);
-    let next_cursor = rows
-        .last()
-        .filter(|_| more)
-        .map(|(at, id, _)| Cursor {
-            created_at: *at,
-            id: *id,
-        })
-        .map(|c| c.encode());
+    let next_cursor = rows.last().filter(|_| more).map(|(c, _)| c.encode());
     Ok(UsagePage {
-        results: rows.into_iter().map(|(_, _, r)| r).collect(),
+        results: rows.into_iter().map(|(_, r)| r).collect(),
         total,
         page,
         page_size,
@@ -187,14 +164,14 @@ pub async fn get_usage(db: &DatabaseConnection, id: Uuid) -> Result<Option<Usage
         .map(UsageRow::from))
 }
 
-/// Up to `limit` matching rows after `after` (a `(created_at, id)` cursor) in listing order,
-/// each with its cursor: the export walks the whole listing with these, in constant memory.
+/// Up to `limit` matching rows after `after` in listing order, each with its cursor: the
+/// export walks the whole listing with these, in constant memory.
 pub async fn keyset_batch(
     db: &DatabaseConnection,
     filter: &UsageFilter,
-    after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+    after: Option<Cursor>,
     limit: u64,
-) -> Result<Vec<(chrono::DateTime<chrono::Utc>, Uuid, UsageRow)>, DbErr> {
+) -> Result<Vec<(Cursor, UsageRow)>, DbErr> {
     use sea_orm::{ColumnTrait, Condition, QueryFilter};
     let mut q = usage::Entity::find()
         .filter(filter.condition())
@@ -203,7 +180,7 @@ pub async fn keyset_batch(
         .order_by_desc(usage::Column::CreatedAt)
         .order_by_desc(usage::Column::Id)
         .limit(limit);
-    if let Some((at, id)) = after {
+    if let Some(Cursor { created_at: at, id }) = after {
         // `(created_at, id) < (at, id)`, written so that `created_at <= at` is a plain range
         // on the `created_at` index: each batch starts where the last one ended instead of
         // skipping every newer row again (an OR of the two cases made a 1M-row export
@@ -220,8 +197,18 @@ pub async fn keyset_batch(
         .all(db)
         .await?
         .into_iter()
-        .map(|r| (r.created_at, r.id, UsageRow::from(r)))
+        .map(|r| (Cursor::of(&r), UsageRow::from(r)))
         .collect())
+}
+
+/// How many rows match (the listing's `total`).
+async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result<u64, DbErr> {
+    Ok(count_query(filter)
+        .into_tuple::<i64>()
+        .one(db)
+        .await?
+        .unwrap_or(0)
+        .max(0) as u64)
 }
 
 /// `SELECT COUNT(*)` over the matching rows (see [`super::plans`]).

@@ -104,24 +104,23 @@ impl TestDb {
 
     /// Runs a query and returns the first column of the first row as i64.
     pub async fn scalar_i64(&self, sql: &str) -> i64 {
-        let row = self
-            .db
-            .query_one_raw(Statement::from_string(self.db_backend(), sql.to_owned()))
-            .await
-            .expect("query")
-            .expect("one row");
-        row.try_get_by_index::<i64>(0).expect("i64 column")
+        self.scalar(sql).await
     }
 
     /// The one text value `sql` returns.
     pub async fn scalar_string(&self, sql: &str) -> String {
+        self.scalar(sql).await
+    }
+
+    async fn scalar<T: sea_orm::TryGetable>(&self, sql: &str) -> T {
         let row = self
             .db
             .query_one_raw(Statement::from_string(self.db_backend(), sql.to_owned()))
             .await
             .expect("query")
             .expect("one row");
-        row.try_get_by_index::<String>(0).expect("text column")
+        row.try_get_by_index::<T>(0)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     /// Table names in the database (excluding SQLite's internal ones).

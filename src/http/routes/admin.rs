@@ -491,40 +491,33 @@ pub async fn export_csv(
     struct Walk {
         db: sea_orm::DatabaseConnection,
         filter: UsageFilter,
-        pending: Option<Vec<(chrono::DateTime<chrono::Utc>, uuid::Uuid, UsageRow)>>,
+        /// The next batch to write; `None` once the walk is over.
+        pending: Option<Vec<(Cursor, UsageRow)>>,
         header: bool,
-        done: bool,
     }
     let walk = Walk {
         db,
         filter,
         pending: Some(first),
         header: true,
-        done: false,
     };
     let body = stream::unfold(walk, |mut w| async move {
         if w.header {
             w.header = false;
             return Some((Ok(web::Bytes::from(export::header())), w));
         }
-        // A batch is pending until the walk is done.
-        let batch = match (w.done, w.pending.take()) {
-            (false, Some(b)) => b,
-            _ => return None,
-        };
+        let batch = w.pending.take()?;
         let mut out = String::with_capacity(batch.len() * 256);
-        for (_, _, row) in &batch {
+        for (_, row) in &batch {
             export::row(&mut out, row);
         }
-        if (batch.len() as u64) < EXPORT_BATCH {
-            w.done = true;
-        } else if let Some((at, id, _)) = batch.last() {
-            match keyset_batch(&w.db, &w.filter, Some((*at, *id)), EXPORT_BATCH).await {
+        // A short batch was the last one; otherwise read the next after its last row.
+        if let Some((last, _)) = batch.last().filter(|_| batch.len() as u64 == EXPORT_BATCH) {
+            match keyset_batch(&w.db, &w.filter, Some(*last), EXPORT_BATCH).await {
                 Ok(next) => w.pending = Some(next),
                 Err(e) => {
                     // Headers are sent: all that is left is to cut the download short.
                     tracing::error!(error = %e, "CSV export stopped: database error");
-                    w.done = true;
                     return Some((
                         Err(actix_web::error::ErrorServiceUnavailable("database error")),
                         w,
