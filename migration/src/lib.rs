@@ -10,6 +10,8 @@ mod m20250101_000001_create_auth_user;
 mod m20250101_000002_create_llm_tracker_usage;
 mod m20250301_000003_add_usage_started_at;
 mod m20251101_000004_add_usage_cost;
+mod m20251201_000005_add_usage_rollup;
+pub mod rollup;
 mod util;
 
 /// All migrations, oldest first.
@@ -23,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20250101_000002_create_llm_tracker_usage::Migration),
             Box::new(m20250301_000003_add_usage_started_at::Migration),
             Box::new(m20251101_000004_add_usage_cost::Migration),
+            Box::new(m20251201_000005_add_usage_rollup::Migration),
         ]
     }
 }
