@@ -272,22 +272,24 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
                 ]
             };
             let mut out = vec![
-                function(
-                    TRIGGERS[0],
-                    upsert_sql(backend, &[table("new_rows", 1)]),
-                ),
-                function(
-                    TRIGGERS[1],
-                    upsert_sql(backend, &[table("old_rows", -1)]),
-                ),
+                function(TRIGGERS[0], upsert_sql(backend, &[table("new_rows", 1)])),
+                function(TRIGGERS[1], upsert_sql(backend, &[table("old_rows", -1)])),
                 function(
                     TRIGGERS[2],
                     upsert_sql(backend, &[table("old_rows", -1), table("new_rows", 1)]),
                 ),
                 function(TRIGGERS[3], format!("DELETE FROM {TABLE}")),
             ];
-            out.extend(trigger(TRIGGERS[0], "INSERT", "REFERENCING NEW TABLE AS new_rows"));
-            out.extend(trigger(TRIGGERS[1], "DELETE", "REFERENCING OLD TABLE AS old_rows"));
+            out.extend(trigger(
+                TRIGGERS[0],
+                "INSERT",
+                "REFERENCING NEW TABLE AS new_rows",
+            ));
+            out.extend(trigger(
+                TRIGGERS[1],
+                "DELETE",
+                "REFERENCING OLD TABLE AS old_rows",
+            ));
             out.extend(trigger(
                 TRIGGERS[2],
                 "UPDATE",
@@ -318,7 +320,9 @@ pub fn drop_triggers_sql(backend: DbBackend) -> Vec<String> {
     for name in TRIGGERS {
         match backend {
             DbBackend::Postgres => {
-                out.push(format!("DROP TRIGGER IF EXISTS {name} ON llm_tracker_usage"));
+                out.push(format!(
+                    "DROP TRIGGER IF EXISTS {name} ON llm_tracker_usage"
+                ));
                 out.push(format!("DROP FUNCTION IF EXISTS {name}()"));
             }
             _ => out.push(format!("DROP TRIGGER IF EXISTS {name}")),

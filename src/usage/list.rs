@@ -2,8 +2,8 @@
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    DatabaseConnection, DbErr, EntityTrait, JoinType, QueryFilter, QueryOrder, QuerySelect,
-    RelationTrait, Select,
+    ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, JoinType, QueryFilter, QueryOrder,
+    QuerySelect, RelationTrait, Select,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -201,8 +201,43 @@ pub async fn keyset_batch(
         .collect())
 }
 
-/// How many rows match (the listing's `total`).
+/// How many rows match (the listing's `total`): whole slots from the rollup's call counts,
+/// the partial slots at the edges counted in the rows (see [`super::rollup`]).
 async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result<u64, DbErr> {
+    let txn = super::stats::read_txn(db).await?;
+    let plan = super::rollup::plan(&txn, filter, None).await?;
+    let mut total = 0i64;
+    let raw: Vec<&UsageFilter> = match &plan {
+        None => vec![filter],
+        Some(plan) => {
+            let stmt = super::rollup::statement(
+                txn.get_database_backend(),
+                plan,
+                filter,
+                super::rollup::GroupBy::Nothing,
+            );
+            if let Some(row) = txn.query_one_raw(stmt).await? {
+                total += row.try_get::<i64>("", "total_calls")?;
+            }
+            plan.edges.iter().collect()
+        }
+    };
+    for f in raw {
+        total += count_query(f)
+            .into_tuple::<i64>()
+            .one(&txn)
+            .await?
+            .unwrap_or(0);
+    }
+    txn.commit().await?;
+    Ok(total.max(0) as u64)
+}
+
+/// The raw row count (the reference the rollup's total is checked against).
+pub async fn count_matching_raw(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+) -> Result<u64, DbErr> {
     Ok(count_query(filter)
         .into_tuple::<i64>()
         .one(db)

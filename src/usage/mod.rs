@@ -7,6 +7,7 @@ pub mod filters;
 pub mod list;
 pub mod plans;
 pub mod reprice;
+pub mod rollup;
 pub mod stats;
 
 pub use filters::{FilterError, UsageFilter};

@@ -6,14 +6,16 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use chrono_tz::Tz;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, FromQueryResult,
-    QueryFilter, QuerySelect, Select, TransactionTrait,
+    AccessMode, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, FromQueryResult, IsolationLevel, QueryFilter, QuerySelect, QueryTrait, Select,
+    TransactionTrait,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::UsageFilter;
 use super::buckets::{bucket_of, buckets_between};
+use super::rollup;
 use crate::db::entities::usage;
 use crate::pricing::{CURRENCY, Usd};
 
@@ -145,14 +147,13 @@ impl Granularity {
 }
 
 /// The 15-minute UTC slot of each row (`epoch seconds / 900`), as text: every real time-zone
-/// offset is a whole number of slots, so local buckets are unions of slots.
-fn slot_sql(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::Postgres => {
-            "CAST(CAST(floor(extract(epoch FROM created_at) / 900) AS BIGINT) AS TEXT)"
-        }
-        _ => "CAST(CAST(strftime('%s', created_at) AS INTEGER) / 900 AS TEXT)",
-    }
+/// offset is a whole number of slots, so local buckets are unions of slots. The rollup's own
+/// expression, so raw rows and rollup cells fall in the same slots.
+fn slot_sql(backend: DbBackend) -> String {
+    format!(
+        "CAST({} AS TEXT)",
+        migration::rollup::slot_sql(backend, "created_at")
+    )
 }
 
 /// How the series is bucketed: the time zone of its local buckets, and whether a range given
@@ -196,17 +197,19 @@ fn cost_sum_sql(backend: DbBackend) -> &'static str {
 }
 
 /// Latency in whole microseconds summed over the rows that have `started_at` (negative clock
-/// skew counts as 0), and how many rows those are.
-fn latency_sum_sql(backend: DbBackend) -> &'static str {
+/// skew counts as 0), and how many rows those are. The same per-row value as the rollup's.
+fn latency_sum_sql(backend: DbBackend) -> String {
     match backend {
-        // Summing intervals and converting once per group: EXTRACT on every row is numeric
-        // arithmetic per row (about 120 ms more at 1M rows).
+        // Summing intervals and converting once per group (exact: intervals are whole
+        // microseconds): EXTRACT on every row is numeric arithmetic per row (about 120 ms more
+        // at 1M rows).
         DbBackend::Postgres => {
-            "CAST(COALESCE(EXTRACT(EPOCH FROM SUM(GREATEST(created_at - started_at, INTERVAL '0'))) * 1000000, 0) AS BIGINT)"
+            "CAST(COALESCE(EXTRACT(EPOCH FROM SUM(GREATEST(created_at - started_at, INTERVAL '0'))) * 1000000, 0) AS BIGINT)".to_owned()
         }
-        _ => {
-            "CAST(COALESCE(SUM(MAX(0, (unixepoch(created_at, 'subsec') - unixepoch(started_at, 'subsec')) * 1000000)), 0) AS INTEGER)"
-        }
+        _ => format!(
+            "CAST(COALESCE(SUM({}), 0) AS INTEGER)",
+            migration::rollup::latency_us_sql(backend, "created_at", "started_at")
+        ),
     }
 }
 
@@ -229,21 +232,12 @@ fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
         )
 }
 
-/// Sums over every matching row, in one pass.
+/// Sums over every matching row.
 pub async fn summary_stats(
     db: &DatabaseConnection,
     filter: &UsageFilter,
 ) -> Result<Summary, DbErr> {
-    let backend = db.get_database_backend();
-    let q = with_sums(usage::Entity::find().select_only(), backend)
-        .column_as(Expr::cust("CAST(NULL AS TEXT)"), "model")
-        .column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket")
-        .filter(filter.condition());
-    let mut summary = Summary::default();
-    if let Some(row) = q.into_model::<Group>().one(db).await? {
-        summary.add(&row);
-    }
-    Ok(summary)
+    Ok(token_stats(db, filter, None).await?.summary)
 }
 
 impl Summary {
@@ -272,7 +266,7 @@ pub struct TokenStatsData {
 
 /// One `(model, bucket)` group of the single aggregate query behind [`token_stats`].
 #[derive(Debug, FromQueryResult)]
-struct Group {
+pub(crate) struct Group {
     model: Option<String>,
     bucket: Option<String>,
     total_calls: i64,
@@ -372,26 +366,28 @@ pub(crate) fn token_stats_query(
             q.column_as(Expr::cust(text), "bucket")
                 .group_by(Expr::cust(group))
         }
-        Some(_) => q
-            .column_as(Expr::cust(slot_sql(backend)), "bucket")
-            .group_by(Expr::cust(slot_sql(backend))),
+        Some(_) => {
+            let slot = slot_sql(backend);
+            q.column_as(Expr::cust(slot.clone()), "bucket")
+                .group_by(Expr::cust(slot))
+        }
         None => q.column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket"),
     }
 }
 
-/// The instant a group's bucket text stands for: a UTC bucket start, or a 15-minute slot.
-fn group_instant(text: &str, tz: Tz) -> Result<DateTime<Utc>, DbErr> {
+/// The instant a group's bucket text stands for: a 15-minute slot number (the rollup, and the
+/// raw rows outside UTC), or a UTC bucket start `YYYY-MM-DD HH:MM:SS`.
+fn group_instant(text: &str) -> Result<DateTime<Utc>, DbErr> {
     let bad = |e: String| DbErr::Custom(format!("bucket {text:?}: {e}"));
-    if tz == Tz::UTC {
-        NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
-            .map(|t| t.and_utc())
-            .map_err(|e| bad(e.to_string()))
-    } else {
-        let slot: i64 = text
-            .parse()
-            .map_err(|e: std::num::ParseIntError| bad(e.to_string()))?;
-        DateTime::from_timestamp(slot * 900, 0).ok_or_else(|| bad("out of range".into()))
+    if let Ok(slot) = text.parse::<i64>() {
+        return slot
+            .checked_mul(900)
+            .and_then(|s| DateTime::from_timestamp(s, 0))
+            .ok_or_else(|| bad("out of range".into()));
     }
+    NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+        .map(|t| t.and_utc())
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// Summary, per-model breakdown and (with a granularity) the series, from a single
@@ -405,9 +401,45 @@ pub async fn token_stats(
     token_stats_in(db, filter, granularity, SeriesOptions::default()).await
 }
 
+/// A read-only transaction: every statement of one request sees the same snapshot (on
+/// PostgreSQL `REPEATABLE READ`), so the rollup and the raw edge rows agree.
+pub(crate) async fn read_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    match db.get_database_backend() {
+        DbBackend::Postgres => {
+            db.begin_with_config(
+                Some(IsolationLevel::RepeatableRead),
+                Some(AccessMode::ReadOnly),
+            )
+            .await
+        }
+        _ => db.begin().await,
+    }
+}
+
+/// The raw groups of `filter` (the single aggregate over the rows, under its planner
+/// settings), inside `txn`.
+async fn raw_groups(
+    txn: &DatabaseTransaction,
+    filter: &UsageFilter,
+    granularity: Option<Granularity>,
+    tz: Tz,
+) -> Result<Vec<Group>, DbErr> {
+    let backend = txn.get_database_backend();
+    if let Some(settings) = aggregate_settings(backend) {
+        txn.execute_unprepared(settings).await?;
+    }
+    token_stats_query(backend, filter, granularity, tz)
+        .into_model::<Group>()
+        .all(txn)
+        .await
+}
+
 /// [`token_stats`] with local buckets in `options.tz` and, with `options.fill` and both ends
 /// of the range in `filter`, every bucket of the range (empty ones with zeros). The caller
 /// checks the range against [`super::buckets::MAX_BUCKETS`] first.
+///
+/// Whole 15-minute slots come from the rollup, the partial slots at the edges from the raw
+/// rows (see [`super::rollup`]); the figures are exactly those of [`token_stats_raw`].
 pub async fn token_stats_in(
     db: &DatabaseConnection,
     filter: &UsageFilter,
@@ -416,30 +448,83 @@ pub async fn token_stats_in(
 ) -> Result<TokenStatsData, DbErr> {
     let backend = db.get_database_backend();
     let tz = options.tz;
-    let q = token_stats_query(backend, filter, granularity, tz);
-    let groups = match aggregate_settings(backend) {
-        Some(settings) => {
-            let txn = db.begin().await?;
-            txn.execute_unprepared(settings).await?;
-            let groups = q.into_model::<Group>().all(&txn).await?;
-            txn.commit().await?;
-            groups
+    let txn = read_txn(db).await?;
+    let plan = rollup::plan(&txn, filter, granularity.map(|g| (g, tz))).await?;
+    let (totals, series, both) = match plan {
+        None => (
+            Vec::new(),
+            Vec::new(),
+            raw_groups(&txn, filter, granularity, tz).await?,
+        ),
+        Some(plan) => {
+            let totals = rollup::query(&txn, &plan, filter, rollup::GroupBy::Model).await?;
+            let series = match granularity {
+                Some(_) => rollup::query(&txn, &plan, filter, rollup::GroupBy::Slot).await?,
+                None => Vec::new(),
+            };
+            let mut edges = Vec::new();
+            for edge in &plan.edges {
+                edges.extend(
+                    token_stats_query(backend, edge, granularity, tz)
+                        .into_model::<Group>()
+                        .all(&txn)
+                        .await?,
+                );
+            }
+            (totals, series, edges)
         }
-        None => q.into_model::<Group>().all(db).await?,
     };
+    txn.commit().await?;
+    fold(&totals, &series, &both, filter, granularity, options)
+}
 
+/// [`token_stats_in`] from the raw rows only (the reference the rollup is checked against).
+pub async fn token_stats_raw(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    granularity: Option<Granularity>,
+    options: SeriesOptions,
+) -> Result<TokenStatsData, DbErr> {
+    let txn = read_txn(db).await?;
+    let groups = raw_groups(&txn, filter, granularity, options.tz).await?;
+    txn.commit().await?;
+    fold(&[], &[], &groups, filter, granularity, options)
+}
+
+/// Folds groups into the response: `totals` count in the summary and per model, `series` in
+/// the buckets, `both` in all three. Groups with no calls (rollup cells whose rows were all
+/// deleted) are skipped, so they never make a model or bucket appear.
+fn fold(
+    totals: &[Group],
+    series: &[Group],
+    both: &[Group],
+    filter: &UsageFilter,
+    granularity: Option<Granularity>,
+    options: SeriesOptions,
+) -> Result<TokenStatsData, DbErr> {
+    let tz = options.tz;
     let mut summary = Summary::default();
     let mut models: BTreeMap<&str, Totals> = BTreeMap::new();
     // Local buckets by start instant (labels with offsets do not sort by time across DST).
     let mut buckets: BTreeMap<DateTime<Utc>, (String, Totals)> = BTreeMap::new();
-    for g in &groups {
-        summary.add(g);
-        models
-            .entry(g.model.as_deref().unwrap_or_default())
-            .or_default()
-            .add(g);
-        if let (Some(text), Some(gran)) = (&g.bucket, granularity) {
-            let b = bucket_of(gran, tz, group_instant(text, tz)?);
+    let tagged = totals
+        .iter()
+        .map(|g| (g, true, false))
+        .chain(series.iter().map(|g| (g, false, true)))
+        .chain(both.iter().map(|g| (g, true, true)));
+    for (g, to_totals, to_series) in tagged {
+        if g.total_calls == 0 {
+            continue;
+        }
+        if to_totals {
+            summary.add(g);
+            models
+                .entry(g.model.as_deref().unwrap_or_default())
+                .or_default()
+                .add(g);
+        }
+        if let (true, Some(text), Some(gran)) = (to_series, &g.bucket, granularity) {
+            let b = bucket_of(gran, tz, group_instant(text)?);
             buckets
                 .entry(b.start)
                 .or_insert_with(|| (b.label, Totals::default()))
@@ -535,10 +620,11 @@ pub struct UserStats {
     pub total_cost_currency: &'static str,
 }
 
-#[derive(Debug, FromQueryResult)]
+/// One user's sums: from the rollup (`user_key`) or the raw edge rows (`user_id`).
+#[derive(Debug, Default, FromQueryResult)]
 struct UserGroup {
-    user_id: Option<i32>,
-    username: Option<String>,
+    #[sea_orm(skip)]
+    user: Option<i32>,
     total_calls: i64,
     total_prompt_tokens: i64,
     total_completion_tokens: i64,
@@ -548,34 +634,131 @@ struct UserGroup {
     cost_micros: i64,
 }
 
-/// Per-user totals, by total tokens descending (then user id, no-user last), at most `limit`.
+impl UserGroup {
+    fn add(&mut self, o: &UserGroup) {
+        self.total_calls += o.total_calls;
+        self.total_prompt_tokens += o.total_prompt_tokens;
+        self.total_completion_tokens += o.total_completion_tokens;
+        self.total_tokens += o.total_tokens;
+        self.total_cached_tokens += o.total_cached_tokens;
+        self.total_reasoning_tokens += o.total_reasoning_tokens;
+        self.cost_micros += o.cost_micros;
+    }
+}
+
+#[derive(Debug, FromQueryResult)]
+struct KeyOnly {
+    user_key: i64,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct UserIdOnly {
+    user_id: Option<i32>,
+}
+
+/// The raw per-user groups of `filter`.
+async fn raw_user_groups<C: ConnectionTrait>(
+    db: &C,
+    filter: &UsageFilter,
+) -> Result<Vec<UserGroup>, DbErr> {
+    let backend = db.get_database_backend();
+    let q = with_sums(usage::Entity::find().select_only(), backend)
+        .column(usage::Column::UserId)
+        .filter(filter.condition())
+        .group_by(usage::Column::UserId);
+    let stmt = q.build(backend);
+    let rows = db.query_all_raw(stmt).await?;
+    rows.iter()
+        .map(|r| {
+            let mut g = UserGroup::from_query_result(r, "")?;
+            g.user = UserIdOnly::from_query_result(r, "")?.user_id;
+            Ok(g)
+        })
+        .collect()
+}
+
+/// Per-user totals, by total tokens descending (then user id, no-user last), at most `limit`:
+/// whole slots from the rollup, the edges from the raw rows, as [`token_stats_in`].
 pub async fn stats_by_user(
     db: &DatabaseConnection,
     filter: &UsageFilter,
     limit: u64,
 ) -> Result<Vec<UserStats>, DbErr> {
-    use sea_orm::{JoinType, QueryOrder, RelationTrait};
-    let backend = db.get_database_backend();
-    let tokens = "CAST(COALESCE(SUM(llm_tracker_usage.total_tokens), 0) AS BIGINT)";
-    let rows = with_sums(usage::Entity::find().select_only(), backend)
-        .column(usage::Column::UserId)
-        .column_as(crate::db::entities::auth_user::Column::Username, "username")
-        .join(JoinType::LeftJoin, usage::Relation::User.def())
-        .filter(filter.condition())
-        .group_by(usage::Column::UserId)
-        .group_by(crate::db::entities::auth_user::Column::Username)
-        .order_by_desc(Expr::cust(tokens))
-        .order_by_asc(Expr::cust("llm_tracker_usage.user_id IS NULL"))
-        .order_by_asc(usage::Column::UserId)
-        .limit(limit)
-        .into_model::<UserGroup>()
-        .all(db)
-        .await?;
-    Ok(rows
+    let txn = read_txn(db).await?;
+    let mut groups = Vec::new();
+    match rollup::plan(&txn, filter, None).await? {
+        None => groups = raw_user_groups(&txn, filter).await?,
+        Some(plan) => {
+            let stmt = rollup::statement(
+                txn.get_database_backend(),
+                &plan,
+                filter,
+                rollup::GroupBy::User,
+            );
+            for r in txn.query_all_raw(stmt).await? {
+                let mut g = UserGroup::from_query_result(&r, "")?;
+                g.user = rollup::user_of(KeyOnly::from_query_result(&r, "")?.user_key);
+                groups.push(g);
+            }
+            for edge in &plan.edges {
+                groups.extend(raw_user_groups(&txn, edge).await?);
+            }
+        }
+    }
+    let users = finish_by_user(&txn, groups, limit).await?;
+    txn.commit().await?;
+    Ok(users)
+}
+
+/// [`stats_by_user`] from the raw rows only.
+pub async fn stats_by_user_raw(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    limit: u64,
+) -> Result<Vec<UserStats>, DbErr> {
+    let groups = raw_user_groups(db, filter).await?;
+    finish_by_user(db, groups, limit).await
+}
+
+/// Merges groups per user, orders and cuts them, and adds the usernames.
+async fn finish_by_user<C: ConnectionTrait>(
+    db: &C,
+    groups: Vec<UserGroup>,
+    limit: u64,
+) -> Result<Vec<UserStats>, DbErr> {
+    use crate::db::entities::auth_user;
+    use sea_orm::ColumnTrait;
+    let mut merged: BTreeMap<Option<i32>, UserGroup> = BTreeMap::new();
+    for g in &groups {
+        merged.entry(g.user).or_default().add(g);
+    }
+    let mut users: Vec<(Option<i32>, UserGroup)> = merged
         .into_iter()
-        .map(|r| UserStats {
-            user_id: r.user_id,
-            username: r.username,
+        .filter(|(_, g)| g.total_calls > 0)
+        .collect();
+    // Tokens descending, then users by id, the calls made for no user last.
+    users.sort_by_key(|(u, g)| (std::cmp::Reverse(g.total_tokens), u.is_none(), *u));
+    users.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let ids: Vec<i32> = users.iter().filter_map(|(u, _)| *u).collect();
+    let names: BTreeMap<i32, String> = if ids.is_empty() {
+        BTreeMap::new()
+    } else {
+        auth_user::Entity::find()
+            .select_only()
+            .column(auth_user::Column::Id)
+            .column(auth_user::Column::Username)
+            .filter(auth_user::Column::Id.is_in(ids))
+            .into_tuple::<(i32, String)>()
+            .all(db)
+            .await?
+            .into_iter()
+            .collect()
+    };
+    Ok(users
+        .into_iter()
+        .map(|(user_id, r)| UserStats {
+            user_id,
+            username: user_id.and_then(|u| names.get(&u).cloned()),
             total_calls: r.total_calls,
             total_prompt_tokens: r.total_prompt_tokens,
             total_completion_tokens: r.total_completion_tokens,

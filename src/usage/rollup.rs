@@ -1,0 +1,306 @@
+//! Reading the usage rollup (`llm_tracker_usage_rollup`, see [`migration::rollup`]): a range
+//! is split into whole cells of the rollup (15-minute slots, UTC hours and UTC days, each
+//! inside one bucket of the series) and the raw rows of the partial slots at its edges, whose
+//! sums together are exactly those of the raw rows of the whole range.
+//!
+//! The cells are chosen greedily, coarsest first: a UTC day where it lies inside one bucket
+//! (always, without a series), else a UTC hour, else a slot. A slot that straddles a bucket
+//! boundary (a zone offset that is not a multiple of 15 minutes: only the local mean times
+//! before 1900 in the tz database) makes the whole request fall back to the raw rows.
+
+use chrono::{DateTime, Duration, Utc};
+use chrono_tz::Tz;
+use migration::rollup::{ALL_USERS, GRAINS, NO_USER, SLOT_SECONDS, TABLE};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
+
+use super::UsageFilter;
+use super::buckets::bucket_of;
+use super::filters::escape_like;
+use super::stats::Granularity;
+
+const SLOT_MICROS: i64 = SLOT_SECONDS * 1_000_000;
+
+/// How a request is answered from the rollup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// `(grain, first slot, end slot)`: whole cells of `grain` slots from the first slot up to
+    /// (not including) the end slot; the ranges do not overlap.
+    pub ranges: Vec<(i64, i64, i64)>,
+    /// The raw rows still to add: the filter narrowed to each partial edge of the range.
+    pub edges: Vec<UsageFilter>,
+}
+
+fn slot_start(slot: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0)
+}
+
+/// The first and last slot of the rollup (any user), if it has any cell.
+async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr> {
+    let backend = db.get_database_backend();
+    let one = |order: &str| {
+        Statement::from_string(
+            backend,
+            format!(
+                "SELECT slot FROM {TABLE} WHERE grain = 1 AND user_key = {ALL_USERS} ORDER BY slot {order} LIMIT 1"
+            ),
+        )
+    };
+    let first = db.query_one_raw(one("ASC")).await?;
+    let last = db.query_one_raw(one("DESC")).await?;
+    Ok(match (first, last) {
+        (Some(f), Some(l)) => Some((f.try_get_by_index(0)?, l.try_get_by_index(0)?)),
+        _ => None,
+    })
+}
+
+/// The plan for `filter` (and, for a series, its buckets), or `None` when the raw rows answer
+/// it better: a range shorter than a slot, an empty rollup, or a slot that straddles a bucket.
+pub async fn plan<C: ConnectionTrait>(
+    db: &C,
+    filter: &UsageFilter,
+    series: Option<(Granularity, Tz)>,
+) -> Result<Option<Plan>, DbErr> {
+    if let (Some(s), Some(e)) = (filter.start, filter.end)
+        && e < s
+    {
+        return Ok(None);
+    }
+    // Whole slots [a, b): the first slot starting at or after `start`, up to the slot holding
+    // the first instant after `end` (times are whole microseconds).
+    let a = filter.start.map(|s| {
+        let us = s.timestamp_micros();
+        us.div_euclid(SLOT_MICROS) + i64::from(us.rem_euclid(SLOT_MICROS) != 0)
+    });
+    let b = filter
+        .end
+        .map(|e| (e.timestamp_micros() + 1).div_euclid(SLOT_MICROS));
+    let (a, b) = match (a, b) {
+        (Some(a), Some(b)) => (a, b),
+        _ => match extent(db).await? {
+            None => return Ok(None),
+            Some((first, last)) => (a.unwrap_or(first), b.unwrap_or(last + 1)),
+        },
+    };
+    if a >= b {
+        return Ok(None);
+    }
+    let Some(ranges) = cells(a, b, series) else {
+        return Ok(None);
+    };
+    let mut edges = Vec::new();
+    let (Some(a_at), Some(b_at)) = (slot_start(a), slot_start(b)) else {
+        return Ok(None);
+    };
+    if let Some(start) = filter.start
+        && start < a_at
+    {
+        edges.push(UsageFilter {
+            start: Some(start),
+            end: Some(a_at - Duration::microseconds(1)),
+            ..filter.clone()
+        });
+    }
+    if let Some(end) = filter.end
+        && b_at <= end
+    {
+        edges.push(UsageFilter {
+            start: Some(b_at),
+            end: Some(end),
+            ..filter.clone()
+        });
+    }
+    Ok(Some(Plan { ranges, edges }))
+}
+
+/// Slots `[a, b)` as merged runs of cells, coarsest first, each cell inside one bucket of the
+/// series; `None` when a single slot straddles two buckets.
+fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<(i64, i64, i64)>> {
+    let fits = |p: i64, g: i64| match series {
+        None => true,
+        Some((gran, tz)) => match (slot_start(p), slot_start(p + g)) {
+            (Some(s), Some(e)) => {
+                bucket_of(gran, tz, s).start
+                    == bucket_of(gran, tz, e - Duration::microseconds(1)).start
+            }
+            _ => false,
+        },
+    };
+    let mut runs: Vec<(i64, i64, i64)> = Vec::new();
+    let mut p = a;
+    while p < b {
+        let g = GRAINS
+            .iter()
+            .rev()
+            .copied()
+            .find(|&g| p.rem_euclid(g) == 0 && p + g <= b && fits(p, g))?;
+        match runs.last_mut() {
+            Some((lg, _, hi)) if *lg == g && *hi == p => *hi = p + g,
+            _ => runs.push((g, p, p + g)),
+        }
+        p += g;
+    }
+    Some(runs)
+}
+
+/// What a rollup query groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// One group per model (the columns of the raw groups, `bucket` null).
+    Model,
+    /// One group per cell start slot (`model` null, `bucket` the slot as text).
+    Slot,
+    /// One group per user key (`user_key`).
+    User,
+    /// A single group.
+    Nothing,
+}
+
+/// The statement summing the plan's cells that `filter` selects, grouped by `by`, with the
+/// column names of the raw aggregate (`total_calls`, `successful_calls`, …).
+pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: GroupBy) -> Statement {
+    let values: Vec<String> = plan
+        .ranges
+        .iter()
+        .map(|(g, lo, hi)| format!("({g}, {lo}, {hi})"))
+        .collect();
+    let mut params: Vec<Value> = Vec::new();
+    let mut placeholder = |v: Value| {
+        params.push(v);
+        match backend {
+            DbBackend::Postgres => format!("${}", params.len()),
+            _ => "?".to_owned(),
+        }
+    };
+    let mut conditions = vec![match (by, filter.user_id) {
+        (_, Some(user)) => format!("r.user_key = {user}"),
+        (GroupBy::User, None) => format!("r.user_key <> {ALL_USERS}"),
+        (_, None) => format!("r.user_key = {ALL_USERS}"),
+    }];
+    if let Some(model) = &filter.model {
+        let pattern = format!("%{}%", escape_like(&model.to_lowercase()));
+        conditions.push(format!(
+            "lower(r.model) LIKE {} ESCAPE '\\'",
+            placeholder(pattern.into())
+        ));
+    }
+    if let Some(success) = filter.success {
+        conditions.push(format!("r.success = {}", placeholder(success.into())));
+    }
+    let sum = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
+    let (key, group) = match by {
+        GroupBy::Model => (
+            "r.model AS model, CAST(NULL AS TEXT) AS bucket",
+            " GROUP BY r.model",
+        ),
+        GroupBy::Slot => (
+            "CAST(NULL AS TEXT) AS model, CAST(r.slot AS TEXT) AS bucket",
+            " GROUP BY r.slot",
+        ),
+        GroupBy::User => ("r.user_key AS user_key", " GROUP BY r.user_key"),
+        GroupBy::Nothing => (
+            "CAST(NULL AS TEXT) AS model, CAST(NULL AS TEXT) AS bucket",
+            "",
+        ),
+    };
+    let sql = format!(
+        "WITH v (g, lo, hi) AS (VALUES {values}) \
+         SELECT {key}, {calls} AS total_calls, {ok} AS successful_calls, \
+         {p} AS total_prompt_tokens, {c} AS total_completion_tokens, {t} AS total_tokens, \
+         {ca} AS total_cached_tokens, {re} AS total_reasoning_tokens, {cost} AS cost_micros, \
+         {unpriced} AS unpriced_calls, {lat} AS latency_us, {latn} AS latency_n \
+         FROM v JOIN {TABLE} r ON r.grain = v.g AND r.slot >= v.lo AND r.slot < v.hi \
+         WHERE {conditions}{group}",
+        values = values.join(", "),
+        calls = sum("r.calls"),
+        ok = sum("CASE WHEN r.success THEN r.calls ELSE 0 END"),
+        p = sum("r.prompt_tokens"),
+        c = sum("r.completion_tokens"),
+        t = sum("r.total_tokens"),
+        ca = sum("r.cached_tokens"),
+        re = sum("r.reasoning_tokens"),
+        cost = sum("r.cost_micros"),
+        unpriced = sum("r.calls - r.priced_calls"),
+        lat = sum("r.latency_us"),
+        latn = sum("r.latency_calls"),
+        conditions = conditions.join(" AND "),
+    );
+    Statement::from_sql_and_values(backend, sql, params)
+}
+
+/// The rows of [`statement`] as `T`.
+pub async fn query<C: ConnectionTrait, T: FromQueryResult>(
+    db: &C,
+    plan: &Plan,
+    filter: &UsageFilter,
+    by: GroupBy,
+) -> Result<Vec<T>, DbErr> {
+    let stmt = statement(db.get_database_backend(), plan, filter, by);
+    T::find_by_statement(stmt).all(db).await
+}
+
+/// A rollup user key as the `user_id` it stands for (`None`: calls made for no user).
+pub fn user_of(key: i64) -> Option<i32> {
+    if key == NO_USER {
+        None
+    } else {
+        i32::try_from(key).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn slot(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s).unwrap().timestamp() / SLOT_SECONDS
+    }
+
+    #[test]
+    fn coarsest_cells_first_and_merged() {
+        let a = slot("2025-01-01T23:15:00Z");
+        let b = slot("2025-01-04T01:30:00Z");
+        let runs = cells(a, b, None).unwrap();
+        assert_eq!(
+            runs,
+            vec![
+                (1, a, a + 3),
+                (96, a + 3, a + 3 + 192),
+                (4, a + 195, a + 195 + 4),
+                (1, a + 199, b),
+            ]
+        );
+    }
+
+    #[test]
+    fn cells_stay_inside_local_buckets() {
+        // Month series (local days) in Asia/Kolkata (+05:30): days start at 18:30 UTC.
+        let tz: Tz = "Asia/Kolkata".parse().unwrap();
+        let a = slot("2025-01-01T00:00:00Z");
+        let b = slot("2025-01-03T00:00:00Z");
+        let runs = cells(a, b, Some((Granularity::Month, tz))).unwrap();
+        for (g, lo, hi) in &runs {
+            for p in (*lo..*hi).step_by(*g as usize) {
+                let s = slot_start(p).unwrap();
+                let e = slot_start(p + g).unwrap() - Duration::microseconds(1);
+                assert_eq!(
+                    bucket_of(Granularity::Month, tz, s),
+                    bucket_of(Granularity::Month, tz, e)
+                );
+            }
+        }
+        assert!(runs.iter().all(|(g, _, _)| *g != 96));
+        assert_eq!(runs.first().unwrap().1, a);
+        assert_eq!(runs.last().unwrap().2, b);
+    }
+
+    #[test]
+    fn a_straddling_slot_means_raw_rows() {
+        // Before 1883 New York kept local mean time, UTC-4:56:02.
+        let tz: Tz = "America/New_York".parse().unwrap();
+        let t = Utc.with_ymd_and_hms(1870, 1, 1, 0, 0, 0).unwrap();
+        let a = t.timestamp() / SLOT_SECONDS;
+        assert_eq!(cells(a, a + 200, Some((Granularity::Day, tz))), None);
+        assert!(cells(a, a + 200, None).is_some());
+    }
+}
