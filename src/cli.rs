@@ -75,6 +75,11 @@ pub enum Command {
         #[arg(long)]
         until: Option<String>,
     },
+    /// Check or recreate the usage rollup that token-stats reads.
+    Rollup {
+        #[command(subcommand)]
+        action: RollupAction,
+    },
     /// Print an HS256 access token for a user (the token alone on stdout).
     Token {
         /// The user the token is for.
@@ -84,6 +89,82 @@ pub enum Command {
         #[arg(long, default_value = "1h")]
         ttl: String,
     },
+}
+
+/// `llm-tracker rollup …`.
+#[derive(Debug, Subcommand)]
+pub enum RollupAction {
+    /// Recompute the rollup's cells from the rows and compare them with the stored ones (whole
+    /// UTC days of the range; the whole table by default). Exits 1 when any cell differs.
+    Verify {
+        /// From this date or date-time (as the API's start_date).
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this date or date-time (a date means its end).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Recreate the rollup from every row (one transaction; writers wait for it).
+    Rebuild,
+}
+
+/// `--since` / `--until` as a filter, read as the API reads start_date / end_date.
+fn range_filter(
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<crate::usage::UsageFilter, CliError> {
+    crate::usage::UsageFilter::from_params(since, until, None, None, None).map_err(|e| {
+        let flag = if e.param == "start_date" {
+            "--since"
+        } else {
+            "--until"
+        };
+        CliError::Usage(format!("{flag}: {}", e.message))
+    })
+}
+
+async fn rollup(settings: &Settings, action: RollupAction) -> Result<(), CliError> {
+    match action {
+        RollupAction::Verify { since, until } => {
+            let filter = range_filter(since.as_deref(), until.as_deref())?;
+            let db = open_migrated(settings).await?;
+            let report = crate::usage::rollup::verify(&db, filter.start, filter.end).await?;
+            let range = match report.slots {
+                None => "the whole table".to_owned(),
+                Some((lo, hi)) => {
+                    let day = |slot: i64| {
+                        chrono::DateTime::from_timestamp(slot.saturating_mul(900), 0)
+                            .map(|t| t.format("%Y-%m-%d").to_string())
+                            .unwrap_or_else(|| "…".into())
+                    };
+                    format!("UTC days {} to {} (exclusive)", day(lo), day(hi))
+                }
+            };
+            for e in &report.examples {
+                println!("differs: {e}");
+            }
+            println!(
+                "rollup verify over {range}: {} cells expected, {} differ",
+                report.expected_cells, report.differing_cells
+            );
+            if report.differing_cells > 0 {
+                return Err(CliError::Check(format!(
+                    "the rollup differs from the rows in {} cells; `llm-tracker rollup rebuild` recreates it",
+                    report.differing_cells
+                )));
+            }
+        }
+        RollupAction::Rebuild => {
+            let db = open_migrated(settings).await?;
+            let started = std::time::Instant::now();
+            let cells = crate::usage::rollup::rebuild(&db).await?;
+            println!(
+                "rollup rebuilt: {cells} cells in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A command's failure, printed as one line.
@@ -101,6 +182,8 @@ pub enum CliError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Tracker(#[from] TrackerError),
+    #[error("{0}")]
+    Check(String),
 }
 
 /// Runs one command to completion.
@@ -164,21 +247,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
             until,
         } => {
             // Dates are checked before the database is touched.
-            let filter = crate::usage::UsageFilter::from_params(
-                since.as_deref(),
-                until.as_deref(),
-                None,
-                None,
-                None,
-            )
-            .map_err(|e| {
-                let flag = if e.param == "start_date" {
-                    "--since"
-                } else {
-                    "--until"
-                };
-                CliError::Usage(format!("{flag}: {}", e.message))
-            })?;
+            let filter = range_filter(since.as_deref(), until.as_deref())?;
             let db = open_migrated(&settings).await?;
             let scope = crate::usage::reprice::RepriceScope {
                 filter,
@@ -193,6 +262,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
                 report.scanned, report.changed, report.unpriced
             );
         }
+        Command::Rollup { action } => rollup(&settings, action).await?,
         Command::Call {
             prompt,
             system,

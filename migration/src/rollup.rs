@@ -68,17 +68,36 @@ pub fn slot_sql(backend: DbBackend, created_at: &str) -> String {
     }
 }
 
+/// SQLite: the instant stored in `col` as whole microseconds since the epoch, in integer
+/// arithmetic on the text (`YYYY-MM-DDTHH:MM:SS[.f…]+00:00`, or Django's naive
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]`): whole seconds by `strftime` on the first 19 characters, the
+/// fraction's digits read as text. SQLite's own fraction parsing works in floating point and
+/// rounds differently from version to version; this does not, so the trigger (run by whichever
+/// program writes the row) and the raw-row statistics agree to the microsecond.
+fn sqlite_epoch_micros(col: &str) -> String {
+    let rest = format!("substr({col}, 21)");
+    let digits = format!(
+        "substr({rest}, 1, CASE WHEN instr({rest}, '+') > 0 THEN instr({rest}, '+') - 1 \
+         WHEN instr({rest}, '-') > 0 THEN instr({rest}, '-') - 1 \
+         WHEN instr({rest}, 'Z') > 0 THEN instr({rest}, 'Z') - 1 ELSE 6 END)"
+    );
+    format!(
+        "(CAST(strftime('%s', substr({col}, 1, 19)) AS INTEGER) * 1000000 + \
+         CASE WHEN substr({col}, 20, 1) = '.' THEN CAST(substr({digits} || '000000', 1, 6) AS INTEGER) ELSE 0 END)"
+    )
+}
+
 /// One row's latency (`created_at − started_at`, negative clock skew as 0) in whole
-/// microseconds; NULL when `started_at` is NULL. SQLite's date functions resolve milliseconds:
-/// the difference of the two Julian days is rounded to whole milliseconds (`julianday`, which
-/// every SQLite version has).
+/// microseconds; NULL when `started_at` is NULL.
 pub fn latency_us_sql(backend: DbBackend, created_at: &str, started_at: &str) -> String {
     match backend {
         DbBackend::Postgres => format!(
             "CAST(EXTRACT(EPOCH FROM GREATEST({created_at} - {started_at}, INTERVAL '0')) * 1000000 AS BIGINT)"
         ),
         _ => format!(
-            "(CAST(ROUND(MAX(0, julianday({created_at}) - julianday({started_at})) * 86400000) AS INTEGER) * 1000)"
+            "CASE WHEN {started_at} IS NULL THEN NULL ELSE MAX(0, {} - {}) END",
+            sqlite_epoch_micros(created_at),
+            sqlite_epoch_micros(started_at)
         ),
     }
 }

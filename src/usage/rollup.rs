@@ -247,6 +247,149 @@ pub fn user_of(key: i64) -> Option<i32> {
     }
 }
 
+/// What `llm-tracker rollup verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// The slots compared, `[first, end)` (whole UTC days), or `None` for the whole table.
+    pub slots: Option<(i64, i64)>,
+    /// Cells that should exist (recomputed from the rows).
+    pub expected_cells: u64,
+    /// Cells whose stored sums differ from the recomputed ones (missing and extra included).
+    pub differing_cells: u64,
+    /// The first differing cells: key, then recomputed and stored call counts.
+    pub examples: Vec<String>,
+}
+
+fn day_aligned(t: DateTime<Utc>, up: bool) -> i64 {
+    let slot = t.timestamp().div_euclid(SLOT_SECONDS);
+    let day = slot.div_euclid(96) + i64::from(up);
+    day * 96
+}
+
+/// Recomputes the rollup's cells from the rows and compares them with the stored ones, over
+/// the whole UTC days from `since` to `until` (each optional). Read-only, in one snapshot.
+pub async fn verify(
+    db: &sea_orm::DatabaseConnection,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> Result<VerifyReport, DbErr> {
+    use migration::rollup::{SUM_COLUMNS, Source, cells_select};
+    let backend = db.get_database_backend();
+    let slots = match (since, until) {
+        (None, None) => None,
+        (s, u) => Some((
+            s.map(|t| day_aligned(t, false)).unwrap_or(i64::MIN / 2),
+            u.map(|t| day_aligned(t, true)).unwrap_or(i64::MAX / 2),
+        )),
+    };
+    let row_range = slots.map(|(lo, hi)| match backend {
+        // Exact on timestamps, and served by the created_at index.
+        DbBackend::Postgres => format!(
+            "created_at >= to_timestamp({}) AND created_at < to_timestamp({})",
+            lo.saturating_mul(SLOT_SECONDS).max(-210_866_803_200),
+            hi.saturating_mul(SLOT_SECONDS).min(9_224_318_015_999)
+        ),
+        _ => {
+            let slot = migration::rollup::slot_sql(backend, "created_at");
+            format!("{slot} >= {lo} AND {slot} < {hi}")
+        }
+    });
+    let expected = cells_select(
+        backend,
+        &[Source::Table {
+            name: "llm_tracker_usage",
+            sign: 1,
+            where_sql: row_range.as_deref(),
+        }],
+    );
+    let stored_range = slots
+        .map(|(lo, hi)| format!(" WHERE slot >= {lo} AND slot < {hi}"))
+        .unwrap_or_default();
+    let key = ["grain", "user_key", "slot", "model", "success"];
+    let on: Vec<String> = key.iter().map(|k| format!("e.{k} = s.{k}")).collect();
+    let differs: Vec<String> = SUM_COLUMNS
+        .iter()
+        .map(|c| format!("COALESCE(e.{c}, 0) <> COALESCE(s.{c}, 0)"))
+        .collect();
+    let key_out: Vec<String> = key
+        .iter()
+        .map(|k| format!("CAST(COALESCE(e.{k}, s.{k}) AS TEXT) AS {k}"))
+        .collect();
+    let sql = format!(
+        "WITH e AS ({expected}), s AS (SELECT * FROM {TABLE}{stored_range}) \
+         SELECT {key_out}, CAST(COALESCE(e.calls, 0) AS BIGINT) AS expected_calls, \
+         CAST(COALESCE(s.calls, 0) AS BIGINT) AS stored_calls, \
+         CASE WHEN e.calls IS NULL THEN 0 ELSE 1 END AS is_expected, \
+         CASE WHEN {differs} THEN 1 ELSE 0 END AS is_diff \
+         FROM e FULL OUTER JOIN s ON {on}",
+        key_out = key_out.join(", "),
+        differs = differs.join(" OR "),
+        on = on.join(" AND "),
+    );
+    let txn = super::stats::read_txn(db).await?;
+    let summary_sql = format!(
+        "SELECT CAST(COALESCE(SUM(is_expected), 0) AS BIGINT), CAST(COALESCE(SUM(is_diff), 0) AS BIGINT) FROM ({sql}) j"
+    );
+    let (expected_cells, differing_cells) = match txn
+        .query_one_raw(Statement::from_string(backend, summary_sql))
+        .await?
+    {
+        Some(r) => (r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<i64>(1)?),
+        None => (0, 0),
+    };
+    let mut examples = Vec::new();
+    if differing_cells > 0 {
+        let rows = txn
+            .query_all_raw(Statement::from_string(
+                backend,
+                format!("SELECT * FROM ({sql}) j WHERE is_diff = 1 ORDER BY slot, grain, user_key, model LIMIT 20"),
+            ))
+            .await?;
+        for r in rows {
+            let text = |k: &str| r.try_get::<String>("", k).unwrap_or_default();
+            examples.push(format!(
+                "grain={} user_key={} slot={} model={:?} success={}: rows say {} calls, rollup {}",
+                text("grain"),
+                text("user_key"),
+                text("slot"),
+                text("model"),
+                text("success"),
+                r.try_get::<i64>("", "expected_calls").unwrap_or_default(),
+                r.try_get::<i64>("", "stored_calls").unwrap_or_default(),
+            ));
+        }
+    }
+    txn.commit().await?;
+    Ok(VerifyReport {
+        slots,
+        expected_cells: expected_cells.max(0) as u64,
+        differing_cells: differing_cells.max(0) as u64,
+        examples,
+    })
+}
+
+/// Recreates the rollup from every row, in one transaction (PostgreSQL writers wait for it).
+/// Returns the number of cells written.
+pub async fn rebuild(db: &sea_orm::DatabaseConnection) -> Result<u64, DbErr> {
+    use sea_orm::TransactionTrait;
+    let backend = db.get_database_backend();
+    let txn = db.begin().await?;
+    for sql in migration::rollup::rebuild_sql(backend) {
+        txn.execute_unprepared(&sql).await?;
+    }
+    let cells = txn
+        .query_one_raw(Statement::from_string(
+            backend,
+            format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {TABLE}"),
+        ))
+        .await?
+        .map(|r| r.try_get_by_index::<i64>(0))
+        .transpose()?
+        .unwrap_or(0);
+    txn.commit().await?;
+    Ok(cells.max(0) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use crate::helpers::{TestDb, free_port, http_get};
 const KEY: &str = "cli-test-signing-key-0123456789";
 
 /// Runs the binary in an empty directory (no stray `.env`) with only the given variables.
-fn cmd(t: &TestDb, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+pub(crate) fn cmd(t: &TestDb, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-tracker"));
     cmd.args(args)
@@ -27,11 +27,11 @@ fn cmd(t: &TestDb, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run llm-tracker")
 }
 
-fn stdout(o: &Output) -> String {
+pub(crate) fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 

@@ -11,5 +11,6 @@ mod health;
 mod http_shell;
 mod migrations;
 mod openapi;
+mod rollup;
 mod tracker;
 mod usage_read;

@@ -20,14 +20,14 @@ use serde_json::json;
 use crate::db_test;
 use crate::helpers::TestDb;
 
-fn at(s: &str) -> DateTime<Utc> {
+pub(crate) fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
 static PRICES: std::sync::LazyLock<PriceTable> = std::sync::LazyLock::new(PriceTable::builtin);
 
 #[allow(clippy::too_many_arguments)]
-fn row(
+pub(crate) fn row(
     n: u128,
     user: Option<i32>,
     model: &str,
@@ -66,7 +66,7 @@ fn row(
     }
 }
 
-async fn insert(db: &DatabaseConnection, rows: &[usage::Model]) {
+pub(crate) async fn insert(db: &DatabaseConnection, rows: &[usage::Model]) {
     for chunk in rows.chunks(200) {
         usage::insert_rows(db, chunk).await.unwrap();
     }

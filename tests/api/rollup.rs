@@ -1,0 +1,527 @@
+//! The usage rollup (issue 7): token-stats, by_user and the llm-usage total read from whole
+//! 15-minute slots of `llm_tracker_usage_rollup` plus the raw rows of the partial slots at the
+//! range edges, and must equal the raw-row computation exactly, key for key — whoever wrote,
+//! updated or deleted the rows (our insert path, plain SQL as the Django app writes, the
+//! foreign key's `ON DELETE SET NULL`), for any range, filter, granularity and time zone.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono_tz::Tz;
+use llm_tracker::db::entities::{auth_user, usage};
+use llm_tracker::usage::UsageFilter;
+use llm_tracker::usage::buckets::buckets_between;
+use llm_tracker::usage::list::{count_matching_raw, list_usage};
+use llm_tracker::usage::rollup;
+use llm_tracker::usage::stats::{
+    Granularity, SeriesOptions, stats_by_user, stats_by_user_raw, token_stats_in, token_stats_raw,
+};
+use llm_tracker::users::{NewUser, create_user};
+use migration::MigratorTrait;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
+};
+
+use crate::cli::{cmd, stderr, stdout};
+use crate::db_test;
+use crate::helpers::TestDb;
+use crate::usage_read::{insert, row};
+
+const ZONES: [&str; 7] = [
+    "UTC",
+    "America/New_York",
+    "Asia/Kolkata",        // +05:30
+    "Asia/Kathmandu",      // +05:45
+    "Australia/Lord_Howe", // +10:30, and a 30-minute DST shift
+    "Pacific/Chatham",     // +12:45 / +13:45
+    "Europe/Berlin",
+];
+
+/// An instant near the slot grid: on a boundary, a microsecond either side, or anywhere.
+fn near_grid(rng: &mut StdRng, base: DateTime<Utc>, days: i64) -> DateTime<Utc> {
+    let slot = base + Duration::seconds(900 * rng.random_range(0..days * 96));
+    match rng.random_range(0..4) {
+        0 => slot,
+        1 => slot + Duration::microseconds(1),
+        2 => slot - Duration::microseconds(1),
+        _ => slot + Duration::microseconds(rng.random_range(0..900_000_000)),
+    }
+}
+
+/// The row as the Django app would write it: one plain SQL `INSERT` (its text format for
+/// times on PostgreSQL; ours on SQLite, where the Django app does not run in production).
+fn plain_insert(backend: DbBackend, r: &usage::Model) -> String {
+    let text = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let time = |t: &DateTime<Utc>| match backend {
+        DbBackend::Postgres => text(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()),
+        _ => text(&t.format("%Y-%m-%dT%H:%M:%S%.f+00:00").to_string()),
+    };
+    let (id, cost) = match backend {
+        DbBackend::Postgres => (
+            text(&r.id.to_string()),
+            r.cost
+                .map(|c| c.usd().to_string())
+                .unwrap_or_else(|| "NULL".into()),
+        ),
+        _ => (
+            format!("x'{}'", r.id.simple()),
+            r.cost
+                .map(|c| c.0.to_string())
+                .unwrap_or_else(|| "NULL".into()),
+        ),
+    };
+    format!(
+        "INSERT INTO llm_tracker_usage (id, model, prompt_tokens, completion_tokens, total_tokens, \
+         cached_tokens, reasoning_tokens, success, error, metadata, created_at, user_id, started_at, \
+         cost, cost_currency) VALUES ({id}, {model}, {p}, {c}, {t}, {ca}, {re}, {ok}, {err}, '{{}}', \
+         {created}, {user}, {started}, {cost}, 'USD')",
+        model = text(&r.model),
+        p = r.prompt_tokens,
+        c = r.completion_tokens,
+        t = r.total_tokens,
+        ca = r.cached_tokens,
+        re = r.reasoning_tokens,
+        ok = if r.success { "TRUE" } else { "FALSE" },
+        err = r
+            .error
+            .as_deref()
+            .map(text)
+            .unwrap_or_else(|| "NULL".into()),
+        created = time(&r.created_at),
+        user = r
+            .user_id
+            .map(|u| u.to_string())
+            .unwrap_or_else(|| "NULL".into()),
+        started = r
+            .started_at
+            .as_ref()
+            .map(time)
+            .unwrap_or_else(|| "NULL".into()),
+    )
+}
+
+async fn users(db: &DatabaseConnection, names: &[&str]) -> Vec<i32> {
+    let mut ids = Vec::new();
+    for name in names {
+        let u = NewUser {
+            username: (*name).into(),
+            ..Default::default()
+        };
+        ids.push(create_user(db, u).await.unwrap().id);
+    }
+    ids
+}
+
+/// Random rows around the slot grid over `days` days from `base`, with latencies (and clock
+/// skew), failures, unpriced models, and calls made for no user.
+fn random_rows(
+    rng: &mut StdRng,
+    users: &[i32],
+    base: DateTime<Utc>,
+    days: i64,
+    n: u128,
+    first_id: u128,
+) -> Vec<usage::Model> {
+    let models = [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "o4-mini",
+        "gemini-2.5-flash",
+        "Local_%x",
+    ];
+    (0..n)
+        .map(|i| {
+            let user = (!rng.random_bool(0.2)).then(|| users[rng.random_range(0..users.len())]);
+            let model = models[rng.random_range(0..models.len())];
+            let p = rng.random_range(0..3000);
+            let c = rng.random_range(0..1000);
+            let created = near_grid(rng, base, days);
+            let mut r = row(
+                first_id + i,
+                user,
+                model,
+                (p, c, rng.random_range(0..=p), rng.random_range(0..=c)),
+                rng.random_bool(0.9),
+                created,
+            );
+            r.started_at = match rng.random_range(0..4) {
+                0 => None,
+                1 => Some(created + Duration::microseconds(rng.random_range(1..2_000_000))),
+                _ => Some(created - Duration::microseconds(rng.random_range(0..30_000_000))),
+            };
+            r
+        })
+        .collect()
+}
+
+/// A random filter; its dates are often exactly the time of a row (`times`), or a
+/// microsecond off, so rows sit on the range's edges.
+fn random_filter(
+    rng: &mut StdRng,
+    users: &[i32],
+    times: &[DateTime<Utc>],
+    base: DateTime<Utc>,
+    days: i64,
+) -> UsageFilter {
+    let on_a_row = |rng: &mut StdRng| {
+        let t = times[rng.random_range(0..times.len())];
+        t + Duration::microseconds(rng.random_range(-1..=1))
+    };
+    let start = rng.random_bool(0.75).then(|| match rng.random_bool(0.5) {
+        true => on_a_row(rng),
+        false => near_grid(rng, base - Duration::days(1), days + 2),
+    });
+    let end = rng.random_bool(0.75).then(|| {
+        let from = start.unwrap_or(base);
+        match rng.random_range(0..6) {
+            5 => on_a_row(rng).max(from),
+            // Shorter than a slot, or a few slots.
+            0 => from + Duration::microseconds(rng.random_range(0..900_000_000)),
+            1 => from + Duration::seconds(rng.random_range(0..4 * 3600)),
+            _ => near_grid(rng, from, days),
+        }
+    });
+    UsageFilter {
+        start,
+        end,
+        user_id: rng
+            .random_bool(0.25)
+            .then(|| users[rng.random_range(0..users.len())]),
+        model: rng
+            .random_bool(0.25)
+            .then(|| ["gpt", "MINI", "_%x", "flash", "nothing"][rng.random_range(0..5)].to_owned()),
+        success: [None, None, Some(true), Some(false)][rng.random_range(0..4)],
+    }
+}
+
+/// token-stats (every granularity, the given zone, zero fill when possible), by_user and the
+/// llm-usage total from the rollup equal the raw computation. Returns whether the rollup
+/// answered (a plan with whole slots).
+async fn assert_same(db: &DatabaseConnection, filter: &UsageFilter, tz: Tz, fill: bool) -> bool {
+    let mut used = false;
+    for granularity in [
+        None,
+        Some(Granularity::Day),
+        Some(Granularity::Month),
+        Some(Granularity::Year),
+    ] {
+        let fill = match (granularity, filter.start, filter.end) {
+            (Some(g), Some(s), Some(e)) => fill && buckets_between(g, tz, s, e).is_ok(),
+            _ => false,
+        };
+        let options = SeriesOptions { tz, fill };
+        let plan = rollup::plan(db, filter, granularity.map(|g| (g, tz)))
+            .await
+            .unwrap();
+        used |= plan.is_some_and(|p| !p.ranges.is_empty());
+        let fast = token_stats_in(db, filter, granularity, options)
+            .await
+            .unwrap();
+        let raw = token_stats_raw(db, filter, granularity, options)
+            .await
+            .unwrap();
+        assert_eq!(fast, raw, "{filter:?} {granularity:?} {tz} fill={fill}");
+    }
+    for limit in [3, 1000] {
+        assert_eq!(
+            stats_by_user(db, filter, limit).await.unwrap(),
+            stats_by_user_raw(db, filter, limit).await.unwrap(),
+            "by_user {filter:?}"
+        );
+    }
+    let page = list_usage(db, filter, 1, 5).await.unwrap();
+    assert_eq!(
+        page.total,
+        count_matching_raw(db, filter).await.unwrap(),
+        "total {filter:?}"
+    );
+    used
+}
+
+async fn assert_verified(db: &DatabaseConnection) {
+    let report = rollup::verify(db, None, None).await.unwrap();
+    assert_eq!(report.differing_cells, 0, "{:?}", report.examples);
+    assert!(report.expected_cells > 0);
+}
+
+db_test!(
+    async fn rollup_answers_equal_raw_rows_after_inserts_updates_and_deletes(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["r1", "r2", "r3", "r4"]).await;
+        let mut rng = StdRng::seed_from_u64(20_261_123);
+        // Around the 2025 DST changes of New York, Berlin and Lord Howe.
+        let base = Utc.with_ymd_and_hms(2025, 3, 5, 0, 0, 0).unwrap();
+        let days = 35;
+        let rows = random_rows(&mut rng, &ids, base, days, 2400, 1);
+        let (ours, django) = rows.split_at(1600);
+        // Our path: multi-row inserts (the tracker's group commit); Django's: one row per
+        // plain SQL statement.
+        insert(db, ours).await;
+        for r in django {
+            db.execute_unprepared(&plain_insert(db.get_database_backend(), r))
+                .await
+                .unwrap();
+        }
+        assert_verified(db).await;
+
+        // Updates: a reprice, a model rename, rows moved across slots, a user deleted (the
+        // foreign key sets user_id to NULL); and deletes.
+        usage::Entity::update_many()
+            .col_expr(usage::Column::Cost, Expr::cust("NULL"))
+            .filter(usage::Column::Model.eq("gpt-4o-mini"))
+            .exec(db)
+            .await
+            .unwrap();
+        usage::Entity::update_many()
+            .col_expr(usage::Column::Model, Expr::value("o4-mini"))
+            .filter(usage::Column::Id.is_in((1..200u128).map(uuid::Uuid::from_u128)))
+            .exec(db)
+            .await
+            .unwrap();
+        for n in 300..340u128 {
+            usage::Entity::update_many()
+                .col_expr(
+                    usage::Column::CreatedAt,
+                    Expr::value(near_grid(&mut rng, base, days)),
+                )
+                .filter(usage::Column::Id.eq(uuid::Uuid::from_u128(n)))
+                .exec(db)
+                .await
+                .unwrap();
+        }
+        auth_user::Entity::delete_by_id(ids[3])
+            .exec(db)
+            .await
+            .unwrap();
+        usage::Entity::delete_many()
+            .filter(usage::Column::Id.is_in((1000..1300u128).map(uuid::Uuid::from_u128)))
+            .exec(db)
+            .await
+            .unwrap();
+        // Everything of one model gone: it must not show with zeros.
+        usage::Entity::delete_many()
+            .filter(usage::Column::Model.eq("gemini-2.5-flash"))
+            .exec(db)
+            .await
+            .unwrap();
+        assert_verified(db).await;
+
+        let times: Vec<DateTime<Utc>> = usage::Entity::find()
+            .all(db)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| (r.created_at.timestamp_micros() + 1).rem_euclid(900_000_000) <= 2)
+            .map(|r| r.created_at)
+            .collect();
+        let mut answered = 0;
+        let cases = 60;
+        for case in 0..cases {
+            let filter = random_filter(&mut rng, &ids, &times, base, days);
+            let tz: Tz = ZONES[case % ZONES.len()].parse().unwrap();
+            if assert_same(db, &filter, tz, rng.random_bool(0.5)).await {
+                answered += 1;
+            }
+        }
+        // Ranges that start or end exactly on a row that sits exactly on a slot boundary.
+        let exact: Vec<DateTime<Utc>> = times
+            .iter()
+            .copied()
+            .filter(|t| t.timestamp_micros().rem_euclid(900_000_000) == 0)
+            .take(4)
+            .collect();
+        assert_eq!(exact.len(), 4);
+        let (slot, us) = (Duration::seconds(900), Duration::microseconds(1));
+        for t in exact {
+            for (start, end) in [
+                (t, t),
+                (t - slot, t),
+                (t, t + slot),
+                (t - us, t + us),
+                (t - slot * 8, t - us),
+                (t + us, t + slot * 8),
+            ] {
+                let filter = UsageFilter {
+                    start: Some(start),
+                    end: Some(end),
+                    ..Default::default()
+                };
+                assert_same(db, &filter, Tz::UTC, false).await;
+            }
+        }
+        // The whole range, in every zone.
+        for zone in ZONES {
+            assert_same(db, &UsageFilter::default(), zone.parse().unwrap(), false).await;
+        }
+        assert!(
+            answered * 2 > cases,
+            "the rollup answered only {answered} of {cases} random cases"
+        );
+    }
+);
+
+db_test!(
+    async fn the_migration_backfills_existing_rows(backend: Backend) {
+        let t = TestDb::empty(backend).await;
+        let db = &t.db;
+        // The schema as it was before the rollup, with rows in it.
+        migration::Migrator::up(db, Some(4)).await.unwrap();
+        let ids = users(db, &["b1", "b2"]).await;
+        let mut rng = StdRng::seed_from_u64(99);
+        let base = Utc.with_ymd_and_hms(2025, 10, 20, 0, 0, 0).unwrap();
+        let rows = random_rows(&mut rng, &ids, base, 10, 500, 1);
+        for r in &rows {
+            db.execute_unprepared(&plain_insert(db.get_database_backend(), r))
+                .await
+                .unwrap();
+        }
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_verified(db).await;
+        for zone in ["UTC", "Asia/Kathmandu"] {
+            assert!(assert_same(db, &UsageFilter::default(), zone.parse().unwrap(), false).await);
+        }
+        // And it is kept from then on.
+        let more = random_rows(&mut rng, &ids, base, 10, 100, 10_000);
+        insert(db, &more).await;
+        assert_verified(db).await;
+        let all = list_usage(db, &UsageFilter::default(), 1, 1).await.unwrap();
+        assert_eq!(all.total, 600);
+        if backend == crate::helpers::Backend::Postgres {
+            db.execute_unprepared("TRUNCATE llm_tracker_usage")
+                .await
+                .unwrap();
+            assert_eq!(
+                t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage_rollup")
+                    .await,
+                0
+            );
+        }
+        // Down removes the table and its triggers; rows can still be written.
+        migration::Migrator::down(db, Some(1)).await.unwrap();
+        insert(db, &random_rows(&mut rng, &ids, base, 1, 3, 20_000)).await;
+        assert!(
+            !t.tables()
+                .await
+                .contains(&"llm_tracker_usage_rollup".to_owned())
+        );
+    }
+);
+
+db_test!(
+    async fn eight_writers_and_readers_at_once_leave_exact_totals(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let ids = users(&t.db, &["c1", "c2"]).await;
+        let base = Utc.with_ymd_and_hms(2025, 6, 1, 12, 0, 0).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            let (db, stop) = (t.db.clone(), stop.clone());
+            readers.push(tokio::spawn(async move {
+                let mut reads = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let filter = UsageFilter::default();
+                    token_stats_in(
+                        &db,
+                        &filter,
+                        Some(Granularity::Day),
+                        SeriesOptions::default(),
+                    )
+                    .await
+                    .unwrap();
+                    reads += 1;
+                }
+                reads
+            }));
+        }
+        let mut writers = Vec::new();
+        for w in 0..8u128 {
+            let (db, ids) = (t.db.clone(), ids.clone());
+            writers.push(tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(w as u64);
+                // The same few cells for everyone (a busy hour), single rows and batches.
+                let rows = random_rows(&mut rng, &ids, base, 1, 240, w * 1_000_000 + 1);
+                let mut rest = &rows[..];
+                while !rest.is_empty() {
+                    let n = rng.random_range(1..=12).min(rest.len());
+                    usage::insert_rows(&db, &rest[..n]).await.unwrap();
+                    rest = &rest[n..];
+                }
+                rows.iter().map(|r| i64::from(r.total_tokens)).sum::<i64>()
+            }));
+        }
+        let mut tokens = 0;
+        for w in writers {
+            tokens += w.await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            assert!(r.await.unwrap() > 0);
+        }
+        let all = UsageFilter::default();
+        let stats = token_stats_in(&t.db, &all, None, SeriesOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(stats.summary.total_calls, 8 * 240);
+        assert_eq!(stats.summary.total_tokens, tokens);
+        assert_verified(&t.db).await;
+        assert!(assert_same(&t.db, &all, Tz::UTC, false).await);
+    }
+);
+
+db_test!(
+    async fn rollup_verify_finds_drift_and_rebuild_repairs_it(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let ids = users(&t.db, &["v1"]).await;
+        let mut rng = StdRng::seed_from_u64(5);
+        let base = Utc.with_ymd_and_hms(2025, 1, 10, 0, 0, 0).unwrap();
+        insert(&t.db, &random_rows(&mut rng, &ids, base, 3, 200, 1)).await;
+
+        let ok = cmd(&t, &["rollup", "verify"], &[]);
+        assert!(ok.status.success(), "{}", stderr(&ok));
+        assert!(stdout(&ok).contains(", 0 differ"), "{}", stdout(&ok));
+
+        // Drift: someone edits the rollup by hand.
+        t.db.execute_unprepared(
+            "UPDATE llm_tracker_usage_rollup SET calls = calls + 1 WHERE grain = 4",
+        )
+        .await
+        .unwrap();
+        let bad = cmd(
+            &t,
+            &[
+                "rollup",
+                "verify",
+                "--since",
+                "2025-01-11",
+                "--until",
+                "2025-01-11",
+            ],
+            &[],
+        );
+        assert!(!bad.status.success());
+        assert!(
+            stdout(&bad).contains("differs: grain=4"),
+            "{}",
+            stdout(&bad)
+        );
+        assert!(stderr(&bad).contains("rollup rebuild"), "{}", stderr(&bad));
+        // Outside the drifted days nothing differs.
+        let before = cmd(&t, &["rollup", "verify", "--until", "2025-01-05"], &[]);
+        assert!(before.status.success(), "{}", stdout(&before));
+
+        let rebuilt = cmd(&t, &["rollup", "rebuild"], &[]);
+        assert!(rebuilt.status.success(), "{}", stderr(&rebuilt));
+        assert!(stdout(&rebuilt).contains("rollup rebuilt"));
+        assert_verified(&t.db).await;
+
+        let bad_date = cmd(&t, &["rollup", "verify", "--since", "yesterday"], &[]);
+        assert!(!bad_date.status.success());
+        assert!(
+            stderr(&bad_date).contains("--since"),
+            "{}",
+            stderr(&bad_date)
+        );
+    }
+);
