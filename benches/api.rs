@@ -22,6 +22,7 @@ use llm_tracker::config::DatabaseUrl;
 use llm_tracker::db::entities::usage;
 use llm_tracker::http::{AppState, app};
 use llm_tracker::usage::UsageFilter;
+use llm_tracker::usage::list::Cursor;
 use llm_tracker::usage::plans::{
     explain, list_usage_statements, token_stats_settings, token_stats_statements,
 };
@@ -58,6 +59,17 @@ async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
     let have = usage::Entity::find().count(&db).await.unwrap() as usize;
     if have != rows {
         eprintln!("[{label}] loading {rows} rows (table had {have})");
+        let backend = db.get_database_backend();
+        // A bulk load: the demo rows are spread at random over 90 days, so each 500-row batch
+        // touches ~3,000 rollup cells of its own (live traffic touches a handful), and the
+        // triggers would make the load the slowest part of the benchmark (PostgreSQL: from
+        // 9,000 rows/s falling to ~2,500/s as the rollup outgrows the cache). The rows are
+        // loaded without the triggers and the rollup is rebuilt once (the code of
+        // `llm-tracker rollup rebuild`); the triggers' cost on live writes is measured by
+        // `cargo bench --bench tracker`.
+        for sql in migration::rollup::drop_triggers_sql(backend) {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
         db.execute_unprepared("DELETE FROM llm_tracker_usage")
             .await
             .unwrap();
@@ -68,12 +80,25 @@ async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
                 .unwrap();
         assert_eq!(written, rows);
         eprintln!(
+            "[{label}] rows loaded in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let rebuilding = Instant::now();
+        let cells = llm_tracker::usage::rollup::rebuild(&db).await.unwrap();
+        for sql in migration::rollup::create_triggers_sql(backend) {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+        eprintln!(
+            "[{label}] rollup rebuilt: {cells} cells in {:.1} s",
+            rebuilding.elapsed().as_secs_f64()
+        );
+        eprintln!(
             "[{label}] loaded in {:.1} s ({:.0} rows/s)",
             started.elapsed().as_secs_f64(),
             rows as f64 / started.elapsed().as_secs_f64()
         );
         let analyze = match db.get_database_backend() {
-            DbBackend::Postgres => "VACUUM ANALYZE llm_tracker_usage",
+            DbBackend::Postgres => "VACUUM ANALYZE llm_tracker_usage, llm_tracker_usage_rollup",
             _ => "ANALYZE",
         };
         db.execute_unprepared(analyze).await.unwrap();
@@ -110,6 +135,26 @@ async fn typical_user(db: &DatabaseConnection) -> (i32, u64) {
         .await
         .unwrap();
     (user.id, n)
+}
+
+/// The cursor of the row at depth min(1,000,000, rows / 2) of the listing, and that depth.
+async fn deep_cursor(db: &DatabaseConnection, rows: usize) -> (u64, String) {
+    use sea_orm::{QueryOrder, QuerySelect};
+    let depth = (rows as u64 / 2).min(1_000_000);
+    let (created_at, id) = usage::Entity::find()
+        .select_only()
+        .column(usage::Column::CreatedAt)
+        .column(usage::Column::Id)
+        .order_by_desc(usage::Column::CreatedAt)
+        .order_by_desc(usage::Column::Id)
+        .offset(depth - 1)
+        .limit(1)
+        .into_tuple::<(chrono::DateTime<Utc>, uuid::Uuid)>()
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    (depth, Cursor { created_at, id }.encode())
 }
 
 /// Serves the application on a loopback port in its own actix system; returns the base URL.
@@ -291,43 +336,47 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
     let checks: Vec<(&str, Vec<sea_orm::Statement>, Option<&str>, bool)> = vec![
         (
             "token-stats granularity=month",
-            token_stats_statements(backend, &all, Some(Granularity::Month)),
+            token_stats_statements(&db, &all, Some(Granularity::Month))
+                .await
+                .unwrap(),
             stats,
             false,
         ),
         (
             "token-stats user_id (a few % of rows)",
-            token_stats_statements(backend, &by_user, None),
+            token_stats_statements(&db, &by_user, None).await.unwrap(),
             stats,
             true,
         ),
         (
             "token-stats last 7 days",
-            token_stats_statements(backend, &week, Some(Granularity::Day)),
+            token_stats_statements(&db, &week, Some(Granularity::Day))
+                .await
+                .unwrap(),
             stats,
             true,
         ),
         (
             "llm-usage page 1",
-            list_usage_statements(backend, &all, 1, 20),
+            list_usage_statements(&db, &all, 1, 20).await.unwrap(),
             None,
             true,
         ),
         (
             "llm-usage page 1000",
-            list_usage_statements(backend, &all, 1000, 20),
+            list_usage_statements(&db, &all, 1000, 20).await.unwrap(),
             None,
             true,
         ),
         (
             "llm-usage user_id",
-            list_usage_statements(backend, &by_user, 1, 20),
+            list_usage_statements(&db, &by_user, 1, 20).await.unwrap(),
             None,
             true,
         ),
         (
             "llm-usage model=gemini",
-            list_usage_statements(backend, &model, 1, 20),
+            list_usage_statements(&db, &model, 1, 20).await.unwrap(),
             None,
             true,
         ),
@@ -344,6 +393,7 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
         println!("\n**No index used where one helps: {missing:?}**");
     }
 
+    let (depth, deep_cursor) = deep_cursor(&db, cfg.rows).await;
     let (base, handle) = serve(db, url);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(32)
@@ -383,7 +433,31 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
             format!("token-stats user_id ({user_rows} rows)"),
             format!("/api/v1/admin/token-stats/?user_id={user}&granularity=month"),
         ),
+        (
+            "token-stats day tz=Asia/Kathmandu (+05:45)".into(),
+            "/api/v1/admin/token-stats/?granularity=day&tz=Asia/Kathmandu".into(),
+        ),
+        (
+            "token-stats year tz=Pacific/Chatham".into(),
+            "/api/v1/admin/token-stats/?granularity=year&tz=Pacific/Chatham".into(),
+        ),
+        (
+            format!("token-stats user_id + day tz=Asia/Kolkata ({user_rows} rows)"),
+            format!("/api/v1/admin/token-stats/?user_id={user}&granularity=day&tz=Asia/Kolkata"),
+        ),
+        (
+            "token-stats month, range with partial slots at both ends".into(),
+            format!(
+                "/api/v1/admin/token-stats/?granularity=month&start_date={}&end_date={}",
+                (Utc::now() - chrono::Duration::days(60)).format("%Y-%m-%dT%H:%M:%S.123456Z"),
+                (Utc::now() - chrono::Duration::days(3)).format("%Y-%m-%dT%H:%M:%S.654321Z"),
+            ),
+        ),
         ("llm-usage page 1".into(), "/api/v1/admin/llm-usage/".into()),
+        (
+            format!("llm-usage keyset page at depth {depth}"),
+            format!("/api/v1/admin/llm-usage/?cursor={deep_cursor}"),
+        ),
         (
             "llm-usage page 1000".into(),
             "/api/v1/admin/llm-usage/?page=1000".into(),

@@ -3,7 +3,8 @@
 //! PostgreSQL server) to PostgreSQL.
 //!
 //! `cargo bench --bench tracker` (optionally `BENCH_CALLS=20000`,
-//! `BENCH_DATABASE_URL=postgres://user@127.0.0.1:5432/postgres`).
+//! `BENCH_DATABASE_URL=postgres://user@127.0.0.1:5432/postgres`, and `BENCH_ROLLUP=off` to
+//! measure without the rollup's triggers).
 //!
 //! Added latency per call = the tracked call's time minus the provider's own time in that call
 //! (measured by a wrapping provider, so the mock's latency cancels out exactly).
@@ -66,9 +67,29 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
         .await
         .unwrap();
     llm_tracker::db::migrate(&db).await.unwrap();
+    // BENCH_ROLLUP=off measures the write path without the rollup's triggers (the "before"
+    // of issue 7); otherwise they are (re)created, as the migration made them.
+    let backend = db.get_database_backend();
+    let rollup = std::env::var("BENCH_ROLLUP").map_or(true, |v| v != "off");
+    let statements = if rollup {
+        migration::rollup::create_triggers_sql(backend)
+    } else {
+        migration::rollup::drop_triggers_sql(backend)
+    };
+    for sql in statements {
+        db.execute_unprepared(&sql).await.unwrap();
+    }
     db.execute_unprepared("DELETE FROM llm_tracker_usage")
         .await
         .unwrap();
+    db.execute_unprepared("DELETE FROM llm_tracker_usage_rollup")
+        .await
+        .unwrap();
+    let label = &if rollup {
+        label.to_owned()
+    } else {
+        format!("{label}, no rollup")
+    };
     let spool = tempfile::tempdir().unwrap();
     let provider: Arc<dyn Provider> = Arc::new(Timed(llm_tracker::llm_service(&settings).unwrap()));
     let mut store = StoreOptions::new(spool.path().join("spool.jsonl"));

@@ -57,8 +57,11 @@ pub enum Command {
         #[arg(long)]
         user_id: Option<i32>,
         /// Ask the model for a JSON object, and print one JSON document.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "stream")]
         json: bool,
+        /// Stream the reply: print it as it arrives, then the usage and row id.
+        #[arg(long)]
+        stream: bool,
     },
     /// Print the OpenAPI document (to refresh openapi/openapi.json).
     Openapi,
@@ -269,8 +272,14 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
             node_name,
             user_id,
             json,
+            stream,
         } => {
-            call(&settings, prompt, system, node_name, user_id, json).await?;
+            let mode = match (json, stream) {
+                (true, _) => Reply::Json,
+                (_, true) => Reply::Stream,
+                _ => Reply::Text,
+            };
+            call(&settings, prompt, system, node_name, user_id, mode).await?;
         }
         Command::Token { username, ttl } => {
             let ttl = jwt::parse_ttl(&ttl).map_err(CliError::Usage)?;
@@ -296,14 +305,23 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
     Ok(())
 }
 
+/// How `call` prints the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    Text,
+    Json,
+    Stream,
+}
+
 async fn call(
     settings: &Settings,
     prompt: String,
     system: Option<String>,
     node_name: String,
     user_id: Option<i32>,
-    json: bool,
+    mode: Reply,
 ) -> Result<(), CliError> {
+    let json = mode == Reply::Json;
     if prompt.trim().is_empty() {
         return Err(CliError::Usage("the prompt must not be empty".into()));
     }
@@ -321,6 +339,41 @@ async fn call(
             source_type: Some("cli".into()),
             ..Default::default()
         });
+    // Provider messages can echo a key back; the terminal gets what the row got.
+    let secrets = crate::tracker::options_from_settings(settings).secrets;
+    let failed = |e: &crate::tracker::TrackerError, id: Option<String>| {
+        if let Some(id) = id {
+            eprintln!("recorded as row {id}");
+        }
+        CliError::Usage(crate::redact::redact(&e.to_string(), &secrets))
+    };
+    if mode == Reply::Stream {
+        use futures_util::StreamExt;
+        use std::io::Write;
+        let (mut deltas, handle) = tracker.call_and_track_stream(request)?;
+        let mut out = std::io::stdout();
+        while let Some(delta) = deltas.next().await {
+            if let Ok(text) = delta {
+                let _ = out.write_all(text.as_bytes());
+                let _ = out.flush();
+            }
+        }
+        let record = handle.await?;
+        tracker.shutdown().await;
+        let row_id = record.row_id.to_string();
+        return match &record.result {
+            Ok(_) => {
+                println!();
+                println!(
+                    "{}",
+                    serde_json::to_string(&record.usage).unwrap_or_default()
+                );
+                println!("row_id: {row_id}");
+                Ok(())
+            }
+            Err(e) => Err(failed(e, Some(row_id))),
+        };
+    }
     let tracked = tracker.track(request).await;
     tracker.shutdown().await;
     let row_id = tracked.row_id.map(|id| id.to_string());
@@ -336,17 +389,7 @@ async fn call(
             println!("row_id: {}", row_id.unwrap_or_default());
             Ok(())
         }
-        Err(e) => {
-            if let Some(id) = row_id {
-                eprintln!("recorded as row {id}");
-            }
-            // Provider messages can echo a key back; the terminal gets what the row got.
-            let secrets = crate::tracker::options_from_settings(settings).secrets;
-            Err(CliError::Usage(crate::redact::redact(
-                &e.to_string(),
-                &secrets,
-            )))
-        }
+        Err(e) => Err(failed(&e, row_id)),
     }
 }
 

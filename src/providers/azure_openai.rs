@@ -5,7 +5,9 @@
 use async_openai::config::AzureConfig;
 
 use super::openai::{Compatible, MaxTokensField};
-use super::{ChatRequest, ChatResponse, Provider, ProviderError, check_api_key, http_client};
+use super::{
+    ChatRequest, ChatResponse, OpenedStream, Provider, ProviderError, check_api_key, http_client,
+};
 use crate::config::{AzureSettings, ConfigError};
 
 /// Azure OpenAI, one resource; deployments chosen per request.
@@ -47,6 +49,23 @@ impl AzureOpenAiProvider {
     }
 }
 
+impl AzureOpenAiProvider {
+    /// The engine for a request naming another deployment of the same resource (same engine,
+    /// another URL); `None` for the configured one.
+    fn other_deployment(&self, request: &ChatRequest) -> Option<Compatible<AzureConfig>> {
+        let deployment = request.model.as_deref()?;
+        (deployment != self.base.model).then(|| Compatible {
+            name: self.base.name,
+            config: azure_config(&self.api_base, &self.api_key, deployment, &self.api_version),
+            http: self.base.http.clone(),
+            model: deployment.to_owned(),
+            max_tokens: self.base.max_tokens,
+            temperature: self.base.temperature,
+            max_tokens_field: MaxTokensField::MaxTokens,
+        })
+    }
+}
+
 fn azure_config(api_base: &str, key: &str, deployment: &str, api_version: &str) -> AzureConfig {
     AzureConfig::new()
         .with_api_base(api_base)
@@ -66,26 +85,16 @@ impl Provider for AzureOpenAiProvider {
     }
 
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, ProviderError> {
-        match request.model.as_deref() {
-            Some(deployment) if deployment != self.base.model => {
-                // Another deployment of the same resource: same engine, another URL.
-                let other = Compatible {
-                    name: self.base.name,
-                    config: azure_config(
-                        &self.api_base,
-                        &self.api_key,
-                        deployment,
-                        &self.api_version,
-                    ),
-                    http: self.base.http.clone(),
-                    model: deployment.to_owned(),
-                    max_tokens: self.base.max_tokens,
-                    temperature: self.base.temperature,
-                    max_tokens_field: MaxTokensField::MaxTokens,
-                };
-                other.chat_once(request).await
-            }
-            _ => self.base.chat_once(request).await,
+        match self.other_deployment(&request) {
+            Some(other) => other.chat_once(request).await,
+            None => self.base.chat_once(request).await,
+        }
+    }
+
+    async fn chat_stream(&self, request: ChatRequest) -> Result<OpenedStream, ProviderError> {
+        match self.other_deployment(&request) {
+            Some(other) => other.chat_stream_once(request).await,
+            None => self.base.chat_stream_once(request).await,
         }
     }
 }

@@ -8,8 +8,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{
-    ChatRequest, ChatResponse, Provider, ProviderError, ProviderErrorKind, Role, Usage,
-    check_api_key, count, http_client, retry_after,
+    ChatRequest, ChatResponse, OpenedStream, Provider, ProviderError, ProviderErrorKind, Role,
+    Usage, check_api_key, count, http_client, retry_after, stream,
 };
 use crate::config::{ConfigError, GeminiSettings};
 
@@ -196,57 +196,14 @@ impl Provider for GeminiProvider {
 
     async fn chat(&self, req: ChatRequest) -> Result<ChatResponse, ProviderError> {
         let model = req.model.clone().unwrap_or_else(|| self.model.clone());
-        let url = format!("{}/v1beta/models/{}:generateContent", self.base_url, model);
-        let body = self.body(&req)?;
-        let response = self
-            .http
-            .post(&url)
-            .header("x-goog-api-key", &self.api_key)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| {
-                ProviderError::new(
-                    ProviderErrorKind::Network,
-                    format!("connection error: {}", e.without_url()),
-                )
-            })?;
+        let response = self.post(&req, &model, "generateContent").await?;
         let status = response.status().as_u16();
         let header_wait = retry_after(response.headers());
-        let bytes = response.bytes().await.map_err(|e| {
-            ProviderError::new(
-                ProviderErrorKind::Network,
-                format!("connection error: {}", e.without_url()),
-            )
-        })?;
-        let parsed: Result<Value, _> = serde_json::from_slice(&bytes);
+        let bytes = response.bytes().await.map_err(connection_error)?;
         if !(200..300).contains(&status) {
-            let error = parsed
-                .as_ref()
-                .ok()
-                .map(|v| v["error"].clone())
-                .unwrap_or(Value::Null);
-            let message = error["message"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| {
-                    format!(
-                        "HTTP {status}: {}",
-                        String::from_utf8_lossy(&bytes)
-                            .chars()
-                            .take(300)
-                            .collect::<String>()
-                    )
-                });
-            return Err(ProviderError {
-                kind: ProviderError::kind_for_status(status),
-                status: Some(status),
-                message,
-                retry_after: header_wait.or_else(|| retry_delay(&error)),
-                attempts: 1,
-            });
+            return Err(http_error(status, header_wait, &bytes));
         }
-        let body = parsed.map_err(|e| ProviderError {
+        let body: Value = serde_json::from_slice(&bytes).map_err(|e| ProviderError {
             kind: ProviderErrorKind::InvalidResponse,
             status: Some(status),
             message: format!("unreadable response: {e}"),
@@ -259,6 +216,79 @@ impl Provider for GeminiProvider {
             raw: req.keep_raw.then(|| body.clone()),
             attempts: 1,
         })
+    }
+
+    /// `streamGenerateContent?alt=sse`: one `GenerateContentResponse` per event, the usage
+    /// (cumulative) on each, the last one final.
+    async fn chat_stream(&self, req: ChatRequest) -> Result<OpenedStream, ProviderError> {
+        let model = req.model.clone().unwrap_or_else(|| self.model.clone());
+        let response = self
+            .post(&req, &model, "streamGenerateContent?alt=sse")
+            .await?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let header_wait = retry_after(response.headers());
+            let bytes = response.bytes().await.map_err(connection_error)?;
+            return Err(http_error(status, header_wait, &bytes));
+        }
+        Ok(OpenedStream {
+            events: stream::events(response, model, stream::gemini_events),
+            attempts: 1,
+        })
+    }
+}
+
+impl GeminiProvider {
+    /// `POST {base}/v1beta/models/{model}:{method}` with the request's body.
+    async fn post(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+        method: &str,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let url = format!("{}/v1beta/models/{}:{}", self.base_url, model, method);
+        let body = self.body(req)?;
+        self.http
+            .post(&url)
+            .header("x-goog-api-key", &self.api_key)
+            .json(&body)
+            .send()
+            .await
+            .map_err(connection_error)
+    }
+}
+
+fn connection_error(e: reqwest::Error) -> ProviderError {
+    ProviderError::new(
+        ProviderErrorKind::Network,
+        format!("connection error: {}", e.without_url()),
+    )
+}
+
+/// A Gemini error answer (`{"error": {"message", "details": [RetryInfo…]}}`) as an error.
+fn http_error(status: u16, header_wait: Option<Duration>, bytes: &[u8]) -> ProviderError {
+    let error = serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .map(|v| v["error"].clone())
+        .unwrap_or(Value::Null);
+    let message = error["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(bytes)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            )
+        });
+    ProviderError {
+        kind: ProviderError::kind_for_status(status),
+        status: Some(status),
+        message,
+        retry_after: header_wait.or_else(|| retry_delay(&error)),
+        attempts: 1,
     }
 }
 

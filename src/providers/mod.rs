@@ -6,6 +6,7 @@ pub mod azure_openai;
 pub mod gemini;
 pub mod openai;
 pub mod retry;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::{ConfigError, ProviderKind, Settings};
+pub use stream::{EventStream, OpenedStream, StreamEvent};
 
 /// Who speaks a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +176,16 @@ pub trait Provider: Send + Sync {
 
     /// Sends the request once.
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, ProviderError>;
+
+    /// Sends the request once, asking for a streamed reply (with usage at its end). The
+    /// default refuses: a provider that cannot stream says so.
+    async fn chat_stream(&self, request: ChatRequest) -> Result<OpenedStream, ProviderError> {
+        let _ = request;
+        Err(ProviderError::new(
+            ProviderErrorKind::InvalidRequest,
+            format!("the {} provider does not stream", self.name()),
+        ))
+    }
 }
 
 /// The configured provider, with retries (`LLM_MAX_RETRIES`) and the whole-call timeout

@@ -14,13 +14,13 @@ use async_openai::middleware::HttpRequestFactory;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessage, ChatCompletionRequestMessage,
     ChatCompletionRequestSystemMessage, ChatCompletionRequestUserMessage,
-    CreateChatCompletionRequest, ResponseFormat,
+    ChatCompletionStreamOptions, CreateChatCompletionRequest, ResponseFormat,
 };
 use serde_json::Value;
 
 use super::{
-    ChatRequest, ChatResponse, Message, Provider, ProviderError, ProviderErrorKind, Role, Usage,
-    check_api_key, count, http_client, retry_after,
+    ChatRequest, ChatResponse, Message, OpenedStream, Provider, ProviderError, ProviderErrorKind,
+    Role, Usage, check_api_key, count, http_client, retry_after, stream,
 };
 use crate::config::{ConfigError, OpenAiSettings};
 
@@ -120,6 +120,82 @@ impl<C: Config + Clone + 'static> Compatible<C> {
             )),
             Err(e) => Err(map_error(e, seen.0, seen.1)),
         }
+    }
+}
+
+impl<C: Config + Clone + 'static> Compatible<C> {
+    /// `stream: true` with `stream_options.include_usage`: the reply as chat-completion chunks
+    /// over server-sent events, the usage in a last chunk with `choices: []`.
+    pub(crate) async fn chat_stream_once(
+        &self,
+        req: ChatRequest,
+    ) -> Result<OpenedStream, ProviderError> {
+        let mut request = self.build_request(&req)?;
+        request.stream = Some(true);
+        request.stream_options = Some(ChatCompletionStreamOptions {
+            include_usage: Some(true),
+            ..Default::default()
+        });
+        let response = self
+            .http
+            .post(self.config.url("/chat/completions"))
+            .query(&self.config.query())
+            .headers(self.config.headers())
+            .json(&request)
+            .send()
+            .await
+            .map_err(|e| {
+                ProviderError::new(
+                    ProviderErrorKind::Network,
+                    format!("connection error: {}", e.without_url()),
+                )
+            })?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let wait = retry_after(response.headers());
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(http_error(status, wait, &body));
+        }
+        Ok(OpenedStream {
+            events: stream::events(
+                response,
+                req.model.unwrap_or_else(|| self.model.clone()),
+                stream::openai_events,
+            ),
+            attempts: 1,
+        })
+    }
+}
+
+/// An OpenAI / Azure error answer (`{"error": {"message", "type", "code"}}`) as an error.
+fn http_error(status: u16, retry_after: Option<Duration>, body: &[u8]) -> ProviderError {
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let error = &parsed["error"];
+    let quota = error["code"].as_str() == Some("insufficient_quota")
+        || error["type"].as_str() == Some("insufficient_quota");
+    let kind = if status == 429 && quota {
+        ProviderErrorKind::QuotaExceeded
+    } else {
+        ProviderError::kind_for_status(status)
+    };
+    let message = error["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(body)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            )
+        });
+    ProviderError {
+        kind,
+        status: Some(status),
+        message,
+        retry_after,
+        attempts: 1,
     }
 }
 
@@ -253,5 +329,9 @@ impl Provider for OpenAiProvider {
 
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, ProviderError> {
         self.0.chat_once(request).await
+    }
+
+    async fn chat_stream(&self, request: ChatRequest) -> Result<OpenedStream, ProviderError> {
+        self.0.chat_stream_once(request).await
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use super::{ChatRequest, ChatResponse, Provider, ProviderError, ProviderErrorKind};
+use futures_util::StreamExt;
+
+use super::{ChatRequest, ChatResponse, OpenedStream, Provider, ProviderError, ProviderErrorKind};
 
 /// The longest wait between attempts, whatever the provider asks.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -30,18 +32,21 @@ impl Resilient {
         }
     }
 
-    async fn attempts(
+    /// Runs `op` until it succeeds, fails for good or the retries are spent; returns its
+    /// value and the attempt that gave it (errors carry their attempt count).
+    async fn retrying<T, F, Fut>(
         &self,
-        request: ChatRequest,
         made: &AtomicU32,
-    ) -> Result<ChatResponse, ProviderError> {
+        mut op: F,
+    ) -> Result<(T, u32), ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ProviderError>>,
+    {
         loop {
             let attempt = made.fetch_add(1, Ordering::SeqCst) + 1;
-            match self.inner.chat(request.clone()).await {
-                Ok(mut response) => {
-                    response.attempts = attempt;
-                    return Ok(response);
-                }
+            match op().await {
+                Ok(value) => return Ok((value, attempt)),
                 Err(mut err) => {
                     err.attempts = attempt;
                     if !err.kind.is_transient() || attempt > self.max_retries {
@@ -61,6 +66,16 @@ impl Resilient {
                     tokio::time::sleep(wait).await;
                 }
             }
+        }
+    }
+
+    fn timed_out(&self, attempts: u32) -> ProviderError {
+        ProviderError {
+            kind: ProviderErrorKind::Timeout,
+            status: None,
+            message: format!("LLM call timed out after {:?}", self.timeout),
+            retry_after: None,
+            attempts: attempts.max(1),
         }
     }
 }
@@ -84,15 +99,50 @@ impl Provider for Resilient {
 
     async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, ProviderError> {
         let made = AtomicU32::new(0);
-        match tokio::time::timeout(self.timeout, self.attempts(request, &made)).await {
-            Ok(result) => result,
-            Err(_) => Err(ProviderError {
-                kind: ProviderErrorKind::Timeout,
-                status: None,
-                message: format!("LLM call timed out after {:?}", self.timeout),
-                retry_after: None,
-                attempts: made.load(Ordering::SeqCst).max(1),
-            }),
+        let call = self.retrying(&made, || self.inner.chat(request.clone()));
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok((mut response, attempt))) => {
+                response.attempts = attempt;
+                Ok(response)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.timed_out(made.load(Ordering::SeqCst))),
         }
+    }
+
+    /// Opening the stream is retried as a call is (nothing has reached the caller yet); once
+    /// it is open, an error ends it. The timeout covers the whole stream: opening and every
+    /// wait for the next chunk end at the same deadline.
+    async fn chat_stream(&self, request: ChatRequest) -> Result<OpenedStream, ProviderError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let made = AtomicU32::new(0);
+        let open = self.retrying(&made, || self.inner.chat_stream(request.clone()));
+        let (opened, attempt) = match tokio::time::timeout_at(deadline, open).await {
+            Ok(result) => result?,
+            Err(_) => return Err(self.timed_out(made.load(Ordering::SeqCst))),
+        };
+        let timed_out = self.timed_out(attempt);
+        let events =
+            futures_util::stream::unfold((opened.events, false), move |(mut events, ended)| {
+                let timed_out = timed_out.clone();
+                async move {
+                    if ended {
+                        return None;
+                    }
+                    match tokio::time::timeout_at(deadline, events.next()).await {
+                        Ok(Some(Err(mut e))) => {
+                            e.attempts = attempt;
+                            Some((Err(e), (events, true)))
+                        }
+                        Ok(Some(item)) => Some((item, (events, false))),
+                        Ok(None) => None,
+                        Err(_) => Some((Err(timed_out), (events, true))),
+                    }
+                }
+            });
+        Ok(OpenedStream {
+            events: Box::pin(events),
+            attempts: attempt,
+        })
     }
 }

@@ -2,6 +2,7 @@
 //! success and on failure (SPEC §4).
 
 pub mod store;
+pub mod stream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::pricing::{PriceTable, Tokens};
 use crate::providers::{self, ChatRequest, ChatResponse, Message, Provider, ProviderError, Usage};
 use crate::redact::redact;
 pub use store::{StoreOptions, Stored, UsageStore, WriteMode};
+pub use stream::{StreamHandle, StreamRecord, TrackedStream};
 
 /// Who and what a call is made for; stored in the row.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -116,6 +118,10 @@ pub enum TrackerError {
     Config(#[from] ConfigError),
     #[error("database: {0}")]
     Database(#[from] DbErr),
+    /// A streamed reply that did not end: the consumer dropped the stream, or the provider
+    /// closed it before saying it was complete.
+    #[error("{0}")]
+    StreamInterrupted(String),
 }
 
 /// The outcome of [`LlmTracker::track`]: the row's id (none when no call was made) and
@@ -139,10 +145,24 @@ pub struct TrackerOptions {
 
 /// Calls the configured provider and records every call.
 pub struct LlmTracker {
-    provider: Arc<dyn Provider>,
-    store: UsageStore,
+    shared: Arc<Shared>,
+}
+
+/// What every call needs; shared with the tasks that drive streamed calls.
+pub(crate) struct Shared {
+    pub(crate) provider: Arc<dyn Provider>,
+    pub(crate) store: UsageStore,
     secrets: Vec<String>,
     prices: Arc<PriceTable>,
+}
+
+/// What a finished call left to record.
+pub(crate) struct Outcome {
+    pub(crate) usage: Usage,
+    pub(crate) attempts: u32,
+    pub(crate) error: Option<String>,
+    /// Keys added to the row's metadata (streams: `stream`, `usage_incomplete`).
+    pub(crate) extra: Map<String, Value>,
 }
 
 impl LlmTracker {
@@ -166,10 +186,12 @@ impl LlmTracker {
         options: TrackerOptions,
     ) -> Self {
         Self {
-            provider,
-            store: UsageStore::open(db, options.store).await,
-            secrets: options.secrets,
-            prices: options.prices,
+            shared: Arc::new(Shared {
+                provider,
+                store: UsageStore::open(db, options.store).await,
+                secrets: options.secrets,
+                prices: options.prices,
+            }),
         }
     }
 
@@ -202,18 +224,36 @@ impl LlmTracker {
             response_format: request.response_format.clone(),
             keep_raw: false,
         };
-        let outcome = self.provider.chat(chat).await;
-        let fallback_model = request
-            .model
-            .clone()
-            .unwrap_or_else(|| self.provider.default_model().to_owned());
-        let (row, result) = self.row_for(row_id, started_at, &request, fallback_model, outcome);
-        let stored = self.store.record(row).await;
+        let shared = &self.shared;
+        let outcome = shared.provider.chat(chat).await;
+        let fallback_model = shared.fallback_model(&request);
+        let (row, result) = shared.row_for(row_id, started_at, &request, fallback_model, outcome);
+        let stored = shared.store.record(row).await;
         TrackedCall {
             row_id: Some(row_id),
             stored: Some(stored),
             result,
         }
+    }
+
+    /// The row store (to flush or inspect what is pending).
+    pub fn store(&self) -> &UsageStore {
+        &self.shared.store
+    }
+
+    /// Stores what is pending if the database answers; the rest stays in the spool.
+    pub async fn shutdown(&self) {
+        self.shared.store.shutdown().await;
+    }
+}
+
+impl Shared {
+    /// The model a row names when the provider reported none.
+    pub(crate) fn fallback_model(&self, request: &CallRequest) -> String {
+        request
+            .model
+            .clone()
+            .unwrap_or_else(|| self.provider.default_model().to_owned())
     }
 
     fn row_for(
@@ -258,12 +298,43 @@ impl LlmTracker {
                 )
             }
         };
+        let outcome = Outcome {
+            usage,
+            attempts,
+            error,
+            extra: Map::new(),
+        };
+        (
+            self.build_row(id, started_at, request, fallback_model, outcome),
+            result,
+        )
+    }
+
+    /// The row of a finished call: its usage (possibly partial), the error if it failed.
+    pub(crate) fn build_row(
+        &self,
+        id: Uuid,
+        started_at: DateTime<Utc>,
+        request: &CallRequest,
+        fallback_model: String,
+        outcome: Outcome,
+    ) -> usage::Model {
+        let Outcome {
+            usage,
+            attempts,
+            error,
+            extra,
+        } = outcome;
         let model = if usage.model.is_empty() {
             fallback_model
         } else {
             usage.model.clone()
         };
-        let row = usage::Model {
+        let mut metadata = self.metadata(request, attempts);
+        if let Value::Object(map) = &mut metadata {
+            map.extend(extra);
+        }
+        usage::Model {
             id,
             user_id: request.state.user_id,
             model: truncate(&model, 255),
@@ -272,9 +343,9 @@ impl LlmTracker {
             total_tokens: to_i32(usage.total_tokens),
             cached_tokens: to_i32(usage.cached_tokens),
             reasoning_tokens: to_i32(usage.reasoning_tokens),
-            success: result.is_ok(),
+            success: error.is_none(),
             error: error.map(|e| redact(&e, &self.secrets)),
-            metadata: self.metadata(request, attempts),
+            metadata,
             created_at: now_micros(),
             started_at: Some(started_at),
             cost: self
@@ -290,8 +361,7 @@ impl LlmTracker {
                 )
                 .map(usage::Cost),
             cost_currency: "USD".into(),
-        };
-        (row, result)
+        }
     }
 
     fn metadata(&self, request: &CallRequest, attempts: u32) -> Value {
@@ -310,16 +380,6 @@ impl LlmTracker {
         map.insert("provider".into(), json!(self.provider.name()));
         map.insert("attempts".into(), json!(attempts));
         Value::Object(map)
-    }
-
-    /// The row store (to flush or inspect what is pending).
-    pub fn store(&self) -> &UsageStore {
-        &self.store
-    }
-
-    /// Stores what is pending if the database answers; the rest stays in the spool.
-    pub async fn shutdown(&self) {
-        self.store.shutdown().await;
     }
 }
 
@@ -354,7 +414,7 @@ pub fn default_spool_path(database_url: &str) -> PathBuf {
     }
 }
 
-fn now_micros() -> DateTime<Utc> {
+pub(crate) fn now_micros() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 

@@ -2,34 +2,59 @@
 //! and checks that the ones an index can serve use one. The statements are built by the same
 //! functions the endpoints run, so a plan shown is the plan served.
 
-use sea_orm::{DbBackend, QueryTrait, Statement};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, QueryTrait, Statement};
 
 use super::UsageFilter;
 use super::list::{count_query, page_query};
+use super::rollup::{self, GroupBy};
 use super::stats::{Granularity, token_stats_query};
 
-/// The statements one token-stats request runs.
-pub fn token_stats_statements(
-    backend: DbBackend,
+/// The statements one token-stats request (in UTC) runs: the rollup's per-model and (with a
+/// granularity) per-slot sums and the raw aggregate of each edge; or, when the rollup cannot
+/// answer, the raw aggregate of the whole range.
+pub async fn token_stats_statements<C: ConnectionTrait>(
+    db: &C,
     filter: &UsageFilter,
     granularity: Option<Granularity>,
-) -> Vec<Statement> {
-    vec![token_stats_query(backend, filter, granularity, chrono_tz::Tz::UTC).build(backend)]
+) -> Result<Vec<Statement>, DbErr> {
+    let backend = db.get_database_backend();
+    let tz = chrono_tz::Tz::UTC;
+    let raw = |f: &UsageFilter| token_stats_query(backend, f, granularity, tz).build(backend);
+    Ok(
+        match rollup::plan(db, filter, granularity.map(|g| (g, tz))).await? {
+            None => vec![raw(filter)],
+            Some(plan) => {
+                let mut out = vec![rollup::statement(backend, &plan, filter, GroupBy::Model)];
+                if granularity.is_some() {
+                    out.push(rollup::statement(backend, &plan, filter, GroupBy::Slot));
+                }
+                out.extend(plan.edges.iter().map(raw));
+                out
+            }
+        },
+    )
 }
 
-/// The statements one llm-usage request runs: the count, then the page (when it is not past
-/// the end).
-pub fn list_usage_statements(
-    backend: DbBackend,
+/// The statements one llm-usage request runs: the total (from the rollup and the edges' rows,
+/// or counted in the rows), then the page (when it is not past the end).
+pub async fn list_usage_statements<C: ConnectionTrait>(
+    db: &C,
     filter: &UsageFilter,
     page: u64,
     page_size: u64,
-) -> Vec<Statement> {
+) -> Result<Vec<Statement>, DbErr> {
+    let backend = db.get_database_backend();
     let offset = page.saturating_sub(1).saturating_mul(page_size);
-    vec![
-        count_query(filter).build(backend),
-        page_query(filter, offset, page_size).build(backend),
-    ]
+    let mut out = match rollup::plan(db, filter, None).await? {
+        None => vec![count_query(filter).build(backend)],
+        Some(plan) => {
+            let mut out = vec![rollup::statement(backend, &plan, filter, GroupBy::Nothing)];
+            out.extend(plan.edges.iter().map(|f| count_query(f).build(backend)));
+            out
+        }
+    };
+    out.push(page_query(filter, offset, page_size).build(backend));
+    Ok(out)
 }
 
 /// Planner settings the token-stats aggregate runs under (in its own transaction), if any:

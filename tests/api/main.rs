@@ -12,5 +12,6 @@ mod http_shell;
 mod migrations;
 mod openapi;
 mod rollup;
+mod streaming;
 mod tracker;
 mod usage_read;

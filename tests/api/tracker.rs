@@ -26,7 +26,7 @@ const OPENAI_KEY: &str = "sk-test-1234567890abcd";
 const AZURE_KEY: &str = "azure-test-key-0123456789";
 const GEMINI_KEY: &str = "AIzaTestKey0123456789abcdef";
 
-fn settings(pairs: &[(&str, String)]) -> Settings {
+pub(crate) fn settings(pairs: &[(&str, String)]) -> Settings {
     let mut vars: HashMap<String, String> = HashMap::from([
         ("OPENAI_API_KEY".into(), OPENAI_KEY.into()),
         ("AZURE_OPENAI_API_KEY".into(), AZURE_KEY.into()),
@@ -67,7 +67,7 @@ fn json_fixture(name: &str) -> Value {
 }
 
 /// A tracker over `db` for `settings`, spooling into its own temp dir.
-async fn new_tracker(
+pub(crate) async fn new_tracker(
     db: &DatabaseConnection,
     settings: &Settings,
 ) -> (LlmTracker, tempfile::TempDir) {
@@ -86,17 +86,17 @@ fn fast_store(path: std::path::PathBuf) -> StoreOptions {
     store
 }
 
-async fn rows(db: &DatabaseConnection) -> Vec<usage::Model> {
+pub(crate) async fn rows(db: &DatabaseConnection) -> Vec<usage::Model> {
     usage::Entity::find().all(db).await.unwrap()
 }
 
-async fn only_row(db: &DatabaseConnection) -> usage::Model {
+pub(crate) async fn only_row(db: &DatabaseConnection) -> usage::Model {
     let mut all = rows(db).await;
     assert_eq!(all.len(), 1, "exactly one row expected: {all:?}");
     all.remove(0)
 }
 
-fn tokens(r: &usage::Model) -> (i32, i32, i32, i32, i32) {
+pub(crate) fn tokens(r: &usage::Model) -> (i32, i32, i32, i32, i32) {
     (
         r.prompt_tokens,
         r.completion_tokens,
@@ -116,7 +116,7 @@ async fn answering(fixture_name: &str) -> MockServer {
     server
 }
 
-fn hello() -> CallRequest {
+pub(crate) fn hello() -> CallRequest {
     CallRequest::new(vec![Message::system("Classify."), Message::user("hi")])
 }
 

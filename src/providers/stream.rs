@@ -1,0 +1,247 @@
+//! Streaming replies: provider-neutral events, a server-sent-events reader over a reqwest
+//! response, and the per-provider chunk parsers (OpenAI/Azure chat-completion chunks, Gemini
+//! `streamGenerateContent?alt=sse` responses).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+
+use super::{ProviderError, ProviderErrorKind, Usage};
+
+/// One event of a streamed reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// A piece of the reply text.
+    Delta(String),
+    /// The model the provider says answers (before any usage arrives).
+    Model(String),
+    /// Usage as reported so far (Gemini reports it on every chunk, OpenAI on the last one).
+    Usage(Usage),
+    /// The provider said the reply is complete (OpenAI `[DONE]`; Gemini a `finishReason` or a
+    /// blocked prompt). A stream that ends without it was cut short.
+    Done,
+}
+
+/// The events of one streamed reply; it ends after the provider's last chunk, or with an error.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<StreamEvent, ProviderError>> + Send>>;
+
+/// An opened stream and how many HTTP attempts opening it took.
+pub struct OpenedStream {
+    pub events: EventStream,
+    pub attempts: u32,
+}
+
+fn network(e: reqwest::Error) -> ProviderError {
+    ProviderError::new(
+        ProviderErrorKind::Network,
+        format!("connection error: {}", e.without_url()),
+    )
+}
+
+/// The `data` of each server-sent event of `response` (multi-line data joined with `\n`;
+/// comments, `event:`, `id:` and `retry:` lines ignored). A connection that breaks mid-stream
+/// ends with a network error.
+pub fn sse_data(
+    response: reqwest::Response,
+) -> impl Stream<Item = Result<String, ProviderError>> + Send {
+    struct State {
+        bytes: Pin<Box<dyn Stream<Item = reqwest::Result<Vec<u8>>> + Send>>,
+        buffer: Vec<u8>,
+        data: Vec<String>,
+        ready: VecDeque<String>,
+        done: bool,
+    }
+    let state = State {
+        bytes: Box::pin(response.bytes_stream().map(|r| r.map(|b| b.to_vec()))),
+        buffer: Vec::new(),
+        data: Vec::new(),
+        ready: VecDeque::new(),
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(event) = s.ready.pop_front() {
+                return Some((Ok(event), s));
+            }
+            if s.done {
+                return None;
+            }
+            match s.bytes.next().await {
+                Some(Ok(chunk)) => {
+                    s.buffer.extend_from_slice(&chunk);
+                    while let Some(pos) = s.buffer.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = s.buffer.drain(..=pos).collect();
+                        let line = String::from_utf8_lossy(&line);
+                        let line = line.trim_end_matches(['\n', '\r']);
+                        if line.is_empty() {
+                            if !s.data.is_empty() {
+                                s.ready.push_back(s.data.join("\n"));
+                                s.data.clear();
+                            }
+                        } else if let Some(rest) = line.strip_prefix("data:") {
+                            s.data
+                                .push(rest.strip_prefix(' ').unwrap_or(rest).to_owned());
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    s.done = true;
+                    return Some((Err(network(e)), s));
+                }
+                None => {
+                    s.done = true;
+                    // A last event not followed by a blank line still counts.
+                    let line = String::from_utf8_lossy(&s.buffer).trim().to_owned();
+                    if let Some(rest) = line.strip_prefix("data:") {
+                        s.data.push(rest.trim_start().to_owned());
+                    }
+                    if !s.data.is_empty() {
+                        s.ready.push_back(s.data.join("\n"));
+                        s.data.clear();
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn unreadable(e: &serde_json::Error) -> ProviderError {
+    ProviderError::new(
+        ProviderErrorKind::InvalidResponse,
+        format!("unreadable stream chunk: {e}"),
+    )
+}
+
+/// An `error` object sent in the stream (OpenAI and Gemini both do so on failures after the
+/// 200 status): a server error, so the row says what the provider said.
+fn in_stream_error(chunk: &Value) -> Option<ProviderError> {
+    let error = chunk.get("error")?;
+    let message = error["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| error.to_string());
+    Some(ProviderError::new(ProviderErrorKind::Server, message))
+}
+
+/// The events of one OpenAI / Azure chat-completion chunk. Tolerates Azure's first chunk
+/// (`choices: []`, `prompt_filter_results`, empty `model`) and content-filter annotation
+/// chunks without `delta`. The final chunk (`choices: []`, `usage`) gives the usage.
+pub fn openai_events(data: &str, fallback_model: &str) -> Vec<Result<StreamEvent, ProviderError>> {
+    let chunk: Value = match serde_json::from_str(data) {
+        Ok(v) => v,
+        Err(e) => return vec![Err(unreadable(&e))],
+    };
+    if let Some(e) = in_stream_error(&chunk) {
+        return vec![Err(e)];
+    }
+    let mut out = Vec::new();
+    if let Some(model) = chunk["model"].as_str().filter(|m| !m.is_empty()) {
+        out.push(Ok(StreamEvent::Model(model.to_owned())));
+    }
+    if let Some(text) = chunk
+        .pointer("/choices/0/delta/content")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+    {
+        out.push(Ok(StreamEvent::Delta(text.to_owned())));
+    }
+    if chunk["usage"].is_object() {
+        out.push(Ok(StreamEvent::Usage(super::openai::parse_usage(
+            &chunk,
+            fallback_model,
+        ))));
+    }
+    out
+}
+
+/// The events of one Gemini `streamGenerateContent` response: the text parts that are not
+/// thoughts, and `usageMetadata` (cumulative; the last one is the call's usage).
+pub fn gemini_events(data: &str, fallback_model: &str) -> Vec<Result<StreamEvent, ProviderError>> {
+    let chunk: Value = match serde_json::from_str(data) {
+        Ok(v) => v,
+        Err(e) => return vec![Err(unreadable(&e))],
+    };
+    if let Some(e) = in_stream_error(&chunk) {
+        return vec![Err(e)];
+    }
+    let mut out = Vec::new();
+    if let Some(model) = chunk["modelVersion"].as_str().filter(|m| !m.is_empty()) {
+        out.push(Ok(StreamEvent::Model(model.to_owned())));
+    }
+    let text = super::gemini::reply_text(&chunk);
+    if !text.is_empty() {
+        out.push(Ok(StreamEvent::Delta(text)));
+    }
+    if chunk["usageMetadata"].is_object() {
+        out.push(Ok(StreamEvent::Usage(super::gemini::parse_usage(
+            &chunk,
+            fallback_model,
+        ))));
+    }
+    if chunk.pointer("/candidates/0/finishReason").is_some()
+        || chunk.pointer("/promptFeedback/blockReason").is_some()
+    {
+        out.push(Ok(StreamEvent::Done));
+    }
+    out
+}
+
+/// SSE data parsed by `parse` into events; OpenAI's `[DONE]` is [`StreamEvent::Done`].
+pub fn events(
+    response: reqwest::Response,
+    fallback_model: String,
+    parse: fn(&str, &str) -> Vec<Result<StreamEvent, ProviderError>>,
+) -> EventStream {
+    let stream = sse_data(response).flat_map(move |d| {
+        let items = match d {
+            Ok(data) if data.trim() == "[DONE]" => vec![Ok(StreamEvent::Done)],
+            Ok(data) => parse(&data, &fallback_model),
+            Err(e) => vec![Err(e)],
+        };
+        futures_util::stream::iter(items)
+    });
+    Box::pin(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn azure_filter_chunks_are_tolerated() {
+        let first = r#"{"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}"#;
+        assert!(openai_events(first, "d").is_empty());
+        let annotation = r#"{"choices":[{"content_filter_offsets":{"check_offset":1},"content_filter_results":{},"finish_reason":null,"index":0}],"created":0,"id":"","model":"","object":""}"#;
+        assert!(openai_events(annotation, "d").is_empty());
+    }
+
+    #[test]
+    fn the_final_chunk_carries_usage() {
+        let last = r#"{"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29}}"#;
+        let events: Vec<StreamEvent> = openai_events(last, "d")
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(events[0], StreamEvent::Model("gpt-4o-mini".into()));
+        match &events[1] {
+            StreamEvent::Usage(u) => assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+                (19, 10, 29)
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_error_in_the_stream_is_an_error() {
+        let e = openai_events(
+            r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+            "d",
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].as_ref().unwrap_err().message, "overloaded");
+        assert!(openai_events("not json", "d")[0].is_err());
+    }
+}
