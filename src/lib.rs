@@ -21,4 +21,7 @@ pub use providers::{
     ChatRequest, ChatResponse, Message, Provider, ProviderError, ProviderErrorKind, Role, Usage,
     llm_service,
 };
-pub use tracker::{CallRequest, CallState, LlmTracker, TrackedCall, TrackerError};
+pub use tracker::{
+    CallRequest, CallState, LlmTracker, StreamHandle, StreamRecord, TrackedCall, TrackedStream,
+    TrackerError,
+};

@@ -428,3 +428,45 @@ db_test!(
         let _: Vec<usage::Model> = all;
     }
 );
+
+db_test!(
+    async fn call_stream_prints_the_reply_then_the_usage(backend: Backend) {
+        use wiremock::matchers::{body_partial_json, method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+        let t = TestDb::migrated(backend).await;
+        // The CLI runs as a child process while this test waits: wiremock serves from its
+        // own threads.
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/v1/chat/completions"))
+            .and(body_partial_json(
+                json!({"stream": true, "stream_options": {"include_usage": true}}),
+            ))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_raw(fixture("providers/openai_stream.sse"), "text/event-stream"),
+            )
+            .expect(1)
+            .mount(&server)
+            .await;
+        let base = format!("{}/v1", server.uri());
+        let spool_dir = tempfile::tempdir().unwrap();
+        let spool = spool_dir.path().join("s.jsonl");
+        let env = [
+            ("OPENAI_API_KEY", "sk-test-cli-0123456789"),
+            ("OPENAI_BASE_URL", base.as_str()),
+            ("USAGE_SPOOL_PATH", spool.to_str().unwrap()),
+        ];
+        let out = crate::cli::cmd(&t, &["call", "--stream", "hello"], &env);
+        assert!(out.status.success(), "{}", crate::cli::stderr(&out));
+        let text = crate::cli::stdout(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "Hello! How can I help?");
+        let usage: Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(usage["total_tokens"], 29);
+        let row = only_row(&t.db).await;
+        assert_eq!(lines[2], format!("row_id: {}", row.id));
+        assert!(row.success);
+        assert_eq!(row.metadata["stream"], json!(true));
+    }
+);
