@@ -332,7 +332,8 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
         ..Default::default()
     };
     let all = UsageFilter::default();
-    let stats = token_stats_settings(backend);
+    let stats_settings = token_stats_settings(backend);
+    let stats = stats_settings.as_deref();
     let checks: Vec<(&str, Vec<sea_orm::Statement>, Option<&str>, bool)> = vec![
         (
             "token-stats granularity=month",

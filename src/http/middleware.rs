@@ -51,12 +51,13 @@ pub async fn json_errors(
 
     let res = next.call(req).await?;
     let status = res.status();
-    let is_json = res
+    // JSON already, or an HTML error page of the admin pages (for a person, not a client).
+    let keep = res
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if status.as_u16() < 400 || is_json {
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/html"));
+    if status.as_u16() < 400 || keep {
         return Ok(res.map_into_boxed_body());
     }
     let (req, old) = res.into_parts();

@@ -25,6 +25,8 @@ pub struct AppState {
     /// else the primary.
     pub read_db: DatabaseConnection,
     pub settings: Settings,
+    /// Failed admin-page sign-ins per username and client address.
+    pub login_limiter: std::sync::Arc<crate::admin::session::Limiter>,
 }
 
 impl AppState {
@@ -34,6 +36,7 @@ impl AppState {
             read_db: db.clone(),
             db,
             settings,
+            login_limiter: Default::default(),
         }
     }
 
@@ -48,6 +51,7 @@ impl AppState {
             db,
             read_db,
             settings,
+            login_limiter: Default::default(),
         })
     }
 }
@@ -62,6 +66,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(routes::health::healthz)
             .service(routes::health::readyz)
             .configure(routes::admin::configure)
+            .configure(crate::admin::configure)
             .service(utoipa_swagger_ui::SwaggerUi::new("/api/docs/{_:.*}").url(
                 "/api/openapi.json",
                 <openapi::ApiDoc as utoipa::OpenApi>::openapi(),

@@ -107,19 +107,34 @@ pub async fn list_usage(
     page: u64,
     page_size: u64,
 ) -> Result<UsagePage, DbErr> {
+    list_usage_ordered(db, filter, page, page_size, false).await
+}
+
+/// [`list_usage`], newest first or (`oldest_first`) oldest first; `next_cursor` only in the
+/// newest-first order (the one cursors walk).
+pub async fn list_usage_ordered(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    page: u64,
+    page_size: u64,
+    oldest_first: bool,
+) -> Result<UsagePage, DbErr> {
     let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
     let total = count_matching(db, filter).await?;
     let offset = page.saturating_sub(1).saturating_mul(page_size);
     let rows = if offset >= total {
         Vec::new()
     } else {
-        page_query(filter, offset, page_size)
+        page_query_ordered(filter, offset, page_size, oldest_first)
             .into_model::<RowWithUser>()
             .all(db)
             .await?
     };
     let more = offset.saturating_add(rows.len() as u64) < total;
-    let next_cursor = rows.last().filter(|_| more).map(|r| Cursor::of(r).encode());
+    let next_cursor = rows
+        .last()
+        .filter(|_| more && !oldest_first)
+        .map(|r| Cursor::of(r).encode());
     Ok(UsagePage {
         results: rows.into_iter().map(UsageRow::from).collect(),
         total,
@@ -210,6 +225,9 @@ async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result
     let raw: Vec<&UsageFilter> = match &plan {
         None => vec![filter],
         Some(plan) => {
+            if let Some(sql) = super::rollup::settings(txn.get_database_backend()) {
+                txn.execute_unprepared(sql).await?;
+            }
             let stmt = super::rollup::statement(
                 txn.get_database_backend(),
                 plan,
@@ -256,12 +274,26 @@ pub(crate) fn count_query(filter: &UsageFilter) -> Select<usage::Entity> {
 
 /// One page, newest first, with each row's username (see [`super::plans`]).
 pub(crate) fn page_query(filter: &UsageFilter, offset: u64, limit: u64) -> Select<usage::Entity> {
+    page_query_ordered(filter, offset, limit, false)
+}
+
+fn page_query_ordered(
+    filter: &UsageFilter,
+    offset: u64,
+    limit: u64,
+    oldest_first: bool,
+) -> Select<usage::Entity> {
+    let order = if oldest_first {
+        sea_orm::Order::Asc
+    } else {
+        sea_orm::Order::Desc
+    };
     usage::Entity::find()
         .filter(filter.condition())
         .join(JoinType::LeftJoin, usage::Relation::User.def())
         .column_as(auth_user::Column::Username, "username")
-        .order_by_desc(usage::Column::CreatedAt)
-        .order_by_desc(usage::Column::Id)
+        .order_by(usage::Column::CreatedAt, order.clone())
+        .order_by(usage::Column::Id, order)
         .offset(offset)
         .limit(limit)
 }

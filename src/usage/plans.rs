@@ -57,10 +57,16 @@ pub async fn list_usage_statements<C: ConnectionTrait>(
     Ok(out)
 }
 
-/// Planner settings the token-stats aggregate runs under (in its own transaction), if any:
-/// run them before explaining its statement to see the plan that is served.
-pub fn token_stats_settings(backend: DbBackend) -> Option<&'static str> {
-    super::stats::aggregate_settings(backend)
+/// Planner settings the token-stats statements run under (in their read transaction), if
+/// any: run them before explaining its statements to see the plans that are served.
+pub fn token_stats_settings(backend: DbBackend) -> Option<String> {
+    match (
+        super::stats::aggregate_settings(backend),
+        rollup::settings(backend),
+    ) {
+        (Some(a), Some(r)) => Some(format!("{a}; {r}")),
+        (a, r) => a.or(r).map(str::to_owned),
+    }
 }
 
 /// `statement` prefixed for the backend's plan output: `EXPLAIN` on PostgreSQL, `EXPLAIN QUERY

@@ -689,6 +689,9 @@ pub async fn stats_by_user(
     match rollup::plan(&txn, filter, None).await? {
         None => groups = raw_user_groups(&txn, filter).await?,
         Some(plan) => {
+            if let Some(sql) = rollup::settings(txn.get_database_backend()) {
+                txn.execute_unprepared(sql).await?;
+            }
             let stmt = rollup::statement(
                 txn.get_database_backend(),
                 &plan,

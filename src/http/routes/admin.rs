@@ -472,7 +472,6 @@ pub async fn export_csv(
     state: web::Data<AppState>,
     query: web::Query<ExportQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    use futures_util::stream;
     let q = query.into_inner();
     let tz = parse_tz(q.tz.as_deref(), state.settings.default_timezone)?;
     let filter = UsageFilter::from_params_in(
@@ -483,8 +482,17 @@ pub async fn export_csv(
         q.model.as_deref(),
         q.success.as_deref(),
     )?;
+    csv_response(state.read_db.clone(), filter).await
+}
+
+/// The CSV download of every row `filter` selects, streamed in keyset batches (also served to
+/// the admin pages' signed-in staff).
+pub(crate) async fn csv_response(
+    db: sea_orm::DatabaseConnection,
+    filter: UsageFilter,
+) -> Result<HttpResponse, ApiError> {
+    use futures_util::stream;
     // The first batch is read before answering, so an unreachable database is still a 503.
-    let db = state.read_db.clone();
     let first = keyset_batch(&db, &filter, None, EXPORT_BATCH)
         .await
         .map_err(ApiError::database)?;

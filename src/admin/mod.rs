@@ -1,0 +1,871 @@
+//! Django-style admin pages (SPEC §8): sign in with a Django password, an overview with a
+//! chart, the usage listing and one row's detail, for active staff and superusers. Server
+//! rendered with askama templates compiled into the binary (every value HTML-escaped), the
+//! stylesheet embedded; the figures come from the same `usage/` functions as the API.
+
+pub mod chart;
+pub mod session;
+
+use std::collections::HashMap;
+
+use actix_web::cookie::{Cookie, SameSite, time::Duration as CookieDuration};
+use actix_web::http::{StatusCode, header};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
+use askama::Template;
+use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, Set};
+
+use crate::auth::password::check_password;
+use crate::db::entities::auth_user;
+use crate::http::AppState;
+use crate::pricing::Usd;
+use crate::usage::buckets::{MAX_BUCKETS, buckets_between};
+use crate::usage::filters::given;
+use crate::usage::list::{UsageRow, get_usage, list_usage_ordered};
+use crate::usage::stats::{self, Granularity, ModelStats, SeriesOptions, Summary};
+use crate::usage::{FilterError, UsageFilter};
+use session::{CSRF_COOKIE, SESSION_COOKIE, SESSION_TTL, Session, Signer};
+
+/// The message of a refused sign-in, whatever the reason (Django's).
+const BAD_LOGIN: &str = "Please enter the correct username and password for a staff account. Note that both fields may be case-sensitive.";
+const TOO_MANY: &str = "Too many failed sign-ins. Try again in a few minutes.";
+const PAGE_SIZE: u64 = 25;
+
+/// Registers the pages.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/admin/login/")
+            .route(web::get().to(login_form))
+            .route(web::post().to(login)),
+    )
+    .service(web::resource("/admin/logout/").route(web::post().to(logout)))
+    .service(web::resource("/admin/").route(web::get().to(overview)))
+    .service(web::resource("/admin").route(web::get().to(to_overview)))
+    .service(web::resource("/admin/llm-usage/").route(web::get().to(usage_list)))
+    .service(web::resource("/admin/llm-usage/export.csv").route(web::get().to(usage_export)))
+    .service(web::resource("/admin/llm-usage/{id}/").route(web::get().to(usage_detail)))
+    .service(web::resource("/admin/static/admin.css").route(web::get().to(stylesheet)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and the signed-in user
+
+/// Why a page was not served.
+#[derive(Debug)]
+pub enum PageError {
+    /// Not signed in (or the session ended): to the sign-in page, then back here.
+    SignIn {
+        next: String,
+    },
+    BadRequest(String),
+    Forbidden(String),
+    NotFound,
+    TooManyRequests,
+    Unavailable,
+}
+
+impl std::fmt::Display for PageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+#[derive(Template)]
+#[template(path = "admin/error.html")]
+struct ErrorPage<'a> {
+    signed_in: Option<String>,
+    csrf: String,
+    heading: &'a str,
+    message: &'a str,
+}
+
+impl ResponseError for PageError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Self::SignIn { .. } => StatusCode::FOUND,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let (heading, message) = match self {
+            Self::SignIn { next } => {
+                let to = format!("/admin/login/?next={}", urlencode(next));
+                return HttpResponse::Found()
+                    .insert_header((header::LOCATION, to))
+                    .finish();
+            }
+            Self::BadRequest(m) => ("Bad request", m.as_str()),
+            Self::Forbidden(m) => ("Forbidden", m.as_str()),
+            Self::NotFound => ("Not found", "There is no such page or row."),
+            Self::TooManyRequests => ("Too many requests", TOO_MANY),
+            Self::Unavailable => (
+                "Service unavailable",
+                "The database is not answering. Try again shortly.",
+            ),
+        };
+        html(
+            self.status_code(),
+            ErrorPage {
+                signed_in: None,
+                csrf: String::new(),
+                heading,
+                message,
+            }
+            .render(),
+        )
+    }
+}
+
+fn db_error(e: sea_orm::DbErr) -> PageError {
+    tracing::error!(error = %e, "admin page: database error");
+    PageError::Unavailable
+}
+
+fn html(status: StatusCode, rendered: askama::Result<String>) -> HttpResponse {
+    match rendered {
+        Ok(body) => HttpResponse::build(status)
+            .content_type("text/html; charset=utf-8")
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .insert_header(("X-Frame-Options", "DENY"))
+            .insert_header(("X-Content-Type-Options", "nosniff"))
+            .insert_header((
+                "Content-Security-Policy",
+                "default-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'",
+            ))
+            .body(body),
+        Err(e) => {
+            tracing::error!(error = %e, "admin page: template error");
+            HttpResponse::InternalServerError()
+                .content_type("text/html; charset=utf-8")
+                .body("<h1>Server error</h1>")
+        }
+    }
+}
+
+fn signer(state: &AppState) -> Result<Signer, PageError> {
+    match &state.settings.jwt_secret {
+        Some(secret) => Ok(Signer::new(secret.expose())),
+        None => {
+            tracing::error!("admin pages need JWT_SECRET (their sessions are signed with it)");
+            Err(PageError::Unavailable)
+        }
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A signed-in, active staff user or superuser, and their session.
+pub struct Staff {
+    pub user: auth_user::Model,
+    pub session: Session,
+}
+
+impl FromRequest for Staff {
+    type Error = PageError;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self, PageError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let cookie = req.cookie(SESSION_COOKIE).map(|c| c.value().to_owned());
+        let next = match req.query_string() {
+            "" => req.path().to_owned(),
+            q => format!("{}?{q}", req.path()),
+        };
+        Box::pin(async move {
+            let state = state.ok_or(PageError::Unavailable)?;
+            let signer = signer(&state)?;
+            let sign_in = || PageError::SignIn { next: next.clone() };
+            let session = cookie
+                .and_then(|c| signer.decode(&c, now()))
+                .ok_or_else(sign_in)?;
+            let user = auth_user::Entity::find_by_id(session.user_id)
+                .one(&state.db)
+                .await
+                .map_err(db_error)?
+                .ok_or_else(sign_in)?;
+            let allowed = user.is_active && (user.is_staff || user.is_superuser);
+            if !allowed || signer.password_tag(&user.password) != session.password_tag {
+                return Err(sign_in());
+            }
+            Ok(Staff { user, session })
+        })
+    }
+}
+
+/// The signed-in username and CSRF token every page's header needs.
+fn chrome(staff: &Staff) -> (Option<String>, String) {
+    (
+        Some(staff.user.username.clone()),
+        staff.session.csrf.clone(),
+    )
+}
+
+/// Percent-encoding for a query value.
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The query string as a map; a malformed one is a 400.
+fn query_map(req: &HttpRequest) -> Result<HashMap<String, String>, PageError> {
+    web::Query::<HashMap<String, String>>::from_query(req.query_string())
+        .map(web::Query::into_inner)
+        .map_err(|_| PageError::BadRequest("The address has a malformed query string.".into()))
+}
+
+fn param(q: &HashMap<String, String>, key: &str) -> String {
+    q.get(key).map(|v| v.trim().to_owned()).unwrap_or_default()
+}
+
+fn usd(u: Usd) -> String {
+    serde_json::to_string(&u).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sign in and out
+
+#[derive(Template)]
+#[template(path = "admin/login.html")]
+struct LoginPage<'a> {
+    signed_in: Option<String>,
+    csrf: String,
+    next: &'a str,
+    username: &'a str,
+    error: Option<&'a str>,
+}
+
+/// Only local admin paths are followed after sign-in (no open redirect).
+fn safe_next(next: &str) -> &str {
+    let ok = next.starts_with("/admin/") && !next.starts_with("//") && !next.contains('\\');
+    if ok { next } else { "/admin/" }
+}
+
+fn csrf_cookie(req: &HttpRequest, token: &str) -> Cookie<'static> {
+    Cookie::build(CSRF_COOKIE, token.to_owned())
+        .path("/admin/")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .secure(req.connection_info().scheme() == "https")
+        .finish()
+}
+
+fn login_page(
+    req: &HttpRequest,
+    status: StatusCode,
+    next: &str,
+    username: &str,
+    error: Option<&str>,
+) -> HttpResponse {
+    // Reuse the visitor's CSRF cookie if it has one, else start one.
+    let token = req
+        .cookie(CSRF_COOKIE)
+        .map(|c| c.value().to_owned())
+        .filter(|t| t.len() == 43)
+        .unwrap_or_else(session::random_token);
+    let mut res = html(
+        status,
+        LoginPage {
+            signed_in: None,
+            csrf: token.clone(),
+            next: safe_next(next),
+            username,
+            error,
+        }
+        .render(),
+    );
+    let _ = res.add_cookie(&csrf_cookie(req, &token));
+    res
+}
+
+async fn login_form(req: HttpRequest) -> Result<HttpResponse, PageError> {
+    let q = query_map(&req)?;
+    Ok(login_page(
+        &req,
+        StatusCode::OK,
+        &param(&q, "next"),
+        "",
+        None,
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    csrfmiddlewaretoken: String,
+    #[serde(default)]
+    next: String,
+}
+
+async fn login(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, PageError> {
+    let form: LoginForm = serde_urlencoded_form(&body)?;
+    let cookie_token = req.cookie(CSRF_COOKIE).map(|c| c.value().to_owned());
+    let csrf_ok = cookie_token
+        .as_deref()
+        .is_some_and(|t| !t.is_empty() && session::same_token(t, &form.csrfmiddlewaretoken));
+    if !csrf_ok {
+        return Err(PageError::Forbidden(
+            "CSRF verification failed: reload the sign-in page and try again.".into(),
+        ));
+    }
+    let signer = signer(&state)?;
+    let ip = req
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let user_key = format!("user:{}", form.username.to_lowercase());
+    let keys = [user_key.clone(), format!("ip:{ip}")];
+    if state.login_limiter.blocked(&keys) {
+        tracing::warn!(ip = %ip, "admin sign-in refused: too many failures");
+        return Ok(login_page(
+            &req,
+            StatusCode::TOO_MANY_REQUESTS,
+            &form.next,
+            &form.username,
+            Some(TOO_MANY),
+        ));
+    }
+    let user = crate::users::find_by_username(&state.db, &form.username)
+        .await
+        .map_err(db_error)?;
+    // The hash is checked even for an unknown user, so timing does not tell who exists.
+    let encoded = user
+        .as_ref()
+        .map(|u| u.password.as_str())
+        .unwrap_or(DUMMY_HASH.as_str());
+    let password_ok = check_password(&form.password, encoded);
+    let user = match user {
+        Some(u) if password_ok && u.is_active && (u.is_staff || u.is_superuser) => u,
+        _ => {
+            state.login_limiter.fail(&keys);
+            tracing::info!(ip = %ip, "admin sign-in failed");
+            return Ok(login_page(
+                &req,
+                StatusCode::OK,
+                &form.next,
+                &form.username,
+                Some(BAD_LOGIN),
+            ));
+        }
+    };
+    state.login_limiter.clear(&user_key);
+    let session = Session {
+        user_id: user.id,
+        expires: now() + SESSION_TTL.as_secs() as i64,
+        csrf: session::random_token(),
+        password_tag: signer.password_tag(&user.password),
+    };
+    // As Django: the sign-in is recorded in last_login.
+    let mut active = user.into_active_model();
+    active.last_login = Set(Some(crate::tracker::now_micros()));
+    if let Err(e) = active.update(&state.db).await {
+        tracing::warn!(error = %e, "could not record last_login");
+    }
+    let cookie = Cookie::build(SESSION_COOKIE, signer.encode(&session))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(req.connection_info().scheme() == "https")
+        .max_age(CookieDuration::seconds(SESSION_TTL.as_secs() as i64))
+        .finish();
+    Ok(HttpResponse::Found()
+        .insert_header((header::LOCATION, safe_next(&form.next).to_owned()))
+        .cookie(cookie)
+        .finish())
+}
+
+/// A real hash (of a random password) checked when the username is unknown, so the answer
+/// takes as long as for a known one.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| crate::auth::password::make_password(&session::random_token()));
+
+fn serde_urlencoded_form<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, PageError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| PageError::BadRequest("The form was not UTF-8.".into()))?;
+    web::Query::<T>::from_query(text)
+        .map(web::Query::into_inner)
+        .map_err(|_| PageError::BadRequest("The form could not be read.".into()))
+}
+
+#[derive(serde::Deserialize)]
+struct LogoutForm {
+    #[serde(default)]
+    csrfmiddlewaretoken: String,
+}
+
+async fn logout(staff: Staff, body: web::Bytes) -> Result<HttpResponse, PageError> {
+    let form: LogoutForm = serde_urlencoded_form(&body)?;
+    if !session::same_token(&staff.session.csrf, &form.csrfmiddlewaretoken) {
+        return Err(PageError::Forbidden(
+            "CSRF verification failed: reload the page and try again.".into(),
+        ));
+    }
+    let mut gone = Cookie::build(SESSION_COOKIE, "").path("/").finish();
+    gone.make_removal();
+    Ok(HttpResponse::Found()
+        .insert_header((header::LOCATION, "/admin/login/"))
+        .cookie(gone)
+        .finish())
+}
+
+async fn to_overview() -> HttpResponse {
+    HttpResponse::MovedPermanently()
+        .insert_header((header::LOCATION, "/admin/"))
+        .finish()
+}
+
+async fn stylesheet() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/css; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "public, max-age=3600"))
+        .body(include_str!("admin.css"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overview
+
+#[derive(Template)]
+#[template(path = "admin/overview.html")]
+struct OverviewPage {
+    signed_in: Option<String>,
+    csrf: String,
+    start_date: String,
+    end_date: String,
+    user_id: String,
+    tz: String,
+    zones: Vec<&'static str>,
+    granularity: String,
+    granularities: Vec<(&'static str, &'static str)>,
+    error: Option<String>,
+    summary: Summary,
+    success_rate: String,
+    cost: String,
+    bucket_name: &'static str,
+    chart: String,
+    by_model: Vec<ModelView>,
+}
+
+struct ModelView {
+    model: String,
+    total_calls: i64,
+    total_prompt_tokens: i64,
+    total_completion_tokens: i64,
+    total_tokens: i64,
+    total_cached_tokens: i64,
+    total_reasoning_tokens: i64,
+    total_cost: String,
+    avg_latency_sec: Option<f64>,
+}
+
+impl From<ModelStats> for ModelView {
+    fn from(m: ModelStats) -> Self {
+        Self {
+            model: m.model,
+            total_calls: m.total_calls,
+            total_prompt_tokens: m.total_prompt_tokens,
+            total_completion_tokens: m.total_completion_tokens,
+            total_tokens: m.total_tokens,
+            total_cached_tokens: m.total_cached_tokens,
+            total_reasoning_tokens: m.total_reasoning_tokens,
+            total_cost: usd(m.total_cost),
+            avg_latency_sec: m.avg_latency_sec,
+        }
+    }
+}
+
+const ZONES: [&str; 8] = [
+    "UTC",
+    "Europe/London",
+    "Europe/Berlin",
+    "America/New_York",
+    "America/Los_Angeles",
+    "Asia/Kolkata",
+    "Asia/Shanghai",
+    "Asia/Tokyo",
+];
+
+/// A filter from the page's parameters, or the message to show.
+fn page_filter(
+    state: &AppState,
+    q: &HashMap<String, String>,
+    with_model_and_success: bool,
+) -> Result<(chrono_tz::Tz, UsageFilter), String> {
+    let tz = match given(q.get("tz").map(String::as_str)) {
+        None => state.settings.default_timezone,
+        Some(name) => name
+            .parse()
+            .map_err(|_| format!("Unknown time zone {name:?}: use an IANA name such as UTC."))?,
+    };
+    let get = |k: &str| q.get(k).map(String::as_str);
+    let (model, success) = if with_model_and_success {
+        (get("model"), get("success"))
+    } else {
+        (None, None)
+    };
+    UsageFilter::from_params_in(
+        tz,
+        get("start_date"),
+        get("end_date"),
+        get("user_id"),
+        model,
+        success,
+    )
+    .map(|f| (tz, f))
+    .map_err(|FilterError { param, message }| format!("{param}: {message}"))
+}
+
+async fn overview(
+    staff: Staff,
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let q = query_map(&req)?;
+    let (signed_in, csrf) = chrome(&staff);
+    let raw_granularity = match param(&q, "granularity").as_str() {
+        "" => "month".to_owned(),
+        g => g.to_lowercase(),
+    };
+    let mut error = None;
+    let granularity = Granularity::parse(&raw_granularity).unwrap_or_else(|| {
+        error = Some("Unsupported granularity. Use one of: day, month, year.".to_owned());
+        Granularity::Month
+    });
+    let (tz, filter) = match page_filter(&state, &q, false) {
+        Ok(v) => v,
+        Err(m) => {
+            error = Some(m);
+            (state.settings.default_timezone, UsageFilter::default())
+        }
+    };
+    let mut fill = false;
+    if let (Some(s), Some(e)) = (filter.start, filter.end) {
+        match buckets_between(granularity, tz, s, e) {
+            Ok(_) => fill = true,
+            Err(n) => {
+                error = Some(format!(
+                    "The range holds {n} buckets, more than {MAX_BUCKETS}: choose a coarser chart or a shorter range."
+                ))
+            }
+        }
+    }
+    let (summary, by_model, series) = if error.is_some() {
+        (Summary::default(), Vec::new(), Vec::new())
+    } else {
+        let data = stats::token_stats_in(
+            &state.read_db,
+            &filter,
+            Some(granularity),
+            SeriesOptions { tz, fill },
+        )
+        .await
+        .map_err(db_error)?;
+        (data.summary, data.by_model, data.series.unwrap_or_default())
+    };
+    let success_rate = if summary.total_calls == 0 {
+        "–".to_owned()
+    } else {
+        format!(
+            "{:.1} %",
+            summary.successful_calls as f64 * 100.0 / summary.total_calls as f64
+        )
+    };
+    let bucket_name = match granularity {
+        Granularity::Day => "hour",
+        Granularity::Month => "day",
+        Granularity::Year => "month",
+    };
+    let chart = chart::token_bars(&series, &format!("Total tokens by {bucket_name}"));
+    let status = if error.is_some() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    let page = OverviewPage {
+        signed_in,
+        csrf,
+        start_date: param(&q, "start_date"),
+        end_date: param(&q, "end_date"),
+        user_id: param(&q, "user_id"),
+        tz: tz.name().to_owned(),
+        zones: ZONES.to_vec(),
+        granularity: raw_granularity,
+        granularities: vec![
+            ("day", "hour (day view)"),
+            ("month", "day (month view)"),
+            ("year", "month (year view)"),
+        ],
+        error,
+        cost: usd(summary.total_cost),
+        success_rate,
+        summary,
+        bucket_name,
+        chart,
+        by_model: by_model.into_iter().map(ModelView::from).collect(),
+    };
+    Ok(html(status, page.render()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listing, export, detail
+
+#[derive(Template)]
+#[template(path = "admin/usage_list.html")]
+struct ListPage {
+    signed_in: Option<String>,
+    csrf: String,
+    start_date: String,
+    end_date: String,
+    user_id: String,
+    model: String,
+    success: String,
+    sort: String,
+    error: Option<String>,
+    total: u64,
+    page: u64,
+    pages: u64,
+    rows: Vec<RowView>,
+    export_url: String,
+    sort_url: String,
+    prev_url: Option<String>,
+    next_url: Option<String>,
+}
+
+struct RowView {
+    id: String,
+    created_at: String,
+    user_id: Option<i32>,
+    username: Option<String>,
+    model: String,
+    prompt_tokens: i32,
+    completion_tokens: i32,
+    total_tokens: i32,
+    cost: String,
+    success: bool,
+}
+
+impl From<UsageRow> for RowView {
+    fn from(r: UsageRow) -> Self {
+        Self {
+            id: r.id.to_string(),
+            created_at: r.created_at,
+            user_id: r.user_id,
+            username: r.username,
+            model: r.model,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            total_tokens: r.total_tokens,
+            cost: r.cost.map(usd).unwrap_or_else(|| "–".into()),
+            success: r.success,
+        }
+    }
+}
+
+/// `key=value&…` of the non-empty `keys` of `q`, with `extra` pairs.
+fn query_of(q: &HashMap<String, String>, keys: &[&str], extra: &[(&str, String)]) -> String {
+    keys.iter()
+        .filter_map(|k| {
+            let v = param(q, k);
+            (!v.is_empty()).then(|| format!("{k}={}", urlencode(&v)))
+        })
+        .chain(extra.iter().map(|(k, v)| format!("{k}={}", urlencode(v))))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+const LIST_FILTERS: [&str; 6] = [
+    "start_date",
+    "end_date",
+    "user_id",
+    "model",
+    "success",
+    "tz",
+];
+
+async fn usage_list(
+    staff: Staff,
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let q = query_map(&req)?;
+    let (signed_in, csrf) = chrome(&staff);
+    let oldest_first = param(&q, "sort") == "created_at";
+    let sort = if oldest_first {
+        "created_at"
+    } else {
+        "-created_at"
+    };
+    let page: u64 = match param(&q, "page").as_str() {
+        "" => 1,
+        p => p
+            .parse()
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| PageError::BadRequest("page: a whole number ≥ 1".into()))?,
+    };
+    let (filter, error) = match page_filter(&state, &q, true) {
+        Ok((_, f)) => (Some(f), None),
+        Err(m) => (None, Some(m)),
+    };
+    let listing = match &filter {
+        Some(f) => Some(
+            list_usage_ordered(&state.read_db, f, page, PAGE_SIZE, oldest_first)
+                .await
+                .map_err(db_error)?,
+        ),
+        None => None,
+    };
+    let total = listing.as_ref().map_or(0, |l| l.total);
+    let pages = total.div_ceil(PAGE_SIZE).max(1);
+    let link = |p: u64| {
+        format!(
+            "/admin/llm-usage/?{}",
+            query_of(
+                &q,
+                &LIST_FILTERS,
+                &[("sort", sort.into()), ("page", p.to_string())]
+            )
+        )
+    };
+    let page_view = ListPage {
+        signed_in,
+        csrf,
+        start_date: param(&q, "start_date"),
+        end_date: param(&q, "end_date"),
+        user_id: param(&q, "user_id"),
+        model: param(&q, "model"),
+        success: param(&q, "success"),
+        sort: sort.into(),
+        error,
+        total,
+        page,
+        pages,
+        rows: listing
+            .map(|l| l.results.into_iter().map(RowView::from).collect())
+            .unwrap_or_default(),
+        export_url: format!(
+            "/admin/llm-usage/export.csv?{}",
+            query_of(&q, &LIST_FILTERS, &[])
+        ),
+        sort_url: format!(
+            "/admin/llm-usage/?{}",
+            query_of(
+                &q,
+                &LIST_FILTERS,
+                &[(
+                    "sort",
+                    if oldest_first {
+                        "-created_at"
+                    } else {
+                        "created_at"
+                    }
+                    .into()
+                )]
+            )
+        ),
+        prev_url: (page > 1).then(|| link(page - 1)),
+        next_url: (page < pages).then(|| link(page + 1)),
+    };
+    let status = if page_view.error.is_some() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    Ok(html(status, page_view.render()))
+}
+
+async fn usage_export(
+    _staff: Staff,
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let q = query_map(&req)?;
+    let (_, filter) = page_filter(&state, &q, true).map_err(PageError::BadRequest)?;
+    crate::http::routes::admin::csv_response(state.read_db.clone(), filter)
+        .await
+        .map_err(|_| PageError::Unavailable)
+}
+
+#[derive(Template)]
+#[template(path = "admin/usage_detail.html")]
+struct DetailPage {
+    signed_in: Option<String>,
+    csrf: String,
+    row: RowView,
+    fields: Vec<(&'static str, String)>,
+    metadata: String,
+}
+
+async fn usage_detail(
+    staff: Staff,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
+    let id = uuid::Uuid::parse_str(&path.into_inner()).map_err(|_| PageError::NotFound)?;
+    let row = get_usage(&state.read_db, id)
+        .await
+        .map_err(db_error)?
+        .ok_or(PageError::NotFound)?;
+    let (signed_in, csrf) = chrome(&staff);
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "–".into());
+    let fields = vec![
+        ("id", row.id.to_string()),
+        ("created_at", row.created_at.clone()),
+        ("started_at", opt(&row.started_at)),
+        (
+            "latency_sec",
+            row.latency_sec
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "–".into()),
+        ),
+        (
+            "user_id",
+            row.user_id
+                .map(|u| u.to_string())
+                .unwrap_or_else(|| "–".into()),
+        ),
+        ("username", opt(&row.username)),
+        ("model", row.model.clone()),
+        ("prompt_tokens", row.prompt_tokens.to_string()),
+        ("completion_tokens", row.completion_tokens.to_string()),
+        ("total_tokens", row.total_tokens.to_string()),
+        ("cached_tokens", row.cached_tokens.to_string()),
+        ("reasoning_tokens", row.reasoning_tokens.to_string()),
+        ("success", row.success.to_string()),
+        ("error", opt(&row.error)),
+        ("cost", row.cost.map(usd).unwrap_or_else(|| "–".into())),
+        ("cost_currency", row.cost_currency.clone()),
+    ];
+    let metadata = serde_json::to_string_pretty(&row.metadata).unwrap_or_default();
+    Ok(html(
+        StatusCode::OK,
+        DetailPage {
+            signed_in,
+            csrf,
+            row: RowView::from(row),
+            fields,
+            metadata,
+        }
+        .render(),
+    ))
+}

@@ -1,0 +1,494 @@
+//! Issue 9 / SPEC §8: the admin pages over HTTP (the whole application, middleware included)
+//! on both databases: sign-in with Django password hashes, who may sign in, CSRF, the signed
+//! session and its expiry, the sign-in rate limit, HTML escaping, and figures equal to the
+//! API's.
+
+use std::collections::HashMap;
+
+use actix_web::test;
+use llm_tracker::Settings;
+use llm_tracker::admin::session::{Session, Signer};
+use llm_tracker::auth::password::make_password_with;
+use llm_tracker::db::entities::usage;
+use llm_tracker::http::{AppState, app};
+use llm_tracker::usage::UsageFilter;
+use llm_tracker::usage::stats::{SeriesOptions, token_stats_in};
+use llm_tracker::users::{NewUser, create_user};
+use sea_orm::ConnectionTrait;
+
+use crate::db_test;
+use crate::helpers::TestDb;
+use crate::usage_read::{at, insert, row};
+
+const SECRET: &str = "admin-pages-test-secret-0123456789";
+
+fn state(t: &TestDb) -> AppState {
+    let vars = HashMap::from([
+        ("DATABASE_URL".to_owned(), t.url.expose().to_owned()),
+        ("JWT_SECRET".to_owned(), SECRET.to_owned()),
+    ]);
+    AppState::new(t.db.clone(), Settings::from_map(&vars).unwrap())
+}
+
+/// A user whose password is `pw` hashed as Django does (with few iterations, to keep the
+/// tests fast; the count is part of the hash).
+async fn user(t: &TestDb, name: &str, staff: bool, superuser: bool, active: bool) -> i32 {
+    let u = create_user(
+        &t.db,
+        NewUser {
+            username: name.into(),
+            is_staff: staff,
+            is_superuser: superuser,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let hash = make_password_with("correct horse", "saltsaltsalt", 1000);
+    t.db.execute_unprepared(&format!(
+        "UPDATE auth_user SET password = '{hash}', is_active = {} WHERE id = {}",
+        if active { "TRUE" } else { "FALSE" },
+        u.id
+    ))
+    .await
+    .unwrap();
+    u.id
+}
+
+struct Answer {
+    status: u16,
+    location: Option<String>,
+    cookies: Vec<String>,
+    body: String,
+}
+
+fn cookie_value(set_cookies: &[String], name: &str) -> Option<String> {
+    set_cookies.iter().find_map(|c| {
+        let first = c.split(';').next()?;
+        let (k, v) = first.split_once('=')?;
+        (k.trim() == name).then(|| v.to_owned())
+    })
+}
+
+macro_rules! send {
+    ($app:expr, $req:expr) => {{
+        let res = test::call_service(&$app, $req.to_request()).await;
+        let status = res.status().as_u16();
+        let location = res
+            .headers()
+            .get("location")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let cookies: Vec<String> = res
+            .headers()
+            .get_all("set-cookie")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        let body = String::from_utf8(test::read_body(res).await.to_vec()).unwrap();
+        Answer {
+            status,
+            location,
+            cookies,
+            body,
+        }
+    }};
+}
+
+/// The hidden CSRF field of a page.
+fn csrf_field(body: &str) -> String {
+    let at = body
+        .find("name=\"csrfmiddlewaretoken\" value=\"")
+        .expect("csrf field");
+    let rest = &body[at + 34..];
+    rest[..rest.find('"').unwrap()].to_owned()
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", llm_tracker::admin::urlencode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Signs in through the form; returns the session cookie value, or the answer when refused.
+macro_rules! sign_in {
+    ($app:expr, $user:expr, $password:expr) => {{
+        let page = send!($app, test::TestRequest::get().uri("/admin/login/"));
+        assert_eq!(page.status, 200);
+        let csrf_cookie = cookie_value(&page.cookies, "llmt_csrf").expect("csrf cookie");
+        let token = csrf_field(&page.body);
+        assert_eq!(token, csrf_cookie);
+        let ans = send!(
+            $app,
+            test::TestRequest::post()
+                .uri("/admin/login/")
+                .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                .insert_header(("cookie", format!("llmt_csrf={csrf_cookie}")))
+                .set_payload(form(&[
+                    ("username", $user),
+                    ("password", $password),
+                    ("csrfmiddlewaretoken", &token),
+                    ("next", "/admin/llm-usage/")
+                ]))
+        );
+        match cookie_value(&ans.cookies, "llmt_session") {
+            Some(s) if !s.is_empty() => Ok((s, ans)),
+            _ => Err(ans),
+        }
+    }};
+}
+
+fn with_session(uri: &str, session: &str) -> test::TestRequest {
+    test::TestRequest::get()
+        .uri(uri)
+        .insert_header(("cookie", format!("llmt_session={session}")))
+}
+
+db_test!(
+    async fn staff_sign_in_with_a_django_password_and_read_every_page(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let staff = user(&t, "staffer", true, false, true).await;
+        let rows: Vec<usage::Model> = (1..=30u128)
+            .map(|n| {
+                row(
+                    n,
+                    Some(staff),
+                    if n % 3 == 0 {
+                        "gemini-2.5-flash"
+                    } else {
+                        "gpt-4o"
+                    },
+                    (100 + n as i32, 20, 0, 0),
+                    n % 7 != 0,
+                    at("2025-03-01T10:00:00Z") + chrono::Duration::hours(n as i64 * 5),
+                )
+            })
+            .collect();
+        insert(&t.db, &rows).await;
+        let app = test::init_service(app(state(&t))).await;
+
+        // Not signed in: to the sign-in page, then back.
+        let ans = send!(app, test::TestRequest::get().uri("/admin/"));
+        assert_eq!(ans.status, 302);
+        assert_eq!(
+            ans.location.as_deref(),
+            Some("/admin/login/?next=%2Fadmin%2F")
+        );
+
+        let (session, ans) =
+            sign_in!(app, "staffer", "correct horse").unwrap_or_else(|a| panic!("{}", a.body));
+        assert_eq!(ans.status, 302);
+        assert_eq!(ans.location.as_deref(), Some("/admin/llm-usage/"));
+        let set = ans
+            .cookies
+            .iter()
+            .find(|c| c.starts_with("llmt_session="))
+            .unwrap();
+        assert!(
+            set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Max-Age="),
+            "{set}"
+        );
+        // Sign-in is recorded as Django records it.
+        assert_eq!(
+            t.scalar_i64(&format!(
+                "SELECT COUNT(*) FROM auth_user WHERE id = {staff} AND last_login IS NOT NULL"
+            ))
+            .await,
+            1
+        );
+
+        // The overview shows the API's figures.
+        let page = send!(app, with_session("/admin/?granularity=month", &session));
+        assert_eq!(page.status, 200, "{}", page.body);
+        let data = token_stats_in(
+            &t.db,
+            &UsageFilter::default(),
+            None,
+            SeriesOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            page.body
+                .contains(&format!("id=\"total-calls\">{}<", data.summary.total_calls))
+        );
+        assert!(page.body.contains(&format!(
+            "id=\"total-tokens\">{}<",
+            data.summary.total_tokens
+        )));
+        assert!(page.body.contains(&format!(
+            "id=\"failed-calls\">{}<",
+            data.summary.failed_calls
+        )));
+        assert!(page.body.contains("<svg class=\"chart\""));
+        assert!(page.body.contains(">gemini-2.5-flash</a>"));
+        // No external resource on the page.
+        assert!(
+            !page.body.contains("http://") || page.body.matches("http://").count() == 1,
+            "only the SVG namespace"
+        );
+        assert!(!page.body.contains("https://"));
+
+        // The listing, newest first by default, oldest first on request; a filter; the detail.
+        let list = send!(app, with_session("/admin/llm-usage/", &session));
+        assert_eq!(list.status, 200);
+        assert!(list.body.contains("id=\"total\">30<"));
+        let first_new = list.body.find("2025-03-07T16:00:00+00:00").unwrap();
+        let old = send!(
+            app,
+            with_session("/admin/llm-usage/?sort=created_at", &session)
+        );
+        assert!(old.body.contains("2025-03-01T15:00:00+00:00"));
+        assert!(
+            !old.body.contains("2025-03-07T16:00:00+00:00"),
+            "oldest 25 rows only"
+        );
+        assert!(first_new > 0);
+        let gem = send!(
+            app,
+            with_session("/admin/llm-usage/?model=GEMINI", &session)
+        );
+        assert!(gem.body.contains("id=\"total\">10<"));
+        assert!(
+            gem.body
+                .contains("/admin/llm-usage/export.csv?model=GEMINI")
+        );
+        let id = uuid::Uuid::from_u128(7);
+        let detail = send!(
+            app,
+            with_session(&format!("/admin/llm-usage/{id}/"), &session)
+        );
+        assert_eq!(detail.status, 200);
+        assert!(
+            detail
+                .body
+                .contains("&quot;node_name&quot;: &quot;n7&quot;")
+                || detail.body.contains("&#34;node_name&#34;: &#34;n7&#34;"),
+            "{}",
+            detail.body
+        );
+        assert!(detail.body.contains(">boom<"), "the error of a failed row");
+        let missing = send!(
+            app,
+            with_session(
+                &format!("/admin/llm-usage/{}/", uuid::Uuid::from_u128(999)),
+                &session
+            )
+        );
+        assert_eq!(missing.status, 404);
+        let bad = send!(app, with_session("/admin/llm-usage/not-a-uuid/", &session));
+        assert_eq!(bad.status, 404);
+
+        // The CSV export with the page's filters, on the session.
+        let csv = send!(
+            app,
+            with_session("/admin/llm-usage/export.csv?model=gemini", &session)
+        );
+        assert_eq!(csv.status, 200);
+        assert_eq!(csv.body.lines().count(), 11);
+
+        // Bad filters: a 400 page naming the problem, nothing else.
+        let bad = send!(app, with_session("/admin/?start_date=2025-02-30", &session));
+        assert_eq!(bad.status, 400);
+        assert!(bad.body.contains("start_date"));
+        let bad = send!(app, with_session("/admin/?tz=Mars/Base", &session));
+        assert_eq!(bad.status, 400);
+
+        // Log out: needs the session's CSRF token; then the session is gone.
+        let no_token = send!(
+            app,
+            with_session("/admin/logout/", &session)
+                .method(actix_web::http::Method::POST)
+                .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                .set_payload("csrfmiddlewaretoken=wrong")
+        );
+        assert_eq!(no_token.status, 403);
+        let csrf = csrf_field(&page.body);
+        let out = send!(
+            app,
+            with_session("/admin/logout/", &session)
+                .method(actix_web::http::Method::POST)
+                .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                .set_payload(format!("csrfmiddlewaretoken={csrf}"))
+        );
+        assert_eq!(out.status, 302);
+        assert!(
+            out.cookies.iter().any(|c| c.starts_with("llmt_session=;")
+                || c.starts_with("llmt_session=\"\"")
+                || c.contains("Max-Age=0")),
+            "{:?}",
+            out.cookies
+        );
+    }
+);
+
+db_test!(
+    async fn only_active_staff_and_superusers_may_sign_in(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "root", false, true, true).await;
+        user(&t, "alice", false, false, true).await;
+        user(&t, "gone", true, false, false).await;
+        let app = test::init_service(app(state(&t))).await;
+        assert!(sign_in!(app, "root", "correct horse").is_ok());
+        for (name, password) in [
+            ("alice", "correct horse"),
+            ("gone", "correct horse"),
+            ("root", "wrong"),
+            ("nobody", "correct horse"),
+            ("ROOT", "correct horse"),
+        ] {
+            let refused = sign_in!(app, name, password).map(|_| ()).unwrap_err();
+            assert_eq!(refused.status, 200, "{name}");
+            assert!(
+                refused.body.contains(
+                    "Please enter the correct username and password for a staff account."
+                ),
+                "{name}: {}",
+                refused.body
+            );
+        }
+    }
+);
+
+db_test!(
+    async fn sign_in_without_the_csrf_token_is_refused(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "staffer", true, false, true).await;
+        let app = test::init_service(app(state(&t))).await;
+        let post = |cookie: Option<&str>, token: &str| {
+            let mut req = test::TestRequest::post()
+                .uri("/admin/login/")
+                .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                .set_payload(form(&[
+                    ("username", "staffer"),
+                    ("password", "correct horse"),
+                    ("csrfmiddlewaretoken", token),
+                ]));
+            if let Some(c) = cookie {
+                req = req.insert_header(("cookie", format!("llmt_csrf={c}")));
+            }
+            req
+        };
+        let none = send!(app, post(None, ""));
+        assert_eq!(none.status, 403);
+        assert!(none.body.contains("CSRF verification failed"));
+        let mismatch = send!(app, post(Some("a".repeat(43).as_str()), &"b".repeat(43)));
+        assert_eq!(mismatch.status, 403);
+        assert!(cookie_value(&mismatch.cookies, "llmt_session").is_none());
+    }
+);
+
+db_test!(
+    async fn sessions_expire_and_cannot_be_forged(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let id = user(&t, "staffer", true, false, true).await;
+        let app = test::init_service(app(state(&t))).await;
+        let signer = Signer::new(SECRET);
+        let hash = t
+            .scalar_string(&format!("SELECT password FROM auth_user WHERE id = {id}"))
+            .await;
+        let now = chrono::Utc::now().timestamp();
+        let make = |expires: i64, tag: String| {
+            signer.encode(&Session {
+                user_id: id,
+                expires,
+                csrf: "x".repeat(43),
+                password_tag: tag,
+            })
+        };
+        let valid = make(now + 60, signer.password_tag(&hash));
+        assert_eq!(send!(app, with_session("/admin/", &valid)).status, 200);
+        // Expired.
+        let expired = make(now - 1, signer.password_tag(&hash));
+        assert_eq!(send!(app, with_session("/admin/", &expired)).status, 302);
+        // Signed with another key.
+        let other = Signer::new("another-secret-0123456789").encode(&Session {
+            user_id: id,
+            expires: now + 60,
+            csrf: "x".into(),
+            password_tag: signer.password_tag(&hash),
+        });
+        assert_eq!(send!(app, with_session("/admin/", &other)).status, 302);
+        // The password changed since: the session ends (as Django's session auth hash).
+        t.db.execute_unprepared(&format!(
+            "UPDATE auth_user SET password = '{}' WHERE id = {id}",
+            make_password_with("new password", "othersalt", 1000)
+        ))
+        .await
+        .unwrap();
+        assert_eq!(send!(app, with_session("/admin/", &valid)).status, 302);
+        // Staff status removed: the session no longer opens the pages.
+        let fresh = make(
+            now + 60,
+            signer.password_tag(
+                &t.scalar_string(&format!("SELECT password FROM auth_user WHERE id = {id}"))
+                    .await,
+            ),
+        );
+        assert_eq!(send!(app, with_session("/admin/", &fresh)).status, 200);
+        t.db.execute_unprepared(&format!(
+            "UPDATE auth_user SET is_staff = FALSE WHERE id = {id}"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(send!(app, with_session("/admin/", &fresh)).status, 302);
+    }
+);
+
+db_test!(
+    async fn failed_sign_ins_are_rate_limited(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "staffer", true, false, true).await;
+        let app = test::init_service(app(state(&t))).await;
+        for _ in 0..10 {
+            let refused = sign_in!(app, "staffer", "wrong").map(|_| ()).unwrap_err();
+            assert_eq!(refused.status, 200);
+        }
+        // The 11th try within 5 minutes is refused before the password is even checked.
+        let limited = sign_in!(app, "staffer", "correct horse")
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(limited.status, 429);
+        assert!(limited.body.contains("Too many failed sign-ins"));
+    }
+);
+
+db_test!(
+    async fn stored_html_is_escaped_everywhere(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "staffer", true, false, true).await;
+        let evil = "<script>alert(1)</script>";
+        let mut r = row(
+            1,
+            None,
+            evil,
+            (10, 5, 0, 0),
+            false,
+            at("2025-03-01T10:00:00Z"),
+        );
+        r.error = Some("<img src=x onerror=alert(2)>".into());
+        r.metadata = serde_json::json!({"node_name": "</pre><script>alert(3)</script>"});
+        insert(&t.db, &[r]).await;
+        let app = test::init_service(app(state(&t))).await;
+        let (session, _) =
+            sign_in!(app, "staffer", "correct horse").unwrap_or_else(|a| panic!("{}", a.body));
+        for uri in [
+            "/admin/".to_owned(),
+            "/admin/llm-usage/".to_owned(),
+            format!("/admin/llm-usage/{}/", uuid::Uuid::from_u128(1)),
+            format!(
+                "/admin/llm-usage/?model={}",
+                llm_tracker::admin::urlencode(evil)
+            ),
+        ] {
+            let page = send!(app, with_session(&uri, &session));
+            assert_eq!(page.status, 200, "{uri}");
+            assert!(!page.body.contains("<script>"), "{uri}: {}", page.body);
+            assert!(!page.body.contains("<img src=x"), "{uri}");
+            assert!(
+                page.body.contains("&lt;script&gt;") || page.body.contains("&#60;script&#62;"),
+                "{uri}"
+            );
+        }
+    }
+);
