@@ -98,7 +98,9 @@ async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
             rows as f64 / started.elapsed().as_secs_f64()
         );
         let analyze = match db.get_database_backend() {
-            DbBackend::Postgres => "VACUUM ANALYZE llm_tracker_usage, llm_tracker_usage_rollup",
+            DbBackend::Postgres => {
+                "VACUUM ANALYZE llm_tracker_usage, llm_tracker_usage_rollup, llm_tracker_usage_rollup_total"
+            }
             _ => "ANALYZE",
         };
         db.execute_unprepared(analyze).await.unwrap();

@@ -82,9 +82,11 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
     db.execute_unprepared("DELETE FROM llm_tracker_usage")
         .await
         .unwrap();
-    db.execute_unprepared("DELETE FROM llm_tracker_usage_rollup")
-        .await
-        .unwrap();
+    for level in migration::rollup::Level::ALL {
+        db.execute_unprepared(&format!("DELETE FROM {}", level.table()))
+            .await
+            .unwrap();
+    }
     let label = &if rollup {
         label.to_owned()
     } else {

@@ -3,7 +3,8 @@
 # every test on SQLite and on a throwaway PostgreSQL server that this script finds or installs,
 # starts on a free loopback port as an unprivileged user, and always stops by its pid.
 #
-# TEST_DATABASE_URL=postgres://... uses an existing server instead of starting one.
+# TEST_DATABASE_URL=postgres://... uses an existing server instead of starting one. Chromium and
+# chromium-driver (for the browser test) are installed with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,6 +72,22 @@ start_postgres() {
   export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
   say "PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $PG_PID)"
 }
+
+# The browser test drives headless Chromium through its WebDriver (Debian: chromium,
+# chromium-driver). Installed when missing and we can; otherwise that test fails and says why.
+ensure_chromium() {
+  if command -v chromedriver >/dev/null && { command -v chromium >/dev/null || command -v chromium-browser >/dev/null; }; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "Chromium not found: installing chromium and chromium-driver with apt-get"
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2 \
+      || fail "could not install Chromium"
+  else
+    say "Chromium or chromedriver missing and cannot be installed here: the browser test will fail"
+  fi
+}
+ensure_chromium
 
 if [ -z "${TEST_DATABASE_URL:-}" ]; then
   start_postgres

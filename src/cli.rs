@@ -436,6 +436,7 @@ async fn demo_setup(settings: &Settings, db: &sea_orm::DatabaseConnection) -> Re
     } else {
         println!("  demo data:    the database already had usage rows; none added");
     }
+    println!("  admin pages:  {base}/admin/  (sign in as the admin user below)");
     println!("  Swagger UI:   {base}/api/docs/  (Authorize with the token below)");
     println!("  token-stats:  {base}/api/v1/admin/token-stats/?granularity=month");
     println!("  llm-usage:    {base}/api/v1/admin/llm-usage/");

@@ -1,4 +1,4 @@
-//! The usage rollup (see [`crate::rollup`]): the table, the triggers that keep it exact on
+//! The usage rollup (see [`crate::rollup`]): its two tables, the triggers that keep it exact on
 //! every insert, update, delete (and on PostgreSQL truncate) of `llm_tracker_usage` whoever
 //! makes them, and the backfill from the rows already there.
 //!
@@ -21,8 +21,10 @@ impl MigrationTrait for Migration {
         let backend = manager.get_database_backend();
         let existed = manager.has_table(rollup::TABLE).await?;
         let conn = manager.get_connection();
-        conn.execute_unprepared(&rollup::create_table_sql(backend))
-            .await?;
+        for level in rollup::Level::ALL {
+            conn.execute_unprepared(&rollup::create_table_sql(backend, level))
+                .await?;
+        }
         for sql in rollup::create_triggers_sql(backend) {
             conn.execute_unprepared(&sql).await?;
         }
@@ -37,7 +39,9 @@ impl MigrationTrait for Migration {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let backend = manager.get_database_backend();
         let mut statements = rollup::drop_triggers_sql(backend);
-        statements.push(format!("DROP TABLE IF EXISTS {}", rollup::TABLE));
+        for level in rollup::Level::ALL {
+            statements.push(format!("DROP TABLE IF EXISTS {}", level.table()));
+        }
         let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
         run_all(manager, &refs).await
     }

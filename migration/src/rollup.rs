@@ -12,13 +12,57 @@
 //! `user_key` is the user's id, [`NO_USER`] for calls made for no user, or [`ALL_USERS`]: both
 //! outside the range of `auth_user.id` (a 32-bit integer), so no real id can collide with them.
 //!
+//! A second table, [`TOTALS_TABLE`], holds the same cells without the model and success
+//! dimensions (with `successful_calls` as a sum): a series over all models reads one row per
+//! cell there instead of one per model and outcome.
+//!
 //! The per-row values are computed by the same expressions the raw-row statistics use
 //! ([`slot_sql`], [`latency_us_sql`], [`cost_micros_sql`]), so the two agree exactly.
 
 use sea_orm_migration::sea_orm::DbBackend;
 
-/// The rollup table.
+/// The rollup table (per model and outcome).
 pub const TABLE: &str = "llm_tracker_usage_rollup";
+
+/// The rollup over all models and outcomes.
+pub const TOTALS_TABLE: &str = "llm_tracker_usage_rollup_total";
+
+/// The two rollup tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// [`TABLE`]: cells per model and success.
+    ByModel,
+    /// [`TOTALS_TABLE`]: cells over all models and outcomes.
+    Total,
+}
+
+impl Level {
+    pub const ALL: [Level; 2] = [Level::ByModel, Level::Total];
+
+    pub fn table(self) -> &'static str {
+        match self {
+            Self::ByModel => TABLE,
+            Self::Total => TOTALS_TABLE,
+        }
+    }
+
+    /// The key columns, in key order.
+    pub fn key(self) -> &'static [&'static str] {
+        match self {
+            Self::ByModel => &["grain", "user_key", "slot", "model", "success"],
+            Self::Total => &["grain", "user_key", "slot"],
+        }
+    }
+
+    /// The sum columns.
+    pub fn sums(self) -> Vec<&'static str> {
+        let mut out = SUM_COLUMNS.to_vec();
+        if self == Self::Total {
+            out.push("successful_calls");
+        }
+        out
+    }
+}
 
 /// Cell lengths in 15-minute slots, finest first.
 pub const GRAINS: [i64; 3] = [1, 4, 96];
@@ -45,8 +89,6 @@ pub const SUM_COLUMNS: [&str; 10] = [
     "latency_us",
     "latency_calls",
 ];
-
-const KEY: &str = "grain, user_key, slot, model, success";
 
 /// The 15-minute UTC slot of `created_at` (a column expression), rounded down.
 ///
@@ -111,19 +153,33 @@ pub fn cost_micros_sql(backend: DbBackend, cost: &str) -> String {
     }
 }
 
-/// The table. The primary key serves every read: a grain, one user key (or all), a slot range.
-pub fn create_table_sql(backend: DbBackend) -> String {
+/// A rollup table. The primary key serves every read: a grain, one user key (or all), a slot
+/// range.
+pub fn create_table_sql(backend: DbBackend, level: Level) -> String {
     let (int, boolean) = match backend {
         DbBackend::Postgres => ("bigint", "boolean"),
         _ => ("integer", "bool"),
     };
-    let sums: Vec<String> = SUM_COLUMNS
-        .iter()
-        .map(|c| format!("    {c} {int} NOT NULL DEFAULT 0"))
-        .collect();
+    let mut columns = vec![
+        format!("    grain {int} NOT NULL"),
+        format!("    user_key {int} NOT NULL"),
+        format!("    slot {int} NOT NULL"),
+    ];
+    if level == Level::ByModel {
+        columns.push("    model varchar(255) NOT NULL".to_owned());
+        columns.push(format!("    success {boolean} NOT NULL"));
+    }
+    columns.extend(
+        level
+            .sums()
+            .iter()
+            .map(|c| format!("    {c} {int} NOT NULL DEFAULT 0")),
+    );
     format!(
-        "CREATE TABLE IF NOT EXISTS {TABLE} (\n    grain {int} NOT NULL,\n    user_key {int} NOT NULL,\n    slot {int} NOT NULL,\n    model varchar(255) NOT NULL,\n    success {boolean} NOT NULL,\n{},\n    PRIMARY KEY ({KEY})\n)",
-        sums.join(",\n")
+        "CREATE TABLE IF NOT EXISTS {} (\n{},\n    PRIMARY KEY ({})\n)",
+        level.table(),
+        columns.join(",\n"),
+        level.key().join(", ")
     )
 }
 
@@ -136,7 +192,8 @@ fn row_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
          {p} AS prompt_tokens, {c} AS completion_tokens, {t} AS total_tokens, {ca} AS cached_tokens, \
          {r} AS reasoning_tokens, {cost} AS cost_micros, \
          CASE WHEN {raw_cost} IS NULL THEN 0 ELSE 1 END AS priced, {latency} AS latency_us, \
-         CASE WHEN {started} IS NULL THEN 0 ELSE 1 END AS timed",
+         CASE WHEN {started} IS NULL THEN 0 ELSE 1 END AS timed, \
+         CASE WHEN {success} THEN 1 ELSE 0 END AS ok",
         user = col("user_id"),
         slot = slot_sql(backend, &col("created_at")),
         model = col("model"),
@@ -166,8 +223,8 @@ pub enum Source<'a> {
     Rows(&'a [(&'a str, i32)]),
 }
 
-/// `SELECT` of the rollup cells of `sources` (key and sums, grouped), without the insert.
-pub fn cells_select(backend: DbBackend, sources: &[Source<'_>]) -> String {
+/// `SELECT` of the `level` cells of `sources` (key and sums, grouped), without the insert.
+pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) -> String {
     let parts: Vec<String> = sources
         .iter()
         .flat_map(|s| match s {
@@ -192,16 +249,28 @@ pub fn cells_select(backend: DbBackend, sources: &[Source<'_>]) -> String {
         .map(|(g, per_user)| format!("SELECT {g} AS grain, {per_user} AS per_user"))
         .collect();
     let sum = |expr: &str| format!("COALESCE(SUM(d.sign * {expr}), 0)");
+    let (dims, group, ok) = match level {
+        Level::ByModel => (
+            "d.model AS model, d.success AS success, ",
+            "1, 2, 3, 4, 5",
+            String::new(),
+        ),
+        Level::Total => (
+            "",
+            "1, 2, 3",
+            format!(", {} AS successful_calls", sum("d.ok")),
+        ),
+    };
     format!(
         "SELECT g.grain AS grain, \
          CASE WHEN g.per_user = 1 THEN COALESCE(d.user_id, {NO_USER}) ELSE {ALL_USERS} END AS user_key, \
-         d.slot - ((d.slot % g.grain) + g.grain) % g.grain AS slot, d.model AS model, d.success AS success, \
+         d.slot - ((d.slot % g.grain) + g.grain) % g.grain AS slot, {dims}\
          {calls} AS calls, {p} AS prompt_tokens, {c} AS completion_tokens, {t} AS total_tokens, \
          {ca} AS cached_tokens, {r} AS reasoning_tokens, {cost} AS cost_micros, {priced} AS priced_calls, \
-         {lat} AS latency_us, {timed} AS latency_calls \
+         {lat} AS latency_us, {timed} AS latency_calls{ok} \
          FROM ({rows}) d CROSS JOIN ({grains}) g \
          WHERE 1 = 1 \
-         GROUP BY 1, 2, 3, 4, 5",
+         GROUP BY {group}",
         calls = sum("1"),
         p = sum("d.prompt_tokens"),
         c = sum("d.completion_tokens"),
@@ -217,24 +286,36 @@ pub fn cells_select(backend: DbBackend, sources: &[Source<'_>]) -> String {
     )
 }
 
-/// `INSERT … ON CONFLICT DO UPDATE` adding the cells of `sources` to the rollup. Cells whose
-/// sums are all zero (an update that changed nothing counted) are skipped; keys are inserted
-/// in key order, so concurrent writers lock shared cells in the same order.
-pub fn upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String {
-    let columns = SUM_COLUMNS.join(", ");
-    let any_change: Vec<String> = SUM_COLUMNS.iter().map(|c| format!("{c} <> 0")).collect();
-    let updates: Vec<String> = SUM_COLUMNS
+/// `INSERT … ON CONFLICT DO UPDATE` adding the cells of `sources` to the `level` table. Cells
+/// whose sums are all zero (an update that changed nothing counted) are skipped; keys are
+/// inserted in key order, so concurrent writers lock shared cells in the same order.
+pub fn upsert_sql(backend: DbBackend, sources: &[Source<'_>], level: Level) -> String {
+    let table = level.table();
+    let key = level.key().join(", ");
+    let sums = level.sums();
+    let any_change: Vec<String> = sums.iter().map(|c| format!("{c} <> 0")).collect();
+    let updates: Vec<String> = sums
         .iter()
-        .map(|c| format!("{c} = {TABLE}.{c} + excluded.{c}"))
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
         .collect();
     format!(
-        "INSERT INTO {TABLE} ({KEY}, {columns}) \
-         SELECT * FROM ({select}) cells WHERE {any} ORDER BY {KEY} \
-         ON CONFLICT ({KEY}) DO UPDATE SET {updates}",
-        select = cells_select(backend, sources),
+        "INSERT INTO {table} ({key}, {columns}) \
+         SELECT * FROM ({select}) cells WHERE {any} ORDER BY {key} \
+         ON CONFLICT ({key}) DO UPDATE SET {updates}",
+        columns = sums.join(", "),
+        select = cells_select(backend, sources, level),
         any = any_change.join(" OR "),
         updates = updates.join(", "),
     )
+}
+
+/// The upserts of both tables, `;`-separated (a trigger body).
+fn upserts(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    Level::ALL
+        .iter()
+        .map(|level| upsert_sql(backend, sources, *level))
+        .collect::<Vec<_>>()
+        .join(";\n")
 }
 
 /// The statements that recreate the rollup from every row (run in one transaction; on
@@ -244,15 +325,18 @@ pub fn rebuild_sql(backend: DbBackend) -> Vec<String> {
     if backend == DbBackend::Postgres {
         out.push("LOCK TABLE llm_tracker_usage IN SHARE MODE".to_owned());
     }
-    out.push(format!("DELETE FROM {TABLE}"));
-    out.push(upsert_sql(
-        backend,
-        &[Source::Table {
-            name: "llm_tracker_usage",
-            sign: 1,
-            where_sql: None,
-        }],
-    ));
+    for level in Level::ALL {
+        out.push(format!("DELETE FROM {}", level.table()));
+        out.push(upsert_sql(
+            backend,
+            &[Source::Table {
+                name: "llm_tracker_usage",
+                sign: 1,
+                where_sql: None,
+            }],
+            level,
+        ));
+    }
     out
 }
 
@@ -291,13 +375,16 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
                 ]
             };
             let mut out = vec![
-                function(TRIGGERS[0], upsert_sql(backend, &[table("new_rows", 1)])),
-                function(TRIGGERS[1], upsert_sql(backend, &[table("old_rows", -1)])),
+                function(TRIGGERS[0], upserts(backend, &[table("new_rows", 1)])),
+                function(TRIGGERS[1], upserts(backend, &[table("old_rows", -1)])),
                 function(
                     TRIGGERS[2],
-                    upsert_sql(backend, &[table("old_rows", -1), table("new_rows", 1)]),
+                    upserts(backend, &[table("old_rows", -1), table("new_rows", 1)]),
                 ),
-                function(TRIGGERS[3], format!("DELETE FROM {TABLE}")),
+                function(
+                    TRIGGERS[3],
+                    format!("DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}"),
+                ),
             ];
             out.extend(trigger(
                 TRIGGERS[0],
@@ -321,7 +408,7 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
             let trigger = |name: &str, event: &str, rows: &[(&str, i32)]| {
                 format!(
                     "CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON llm_tracker_usage FOR EACH ROW BEGIN {}; END",
-                    upsert_sql(backend, &[Source::Rows(rows)])
+                    upserts(backend, &[Source::Rows(rows)])
                 )
             };
             vec![

@@ -10,7 +10,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
-use migration::rollup::{ALL_USERS, GRAINS, NO_USER, SLOT_SECONDS, TABLE};
+use migration::rollup::{ALL_USERS, GRAINS, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
 use super::UsageFilter;
@@ -45,7 +45,7 @@ async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr>
         Statement::from_string(
             backend,
             format!(
-                "SELECT slot FROM {TABLE} WHERE grain = 1 AND user_key = {ALL_USERS} ORDER BY slot {order} LIMIT 1"
+                "SELECT slot FROM {TOTALS_TABLE} WHERE grain = 1 AND user_key = {ALL_USERS} ORDER BY slot {order} LIMIT 1"
             ),
         )
     };
@@ -174,6 +174,14 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
         GroupBy::Slot => &plan.ranges,
         _ => &plan.totals,
     };
+    // Over all models and outcomes, the totals table has one row per cell.
+    let level = match by {
+        GroupBy::Slot | GroupBy::Nothing if filter.model.is_none() && filter.success.is_none() => {
+            Level::Total
+        }
+        _ => Level::ByModel,
+    };
+    let table = level.table();
     let values: Vec<String> = ranges
         .iter()
         .map(|(g, lo, hi)| format!("({g}, {lo}, {hi})"))
@@ -223,11 +231,14 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
          {p} AS total_prompt_tokens, {c} AS total_completion_tokens, {t} AS total_tokens, \
          {ca} AS total_cached_tokens, {re} AS total_reasoning_tokens, {cost} AS cost_micros, \
          {unpriced} AS unpriced_calls, {lat} AS latency_us, {latn} AS latency_n \
-         FROM v JOIN {TABLE} r ON r.grain = v.g AND r.slot >= v.lo AND r.slot < v.hi \
+         FROM v JOIN {table} r ON r.grain = v.g AND r.slot >= v.lo AND r.slot < v.hi \
          WHERE {conditions}{group}",
         values = values.join(", "),
         calls = sum("r.calls"),
-        ok = sum("CASE WHEN r.success THEN r.calls ELSE 0 END"),
+        ok = sum(match level {
+            Level::ByModel => "CASE WHEN r.success THEN r.calls ELSE 0 END",
+            Level::Total => "r.successful_calls",
+        }),
         p = sum("r.prompt_tokens"),
         c = sum("r.completion_tokens"),
         t = sum("r.total_tokens"),
@@ -308,7 +319,7 @@ pub async fn verify(
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
 ) -> Result<VerifyReport, DbErr> {
-    use migration::rollup::{SUM_COLUMNS, Source, cells_select};
+    use migration::rollup::{Source, cells_select};
     let backend = db.get_database_backend();
     let slots = match (since, until) {
         (None, None) => None,
@@ -329,78 +340,86 @@ pub async fn verify(
             format!("{slot} >= {lo} AND {slot} < {hi}")
         }
     });
-    let expected = cells_select(
-        backend,
-        &[Source::Table {
-            name: "llm_tracker_usage",
-            sign: 1,
-            where_sql: row_range.as_deref(),
-        }],
-    );
     let stored_range = slots
         .map(|(lo, hi)| format!(" WHERE slot >= {lo} AND slot < {hi}"))
         .unwrap_or_default();
-    let key = ["grain", "user_key", "slot", "model", "success"];
-    let on: Vec<String> = key.iter().map(|k| format!("e.{k} = s.{k}")).collect();
-    let differs: Vec<String> = SUM_COLUMNS
-        .iter()
-        .map(|c| format!("COALESCE(e.{c}, 0) <> COALESCE(s.{c}, 0)"))
-        .collect();
-    let key_out: Vec<String> = key
-        .iter()
-        .map(|k| format!("CAST(COALESCE(e.{k}, s.{k}) AS TEXT) AS {k}"))
-        .collect();
-    let sql = format!(
-        "WITH e AS ({expected}), s AS (SELECT * FROM {TABLE}{stored_range}) \
-         SELECT {key_out}, CAST(COALESCE(e.calls, 0) AS BIGINT) AS expected_calls, \
-         CAST(COALESCE(s.calls, 0) AS BIGINT) AS stored_calls, \
-         CASE WHEN e.calls IS NULL THEN 0 ELSE 1 END AS is_expected, \
-         CASE WHEN {differs} THEN 1 ELSE 0 END AS is_diff \
-         FROM e FULL OUTER JOIN s ON {on}",
-        key_out = key_out.join(", "),
-        differs = differs.join(" OR "),
-        on = on.join(" AND "),
-    );
     let txn = super::stats::read_txn(db).await?;
-    let summary_sql = format!(
-        "SELECT CAST(COALESCE(SUM(is_expected), 0) AS BIGINT), CAST(COALESCE(SUM(is_diff), 0) AS BIGINT) FROM ({sql}) j"
-    );
-    let (expected_cells, differing_cells) = match txn
-        .query_one_raw(Statement::from_string(backend, summary_sql))
-        .await?
-    {
-        Some(r) => (r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<i64>(1)?),
-        None => (0, 0),
+    let mut report = VerifyReport {
+        slots,
+        expected_cells: 0,
+        differing_cells: 0,
+        examples: Vec::new(),
     };
-    let mut examples = Vec::new();
-    if differing_cells > 0 {
+    for level in Level::ALL {
+        let expected = cells_select(
+            backend,
+            &[Source::Table {
+                name: "llm_tracker_usage",
+                sign: 1,
+                where_sql: row_range.as_deref(),
+            }],
+            level,
+        );
+        let key = level.key();
+        let on: Vec<String> = key.iter().map(|k| format!("e.{k} = s.{k}")).collect();
+        let differs: Vec<String> = level
+            .sums()
+            .iter()
+            .map(|c| format!("COALESCE(e.{c}, 0) <> COALESCE(s.{c}, 0)"))
+            .collect();
+        let key_out: Vec<String> = key
+            .iter()
+            .map(|k| format!("CAST(COALESCE(e.{k}, s.{k}) AS TEXT) AS {k}"))
+            .collect();
+        let sql = format!(
+            "WITH e AS ({expected}), s AS (SELECT * FROM {table}{stored_range}) \
+             SELECT {key_out}, CAST(COALESCE(e.calls, 0) AS BIGINT) AS expected_calls, \
+             CAST(COALESCE(s.calls, 0) AS BIGINT) AS stored_calls, \
+             CASE WHEN e.calls IS NULL THEN 0 ELSE 1 END AS is_expected, \
+             CASE WHEN {differs} THEN 1 ELSE 0 END AS is_diff \
+             FROM e FULL OUTER JOIN s ON {on}",
+            table = level.table(),
+            key_out = key_out.join(", "),
+            differs = differs.join(" OR "),
+            on = on.join(" AND "),
+        );
+        let summary_sql = format!(
+            "SELECT CAST(COALESCE(SUM(is_expected), 0) AS BIGINT), CAST(COALESCE(SUM(is_diff), 0) AS BIGINT) FROM ({sql}) j"
+        );
+        if let Some(r) = txn
+            .query_one_raw(Statement::from_string(backend, summary_sql))
+            .await?
+        {
+            report.expected_cells += r.try_get_by_index::<i64>(0)?.max(0) as u64;
+            let differing = r.try_get_by_index::<i64>(1)?.max(0) as u64;
+            report.differing_cells += differing;
+            if differing == 0 {
+                continue;
+            }
+        }
         let rows = txn
             .query_all_raw(Statement::from_string(
                 backend,
-                format!("SELECT * FROM ({sql}) j WHERE is_diff = 1 ORDER BY slot, grain, user_key, model LIMIT 20"),
+                format!("SELECT * FROM ({sql}) j WHERE is_diff = 1 ORDER BY slot, grain, user_key LIMIT 20"),
             ))
             .await?;
         for r in rows {
             let text = |k: &str| r.try_get::<String>("", k).unwrap_or_default();
-            examples.push(format!(
-                "grain={} user_key={} slot={} model={:?} success={}: rows say {} calls, rollup {}",
-                text("grain"),
-                text("user_key"),
-                text("slot"),
-                text("model"),
-                text("success"),
+            let dims = key
+                .iter()
+                .map(|k| format!("{k}={}", text(k)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            report.examples.push(format!(
+                "{}: {dims}: rows say {} calls, rollup {}",
+                level.table(),
                 r.try_get::<i64>("", "expected_calls").unwrap_or_default(),
                 r.try_get::<i64>("", "stored_calls").unwrap_or_default(),
             ));
         }
     }
     txn.commit().await?;
-    Ok(VerifyReport {
-        slots,
-        expected_cells: expected_cells.max(0) as u64,
-        differing_cells: differing_cells.max(0) as u64,
-        examples,
-    })
+    Ok(report)
 }
 
 /// Recreates the rollup from every row, in one transaction (PostgreSQL writers wait for it).
@@ -415,7 +434,10 @@ pub async fn rebuild(db: &sea_orm::DatabaseConnection) -> Result<u64, DbErr> {
     let cells = txn
         .query_one_raw(Statement::from_string(
             backend,
-            format!("SELECT CAST(COUNT(*) AS BIGINT) FROM {TABLE}"),
+            format!(
+                "SELECT (SELECT CAST(COUNT(*) AS BIGINT) FROM {}) + (SELECT CAST(COUNT(*) AS BIGINT) FROM {TOTALS_TABLE})",
+                migration::rollup::TABLE
+            ),
         ))
         .await?
         .map(|r| r.try_get_by_index::<i64>(0))

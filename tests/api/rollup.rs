@@ -392,20 +392,19 @@ db_test!(
             db.execute_unprepared("TRUNCATE llm_tracker_usage")
                 .await
                 .unwrap();
-            assert_eq!(
-                t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage_rollup")
-                    .await,
-                0
-            );
+            for table in ["llm_tracker_usage_rollup", "llm_tracker_usage_rollup_total"] {
+                assert_eq!(
+                    t.scalar_i64(&format!("SELECT COUNT(*) FROM {table}")).await,
+                    0
+                );
+            }
         }
         // Down removes the table and its triggers; rows can still be written.
         migration::Migrator::down(db, Some(1)).await.unwrap();
         insert(db, &random_rows(&mut rng, &ids, base, 1, 3, 20_000)).await;
-        assert!(
-            !t.tables()
-                .await
-                .contains(&"llm_tracker_usage_rollup".to_owned())
-        );
+        let tables = t.tables().await;
+        assert!(!tables.contains(&"llm_tracker_usage_rollup".to_owned()));
+        assert!(!tables.contains(&"llm_tracker_usage_rollup_total".to_owned()));
     }
 );
 
@@ -488,6 +487,9 @@ db_test!(
         )
         .await
         .unwrap();
+        t.db.execute_unprepared("DELETE FROM llm_tracker_usage_rollup_total WHERE grain = 1")
+            .await
+            .unwrap();
         let bad = cmd(
             &t,
             &[
@@ -502,7 +504,12 @@ db_test!(
         );
         assert!(!bad.status.success());
         assert!(
-            stdout(&bad).contains("differs: grain=4"),
+            stdout(&bad).contains("differs: llm_tracker_usage_rollup: grain=4"),
+            "{}",
+            stdout(&bad)
+        );
+        assert!(
+            stdout(&bad).contains("differs: llm_tracker_usage_rollup_total: grain=1"),
             "{}",
             stdout(&bad)
         );
