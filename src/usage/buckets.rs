@@ -29,6 +29,19 @@ fn month_start(d: NaiveDate) -> NaiveDate {
     d.with_day(1).unwrap_or(d)
 }
 
+/// The start of the bucket of `t` (as [`bucket_of`], without formatting its label).
+pub fn bucket_start(g: Granularity, tz: Tz, t: DateTime<Utc>) -> DateTime<Utc> {
+    let local = t.with_timezone(&tz);
+    match g {
+        Granularity::Day => {
+            t - (Duration::seconds(i64::from(local.minute() * 60 + local.second()))
+                + Duration::nanoseconds(i64::from(local.nanosecond())))
+        }
+        Granularity::Month => day_start(tz, local.date_naive()),
+        Granularity::Year => day_start(tz, month_start(local.date_naive())),
+    }
+}
+
 /// The bucket of `t`: `day` → the local hour (`2024-03-10T03:00:00-04:00`, the repeated
 /// autumn hour once per offset), `month` → the local date (`2024-03-10`), `year` → the local
 /// month (`2024-03-01T00:00:00-05:00`). In UTC these are SPEC §5's labels.
@@ -135,6 +148,31 @@ pub fn buckets_between(
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn bucket_start_is_the_start_of_bucket_of() {
+        let zones = [
+            "UTC",
+            "America/New_York",
+            "Asia/Kathmandu",
+            "Australia/Lord_Howe",
+            "Pacific/Chatham",
+        ];
+        for zone in zones {
+            let tz: Tz = zone.parse().unwrap();
+            let mut t = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap();
+            while t.year() < 2025 {
+                for g in [Granularity::Day, Granularity::Month, Granularity::Year] {
+                    assert_eq!(
+                        bucket_start(g, tz, t),
+                        bucket_of(g, tz, t).start,
+                        "{zone} {t} {g:?}"
+                    );
+                }
+                t += Duration::seconds(7 * 3600 + 13 * 60 + 7);
+            }
+        }
+    }
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

@@ -14,7 +14,7 @@ use migration::rollup::{ALL_USERS, GRAINS, Level, NO_USER, SLOT_SECONDS, TOTALS_
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
 use super::UsageFilter;
-use super::buckets::bucket_of;
+use super::buckets::bucket_start;
 use super::filters::escape_like;
 use super::stats::Granularity;
 
@@ -131,8 +131,7 @@ fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<(i64, 
         None => true,
         Some((gran, tz)) => match (slot_start(p), slot_start(p + g)) {
             (Some(s), Some(e)) => {
-                bucket_of(gran, tz, s).start
-                    == bucket_of(gran, tz, e - Duration::microseconds(1)).start
+                bucket_start(gran, tz, s) == bucket_start(gran, tz, e - Duration::microseconds(1))
             }
             _ => false,
         },
@@ -484,8 +483,8 @@ mod tests {
                 let s = slot_start(p).unwrap();
                 let e = slot_start(p + g).unwrap() - Duration::microseconds(1);
                 assert_eq!(
-                    bucket_of(Granularity::Month, tz, s),
-                    bucket_of(Granularity::Month, tz, e)
+                    super::super::buckets::bucket_of(Granularity::Month, tz, s),
+                    super::super::buckets::bucket_of(Granularity::Month, tz, e)
                 );
             }
         }
