@@ -175,12 +175,20 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
     };
     // Over all models and outcomes, the totals table has one row per cell.
     let level = match by {
-        GroupBy::Slot | GroupBy::Nothing if filter.model.is_none() && filter.success.is_none() => {
-            Level::Total
-        }
+        GroupBy::Model => Level::ByModel,
+        _ if filter.model.is_none() && filter.success.is_none() => Level::Total,
         _ => Level::ByModel,
     };
     let table = level.table();
+    // Per user, without a user filter: the primary key is (grain, user_key, slot, …), so a slot
+    // range is an index range only for one user key at a time. Every user with a row has a
+    // day cell in the totals table, so its day cells (all time) name every user key to visit.
+    let join_users = match (by, filter.user_id) {
+        (GroupBy::User, None) => format!(
+            "CROSS JOIN (SELECT DISTINCT user_key AS k FROM {TOTALS_TABLE} WHERE grain = 96 AND user_key <> {ALL_USERS}) u "
+        ),
+        _ => String::new(),
+    };
     let values: Vec<String> = ranges
         .iter()
         .map(|(g, lo, hi)| format!("({g}, {lo}, {hi})"))
@@ -195,7 +203,7 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
     };
     let mut conditions = vec![match (by, filter.user_id) {
         (_, Some(user)) => format!("r.user_key = {user}"),
-        (GroupBy::User, None) => format!("r.user_key <> {ALL_USERS}"),
+        (GroupBy::User, None) => "r.user_key = u.k".to_owned(),
         (_, None) => format!("r.user_key = {ALL_USERS}"),
     }];
     if let Some(model) = &filter.model {
@@ -230,7 +238,7 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
          {p} AS total_prompt_tokens, {c} AS total_completion_tokens, {t} AS total_tokens, \
          {ca} AS total_cached_tokens, {re} AS total_reasoning_tokens, {cost} AS cost_micros, \
          {unpriced} AS unpriced_calls, {lat} AS latency_us, {latn} AS latency_n \
-         FROM v JOIN {table} r ON r.grain = v.g AND r.slot >= v.lo AND r.slot < v.hi \
+         FROM v {join_users}JOIN {table} r ON r.grain = v.g AND r.slot >= v.lo AND r.slot < v.hi \
          WHERE {conditions}{group}",
         values = values.join(", "),
         calls = sum("r.calls"),
