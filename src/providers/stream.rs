@@ -129,17 +129,10 @@ fn in_stream_error(chunk: &Value) -> Option<ProviderError> {
 /// (`choices: []`, `prompt_filter_results`, empty `model`) and content-filter annotation
 /// chunks without `delta`. The final chunk (`choices: []`, `usage`) gives the usage.
 pub fn openai_events(data: &str, fallback_model: &str) -> Vec<Result<StreamEvent, ProviderError>> {
-    let chunk: Value = match serde_json::from_str(data) {
+    let (chunk, mut out) = match read_chunk(data, "model") {
         Ok(v) => v,
-        Err(e) => return vec![Err(unreadable(&e))],
+        Err(e) => return vec![Err(e)],
     };
-    if let Some(e) = in_stream_error(&chunk) {
-        return vec![Err(e)];
-    }
-    let mut out = Vec::new();
-    if let Some(model) = chunk["model"].as_str().filter(|m| !m.is_empty()) {
-        out.push(Ok(StreamEvent::Model(model.to_owned())));
-    }
     if let Some(text) = chunk
         .pointer("/choices/0/delta/content")
         .and_then(Value::as_str)
@@ -156,20 +149,30 @@ pub fn openai_events(data: &str, fallback_model: &str) -> Vec<Result<StreamEvent
     out
 }
 
+/// One chunk's JSON, unless it is unreadable or an in-stream error; with the model it names
+/// (under `model_key`) as the first event.
+fn read_chunk(
+    data: &str,
+    model_key: &str,
+) -> Result<(Value, Vec<Result<StreamEvent, ProviderError>>), ProviderError> {
+    let chunk: Value = serde_json::from_str(data).map_err(|e| unreadable(&e))?;
+    if let Some(e) = in_stream_error(&chunk) {
+        return Err(e);
+    }
+    let mut out = Vec::new();
+    if let Some(model) = chunk[model_key].as_str().filter(|m| !m.is_empty()) {
+        out.push(Ok(StreamEvent::Model(model.to_owned())));
+    }
+    Ok((chunk, out))
+}
+
 /// The events of one Gemini `streamGenerateContent` response: the text parts that are not
 /// thoughts, and `usageMetadata` (cumulative; the last one is the call's usage).
 pub fn gemini_events(data: &str, fallback_model: &str) -> Vec<Result<StreamEvent, ProviderError>> {
-    let chunk: Value = match serde_json::from_str(data) {
+    let (chunk, mut out) = match read_chunk(data, "modelVersion") {
         Ok(v) => v,
-        Err(e) => return vec![Err(unreadable(&e))],
+        Err(e) => return vec![Err(e)],
     };
-    if let Some(e) = in_stream_error(&chunk) {
-        return vec![Err(e)];
-    }
-    let mut out = Vec::new();
-    if let Some(model) = chunk["modelVersion"].as_str().filter(|m| !m.is_empty()) {
-        out.push(Ok(StreamEvent::Model(model.to_owned())));
-    }
     let text = super::gemini::reply_text(&chunk);
     if !text.is_empty() {
         out.push(Ok(StreamEvent::Delta(text)));

@@ -101,6 +101,19 @@ impl CallRequest {
         self.state = state;
         self
     }
+
+    /// The provider-neutral request this call sends.
+    pub(crate) fn chat_request(&self) -> ChatRequest {
+        ChatRequest {
+            messages: self.messages.clone(),
+            model: self.model.clone(),
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            json_mode: self.json_mode,
+            response_format: self.response_format.clone(),
+            keep_raw: false,
+        }
+    }
 }
 
 /// Why a tracked call failed. Every variant but `EmptyMessages` and `Config` has its row.
@@ -215,17 +228,8 @@ impl LlmTracker {
         // The id exists before the first attempt so that a retried insert stays one row.
         let row_id = Uuid::new_v4();
         let started_at = now_micros();
-        let chat = ChatRequest {
-            messages: request.messages.clone(),
-            model: request.model.clone(),
-            max_tokens: request.max_tokens,
-            temperature: request.temperature,
-            json_mode: request.json_mode,
-            response_format: request.response_format.clone(),
-            keep_raw: false,
-        };
         let shared = &self.shared;
-        let outcome = shared.provider.chat(chat).await;
+        let outcome = shared.provider.chat(request.chat_request()).await;
         let fallback_model = shared.fallback_model(&request);
         let (row, result) = shared.row_for(row_id, started_at, &request, fallback_model, outcome);
         let stored = shared.store.record(row).await;

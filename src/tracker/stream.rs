@@ -136,15 +136,7 @@ async fn drive(
     done: oneshot::Sender<StreamRecord>,
 ) {
     let started_at = now_micros();
-    let chat = ChatRequest {
-        messages: request.messages.clone(),
-        model: request.model.clone(),
-        max_tokens: request.max_tokens,
-        temperature: request.temperature,
-        json_mode: request.json_mode,
-        response_format: request.response_format.clone(),
-        keep_raw: false,
-    };
+    let chat = request.chat_request();
     let mut seen = Seen {
         attempts: 1,
         ..Default::default()
