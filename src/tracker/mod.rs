@@ -167,6 +167,10 @@ pub(crate) struct Shared {
     pub(crate) store: UsageStore,
     secrets: Vec<String>,
     prices: Arc<PriceTable>,
+    /// Set by [`LlmTracker::shutdown`]: streams still running end now, each with its row.
+    pub(crate) closing: tokio::sync::watch::Sender<bool>,
+    /// Streams whose row is not written yet (shutdown waits for them).
+    pub(crate) streams: tokio::sync::watch::Sender<usize>,
 }
 
 /// What a finished call left to record.
@@ -204,6 +208,8 @@ impl LlmTracker {
                 store: UsageStore::open(db, options.store).await,
                 secrets: options.secrets,
                 prices: options.prices,
+                closing: tokio::sync::watch::Sender::new(false),
+                streams: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -245,8 +251,13 @@ impl LlmTracker {
         &self.shared.store
     }
 
-    /// Stores what is pending if the database answers; the rest stays in the spool.
+    /// Ends the streamed calls still running (each writes its failure row: "the tracker shut
+    /// down before the reply ended") and waits for their rows; then stores what is pending if
+    /// the database answers; the rest stays in the spool.
     pub async fn shutdown(&self) {
+        self.shared.closing.send_replace(true);
+        let mut streams = self.shared.streams.subscribe();
+        let _ = streams.wait_for(|n| *n == 0).await;
         self.shared.store.shutdown().await;
     }
 }

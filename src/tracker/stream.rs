@@ -81,6 +81,7 @@ enum Failure {
     Provider(ProviderError),
     Dropped,
     Truncated,
+    ShutDown,
 }
 
 /// What the stream delivered so far.
@@ -115,6 +116,8 @@ impl LlmTracker {
             return Err(TrackerError::EmptyMessages);
         }
         let row_id = Uuid::new_v4();
+        // Counted before the task starts, so a shutdown right after this call waits for it.
+        self.shared.streams.send_modify(|n| *n += 1);
         let (tx, rx) = mpsc::channel(BUFFER);
         let (done_tx, done_rx) = oneshot::channel();
         tokio::spawn(drive(self.shared.clone(), request, row_id, tx, done_tx));
@@ -162,6 +165,9 @@ async fn drive(
         Err(Failure::Truncated) => Err(TrackerError::StreamInterrupted(
             "the provider closed the stream before the reply ended".into(),
         )),
+        Err(Failure::ShutDown) => Err(TrackerError::StreamInterrupted(
+            "the tracker shut down before the reply ended".into(),
+        )),
     };
     let mut extra = Map::new();
     extra.insert("stream".into(), Value::Bool(true));
@@ -179,6 +185,7 @@ async fn drive(
     };
     let row = shared.build_row(row_id, started_at, &request, fallback_model, outcome);
     let stored = shared.store.record(row).await;
+    shared.streams.send_modify(|n| *n = n.saturating_sub(1));
     let _ = done.send(StreamRecord {
         row_id,
         stored,
@@ -195,9 +202,11 @@ async fn read(
     tx: &mpsc::Sender<Result<String, ProviderError>>,
     seen: &mut Seen,
 ) -> Result<(), Failure> {
+    let mut closing = shared.closing.subscribe();
     let opened = tokio::select! {
         opened = shared.provider.chat_stream(chat) => opened,
         _ = tx.closed() => return Err(Failure::Dropped),
+        _ = closing.wait_for(|c| *c) => return Err(Failure::ShutDown),
     };
     let mut events = match opened {
         Ok(o) => {
@@ -206,7 +215,7 @@ async fn read(
         }
         Err(e) => {
             seen.attempts = e.attempts;
-            let _ = tx.send(Err(e.clone())).await;
+            offer(tx, &mut closing, Err(e.clone())).await;
             return Err(Failure::Provider(e));
         }
     };
@@ -215,23 +224,43 @@ async fn read(
             next = events.next() => next,
             // After the provider said it was done, only the end of its body is missing.
             _ = tx.closed() => return if seen.done { Ok(()) } else { Err(Failure::Dropped) },
+            _ = closing.wait_for(|c| *c) => {
+                return if seen.done { Ok(()) } else { Err(Failure::ShutDown) };
+            }
         };
         match next {
             None if seen.done => return Ok(()),
             None => return Err(Failure::Truncated),
             Some(Err(e)) => {
-                let _ = tx.send(Err(e.clone())).await;
+                offer(tx, &mut closing, Err(e.clone())).await;
                 return Err(Failure::Provider(e));
             }
             Some(Ok(StreamEvent::Delta(text))) => {
                 seen.content.push_str(&text);
-                if tx.send(Ok(text)).await.is_err() {
-                    return Err(Failure::Dropped);
+                // A consumer that stops reading holds the call here, until it reads, drops
+                // the stream, or the tracker shuts down.
+                tokio::select! {
+                    sent = tx.send(Ok(text)) => if sent.is_err() {
+                        return Err(Failure::Dropped);
+                    },
+                    _ = closing.wait_for(|c| *c) => return Err(Failure::ShutDown),
                 }
             }
             Some(Ok(StreamEvent::Model(model))) => seen.model = Some(model),
             Some(Ok(StreamEvent::Usage(usage))) => seen.usage = Some(usage),
             Some(Ok(StreamEvent::Done)) => seen.done = true,
         }
+    }
+}
+
+/// Hands the consumer its last item unless it has dropped the stream or the tracker shuts down.
+async fn offer(
+    tx: &mpsc::Sender<Result<String, ProviderError>>,
+    closing: &mut tokio::sync::watch::Receiver<bool>,
+    item: Result<String, ProviderError>,
+) {
+    tokio::select! {
+        _ = tx.send(item) => {}
+        _ = closing.wait_for(|c| *c) => {}
     }
 }

@@ -470,3 +470,38 @@ db_test!(
         assert_eq!(row.metadata["stream"], json!(true));
     }
 );
+
+db_test!(
+    async fn shutdown_ends_running_streams_and_waits_for_their_rows(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let server = SseServer::start(Script {
+            events: openai_stream(),
+            delay: Duration::from_millis(300),
+            cut_before: None,
+        })
+        .await;
+        let (tracker, _dir) = new_tracker(&t.db, &openai_settings(&server.base)).await;
+        // One stream read up to its first delta and then left unread, two never read at all.
+        let (mut read, read_handle) = tracker.call_and_track_stream(hello()).unwrap();
+        assert_eq!(read.next().await.unwrap().unwrap(), "Hello");
+        let others: Vec<_> = (0..2)
+            .map(|_| tracker.call_and_track_stream(hello()).unwrap())
+            .collect();
+        tracker.shutdown().await;
+        // Every row is there when shutdown returns.
+        let all = rows(&t.db).await;
+        assert_eq!(all.len(), 3);
+        for r in &all {
+            assert!(!r.success);
+            assert!(r.error.as_deref().unwrap().contains("shut down"), "{r:?}");
+            assert_eq!(r.metadata["usage_incomplete"], json!(true));
+        }
+        let record = read_handle.await.unwrap();
+        assert!(matches!(
+            record.result,
+            Err(TrackerError::StreamInterrupted(_))
+        ));
+        drop(others);
+        drop(read);
+    }
+);
