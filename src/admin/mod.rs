@@ -231,8 +231,9 @@ fn param(q: &HashMap<String, String>, key: &str) -> String {
     q.get(key).map(|v| v.trim().to_owned()).unwrap_or_default()
 }
 
+/// Exact USD, without trailing zeros (`0.00128`).
 fn usd(u: Usd) -> String {
-    serde_json::to_string(&u).unwrap_or_default()
+    crate::pricing::usd(u.0).normalize().to_string()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -271,18 +271,7 @@ fn http_error(status: u16, header_wait: Option<Duration>, bytes: &[u8]) -> Provi
         .ok()
         .map(|v| v["error"].clone())
         .unwrap_or(Value::Null);
-    let message = error["message"]
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(bytes)
-                    .chars()
-                    .take(300)
-                    .collect::<String>()
-            )
-        });
+    let message = super::error_message(&error, status, bytes);
     ProviderError {
         kind: ProviderError::kind_for_status(status),
         status: Some(status),

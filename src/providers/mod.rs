@@ -253,3 +253,20 @@ pub(crate) fn count(v: Option<&Value>) -> u32 {
     v.and_then(Value::as_u64)
         .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
 }
+
+/// The `message` of a provider's error object, else `HTTP {status}: ` and the start of the body
+/// (a proxy's HTML page, say).
+pub(crate) fn error_message(error: &Value, status: u16, body: &[u8]) -> String {
+    error["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(body)
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            )
+        })
+}

@@ -178,18 +178,7 @@ fn http_error(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Provid
     } else {
         ProviderError::kind_for_status(status)
     };
-    let message = error["message"]
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(body)
-                    .chars()
-                    .take(300)
-                    .collect::<String>()
-            )
-        });
+    let message = super::error_message(error, status, body);
     ProviderError {
         kind,
         status: Some(status),

@@ -221,7 +221,7 @@ pub async fn keyset_batch(
 async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result<u64, DbErr> {
     let txn = super::stats::read_txn(db).await?;
     let plan = super::rollup::plan(&txn, filter, None).await?;
-    let mut total = 0i64;
+    let mut total = 0u64;
     let raw: Vec<&UsageFilter> = match &plan {
         None => vec![filter],
         Some(plan) => {
@@ -235,25 +235,22 @@ async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result
                 super::rollup::GroupBy::Nothing,
             );
             if let Some(row) = txn.query_one_raw(stmt).await? {
-                total += row.try_get::<i64>("", "total_calls")?;
+                total += row.try_get::<i64>("", "total_calls")?.max(0) as u64;
             }
             plan.edges.iter().collect()
         }
     };
     for f in raw {
-        total += count_query(f)
-            .into_tuple::<i64>()
-            .one(&txn)
-            .await?
-            .unwrap_or(0);
+        total += count_matching_raw(&txn, f).await?;
     }
     txn.commit().await?;
-    Ok(total.max(0) as u64)
+    Ok(total)
 }
 
-/// The raw row count (the reference the rollup's total is checked against).
-pub async fn count_matching_raw(
-    db: &DatabaseConnection,
+/// The raw row count: the edges of [`count_matching`], and the reference its total is
+/// checked against.
+pub async fn count_matching_raw<C: ConnectionTrait>(
+    db: &C,
     filter: &UsageFilter,
 ) -> Result<u64, DbErr> {
     Ok(count_query(filter)
