@@ -85,7 +85,7 @@ async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
         );
         let rebuilding = Instant::now();
         let cells = llm_tracker::usage::rollup::rebuild(&db).await.unwrap();
-        for sql in migration::rollup::create_triggers_sql(backend) {
+        for sql in migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta) {
             db.execute_unprepared(&sql).await.unwrap();
         }
         eprintln!(

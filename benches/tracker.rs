@@ -72,7 +72,7 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
     let backend = db.get_database_backend();
     let rollup = std::env::var("BENCH_ROLLUP").map_or(true, |v| v != "off");
     let statements = if rollup {
-        migration::rollup::create_triggers_sql(backend)
+        migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta)
     } else {
         migration::rollup::drop_triggers_sql(backend)
     };
@@ -87,6 +87,12 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
             .await
             .unwrap();
     }
+    db.execute_unprepared(&format!(
+        "DELETE FROM {}",
+        migration::rollup::DELTA_TABLE
+    ))
+    .await
+    .unwrap();
     let label = &if rollup {
         label.to_owned()
     } else {
@@ -96,6 +102,10 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
     let provider: Arc<dyn Provider> = Arc::new(Timed(llm_tracker::llm_service(&settings).unwrap()));
     let mut store = StoreOptions::new(spool.path().join("spool.jsonl"));
     store.write_mode = mode;
+    // The store folds the rollup every second (the default) only when there is a rollup.
+    if !rollup {
+        store.fold_interval = None;
+    }
     let options = TrackerOptions {
         store,
         secrets: vec![],

@@ -109,6 +109,9 @@ pub enum RollupAction {
     },
     /// Recreate the rollup from every row (one transaction; writers wait for it).
     Rebuild,
+    /// Fold the rows written since the last fold into the rollup's cells now (a running
+    /// `serve` or tracker does this every second; reads are exact either way).
+    Fold,
 }
 
 /// `--since` / `--until` as a filter, read as the API reads start_date / end_date.
@@ -163,6 +166,20 @@ async fn rollup(settings: &Settings, action: RollupAction) -> Result<(), CliErro
             let cells = crate::usage::rollup::rebuild(&db).await?;
             println!(
                 "rollup rebuilt: {cells} cells in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        RollupAction::Fold => {
+            let db = open_migrated(settings).await?;
+            let started = std::time::Instant::now();
+            let folded = crate::usage::rollup::fold(&db).await?;
+            println!(
+                "rollup fold: {} in {:.3} s",
+                if folded {
+                    "pending rows folded"
+                } else {
+                    "nothing pending (or another fold was running)"
+                },
                 started.elapsed().as_secs_f64()
             );
         }

@@ -11,6 +11,7 @@ mod m20250101_000002_create_llm_tracker_usage;
 mod m20250301_000003_add_usage_started_at;
 mod m20251101_000004_add_usage_cost;
 mod m20251201_000005_add_usage_rollup;
+mod m20251215_000006_rollup_delta;
 pub mod rollup;
 mod util;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20250301_000003_add_usage_started_at::Migration),
             Box::new(m20251101_000004_add_usage_cost::Migration),
             Box::new(m20251201_000005_add_usage_rollup::Migration),
+            Box::new(m20251215_000006_rollup_delta::Migration),
         ]
     }
 }

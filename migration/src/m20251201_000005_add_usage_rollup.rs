@@ -25,11 +25,11 @@ impl MigrationTrait for Migration {
             conn.execute_unprepared(&rollup::create_table_sql(backend, level))
                 .await?;
         }
-        for sql in rollup::create_triggers_sql(backend) {
+        for sql in rollup::create_triggers_sql(backend, rollup::Mechanism::Direct) {
             conn.execute_unprepared(&sql).await?;
         }
         if !existed {
-            for sql in rollup::rebuild_sql(backend) {
+            for sql in rollup::rebuild_sql(backend, rollup::Mechanism::Direct) {
                 conn.execute_unprepared(&sql).await?;
             }
         }

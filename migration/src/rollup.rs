@@ -18,6 +18,15 @@
 //!
 //! The per-row values are computed by the same expressions the raw-row statistics use
 //! ([`slot_sql`], [`latency_us_sql`], [`cost_micros_sql`]), so the two agree exactly.
+//!
+//! Writers do not touch the cells. Triggers append each written row's signed contribution to
+//! [`DELTA_TABLE`] (insert-only: no lookups, no locks shared between writers), and a fold
+//! ([`fold_sql`]) moves the pending contributions into the cells in one transaction, every
+//! second or so. Readers add the pending contributions to the cells they read, in the same
+//! snapshot, so a read is exact whether or not the fold has run. (Migration 000005 kept the
+//! cells by direct upserts in the triggers, [`Mechanism::Direct`]; 000006 moved to the delta
+//! table, because each write then contended for the same hot cells and paid for twelve
+//! upserts.)
 
 use sea_orm_migration::sea_orm::DbBackend;
 
@@ -89,6 +98,19 @@ pub const SUM_COLUMNS: [&str; 10] = [
     "latency_us",
     "latency_calls",
 ];
+
+/// Pending contributions of written rows, not yet folded into the cells: one row per written
+/// usage row (two for an update: the old values out, the new in), shaped like a cell of the
+/// finest grain for one user.
+pub const DELTA_TABLE: &str = "llm_tracker_usage_rollup_delta";
+
+/// The key columns of a delta row.
+pub const DELTA_KEY: [&str; 4] = ["slot", "user_key", "model", "success"];
+
+/// The sum columns of a delta row (those of [`TOTALS_TABLE`]), signed.
+pub fn delta_sums() -> Vec<&'static str> {
+    Level::Total.sums()
+}
 
 /// The 15-minute UTC slot of `created_at` (a column expression), rounded down.
 ///
@@ -183,30 +205,37 @@ pub fn create_table_sql(backend: DbBackend, level: Level) -> String {
     )
 }
 
-/// The per-row values of `prefix`-qualified columns (`NEW.`, `OLD.` or ``), with `sign` (+1
-/// counts a row in, -1 out), as the select list of a derived table.
-fn row_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
+/// The contribution of the `prefix`-qualified row (`NEW.`, `OLD.` or ``) with `sign` (+1
+/// counts the row in, -1 out), as a select list of the delta columns.
+fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
     let col = |c: &str| format!("{prefix}{c}");
+    let signed = |expr: String| {
+        if sign == 1 {
+            expr
+        } else {
+            format!("{sign} * {expr}")
+        }
+    };
+    let counted = |nullable: &str| format!("CASE WHEN {nullable} IS NULL THEN 0 ELSE {sign} END");
     format!(
-        "{sign} AS sign, {user} AS user_id, {slot} AS slot, {model} AS model, {success} AS success, \
-         {p} AS prompt_tokens, {c} AS completion_tokens, {t} AS total_tokens, {ca} AS cached_tokens, \
-         {r} AS reasoning_tokens, {cost} AS cost_micros, \
-         CASE WHEN {raw_cost} IS NULL THEN 0 ELSE 1 END AS priced, {latency} AS latency_us, \
-         CASE WHEN {started} IS NULL THEN 0 ELSE 1 END AS timed, \
-         CASE WHEN {success} THEN 1 ELSE 0 END AS ok",
-        user = col("user_id"),
+        "{slot} AS slot, COALESCE({user}, {NO_USER}) AS user_key, {model} AS model, {success} AS success, \
+         {sign} AS calls, {p} AS prompt_tokens, {c} AS completion_tokens, {t} AS total_tokens, \
+         {ca} AS cached_tokens, {r} AS reasoning_tokens, COALESCE({cost}, 0) AS cost_micros, \
+         {priced} AS priced_calls, COALESCE({latency}, 0) AS latency_us, {timed} AS latency_calls, \
+         CASE WHEN {success} THEN {sign} ELSE 0 END AS successful_calls",
         slot = slot_sql(backend, &col("created_at")),
+        user = col("user_id"),
         model = col("model"),
         success = col("success"),
-        p = col("prompt_tokens"),
-        c = col("completion_tokens"),
-        t = col("total_tokens"),
-        ca = col("cached_tokens"),
-        r = col("reasoning_tokens"),
-        cost = cost_micros_sql(backend, &col("cost")),
-        raw_cost = col("cost"),
-        latency = latency_us_sql(backend, &col("created_at"), &col("started_at")),
-        started = col("started_at"),
+        p = signed(col("prompt_tokens")),
+        c = signed(col("completion_tokens")),
+        t = signed(col("total_tokens")),
+        ca = signed(col("cached_tokens")),
+        r = signed(col("reasoning_tokens")),
+        cost = signed(cost_micros_sql(backend, &col("cost"))),
+        priced = counted(&col("cost")),
+        latency = signed(latency_us_sql(backend, &col("created_at"), &col("started_at"))),
+        timed = counted(&col("started_at")),
     )
 }
 
@@ -221,10 +250,12 @@ pub enum Source<'a> {
     },
     /// The rows of a SQLite row trigger: `(prefix, sign)` pairs such as `("NEW.", 1)`.
     Rows(&'a [(&'a str, i32)]),
+    /// Contributions already in the delta shape: [`DELTA_TABLE`], or a CTE of its rows.
+    Delta(&'a str),
 }
 
-/// `SELECT` of the `level` cells of `sources` (key and sums, grouped), without the insert.
-pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) -> String {
+/// The delta-shaped rows of `sources`, as one `UNION ALL`.
+fn contributions(backend: DbBackend, sources: &[Source<'_>]) -> String {
     let parts: Vec<String> = sources
         .iter()
         .flat_map(|s| match s {
@@ -234,54 +265,48 @@ pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) ->
                 where_sql,
             } => vec![format!(
                 "SELECT {} FROM {name}{}",
-                row_values(backend, *sign, ""),
+                delta_values(backend, *sign, ""),
                 where_sql.map(|w| format!(" WHERE {w}")).unwrap_or_default()
             )],
             Source::Rows(rows) => rows
                 .iter()
-                .map(|(prefix, sign)| format!("SELECT {}", row_values(backend, *sign, prefix)))
+                .map(|(prefix, sign)| format!("SELECT {}", delta_values(backend, *sign, prefix)))
                 .collect(),
+            Source::Delta(name) => {
+                let mut columns: Vec<&str> = DELTA_KEY.to_vec();
+                columns.extend(delta_sums());
+                vec![format!("SELECT {} FROM {name}", columns.join(", "))]
+            }
         })
         .collect();
+    parts.join(" UNION ALL ")
+}
+
+/// `SELECT` of the `level` cells of `sources` (key and sums, grouped), without the insert.
+pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) -> String {
     let grains: Vec<String> = GRAINS
         .iter()
         .flat_map(|g| [(g, 1), (g, 0)])
         .map(|(g, per_user)| format!("SELECT {g} AS grain, {per_user} AS per_user"))
         .collect();
-    let sum = |expr: &str| format!("COALESCE(SUM(d.sign * {expr}), 0)");
-    let (dims, group, ok) = match level {
-        Level::ByModel => (
-            "d.model AS model, d.success AS success, ",
-            "1, 2, 3, 4, 5",
-            String::new(),
-        ),
-        Level::Total => (
-            "",
-            "1, 2, 3",
-            format!(", {} AS successful_calls", sum("d.ok")),
-        ),
+    let (dims, group) = match level {
+        Level::ByModel => ("d.model AS model, d.success AS success, ", "1, 2, 3, 4, 5"),
+        Level::Total => ("", "1, 2, 3"),
     };
+    let sums: Vec<String> = level
+        .sums()
+        .iter()
+        .map(|c| format!("COALESCE(SUM(d.{c}), 0) AS {c}"))
+        .collect();
     format!(
         "SELECT g.grain AS grain, \
-         CASE WHEN g.per_user = 1 THEN COALESCE(d.user_id, {NO_USER}) ELSE {ALL_USERS} END AS user_key, \
-         d.slot - ((d.slot % g.grain) + g.grain) % g.grain AS slot, {dims}\
-         {calls} AS calls, {p} AS prompt_tokens, {c} AS completion_tokens, {t} AS total_tokens, \
-         {ca} AS cached_tokens, {r} AS reasoning_tokens, {cost} AS cost_micros, {priced} AS priced_calls, \
-         {lat} AS latency_us, {timed} AS latency_calls{ok} \
+         CASE WHEN g.per_user = 1 THEN d.user_key ELSE {ALL_USERS} END AS user_key, \
+         d.slot - ((d.slot % g.grain) + g.grain) % g.grain AS slot, {dims}{sums} \
          FROM ({rows}) d CROSS JOIN ({grains}) g \
          WHERE 1 = 1 \
          GROUP BY {group}",
-        calls = sum("1"),
-        p = sum("d.prompt_tokens"),
-        c = sum("d.completion_tokens"),
-        t = sum("d.total_tokens"),
-        ca = sum("d.cached_tokens"),
-        r = sum("d.reasoning_tokens"),
-        cost = sum("d.cost_micros"),
-        priced = sum("d.priced"),
-        lat = sum("d.latency_us"),
-        timed = sum("d.timed"),
-        rows = parts.join(" UNION ALL "),
+        sums = sums.join(", "),
+        rows = contributions(backend, sources),
         grains = grains.join(" UNION ALL "),
     )
 }
@@ -318,12 +343,32 @@ fn upserts(backend: DbBackend, sources: &[Source<'_>]) -> String {
         .join(";\n")
 }
 
+/// How writes reach the cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// Each trigger upserts the written rows' cells itself (migration 000005).
+    Direct,
+    /// Each trigger appends the rows' contributions to [`DELTA_TABLE`]; [`fold_sql`] moves
+    /// them into the cells (migration 000006, the current one).
+    Delta,
+}
+
+/// Key of the PostgreSQL advisory lock held by a fold (and by a rebuild): one at a time.
+pub const FOLD_LOCK: i64 = 0x6c6c_6d74_726f_6c6c;
+
 /// The statements that recreate the rollup from every row (run in one transaction; on
-/// PostgreSQL writers wait for it, they are not refused).
-pub fn rebuild_sql(backend: DbBackend) -> Vec<String> {
+/// PostgreSQL writers wait for it, they are not refused). With [`Mechanism::Delta`] the
+/// pending contributions go too (the rows count them again).
+pub fn rebuild_sql(backend: DbBackend, mechanism: Mechanism) -> Vec<String> {
     let mut out = Vec::new();
     if backend == DbBackend::Postgres {
         out.push("LOCK TABLE llm_tracker_usage IN SHARE MODE".to_owned());
+        if mechanism == Mechanism::Delta {
+            out.push(format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"));
+        }
+    }
+    if mechanism == Mechanism::Delta {
+        out.push(format!("DELETE FROM {DELTA_TABLE}"));
     }
     for level in Level::ALL {
         out.push(format!("DELETE FROM {}", level.table()));
@@ -340,6 +385,85 @@ pub fn rebuild_sql(backend: DbBackend) -> Vec<String> {
     out
 }
 
+/// The delta table. No index: it is appended to, read whole by the fold, and kept small.
+pub fn create_delta_table_sql(backend: DbBackend) -> String {
+    let (int, boolean) = match backend {
+        DbBackend::Postgres => ("bigint", "boolean"),
+        _ => ("integer", "bool"),
+    };
+    let mut columns = vec![
+        format!("    slot {int} NOT NULL"),
+        format!("    user_key {int} NOT NULL"),
+        "    model varchar(255) NOT NULL".to_owned(),
+        format!("    success {boolean} NOT NULL"),
+    ];
+    columns.extend(
+        delta_sums()
+            .iter()
+            .map(|c| format!("    {c} {int} NOT NULL")),
+    );
+    format!(
+        "CREATE TABLE IF NOT EXISTS {DELTA_TABLE} (\n{}\n)",
+        columns.join(",\n")
+    )
+}
+
+/// `INSERT INTO` [`DELTA_TABLE`] of the contributions of `sources`. With `net`, the
+/// contributions are summed per delta key and keys whose sums are all zero are left out: an
+/// update that changes nothing counted (the metadata, say) appends nothing.
+fn delta_insert_sql(backend: DbBackend, sources: &[Source<'_>], net: bool) -> String {
+    let mut columns: Vec<&str> = DELTA_KEY.to_vec();
+    columns.extend(delta_sums());
+    let rows = contributions(backend, sources);
+    let select = if net {
+        let key = DELTA_KEY.join(", ");
+        let sums: Vec<String> = delta_sums()
+            .iter()
+            .map(|c| format!("SUM({c}) AS {c}"))
+            .collect();
+        let any: Vec<String> = delta_sums()
+            .iter()
+            .map(|c| format!("SUM({c}) <> 0"))
+            .collect();
+        format!(
+            "SELECT {key}, {} FROM ({rows}) c GROUP BY {key} HAVING {}",
+            sums.join(", "),
+            any.join(" OR ")
+        )
+    } else {
+        rows
+    };
+    format!(
+        "INSERT INTO {DELTA_TABLE} ({}) {select}",
+        columns.join(", ")
+    )
+}
+
+/// The statements that fold the pending contributions into the cells, to run in one
+/// transaction (on PostgreSQL after taking [`FOLD_LOCK`]). Rows written meanwhile stay for the
+/// next fold: on PostgreSQL the `DELETE … RETURNING` takes exactly the rows it folds; on
+/// SQLite the transaction holds the only write lock.
+pub fn fold_sql(backend: DbBackend) -> Vec<String> {
+    match backend {
+        DbBackend::Postgres => {
+            let mut columns: Vec<&str> = DELTA_KEY.to_vec();
+            columns.extend(delta_sums());
+            let columns = columns.join(", ");
+            vec![format!(
+                "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
+                 by_model AS ({}) {}",
+                upsert_sql(backend, &[Source::Delta("moved")], Level::ByModel),
+                upsert_sql(backend, &[Source::Delta("moved")], Level::Total),
+            )]
+        }
+        _ => vec![
+            upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
+            upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
+            format!("DELETE FROM {DELTA_TABLE}"),
+        ],
+    }
+}
+
 /// Trigger names, for `down` and for checks.
 pub const TRIGGERS: [&str; 4] = [
     "llm_tracker_usage_rollup_insert",
@@ -348,12 +472,19 @@ pub const TRIGGERS: [&str; 4] = [
     "llm_tracker_usage_rollup_truncate",
 ];
 
-/// The statements creating the triggers that keep the rollup exact, whoever writes the rows.
+/// The statements creating the triggers that keep the rollup exact, whoever writes the rows
+/// (existing triggers of the same names are replaced).
 ///
 /// PostgreSQL: statement-level triggers with transition tables, so a multi-row insert (the
-/// tracker's group commit) updates each cell once with the batch's sums; TRUNCATE empties the
-/// rollup. SQLite: row-level triggers (it has no statement-level ones).
-pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
+/// tracker's group commit) runs one statement; TRUNCATE empties the rollup. SQLite: row-level
+/// triggers (it has no statement-level ones).
+pub fn create_triggers_sql(backend: DbBackend, mechanism: Mechanism) -> Vec<String> {
+    // The statements a trigger runs for its sources; `net` for updates (see delta_insert_sql).
+    let body = |sources: &[Source<'_>], net: bool| match mechanism {
+        Mechanism::Direct => upserts(backend, sources),
+        Mechanism::Delta => delta_insert_sql(backend, sources, net),
+    };
+    let mut out = drop_triggers_sql(backend);
     match backend {
         DbBackend::Postgres => {
             let table = |name: &'static str, sign: i32| Source::Table {
@@ -363,61 +494,53 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
             };
             let function = |name: &str, body: String| {
                 format!(
-                    "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$\nBEGIN\n{body};\nRETURN NULL;\nEND\n$fn$"
+                    "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$\nBEGIN\n{body};\nRETURN NULL;\nEND\n$fn$"
                 )
             };
             let trigger = |name: &str, event: &str, referencing: &str| {
-                [
-                    format!("DROP TRIGGER IF EXISTS {name} ON llm_tracker_usage"),
-                    format!(
-                        "CREATE TRIGGER {name} AFTER {event} ON llm_tracker_usage {referencing} FOR EACH STATEMENT EXECUTE FUNCTION {name}()"
-                    ),
-                ]
-            };
-            let mut out = vec![
-                function(TRIGGERS[0], upserts(backend, &[table("new_rows", 1)])),
-                function(TRIGGERS[1], upserts(backend, &[table("old_rows", -1)])),
-                function(
-                    TRIGGERS[2],
-                    upserts(backend, &[table("old_rows", -1), table("new_rows", 1)]),
-                ),
-                function(
-                    TRIGGERS[3],
-                    format!("DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}"),
-                ),
-            ];
-            out.extend(trigger(
-                TRIGGERS[0],
-                "INSERT",
-                "REFERENCING NEW TABLE AS new_rows",
-            ));
-            out.extend(trigger(
-                TRIGGERS[1],
-                "DELETE",
-                "REFERENCING OLD TABLE AS old_rows",
-            ));
-            out.extend(trigger(
-                TRIGGERS[2],
-                "UPDATE",
-                "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
-            ));
-            out.extend(trigger(TRIGGERS[3], "TRUNCATE", ""));
-            out
-        }
-        _ => {
-            let trigger = |name: &str, event: &str, rows: &[(&str, i32)]| {
                 format!(
-                    "CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON llm_tracker_usage FOR EACH ROW BEGIN {}; END",
-                    upserts(backend, &[Source::Rows(rows)])
+                    "CREATE TRIGGER {name} AFTER {event} ON llm_tracker_usage {referencing} FOR EACH STATEMENT EXECUTE FUNCTION {name}()"
                 )
             };
-            vec![
-                trigger(TRIGGERS[0], "INSERT", &[("NEW.", 1)]),
-                trigger(TRIGGERS[1], "DELETE", &[("OLD.", -1)]),
-                trigger(TRIGGERS[2], "UPDATE", &[("OLD.", -1), ("NEW.", 1)]),
-            ]
+            let truncate = match mechanism {
+                Mechanism::Direct => format!("DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}"),
+                Mechanism::Delta => format!(
+                    "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}"
+                ),
+            };
+            out.extend([
+                function(TRIGGERS[0], body(&[table("new_rows", 1)], false)),
+                function(TRIGGERS[1], body(&[table("old_rows", -1)], false)),
+                function(
+                    TRIGGERS[2],
+                    body(&[table("old_rows", -1), table("new_rows", 1)], true),
+                ),
+                function(TRIGGERS[3], truncate),
+                trigger(TRIGGERS[0], "INSERT", "REFERENCING NEW TABLE AS new_rows"),
+                trigger(TRIGGERS[1], "DELETE", "REFERENCING OLD TABLE AS old_rows"),
+                trigger(
+                    TRIGGERS[2],
+                    "UPDATE",
+                    "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+                ),
+                trigger(TRIGGERS[3], "TRUNCATE", ""),
+            ]);
+        }
+        _ => {
+            let trigger = |name: &str, event: &str, rows: &[(&str, i32)], net: bool| {
+                format!(
+                    "CREATE TRIGGER {name} AFTER {event} ON llm_tracker_usage FOR EACH ROW BEGIN {}; END",
+                    body(&[Source::Rows(rows)], net)
+                )
+            };
+            out.extend([
+                trigger(TRIGGERS[0], "INSERT", &[("NEW.", 1)], false),
+                trigger(TRIGGERS[1], "DELETE", &[("OLD.", -1)], false),
+                trigger(TRIGGERS[2], "UPDATE", &[("OLD.", -1), ("NEW.", 1)], true),
+            ]);
         }
     }
+    out
 }
 
 /// The statements dropping the triggers (and on PostgreSQL their functions).

@@ -30,6 +30,10 @@ pub struct StoreOptions {
     pub retry_max: Duration,
     /// Whether a caller waits for its row's commit (`USAGE_WRITE_MODE`).
     pub write_mode: WriteMode,
+    /// How often the rows written since the last time are folded into the usage rollup's
+    /// cells (reads are exact before that too; this keeps what they add up small). `None`:
+    /// never, by this store.
+    pub fold_interval: Option<Duration>,
 }
 
 /// When `record` returns to the caller.
@@ -46,7 +50,7 @@ pub enum WriteMode {
 }
 
 impl StoreOptions {
-    /// Defaults: 2 s per insert, replays every 100 ms doubling up to 5 s.
+    /// Defaults: 2 s per insert, replays every 100 ms doubling up to 5 s, folds every second.
     pub fn new(spool_path: impl Into<PathBuf>) -> Self {
         Self {
             spool_path: spool_path.into(),
@@ -54,6 +58,7 @@ impl StoreOptions {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             write_mode: WriteMode::Committed,
+            fold_interval: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -98,6 +103,9 @@ pub struct UsageStore {
     inner: Arc<Inner>,
     jobs: mpsc::Sender<Job>,
     worker: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The rollup folder, and how to stop it.
+    folder: std::sync::Mutex<Option<JoinHandle<()>>>,
+    stop_folding: Arc<Notify>,
 }
 
 impl UsageStore {
@@ -140,10 +148,20 @@ impl UsageStore {
                 inner.opts.insert_timeout,
             ));
         }
+        let stop_folding = Arc::new(Notify::new());
+        let folder = inner.opts.fold_interval.map(|interval| {
+            tokio::spawn(crate::usage::rollup::fold_every(
+                inner.db.clone(),
+                interval,
+                stop_folding.clone(),
+            ))
+        });
         Self {
             inner,
             jobs,
             worker: std::sync::Mutex::new(Some(worker)),
+            folder: std::sync::Mutex::new(folder),
+            stop_folding,
         }
     }
 
@@ -194,6 +212,12 @@ impl UsageStore {
         if let Some(handle) = handle {
             let _ = handle.await;
         }
+        // A last fold, after the last rows.
+        self.stop_folding.notify_one();
+        let folder = self.folder.lock().ok().and_then(|mut f| f.take());
+        if let Some(folder) = folder {
+            let _ = folder.await;
+        }
     }
 }
 
@@ -202,6 +226,7 @@ impl Drop for UsageStore {
         // Without an orderly shutdown the spool (fsynced) still holds every deferred row.
         self.inner.stop.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
+        self.stop_folding.notify_one();
     }
 }
 

@@ -234,8 +234,9 @@ async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result
                 filter,
                 super::rollup::GroupBy::Nothing,
             );
-            if let Some(row) = txn.query_one_raw(stmt).await? {
-                total += row.try_get::<i64>("", "total_calls")?.max(0) as u64;
+            // The cells' count, then the pending contributions' count.
+            for row in txn.query_all_raw(stmt).await? {
+                total = total.saturating_add_signed(row.try_get::<i64>("", "total_calls")?);
             }
             plan.edges.iter().collect()
         }

@@ -10,7 +10,9 @@
 
 use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
-use migration::rollup::{ALL_USERS, GRAINS, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE};
+use migration::rollup::{
+    ALL_USERS, DELTA_TABLE, GRAINS, Level, Mechanism, NO_USER, SLOT_SECONDS, TOTALS_TABLE,
+};
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
 use super::UsageFilter;
@@ -32,29 +34,39 @@ pub struct Plan {
     pub totals: Vec<(i64, i64, i64)>,
     /// The raw rows still to add: the filter narrowed to each partial edge of the range.
     pub edges: Vec<UsageFilter>,
+    /// The whole slots `[first, end)` that `ranges` and `totals` cover: the pending
+    /// contributions of the delta table in them are added to the cells.
+    pub slots: (i64, i64),
 }
 
 fn slot_start(slot: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0)
 }
 
-/// The first and last slot of the rollup (any user), if it has any cell.
+/// The first and last slot of the rollup (any user), if it has any cell or pending
+/// contribution.
 async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr> {
     let backend = db.get_database_backend();
     let one = |order: &str| {
-        Statement::from_string(
-            backend,
-            format!(
-                "SELECT slot FROM {TOTALS_TABLE} WHERE grain = 1 AND user_key = {ALL_USERS} ORDER BY slot {order} LIMIT 1"
-            ),
+        format!(
+            "(SELECT slot FROM {TOTALS_TABLE} WHERE grain = 1 AND user_key = {ALL_USERS} ORDER BY slot {order} LIMIT 1)"
         )
     };
-    let first = db.query_one_raw(one("ASC")).await?;
-    let last = db.query_one_raw(one("DESC")).await?;
-    Ok(match (first, last) {
-        (Some(f), Some(l)) => Some((f.try_get_by_index(0)?, l.try_get_by_index(0)?)),
-        _ => None,
-    })
+    let sql = format!(
+        "SELECT (SELECT MIN(slot) FROM (SELECT {} AS slot UNION ALL SELECT MIN(slot) FROM {DELTA_TABLE}) a), \
+         (SELECT MAX(slot) FROM (SELECT {} AS slot UNION ALL SELECT MAX(slot) FROM {DELTA_TABLE}) b)",
+        one("ASC"),
+        one("DESC")
+    );
+    let Some(row) = db
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let first: Option<i64> = row.try_get_by_index(0)?;
+    let last: Option<i64> = row.try_get_by_index(1)?;
+    Ok(first.zip(last))
 }
 
 /// The plan for `filter` (and, for a series, its buckets), or `None` when the raw rows answer
@@ -121,6 +133,7 @@ pub async fn plan<C: ConnectionTrait>(
         ranges,
         totals,
         edges,
+        slots: (a, b),
     }))
 }
 
@@ -207,17 +220,21 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
         (GroupBy::User, None) => "r.user_key = u.k".to_owned(),
         (_, None) => format!("r.user_key = {ALL_USERS}"),
     };
+    // The model and outcome filters (on the cells, then again on the pending contributions).
+    let mut narrow = |conditions: &mut Vec<String>| {
+        if let Some(model) = &filter.model {
+            let pattern = format!("%{}%", escape_like(&model.to_lowercase()));
+            conditions.push(format!(
+                "lower(r.model) LIKE {} ESCAPE '\\'",
+                placeholder(pattern.into())
+            ));
+        }
+        if let Some(success) = filter.success {
+            conditions.push(format!("r.success = {}", placeholder(success.into())));
+        }
+    };
     let mut conditions = vec!["1 = 1".to_owned()];
-    if let Some(model) = &filter.model {
-        let pattern = format!("%{}%", escape_like(&model.to_lowercase()));
-        conditions.push(format!(
-            "lower(r.model) LIKE {} ESCAPE '\\'",
-            placeholder(pattern.into())
-        ));
-    }
-    if let Some(success) = filter.success {
-        conditions.push(format!("r.success = {}", placeholder(success.into())));
-    }
+    narrow(&mut conditions);
     // Per slot over the totals table, each cell is one row (cells do not overlap): read as is,
     // no aggregation (which costs more than the reading, measured: 10 ms for 2,000 cells).
     let one_row_per_group = by == GroupBy::Slot && level == Level::Total;
@@ -247,30 +264,59 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
             "",
         ),
     };
-    let sql = format!(
-        "WITH v (g, lo, hi) AS (VALUES {values}) \
-         SELECT {key}, {calls} AS total_calls, {ok} AS successful_calls, \
-         {p} AS total_prompt_tokens, {c} AS total_completion_tokens, {t} AS total_tokens, \
-         {ca} AS total_cached_tokens, {re} AS total_reasoning_tokens, {cost} AS cost_micros, \
-         {unpriced} AS unpriced_calls, {lat} AS latency_us, {latn} AS latency_n \
+    let columns = |sum: &dyn Fn(&str) -> String, ok: &str| {
+        format!(
+            "{calls} AS total_calls, {ok} AS successful_calls, \
+             {p} AS total_prompt_tokens, {c} AS total_completion_tokens, {t} AS total_tokens, \
+             {ca} AS total_cached_tokens, {re} AS total_reasoning_tokens, {cost} AS cost_micros, \
+             {unpriced} AS unpriced_calls, {lat} AS latency_us, {latn} AS latency_n",
+            calls = sum("r.calls"),
+            ok = sum(ok),
+            p = sum("r.prompt_tokens"),
+            c = sum("r.completion_tokens"),
+            t = sum("r.total_tokens"),
+            ca = sum("r.cached_tokens"),
+            re = sum("r.reasoning_tokens"),
+            cost = sum("r.cost_micros"),
+            unpriced = sum("r.calls - r.priced_calls"),
+            lat = sum("r.latency_us"),
+            latn = sum("r.latency_calls"),
+        )
+    };
+    let cells = format!(
+        "SELECT {key}, {columns} \
          FROM {join_users}v JOIN {table} r ON r.grain = v.g AND {user_on} AND r.slot >= v.lo AND r.slot < v.hi \
          WHERE {conditions}{group}",
-        values = values.join(", "),
-        calls = sum("r.calls"),
-        ok = sum(match level {
-            Level::ByModel => "CASE WHEN r.success THEN r.calls ELSE 0 END",
-            Level::Total => "r.successful_calls",
-        }),
-        p = sum("r.prompt_tokens"),
-        c = sum("r.completion_tokens"),
-        t = sum("r.total_tokens"),
-        ca = sum("r.cached_tokens"),
-        re = sum("r.reasoning_tokens"),
-        cost = sum("r.cost_micros"),
-        unpriced = sum("r.calls - r.priced_calls"),
-        lat = sum("r.latency_us"),
-        latn = sum("r.latency_calls"),
+        columns = columns(
+            &sum,
+            match level {
+                Level::ByModel => "CASE WHEN r.success THEN r.calls ELSE 0 END",
+                Level::Total => "r.successful_calls",
+            }
+        ),
         conditions = conditions.join(" AND "),
+    );
+    // The contributions not folded into the cells yet, in the plan's whole slots: each lies
+    // in one slot, so in one cell of the plan, and groups like the cells.
+    let (first, end) = plan.slots;
+    let mut pending = vec![format!("r.slot >= {first} AND r.slot < {end}")];
+    if let Some(user) = filter.user_id {
+        pending.push(format!("r.user_key = {user}"));
+    }
+    narrow(&mut pending);
+    let pending_group = match by {
+        GroupBy::Model => " GROUP BY r.model",
+        GroupBy::Slot => " GROUP BY r.slot",
+        GroupBy::User => " GROUP BY r.user_key",
+        GroupBy::Nothing => "",
+    };
+    let aggregate = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
+    let sql = format!(
+        "WITH v (g, lo, hi) AS (VALUES {values}) {cells} UNION ALL \
+         SELECT {key}, {columns} FROM {DELTA_TABLE} r WHERE {pending}{pending_group}",
+        values = values.join(", "),
+        columns = columns(&aggregate, "r.successful_calls"),
+        pending = pending.join(" AND "),
     );
     Statement::from_sql_and_values(backend, sql, params)
 }
@@ -395,14 +441,25 @@ pub async fn verify(
             .iter()
             .map(|k| format!("CAST(COALESCE(e.{k}, s.{k}) AS TEXT) AS {k}"))
             .collect();
+        // Stored: the cells plus the contributions not folded into them yet.
+        let key_list = key.join(", ");
+        let sums = level.sums();
+        let stored_sums: Vec<String> = sums.iter().map(|c| format!("SUM({c}) AS {c}")).collect();
+        let pending = cells_select(backend, &[Source::Delta(DELTA_TABLE)], level);
+        let stored = format!(
+            "SELECT {key_list}, {stored_sums} FROM (SELECT {key_list}, {sum_list} FROM {table} \
+             UNION ALL SELECT {key_list}, {sum_list} FROM ({pending}) p) x{stored_range} GROUP BY {key_list}",
+            stored_sums = stored_sums.join(", "),
+            sum_list = sums.join(", "),
+            table = level.table(),
+        );
         let sql = format!(
-            "WITH e AS ({expected}), s AS (SELECT * FROM {table}{stored_range}) \
+            "WITH e AS ({expected}), s AS ({stored}) \
              SELECT {key_out}, CAST(COALESCE(e.calls, 0) AS BIGINT) AS expected_calls, \
              CAST(COALESCE(s.calls, 0) AS BIGINT) AS stored_calls, \
              CASE WHEN e.calls IS NULL THEN 0 ELSE 1 END AS is_expected, \
              CASE WHEN {differs} THEN 1 ELSE 0 END AS is_diff \
              FROM e FULL OUTER JOIN s ON {on}",
-            table = level.table(),
             key_out = key_out.join(", "),
             differs = differs.join(" OR "),
             on = on.join(" AND "),
@@ -452,7 +509,7 @@ pub async fn rebuild(db: &sea_orm::DatabaseConnection) -> Result<u64, DbErr> {
     use sea_orm::TransactionTrait;
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
-    for sql in migration::rollup::rebuild_sql(backend) {
+    for sql in migration::rollup::rebuild_sql(backend, Mechanism::Delta) {
         txn.execute_unprepared(&sql).await?;
     }
     let cells = txn
@@ -469,6 +526,75 @@ pub async fn rebuild(db: &sea_orm::DatabaseConnection) -> Result<u64, DbErr> {
         .unwrap_or(0);
     txn.commit().await?;
     Ok(cells.max(0) as u64)
+}
+
+/// Folds the contributions written since the last fold into the cells, in one transaction.
+/// Returns `false` when there was nothing to fold or another fold was running (PostgreSQL:
+/// one at a time, by an advisory lock; the others skip their turn). Reads are exact either
+/// way: they add what is pending.
+pub async fn fold(db: &sea_orm::DatabaseConnection) -> Result<bool, DbErr> {
+    use sea_orm::TransactionTrait;
+    let backend = db.get_database_backend();
+    let pending = db
+        .query_one_raw(Statement::from_string(
+            backend,
+            format!("SELECT 1 FROM {DELTA_TABLE} LIMIT 1"),
+        ))
+        .await?;
+    if pending.is_none() {
+        return Ok(false);
+    }
+    let txn = db.begin().await?;
+    if backend == DbBackend::Postgres {
+        let locked = txn
+            .query_one_raw(Statement::from_string(
+                backend,
+                format!(
+                    "SELECT pg_try_advisory_xact_lock({})",
+                    migration::rollup::FOLD_LOCK
+                ),
+            ))
+            .await?
+            .map(|r| r.try_get_by_index::<bool>(0))
+            .transpose()?
+            .unwrap_or(false);
+        if !locked {
+            txn.rollback().await?;
+            return Ok(false);
+        }
+    }
+    for sql in migration::rollup::fold_sql(backend) {
+        txn.execute_unprepared(&sql).await?;
+    }
+    txn.commit().await?;
+    Ok(true)
+}
+
+/// Folds every `interval` until `stop` is notified, then once more.
+pub async fn fold_every(
+    db: sea_orm::DatabaseConnection,
+    interval: std::time::Duration,
+    stop: std::sync::Arc<tokio::sync::Notify>,
+) {
+    let mut failing = false;
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(interval) => false,
+            _ = stop.notified() => true,
+        };
+        match fold(&db).await {
+            Ok(_) => failing = false,
+            // Once per failing spell: the database is away, the spool has the rows' story.
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "folding the usage rollup failed; will retry");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        if stopping {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -492,8 +492,10 @@ pub async fn token_stats_raw(
 }
 
 /// Folds groups into the response: `totals` count in the summary and per model, `series` in
-/// the buckets, `both` in all three. Groups with no calls (rollup cells whose rows were all
-/// deleted) are skipped, so they never make a model or bucket appear.
+/// the buckets, `both` in all three. A model or bucket whose groups add up to no calls (rollup
+/// cells whose rows were all deleted, or cells and the pending contributions that take their
+/// rows out again) is left out, so it never appears with zeros. A single group with no calls
+/// still counts: a pending update that changed a row's tokens but not its count.
 fn fold(
     totals: &[Group],
     series: &[Group],
@@ -513,9 +515,6 @@ fn fold(
         .chain(series.iter().map(|g| (g, false, true)))
         .chain(both.iter().map(|g| (g, true, true)));
     for (g, to_totals, to_series) in tagged {
-        if g.total_calls == 0 {
-            continue;
-        }
         if to_totals {
             summary.add(g);
             models
@@ -532,6 +531,8 @@ fn fold(
                 .add(g);
         }
     }
+    models.retain(|_, t| t.calls != 0);
+    buckets.retain(|_, (_, t)| t.calls != 0);
     if let (Some(gran), true, Some(start), Some(end)) =
         (granularity, options.fill, filter.start, filter.end)
     {

@@ -239,6 +239,31 @@ async fn assert_same(db: &DatabaseConnection, filter: &UsageFilter, tz: Tz, fill
     used
 }
 
+/// Contributions written and not folded into the cells yet.
+async fn pending(t: &TestDb) -> i64 {
+    t.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM {}",
+        migration::rollup::DELTA_TABLE
+    ))
+    .await
+}
+
+/// Folds what is pending (a fold that finds something must leave nothing).
+async fn fold(t: &TestDb) {
+    let had = pending(t).await;
+    assert_eq!(rollup::fold(&t.db).await.unwrap(), had > 0);
+    assert_eq!(pending(t).await, 0);
+}
+
+/// Calls counted in the cells (not what is pending).
+async fn counted(t: &TestDb) -> i64 {
+    t.scalar_i64(&format!(
+        "SELECT CAST(COALESCE(SUM(calls), 0) AS BIGINT) FROM llm_tracker_usage_rollup_total WHERE grain = 96 AND user_key = {}",
+        migration::rollup::ALL_USERS
+    ))
+    .await
+}
+
 async fn assert_verified(db: &DatabaseConnection) {
     let report = rollup::verify(db, None, None).await.unwrap();
     assert_eq!(report.differing_cells, 0, "{:?}", report.examples);
@@ -259,11 +284,14 @@ db_test!(
         // Our path: multi-row inserts (the tracker's group commit); Django's: one row per
         // plain SQL statement.
         insert(db, ours).await;
+        // Ours folded into the cells, Django's still pending: reads and verify add them.
+        fold(&t).await;
         for r in django {
             db.execute_unprepared(&plain_insert(db.get_database_backend(), r))
                 .await
                 .unwrap();
         }
+        assert_eq!(pending(&t).await, 800);
         assert_verified(db).await;
 
         // Updates: a reprice, a model rename, rows moved across slots, a user deleted (the
@@ -280,6 +308,8 @@ db_test!(
             .exec(db)
             .await
             .unwrap();
+        // Updates of folded and of pending rows, folded; the rest stays pending.
+        fold(&t).await;
         for n in 300..340u128 {
             usage::Entity::update_many()
                 .col_expr(
@@ -291,6 +321,13 @@ db_test!(
                 .await
                 .unwrap();
         }
+        // A change of tokens only: its pending contribution counts no call.
+        usage::Entity::update_many()
+            .col_expr(usage::Column::TotalTokens, Expr::cust("total_tokens + 7"))
+            .filter(usage::Column::Id.is_in((400..450u128).map(uuid::Uuid::from_u128)))
+            .exec(db)
+            .await
+            .unwrap();
         auth_user::Entity::delete_by_id(ids[3])
             .exec(db)
             .await
@@ -318,7 +355,15 @@ db_test!(
             .collect();
         let mut answered = 0;
         let cases = 60;
+        assert!(pending(&t).await > 0);
         for case in 0..cases {
+            if case == cases / 2 {
+                // The second half with everything folded, and a few pending rows after every
+                // folded cell (an open-ended range must reach them).
+                fold(&t).await;
+                insert(db, &random_rows(&mut rng, &ids[..3], base + Duration::days(days + 2), 1, 20, 50_000)).await;
+                assert_eq!(pending(&t).await, 20);
+            }
             let filter = random_filter(&mut rng, &ids, &times, base, days);
             let tz: Tz = ZONES[case % ZONES.len()].parse().unwrap();
             if assert_same(db, &filter, tz, rng.random_bool(0.5)).await {
@@ -377,30 +422,52 @@ db_test!(
                 .await
                 .unwrap();
         }
+        // Migration 000005: the cells, backfilled, kept by direct upserts in the triggers.
+        migration::Migrator::up(db, Some(1)).await.unwrap();
+        assert_eq!(counted(&t).await, 500);
+        insert(db, &random_rows(&mut rng, &ids, base, 10, 50, 5_000)).await;
+        assert_eq!(counted(&t).await, 550);
+        // Migration 000006: writes go to the delta table; the cells stay as they were.
         migration::Migrator::up(db, None).await.unwrap();
         assert_verified(db).await;
+        assert_eq!(pending(&t).await, 0);
         for zone in ["UTC", "Asia/Kathmandu"] {
             assert!(assert_same(db, &UsageFilter::default(), zone.parse().unwrap(), false).await);
         }
         // And it is kept from then on.
         let more = random_rows(&mut rng, &ids, base, 10, 100, 10_000);
         insert(db, &more).await;
+        assert_eq!(pending(&t).await, 100);
+        assert_eq!(counted(&t).await, 550);
         assert_verified(db).await;
         let all = list_usage(db, &UsageFilter::default(), 1, 1).await.unwrap();
-        assert_eq!(all.total, 600);
+        assert_eq!(all.total, 650);
+        // Down to 000005 folds what is pending and puts the direct triggers back.
+        migration::Migrator::down(db, Some(1)).await.unwrap();
+        assert!(!t.tables().await.contains(&migration::rollup::DELTA_TABLE.to_owned()));
+        assert_eq!(counted(&t).await, 650);
+        insert(db, &random_rows(&mut rng, &ids, base, 1, 5, 15_000)).await;
+        assert_eq!(counted(&t).await, 655);
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_verified(db).await;
         if backend == crate::helpers::Backend::Postgres {
+            insert(db, &random_rows(&mut rng, &ids, base, 1, 5, 17_000)).await;
             db.execute_unprepared("TRUNCATE llm_tracker_usage")
                 .await
                 .unwrap();
-            for table in ["llm_tracker_usage_rollup", "llm_tracker_usage_rollup_total"] {
+            for table in [
+                "llm_tracker_usage_rollup",
+                "llm_tracker_usage_rollup_total",
+                migration::rollup::DELTA_TABLE,
+            ] {
                 assert_eq!(
                     t.scalar_i64(&format!("SELECT COUNT(*) FROM {table}")).await,
                     0
                 );
             }
         }
-        // Down removes the table and its triggers; rows can still be written.
-        migration::Migrator::down(db, Some(1)).await.unwrap();
+        // Down removes the tables and their triggers; rows can still be written.
+        migration::Migrator::down(db, Some(2)).await.unwrap();
         insert(db, &random_rows(&mut rng, &ids, base, 1, 3, 20_000)).await;
         let tables = t.tables().await;
         assert!(!tables.contains(&"llm_tracker_usage_rollup".to_owned()));
@@ -434,6 +501,21 @@ db_test!(
                 reads
             }));
         }
+        // Two folders at once, as two servers would run them.
+        let mut folders = Vec::new();
+        for _ in 0..2 {
+            let (db, stop) = (t.db.clone(), stop.clone());
+            folders.push(tokio::spawn(async move {
+                let mut folds = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if rollup::fold(&db).await.unwrap() {
+                        folds += 1;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                folds
+            }));
+        }
         let mut writers = Vec::new();
         for w in 0..8u128 {
             let (db, ids) = (t.db.clone(), ids.clone());
@@ -458,6 +540,11 @@ db_test!(
         for r in readers {
             assert!(r.await.unwrap() > 0);
         }
+        let mut folds = 0;
+        for f in folders {
+            folds += f.await.unwrap();
+        }
+        assert!(folds > 0);
         let all = UsageFilter::default();
         let stats = token_stats_in(&t.db, &all, None, SeriesOptions::default())
             .await
@@ -479,6 +566,15 @@ db_test!(
 
         let ok = cmd(&t, &["rollup", "verify"], &[]);
         assert!(ok.status.success(), "{}", stderr(&ok));
+        assert!(stdout(&ok).contains(", 0 differ"), "{}", stdout(&ok));
+
+        // `rollup fold` moves the pending rows into the cells; nothing differs after it.
+        assert_eq!(pending(&t).await, 200);
+        let folded = cmd(&t, &["rollup", "fold"], &[]);
+        assert!(folded.status.success(), "{}", stderr(&folded));
+        assert!(stdout(&folded).contains("pending rows folded"), "{}", stdout(&folded));
+        assert_eq!(pending(&t).await, 0);
+        let ok = cmd(&t, &["rollup", "verify"], &[]);
         assert!(stdout(&ok).contains(", 0 differ"), "{}", stdout(&ok));
 
         // Drift: someone edits the rollup by hand.
