@@ -85,7 +85,9 @@ async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
         );
         let rebuilding = Instant::now();
         let cells = llm_tracker::usage::rollup::rebuild(&db).await.unwrap();
-        for sql in migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta) {
+        for sql in
+            migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta)
+        {
             db.execute_unprepared(&sql).await.unwrap();
         }
         eprintln!(
@@ -470,10 +472,18 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
             "/api/v1/admin/llm-usage/?model=gemini".into(),
         ),
     ];
+    // BENCH_ONLY=kathmandu,kolkata: only the lines whose name contains one of these.
+    let only: Vec<String> = std::env::var("BENCH_ONLY")
+        .map(|v| v.split(',').map(|s| s.trim().to_lowercase()).collect())
+        .unwrap_or_default();
     println!("\n### {label}: {} rows\n", cfg.rows);
     println!("| request | concurrency | requests | errors | p50 | p99 | requests/s |");
     println!("|---|---|---|---|---|---|---|");
     for (name, path) in &scenarios {
+        let lower = name.to_lowercase();
+        if !only.is_empty() && !only.iter().any(|o| lower.contains(o.as_str())) {
+            continue;
+        }
         for concurrency in [1, 16] {
             let o = measure(&client, &format!("{base}{path}"), &token, concurrency, cfg).await;
             println!(

@@ -3,8 +3,10 @@
 //! PostgreSQL server) to PostgreSQL.
 //!
 //! `cargo bench --bench tracker` (optionally `BENCH_CALLS=20000`,
-//! `BENCH_DATABASE_URL=postgres://user@127.0.0.1:5432/postgres`, and `BENCH_ROLLUP=off` to
-//! measure without the rollup's triggers).
+//! `BENCH_DATABASE_URL=postgres://user@127.0.0.1:5432/postgres`, `BENCH_BACKENDS=sqlite,postgres`,
+//! and `BENCH_ROLLUP=off` to
+//! measure without the rollup's triggers, `BENCH_ROLLUP=compare` for rounds alternating
+//! without and with them, `BENCH_ROUNDS=3`).
 //!
 //! Added latency per call = the tracked call's time minus the provider's own time in that call
 //! (measured by a wrapping provider, so the mock's latency cancels out exactly).
@@ -53,7 +55,15 @@ fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
-async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMode) {
+/// One configuration at concurrency 1 and 64; returns tracked calls/s for each.
+async fn run(
+    label: &str,
+    url: &str,
+    base_url: &str,
+    calls: usize,
+    mode: WriteMode,
+    rollup: bool,
+) -> Vec<f64> {
     let vars = HashMap::from([
         (
             "OPENAI_API_KEY".to_owned(),
@@ -67,32 +77,33 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
         .await
         .unwrap();
     llm_tracker::db::migrate(&db).await.unwrap();
-    // BENCH_ROLLUP=off measures the write path without the rollup's triggers (the "before"
-    // of issue 7); otherwise they are (re)created, as the migration made them.
+    // Without the rollup: the write path before issue 7 (no triggers); with it, the triggers
+    // are (re)created as the migrations made them.
     let backend = db.get_database_backend();
-    let rollup = std::env::var("BENCH_ROLLUP").map_or(true, |v| v != "off");
-    let statements = if rollup {
-        migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta)
-    } else {
-        migration::rollup::drop_triggers_sql(backend)
-    };
-    for sql in statements {
+    // A clean start: the last run's rows go without the triggers (deleting them with the
+    // triggers on would queue a contribution per row), then the triggers come back if wanted.
+    for sql in migration::rollup::drop_triggers_sql(backend) {
         db.execute_unprepared(&sql).await.unwrap();
     }
-    db.execute_unprepared("DELETE FROM llm_tracker_usage")
-        .await
-        .unwrap();
-    for level in migration::rollup::Level::ALL {
-        db.execute_unprepared(&format!("DELETE FROM {}", level.table()))
+    let mut tables = vec!["llm_tracker_usage", migration::rollup::DELTA_TABLE];
+    tables.extend(migration::rollup::Level::ALL.iter().map(|l| l.table()));
+    for table in tables {
+        db.execute_unprepared(&format!("DELETE FROM {table}"))
             .await
             .unwrap();
+        if backend == sea_orm::DbBackend::Postgres {
+            db.execute_unprepared(&format!("VACUUM {table}"))
+                .await
+                .unwrap();
+        }
     }
-    db.execute_unprepared(&format!(
-        "DELETE FROM {}",
-        migration::rollup::DELTA_TABLE
-    ))
-    .await
-    .unwrap();
+    if rollup {
+        for sql in
+            migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta)
+        {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+    }
     let label = &if rollup {
         label.to_owned()
     } else {
@@ -102,10 +113,13 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
     let provider: Arc<dyn Provider> = Arc::new(Timed(llm_tracker::llm_service(&settings).unwrap()));
     let mut store = StoreOptions::new(spool.path().join("spool.jsonl"));
     store.write_mode = mode;
-    // The store folds the rollup every second (the default) only when there is a rollup.
-    if !rollup {
-        store.fold_interval = None;
-    }
+    // The store folds the rollup every second (the default; BENCH_FOLD_MS, 0 = never) only
+    // when there is a rollup.
+    let fold_ms: u64 = std::env::var("BENCH_FOLD_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    store.fold_interval = (rollup && fold_ms > 0).then(|| Duration::from_millis(fold_ms));
     let options = TrackerOptions {
         store,
         secrets: vec![],
@@ -114,6 +128,7 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
     let tracker = Arc::new(LlmTracker::new(provider.clone(), db.clone(), options).await);
     let request = CallRequest::new(vec![Message::user("hi")]).node_name("bench");
 
+    let mut rates = Vec::new();
     for concurrency in [1usize, 64] {
         // Warm-up: connections, caches.
         for _ in 0..200 {
@@ -161,12 +176,13 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
         let wall = started.elapsed();
         added.sort();
         let rows = added.len();
+        let rate = rows as f64 / wall.as_secs_f64();
+        rates.push(rate);
         println!(
-            "| {label} | {mode:?} | {concurrency} | {rows} | {} | {} | {} | {:.0} |",
+            "| {label} | {mode:?} | {concurrency} | {rows} | {} | {} | {} | {rate:.0} |",
             us(quantile(&added, 0.5)),
             us(quantile(&added, 0.99)),
             us(quantile(&added, 0.999)),
-            rows as f64 / wall.as_secs_f64()
         );
     }
     tracker.shutdown().await;
@@ -175,6 +191,12 @@ async fn run(label: &str, url: &str, base_url: &str, calls: usize, mode: WriteMo
         0,
         "nothing left in the spool"
     );
+    rates
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// The baseline: provider calls with no tracker.
@@ -290,15 +312,65 @@ async fn main() {
         "sqlite://{}?mode=rwc",
         dir.path().join("bench.db").display()
     );
-    for mode in [WriteMode::Committed, WriteMode::Queued] {
-        run("SQLite", &sqlite, &base_url, calls, mode).await;
+    // BENCH_BACKENDS=sqlite,postgres (both, by default).
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    let mut databases = Vec::new();
+    if backends.contains("sqlite") {
+        databases.push(("SQLite", sqlite));
     }
-    match std::env::var("BENCH_DATABASE_URL") {
-        Ok(url) => {
-            for mode in [WriteMode::Committed, WriteMode::Queued] {
-                run("PostgreSQL", &url, &base_url, calls, mode).await;
+    if backends.contains("postgres") {
+        match std::env::var("BENCH_DATABASE_URL") {
+            Ok(url) => databases.push(("PostgreSQL", url)),
+            Err(_) => eprintln!("BENCH_DATABASE_URL not set: PostgreSQL skipped"),
+        }
+    }
+    // BENCH_ROLLUP=off: without the rollup; =compare: BENCH_ROUNDS (3) rounds alternating
+    // without and with it, then the medians side by side (this machine's throughput drifts
+    // by tens of percent between runs minutes apart, so one run of each says little).
+    let setting = std::env::var("BENCH_ROLLUP").unwrap_or_default();
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut compared = Vec::new();
+    for (label, url) in &databases {
+        for mode in [WriteMode::Committed, WriteMode::Queued] {
+            match setting.as_str() {
+                "compare" => {
+                    let (mut without, mut with) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
+                    for _ in 0..rounds {
+                        for (rollup, out) in [(false, &mut without), (true, &mut with)] {
+                            let rates = run(label, url, &base_url, calls, mode, rollup).await;
+                            for (i, r) in rates.into_iter().enumerate() {
+                                out[i].push(r);
+                            }
+                        }
+                    }
+                    for (i, concurrency) in [1, 64].into_iter().enumerate() {
+                        let (a, b) = (median(without[i].clone()), median(with[i].clone()));
+                        compared.push(format!(
+                            "| {label} | {mode:?} | {concurrency} | {a:.0} | {b:.0} | {:+.0} % |",
+                            (b / a - 1.0) * 100.0
+                        ));
+                    }
+                }
+                "off" => {
+                    run(label, url, &base_url, calls, mode, false).await;
+                }
+                _ => {
+                    run(label, url, &base_url, calls, mode, true).await;
+                }
             }
         }
-        Err(_) => eprintln!("BENCH_DATABASE_URL not set: PostgreSQL skipped"),
+    }
+    if !compared.is_empty() {
+        println!();
+        println!(
+            "| database | write mode | concurrency | no rollup calls/s (median of {rounds}) | rollup calls/s (median of {rounds}) | change |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for line in compared {
+            println!("{line}");
+        }
     }
 }

@@ -20,9 +20,9 @@ impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let backend = manager.get_database_backend();
         let conn = manager.get_connection();
-        conn.execute_unprepared(&rollup::create_delta_table_sql(backend))
-            .await?;
-        for sql in rollup::create_triggers_sql(backend, Mechanism::Delta) {
+        let mut statements = vec![rollup::create_delta_table_sql(backend)];
+        statements.extend(rollup::create_triggers_sql(backend, Mechanism::Delta));
+        for sql in statements {
             conn.execute_unprepared(&sql).await?;
         }
         Ok(())

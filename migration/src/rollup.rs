@@ -234,7 +234,11 @@ fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
         r = signed(col("reasoning_tokens")),
         cost = signed(cost_micros_sql(backend, &col("cost"))),
         priced = counted(&col("cost")),
-        latency = signed(latency_us_sql(backend, &col("created_at"), &col("started_at"))),
+        latency = signed(latency_us_sql(
+            backend,
+            &col("created_at"),
+            &col("started_at")
+        )),
         timed = counted(&col("started_at")),
     )
 }
@@ -272,10 +276,18 @@ fn contributions(backend: DbBackend, sources: &[Source<'_>]) -> String {
                 .iter()
                 .map(|(prefix, sign)| format!("SELECT {}", delta_values(backend, *sign, prefix)))
                 .collect(),
+            // Summed per delta key first: a second of writes is thousands of rows but a few
+            // keys, and each key then fans out to six cells.
             Source::Delta(name) => {
-                let mut columns: Vec<&str> = DELTA_KEY.to_vec();
-                columns.extend(delta_sums());
-                vec![format!("SELECT {} FROM {name}", columns.join(", "))]
+                let key = DELTA_KEY.join(", ");
+                let sums: Vec<String> = delta_sums()
+                    .iter()
+                    .map(|c| format!("SUM({c}) AS {c}"))
+                    .collect();
+                vec![format!(
+                    "SELECT {key}, {} FROM {name} GROUP BY {key}",
+                    sums.join(", ")
+                )]
             }
         })
         .collect();
@@ -385,7 +397,9 @@ pub fn rebuild_sql(backend: DbBackend, mechanism: Mechanism) -> Vec<String> {
     out
 }
 
-/// The delta table. No index: it is appended to, read whole by the fold, and kept small.
+/// The delta table. No index: it is appended to, read whole by the fold and by the reads, and
+/// kept a few pages long (the fold deletes what it folds and vacuums it on PostgreSQL, which
+/// also gives the emptied pages back).
 pub fn create_delta_table_sql(backend: DbBackend) -> String {
     let (int, boolean) = match backend {
         DbBackend::Postgres => ("bigint", "boolean"),

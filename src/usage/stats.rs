@@ -14,7 +14,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::UsageFilter;
-use super::buckets::{bucket_of, buckets_between};
+use super::buckets::{bucket_of, bucket_start, buckets_between};
 use super::rollup;
 use crate::db::entities::usage;
 use crate::pricing::{CURRENCY, Usd};
@@ -523,10 +523,12 @@ fn fold(
                 .add(g);
         }
         if let (true, Some(text), Some(gran)) = (to_series, &g.bucket, granularity) {
-            let b = bucket_of(gran, tz, group_instant(text)?);
+            // The label is formatted once per bucket, not once per group (a quarter's hourly
+            // series in a :45 zone comes as 8,640 slot groups).
+            let at = group_instant(text)?;
             buckets
-                .entry(b.start)
-                .or_insert_with(|| (b.label, Totals::default()))
+                .entry(bucket_start(gran, tz, at))
+                .or_insert_with(|| (bucket_of(gran, tz, at).label, Totals::default()))
                 .1
                 .add(g);
         }

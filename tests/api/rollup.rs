@@ -361,7 +361,18 @@ db_test!(
                 // The second half with everything folded, and a few pending rows after every
                 // folded cell (an open-ended range must reach them).
                 fold(&t).await;
-                insert(db, &random_rows(&mut rng, &ids[..3], base + Duration::days(days + 2), 1, 20, 50_000)).await;
+                insert(
+                    db,
+                    &random_rows(
+                        &mut rng,
+                        &ids[..3],
+                        base + Duration::days(days + 2),
+                        1,
+                        20,
+                        50_000,
+                    ),
+                )
+                .await;
                 assert_eq!(pending(&t).await, 20);
             }
             let filter = random_filter(&mut rng, &ids, &times, base, days);
@@ -444,7 +455,11 @@ db_test!(
         assert_eq!(all.total, 650);
         // Down to 000005 folds what is pending and puts the direct triggers back.
         migration::Migrator::down(db, Some(1)).await.unwrap();
-        assert!(!t.tables().await.contains(&migration::rollup::DELTA_TABLE.to_owned()));
+        assert!(
+            !t.tables()
+                .await
+                .contains(&migration::rollup::DELTA_TABLE.to_owned())
+        );
         assert_eq!(counted(&t).await, 650);
         insert(db, &random_rows(&mut rng, &ids, base, 1, 5, 15_000)).await;
         assert_eq!(counted(&t).await, 655);
@@ -572,7 +587,11 @@ db_test!(
         assert_eq!(pending(&t).await, 200);
         let folded = cmd(&t, &["rollup", "fold"], &[]);
         assert!(folded.status.success(), "{}", stderr(&folded));
-        assert!(stdout(&folded).contains("pending rows folded"), "{}", stdout(&folded));
+        assert!(
+            stdout(&folded).contains("pending rows folded"),
+            "{}",
+            stdout(&folded)
+        );
         assert_eq!(pending(&t).await, 0);
         let ok = cmd(&t, &["rollup", "verify"], &[]);
         assert!(stdout(&ok).contains(", 0 differ"), "{}", stdout(&ok));
@@ -626,5 +645,63 @@ db_test!(
             "{}",
             stderr(&bad_date)
         );
+    }
+);
+
+db_test!(
+    async fn a_usage_store_folds_every_interval_and_once_more_at_shutdown(backend: Backend) {
+        use llm_tracker::tracker::{StoreOptions, UsageStore};
+        let t = TestDb::migrated(backend).await;
+        let ids = users(&t.db, &["f1"]).await;
+        let base = Utc.with_ymd_and_hms(2025, 2, 1, 0, 0, 0).unwrap();
+        let mut rng = StdRng::seed_from_u64(8);
+        let dir = tempfile::tempdir().unwrap();
+
+        // Every 50 ms: rows stored through the store (and rows it did not write, as the Django
+        // app's) are folded soon after, without anyone asking.
+        let mut opts = StoreOptions::new(dir.path().join("a.jsonl"));
+        opts.fold_interval = Some(std::time::Duration::from_millis(50));
+        let store = UsageStore::open(t.db.clone(), opts).await;
+        for r in random_rows(&mut rng, &ids, base, 2, 30, 1) {
+            store.record(r).await;
+        }
+        for r in random_rows(&mut rng, &ids, base, 2, 10, 100) {
+            t.db.execute_unprepared(&plain_insert(t.db.get_database_backend(), &r))
+                .await
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pending(&t).await > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing folded the delta"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(counted(&t).await, 40);
+        store.shutdown().await;
+
+        // Once an hour: only the fold at shutdown runs, after the last row.
+        let mut opts = StoreOptions::new(dir.path().join("b.jsonl"));
+        opts.fold_interval = Some(std::time::Duration::from_secs(3600));
+        let store = UsageStore::open(t.db.clone(), opts).await;
+        for r in random_rows(&mut rng, &ids, base, 2, 5, 200) {
+            store.record(r).await;
+        }
+        assert_eq!(pending(&t).await, 5);
+        store.shutdown().await;
+        assert_eq!(pending(&t).await, 0);
+        assert_eq!(counted(&t).await, 45);
+
+        // None: this store never folds.
+        let mut opts = StoreOptions::new(dir.path().join("c.jsonl"));
+        opts.fold_interval = None;
+        let store = UsageStore::open(t.db.clone(), opts).await;
+        for r in random_rows(&mut rng, &ids, base, 2, 3, 300) {
+            store.record(r).await;
+        }
+        store.shutdown().await;
+        assert_eq!(pending(&t).await, 3);
+        assert_verified(&t.db).await;
     }
 );
