@@ -12,6 +12,7 @@ mod m20250301_000003_add_usage_started_at;
 mod m20251101_000004_add_usage_cost;
 mod m20251201_000005_add_usage_rollup;
 mod m20251215_000006_rollup_delta;
+mod m20261123_000007_rollup_phased_hours;
 pub mod rollup;
 mod util;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20251101_000004_add_usage_cost::Migration),
             Box::new(m20251201_000005_add_usage_rollup::Migration),
             Box::new(m20251215_000006_rollup_delta::Migration),
+            Box::new(m20261123_000007_rollup_phased_hours::Migration),
         ]
     }
 }

@@ -73,8 +73,44 @@ impl Level {
     }
 }
 
-/// Cell lengths in 15-minute slots, finest first.
-pub const GRAINS: [i64; 3] = [1, 4, 96];
+/// A kind of cell: its code in the `grain` column, its length in slots, and its phase (the
+/// remainder of its first slot divided by its length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grain {
+    pub code: i64,
+    pub len: i64,
+    pub phase: i64,
+}
+
+impl Grain {
+    const fn new(code: i64, len: i64, phase: i64) -> Self {
+        Self { code, len, phase }
+    }
+}
+
+/// The 15-minute slot, the UTC hour, the UTC day, and the hours that start at :15 and :30 past
+/// a UTC hour (migration 000007): the hours of zones whose offset is not a whole number of
+/// hours — :45 (Nepal, Chatham, Eucla) and :30 (India, Iran, Newfoundland, central Australia…)
+/// — so that an hourly series there reads one cell per hour, not four. (No zone in use has an
+/// offset of :15, whose hours would start at :45.)
+pub const GRAINS: [Grain; 5] = [
+    Grain::new(1, 1, 0),
+    Grain::new(4, 4, 0),
+    Grain::new(96, 96, 0),
+    Grain::new(5, 4, 1),
+    Grain::new(6, 4, 2),
+];
+
+/// The grains added by migration 000007.
+pub const PHASED_HOURS: [Grain; 2] = [GRAINS[3], GRAINS[4]];
+
+/// The grain of the hour cell whose first slot is `slot`, if there is one.
+pub fn hour_grain(slot: i64) -> Option<Grain> {
+    GRAINS
+        .iter()
+        .copied()
+        .find(|g| g.len == 4 && slot.rem_euclid(4) == g.phase)
+}
 
 /// `user_key` of the cells that count every user's calls together.
 pub const ALL_USERS: i64 = 1 << 31;
@@ -299,7 +335,12 @@ pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) ->
     let grains: Vec<String> = GRAINS
         .iter()
         .flat_map(|g| [(g, 1), (g, 0)])
-        .map(|(g, per_user)| format!("SELECT {g} AS grain, {per_user} AS per_user"))
+        .map(|(g, per_user)| {
+            format!(
+                "SELECT {} AS grain, {} AS len, {} AS phase, {per_user} AS per_user",
+                g.code, g.len, g.phase
+            )
+        })
         .collect();
     let (dims, group) = match level {
         Level::ByModel => ("d.model AS model, d.success AS success, ", "1, 2, 3, 4, 5"),
@@ -313,7 +354,7 @@ pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) ->
     format!(
         "SELECT g.grain AS grain, \
          CASE WHEN g.per_user = 1 THEN d.user_key ELSE {ALL_USERS} END AS user_key, \
-         d.slot - ((d.slot % g.grain) + g.grain) % g.grain AS slot, {dims}{sums} \
+         d.slot - (((d.slot - g.phase) % g.len) + g.len) % g.len AS slot, {dims}{sums} \
          FROM ({rows}) d CROSS JOIN ({grains}) g \
          WHERE 1 = 1 \
          GROUP BY {group}",
@@ -393,6 +434,40 @@ pub fn rebuild_sql(backend: DbBackend, mechanism: Mechanism) -> Vec<String> {
             }],
             level,
         ));
+    }
+    out
+}
+
+/// The statements adding the [`PHASED_HOURS`] cells to both tables, summed from their slot
+/// cells (migration 000007; pending delta rows get them when folded).
+pub fn add_phased_hours_sql(backend: DbBackend) -> Vec<String> {
+    let mut out = Vec::new();
+    if backend == DbBackend::Postgres {
+        out.push(format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"));
+    }
+    for level in Level::ALL {
+        let table = level.table();
+        let codes: Vec<String> = PHASED_HOURS.iter().map(|g| g.code.to_string()).collect();
+        out.push(format!(
+            "DELETE FROM {table} WHERE grain IN ({})",
+            codes.join(", ")
+        ));
+        let rest: Vec<&str> = level.key()[3..].to_vec();
+        let dims: String = rest.iter().map(|k| format!(", {k}")).collect();
+        let sums = level.sums();
+        let summed: Vec<String> = sums.iter().map(|c| format!("SUM({c})")).collect();
+        for g in PHASED_HOURS {
+            let (code, len, phase) = (g.code, g.len, g.phase);
+            out.push(format!(
+                "INSERT INTO {table} ({key}, {columns}) \
+                 SELECT {code}, user_key, slot - (((slot - {phase}) % {len}) + {len}) % {len}{dims}, {summed} \
+                 FROM {table} WHERE grain = 1 \
+                 GROUP BY user_key, slot - (((slot - {phase}) % {len}) + {len}) % {len}{dims}",
+                key = level.key().join(", "),
+                columns = sums.join(", "),
+                summed = summed.join(", "),
+            ));
+        }
     }
     out
 }

@@ -12,6 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use chrono_tz::Tz;
 use migration::rollup::{
     ALL_USERS, DELTA_TABLE, GRAINS, Level, Mechanism, NO_USER, SLOT_SECONDS, TOTALS_TABLE,
+    hour_grain,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
@@ -25,8 +26,9 @@ const SLOT_MICROS: i64 = SLOT_SECONDS * 1_000_000;
 /// How a request is answered from the rollup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// `(grain, first slot, end slot)`: whole cells of `grain` slots from the first slot up to
-    /// (not including) the end slot; the ranges do not overlap. Each cell lies inside one
+    /// `(grain code, first slot, end slot)`: whole cells of that grain (see
+    /// [`migration::rollup::GRAINS`]) from the first slot up to (not including) the end slot;
+    /// the ranges do not overlap. Each cell lies inside one
     /// bucket of the series (when there is one).
     pub ranges: Vec<(i64, i64, i64)>,
     /// The same slots in the coarsest cells, ignoring buckets: for the sums that have none
@@ -149,19 +151,29 @@ fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<(i64, 
             _ => false,
         },
     };
+    // Hours that start at :15 or :30 past a UTC hour serve hourly series in zones with such
+    // offsets (there, no UTC hour or day fits a bucket). Elsewhere they would lead the greedy
+    // choice away from UTC days, so only hourly series use them.
+    let hourly = matches!(series, Some((Granularity::Day, _)));
+    let by_code = |code: i64| GRAINS.iter().copied().find(|g| g.code == code);
     let mut runs: Vec<(i64, i64, i64)> = Vec::new();
     let mut p = a;
     while p < b {
-        let g = GRAINS
-            .iter()
-            .rev()
-            .copied()
-            .find(|&g| p.rem_euclid(g) == 0 && p + g <= b && fits(p, g))?;
+        let candidates = [
+            by_code(96),
+            by_code(4),
+            hour_grain(p).filter(|g| hourly && g.phase != 0),
+            by_code(1),
+        ];
+        let g = candidates
+            .into_iter()
+            .flatten()
+            .find(|g| p.rem_euclid(g.len) == g.phase && p + g.len <= b && fits(p, g.len))?;
         match runs.last_mut() {
-            Some((lg, _, hi)) if *lg == g && *hi == p => *hi = p + g,
-            _ => runs.push((g, p, p + g)),
+            Some((code, _, hi)) if *code == g.code && *hi == p => *hi = p + g.len,
+            _ => runs.push((g.code, p, p + g.len)),
         }
-        p += g;
+        p += g.len;
     }
     Some(runs)
 }
@@ -430,39 +442,32 @@ pub async fn verify(
             }],
             level,
         );
+        // Expected cells counted in, stored cells and pending contributions counted out, one
+        // group per key: a cell differs when any of its sums is not zero (no outer join, which
+        // SQLite would run as nested loops over unindexed subqueries).
         let key = level.key();
-        let on: Vec<String> = key.iter().map(|k| format!("e.{k} = s.{k}")).collect();
-        let differs: Vec<String> = level
-            .sums()
-            .iter()
-            .map(|c| format!("COALESCE(e.{c}, 0) <> COALESCE(s.{c}, 0)"))
-            .collect();
-        let key_out: Vec<String> = key
-            .iter()
-            .map(|k| format!("CAST(COALESCE(e.{k}, s.{k}) AS TEXT) AS {k}"))
-            .collect();
-        // Stored: the cells plus the contributions not folded into them yet.
         let key_list = key.join(", ");
         let sums = level.sums();
-        let stored_sums: Vec<String> = sums.iter().map(|c| format!("SUM({c}) AS {c}")).collect();
+        let sum_list = sums.join(", ");
+        let negated: Vec<String> = sums.iter().map(|c| format!("-{c} AS {c}")).collect();
         let pending = cells_select(backend, &[Source::Delta(DELTA_TABLE)], level);
-        let stored = format!(
-            "SELECT {key_list}, {stored_sums} FROM (SELECT {key_list}, {sum_list} FROM {table} \
-             UNION ALL SELECT {key_list}, {sum_list} FROM ({pending}) p) x{stored_range} GROUP BY {key_list}",
-            stored_sums = stored_sums.join(", "),
-            sum_list = sums.join(", "),
-            table = level.table(),
-        );
+        let differs: Vec<String> = sums.iter().map(|c| format!("SUM({c}) <> 0")).collect();
+        let key_out: Vec<String> = key
+            .iter()
+            .map(|k| format!("CAST({k} AS TEXT) AS {k}"))
+            .collect();
         let sql = format!(
-            "WITH e AS ({expected}), s AS ({stored}) \
-             SELECT {key_out}, CAST(COALESCE(e.calls, 0) AS BIGINT) AS expected_calls, \
-             CAST(COALESCE(s.calls, 0) AS BIGINT) AS stored_calls, \
-             CASE WHEN e.calls IS NULL THEN 0 ELSE 1 END AS is_expected, \
+            "SELECT {key_out}, CAST(SUM(e_calls) AS BIGINT) AS expected_calls, \
+             CAST(SUM(s_calls) AS BIGINT) AS stored_calls, MAX(is_expected) AS is_expected, \
              CASE WHEN {differs} THEN 1 ELSE 0 END AS is_diff \
-             FROM e FULL OUTER JOIN s ON {on}",
+             FROM (SELECT {key_list}, 1 AS is_expected, calls AS e_calls, 0 AS s_calls, {sum_list} FROM ({expected}) e \
+             UNION ALL SELECT {key_list}, 0, 0, calls, {negated} FROM {table}{stored_range} \
+             UNION ALL SELECT {key_list}, 0, 0, calls, {negated} FROM ({pending}) p{stored_range}) x \
+             GROUP BY {key_list}",
             key_out = key_out.join(", "),
             differs = differs.join(" OR "),
-            on = on.join(" AND "),
+            negated = negated.join(", "),
+            table = level.table(),
         );
         let summary_sql = format!(
             "SELECT CAST(COALESCE(SUM(is_expected), 0) AS BIGINT), CAST(COALESCE(SUM(is_diff), 0) AS BIGINT) FROM ({sql}) j"
@@ -658,6 +663,51 @@ mod tests {
         assert!(runs.iter().all(|(g, _, _)| *g != 96));
         assert_eq!(runs.first().unwrap().1, a);
         assert_eq!(runs.last().unwrap().2, b);
+    }
+
+    #[test]
+    fn hourly_series_in_half_and_quarter_hour_zones_read_phased_hours() {
+        // Asia/Kathmandu (+05:45): local hours start at :15 UTC; Asia/Kolkata (+05:30) at :30.
+        for (zone, code) in [("Asia/Kathmandu", 5), ("Asia/Kolkata", 6)] {
+            let tz: Tz = zone.parse().unwrap();
+            let a = slot("2025-01-01T00:00:00Z");
+            let b = slot("2025-04-01T00:00:00Z");
+            let runs = cells(a, b, Some((Granularity::Day, tz))).unwrap();
+            // Slots up to the first local hour, one run of phased hours, slots after the last.
+            assert_eq!(runs.len(), 3, "{zone}: {runs:?}");
+            assert_eq!(runs[0].0, 1);
+            assert_eq!(runs[1].0, code);
+            assert_eq!(runs[2].0, 1);
+            assert_eq!((runs[1].2 - runs[1].1) % 4, 0);
+            for (_, lo, hi) in &runs[1..2] {
+                for p in (*lo..*hi).step_by(4) {
+                    let s = slot_start(p).unwrap();
+                    let e = slot_start(p + 4).unwrap() - Duration::microseconds(1);
+                    assert_eq!(
+                        super::super::buckets::bucket_of(Granularity::Day, tz, s),
+                        super::super::buckets::bucket_of(Granularity::Day, tz, e)
+                    );
+                }
+            }
+            // Without a series (and for daily buckets) the UTC days are still read.
+            assert!(
+                cells(a, b, None)
+                    .unwrap()
+                    .iter()
+                    .all(|(g, _, _)| [1, 4, 96].contains(g))
+            );
+            assert!(
+                cells(a, b, Some((Granularity::Month, tz)))
+                    .unwrap()
+                    .iter()
+                    .all(|(g, _, _)| [1, 4, 96].contains(g))
+            );
+        }
+        // Whole-hour zones keep UTC hours.
+        let ny: Tz = "America/New_York".parse().unwrap();
+        let a = slot("2025-01-01T00:00:00Z");
+        let runs = cells(a, a + 96 * 30, Some((Granularity::Day, ny))).unwrap();
+        assert_eq!(runs, vec![(4, a, a + 96 * 30)]);
     }
 
     #[test]
