@@ -148,6 +148,13 @@ pub fn delta_sums() -> Vec<&'static str> {
     Level::Total.sums()
 }
 
+/// Every column of a delta row, comma-separated: the key, then the sums.
+fn delta_columns() -> String {
+    let mut columns: Vec<&str> = DELTA_KEY.to_vec();
+    columns.extend(delta_sums());
+    columns.join(", ")
+}
+
 /// The 15-minute UTC slot of `created_at` (a column expression), rounded down.
 ///
 /// PostgreSQL: exact epoch arithmetic. SQLite stores `created_at` as UTC text
@@ -501,8 +508,6 @@ pub fn create_delta_table_sql(backend: DbBackend) -> String {
 /// contributions are summed per delta key and keys whose sums are all zero are left out: an
 /// update that changes nothing counted (the metadata, say) appends nothing.
 fn delta_insert_sql(backend: DbBackend, sources: &[Source<'_>], net: bool) -> String {
-    let mut columns: Vec<&str> = DELTA_KEY.to_vec();
-    columns.extend(delta_sums());
     let rows = contributions(backend, sources);
     let select = if net {
         let key = DELTA_KEY.join(", ");
@@ -522,10 +527,7 @@ fn delta_insert_sql(backend: DbBackend, sources: &[Source<'_>], net: bool) -> St
     } else {
         rows
     };
-    format!(
-        "INSERT INTO {DELTA_TABLE} ({}) {select}",
-        columns.join(", ")
-    )
+    format!("INSERT INTO {DELTA_TABLE} ({}) {select}", delta_columns())
 }
 
 /// The statements that fold the pending contributions into the cells, to run in one
@@ -535,9 +537,7 @@ fn delta_insert_sql(backend: DbBackend, sources: &[Source<'_>], net: bool) -> St
 pub fn fold_sql(backend: DbBackend) -> Vec<String> {
     match backend {
         DbBackend::Postgres => {
-            let mut columns: Vec<&str> = DELTA_KEY.to_vec();
-            columns.extend(delta_sums());
-            let columns = columns.join(", ");
+            let columns = delta_columns();
             vec![format!(
                 "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
                  by_model AS ({}) {}",
