@@ -148,6 +148,34 @@ pub fn delta_sums() -> Vec<&'static str> {
     Level::Total.sums()
 }
 
+/// `SELECT` of the delta rows of `from` summed per delta key; with `nonzero`, only the keys
+/// whose sums are not all zero.
+fn delta_per_key(from: &str, nonzero: bool) -> String {
+    let key = DELTA_KEY.join(", ");
+    let sums: Vec<String> = delta_sums()
+        .iter()
+        .map(|c| format!("SUM({c}) AS {c}"))
+        .collect();
+    let having = if nonzero {
+        let any: Vec<String> = delta_sums()
+            .iter()
+            .map(|c| format!("SUM({c}) <> 0"))
+            .collect();
+        format!(" HAVING {}", any.join(" OR "))
+    } else {
+        String::new()
+    };
+    format!(
+        "SELECT {key}, {} FROM {from} GROUP BY {key}{having}",
+        sums.join(", ")
+    )
+}
+
+/// The first slot of the cell of `len` slots and `phase` that holds `slot` (SQL expressions).
+fn cell_start_sql(slot: &str, len: &str, phase: &str) -> String {
+    format!("{slot} - ((({slot} - {phase}) % {len}) + {len}) % {len}")
+}
+
 /// Every column of a delta row, comma-separated: the key, then the sums.
 fn delta_columns() -> String {
     let mut columns: Vec<&str> = DELTA_KEY.to_vec();
@@ -321,17 +349,7 @@ fn contributions(backend: DbBackend, sources: &[Source<'_>]) -> String {
                 .collect(),
             // Summed per delta key first: a second of writes is thousands of rows but a few
             // keys, and each key then fans out to six cells.
-            Source::Delta(name) => {
-                let key = DELTA_KEY.join(", ");
-                let sums: Vec<String> = delta_sums()
-                    .iter()
-                    .map(|c| format!("SUM({c}) AS {c}"))
-                    .collect();
-                vec![format!(
-                    "SELECT {key}, {} FROM {name} GROUP BY {key}",
-                    sums.join(", ")
-                )]
-            }
+            Source::Delta(name) => vec![delta_per_key(name, false)],
         })
         .collect();
     parts.join(" UNION ALL ")
@@ -361,10 +379,11 @@ pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) ->
     format!(
         "SELECT g.grain AS grain, \
          CASE WHEN g.per_user = 1 THEN d.user_key ELSE {ALL_USERS} END AS user_key, \
-         d.slot - (((d.slot - g.phase) % g.len) + g.len) % g.len AS slot, {dims}{sums} \
+         {slot} AS slot, {dims}{sums} \
          FROM ({rows}) d CROSS JOIN ({grains}) g \
          WHERE 1 = 1 \
          GROUP BY {group}",
+        slot = cell_start_sql("d.slot", "g.len", "g.phase"),
         sums = sums.join(", "),
         rows = contributions(backend, sources),
         grains = grains.join(" UNION ALL "),
@@ -464,12 +483,13 @@ pub fn add_phased_hours_sql(backend: DbBackend) -> Vec<String> {
         let sums = level.sums();
         let summed: Vec<String> = sums.iter().map(|c| format!("SUM({c})")).collect();
         for g in PHASED_HOURS {
-            let (code, len, phase) = (g.code, g.len, g.phase);
+            let start = cell_start_sql("slot", &g.len.to_string(), &g.phase.to_string());
             out.push(format!(
                 "INSERT INTO {table} ({key}, {columns}) \
-                 SELECT {code}, user_key, slot - (((slot - {phase}) % {len}) + {len}) % {len}{dims}, {summed} \
+                 SELECT {code}, user_key, {start}{dims}, {summed} \
                  FROM {table} WHERE grain = 1 \
-                 GROUP BY user_key, slot - (((slot - {phase}) % {len}) + {len}) % {len}{dims}",
+                 GROUP BY user_key, {start}{dims}",
+                code = g.code,
                 key = level.key().join(", "),
                 columns = sums.join(", "),
                 summed = summed.join(", "),
@@ -510,20 +530,7 @@ pub fn create_delta_table_sql(backend: DbBackend) -> String {
 fn delta_insert_sql(backend: DbBackend, sources: &[Source<'_>], net: bool) -> String {
     let rows = contributions(backend, sources);
     let select = if net {
-        let key = DELTA_KEY.join(", ");
-        let sums: Vec<String> = delta_sums()
-            .iter()
-            .map(|c| format!("SUM({c}) AS {c}"))
-            .collect();
-        let any: Vec<String> = delta_sums()
-            .iter()
-            .map(|c| format!("SUM({c}) <> 0"))
-            .collect();
-        format!(
-            "SELECT {key}, {} FROM ({rows}) c GROUP BY {key} HAVING {}",
-            sums.join(", "),
-            any.join(" OR ")
-        )
+        delta_per_key(&format!("({rows}) c"), true)
     } else {
         rows
     };
