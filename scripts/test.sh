@@ -70,6 +70,7 @@ start_postgres() {
     start >/dev/null || { cat "$PG_TMP/server.log" >&2; fail "PostgreSQL did not start"; }
   PG_PID=$(head -n 1 "$PG_TMP/data/postmaster.pid")
   export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  export PG_BINDIR="$bindir"   # tests that crash and restart a server of their own
   say "PostgreSQL $("$bindir/postgres" --version | awk '{print $3}') on 127.0.0.1:$port (pid $PG_PID)"
 }
 

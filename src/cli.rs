@@ -221,11 +221,21 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
                 }
                 settings.jwt_secret = Some(crate::config::Secret::new(random_string(48)));
             }
-            let db = open_migrated(&settings).await?;
-            if demo {
+            // The demo seeds its data first; production starts with the database down too
+            // and migrates once it answers.
+            let (db, migrated) = if demo {
+                let db = open_migrated(&settings).await?;
                 demo_setup(&settings, &db).await?;
-            }
-            crate::server::run(settings, db).await?;
+                (db, true)
+            } else {
+                let db = crate::db::connect(&settings.database_url).await?;
+                let answers = crate::db::answers(&db, crate::tracker::STARTUP_PROBE).await;
+                if answers {
+                    crate::db::migrate(&db).await?;
+                }
+                (db, answers)
+            };
+            crate::server::run(settings, db, migrated).await?;
         }
         Command::Migrate => {
             open_migrated(&settings).await?;

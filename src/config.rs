@@ -215,6 +215,8 @@ pub struct Settings {
     pub usage_spool_path: std::path::PathBuf,
     /// Whether callers wait for their row's commit (`committed`) or only its hand-over.
     pub usage_write_mode: crate::tracker::WriteMode,
+    /// How long a call waits for its row's commit before the row goes to the spool.
+    pub usage_commit_deadline: Duration,
     /// The zone of token-stats buckets and of naive dates when a request names none.
     pub default_timezone: chrono_tz::Tz,
     /// The active price table: built-in, plus the file named by `LLM_PRICES_PATH`.
@@ -360,6 +362,13 @@ impl Settings {
                 *v <= 10
             })?
             .unwrap_or(2);
+        let commit_deadline_ms = src
+            .parsed::<u64>(
+                "USAGE_COMMIT_DEADLINE_MS",
+                "a whole number of milliseconds from 1 to 60000",
+                |v| *v >= 1 && *v <= 60_000,
+            )?
+            .unwrap_or(10);
         let cors_allowed_origins = parse_origins(src.get("CORS_ALLOWED_ORIGINS"))?;
         let log_format = match src.get("LOG_FORMAT").map(str::to_ascii_lowercase) {
             None => LogFormat::Text,
@@ -402,6 +411,7 @@ impl Settings {
                     ));
                 }
             },
+            usage_commit_deadline: Duration::from_millis(commit_deadline_ms),
             log_filter: src.string("RUST_LOG", DEFAULT_LOG_FILTER),
             log_format,
             default_timezone: match src.get("DEFAULT_TIMEZONE") {
@@ -500,6 +510,8 @@ mod tests {
             ("CORS_ALLOWED_ORIGINS", "https://a.example/path"),
             ("LOG_FORMAT", "xml"),
             ("USAGE_WRITE_MODE", "eventually"),
+            ("USAGE_COMMIT_DEADLINE_MS", "0"),
+            ("USAGE_COMMIT_DEADLINE_MS", "10ms"),
             ("JWT_SECRET", "short"),
         ] {
             let err = Settings::from_map(&map(&[(key, value)])).unwrap_err();

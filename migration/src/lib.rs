@@ -13,6 +13,7 @@ mod m20251101_000004_add_usage_cost;
 mod m20251201_000005_add_usage_rollup;
 mod m20251215_000006_rollup_delta;
 mod m20261123_000007_rollup_phased_hours;
+mod m20261126_000008_delta_autovacuum;
 pub mod rollup;
 mod util;
 
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20251201_000005_add_usage_rollup::Migration),
             Box::new(m20251215_000006_rollup_delta::Migration),
             Box::new(m20261123_000007_rollup_phased_hours::Migration),
+            Box::new(m20261126_000008_delta_autovacuum::Migration),
         ]
     }
 }

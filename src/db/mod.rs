@@ -15,9 +15,14 @@ pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Opens a pool for `url`: SQLite in WAL mode with a busy timeout, foreign keys on and a page
 /// cache of up to 64 MiB per connection (SQLite's default, 2 MiB, holds little of the indexes
 /// of a table of millions of rows); PostgreSQL with a pool sized for a small server.
+///
+/// The pool connects lazily: this never waits for the database, and succeeds while it is
+/// down (a malformed URL is still an error). Each use then connects as needed, failing after
+/// the acquire timeout (5 s) while the database stays away.
 pub async fn connect(url: &DatabaseUrl) -> Result<DatabaseConnection, DbErr> {
     let mut opts = ConnectOptions::new(url.expose().to_owned());
     opts.sqlx_logging(false)
+        .connect_lazy(true)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5));
     if url.is_sqlite() {
@@ -34,6 +39,11 @@ pub async fn connect(url: &DatabaseUrl) -> Result<DatabaseConnection, DbErr> {
         opts.max_connections(16).min_connections(1);
     }
     Database::connect(opts).await
+}
+
+/// Whether the database answers within `within`.
+pub async fn answers(db: &DatabaseConnection, within: Duration) -> bool {
+    matches!(tokio::time::timeout(within, db.ping()).await, Ok(Ok(())))
 }
 
 /// Applies every pending migration.

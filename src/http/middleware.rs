@@ -84,3 +84,22 @@ pub async fn json_errors(
     };
     Ok(ServiceResponse::new(req, new.json(body)))
 }
+
+/// Until the schema is in place (a `serve` that started while the database was unreachable),
+/// the admin API and the admin pages answer 503 in the JSON error shape at once, instead of
+/// waiting out the pool's timeout on every request. Probes and the API docs still answer.
+pub async fn require_schema(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::EitherBody<impl MessageBody>>, actix_web::Error> {
+    let gated = req.path().starts_with("/api/v1/admin") || req.path().starts_with("/admin");
+    let ready = req
+        .app_data::<actix_web::web::Data<crate::http::AppState>>()
+        .is_none_or(|state| state.schema_ready());
+    if gated && !ready {
+        use actix_web::ResponseError;
+        let res = crate::http::error::ApiError::ServiceUnavailable.error_response();
+        return Ok(req.into_response(res).map_into_right_body());
+    }
+    Ok(next.call(req).await?.map_into_left_body())
+}

@@ -27,6 +27,9 @@ pub struct AppState {
     pub settings: Settings,
     /// Failed admin-page sign-ins per username and client address.
     pub login_limiter: std::sync::Arc<crate::admin::session::Limiter>,
+    /// Set once the schema is in place (`serve` started while the database was unreachable
+    /// migrates when it answers); until then admin routes and `/readyz` answer 503 at once.
+    pub schema_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -37,12 +40,23 @@ impl AppState {
             db,
             settings,
             login_limiter: Default::default(),
+            schema_ready: std::sync::Arc::new(true.into()),
         }
     }
 
+    /// Whether the schema is known to be in place.
+    pub fn schema_ready(&self) -> bool {
+        self.schema_ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// As `serve` builds it: usage reads on a pool of its own for `DATABASE_READ_URL` when set
-    /// (not migrated: a replica follows its primary).
-    pub async fn open(db: DatabaseConnection, settings: Settings) -> Result<Self, sea_orm::DbErr> {
+    /// (not migrated: a replica follows its primary). Connects lazily; `schema_ready` says
+    /// whether the primary is migrated yet.
+    pub async fn open(
+        db: DatabaseConnection,
+        settings: Settings,
+        schema_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Self, sea_orm::DbErr> {
         let read_db = match &settings.database_read_url {
             Some(url) => crate::db::connect(url).await?,
             None => db.clone(),
@@ -52,6 +66,7 @@ impl AppState {
             read_db,
             settings,
             login_limiter: Default::default(),
+            schema_ready,
         })
     }
 }
@@ -94,6 +109,7 @@ pub fn app(
     let cors = Condition::new(!origins.is_empty(), cors(origins));
     App::new()
         .wrap(cors)
+        .wrap(from_fn(middleware::require_schema))
         .wrap(from_fn(middleware::json_errors))
         .wrap(from_fn(middleware::log_requests))
         .configure(configure(state))

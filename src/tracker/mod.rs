@@ -183,20 +183,33 @@ pub(crate) struct Outcome {
 }
 
 impl LlmTracker {
-    /// From the environment (and `.env`): connects, migrates, builds the provider.
+    /// From the environment (and `.env`): builds the provider, connects and migrates; starts
+    /// while the database is unreachable (see [`LlmTracker::from_settings`]).
     pub async fn from_env() -> Result<Self, TrackerError> {
         Self::from_settings(&Settings::from_env()?).await
     }
 
-    /// From loaded settings: connects, migrates, builds the provider.
+    /// From loaded settings: builds the provider and a lazily connecting pool, and migrates if
+    /// the database answers within [`STARTUP_PROBE`]. If it does not, the tracker starts all
+    /// the same: calls are made and their rows spooled, and the store migrates and stores
+    /// them once the database answers. Only bad settings are an error here.
     pub async fn from_settings(settings: &Settings) -> Result<Self, TrackerError> {
         let provider = providers::llm_service(settings)?;
         let db = crate::db::connect(&settings.database_url).await?;
-        crate::db::migrate(&db).await?;
-        Ok(Self::new(provider, db, options_from_settings(settings)).await)
+        let mut options = options_from_settings(settings);
+        if crate::db::answers(&db, STARTUP_PROBE).await {
+            crate::db::migrate(&db).await?;
+        } else {
+            tracing::warn!(
+                "the database does not answer; tracking calls through the spool until it does"
+            );
+            options.store.migrate = true;
+        }
+        Ok(Self::new(provider, db, options).await)
     }
 
-    /// From a provider and a migrated database. Replays rows an earlier run spooled.
+    /// From a provider and a database (migrated, or with `options.store.migrate` set). Never
+    /// waits for the database; rows an earlier run spooled are replayed in the background.
     pub async fn new(
         provider: Arc<dyn Provider>,
         db: DatabaseConnection,
@@ -410,11 +423,24 @@ pub fn options_from_settings(settings: &Settings) -> TrackerOptions {
     .map(|s| s.expose().to_owned())
     .collect();
     TrackerOptions {
-        store: StoreOptions::new(settings.usage_spool_path.clone()),
+        store: store_options(settings),
         secrets,
         prices: settings.prices.clone(),
     }
 }
+
+/// The store's options as the settings say: spool path, write mode and commit deadline
+/// (`USAGE_SPOOL_PATH`, `USAGE_WRITE_MODE`, `USAGE_COMMIT_DEADLINE_MS`), the rest defaults.
+pub fn store_options(settings: &Settings) -> StoreOptions {
+    let mut store = StoreOptions::new(settings.usage_spool_path.clone());
+    store.write_mode = settings.usage_write_mode;
+    store.commit_deadline = settings.usage_commit_deadline;
+    store
+}
+
+/// How long [`LlmTracker::from_settings`] waits for the database to answer before it starts
+/// without it.
+pub const STARTUP_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The default spool: next to a SQLite database file, else in the working directory.
 pub fn default_spool_path(database_url: &str) -> PathBuf {

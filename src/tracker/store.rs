@@ -1,16 +1,29 @@
-//! Storing usage rows so that none is ever lost.
+//! Storing usage rows so that none is ever lost, without ever making the caller wait on the
+//! database for longer than a fixed bound.
 //!
-//! A row is inserted directly; when that fails (database down, locked, slow) it is appended
-//! to a local spool file (JSON lines, fsynced) and a background worker re-inserts the spool
-//! with backoff once storage answers again, and on the next start. Every row's id is made
-//! before its first attempt and every insert is `ON CONFLICT (id) DO NOTHING`, so a row that
-//! was stored by an attempt that looked failed (a timeout after commit) is still stored once.
+//! A row goes to the writer tasks, which group-commit it with the rows of concurrent callers.
+//! A caller waits for that commit at most [`StoreOptions::commit_deadline`]; past it, or when
+//! the database refuses, the row is appended to a local spool file (JSON lines, fsynced,
+//! group-committed too) and the caller goes on. While the database is unhealthy (down, locked,
+//! slow, pool exhausted) callers skip the writers and go straight to the spool. A background
+//! worker replays the spool with backoff and, once a replay succeeds, sends callers back to
+//! the database. So from the provider's reply to a durable row (committed, or fsynced in the
+//! spool) there is at most `commit_deadline` plus one spool write, whatever the database does.
+//!
+//! Every row's id is made before its first attempt and every insert is
+//! `ON CONFLICT (id) DO NOTHING`, so a row that both committed late and was spooled is still
+//! stored once.
+//!
+//! The spool is safe to share between processes: appends and the replay's claim of the file
+//! take an exclusive `flock` on `<spool>.lock`; a replay renames the spool to a claim file of
+//! its own (`<spool>.replay-<pid>-<n>`, `flock`ed while it is replayed), so appends never
+//! wait for the database. A claim left by a process that died is picked up by the next replay.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use sea_orm::{DatabaseConnection, DbErr, SqlErr};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
@@ -23,7 +36,11 @@ use crate::db::entities::usage;
 pub struct StoreOptions {
     /// The spool file (`USAGE_SPOOL_PATH`).
     pub spool_path: PathBuf,
-    /// How long one direct insert may take before the row goes to the spool instead.
+    /// How long a caller waits for its row's commit before the row is spooled instead. A row
+    /// is durable at most this plus one spool write after the provider's reply.
+    pub commit_deadline: Duration,
+    /// The longest one insert statement (direct or replay) may run before it is abandoned.
+    /// Callers never wait for it; it only bounds how long a stuck statement keeps a writer.
     pub insert_timeout: Duration,
     /// First and longest wait between replays while storage is failing.
     pub retry_min: Duration,
@@ -34,31 +51,43 @@ pub struct StoreOptions {
     /// cells (reads are exact before that too; this keeps what they add up small). `None`:
     /// never, by this store.
     pub fold_interval: Option<Duration>,
+    /// Apply pending migrations before the first write, retrying until the database answers
+    /// (trackers that started while the database was unreachable). Until then rows are
+    /// spooled.
+    pub migrate: bool,
+    /// How long [`UsageStore::shutdown`] spends at most on its last replay and its last fold;
+    /// whatever is not stored by then stays in the spool for the next start.
+    pub shutdown_timeout: Duration,
 }
 
 /// When `record` returns to the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WriteMode {
-    /// After the row is committed (or spooled): a row is readable once the call returns.
+    /// After the row is committed or spooled (fsynced), at most the commit deadline plus one
+    /// spool write after the reply: a row is durable once the call returns.
     #[default]
     Committed,
-    /// As soon as the row is handed to the writers; the commit (or, failing it, the spool)
-    /// follows within milliseconds. Saves the caller the commit's wait; a process killed
-    /// outright (SIGKILL, power loss) loses the rows still in flight, a graceful stop
+    /// As soon as the row is handed to the store; the commit (or, failing it, the spool)
+    /// follows within the same bound, in the background. Saves the caller the commit's wait;
+    /// a process killed outright within that bound loses the row, a graceful stop
     /// (`shutdown`) does not.
     Queued,
 }
 
 impl StoreOptions {
-    /// Defaults: 2 s per insert, replays every 100 ms doubling up to 5 s, folds every second.
+    /// Defaults: 10 ms commit deadline, 30 s per insert statement, replays every 100 ms
+    /// doubling up to 1 s, folds every second, 2 s for the last attempts at shutdown.
     pub fn new(spool_path: impl Into<PathBuf>) -> Self {
         Self {
             spool_path: spool_path.into(),
-            insert_timeout: Duration::from_secs(2),
+            commit_deadline: Duration::from_millis(10),
+            insert_timeout: Duration::from_secs(30),
             retry_min: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
+            retry_max: Duration::from_secs(1),
             write_mode: WriteMode::Committed,
             fold_interval: Some(Duration::from_secs(1)),
+            migrate: false,
+            shutdown_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -68,23 +97,33 @@ impl StoreOptions {
 pub enum Stored {
     /// In the database.
     Inserted,
-    /// Waiting in the spool (or, if even the spool failed, in memory) for the database.
+    /// In the spool (fsynced; or, if even the spool failed, in memory), waiting for the
+    /// database.
     Deferred,
-    /// Handed to the writers ([`WriteMode::Queued`]); committed or spooled shortly.
+    /// Handed to the store ([`WriteMode::Queued`]); committed or spooled shortly.
     Queued,
 }
 
 struct Inner {
     db: DatabaseConnection,
     opts: StoreOptions,
-    /// Serialises spool appends and replays.
-    spool_lock: Mutex<()>,
+    spool: Spool,
     /// Rows that could not even be spooled (disk full): retried from memory.
     in_memory: Mutex<Vec<usage::Model>>,
+    /// One replay at a time in this process.
+    replaying: Mutex<()>,
     wake: Notify,
     stop: AtomicBool,
+    /// Callers try the database only while this is set; cleared when the database fails or
+    /// stalls, set again by a successful replay.
+    healthy: AtomicBool,
+    /// Whether the schema is known to be in place (always, unless `opts.migrate`).
+    migrated: AtomicBool,
+    /// When a writer last finished a batch, in µs since `epoch`.
+    progress: AtomicU64,
+    epoch: Instant,
     /// Queued rows not yet committed or spooled, and a signal when that count drops.
-    in_flight: std::sync::atomic::AtomicUsize,
+    in_flight: AtomicUsize,
     settled: Notify,
 }
 
@@ -97,8 +136,8 @@ const MAX_BATCH: usize = 256;
 /// The write side of `llm_tracker_usage`, with the spool and its replay worker.
 ///
 /// Direct inserts are group-committed: callers hand their row to a few writer tasks and wait
-/// for its commit; rows that arrive together go in one multi-row `INSERT`, so many concurrent
-/// callers cost few round trips while each still returns only once its row is stored.
+/// for its commit (at most the commit deadline); rows that arrive together go in one multi-row
+/// `INSERT`, so many concurrent callers cost few round trips.
 pub struct UsageStore {
     inner: Arc<Inner>,
     jobs: mpsc::Sender<Job>,
@@ -109,31 +148,27 @@ pub struct UsageStore {
 }
 
 impl UsageStore {
-    /// Opens the store, replays what an earlier run left in the spool (if the database
-    /// answers), and starts the replay worker. Must be called inside a Tokio runtime.
+    /// Opens the store and starts its workers; rows an earlier run left in the spool are
+    /// replayed in the background as soon as the database answers. Never waits for the
+    /// database. Must be called inside a Tokio runtime.
     pub async fn open(db: DatabaseConnection, opts: StoreOptions) -> Self {
+        let migrate = opts.migrate;
         let inner = Arc::new(Inner {
+            spool: Spool::open(opts.spool_path.clone()),
             db,
             opts,
-            spool_lock: Mutex::new(()),
             in_memory: Mutex::new(Vec::new()),
+            replaying: Mutex::new(()),
             wake: Notify::new(),
             stop: AtomicBool::new(false),
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            healthy: AtomicBool::new(!migrate),
+            migrated: AtomicBool::new(!migrate),
+            progress: AtomicU64::new(0),
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
         });
-        let failing = match inner.replay().await {
-            Ok(0) => false,
-            Ok(n) => {
-                tracing::info!(rows = n, "replayed usage rows from the spool");
-                false
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "spool replay at start failed; will retry");
-                true
-            }
-        };
-        let worker = tokio::spawn(worker(inner.clone(), failing));
+        let worker = tokio::spawn(worker(inner.clone()));
         // SQLite has one writer at a time; PostgreSQL takes a few in parallel.
         let writers = match inner.db.get_database_backend() {
             sea_orm::DbBackend::Sqlite => 1,
@@ -142,11 +177,7 @@ impl UsageStore {
         let (jobs, queue) = mpsc::channel::<Job>(MAX_BATCH * writers * 4);
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..writers {
-            tokio::spawn(writer(
-                inner.db.clone(),
-                queue.clone(),
-                inner.opts.insert_timeout,
-            ));
+            tokio::spawn(writer(inner.clone(), queue.clone()));
         }
         let stop_folding = Arc::new(Notify::new());
         let folder = inner.opts.fold_interval.map(|interval| {
@@ -154,6 +185,7 @@ impl UsageStore {
                 inner.db.clone(),
                 interval,
                 stop_folding.clone(),
+                inner.opts.shutdown_timeout,
             ))
         });
         Self {
@@ -165,8 +197,9 @@ impl UsageStore {
         }
     }
 
-    /// Stores one row: directly, or through the spool when the database does not take it.
-    /// With [`WriteMode::Queued`] it returns once the row is handed over.
+    /// Stores one row: directly, or through the spool when the database does not take it
+    /// within the commit deadline. With [`WriteMode::Queued`] it returns once the row is
+    /// handed over.
     pub async fn record(&self, row: usage::Model) -> Stored {
         if self.inner.opts.write_mode == WriteMode::Queued {
             self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -181,13 +214,18 @@ impl UsageStore {
         store_or_spool(&self.jobs, &self.inner, row).await
     }
 
-    /// Rows waiting for the database (spool plus memory).
+    /// Rows waiting for the database (spool, claims being replayed, memory).
     pub async fn pending(&self) -> usize {
-        let _guard = self.inner.spool_lock.lock().await;
-        let spooled = read_spool(&self.inner.opts.spool_path)
-            .map(|r| r.0.len())
+        let spool = self.inner.spool.clone();
+        let spooled = tokio::task::spawn_blocking(move || spool.count_rows())
+            .await
             .unwrap_or(0);
         spooled + self.inner.in_memory.lock().await.len()
+    }
+
+    /// Whether callers currently write to the database (else straight to the spool).
+    pub fn is_healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::SeqCst)
     }
 
     /// Tries to store everything pending now; returns how many rows went in.
@@ -195,10 +233,12 @@ impl UsageStore {
         self.inner.replay().await
     }
 
-    /// Stops the worker after a last attempt to store what is pending; whatever the database
-    /// still refuses stays in the spool for the next start. Safe to call more than once.
+    /// Waits for queued rows to settle, makes a last attempt (within
+    /// [`StoreOptions::shutdown_timeout`]) to store what is pending and to fold the rollup,
+    /// and stops the workers; whatever the database still refuses stays in the spool for the
+    /// next start. Safe to call more than once.
     pub async fn shutdown(&self) {
-        // Queued rows first settle (each within the insert timeout plus a spool write).
+        // Queued rows first settle (each within the commit deadline plus a spool write).
         while self.inner.in_flight.load(Ordering::SeqCst) > 0 {
             let settled = self.inner.settled.notified();
             if self.inner.in_flight.load(Ordering::SeqCst) == 0 {
@@ -212,7 +252,7 @@ impl UsageStore {
         if let Some(handle) = handle {
             let _ = handle.await;
         }
-        // A last fold, after the last rows.
+        // A last fold, after the last rows (bounded by the folder itself).
         self.stop_folding.notify_one();
         let folder = self.folder.lock().ok().and_then(|mut f| f.take());
         if let Some(folder) = folder {
@@ -230,103 +270,162 @@ impl Drop for UsageStore {
     }
 }
 
-/// Hands the row to the writers and waits for its commit; on failure or after the insert
-/// timeout, spools it.
+/// Hands the row to the writers and waits for its commit up to the deadline; on failure,
+/// past the deadline, or while the database is unhealthy, spools it.
 async fn store_or_spool(jobs: &mpsc::Sender<Job>, inner: &Inner, row: usage::Model) -> Stored {
-    let (done, committed) = oneshot::channel();
-    let stored = async {
-        jobs.send((row.clone(), done))
-            .await
-            .map_err(|_| DbErr::Custom("usage writers stopped".into()))?;
-        committed
-            .await
-            .map_err(|_| DbErr::Custom("usage writer went away".into()))?
-    };
-    match tokio::time::timeout(inner.opts.insert_timeout, stored).await {
-        Ok(Ok(())) => return Stored::Inserted,
-        Ok(Err(e)) => {
-            tracing::warn!(row_id = %row.id, error = %e, "storing usage row failed; spooling it")
+    if inner.healthy.load(Ordering::SeqCst) {
+        let (done, committed) = oneshot::channel();
+        let asked = Instant::now();
+        // A full queue means the writers are far behind: the spool takes the row.
+        if jobs.try_send((row.clone(), done)).is_ok() {
+            match tokio::time::timeout(inner.opts.commit_deadline, committed).await {
+                Ok(Ok(Ok(()))) => return Stored::Inserted,
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(row_id = %row.id, error = %e, "storing usage row failed; spooling it");
+                    inner.set_unhealthy();
+                }
+                Ok(Err(_)) => inner.set_unhealthy(),
+                Err(_) => {
+                    // Past the deadline. Busy writers that still finish batches are only slow
+                    // for this row; writers that finished nothing for a deadline are stuck.
+                    if inner.stalled_since(asked) {
+                        tracing::warn!(row_id = %row.id, "the database stalls; spooling usage rows until it answers");
+                        inner.set_unhealthy();
+                    }
+                }
+            }
         }
-        Err(_) => tracing::warn!(row_id = %row.id, "storing usage row timed out; spooling it"),
     }
     inner.defer(vec![row]).await;
     Stored::Deferred
 }
 
 impl Inner {
-    /// Appends rows to the spool; if that fails too, keeps them in memory.
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// No writer finished a batch since `asked` (or within the last deadline before it).
+    fn stalled_since(&self, asked: Instant) -> bool {
+        let asked_us = asked.duration_since(self.epoch).as_micros() as u64;
+        self.progress.load(Ordering::SeqCst) < asked_us
+    }
+
+    fn set_unhealthy(&self) {
+        if self.healthy.swap(false, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Appends rows to the spool (fsynced); if that fails too, keeps them in memory.
     async fn defer(&self, rows: Vec<usage::Model>) {
-        let appended = {
-            let _guard = self.spool_lock.lock().await;
-            append_spool(&self.opts.spool_path, &rows)
-        };
-        if let Err(e) = appended {
-            tracing::error!(path = %self.opts.spool_path.display(), error = %e, rows = rows.len(), "spool append failed; keeping rows in memory");
+        if let Err(e) = self.spool.append(rows.clone()).await {
+            tracing::error!(path = %self.spool.path.display(), error = %e, rows = rows.len(), "spool append failed; keeping rows in memory");
             self.in_memory.lock().await.extend(rows);
         }
         self.wake.notify_one();
     }
 
-    /// Re-inserts everything pending; the spool file goes only once all of it is stored.
+    /// Migrates if that is still to do, then re-inserts everything pending: rows in memory,
+    /// the spool (claimed first, so that appends go on meanwhile) and claims that an earlier
+    /// attempt or a dead process left. A claim file goes only once all of it is stored.
     async fn replay(&self) -> Result<usize, DbErr> {
-        // Fail fast while the database is away, instead of waiting out the pool's timeouts.
-        match tokio::time::timeout(self.opts.insert_timeout, self.db.ping()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(DbErr::Custom("database did not answer a ping".into())),
+        let _one = self.replaying.lock().await;
+        let timeout = self.opts.insert_timeout;
+        let timed_out = |what: &str| DbErr::Custom(format!("{what} timed out"));
+        if !self.migrated.load(Ordering::SeqCst) {
+            tokio::time::timeout(timeout, crate::db::migrate(&self.db))
+                .await
+                .map_err(|_| timed_out("migrating"))??;
+            self.migrated.store(true, Ordering::SeqCst);
+            tracing::info!("database reachable: migrations applied");
         }
+        // Fail fast while the database is away, instead of waiting out the pool's timeouts.
+        tokio::time::timeout(timeout, self.db.ping())
+            .await
+            .map_err(|_| timed_out("database ping"))??;
         let mut stored = 0;
         let memory: Vec<usage::Model> = std::mem::take(&mut *self.in_memory.lock().await);
         if !memory.is_empty() {
-            if let Err(e) = insert_rows(&self.db, &memory, self.opts.insert_timeout).await {
+            if let Err(e) = insert_rows(&self.db, &memory, timeout).await {
                 self.in_memory.lock().await.extend(memory);
                 return Err(e);
             }
             stored += memory.len();
         }
-        let _guard = self.spool_lock.lock().await;
-        let path = &self.opts.spool_path;
-        let (rows, rejected) =
-            read_spool(path).map_err(|e| DbErr::Custom(format!("reading spool: {e}")))?;
-        if !rejected.is_empty() {
-            tracing::error!(path = %path.display(), lines = rejected.len(), "unreadable spool lines moved aside");
-            let _ = append_lines(&path.with_extension("rejected"), &rejected);
-        }
-        if rows.is_empty() {
+        let spool = self.spool.clone();
+        let claims = tokio::task::spawn_blocking(move || spool.claim())
+            .await
+            .map_err(|e| DbErr::Custom(format!("claiming the spool: {e}")))?
+            .map_err(|e| DbErr::Custom(format!("claiming the spool: {e}")))?;
+        for claim in claims {
+            // Parsing a long spool is CPU work: off the runtime, which callers share.
+            let (claim, parsed) = tokio::task::spawn_blocking(move || {
+                let parsed = claim.read();
+                (claim, parsed)
+            })
+            .await
+            .map_err(|e| DbErr::Custom(format!("reading spool: {e}")))?;
+            let (rows, rejected) =
+                parsed.map_err(|e| DbErr::Custom(format!("reading spool: {e}")))?;
             if !rejected.is_empty() {
-                let _ = std::fs::remove_file(path);
+                let aside = self.spool.rejected_path();
+                tracing::error!(path = %aside.display(), lines = rejected.len(), "unreadable spool lines moved aside");
+                let _ = append_lines(&aside, &rejected);
             }
-            return Ok(stored);
+            insert_rows(&self.db, &rows, timeout).await?;
+            claim.remove();
+            stored += rows.len();
         }
-        insert_rows(&self.db, &rows, self.opts.insert_timeout).await?;
-        std::fs::remove_file(path).map_err(|e| DbErr::Custom(format!("removing spool: {e}")))?;
-        Ok(stored + rows.len())
+        Ok(stored)
     }
 }
 
-async fn worker(inner: Arc<Inner>, mut failing: bool) {
+/// Replays whenever rows are deferred, with backoff while that fails; a success marks the
+/// database healthy again. At stop, one last attempt within the shutdown timeout.
+async fn worker(inner: Arc<Inner>) {
     let mut delay = inner.opts.retry_min;
+    // The first round runs at once: an earlier run may have left rows (or the schema).
+    let mut failing = true;
+    let mut first = true;
     loop {
-        if failing {
-            // While storage fails, new rows do not hasten the next try: only time does.
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = wait_for_stop(&inner) => {}
+        if !first {
+            if failing {
+                // While storage fails, new rows do not hasten the next try: only time does.
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = wait_for_stop(&inner) => {}
+                }
+            } else {
+                inner.wake.notified().await;
             }
-        } else {
-            inner.wake.notified().await;
         }
+        first = false;
         let stopping = inner.stop.load(Ordering::SeqCst);
-        match inner.replay().await {
+        let attempt = if stopping {
+            tokio::time::timeout(inner.opts.shutdown_timeout, inner.replay())
+                .await
+                .unwrap_or_else(|_| Err(DbErr::Custom("last replay timed out".into())))
+        } else {
+            inner.replay().await
+        };
+        match attempt {
             Ok(n) => {
                 if n > 0 {
                     tracing::info!(rows = n, "stored usage rows from the spool");
+                }
+                if !inner.healthy.swap(true, Ordering::SeqCst) {
+                    inner.progress.store(inner.now_us(), Ordering::SeqCst);
+                    tracing::info!("the database answers again; usage rows go to it directly");
                 }
                 failing = false;
                 delay = inner.opts.retry_min;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "spool replay failed");
+                if !failing || delay >= inner.opts.retry_max {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "spool replay failed");
+                }
+                inner.healthy.store(false, Ordering::SeqCst);
                 failing = true;
                 delay = (delay * 2).min(inner.opts.retry_max);
             }
@@ -334,11 +433,10 @@ async fn worker(inner: Arc<Inner>, mut failing: bool) {
         if stopping {
             // Rows only in memory get one last chance to reach the spool.
             let memory: Vec<usage::Model> = std::mem::take(&mut *inner.in_memory.lock().await);
-            if !memory.is_empty() {
-                let _guard = inner.spool_lock.lock().await;
-                if let Err(e) = append_spool(&inner.opts.spool_path, &memory) {
-                    tracing::error!(error = %e, rows = memory.len(), "usage rows lost at shutdown: neither database nor spool took them");
-                }
+            if !memory.is_empty()
+                && let Err(e) = inner.spool.append(memory.clone()).await
+            {
+                tracing::error!(error = %e, rows = memory.len(), "usage rows lost at shutdown: neither database nor spool took them");
             }
             return;
         }
@@ -347,7 +445,7 @@ async fn worker(inner: Arc<Inner>, mut failing: bool) {
 
 /// Takes whatever rows are waiting (at least one, at most `MAX_BATCH`), inserts them in one
 /// statement, and tells each caller. Ends when the store is dropped.
-async fn writer(db: DatabaseConnection, queue: Arc<Mutex<mpsc::Receiver<Job>>>, timeout: Duration) {
+async fn writer(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
         let mut batch: Vec<Job> = Vec::new();
         {
@@ -363,10 +461,13 @@ async fn writer(db: DatabaseConnection, queue: Arc<Mutex<mpsc::Receiver<Job>>>, 
                 }
             }
         }
-        // A caller that already gave up (timed out and spooled its row) still gets its row
+        // A caller that already gave up (past its deadline, row spooled) still gets its row
         // inserted here at most once: the spool replay is ON CONFLICT DO NOTHING.
         let rows: Vec<usage::Model> = batch.iter().map(|(row, _)| row.clone()).collect();
-        let result = insert_rows(&db, &rows, timeout).await;
+        let result = insert_rows(&inner.db, &rows, inner.opts.insert_timeout).await;
+        if result.is_ok() {
+            inner.progress.store(inner.now_us(), Ordering::SeqCst);
+        }
         for (_, done) in batch {
             let _ = done.send(result.clone());
         }
@@ -408,7 +509,7 @@ async fn insert_rows(
     rows: &[usage::Model],
     timeout: Duration,
 ) -> Result<(), DbErr> {
-    let timed_out = || DbErr::Custom("storing spooled rows timed out".into());
+    let timed_out = || DbErr::Custom("storing usage rows timed out".into());
     for chunk in rows.chunks(200) {
         let batch = usage::insert_rows(db, chunk);
         match tokio::time::timeout(timeout, batch).await {
@@ -427,23 +528,205 @@ async fn insert_rows(
     Ok(())
 }
 
-fn append_spool(path: &Path, rows: &[usage::Model]) -> std::io::Result<()> {
-    let lines: Vec<String> = rows
-        .iter()
-        .map(|r| serde_json::to_string(r).map_err(std::io::Error::other))
-        .collect::<Result<_, _>>()?;
-    append_lines(path, &lines)
+/// Rows to append, and where to say whether they are on disk.
+type Append = (Vec<usage::Model>, oneshot::Sender<std::io::Result<()>>);
+
+/// The spool file and the thread that appends to it: appends that arrive together share one
+/// write and one fsync.
+#[derive(Clone)]
+struct Spool {
+    path: PathBuf,
+    appends: std::sync::mpsc::Sender<Append>,
 }
 
+impl Spool {
+    fn open(path: PathBuf) -> Self {
+        let (appends, queue) = std::sync::mpsc::channel::<Append>();
+        let thread_path = path.clone();
+        std::thread::Builder::new()
+            .name("usage-spool".into())
+            .spawn(move || spool_appender(&thread_path, queue))
+            .expect("spawning the spool thread");
+        Self { path, appends }
+    }
+
+    /// Appends and fsyncs `rows`; returns once they are on disk.
+    async fn append(&self, rows: Vec<usage::Model>) -> std::io::Result<()> {
+        let (done, written) = oneshot::channel();
+        self.appends
+            .send((rows, done))
+            .map_err(|_| std::io::Error::other("spool thread stopped"))?;
+        written
+            .await
+            .map_err(|_| std::io::Error::other("spool thread stopped"))?
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        sibling(&self.path, ".lock")
+    }
+
+    /// Where lines that are not rows (a write cut short by a crash) are moved:
+    /// `<spool>.rejected`.
+    fn rejected_path(&self) -> PathBuf {
+        sibling(&self.path, ".rejected")
+    }
+
+    /// The claim files of this spool: `<spool>.replay-*`.
+    fn claim_files(&self) -> Vec<PathBuf> {
+        let Some(name) = self.path.file_name().and_then(|n| n.to_str()) else {
+            return Vec::new();
+        };
+        let prefix = format!("{name}.replay-");
+        let dir = match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d.to_path_buf(),
+            None => PathBuf::from("."),
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&prefix))
+            })
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Takes the spool for replay: renames it to a claim file of this process (under the
+    /// spool lock, so no append is cut in two), then locks every claim file nobody else holds
+    /// (this one, and those of earlier failed attempts or of processes that died).
+    fn claim(&self) -> std::io::Result<Vec<Claim>> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        if self.path.exists() {
+            let _lock = lock_exclusive(&self.lock_path())?;
+            if self.path.exists() {
+                let n = SEQ.fetch_add(1, Ordering::SeqCst);
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0);
+                let claim = sibling(
+                    &self.path,
+                    &format!(".replay-{nanos:024}-{}-{n}", std::process::id()),
+                );
+                std::fs::rename(&self.path, &claim)?;
+            }
+        }
+        let mut claims = Vec::new();
+        for path in self.claim_files() {
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            if file.try_lock().is_ok() {
+                claims.push(Claim { path, file });
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Rows in the spool and in every claim file.
+    fn count_rows(&self) -> usize {
+        std::iter::once(self.path.clone())
+            .chain(self.claim_files())
+            .map(|p| read_rows(&p).map(|r| r.0.len()).unwrap_or(0))
+            .sum()
+    }
+}
+
+/// A spool file taken for replay, locked until it is removed or dropped.
+struct Claim {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Claim {
+    fn read(&self) -> std::io::Result<(Vec<usage::Model>, Vec<String>)> {
+        parse_rows(std::io::BufReader::new(&self.file))
+    }
+
+    /// Every row is stored: the file goes (then its lock).
+    fn remove(self) {
+        if let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "removing a replayed spool file failed; its rows will be replayed again (stored once)");
+        }
+    }
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn lock_exclusive(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    file.lock()?;
+    Ok(file)
+}
+
+/// The spool thread: takes every append waiting, writes them under the spool lock with one
+/// fsync, and answers each. Ends when the store is gone.
+fn spool_appender(path: &Path, queue: std::sync::mpsc::Receiver<Append>) {
+    let lock_path = sibling(path, ".lock");
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = queue.try_recv() {
+            batch.push(more);
+        }
+        let lines: std::io::Result<Vec<String>> = batch
+            .iter()
+            .flat_map(|(rows, _)| rows.iter())
+            .map(|r| serde_json::to_string(r).map_err(std::io::Error::other))
+            .collect();
+        let written = lines.and_then(|lines| {
+            let _lock = lock_exclusive(&lock_path)?;
+            append_lines(path, &lines)
+        });
+        for (_, done) in batch {
+            let _ = done.send(match &written {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+        }
+    }
+}
+
+/// Appends lines and fsyncs. A file whose last line was cut short by a crash first gets its
+/// line ended, so that the torn line stays alone (and is moved aside at replay).
 fn append_lines(path: &Path, lines: &[String]) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .open(path)?;
     let mut buf = String::new();
+    let len = file.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        file.seek(SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            buf.push('\n');
+        }
+    }
     for line in lines {
         buf.push_str(line);
         buf.push('\n');
@@ -452,15 +735,18 @@ fn append_lines(path: &Path, lines: &[String]) -> std::io::Result<()> {
     file.sync_data()
 }
 
-/// The spool's rows, and the lines that are not rows (a write cut short by a crash).
-fn read_spool(path: &Path) -> std::io::Result<(Vec<usage::Model>, Vec<String>)> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
-        Err(e) => return Err(e),
-    };
+/// The rows of a spool file, and the lines that are not rows.
+fn read_rows(path: &Path) -> std::io::Result<(Vec<usage::Model>, Vec<String>)> {
+    match std::fs::File::open(path) {
+        Ok(f) => parse_rows(std::io::BufReader::new(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((Vec::new(), Vec::new())),
+        Err(e) => Err(e),
+    }
+}
+
+fn parse_rows(reader: impl BufRead) -> std::io::Result<(Vec<usage::Model>, Vec<String>)> {
     let (mut rows, mut rejected) = (Vec::new(), Vec::new());
-    for line in std::io::BufReader::new(file).lines() {
+    for line in reader.lines() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
@@ -471,4 +757,32 @@ fn read_spool(path: &Path) -> std::io::Result<(Vec<usage::Model>, Vec<String>)> 
         }
     }
     Ok((rows, rejected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_files_append_to_the_spool_name() {
+        let spool = PathBuf::from("/var/lib/x.db.usage-spool.jsonl");
+        assert_eq!(
+            sibling(&spool, ".rejected"),
+            PathBuf::from("/var/lib/x.db.usage-spool.jsonl.rejected")
+        );
+        assert_eq!(
+            sibling(&spool, ".lock"),
+            PathBuf::from("/var/lib/x.db.usage-spool.jsonl.lock")
+        );
+    }
+
+    #[test]
+    fn a_torn_last_line_stays_alone_when_more_is_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.jsonl");
+        std::fs::write(&path, "{\"id\": \"torn").unwrap();
+        append_lines(&path, &["{\"a\":1}".into(), "{\"b\":2}".into()]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "{\"id\": \"torn\n{\"a\":1}\n{\"b\":2}\n");
+    }
 }

@@ -571,26 +571,20 @@ pub async fn fold(db: &sea_orm::DatabaseConnection) -> Result<bool, DbErr> {
         txn.execute_unprepared(&sql).await?;
     }
     txn.commit().await?;
-    if backend == DbBackend::Postgres {
-        // The folded rows are dead tuples now: without this the table grows by a second of
-        // writes every second until autovacuum comes (a minute), and every read and fold
-        // scans all of it. Vacuum frees them and cuts the emptied pages off the end, so the
-        // table stays a few pages long. (Without ownership PostgreSQL only warns.)
-        if let Err(e) = db
-            .execute_unprepared(&format!("VACUUM {DELTA_TABLE}"))
-            .await
-        {
-            tracing::debug!(error = %e, "vacuuming the rollup's delta table failed");
-        }
-    }
+    // No VACUUM here: the folded rows are dead tuples, but vacuuming from this loop (every
+    // second, in every process) queued behind other sessions' locks, and its truncation of the
+    // emptied pages takes a lock that every insert's trigger waits for. Migration 000008 has
+    // autovacuum look after the delta table instead, never truncating it.
     Ok(true)
 }
 
-/// Folds every `interval` until `stop` is notified, then once more.
+/// Folds every `interval` until `stop` is notified, then once more within `last_within`
+/// (a fold that cannot finish by then is left to the next process: reads are exact anyway).
 pub async fn fold_every(
     db: sea_orm::DatabaseConnection,
     interval: std::time::Duration,
     stop: std::sync::Arc<tokio::sync::Notify>,
+    last_within: std::time::Duration,
 ) {
     let mut failing = false;
     loop {
@@ -598,7 +592,14 @@ pub async fn fold_every(
             _ = tokio::time::sleep(interval) => false,
             _ = stop.notified() => true,
         };
-        match fold(&db).await {
+        let folded = if stopping {
+            tokio::time::timeout(last_within, fold(&db))
+                .await
+                .unwrap_or_else(|_| Err(DbErr::Custom("the last fold timed out".into())))
+        } else {
+            fold(&db).await
+        };
+        match folded {
             Ok(_) => failing = false,
             // Once per failing spell: the database is away, the spool has the rows' story.
             Err(e) if !failing => {

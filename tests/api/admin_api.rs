@@ -1006,7 +1006,13 @@ db_test!(
             ("JWT_SECRET".to_owned(), key()),
         ]);
         let settings = Settings::from_map(&vars).unwrap();
-        let st = AppState::open(primary.db.clone(), settings).await.unwrap();
+        let st = AppState::open(
+            primary.db.clone(),
+            settings,
+            std::sync::Arc::new(true.into()),
+        )
+        .await
+        .unwrap();
         let app = test::init_service(App::new().configure(configure(st))).await;
         let auth = Some(format!("Bearer {}", staff_token()));
         let (_, body, _) = get!(app, "/api/v1/admin/token-stats/", auth.clone());
@@ -1019,9 +1025,13 @@ db_test!(
             ("DATABASE_URL".to_owned(), primary.url.expose().to_owned()),
             ("JWT_SECRET".to_owned(), key()),
         ]);
-        let st = AppState::open(primary.db.clone(), Settings::from_map(&vars).unwrap())
-            .await
-            .unwrap();
+        let st = AppState::open(
+            primary.db.clone(),
+            Settings::from_map(&vars).unwrap(),
+            std::sync::Arc::new(true.into()),
+        )
+        .await
+        .unwrap();
         let app = test::init_service(App::new().configure(configure(st))).await;
         let (_, body, _) = get!(app, "/api/v1/admin/token-stats/", auth.clone());
         assert_eq!(body["summary"]["total_calls"], 1);

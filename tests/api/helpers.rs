@@ -172,7 +172,7 @@ impl Drop for TestDb {
 /// `<name>::postgres`.
 #[macro_export]
 macro_rules! db_test {
-    (async fn $name:ident($backend:ident : Backend) $body:block) => {
+    (async fn $name:ident($backend:ident : Backend $(,)?) $body:block) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -307,4 +307,183 @@ pub fn host_port(url: &str) -> String {
         u.host_str().unwrap_or("127.0.0.1"),
         u.port().unwrap_or(5432)
     )
+}
+
+/// The PostgreSQL server binaries (`initdb`, `pg_ctl`): `PG_BINDIR` (set by `scripts/test.sh`),
+/// else the newest `/usr/lib/postgresql/*/bin`. Missing is a failure, never a skip.
+pub fn pg_bindir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())
+        .collect();
+    found.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL server binaries not found (set PG_BINDIR or install postgresql): \
+             tests that stop and start a server of their own need them"
+        )
+    })
+}
+
+/// A PostgreSQL server of one test's own, which the test can crash (`pg_ctl stop -m
+/// immediate`) and start again. Runs as the `postgres` user when the tests run as root
+/// (`initdb` refuses root), on a free loopback port, in a temporary directory; stopped when
+/// dropped.
+pub struct PrivatePg {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+    as_root: bool,
+}
+
+impl PrivatePg {
+    /// initdb and start.
+    pub fn start() -> Self {
+        let bindir = pg_bindir();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let as_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        if as_root {
+            let owned = std::process::Command::new("chown")
+                .args(["postgres:", &dir.path().display().to_string()])
+                .status()
+                .expect("chown");
+            assert!(
+                owned.success(),
+                "the postgres user must exist (scripts/test.sh adds it)"
+            );
+        }
+        let pg = Self {
+            port: free_port(),
+            dir,
+            bindir,
+            as_root,
+        };
+        let data = pg.data_dir();
+        let out = pg
+            .command("initdb")
+            .args(["-D", &data, "-U", "postgres", "-A", "trust", "-E", "UTF8"])
+            .args(["--locale=C", "--no-sync"])
+            .output()
+            .expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.start_again();
+        pg
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn command(&self, tool: &str) -> std::process::Command {
+        let path = self.bindir.join(tool);
+        if self.as_root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        }
+    }
+
+    /// Starts the server (again), waiting until it accepts connections.
+    pub fn start_again(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        let status = self
+            .command("pg_ctl")
+            .args([
+                "-D",
+                &self.data_dir(),
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &opts,
+                "start",
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run pg_ctl start");
+        assert!(
+            status.success(),
+            "pg_ctl start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Crashes the server: every connection is cut, nothing is shut down cleanly.
+    pub fn stop_immediate(&self) {
+        let status = self
+            .command("pg_ctl")
+            .args(["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run pg_ctl stop");
+        assert!(status.success(), "pg_ctl stop failed");
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &self.data_dir(), "-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// A TCP listener that accepts connections and never answers: a database that hangs.
+pub struct Blackhole {
+    pub port: u16,
+    _accept: std::thread::JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().unwrap().port();
+        let accept = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        Self {
+            port,
+            _accept: accept,
+        }
+    }
 }

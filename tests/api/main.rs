@@ -13,6 +13,7 @@ mod health;
 mod http_shell;
 mod migrations;
 mod openapi;
+mod resilience;
 mod rollup;
 mod streaming;
 mod tracker;

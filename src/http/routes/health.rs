@@ -25,7 +25,7 @@ pub async fn healthz() -> HttpResponse {
 )]
 #[get("/readyz")]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    if crate::db::is_ready(&state.db).await {
+    if state.schema_ready() && crate::db::is_ready(&state.db).await {
         Ok(HttpResponse::Ok().json(json!({"status": "ok"})))
     } else {
         Err(ApiError::ServiceUnavailable)
