@@ -10,6 +10,11 @@
 //!
 //! Added latency per call = the tracked call's time minus the provider's own time in that call
 //! (measured by a wrapping provider, so the mock's latency cancels out exactly).
+//!
+//! `BENCH_FAULT=lock` measures instead what a tracked call adds while another session holds
+//! the usage table's strongest lock for 10 s (PostgreSQL `LOCK TABLE … IN ACCESS EXCLUSIVE
+//! MODE`, SQLite `BEGIN EXCLUSIVE`): 8 callers, each pausing `BENCH_GAP_MS` (20) between calls,
+//! 5 s before the lock, 10 s under it, 10 s after; figures per phase, both write modes.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -17,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llm_tracker::config::DatabaseUrl;
-use llm_tracker::tracker::{StoreOptions, TrackerOptions, WriteMode};
+use llm_tracker::tracker::{StoreOptions, Stored, TrackerOptions, WriteMode};
 use llm_tracker::{
     CallRequest, ChatRequest, ChatResponse, LlmTracker, Message, Provider, ProviderError, Settings,
 };
@@ -73,37 +78,7 @@ async fn run(
         ("LLM_MAX_RETRIES".to_owned(), "0".to_owned()),
     ]);
     let settings = Settings::from_map(&vars).unwrap();
-    let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", url).unwrap())
-        .await
-        .unwrap();
-    llm_tracker::db::migrate(&db).await.unwrap();
-    // Without the rollup: the write path before issue 7 (no triggers); with it, the triggers
-    // are (re)created as the migrations made them.
-    let backend = db.get_database_backend();
-    // A clean start: the last run's rows go without the triggers (deleting them with the
-    // triggers on would queue a contribution per row), then the triggers come back if wanted.
-    for sql in migration::rollup::drop_triggers_sql(backend) {
-        db.execute_unprepared(&sql).await.unwrap();
-    }
-    let mut tables = vec!["llm_tracker_usage", migration::rollup::DELTA_TABLE];
-    tables.extend(migration::rollup::Level::ALL.iter().map(|l| l.table()));
-    for table in tables {
-        db.execute_unprepared(&format!("DELETE FROM {table}"))
-            .await
-            .unwrap();
-        if backend == sea_orm::DbBackend::Postgres {
-            db.execute_unprepared(&format!("VACUUM {table}"))
-                .await
-                .unwrap();
-        }
-    }
-    if rollup {
-        for sql in
-            migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta)
-        {
-            db.execute_unprepared(&sql).await.unwrap();
-        }
-    }
+    let db = fresh_database(url, rollup).await;
     let label = &if rollup {
         label.to_owned()
     } else {
@@ -144,29 +119,37 @@ async fn run(
                 tokio::spawn(async move {
                     let mut added = Vec::with_capacity(per_worker);
                     let mut prov = Vec::with_capacity(per_worker);
+                    let mut spooled = 0usize;
                     for _ in 0..per_worker {
-                        let (elapsed, provider_time) = PROVIDER_TIME
+                        let (elapsed, provider_time, stored) = PROVIDER_TIME
                             .scope(Cell::new(Duration::ZERO), async {
                                 let t = Instant::now();
                                 let tracked = tracker.track(request.clone()).await;
                                 assert!(tracked.result.is_ok());
-                                (t.elapsed(), PROVIDER_TIME.with(Cell::get))
+                                (t.elapsed(), PROVIDER_TIME.with(Cell::get), tracked.stored)
                             })
                             .await;
                         added.push(elapsed.saturating_sub(provider_time));
                         prov.push(provider_time);
+                        spooled += usize::from(stored == Some(Stored::Deferred));
                     }
-                    (added, prov)
+                    (added, prov, spooled)
                 })
             })
             .collect();
         let mut added: Vec<Duration> = Vec::new();
         let mut prov: Vec<Duration> = Vec::new();
+        let mut spooled = 0;
         for w in workers {
-            let (a, p) = w.await.unwrap();
+            let (a, p, s) = w.await.unwrap();
             added.extend(a);
             prov.extend(p);
+            spooled += s;
         }
+        // Rows whose commit missed the deadline went to the spool (and were replayed).
+        eprintln!(
+            "{label} {mode:?} {concurrency}: {spooled} rows spooled past the commit deadline"
+        );
         prov.sort();
         eprintln!(
             "provider time inside tracked calls: p50 {} p99 {}",
@@ -192,6 +175,206 @@ async fn run(
         "nothing left in the spool"
     );
     rates
+}
+
+/// The benchmark database, emptied, with the rollup's triggers or without them.
+async fn fresh_database(url: &str, rollup: bool) -> sea_orm::DatabaseConnection {
+    let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", url).unwrap())
+        .await
+        .unwrap();
+    llm_tracker::db::migrate(&db).await.unwrap();
+    // Without the rollup: the write path before issue 7 (no triggers); with it, the triggers
+    // are (re)created as the migrations made them.
+    let backend = db.get_database_backend();
+    // A clean start: the last run's rows go without the triggers (deleting them with the
+    // triggers on would queue a contribution per row), then the triggers come back if wanted.
+    for sql in migration::rollup::drop_triggers_sql(backend) {
+        db.execute_unprepared(&sql).await.unwrap();
+    }
+    let mut tables = vec!["llm_tracker_usage", migration::rollup::DELTA_TABLE];
+    tables.extend(migration::rollup::Level::ALL.iter().map(|l| l.table()));
+    for table in tables {
+        db.execute_unprepared(&format!("DELETE FROM {table}"))
+            .await
+            .unwrap();
+        if backend == sea_orm::DbBackend::Postgres {
+            db.execute_unprepared(&format!("VACUUM {table}"))
+                .await
+                .unwrap();
+        }
+    }
+    if rollup {
+        for sql in
+            migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta)
+        {
+            db.execute_unprepared(&sql).await.unwrap();
+        }
+    }
+    db
+}
+
+/// The strongest lock another session can take on the usage table, held until dropped or
+/// released.
+enum TableLock {
+    Postgres(sea_orm::sqlx::PgConnection),
+    Sqlite(sea_orm::sqlx::SqliteConnection),
+}
+
+impl TableLock {
+    async fn take(url: &str) -> Self {
+        use sea_orm::sqlx::Connection;
+        if url.starts_with("sqlite") {
+            let mut c = sea_orm::sqlx::SqliteConnection::connect(&url.replace("?mode=rwc", ""))
+                .await
+                .unwrap();
+            sea_orm::sqlx::query("BEGIN EXCLUSIVE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            Self::Sqlite(c)
+        } else {
+            let mut c = sea_orm::sqlx::PgConnection::connect(url).await.unwrap();
+            sea_orm::sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+            sea_orm::sqlx::query("LOCK TABLE llm_tracker_usage IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            Self::Postgres(c)
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Self::Postgres(mut c) => drop(sea_orm::sqlx::query("COMMIT").execute(&mut c).await),
+            Self::Sqlite(mut c) => drop(sea_orm::sqlx::query("COMMIT").execute(&mut c).await),
+        }
+    }
+}
+
+/// What a tracked call adds before, during and after a 10 s table lock (`BENCH_FAULT=lock`).
+async fn fault_lock(label: &str, url: &str, base_url: &str, mode: WriteMode) {
+    let vars = HashMap::from([
+        (
+            "OPENAI_API_KEY".to_owned(),
+            "sk-bench-0123456789".to_owned(),
+        ),
+        ("OPENAI_BASE_URL".to_owned(), base_url.to_owned()),
+        ("LLM_MAX_RETRIES".to_owned(), "0".to_owned()),
+    ]);
+    let settings = Settings::from_map(&vars).unwrap();
+    let db = fresh_database(url, true).await;
+    let spool = tempfile::tempdir().unwrap();
+    let mut store = StoreOptions::new(spool.path().join("spool.jsonl"));
+    store.write_mode = mode;
+    let options = TrackerOptions {
+        store,
+        secrets: vec![],
+        prices: std::sync::Arc::new(llm_tracker::pricing::PriceTable::builtin()),
+    };
+    let provider: Arc<dyn Provider> = Arc::new(Timed(llm_tracker::llm_service(&settings).unwrap()));
+    let tracker = Arc::new(LlmTracker::new(provider, db.clone(), options).await);
+    let request = CallRequest::new(vec![Message::user("hi")]).node_name("bench");
+    let gap = Duration::from_millis(
+        std::env::var("BENCH_GAP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (tracker, request, stop) = (tracker.clone(), request.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let (started, added, stored) = PROVIDER_TIME
+                        .scope(Cell::new(Duration::ZERO), async {
+                            let t = Instant::now();
+                            let tracked = tracker.track(request.clone()).await;
+                            assert!(tracked.result.is_ok());
+                            let provider = PROVIDER_TIME.with(Cell::get);
+                            (t, t.elapsed().saturating_sub(provider), tracked.stored)
+                        })
+                        .await;
+                    seen.push((started, added, stored));
+                    tokio::time::sleep(gap).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let lock = TableLock::take(url).await;
+    let locked = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let released = Instant::now();
+    lock.release().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut seen = Vec::new();
+    for w in workers {
+        seen.extend(w.await.unwrap());
+    }
+    let calls = seen.len();
+    // Back to normal: the first call after the release from which on every call's row went
+    // straight to the database.
+    let mut by_start = seen.clone();
+    by_start.sort_by_key(|s| s.0);
+    let normal_from = by_start
+        .iter()
+        .rposition(|s| s.0 >= released && s.2 == Some(Stored::Deferred))
+        .and_then(|i| by_start.get(i + 1))
+        .map(|s| s.0.saturating_duration_since(released));
+    // Each phase as [from, to).
+    let secs = Duration::from_secs;
+    let phases = [
+        ("before", None, Some(locked)),
+        ("10 s lock", Some(locked), Some(released)),
+        ("0–5 s after", Some(released), Some(released + secs(5))),
+        ("5–10 s after", Some(released + secs(5)), None),
+    ];
+    for (phase, from, to) in phases {
+        let within = |t: Instant| from.is_none_or(|f| t >= f) && to.is_none_or(|e| t < e);
+        let mut added: Vec<Duration> = seen.iter().filter(|s| within(s.0)).map(|s| s.1).collect();
+        let spooled = seen
+            .iter()
+            .filter(|s| within(s.0) && s.2 == Some(Stored::Deferred))
+            .count();
+        if added.is_empty() {
+            continue;
+        }
+        added.sort();
+        println!(
+            "| {label} | {mode:?} | {phase} | {} | {} | {} | {} | {} | {spooled} |",
+            added.len(),
+            us(quantile(&added, 0.5)),
+            us(quantile(&added, 0.99)),
+            us(quantile(&added, 0.999)),
+            us(*added.last().unwrap()),
+        );
+    }
+    match (mode, normal_from) {
+        (WriteMode::Committed, Some(d)) => eprintln!(
+            "{label} {mode:?}: every call stored directly from {:.1} s after the release",
+            d.as_secs_f64()
+        ),
+        (WriteMode::Committed, None) => eprintln!("{label} {mode:?}: not back to direct writes"),
+        _ => {}
+    }
+    tracker.shutdown().await;
+    assert_eq!(tracker.store().pending().await, 0, "spool drained");
+    let stored = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) FROM llm_tracker_usage".to_owned(),
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index::<i64>(0)
+        .unwrap();
+    // Warm-up calls of none; every call's row once.
+    assert_eq!(stored as usize, calls, "every row stored once");
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -302,6 +485,29 @@ async fn main() {
     ))
     .unwrap();
     let base_url = instant_provider(body).await;
+    if std::env::var("BENCH_FAULT").as_deref() == Ok("lock") {
+        let dir = tempfile::tempdir().unwrap();
+        let mut databases = vec![(
+            "SQLite",
+            format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("bench.db").display()
+            ),
+        )];
+        if let Ok(url) = std::env::var("BENCH_DATABASE_URL") {
+            databases.push(("PostgreSQL", url));
+        }
+        println!(
+            "| database | write mode | phase | calls | added p50 | added p99 | added p99.9 | added max | spooled |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for (label, url) in &databases {
+            for mode in [WriteMode::Committed, WriteMode::Queued] {
+                fault_lock(label, url, &base_url, mode).await;
+            }
+        }
+        return;
+    }
     println!(
         "| database | write mode | concurrency | calls | added p50 | added p99 | added p99.9 | tracked calls/s |"
     );

@@ -133,6 +133,9 @@ type Job = (usage::Model, oneshot::Sender<Result<(), DbErr>>);
 /// Most rows one multi-row insert carries.
 const MAX_BATCH: usize = 256;
 
+/// How long the replay waits for the database to answer a ping before it tries again later.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The write side of `llm_tracker_usage`, with the spool and its replay worker.
 ///
 /// Direct inserts are group-committed: callers hand their row to a few writer tasks and wait
@@ -333,6 +336,11 @@ impl Inner {
         let _one = self.replaying.lock().await;
         let timeout = self.opts.insert_timeout;
         let timed_out = |what: &str| DbErr::Custom(format!("{what} timed out"));
+        // Fail fast while the database is away, instead of waiting out the pool's acquire
+        // timeout (5 s): the next try comes sooner, and so does the recovery.
+        tokio::time::timeout(timeout.min(PING_TIMEOUT), self.db.ping())
+            .await
+            .map_err(|_| timed_out("database ping"))??;
         if !self.migrated.load(Ordering::SeqCst) {
             tokio::time::timeout(timeout, crate::db::migrate(&self.db))
                 .await
@@ -340,10 +348,6 @@ impl Inner {
             self.migrated.store(true, Ordering::SeqCst);
             tracing::info!("database reachable: migrations applied");
         }
-        // Fail fast while the database is away, instead of waiting out the pool's timeouts.
-        tokio::time::timeout(timeout, self.db.ping())
-            .await
-            .map_err(|_| timed_out("database ping"))??;
         let mut stored = 0;
         let memory: Vec<usage::Model> = std::mem::take(&mut *self.in_memory.lock().await);
         if !memory.is_empty() {

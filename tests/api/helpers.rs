@@ -235,6 +235,8 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 pub struct ToggleProxy {
     pub port: u16,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Added before each chunk is forwarded, in ms (a slow database or network).
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -248,18 +250,25 @@ impl ToggleProxy {
             .expect("bind proxy");
         let port = listener.local_addr().unwrap().port();
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (up2, links2) = (up.clone(), links.clone());
+        let (up2, links2, delay2) = (up.clone(), links.clone(), delay_ms.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if !up2.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
                 let target = target.clone();
+                let delay = delay2.clone();
                 let link = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let (a_read, a_write) = inbound.into_split();
+                        let (b_read, b_write) = outbound.into_split();
+                        tokio::select! {
+                            _ = pump(a_read, b_write, delay.clone()) => {}
+                            _ = pump(b_read, a_write, delay) => {}
+                        }
                     }
                 });
                 links2.lock().unwrap().push(link);
@@ -268,9 +277,18 @@ impl ToggleProxy {
         Self {
             port,
             up,
+            delay_ms,
             links,
             accept,
         }
+    }
+
+    /// Delays every chunk forwarded either way by `delay` (zero: none).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// Up: forward. Down: cut every open connection and refuse new ones.
@@ -296,6 +314,29 @@ impl Drop for ToggleProxy {
     fn drop(&mut self) {
         self.accept.abort();
         self.set_up(false);
+    }
+}
+
+/// Copies one direction of a proxied connection, sleeping the current delay before each chunk.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let ms = delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -806,3 +806,98 @@ mod the_fold_never_vacuums_and_autovacuum_never_truncates_the_delta {
         assert_eq!(report.differing_cells, 0);
     }
 }
+
+db_test!(
+    async fn an_exhausted_pool_holds_no_call_and_loses_no_row(backend: Backend) {
+        use sea_orm::TransactionTrait;
+        let t = TestDb::migrated(backend).await;
+        let server = provider(Duration::from_millis(20)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let tracker = Arc::new(tracker_at(&t.db, &server, dir.path(), false).await);
+        let stop = Arc::new(AtomicBool::new(false));
+        let run = callers(&tracker, 8, &stop);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Every connection of the pool the tracker writes through, held by someone else (the
+        // pool's size: 8 on SQLite, 16 on PostgreSQL).
+        let size = match backend {
+            Backend::Sqlite => 8,
+            Backend::Postgres => 16,
+        };
+        let mut held = Vec::new();
+        while held.len() < size {
+            match tokio::time::timeout(Duration::from_secs(10), t.db.begin()).await {
+                Ok(Ok(txn)) => held.push(txn),
+                other => panic!("could not take connection {}: {other:?}", held.len()),
+            }
+        }
+        let exhausted = Instant::now();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let freed = Instant::now();
+        drop(held);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        stop.store(true, Ordering::SeqCst);
+        let seen = joined(run).await;
+        assert!(seen.iter().all(|s| s.ok));
+        let during: Vec<&Seen> = seen
+            .iter()
+            .filter(|s| s.started > exhausted && s.started + Duration::from_millis(100) < freed)
+            .collect();
+        assert!(!during.is_empty());
+        assert!(during.iter().all(|s| s.stored == Some(Stored::Deferred)));
+        let slowest = seen.iter().map(|s| s.took).max().unwrap();
+        assert!(
+            slowest < NEVER,
+            "slowest call {slowest:?}, p99 {:?}",
+            p99(&seen)
+        );
+        let ids = drained(&tracker, &t.db, seen.len()).await;
+        assert_each_stored_once(&seen, &ids);
+        tracker.shutdown().await;
+    }
+);
+
+/// A database that answers, slowly: 150 ms on every packet each way.
+mod a_slow_database_holds_no_call_and_loses_no_row {
+    use super::*;
+
+    #[actix_web::test]
+    async fn postgres() {
+        let t = TestDb::migrated(Backend::Postgres).await;
+        let proxy = crate::helpers::ToggleProxy::start(crate::helpers::host_port(
+            &crate::helpers::pg_admin_url(),
+        ))
+        .await;
+        let url = llm_tracker::config::DatabaseUrl::parse(
+            "DATABASE_URL",
+            &proxy.url_through(t.url.expose()),
+        )
+        .unwrap();
+        let db = llm_tracker::db::connect(&url).await.unwrap();
+        let server = provider(Duration::from_millis(20)).await;
+        let dir = tempfile::tempdir().unwrap();
+        let tracker = Arc::new(tracker_at(&db, &server, dir.path(), false).await);
+        let stop = Arc::new(AtomicBool::new(false));
+        let run = callers(&tracker, 8, &stop);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.set_delay(Duration::from_millis(150));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        proxy.set_delay(Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::SeqCst);
+        let seen = joined(run).await;
+        assert!(seen.iter().all(|s| s.ok));
+        let slowest = seen.iter().map(|s| s.took).max().unwrap();
+        assert!(
+            slowest < NEVER,
+            "slowest call {slowest:?}, p99 {:?}",
+            p99(&seen)
+        );
+        assert!(
+            seen.iter().any(|s| s.stored == Some(Stored::Deferred)),
+            "slow commits went to the spool"
+        );
+        let ids = drained(&tracker, &t.db, seen.len()).await;
+        assert_each_stored_once(&seen, &ids);
+        tracker.shutdown().await;
+    }
+}
