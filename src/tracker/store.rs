@@ -22,7 +22,7 @@
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sea_orm::{DatabaseConnection, DbErr, SqlErr};
@@ -68,9 +68,10 @@ pub enum WriteMode {
     #[default]
     Committed,
     /// As soon as the row is handed to the store; the commit (or, failing it, the spool)
-    /// follows within the same bound, in the background. Saves the caller the commit's wait;
-    /// a process killed outright within that bound loses the row, a graceful stop
-    /// (`shutdown`) does not.
+    /// follows in the background, within a second at most (usually milliseconds; while the
+    /// database is unhealthy, at once to the spool). Saves the caller the commit's wait; a
+    /// process killed outright before then loses the row, a graceful stop (`shutdown`) does
+    /// not.
     Queued,
 }
 
@@ -100,13 +101,18 @@ pub enum Stored {
     /// In the spool (fsynced; or, if even the spool failed, in memory), waiting for the
     /// database.
     Deferred,
-    /// Handed to the store ([`WriteMode::Queued`]); committed or spooled shortly.
+    /// Handed to the store ([`WriteMode::Queued`]); committed or spooled shortly (within
+    /// a second at most).
     Queued,
 }
 
 struct Inner {
     db: DatabaseConnection,
     opts: StoreOptions,
+    /// The writers' queue, for the replay: every insert goes through the writers, so that on
+    /// SQLite (one writer at a time) the replay never contends with them for the write lock.
+    /// Weak, so that the writers end when the store does.
+    jobs: mpsc::WeakSender<Job>,
     spool: Spool,
     /// Rows that could not even be spooled (disk full): retried from memory.
     in_memory: Mutex<Vec<usage::Model>>,
@@ -127,8 +133,22 @@ struct Inner {
     settled: Notify,
 }
 
-/// A row on its way to a writer, and where to say how it went.
-type Job = (usage::Model, oneshot::Sender<Result<(), DbErr>>);
+/// A row on its way to a writer, where to say how it went, and who has it: [`WAITING`] in the
+/// queue, [`TAKEN`] by a writer, or [`WITHDRAWN`] by its caller (past the deadline, spooled).
+type Job = (
+    usage::Model,
+    oneshot::Sender<Result<(), DbErr>>,
+    Arc<AtomicU8>,
+);
+
+const WAITING: u8 = 0;
+const TAKEN: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
+/// How long a queued row ([`WriteMode::Queued`]) may wait for queue space and its commit before
+/// it is spooled. Nobody waits for it, so it is longer than the commit deadline: a saturated
+/// database then slows the writers down instead of sending rows through the spool twice.
+const QUEUED_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Most rows one multi-row insert carries.
 const MAX_BATCH: usize = 256;
@@ -156,8 +176,15 @@ impl UsageStore {
     /// database. Must be called inside a Tokio runtime.
     pub async fn open(db: DatabaseConnection, opts: StoreOptions) -> Self {
         let migrate = opts.migrate;
+        // SQLite has one writer at a time; PostgreSQL takes a few in parallel.
+        let writers = match db.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => 1,
+            _ => 4,
+        };
+        let (jobs, queue) = mpsc::channel::<Job>(MAX_BATCH * writers * 4);
         let inner = Arc::new(Inner {
             spool: Spool::open(opts.spool_path.clone()),
+            jobs: jobs.downgrade(),
             db,
             opts,
             in_memory: Mutex::new(Vec::new()),
@@ -172,12 +199,6 @@ impl UsageStore {
             settled: Notify::new(),
         });
         let worker = tokio::spawn(worker(inner.clone()));
-        // SQLite has one writer at a time; PostgreSQL takes a few in parallel.
-        let writers = match inner.db.get_database_backend() {
-            sea_orm::DbBackend::Sqlite => 1,
-            _ => 4,
-        };
-        let (jobs, queue) = mpsc::channel::<Job>(MAX_BATCH * writers * 4);
         let queue = Arc::new(Mutex::new(queue));
         for _ in 0..writers {
             tokio::spawn(writer(inner.clone(), queue.clone()));
@@ -207,14 +228,21 @@ impl UsageStore {
         if self.inner.opts.write_mode == WriteMode::Queued {
             self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
             let (jobs, inner) = (self.jobs.clone(), self.inner.clone());
+            let deadline = inner.opts.commit_deadline.max(QUEUED_DEADLINE);
             tokio::spawn(async move {
-                store_or_spool(&jobs, &inner, row).await;
+                store_or_spool(&jobs, &inner, row, deadline).await;
                 inner.in_flight.fetch_sub(1, Ordering::SeqCst);
                 inner.settled.notify_waiters();
             });
             return Stored::Queued;
         }
-        store_or_spool(&self.jobs, &self.inner, row).await
+        store_or_spool(
+            &self.jobs,
+            &self.inner,
+            row,
+            self.inner.opts.commit_deadline,
+        )
+        .await
     }
 
     /// Rows waiting for the database (spool, claims being replayed, memory).
@@ -273,28 +301,42 @@ impl Drop for UsageStore {
     }
 }
 
-/// Hands the row to the writers and waits for its commit up to the deadline; on failure,
-/// past the deadline, or while the database is unhealthy, spools it.
-async fn store_or_spool(jobs: &mpsc::Sender<Job>, inner: &Inner, row: usage::Model) -> Stored {
+/// Hands the row to the writers and waits for its commit up to `deadline` (queue space
+/// included); on failure, past the deadline, or while the database is unhealthy, spools it.
+async fn store_or_spool(
+    jobs: &mpsc::Sender<Job>,
+    inner: &Inner,
+    row: usage::Model,
+    deadline: Duration,
+) -> Stored {
     if inner.healthy.load(Ordering::SeqCst) {
         let (done, committed) = oneshot::channel();
+        let claim = Arc::new(AtomicU8::new(WAITING));
         let asked = Instant::now();
-        // A full queue means the writers are far behind: the spool takes the row.
-        if jobs.try_send((row.clone(), done)).is_ok() {
-            match tokio::time::timeout(inner.opts.commit_deadline, committed).await {
-                Ok(Ok(Ok(()))) => return Stored::Inserted,
-                Ok(Ok(Err(e))) => {
-                    tracing::warn!(row_id = %row.id, error = %e, "storing usage row failed; spooling it");
+        let stored = async {
+            jobs.send((row.clone(), done, claim.clone()))
+                .await
+                .map_err(|_| DbErr::Custom("usage writers stopped".into()))?;
+            committed
+                .await
+                .map_err(|_| DbErr::Custom("usage writer went away".into()))?
+        };
+        match tokio::time::timeout(deadline, stored).await {
+            Ok(Ok(())) => return Stored::Inserted,
+            Ok(Err(e)) => {
+                tracing::warn!(row_id = %row.id, error = %e, "storing usage row failed; spooling it");
+                inner.set_unhealthy();
+            }
+            Err(_) => {
+                // Past the deadline. A row no writer has taken yet is withdrawn, so that only
+                // the spool's replay inserts it (a taken one may commit too: stored once).
+                let _ =
+                    claim.compare_exchange(WAITING, WITHDRAWN, Ordering::SeqCst, Ordering::SeqCst);
+                // Busy writers that still finish batches are only slow for this row; writers
+                // that finished nothing since it was asked are stuck.
+                if inner.stalled_since(asked) {
+                    tracing::warn!(row_id = %row.id, "the database stalls; spooling usage rows until it answers");
                     inner.set_unhealthy();
-                }
-                Ok(Err(_)) => inner.set_unhealthy(),
-                Err(_) => {
-                    // Past the deadline. Busy writers that still finish batches are only slow
-                    // for this row; writers that finished nothing for a deadline are stuck.
-                    if inner.stalled_since(asked) {
-                        tracing::warn!(row_id = %row.id, "the database stalls; spooling usage rows until it answers");
-                        inner.set_unhealthy();
-                    }
                 }
             }
         }
@@ -329,6 +371,28 @@ impl Inner {
         self.wake.notify_one();
     }
 
+    /// Inserts rows through the writers (batched with live rows); directly once the store is
+    /// gone.
+    async fn insert_via_writers(&self, rows: &[usage::Model]) -> Result<(), DbErr> {
+        let Some(jobs) = self.jobs.upgrade() else {
+            return insert_rows(&self.db, rows, self.opts.insert_timeout).await;
+        };
+        let gone = || DbErr::Custom("usage writers stopped".into());
+        let mut acks = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (done, ack) = oneshot::channel();
+            jobs.send((row.clone(), done, Arc::new(AtomicU8::new(WAITING))))
+                .await
+                .map_err(|_| gone())?;
+            acks.push(ack);
+        }
+        drop(jobs);
+        for ack in acks {
+            ack.await.map_err(|_| gone())??;
+        }
+        Ok(())
+    }
+
     /// Migrates if that is still to do, then re-inserts everything pending: rows in memory,
     /// the spool (claimed first, so that appends go on meanwhile) and claims that an earlier
     /// attempt or a dead process left. A claim file goes only once all of it is stored.
@@ -351,7 +415,7 @@ impl Inner {
         let mut stored = 0;
         let memory: Vec<usage::Model> = std::mem::take(&mut *self.in_memory.lock().await);
         if !memory.is_empty() {
-            if let Err(e) = insert_rows(&self.db, &memory, timeout).await {
+            if let Err(e) = self.insert_via_writers(&memory).await {
                 self.in_memory.lock().await.extend(memory);
                 return Err(e);
             }
@@ -377,7 +441,7 @@ impl Inner {
                 tracing::error!(path = %aside.display(), lines = rejected.len(), "unreadable spool lines moved aside");
                 let _ = append_lines(&aside, &rejected);
             }
-            insert_rows(&self.db, &rows, timeout).await?;
+            self.insert_via_writers(&rows).await?;
             claim.remove();
             stored += rows.len();
         }
@@ -465,14 +529,23 @@ async fn writer(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 }
             }
         }
-        // A caller that already gave up (past its deadline, row spooled) still gets its row
-        // inserted here at most once: the spool replay is ON CONFLICT DO NOTHING.
-        let rows: Vec<usage::Model> = batch.iter().map(|(row, _)| row.clone()).collect();
+        // Rows their callers withdrew (past the deadline, spooled) are left to the replay.
+        // One that a caller gives up on after this is inserted here and by the replay: stored
+        // once (ON CONFLICT DO NOTHING).
+        batch.retain(|(_, _, claim)| {
+            claim
+                .compare_exchange(WAITING, TAKEN, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        });
+        if batch.is_empty() {
+            continue;
+        }
+        let rows: Vec<usage::Model> = batch.iter().map(|(row, _, _)| row.clone()).collect();
         let result = insert_rows(&inner.db, &rows, inner.opts.insert_timeout).await;
         if result.is_ok() {
             inner.progress.store(inner.now_us(), Ordering::SeqCst);
         }
-        for (_, done) in batch {
+        for (_, done, _) in batch {
             let _ = done.send(result.clone());
         }
     }
