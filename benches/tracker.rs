@@ -320,11 +320,15 @@ async fn fault_lock(label: &str, url: &str, base_url: &str, mode: WriteMode) {
     // straight to the database.
     let mut by_start = seen.clone();
     by_start.sort_by_key(|s| s.0);
-    let normal_from = by_start
+    let after_release = |s: &(Instant, Duration, Option<Stored>)| s.0 >= released;
+    let normal_from = match by_start
         .iter()
-        .rposition(|s| s.0 >= released && s.2 == Some(Stored::Deferred))
-        .and_then(|i| by_start.get(i + 1))
-        .map(|s| s.0.saturating_duration_since(released));
+        .rposition(|s| after_release(s) && s.2 == Some(Stored::Deferred))
+    {
+        Some(i) => by_start.get(i + 1),
+        None => by_start.iter().find(|s| after_release(s)),
+    }
+    .map(|s| s.0.saturating_duration_since(released));
     // Each phase as [from, to).
     let secs = Duration::from_secs;
     let phases = [

@@ -109,9 +109,9 @@ pub enum Stored {
 struct Inner {
     db: DatabaseConnection,
     opts: StoreOptions,
-    /// The writers' queue, for the replay: every insert goes through the writers, so that on
-    /// SQLite (one writer at a time) the replay never contends with them for the write lock.
-    /// Weak, so that the writers end when the store does.
+    /// The writers' queue, for the replay on SQLite: every insert goes through the one writer,
+    /// so that the replay never contends with it for the write lock. Weak, so that the writers
+    /// end when the store does.
     jobs: mpsc::WeakSender<Job>,
     spool: Spool,
     /// Rows that could not even be spooled (disk full): retried from memory.
@@ -123,6 +123,10 @@ struct Inner {
     /// Callers try the database only while this is set; cleared when the database fails or
     /// stalls, set again by a successful replay.
     healthy: AtomicBool,
+    /// Taken by the writer for each insert and by the folder for each fold on SQLite, so that
+    /// they take turns here instead of at the file's write lock (where SQLite's busy handler
+    /// sleeps milliseconds between tries, and callers missed their deadline at every fold).
+    write_gate: Mutex<()>,
     /// Whether the schema is known to be in place (always, unless `opts.migrate`).
     migrated: AtomicBool,
     /// When a writer last finished a batch, in µs since `epoch`.
@@ -189,6 +193,7 @@ impl UsageStore {
             opts,
             in_memory: Mutex::new(Vec::new()),
             replaying: Mutex::new(()),
+            write_gate: Mutex::new(()),
             wake: Notify::new(),
             stop: AtomicBool::new(false),
             healthy: AtomicBool::new(!migrate),
@@ -205,12 +210,7 @@ impl UsageStore {
         }
         let stop_folding = Arc::new(Notify::new());
         let folder = inner.opts.fold_interval.map(|interval| {
-            tokio::spawn(crate::usage::rollup::fold_every(
-                inner.db.clone(),
-                interval,
-                stop_folding.clone(),
-                inner.opts.shutdown_timeout,
-            ))
+            tokio::spawn(fold_every(inner.clone(), interval, stop_folding.clone()))
         });
         Self {
             inner,
@@ -346,6 +346,14 @@ async fn store_or_spool(
 }
 
 impl Inner {
+    /// On SQLite, this process's turn to write (see `write_gate`); nothing elsewhere.
+    async fn sqlite_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.db.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => Some(self.write_gate.lock().await),
+            _ => None,
+        }
+    }
+
     fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
     }
@@ -371,10 +379,13 @@ impl Inner {
         self.wake.notify_one();
     }
 
-    /// Inserts rows through the writers (batched with live rows); directly once the store is
-    /// gone.
-    async fn insert_via_writers(&self, rows: &[usage::Model]) -> Result<(), DbErr> {
-        let Some(jobs) = self.jobs.upgrade() else {
+    /// Inserts replayed rows. On SQLite through the writer (batched with live rows): two
+    /// connections writing would take turns at the file's one write lock, and SQLite's busy
+    /// handler sleeps milliseconds between tries. On PostgreSQL on a connection of its own,
+    /// so that live rows do not queue behind a long replay. Directly once the store is gone.
+    async fn insert_replayed(&self, rows: &[usage::Model]) -> Result<(), DbErr> {
+        let through_writer = self.db.get_database_backend() == sea_orm::DbBackend::Sqlite;
+        let Some(jobs) = self.jobs.upgrade().filter(|_| through_writer) else {
             return insert_rows(&self.db, rows, self.opts.insert_timeout).await;
         };
         let gone = || DbErr::Custom("usage writers stopped".into());
@@ -415,7 +426,7 @@ impl Inner {
         let mut stored = 0;
         let memory: Vec<usage::Model> = std::mem::take(&mut *self.in_memory.lock().await);
         if !memory.is_empty() {
-            if let Err(e) = self.insert_via_writers(&memory).await {
+            if let Err(e) = self.insert_replayed(&memory).await {
                 self.in_memory.lock().await.extend(memory);
                 return Err(e);
             }
@@ -441,7 +452,7 @@ impl Inner {
                 tracing::error!(path = %aside.display(), lines = rejected.len(), "unreadable spool lines moved aside");
                 let _ = append_lines(&aside, &rejected);
             }
-            self.insert_via_writers(&rows).await?;
+            self.insert_replayed(&rows).await?;
             claim.remove();
             stored += rows.len();
         }
@@ -541,12 +552,52 @@ async fn writer(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
             continue;
         }
         let rows: Vec<usage::Model> = batch.iter().map(|(row, _, _)| row.clone()).collect();
-        let result = insert_rows(&inner.db, &rows, inner.opts.insert_timeout).await;
+        let result = {
+            let _turn = inner.sqlite_turn().await;
+            insert_rows(&inner.db, &rows, inner.opts.insert_timeout).await
+        };
         if result.is_ok() {
             inner.progress.store(inner.now_us(), Ordering::SeqCst);
         }
         for (_, done, _) in batch {
             let _ = done.send(result.clone());
+        }
+    }
+}
+
+/// Folds the usage rollup every `interval` until `stop` is notified, then once more within the
+/// shutdown timeout (a fold that cannot finish by then is left to the next process: reads are
+/// exact anyway). Folds never wait on the insert path and never make it wait: see
+/// `usage::rollup::fold` (PostgreSQL) and `write_gate` (SQLite).
+async fn fold_every(inner: Arc<Inner>, interval: Duration, stop: Arc<Notify>) {
+    let mut failing = false;
+    loop {
+        let stopping = tokio::select! {
+            _ = tokio::time::sleep(interval) => false,
+            _ = stop.notified() => true,
+        };
+        let fold = async {
+            let _turn = inner.sqlite_turn().await;
+            crate::usage::rollup::fold(&inner.db).await
+        };
+        let folded = if stopping {
+            tokio::time::timeout(inner.opts.shutdown_timeout, fold)
+                .await
+                .unwrap_or_else(|_| Err(DbErr::Custom("the last fold timed out".into())))
+        } else {
+            fold.await
+        };
+        match folded {
+            Ok(_) => failing = false,
+            // Once per failing spell: the database is away, the spool has the rows' story.
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "folding the usage rollup failed; will retry");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        if stopping {
+            return;
         }
     }
 }

@@ -578,42 +578,6 @@ pub async fn fold(db: &sea_orm::DatabaseConnection) -> Result<bool, DbErr> {
     Ok(true)
 }
 
-/// Folds every `interval` until `stop` is notified, then once more within `last_within`
-/// (a fold that cannot finish by then is left to the next process: reads are exact anyway).
-pub async fn fold_every(
-    db: sea_orm::DatabaseConnection,
-    interval: std::time::Duration,
-    stop: std::sync::Arc<tokio::sync::Notify>,
-    last_within: std::time::Duration,
-) {
-    let mut failing = false;
-    loop {
-        let stopping = tokio::select! {
-            _ = tokio::time::sleep(interval) => false,
-            _ = stop.notified() => true,
-        };
-        let folded = if stopping {
-            tokio::time::timeout(last_within, fold(&db))
-                .await
-                .unwrap_or_else(|_| Err(DbErr::Custom("the last fold timed out".into())))
-        } else {
-            fold(&db).await
-        };
-        match folded {
-            Ok(_) => failing = false,
-            // Once per failing spell: the database is away, the spool has the rows' story.
-            Err(e) if !failing => {
-                tracing::warn!(error = %e, "folding the usage rollup failed; will retry");
-                failing = true;
-            }
-            Err(_) => {}
-        }
-        if stopping {
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
