@@ -164,6 +164,8 @@ async fn rollup(settings: &Settings, action: RollupAction) -> Result<(), CliErro
             let db = open_migrated(settings).await?;
             let started = std::time::Instant::now();
             let cells = crate::usage::rollup::rebuild(&db).await?;
+            // Fresh tables read fast from the first request (PostgreSQL).
+            migration::analyze_usage_tables(&db).await?;
             println!(
                 "rollup rebuilt: {cells} cells in {:.1} s",
                 started.elapsed().as_secs_f64()
@@ -433,6 +435,13 @@ fn random_string(len: usize) -> String {
 async fn demo_setup(settings: &Settings, db: &sea_orm::DatabaseConnection) -> Result<(), CliError> {
     let written =
         crate::demo::seed(db, &settings.prices, crate::demo::DEMO_ROWS, rand::random()).await?;
+    if written > 0 {
+        // The seeded rows into the rollup's cells, and planner statistics for all of them:
+        // without, token-stats over the demo took 230 ms instead of 17 ms on PostgreSQL until
+        // autovacuum got round to it.
+        crate::usage::rollup::fold(db).await?;
+        migration::analyze_usage_tables(db).await?;
+    }
     let password = match users::find_by_username(db, "admin").await? {
         Some(_) => None,
         None => {

@@ -14,7 +14,20 @@ mod m20251201_000005_add_usage_rollup;
 mod m20251215_000006_rollup_delta;
 mod m20261123_000007_rollup_phased_hours;
 mod m20261126_000008_delta_autovacuum;
+mod m20261126_000009_analyze_usage_tables;
 pub mod rollup;
+
+/// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
+/// SQLite), as migration 000009 does: after bulk writes such as a backfill or a seeding.
+pub async fn analyze_usage_tables(
+    db: &impl sea_orm_migration::sea_orm::ConnectionTrait,
+) -> Result<(), DbErr> {
+    if db.get_database_backend() == sea_orm_migration::sea_orm::DbBackend::Postgres {
+        db.execute_unprepared(m20261126_000009_analyze_usage_tables::ANALYZE)
+            .await?;
+    }
+    Ok(())
+}
 mod util;
 
 /// All migrations, oldest first.
@@ -32,6 +45,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20251215_000006_rollup_delta::Migration),
             Box::new(m20261123_000007_rollup_phased_hours::Migration),
             Box::new(m20261126_000008_delta_autovacuum::Migration),
+            Box::new(m20261126_000009_analyze_usage_tables::Migration),
         ]
     }
 }

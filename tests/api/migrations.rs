@@ -214,3 +214,63 @@ mod sqlite_connection_uses_wal_busy_timeout_and_foreign_keys {
         assert_eq!(t.scalar_i64("PRAGMA foreign_keys").await, 1);
     }
 }
+
+/// Migration 000009: the usage and rollup tables have planner statistics when `migrate`
+/// returns (PostgreSQL marks a never-analyzed table with `reltuples = -1`), so the first
+/// token-stats request is as fast as the later ones.
+mod the_usage_and_rollup_tables_are_analyzed_when_migrate_returns {
+    use crate::helpers::{Backend, TestDb};
+
+    #[actix_web::test]
+    async fn postgres() {
+        let t = TestDb::empty(Backend::Postgres).await;
+        // Rows the Django app wrote before our migrations (the backfill fills the rollup).
+        <migration::Migrator as migration::MigratorTrait>::up(&t.db, Some(2))
+            .await
+            .unwrap();
+        let rows: Vec<_> = (0..300u128)
+            .map(|n| {
+                crate::usage_read::row(
+                    n,
+                    None,
+                    "gpt-4o-mini",
+                    (10, 5, 0, 0),
+                    true,
+                    crate::usage_read::at("2026-11-01T10:00:00Z")
+                        + chrono::Duration::minutes(n as i64),
+                )
+            })
+            .collect();
+        for r in &rows {
+            sea_orm::ConnectionTrait::execute_unprepared(
+                &t.db,
+                &format!(
+                    "INSERT INTO llm_tracker_usage (id, model, prompt_tokens, completion_tokens, \
+                     total_tokens, cached_tokens, reasoning_tokens, success, metadata, created_at) \
+                     VALUES ('{}', 'gpt-4o-mini', 10, 5, 15, 0, 0, true, '{{}}', '{}')",
+                    r.id,
+                    r.created_at.to_rfc3339()
+                ),
+            )
+            .await
+            .unwrap();
+        }
+        llm_tracker::db::migrate(&t.db).await.unwrap();
+        for table in [
+            "llm_tracker_usage",
+            "llm_tracker_usage_rollup",
+            "llm_tracker_usage_rollup_total",
+        ] {
+            let tuples = t
+                .scalar_string(&format!(
+                    "SELECT reltuples::text FROM pg_class WHERE relname = '{table}'"
+                ))
+                .await;
+            let tuples: f64 = tuples.parse().unwrap();
+            assert!(
+                tuples > 0.0,
+                "{table}: reltuples {tuples} (never analyzed: -1)"
+            );
+        }
+    }
+}
