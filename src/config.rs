@@ -214,7 +214,7 @@ pub struct Settings {
     /// Where usage rows wait while the database is unavailable.
     pub usage_spool_path: std::path::PathBuf,
     /// Whether callers wait for their row's commit (`committed`) or only its hand-over.
-    pub usage_write_mode: crate::tracker::WriteMode,
+    pub usage_write_mode: WriteMode,
     /// How long a call waits for its row's commit before the row goes to the spool.
     pub usage_commit_deadline: Duration,
     /// The zone of token-stats buckets and of naive dates when a request names none.
@@ -278,6 +278,23 @@ impl Source<'_> {
         }
         Ok(value.trim_end_matches('/').to_owned())
     }
+}
+
+/// When a tracked call returns to its caller (`USAGE_WRITE_MODE`); the usage store
+/// (`tracker::UsageStore`) acts on it. Settings own it so that configuration depends on no
+/// other module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// After the row is committed or spooled (fsynced), at most the commit deadline plus one
+    /// spool write after the reply: a row is durable once the call returns.
+    #[default]
+    Committed,
+    /// As soon as the row is handed to the store; the commit (or, failing it, the spool)
+    /// follows in the background, within a second at most (usually milliseconds; while the
+    /// database is unhealthy, at once to the spool). Saves the caller the commit's wait; a
+    /// process killed outright before then loses the row, a graceful stop (`shutdown`) does
+    /// not.
+    Queued,
 }
 
 impl Settings {
@@ -401,9 +418,9 @@ impl Settings {
                 .map(std::path::PathBuf::from)
                 .unwrap_or_else(|| crate::tracker::default_spool_path(database_url.expose())),
             usage_write_mode: match src.get("USAGE_WRITE_MODE").map(str::to_ascii_lowercase) {
-                None => crate::tracker::WriteMode::Committed,
-                Some(m) if m == "committed" => crate::tracker::WriteMode::Committed,
-                Some(m) if m == "queued" => crate::tracker::WriteMode::Queued,
+                None => WriteMode::Committed,
+                Some(m) if m == "committed" => WriteMode::Committed,
+                Some(m) if m == "queued" => WriteMode::Queued,
                 Some(m) => {
                     return Err(ConfigError::invalid(
                         "USAGE_WRITE_MODE",

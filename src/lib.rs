@@ -1,7 +1,6 @@
 //! llm-tracker: puts every LLM call a backend makes on record and serves that record to
 //! administrators, compatible with the Django `llm_tracker` app's tables and JSON.
 
-pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;

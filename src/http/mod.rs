@@ -4,6 +4,7 @@ pub mod auth;
 pub mod error;
 pub mod middleware;
 pub mod openapi;
+pub mod pages;
 pub mod routes;
 
 use actix_cors::Cors;
@@ -26,7 +27,7 @@ pub struct AppState {
     pub read_db: DatabaseConnection,
     pub settings: Settings,
     /// Failed admin-page sign-ins per username and client address.
-    pub login_limiter: std::sync::Arc<crate::admin::session::Limiter>,
+    pub login_limiter: std::sync::Arc<crate::http::pages::session::Limiter>,
     /// Set once the schema is in place (`serve` started while the database was unreachable
     /// migrates when it answers); until then admin routes and `/readyz` answer 503 at once.
     pub schema_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -81,7 +82,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(routes::health::healthz)
             .service(routes::health::readyz)
             .configure(routes::admin::configure)
-            .configure(crate::admin::configure)
+            .configure(crate::http::pages::configure)
             .service(utoipa_swagger_ui::SwaggerUi::new("/api/docs/{_:.*}").url(
                 "/api/openapi.json",
                 <openapi::ApiDoc as utoipa::OpenApi>::openapi(),

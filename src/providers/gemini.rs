@@ -232,7 +232,7 @@ impl Provider for GeminiProvider {
             return Err(http_error(status, header_wait, &bytes));
         }
         Ok(OpenedStream {
-            events: stream::events(response, model, stream::gemini_events),
+            events: stream::events(response, model, gemini_events),
             attempts: 1,
         })
     }
@@ -279,6 +279,34 @@ fn http_error(status: u16, header_wait: Option<Duration>, bytes: &[u8]) -> Provi
         retry_after: header_wait.or_else(|| retry_delay(&error)),
         attempts: 1,
     }
+}
+
+/// The events of one Gemini `streamGenerateContent` response: the text parts that are not
+/// thoughts, and `usageMetadata` (cumulative; the last one is the call's usage).
+pub fn gemini_events(
+    data: &str,
+    fallback_model: &str,
+) -> Vec<Result<super::StreamEvent, ProviderError>> {
+    let (chunk, mut out) = match super::stream::read_chunk(data, "modelVersion") {
+        Ok(v) => v,
+        Err(e) => return vec![Err(e)],
+    };
+    let text = reply_text(&chunk);
+    if !text.is_empty() {
+        out.push(Ok(super::StreamEvent::Delta(text)));
+    }
+    if chunk["usageMetadata"].is_object() {
+        out.push(Ok(super::StreamEvent::Usage(parse_usage(
+            &chunk,
+            fallback_model,
+        ))));
+    }
+    if chunk.pointer("/candidates/0/finishReason").is_some()
+        || chunk.pointer("/promptFeedback/blockReason").is_some()
+    {
+        out.push(Ok(super::StreamEvent::Done));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ impl<C: Config + Clone + 'static> Compatible<C> {
             events: stream::events(
                 response,
                 req.model.unwrap_or_else(|| self.model.clone()),
-                stream::openai_events,
+                openai_events,
             ),
             attempts: 1,
         })
@@ -322,5 +322,74 @@ impl Provider for OpenAiProvider {
 
     async fn chat_stream(&self, request: ChatRequest) -> Result<OpenedStream, ProviderError> {
         self.0.chat_stream_once(request).await
+    }
+}
+
+/// The events of one OpenAI / Azure chat-completion chunk. Tolerates Azure's first chunk
+/// (`choices: []`, `prompt_filter_results`, empty `model`) and content-filter annotation
+/// chunks without `delta`. The final chunk (`choices: []`, `usage`) gives the usage.
+pub fn openai_events(
+    data: &str,
+    fallback_model: &str,
+) -> Vec<Result<super::StreamEvent, ProviderError>> {
+    let (chunk, mut out) = match super::stream::read_chunk(data, "model") {
+        Ok(v) => v,
+        Err(e) => return vec![Err(e)],
+    };
+    if let Some(text) = chunk
+        .pointer("/choices/0/delta/content")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+    {
+        out.push(Ok(super::StreamEvent::Delta(text.to_owned())));
+    }
+    if chunk["usage"].is_object() {
+        out.push(Ok(super::StreamEvent::Usage(parse_usage(
+            &chunk,
+            fallback_model,
+        ))));
+    }
+    out
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+    use crate::providers::StreamEvent;
+
+    #[test]
+    fn azure_filter_chunks_are_tolerated() {
+        let first = r#"{"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}"#;
+        assert!(openai_events(first, "d").is_empty());
+        let annotation = r#"{"choices":[{"content_filter_offsets":{"check_offset":1},"content_filter_results":{},"finish_reason":null,"index":0}],"created":0,"id":"","model":"","object":""}"#;
+        assert!(openai_events(annotation, "d").is_empty());
+    }
+
+    #[test]
+    fn the_final_chunk_carries_usage() {
+        let last = r#"{"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29}}"#;
+        let events: Vec<StreamEvent> = openai_events(last, "d")
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(events[0], StreamEvent::Model("gpt-4o-mini".into()));
+        match &events[1] {
+            StreamEvent::Usage(u) => assert_eq!(
+                (u.prompt_tokens, u.completion_tokens, u.total_tokens),
+                (19, 10, 29)
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_error_in_the_stream_is_an_error() {
+        let e = openai_events(
+            r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+            "d",
+        );
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].as_ref().unwrap_err().message, "overloaded");
+        assert!(openai_events("not json", "d")[0].is_err());
     }
 }

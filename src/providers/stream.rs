@@ -125,33 +125,9 @@ fn in_stream_error(chunk: &Value) -> Option<ProviderError> {
     Some(ProviderError::new(ProviderErrorKind::Server, message))
 }
 
-/// The events of one OpenAI / Azure chat-completion chunk. Tolerates Azure's first chunk
-/// (`choices: []`, `prompt_filter_results`, empty `model`) and content-filter annotation
-/// chunks without `delta`. The final chunk (`choices: []`, `usage`) gives the usage.
-pub fn openai_events(data: &str, fallback_model: &str) -> Vec<Result<StreamEvent, ProviderError>> {
-    let (chunk, mut out) = match read_chunk(data, "model") {
-        Ok(v) => v,
-        Err(e) => return vec![Err(e)],
-    };
-    if let Some(text) = chunk
-        .pointer("/choices/0/delta/content")
-        .and_then(Value::as_str)
-        .filter(|t| !t.is_empty())
-    {
-        out.push(Ok(StreamEvent::Delta(text.to_owned())));
-    }
-    if chunk["usage"].is_object() {
-        out.push(Ok(StreamEvent::Usage(super::openai::parse_usage(
-            &chunk,
-            fallback_model,
-        ))));
-    }
-    out
-}
-
 /// One chunk's JSON, unless it is unreadable or an in-stream error; with the model it names
 /// (under `model_key`) as the first event.
-fn read_chunk(
+pub(crate) fn read_chunk(
     data: &str,
     model_key: &str,
 ) -> Result<(Value, Vec<Result<StreamEvent, ProviderError>>), ProviderError> {
@@ -164,31 +140,6 @@ fn read_chunk(
         out.push(Ok(StreamEvent::Model(model.to_owned())));
     }
     Ok((chunk, out))
-}
-
-/// The events of one Gemini `streamGenerateContent` response: the text parts that are not
-/// thoughts, and `usageMetadata` (cumulative; the last one is the call's usage).
-pub fn gemini_events(data: &str, fallback_model: &str) -> Vec<Result<StreamEvent, ProviderError>> {
-    let (chunk, mut out) = match read_chunk(data, "modelVersion") {
-        Ok(v) => v,
-        Err(e) => return vec![Err(e)],
-    };
-    let text = super::gemini::reply_text(&chunk);
-    if !text.is_empty() {
-        out.push(Ok(StreamEvent::Delta(text)));
-    }
-    if chunk["usageMetadata"].is_object() {
-        out.push(Ok(StreamEvent::Usage(super::gemini::parse_usage(
-            &chunk,
-            fallback_model,
-        ))));
-    }
-    if chunk.pointer("/candidates/0/finishReason").is_some()
-        || chunk.pointer("/promptFeedback/blockReason").is_some()
-    {
-        out.push(Ok(StreamEvent::Done));
-    }
-    out
 }
 
 /// SSE data parsed by `parse` into events; OpenAI's `[DONE]` is [`StreamEvent::Done`].
@@ -206,45 +157,4 @@ pub fn events(
         futures_util::stream::iter(items)
     });
     Box::pin(stream)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn azure_filter_chunks_are_tolerated() {
-        let first = r#"{"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}"#;
-        assert!(openai_events(first, "d").is_empty());
-        let annotation = r#"{"choices":[{"content_filter_offsets":{"check_offset":1},"content_filter_results":{},"finish_reason":null,"index":0}],"created":0,"id":"","model":"","object":""}"#;
-        assert!(openai_events(annotation, "d").is_empty());
-    }
-
-    #[test]
-    fn the_final_chunk_carries_usage() {
-        let last = r#"{"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29}}"#;
-        let events: Vec<StreamEvent> = openai_events(last, "d")
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(events[0], StreamEvent::Model("gpt-4o-mini".into()));
-        match &events[1] {
-            StreamEvent::Usage(u) => assert_eq!(
-                (u.prompt_tokens, u.completion_tokens, u.total_tokens),
-                (19, 10, 29)
-            ),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn an_error_in_the_stream_is_an_error() {
-        let e = openai_events(
-            r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
-            "d",
-        );
-        assert_eq!(e.len(), 1);
-        assert_eq!(e[0].as_ref().unwrap_err().message, "overloaded");
-        assert!(openai_events("not json", "d")[0].is_err());
-    }
 }

@@ -60,20 +60,7 @@ pub struct StoreOptions {
     pub shutdown_timeout: Duration,
 }
 
-/// When `record` returns to the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WriteMode {
-    /// After the row is committed or spooled (fsynced), at most the commit deadline plus one
-    /// spool write after the reply: a row is durable once the call returns.
-    #[default]
-    Committed,
-    /// As soon as the row is handed to the store; the commit (or, failing it, the spool)
-    /// follows in the background, within a second at most (usually milliseconds; while the
-    /// database is unhealthy, at once to the spool). Saves the caller the commit's wait; a
-    /// process killed outright before then loses the row, a graceful stop (`shutdown`) does
-    /// not.
-    Queued,
-}
+pub use crate::config::WriteMode;
 
 impl StoreOptions {
     /// Defaults: 10 ms commit deadline, 30 s per insert statement, replays every 100 ms

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 
 use actix_web::test;
 use llm_tracker::Settings;
-use llm_tracker::admin::session::{Session, Signer};
 use llm_tracker::auth::password::make_password_with;
 use llm_tracker::db::entities::usage;
+use llm_tracker::http::pages::session::{Session, Signer};
 use llm_tracker::http::{AppState, app};
 use llm_tracker::usage::UsageFilter;
 use llm_tracker::usage::stats::{SeriesOptions, token_stats_in};
@@ -105,7 +105,7 @@ fn csrf_field(body: &str) -> String {
 fn form(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
-        .map(|(k, v)| format!("{k}={}", llm_tracker::admin::urlencode(v)))
+        .map(|(k, v)| format!("{k}={}", llm_tracker::http::pages::urlencode(v)))
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -478,7 +478,7 @@ db_test!(
             format!("/admin/llm-usage/{}/", uuid::Uuid::from_u128(1)),
             format!(
                 "/admin/llm-usage/?model={}",
-                llm_tracker::admin::urlencode(evil)
+                llm_tracker::http::pages::urlencode(evil)
             ),
         ] {
             let page = send!(app, with_session(&uri, &session));
