@@ -53,11 +53,13 @@ pub fn mint_access_token(secret: &str, user_id: i32, ttl: Duration) -> String {
     .unwrap_or_default()
 }
 
-/// Validates an HS256 access token (algorithm pinned, `exp` required and checked, no leeway)
-/// and returns the user id it names: `user_id` (number or numeric string), else `sub`.
+/// Validates an HS256 access token (algorithm pinned, `exp` required and checked, `nbf`
+/// checked when present as simplejwt/PyJWT do, no leeway) and returns the user id it names:
+/// `user_id` (number or numeric string), else `sub`.
 pub fn decode_access_token(secret: &str, token: &str) -> Result<i32, TokenError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 0;
+    validation.validate_nbf = true;
     validation.validate_aud = false;
     validation.set_required_spec_claims(&["exp"]);
     let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(

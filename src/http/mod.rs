@@ -110,6 +110,7 @@ pub fn app(
     let cors = Condition::new(!origins.is_empty(), cors(origins));
     App::new()
         .wrap(cors)
+        .wrap(from_fn(middleware::reject_bad_query))
         .wrap(from_fn(middleware::require_schema))
         .wrap(from_fn(middleware::json_errors))
         .wrap(from_fn(middleware::log_requests))

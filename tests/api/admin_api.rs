@@ -1037,3 +1037,50 @@ db_test!(
         assert_eq!(body["summary"]["total_calls"], 1);
     }
 );
+
+// Issue 17, items 1 and 7: a NUL byte (or another control character) in any parameter, or a
+// malformed parameter name or escape, is a 400 naming the parameter on both databases, before
+// any query runs (PostgreSQL answered 503, SQLite's LIKE matched every row), on the API, the
+// CSV export and the admin pages; ordinary parameters still work.
+db_test!(
+    async fn control_characters_and_malformed_escapes_in_parameters_are_400(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        fixture_users(&t).await;
+        crate::usage_read::insert(
+            &t.db,
+            &[crate::usage_read::row(
+                1,
+                None,
+                "gemini-2.5-flash",
+                (10, 5, 0, 0),
+                true,
+                crate::usage_read::at("2026-11-01T10:00:00Z"),
+            )],
+        )
+        .await;
+        let app = test::init_service(llm_tracker::http::app(state(&t))).await;
+        let auth = Some(format!("Bearer {}", staff_token()));
+        for (uri, param) in [
+            ("/api/v1/admin/llm-usage/?model=%00", "model"),
+            ("/api/v1/admin/llm-usage/?model=gpt%00", "model"),
+            ("/api/v1/admin/llm-usage/?model=flash%00zzz", "model"),
+            ("/api/v1/admin/llm-usage/export.csv?model=%00", "model"),
+            ("/api/v1/admin/token-stats/?model=a%0Db", "model"),
+            (
+                "/api/v1/admin/token-stats/?start_date=2026-01-01%00",
+                "start_date",
+            ),
+            ("/api/v1/admin/llm-usage/?%zz=1", "%zz"),
+            ("/api/v1/admin/llm-usage/?model=%C3%28", "model"),
+            ("/admin/llm-usage/?model=%00", "model"),
+        ] {
+            let (status, body, _) = get!(app, uri, auth.clone());
+            assert_eq!(status, 400, "{uri}: {body}");
+            assert_eq!(body["code"], "invalid_query", "{uri}: {body}");
+            assert!(body["errors"][param].is_array(), "{uri}: {body}");
+        }
+        let (status, body, _) = get!(app, "/api/v1/admin/llm-usage/?model=flash", auth.clone());
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["total"], 1);
+    }
+);

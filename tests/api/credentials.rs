@@ -152,6 +152,23 @@ fn tokens_with_another_algorithm_or_none_are_refused() {
         ),
         Err(TokenError::NoUserId)
     );
+    // Issue 17, item 5: a token not valid yet (`nbf` in the future) is refused, as simplejwt
+    // (PyJWT) refuses it; one whose `nbf` has passed is fine.
+    let now = chrono::Utc::now().timestamp();
+    assert_eq!(
+        decode_access_token(
+            key,
+            &sign(json!({"exp": 4_002_906_644_i64, "nbf": now + 3600, "user_id": "9"}))
+        ),
+        Err(TokenError::Invalid)
+    );
+    assert_eq!(
+        decode_access_token(
+            key,
+            &sign(json!({"exp": 4_002_906_644_i64, "nbf": now - 60, "user_id": "9"}))
+        ),
+        Ok(9)
+    );
 }
 
 /// The claims of a token we mint, decoded by hand.
