@@ -27,10 +27,15 @@ pub const COLUMNS: [&str; 18] = [
 ];
 
 /// One RFC 4180 field: quoted when it holds a comma, quote, CR or LF (quotes doubled). Text
-/// starting with `=`, `+`, `-`, `@`, a tab or a CR is prefixed with `'` so that spreadsheets
-/// show it instead of evaluating it (OWASP's CSV-injection rule).
+/// starting with `=`, `+`, `-`, `@` (or their full-width forms `＝ ＋ － ＠`), also after
+/// leading whitespace, or with a tab or a CR, is prefixed with `'` so that spreadsheets show it
+/// instead of evaluating it (OWASP's CSV-injection rule; some spreadsheets skip the spaces or
+/// fold the full-width forms).
 pub fn field(out: &mut String, value: &str) {
-    let defuse = value.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    const TRIGGERS: [char; 8] = [
+        '=', '+', '-', '@', '\u{FF1D}', '\u{FF0B}', '\u{FF0D}', '\u{FF20}',
+    ];
+    let defuse = value.starts_with(['\t', '\r']) || value.trim_start().starts_with(TRIGGERS);
     let quote = defuse || value.contains([',', '"', '\r', '\n']);
     if quote {
         out.push('"');
@@ -137,6 +142,15 @@ mod tests {
         assert_eq!(one("@cmd"), "\"'@cmd\"");
         assert_eq!(one("\tx"), "\"'\tx\"");
         assert_eq!(one("a=b"), "a=b");
+        // Issue 17, item 10: after spaces, and the full-width forms.
+        assert_eq!(one(" =1+1"), "\"' =1+1\"");
+        assert_eq!(one("  @cmd"), "\"'  @cmd\"");
+        assert_eq!(one("\u{3000}-2"), "\"'\u{3000}-2\"");
+        assert_eq!(one("＝1+1"), "\"'＝1+1\"");
+        assert_eq!(one("＋SUM(A1)"), "\"'＋SUM(A1)\"");
+        assert_eq!(one("－2"), "\"'－2\"");
+        assert_eq!(one("＠cmd"), "\"'＠cmd\"");
+        assert_eq!(one(" plain"), " plain");
         assert_eq!(one(""), "");
     }
 }

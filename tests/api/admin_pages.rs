@@ -492,3 +492,41 @@ db_test!(
         }
     }
 );
+
+// Issue 17, item 2: a `next` that would break the Location header (CR, LF, NUL, DEL) falls
+// back to /admin/ instead of a 500; a non-ASCII one is percent-encoded.
+db_test!(
+    async fn sign_in_redirects_only_to_a_clean_local_next(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "root", false, true, true).await;
+        let app = test::init_service(app(state(&t))).await;
+        for (next, want) in [
+            ("/admin/\r\nX: 1", "/admin/"),
+            ("/admin/\nX: 1", "/admin/"),
+            ("/admin/\u{0}", "/admin/"),
+            ("/admin/\u{7f}", "/admin/"),
+            ("https://evil.example/admin/", "/admin/"),
+            ("/admin/é", "/admin/%C3%A9"),
+            ("/admin/llm-usage/?model=gpt", "/admin/llm-usage/?model=gpt"),
+        ] {
+            let page = send!(app, test::TestRequest::get().uri("/admin/login/"));
+            let csrf_cookie = cookie_value(&page.cookies, "llmt_csrf").expect("csrf cookie");
+            let token = csrf_field(&page.body);
+            let ans = send!(
+                app,
+                test::TestRequest::post()
+                    .uri("/admin/login/")
+                    .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                    .insert_header(("cookie", format!("llmt_csrf={csrf_cookie}")))
+                    .set_payload(form(&[
+                        ("username", "root"),
+                        ("password", "correct horse"),
+                        ("csrfmiddlewaretoken", &token),
+                        ("next", next),
+                    ]))
+            );
+            assert_eq!(ans.status, 302, "{next:?}: {}", ans.body);
+            assert_eq!(ans.location.as_deref(), Some(want), "{next:?}");
+        }
+    }
+);

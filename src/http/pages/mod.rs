@@ -249,10 +249,30 @@ struct LoginPage<'a> {
     error: Option<&'a str>,
 }
 
-/// Only local admin paths are followed after sign-in (no open redirect).
-fn safe_next(next: &str) -> &str {
-    let ok = next.starts_with("/admin/") && !next.starts_with("//") && !next.contains('\\');
-    if ok { next } else { "/admin/" }
+/// Only local admin paths are followed after sign-in (no open redirect). A path holding a
+/// control character (a header injection: CR, LF, NUL, DEL) falls back to `/admin/`; anything
+/// outside printable ASCII is percent-encoded, so the `Location` header is always valid and
+/// `/admin/é` arrives as `/admin/%C3%A9`.
+fn safe_next(next: &str) -> String {
+    let ok = next.starts_with("/admin/")
+        && !next.starts_with("//")
+        && !next.contains('\\')
+        && !next.chars().any(char::is_control);
+    if !ok {
+        return "/admin/".to_owned();
+    }
+    let mut out = String::with_capacity(next.len());
+    for c in next.chars() {
+        if c.is_ascii_graphic() && !matches!(c, '"' | '<' | '>' | '`' | '{' | '}' | '|' | '^') {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out
 }
 
 fn csrf_cookie(req: &HttpRequest, token: &str) -> Cookie<'static> {
@@ -282,7 +302,7 @@ fn login_page(
         LoginPage {
             signed_in: None,
             csrf: token.clone(),
-            next: safe_next(next),
+            next: &safe_next(next),
             username,
             error,
         }
@@ -391,7 +411,7 @@ async fn login(
         .max_age(CookieDuration::seconds(SESSION_TTL.as_secs() as i64))
         .finish();
     Ok(HttpResponse::Found()
-        .insert_header((header::LOCATION, safe_next(&form.next).to_owned()))
+        .insert_header((header::LOCATION, safe_next(&form.next)))
         .cookie(cookie)
         .finish())
 }
@@ -869,4 +889,35 @@ async fn usage_detail(
         }
         .render(),
     ))
+}
+
+#[cfg(test)]
+mod next_tests {
+    use super::safe_next;
+
+    #[test]
+    fn next_is_local_valid_in_a_header_and_percent_encoded() {
+        // Issue 17, item 2.
+        for bad in [
+            "/admin/\r\nX: 1",
+            "/admin/\nX",
+            "/admin/\u{0}",
+            "/admin/\u{7f}",
+            "//evil",
+            "https://x/admin/",
+            "/admin\\x",
+            "/other/",
+        ] {
+            assert_eq!(safe_next(bad), "/admin/", "{bad:?}");
+        }
+        assert_eq!(safe_next("/admin/é"), "/admin/%C3%A9");
+        assert_eq!(
+            safe_next("/admin/llm-usage/?model=gpt&page=2"),
+            "/admin/llm-usage/?model=gpt&page=2"
+        );
+        assert_eq!(safe_next("/admin/a b\"<"), "/admin/a%20b%22%3C");
+        for next in ["/admin/é", "/admin/a b", "/admin/llm-usage/?x=1"] {
+            assert!(actix_web::http::header::HeaderValue::from_str(&safe_next(next)).is_ok());
+        }
+    }
 }
