@@ -85,18 +85,27 @@ impl Cursor {
         }
     }
 
-    /// The cursor `encode` wrote; `None` for anything else.
+    /// The cursor `encode` wrote; `None` for anything else: text that does not re-encode to
+    /// itself (another uuid spelling, `+1`, leading zeros…) or an instant outside 1970–2199
+    /// (no row is there; years like −200000 or 9999 only reached the database to fail there).
     pub fn decode(text: &str) -> Option<Self> {
         use base64::Engine;
+        let text = text.trim();
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(text.trim())
+            .decode(text)
             .ok()?;
         let raw = String::from_utf8(raw).ok()?;
         let (micros, id) = raw.split_once('.')?;
-        Some(Self {
-            created_at: chrono::DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+        let micros: i64 = micros.parse().ok()?;
+        // 2200-01-01T00:00:00Z in µs.
+        if !(0..7_258_118_400_000_000).contains(&micros) {
+            return None;
+        }
+        let cursor = Self {
+            created_at: chrono::DateTime::from_timestamp_micros(micros)?,
             id: Uuid::parse_str(id).ok()?,
-        })
+        };
+        (cursor.encode() == text).then_some(cursor)
     }
 }
 
@@ -340,5 +349,43 @@ impl From<RowWithUser> for UsageRow {
                 us as f64 / 1e6
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::Cursor;
+    use base64::Engine;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn only_cursors_the_api_could_have_issued_decode() {
+        let real = Cursor {
+            created_at: chrono::DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+            id: uuid::Uuid::from_u128(42),
+        };
+        assert_eq!(Cursor::decode(&real.encode()), Some(real));
+        let id = uuid::Uuid::from_u128(42);
+        // Issue 17, item 8: forged positions and spellings.
+        for forged in [
+            format!("-1.{}", id.simple()),
+            format!("253402300800000000.{}", id.simple()), // year 10000
+            format!("6311390400000000000.{}", id.simple()), // year ~200000
+            format!("-6311390400000000000.{}", id.simple()),
+            format!("+1764000000123456.{}", id.simple()),
+            format!("01764000000123456.{}", id.simple()),
+            format!("1764000000123456.{}", id.hyphenated()),
+            format!(
+                "1764000000123456.{}",
+                id.simple().to_string().to_uppercase()
+            ),
+            "1764000000123456".to_owned(),
+        ] {
+            assert_eq!(Cursor::decode(&b64(&forged)), None, "{forged}");
+        }
+        assert_eq!(Cursor::decode("not base64!"), None);
     }
 }

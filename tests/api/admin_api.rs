@@ -1084,3 +1084,31 @@ db_test!(
         assert_eq!(body["total"], 1);
     }
 );
+
+// Issue 17, item 8: a cursor the API did not issue — a position before 1970 or in year
+// 9999/±200000 (PostgreSQL answered 503), another spelling — is a 400 naming `cursor`.
+db_test!(
+    async fn forged_cursors_are_400(backend: Backend) {
+        use base64::Engine;
+        let t = TestDb::migrated(backend).await;
+        fixture_users(&t).await;
+        let app = test::init_service(App::new().configure(configure(state(&t)))).await;
+        let auth = Some(format!("Bearer {}", staff_token()));
+        let id = uuid::Uuid::from_u128(7).simple().to_string();
+        for raw in [
+            format!("-1.{id}"),
+            format!("253402214400000000.{id}"),
+            format!("-6311390400000000000.{id}"),
+            format!("+1764000000000000.{id}"),
+        ] {
+            let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&raw);
+            let (status, body, _) = get!(
+                app,
+                &format!("/api/v1/admin/llm-usage/?cursor={cursor}"),
+                auth.clone()
+            );
+            assert_eq!(status, 400, "{raw}: {body}");
+            assert!(body["errors"]["cursor"].is_array(), "{raw}: {body}");
+        }
+    }
+);
