@@ -530,3 +530,47 @@ db_test!(
         }
     }
 );
+
+// Issue 17, item 4: a CSRF token the attacker chose (planted in the cookie and repeated in the
+// form) does not sign in; nor does a POST from another origin, even with a good token.
+db_test!(
+    async fn sign_in_refuses_planted_csrf_tokens_and_foreign_origins(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "root", false, true, true).await;
+        let app = test::init_service(app(state(&t))).await;
+        let post = |cookie: &str, token: &str| {
+            test::TestRequest::post()
+                .uri("/admin/login/")
+                .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                .insert_header(("cookie", format!("llmt_csrf={cookie}")))
+                .set_payload(form(&[
+                    ("username", "root"),
+                    ("password", "correct horse"),
+                    ("csrfmiddlewaretoken", token),
+                    ("next", "/admin/"),
+                ]))
+        };
+        for planted in ["attacker", &"A".repeat(43)] {
+            let ans = send!(app, post(planted, planted));
+            assert_eq!(ans.status, 403, "{planted}: {}", ans.body);
+            assert!(cookie_value(&ans.cookies, "llmt_session").is_none());
+        }
+        let page = send!(app, test::TestRequest::get().uri("/admin/login/"));
+        let good = cookie_value(&page.cookies, "llmt_csrf").expect("csrf cookie");
+        assert_eq!(csrf_field(&page.body), good);
+        for (name, value) in [
+            ("origin", "https://evil.example"),
+            ("referer", "https://evil.example/phish"),
+        ] {
+            let ans = send!(app, post(&good, &good).insert_header((name, value)));
+            assert_eq!(ans.status, 403, "{name}: {}", ans.body);
+        }
+        // The same token from this site signs in (the test client's host is localhost:8080).
+        let ans = send!(
+            app,
+            post(&good, &good).insert_header(("origin", "http://localhost:8080"))
+        );
+        assert_eq!(ans.status, 302, "{}", ans.body);
+        assert!(cookie_value(&ans.cookies, "llmt_session").is_some_and(|s| !s.is_empty()));
+    }
+);

@@ -156,6 +156,29 @@ fn signer(state: &AppState) -> Result<Signer, PageError> {
     }
 }
 
+/// A POST must come from this site (`Origin`, else `Referer`); see [`session::same_origin`].
+fn check_origin(req: &HttpRequest) -> Result<(), PageError> {
+    let header = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let info = req.connection_info();
+    let own = format!("{}://{}", info.scheme(), info.host());
+    if session::same_origin(
+        header(header::ORIGIN).as_deref(),
+        header(header::REFERER).as_deref(),
+        &own,
+    ) {
+        Ok(())
+    } else {
+        Err(PageError::Forbidden(
+            "CSRF verification failed: the request did not come from this site.".into(),
+        ))
+    }
+}
+
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -286,17 +309,18 @@ fn csrf_cookie(req: &HttpRequest, token: &str) -> Cookie<'static> {
 
 fn login_page(
     req: &HttpRequest,
+    signer: &Signer,
     status: StatusCode,
     next: &str,
     username: &str,
     error: Option<&str>,
 ) -> HttpResponse {
-    // Reuse the visitor's CSRF cookie if it has one, else start one.
+    // Reuse the visitor's CSRF cookie if it is one of ours, else start one.
     let token = req
         .cookie(CSRF_COOKIE)
         .map(|c| c.value().to_owned())
-        .filter(|t| t.len() == 43)
-        .unwrap_or_else(session::random_token);
+        .filter(|t| signer.csrf_is_ours(t))
+        .unwrap_or_else(|| signer.new_csrf());
     let mut res = html(
         status,
         LoginPage {
@@ -312,10 +336,14 @@ fn login_page(
     res
 }
 
-async fn login_form(req: HttpRequest) -> Result<HttpResponse, PageError> {
+async fn login_form(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, PageError> {
     let q = query_map(&req)?;
     Ok(login_page(
         &req,
+        &signer(&state)?,
         StatusCode::OK,
         &param(&q, "next"),
         "",
@@ -341,16 +369,17 @@ async fn login(
     body: web::Bytes,
 ) -> Result<HttpResponse, PageError> {
     let form: LoginForm = serde_urlencoded_form(&body)?;
+    let signer = signer(&state)?;
+    check_origin(&req)?;
     let cookie_token = req.cookie(CSRF_COOKIE).map(|c| c.value().to_owned());
-    let csrf_ok = cookie_token
-        .as_deref()
-        .is_some_and(|t| !t.is_empty() && session::same_token(t, &form.csrfmiddlewaretoken));
+    let csrf_ok = cookie_token.as_deref().is_some_and(|t| {
+        signer.csrf_is_ours(t) && session::same_token(t, &form.csrfmiddlewaretoken)
+    });
     if !csrf_ok {
         return Err(PageError::Forbidden(
             "CSRF verification failed: reload the sign-in page and try again.".into(),
         ));
     }
-    let signer = signer(&state)?;
     let ip = req
         .peer_addr()
         .map(|a| a.ip().to_string())
@@ -361,6 +390,7 @@ async fn login(
         tracing::warn!(ip = %ip, "admin sign-in refused: too many failures");
         return Ok(login_page(
             &req,
+            &signer,
             StatusCode::TOO_MANY_REQUESTS,
             &form.next,
             &form.username,
@@ -383,6 +413,7 @@ async fn login(
             tracing::info!(ip = %ip, "admin sign-in failed");
             return Ok(login_page(
                 &req,
+                &signer,
                 StatusCode::OK,
                 &form.next,
                 &form.username,
@@ -435,8 +466,13 @@ struct LogoutForm {
     csrfmiddlewaretoken: String,
 }
 
-async fn logout(staff: Staff, body: web::Bytes) -> Result<HttpResponse, PageError> {
+async fn logout(
+    req: HttpRequest,
+    staff: Staff,
+    body: web::Bytes,
+) -> Result<HttpResponse, PageError> {
     let form: LogoutForm = serde_urlencoded_form(&body)?;
+    check_origin(&req)?;
     if !session::same_token(&staff.session.csrf, &form.csrfmiddlewaretoken) {
         return Err(PageError::Forbidden(
             "CSRF verification failed: reload the page and try again.".into(),

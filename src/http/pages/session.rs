@@ -82,6 +82,54 @@ impl Signer {
     }
 }
 
+impl Signer {
+    /// A CSRF token for the sign-in form, before there is a session: a random nonce and its
+    /// HMAC under the server's key, so that a token an attacker planted in the cookie (and
+    /// repeats in the form) is refused — the double-submit check alone would pass it.
+    pub fn new_csrf(&self) -> String {
+        let nonce = random_token();
+        let tag = hmac::sign(&self.key, format!("csrf:{nonce}").as_bytes());
+        format!("{nonce}.{}", URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16]))
+    }
+
+    /// Whether `token` is one [`Signer::new_csrf`] made with this key.
+    pub fn csrf_is_ours(&self, token: &str) -> bool {
+        let Some((nonce, tag)) = token.split_once('.') else {
+            return false;
+        };
+        let Ok(tag) = URL_SAFE_NO_PAD.decode(tag) else {
+            return false;
+        };
+        let expected = hmac::sign(&self.key, format!("csrf:{nonce}").as_bytes());
+        nonce.len() == 43 && tag.len() == 16 && same_bytes(&expected.as_ref()[..16], &tag)
+    }
+}
+
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether a state-changing request comes from this site: its `Origin` (or, without one, its
+/// `Referer`) names the origin the request was sent to, as Django's CSRF check does. A request
+/// with neither (some privacy settings strip both) is judged by its token alone.
+pub fn same_origin(origin: Option<&str>, referer: Option<&str>, own: &str) -> bool {
+    fn origin_of(url: &str) -> Option<String> {
+        let (scheme, rest) = url.split_once("://")?;
+        let host = rest.split(['/', '?', '#']).next()?;
+        Some(format!(
+            "{}://{}",
+            scheme.to_ascii_lowercase(),
+            host.to_ascii_lowercase()
+        ))
+    }
+    let own = own.to_ascii_lowercase();
+    match (origin, referer) {
+        (Some(o), _) => origin_of(o).is_some_and(|o| o == own),
+        (None, Some(r)) => origin_of(r).is_some_and(|r| r == own),
+        (None, None) => true,
+    }
+}
+
 /// A random URL-safe token (CSRF tokens: 256 bits).
 pub fn random_token() -> String {
     let bytes: [u8; 32] = rand::random();
@@ -227,5 +275,44 @@ mod tests {
         assert!(same_token("abc", "abc"));
         assert!(!same_token("abc", "abd"));
         assert!(!same_token("abc", "ab"));
+    }
+}
+
+#[cfg(test)]
+mod csrf_tests {
+    use super::*;
+
+    #[test]
+    fn csrf_tokens_are_bound_to_the_key() {
+        let ours = Signer::new("a-key-of-sufficient-length-123");
+        let theirs = Signer::new("another-key-of-sufficient-length");
+        let token = ours.new_csrf();
+        assert!(ours.csrf_is_ours(&token));
+        assert!(!theirs.csrf_is_ours(&token));
+        // Issue 17, item 4: attacker-chosen values.
+        for forged in [
+            "attacker",
+            "",
+            ".",
+            &random_token(),
+            &format!("{}.AAAA", random_token()),
+        ] {
+            assert!(!ours.csrf_is_ours(forged), "{forged}");
+        }
+    }
+
+    #[test]
+    fn origins_must_match() {
+        let own = "http://127.0.0.1:8000";
+        assert!(same_origin(Some("http://127.0.0.1:8000"), None, own));
+        assert!(!same_origin(Some("https://evil.example"), None, own));
+        assert!(!same_origin(Some("null"), None, own));
+        assert!(same_origin(
+            None,
+            Some("http://127.0.0.1:8000/admin/login/"),
+            own
+        ));
+        assert!(!same_origin(None, Some("https://evil.example/admin/"), own));
+        assert!(same_origin(None, None, own));
     }
 }
