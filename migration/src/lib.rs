@@ -15,6 +15,7 @@ mod m20251215_000006_rollup_delta;
 mod m20261123_000007_rollup_phased_hours;
 mod m20261126_000008_delta_autovacuum;
 mod m20261126_000009_analyze_usage_tables;
+mod m20261126_000010_create_admin_session;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -46,6 +47,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000007_rollup_phased_hours::Migration),
             Box::new(m20261126_000008_delta_autovacuum::Migration),
             Box::new(m20261126_000009_analyze_usage_tables::Migration),
+            Box::new(m20261126_000010_create_admin_session::Migration),
         ]
     }
 }

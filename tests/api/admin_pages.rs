@@ -55,6 +55,7 @@ async fn user(t: &TestDb, name: &str, staff: bool, superuser: bool, active: bool
     u.id
 }
 
+#[derive(Debug)]
 struct Answer {
     status: u16,
     location: Option<String>,
@@ -396,7 +397,28 @@ db_test!(
                 password_tag: tag,
             })
         };
+        // A session opens pages only while its server-side record is there (sign-in writes it).
+        let record = |expires: i64| {
+            let key = signer.record_key(&Session {
+                user_id: id,
+                expires,
+                csrf: "x".repeat(43),
+                password_tag: String::new(),
+            });
+            let db = t.db.clone();
+            async move {
+                llm_tracker::http::pages::session::records::open(&db, &key, id, expires, now)
+                    .await
+                    .unwrap()
+            }
+        };
         let valid = make(now + 60, signer.password_tag(&hash));
+        assert_eq!(
+            send!(app, with_session("/admin/", &valid)).status,
+            302,
+            "no record"
+        );
+        record(now + 60).await;
         assert_eq!(send!(app, with_session("/admin/", &valid)).status, 200);
         // Expired.
         let expired = make(now - 1, signer.password_tag(&hash));
@@ -572,5 +594,62 @@ db_test!(
         );
         assert_eq!(ans.status, 302, "{}", ans.body);
         assert!(cookie_value(&ans.cookies, "llmt_session").is_some_and(|s| !s.is_empty()));
+    }
+);
+
+// Issue 17, item 3: logging out ends the session on the server (its cookie, saved before,
+// no longer opens a page); "sign out everywhere" ends every session of the user.
+db_test!(
+    async fn logout_ends_the_session_and_sign_out_everywhere_ends_them_all(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "root", false, true, true).await;
+        let app = test::init_service(app(state(&t))).await;
+        let logout = |session: &str, csrf: &str, everywhere: bool| {
+            let mut pairs = vec![("csrfmiddlewaretoken", csrf.to_owned())];
+            if everywhere {
+                pairs.push(("everywhere", "1".to_owned()));
+            }
+            test::TestRequest::post()
+                .uri("/admin/logout/")
+                .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                .insert_header(("cookie", format!("llmt_session={session}")))
+                .set_payload(
+                    pairs
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join("&"),
+                )
+        };
+        let csrf_of = |session: &str| {
+            Signer::new(SECRET)
+                .decode(session, chrono::Utc::now().timestamp())
+                .unwrap()
+                .csrf
+        };
+        let (one, _) = sign_in!(app, "root", "correct horse").unwrap();
+        assert_eq!(send!(app, with_session("/admin/", &one)).status, 200);
+        let ans = send!(app, logout(&one, &csrf_of(&one), false));
+        assert_eq!(ans.status, 302);
+        assert_eq!(
+            send!(app, with_session("/admin/", &one)).status,
+            302,
+            "replayed cookie"
+        );
+
+        let (a, _) = sign_in!(app, "root", "correct horse").unwrap();
+        let (b, _) = sign_in!(app, "root", "correct horse").unwrap();
+        assert_eq!(send!(app, with_session("/admin/", &a)).status, 200);
+        assert_eq!(send!(app, with_session("/admin/", &b)).status, 200);
+        let ans = send!(app, logout(&a, &csrf_of(&a), true));
+        assert_eq!(ans.status, 302);
+        assert_eq!(send!(app, with_session("/admin/", &a)).status, 302);
+        assert_eq!(
+            send!(app, with_session("/admin/", &b)).status,
+            302,
+            "other device too"
+        );
+        let page = send!(app, test::TestRequest::get().uri("/admin/login/"));
+        assert_eq!(page.status, 200);
     }
 );

@@ -453,16 +453,16 @@ db_test!(
         assert_verified(db).await;
         let all = list_usage(db, &UsageFilter::default(), 1, 1).await.unwrap();
         assert_eq!(all.total, 650);
-        // 000007 down (after 000009 and 000008) drops the :15/:30 hour cells; up sums them again from
+        // 000007 down (after 000010, 000009 and 000008) drops the :15/:30 hour cells; up sums them again from
         // the slot cells.
         let phased = "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (5, 6)";
         assert!(t.scalar_i64(phased).await > 0);
-        migration::Migrator::down(db, Some(3)).await.unwrap();
+        migration::Migrator::down(db, Some(4)).await.unwrap();
         assert_eq!(t.scalar_i64(phased).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert_verified(db).await;
         // Down to 000005 folds what is pending and puts the direct triggers back.
-        migration::Migrator::down(db, Some(4)).await.unwrap();
+        migration::Migrator::down(db, Some(5)).await.unwrap();
         assert!(
             !t.tables()
                 .await
@@ -490,7 +490,7 @@ db_test!(
             }
         }
         // Down removes the tables and their triggers; rows can still be written.
-        migration::Migrator::down(db, Some(5)).await.unwrap();
+        migration::Migrator::down(db, Some(6)).await.unwrap();
         insert(db, &random_rows(&mut rng, &ids, base, 1, 3, 20_000)).await;
         let tables = t.tables().await;
         assert!(!tables.contains(&"llm_tracker_usage_rollup".to_owned()));

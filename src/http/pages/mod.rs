@@ -216,6 +216,13 @@ impl FromRequest for Staff {
             if !allowed || signer.password_tag(&user.password) != session.password_tag {
                 return Err(sign_in());
             }
+            // Ended on the server (logged out, signed out everywhere)?
+            let open = session::records::is_open(&state.db, &signer.record_key(&session), now())
+                .await
+                .map_err(db_error)?;
+            if !open {
+                return Err(sign_in());
+            }
             Ok(Staff { user, session })
         })
     }
@@ -428,6 +435,15 @@ async fn login(
         csrf: session::random_token(),
         password_tag: signer.password_tag(&user.password),
     };
+    session::records::open(
+        &state.db,
+        &signer.record_key(&session),
+        user.id,
+        session.expires,
+        now(),
+    )
+    .await
+    .map_err(db_error)?;
     // As Django: the sign-in is recorded in last_login.
     let mut active = user.into_active_model();
     active.last_login = Set(Some(crate::tracker::now_micros()));
@@ -464,6 +480,9 @@ fn serde_urlencoded_form<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
 struct LogoutForm {
     #[serde(default)]
     csrfmiddlewaretoken: String,
+    /// Present (any value): end every session of this user, not only this one.
+    #[serde(default)]
+    everywhere: Option<String>,
 }
 
 async fn logout(
@@ -477,6 +496,26 @@ async fn logout(
         return Err(PageError::Forbidden(
             "CSRF verification failed: reload the page and try again.".into(),
         ));
+    }
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .cloned()
+        .ok_or(PageError::Unavailable)?;
+    let signer = signer(&state)?;
+    // The session ends on the server too: its cookie, replayed later, no longer opens a page.
+    if form.everywhere.is_some() {
+        let ended = session::records::close_all(&state.db, staff.user.id)
+            .await
+            .map_err(db_error)?;
+        tracing::info!(
+            user_id = staff.user.id,
+            sessions = ended,
+            "admin signed out everywhere"
+        );
+    } else {
+        session::records::close(&state.db, &signer.record_key(&staff.session))
+            .await
+            .map_err(db_error)?;
     }
     let mut gone = Cookie::build(SESSION_COOKIE, "").path("/").finish();
     gone.make_removal();

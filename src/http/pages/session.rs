@@ -92,6 +92,13 @@ impl Signer {
         format!("{nonce}.{}", URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16]))
     }
 
+    /// The key of a session's server-side record: an HMAC of its token (the database never
+    /// holds the token itself).
+    pub fn record_key(&self, session: &Session) -> String {
+        let tag = hmac::sign(&self.key, format!("session:{}", session.csrf).as_bytes());
+        URL_SAFE_NO_PAD.encode(&tag.as_ref()[..32])
+    }
+
     /// Whether `token` is one [`Signer::new_csrf`] made with this key.
     pub fn csrf_is_ours(&self, token: &str) -> bool {
         let Some((nonce, tag)) = token.split_once('.') else {
@@ -314,5 +321,73 @@ mod csrf_tests {
         ));
         assert!(!same_origin(None, Some("https://evil.example/admin/"), own));
         assert!(same_origin(None, None, own));
+    }
+}
+
+/// The server-side records of open sessions (`llm_tracker_admin_session`).
+pub mod records {
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+    use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+
+    fn table() -> Alias {
+        Alias::new("llm_tracker_admin_session")
+    }
+
+    /// Records an open session (and forgets the expired ones).
+    pub async fn open(
+        db: &DatabaseConnection,
+        key: &str,
+        user_id: i32,
+        expires: i64,
+        now: i64,
+    ) -> Result<(), DbErr> {
+        let backend = db.get_database_backend();
+        let gone = Query::delete()
+            .from_table(table())
+            .and_where(Expr::col(Alias::new("expires_at")).lte(now))
+            .to_owned();
+        db.execute_raw(backend.build(&gone)).await?;
+        let insert = Query::insert()
+            .into_table(table())
+            .columns([
+                Alias::new("session_key"),
+                Alias::new("user_id"),
+                Alias::new("expires_at"),
+            ])
+            .values_panic([key.into(), user_id.into(), expires.into()])
+            .to_owned();
+        db.execute_raw(backend.build(&insert)).await.map(|_| ())
+    }
+
+    /// Whether the session is still open.
+    pub async fn is_open(db: &DatabaseConnection, key: &str, now: i64) -> Result<bool, DbErr> {
+        let backend = db.get_database_backend();
+        let q = Query::select()
+            .expr(Expr::val(1))
+            .from(table())
+            .and_where(Expr::col(Alias::new("session_key")).eq(key))
+            .and_where(Expr::col(Alias::new("expires_at")).gt(now))
+            .to_owned();
+        Ok(db.query_one_raw(backend.build(&q)).await?.is_some())
+    }
+
+    /// Ends one session.
+    pub async fn close(db: &DatabaseConnection, key: &str) -> Result<(), DbErr> {
+        let backend = db.get_database_backend();
+        let q = Query::delete()
+            .from_table(table())
+            .and_where(Expr::col(Alias::new("session_key")).eq(key))
+            .to_owned();
+        db.execute_raw(backend.build(&q)).await.map(|_| ())
+    }
+
+    /// Ends every session of a user ("sign out everywhere"); returns how many were open.
+    pub async fn close_all(db: &DatabaseConnection, user_id: i32) -> Result<u64, DbErr> {
+        let backend = db.get_database_backend();
+        let q = Query::delete()
+            .from_table(table())
+            .and_where(Expr::col(Alias::new("user_id")).eq(user_id))
+            .to_owned();
+        Ok(db.execute_raw(backend.build(&q)).await?.rows_affected())
     }
 }
