@@ -555,7 +555,7 @@ async fn writer(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
 /// Folds the usage rollup every `interval` until `stop` is notified, then once more within the
 /// shutdown timeout (a fold that cannot finish by then is left to the next process: reads are
 /// exact anyway). Folds never wait on the insert path and never make it wait: see
-/// `usage::rollup::fold` (PostgreSQL) and `write_gate` (SQLite).
+/// `migration::rollup::fold` (PostgreSQL) and `write_gate` (SQLite).
 async fn fold_every(inner: Arc<Inner>, interval: Duration, stop: Arc<Notify>) {
     let mut failing = false;
     loop {
@@ -565,7 +565,7 @@ async fn fold_every(inner: Arc<Inner>, interval: Duration, stop: Arc<Notify>) {
         };
         let fold = async {
             let _turn = inner.sqlite_turn().await;
-            crate::usage::rollup::fold(&inner.db).await
+            migration::rollup::fold(&inner.db).await
         };
         let folded = if stopping {
             tokio::time::timeout(inner.opts.shutdown_timeout, fold)
