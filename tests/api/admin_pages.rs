@@ -653,3 +653,78 @@ db_test!(
         assert_eq!(page.status, 200);
     }
 );
+
+// Issue 17, item 9: failures for a username from new browsers stop new browsers only; the
+// owner's browser (its device cookie from an earlier sign-in) still signs in, and each address
+// keeps its own limit.
+db_test!(
+    async fn a_username_under_attack_still_signs_in_from_its_own_browser(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "staffer", true, false, true).await;
+        let app = test::init_service(app(state(&t))).await;
+        // One attempt from `addr` with `device` (a cookie value, or none).
+        macro_rules! attempt {
+            ($addr:expr, $device:expr, $password:expr) => {{
+                let page = send!(app, test::TestRequest::get().uri("/admin/login/"));
+                let csrf = cookie_value(&page.cookies, "llmt_csrf").expect("csrf cookie");
+                let mut cookies = format!("llmt_csrf={csrf}");
+                if let Some(d) = $device {
+                    cookies.push_str(&format!("; llmt_device={d}"));
+                }
+                send!(
+                    app,
+                    test::TestRequest::post()
+                        .uri("/admin/login/")
+                        .peer_addr($addr.parse().unwrap())
+                        .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                        .insert_header(("cookie", cookies))
+                        .set_payload(form(&[
+                            ("username", "staffer"),
+                            ("password", $password),
+                            ("csrfmiddlewaretoken", &csrf),
+                            ("next", "/admin/"),
+                        ]))
+                )
+            }};
+        }
+        let owner = "192.0.2.10:5000";
+        let first = attempt!(owner, None::<String>, "correct horse");
+        assert_eq!(first.status, 302);
+        let device = cookie_value(&first.cookies, "llmt_device").expect("device cookie");
+        // An attacker spreads wrong passwords over addresses (5 each, under the per-address 10).
+        for i in 0..12 {
+            let addr = format!("198.51.100.{}:4000", i / 5 + 1);
+            let ans = attempt!(addr.as_str(), None::<String>, "wrong");
+            assert!(ans.status == 200 || ans.status == 429, "{}", ans.status);
+        }
+        // New browsers are held now, even with the right password...
+        let new_browser = attempt!("203.0.113.7:4000", None::<String>, "correct horse");
+        assert_eq!(new_browser.status, 429);
+        // ...the owner's is not.
+        let again = attempt!(owner, Some(device.clone()), "correct horse");
+        assert_eq!(again.status, 302, "{}", again.body);
+        // A device cookie is for its username only, and forged ones are worthless.
+        assert!(Signer::new(SECRET).device_is_for(
+            &device,
+            "STAFFER",
+            chrono::Utc::now().timestamp()
+        ));
+        assert!(!Signer::new(SECRET).device_is_for(
+            &device,
+            "root",
+            chrono::Utc::now().timestamp()
+        ));
+        let forged = attempt!(
+            "203.0.113.8:4000",
+            Some("ZGV2aWNlfHN0YWZmZXJ8OTk5OTk5OTk5OQ.AAAA".to_owned()),
+            "correct horse"
+        );
+        assert_eq!(forged.status, 429);
+        // Each address keeps its own limit, device cookie or not.
+        for _ in 0..10 {
+            attempt!("192.0.2.99:5000", Some(device.clone()), "wrong");
+        }
+        let limited = attempt!("192.0.2.99:5000", Some(device.clone()), "correct horse");
+        assert_eq!(limited.status, 429);
+    }
+);

@@ -23,7 +23,9 @@ use crate::usage::filters::given;
 use crate::usage::list::{UsageRow, get_usage, list_usage_ordered};
 use crate::usage::stats::{self, Granularity, ModelStats, SeriesOptions, Summary};
 use crate::usage::{FilterError, UsageFilter};
-use session::{CSRF_COOKIE, SESSION_COOKIE, SESSION_TTL, Session, Signer};
+use session::{
+    CSRF_COOKIE, DEVICE_COOKIE, DEVICE_TTL, SESSION_COOKIE, SESSION_TTL, Session, Signer,
+};
 
 /// The message of a refused sign-in, whatever the reason (Django's).
 const BAD_LOGIN: &str = "Please enter the correct username and password for a staff account. Note that both fields may be case-sensitive.";
@@ -391,8 +393,17 @@ async fn login(
         .peer_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_default();
+    // Failures count per client address, and per username — except from a browser where
+    // this user signed in before (its device cookie): an attacker who exhausts the username's
+    // limit then blocks new devices only, not the owner's own.
+    let known_device = req
+        .cookie(DEVICE_COOKIE)
+        .is_some_and(|c| signer.device_is_for(c.value(), &form.username, now()));
     let user_key = format!("user:{}", form.username.to_lowercase());
-    let keys = [user_key.clone(), format!("ip:{ip}")];
+    let mut keys = vec![format!("ip:{ip}")];
+    if !known_device {
+        keys.push(user_key);
+    }
     if state.login_limiter.blocked(&keys) {
         tracing::warn!(ip = %ip, "admin sign-in refused: too many failures");
         return Ok(login_page(
@@ -428,7 +439,8 @@ async fn login(
             ));
         }
     };
-    state.login_limiter.clear(&user_key);
+    // The username's failures are not cleared by a success: an attacker would get a fresh
+    // allowance every time the owner signs in.
     let session = Session {
         user_id: user.id,
         expires: now() + SESSION_TTL.as_secs() as i64,
@@ -457,9 +469,20 @@ async fn login(
         .secure(req.connection_info().scheme() == "https")
         .max_age(CookieDuration::seconds(SESSION_TTL.as_secs() as i64))
         .finish();
+    let device = Cookie::build(
+        DEVICE_COOKIE,
+        signer.device_token(&form.username, now() + DEVICE_TTL.as_secs() as i64),
+    )
+    .path("/admin/")
+    .http_only(true)
+    .same_site(SameSite::Lax)
+    .secure(req.connection_info().scheme() == "https")
+    .max_age(CookieDuration::seconds(DEVICE_TTL.as_secs() as i64))
+    .finish();
     Ok(HttpResponse::Found()
         .insert_header((header::LOCATION, safe_next(&form.next)))
         .cookie(cookie)
+        .cookie(device)
         .finish())
 }
 

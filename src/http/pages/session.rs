@@ -17,6 +17,13 @@ use ring::hmac;
 pub const SESSION_COOKIE: &str = "llmt_session";
 /// The sign-in form's CSRF cookie (double submit: cookie and hidden field must match).
 pub const CSRF_COOKIE: &str = "llmt_csrf";
+
+/// The cookie that marks a browser where a user signed in before (a "device cookie"): sign-ins
+/// carrying it for that username are not held by the username's failure limit.
+pub const DEVICE_COOKIE: &str = "llmt_device";
+
+/// How long a device cookie is honoured.
+pub const DEVICE_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How long a session lasts.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
@@ -97,6 +104,40 @@ impl Signer {
     pub fn record_key(&self, session: &Session) -> String {
         let tag = hmac::sign(&self.key, format!("session:{}", session.csrf).as_bytes());
         URL_SAFE_NO_PAD.encode(&tag.as_ref()[..32])
+    }
+
+    /// A device cookie for `username` (case-insensitive), valid until `expires` (Unix s).
+    pub fn device_token(&self, username: &str, expires: i64) -> String {
+        let payload = format!("device|{}|{expires}", username.to_lowercase());
+        let payload = URL_SAFE_NO_PAD.encode(payload.as_bytes());
+        let tag = hmac::sign(&self.key, payload.as_bytes());
+        format!("{payload}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+    }
+
+    /// Whether `token` is a device cookie of ours for `username`, not expired at `now`.
+    pub fn device_is_for(&self, token: &str, username: &str, now: i64) -> bool {
+        let Some((payload, tag)) = token.split_once('.') else {
+            return false;
+        };
+        let Ok(tag) = URL_SAFE_NO_PAD.decode(tag) else {
+            return false;
+        };
+        if hmac::verify(&self.key, payload.as_bytes(), &tag).is_err() {
+            return false;
+        }
+        let Some(text) = URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+        else {
+            return false;
+        };
+        let mut parts = text.splitn(3, '|');
+        matches!(
+            (parts.next(), parts.next(), parts.next().and_then(|e| e.parse::<i64>().ok())),
+            (Some("device"), Some(name), Some(expires))
+                if name == username.to_lowercase() && expires > now
+        )
     }
 
     /// Whether `token` is one [`Signer::new_csrf`] made with this key.
