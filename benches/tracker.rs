@@ -69,38 +69,20 @@ async fn run(
     mode: WriteMode,
     rollup: bool,
 ) -> Vec<f64> {
-    let vars = HashMap::from([
-        (
-            "OPENAI_API_KEY".to_owned(),
-            "sk-bench-0123456789".to_owned(),
-        ),
-        ("OPENAI_BASE_URL".to_owned(), base_url.to_owned()),
-        ("LLM_MAX_RETRIES".to_owned(), "0".to_owned()),
-    ]);
-    let settings = Settings::from_map(&vars).unwrap();
     let db = fresh_database(url, rollup).await;
     let label = &if rollup {
         label.to_owned()
     } else {
         format!("{label}, no rollup")
     };
-    let spool = tempfile::tempdir().unwrap();
-    let provider: Arc<dyn Provider> = Arc::new(Timed(llm_tracker::llm_service(&settings).unwrap()));
-    let mut store = StoreOptions::new(spool.path().join("spool.jsonl"));
-    store.write_mode = mode;
     // The store folds the rollup every second (the default; BENCH_FOLD_MS, 0 = never) only
     // when there is a rollup.
     let fold_ms: u64 = std::env::var("BENCH_FOLD_MS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    store.fold_interval = (rollup && fold_ms > 0).then(|| Duration::from_millis(fold_ms));
-    let options = TrackerOptions {
-        store,
-        secrets: vec![],
-        prices: std::sync::Arc::new(llm_tracker::pricing::PriceTable::builtin()),
-    };
-    let tracker = Arc::new(LlmTracker::new(provider.clone(), db.clone(), options).await);
+    let fold = (rollup && fold_ms > 0).then(|| Duration::from_millis(fold_ms));
+    let (tracker, _spool) = timed_tracker(base_url, &db, mode, fold).await;
     let request = CallRequest::new(vec![Message::user("hi")]).node_name("bench");
 
     let mut rates = Vec::new();
@@ -175,6 +157,43 @@ async fn run(
         "nothing left in the spool"
     );
     rates
+}
+
+/// Settings for the local mock provider at `base_url`, without retries.
+fn settings(base_url: &str) -> Settings {
+    let vars = HashMap::from([
+        (
+            "OPENAI_API_KEY".to_owned(),
+            "sk-bench-0123456789".to_owned(),
+        ),
+        ("OPENAI_BASE_URL".to_owned(), base_url.to_owned()),
+        ("LLM_MAX_RETRIES".to_owned(), "0".to_owned()),
+    ]);
+    Settings::from_map(&vars).unwrap()
+}
+
+/// A tracker over `db` whose provider is timed (see [`Timed`]), spooling into a temp dir that
+/// lives as long as the returned guard.
+async fn timed_tracker(
+    base_url: &str,
+    db: &sea_orm::DatabaseConnection,
+    mode: WriteMode,
+    fold_interval: Option<Duration>,
+) -> (Arc<LlmTracker>, tempfile::TempDir) {
+    let spool = tempfile::tempdir().unwrap();
+    let mut store = StoreOptions::new(spool.path().join("spool.jsonl"));
+    store.write_mode = mode;
+    store.fold_interval = fold_interval;
+    let options = TrackerOptions {
+        store,
+        secrets: vec![],
+        prices: std::sync::Arc::new(llm_tracker::pricing::PriceTable::builtin()),
+    };
+    let provider: Arc<dyn Provider> = Arc::new(Timed(
+        llm_tracker::llm_service(&settings(base_url)).unwrap(),
+    ));
+    let tracker = Arc::new(LlmTracker::new(provider, db.clone(), options).await);
+    (tracker, spool)
 }
 
 /// The benchmark database, emptied, with the rollup's triggers or without them.
@@ -253,26 +272,9 @@ impl TableLock {
 
 /// What a tracked call adds before, during and after a 10 s table lock (`BENCH_FAULT=lock`).
 async fn fault_lock(label: &str, url: &str, base_url: &str, mode: WriteMode) {
-    let vars = HashMap::from([
-        (
-            "OPENAI_API_KEY".to_owned(),
-            "sk-bench-0123456789".to_owned(),
-        ),
-        ("OPENAI_BASE_URL".to_owned(), base_url.to_owned()),
-        ("LLM_MAX_RETRIES".to_owned(), "0".to_owned()),
-    ]);
-    let settings = Settings::from_map(&vars).unwrap();
     let db = fresh_database(url, true).await;
-    let spool = tempfile::tempdir().unwrap();
-    let mut store = StoreOptions::new(spool.path().join("spool.jsonl"));
-    store.write_mode = mode;
-    let options = TrackerOptions {
-        store,
-        secrets: vec![],
-        prices: std::sync::Arc::new(llm_tracker::pricing::PriceTable::builtin()),
-    };
-    let provider: Arc<dyn Provider> = Arc::new(Timed(llm_tracker::llm_service(&settings).unwrap()));
-    let tracker = Arc::new(LlmTracker::new(provider, db.clone(), options).await);
+    let default_fold = StoreOptions::new("").fold_interval;
+    let (tracker, _spool) = timed_tracker(base_url, &db, mode, default_fold).await;
     let request = CallRequest::new(vec![Message::user("hi")]).node_name("bench");
     let gap = Duration::from_millis(
         std::env::var("BENCH_GAP_MS")
@@ -388,15 +390,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The baseline: provider calls with no tracker.
 async fn bare(base_url: &str, calls: usize) {
-    let vars = HashMap::from([
-        (
-            "OPENAI_API_KEY".to_owned(),
-            "sk-bench-0123456789".to_owned(),
-        ),
-        ("OPENAI_BASE_URL".to_owned(), base_url.to_owned()),
-        ("LLM_MAX_RETRIES".to_owned(), "0".to_owned()),
-    ]);
-    let provider = llm_tracker::llm_service(&Settings::from_map(&vars).unwrap()).unwrap();
+    let provider = llm_tracker::llm_service(&settings(base_url)).unwrap();
     let request = ChatRequest {
         messages: vec![Message::user("hi")],
         ..Default::default()

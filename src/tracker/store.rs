@@ -115,7 +115,7 @@ struct Inner {
     /// sleeps milliseconds between tries, and callers missed their deadline at every fold).
     write_gate: Mutex<()>,
     /// Whether the schema is known to be in place (always, unless `opts.migrate`).
-    migrated: AtomicBool,
+    migrated: Arc<AtomicBool>,
     /// When a writer last finished a batch, in µs since `epoch`.
     progress: AtomicU64,
     epoch: Instant,
@@ -184,7 +184,7 @@ impl UsageStore {
             wake: Notify::new(),
             stop: AtomicBool::new(false),
             healthy: AtomicBool::new(!migrate),
-            migrated: AtomicBool::new(!migrate),
+            migrated: Arc::new(AtomicBool::new(!migrate)),
             progress: AtomicU64::new(0),
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -239,6 +239,12 @@ impl UsageStore {
             .await
             .unwrap_or(0);
         spooled + self.inner.in_memory.lock().await.len()
+    }
+
+    /// Set once the schema is known to be in place: at once, or (with
+    /// [`StoreOptions::migrate`]) when this store has migrated. `serve` reports readiness by it.
+    pub fn schema_ready(&self) -> Arc<AtomicBool> {
+        self.inner.migrated.clone()
     }
 
     /// Whether callers currently write to the database (else straight to the spool).
@@ -345,7 +351,7 @@ impl Inner {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// No writer finished a batch since `asked` (or within the last deadline before it).
+    /// No writer finished a batch since `asked`: the writers are stuck, not only busy.
     fn stalled_since(&self, asked: Instant) -> bool {
         let asked_us = asked.duration_since(self.epoch).as_micros() as u64;
         self.progress.load(Ordering::SeqCst) < asked_us
@@ -452,7 +458,7 @@ impl Inner {
 async fn worker(inner: Arc<Inner>) {
     let mut delay = inner.opts.retry_min;
     // The first round runs at once: an earlier run may have left rows (or the schema).
-    let mut failing = true;
+    let mut failing = false;
     let mut first = true;
     loop {
         if !first {

@@ -528,3 +528,18 @@ impl Blackhole {
         }
     }
 }
+
+/// A connection of its own holding SQLite's write lock on the test database (`BEGIN
+/// EXCLUSIVE`) until it commits or is dropped: storage that is there but cannot be written.
+pub async fn sqlite_write_lock(t: &TestDb) -> sea_orm::sqlx::SqliteConnection {
+    use sea_orm::sqlx::Connection;
+    let url = t.url.expose().replace("?mode=rwc", "");
+    let mut conn = sea_orm::sqlx::SqliteConnection::connect(&url)
+        .await
+        .unwrap();
+    sea_orm::sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
+}

@@ -180,17 +180,7 @@ impl TableLock {
                     .unwrap();
                 Self::Postgres(conn)
             }
-            Backend::Sqlite => {
-                let url = t.url.expose().replace("?mode=rwc", "");
-                let mut conn = sea_orm::sqlx::SqliteConnection::connect(&url)
-                    .await
-                    .unwrap();
-                sea_orm::sqlx::query("BEGIN EXCLUSIVE")
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                Self::Sqlite(conn)
-            }
+            Backend::Sqlite => Self::Sqlite(crate::helpers::sqlite_write_lock(t).await),
         }
     }
 
@@ -322,10 +312,7 @@ db_test!(
         let ids = drained(&tracker, &t.db, seen.len()).await;
         assert_each_stored_once(&seen, &ids);
         tracker.shutdown().await;
-        let report = llm_tracker::usage::rollup::verify(&t.db, None, None)
-            .await
-            .unwrap();
-        assert_eq!(report.differing_cells, 0, "{:?}", report.examples);
+        crate::rollup::assert_verified(&t.db).await;
     }
 );
 
@@ -507,7 +494,6 @@ db_test!(
     async fn a_call_killed_right_after_its_provider_answered_in_an_outage_keeps_its_row(
         backend: Backend,
     ) {
-        use sea_orm::sqlx::Connection;
         let t = TestDb::migrated(backend).await;
         let server = provider(Duration::ZERO).await;
         let spool_dir = tempfile::tempdir().unwrap();
@@ -518,17 +504,10 @@ db_test!(
                 let url = format!("postgres://postgres@127.0.0.1:{}/postgres", hole.port);
                 (ChildOutage::Hung(hole), url)
             }
-            Backend::Sqlite => {
-                let url = t.url.expose().replace("?mode=rwc", "");
-                let mut conn = sea_orm::sqlx::SqliteConnection::connect(&url)
-                    .await
-                    .unwrap();
-                sea_orm::sqlx::query("BEGIN EXCLUSIVE")
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                (ChildOutage::Locked(conn), t.url.expose().to_owned())
-            }
+            Backend::Sqlite => (
+                ChildOutage::Locked(crate::helpers::sqlite_write_lock(&t).await),
+                t.url.expose().to_owned(),
+            ),
         };
         let base = format!("{}/v1", server.uri());
         let run = |database_url: &str| {
@@ -720,10 +699,7 @@ mod many_processes_share_one_database_and_one_spool {
         assert_eq!(ids.iter().collect::<HashSet<_>>().len(), calls);
         let leftovers = spool_files(&spool);
         assert!(leftovers.is_empty(), "spool files left: {leftovers:?}");
-        let report = llm_tracker::usage::rollup::verify(&t.db, None, None)
-            .await
-            .unwrap();
-        assert_eq!(report.differing_cells, 0, "{:?}", report.examples);
+        crate::rollup::assert_verified(&t.db).await;
     }
 }
 
@@ -800,10 +776,7 @@ mod the_fold_never_vacuums_and_autovacuum_never_truncates_the_delta {
             .try_get_by_index::<i64>(0)
             .unwrap();
         assert_eq!(pending, 0);
-        let report = llm_tracker::usage::rollup::verify(&t.db, None, None)
-            .await
-            .unwrap();
-        assert_eq!(report.differing_cells, 0);
+        crate::rollup::assert_verified(&t.db).await;
     }
 }
 

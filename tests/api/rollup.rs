@@ -264,7 +264,7 @@ async fn counted(t: &TestDb) -> i64 {
     .await
 }
 
-async fn assert_verified(db: &DatabaseConnection) {
+pub(crate) async fn assert_verified(db: &DatabaseConnection) {
     let report = rollup::verify(db, None, None).await.unwrap();
     assert_eq!(report.differing_cells, 0, "{:?}", report.examples);
     assert!(report.expected_cells > 0);

@@ -621,19 +621,8 @@ async fn tracker_db(t: &TestDb) -> (DatabaseConnection, Outage) {
 }
 
 async fn break_storage(t: &TestDb, outage: Outage) -> Outage {
-    use sea_orm::sqlx::Connection;
     match outage {
-        Outage::None => {
-            let url = t.url.expose().replace("?mode=rwc", "");
-            let mut conn = sea_orm::sqlx::SqliteConnection::connect(&url)
-                .await
-                .unwrap();
-            sea_orm::sqlx::query("BEGIN EXCLUSIVE")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            Outage::Sqlite(conn)
-        }
+        Outage::None => Outage::Sqlite(crate::helpers::sqlite_write_lock(t).await),
         Outage::Postgres(proxy) => {
             proxy.set_up(false);
             Outage::Postgres(proxy)

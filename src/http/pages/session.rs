@@ -254,13 +254,6 @@ impl Limiter {
             }
         }
     }
-
-    /// Forgets the failures of `key` (a successful sign-in of that username).
-    pub fn clear(&self, key: &str) {
-        if let Ok(mut map) = self.failures.lock() {
-            map.remove(key);
-        }
-    }
 }
 
 impl Default for Limiter {
