@@ -230,12 +230,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
                 demo_setup(&settings, &db).await?;
                 (db, true)
             } else {
-                let db = crate::db::connect(&settings.database_url).await?;
-                let answers = crate::db::answers(&db, crate::tracker::STARTUP_PROBE).await;
-                if answers {
-                    crate::db::migrate(&db).await?;
-                }
-                (db, answers)
+                crate::db::open(&settings.database_url, crate::tracker::STARTUP_PROBE).await?
             };
             crate::server::run(settings, db, migrated).await?;
         }

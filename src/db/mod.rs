@@ -46,6 +46,21 @@ pub async fn answers(db: &DatabaseConnection, within: Duration) -> bool {
     matches!(tokio::time::timeout(within, db.ping()).await, Ok(Ok(())))
 }
 
+/// A lazily connecting pool for `url`, migrated if the database answers within `probe`.
+/// Returns whether it did: `false` means the database was away, and the caller starts without
+/// it (the usage store then migrates once it answers, `StoreOptions::migrate`). A migration
+/// that fails while the database answers is an error.
+pub async fn open(url: &DatabaseUrl, probe: Duration) -> Result<(DatabaseConnection, bool), DbErr> {
+    let db = connect(url).await?;
+    let up = answers(&db, probe).await;
+    if up {
+        migrate(&db).await?;
+    } else {
+        tracing::warn!("the database does not answer; starting without it");
+    }
+    Ok((db, up))
+}
+
 /// Applies every pending migration.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
     Migrator::up(db, None).await

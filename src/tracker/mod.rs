@@ -195,16 +195,10 @@ impl LlmTracker {
     /// them once the database answers. Only bad settings are an error here.
     pub async fn from_settings(settings: &Settings) -> Result<Self, TrackerError> {
         let provider = providers::llm_service(settings)?;
-        let db = crate::db::connect(&settings.database_url).await?;
+        let (db, migrated) = crate::db::open(&settings.database_url, STARTUP_PROBE).await?;
         let mut options = options_from_settings(settings);
-        if crate::db::answers(&db, STARTUP_PROBE).await {
-            crate::db::migrate(&db).await?;
-        } else {
-            tracing::warn!(
-                "the database does not answer; tracking calls through the spool until it does"
-            );
-            options.store.migrate = true;
-        }
+        // Until then rows go to the spool; the store migrates once the database answers.
+        options.store.migrate = !migrated;
         Ok(Self::new(provider, db, options).await)
     }
 
