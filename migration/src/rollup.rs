@@ -1,13 +1,17 @@
 //! The SQL of the usage rollup (`llm_tracker_usage_rollup`), shared by its migration, the
 //! database triggers that keep it exact, and `llm-tracker rollup rebuild|verify`.
 //!
-//! One row per cell: `grain` (the cell's length in 15-minute UTC slots: 1 = 15 minutes,
-//! 4 = an hour, 96 = a UTC day) × `slot` (the cell's first slot, `floor(epoch seconds / 900)`)
-//! × `user_key` × `model` × `success`, holding the call count and every sum the statistics
-//! need (tokens, cost in micro-dollars, latency in microseconds, and how many calls are priced
-//! and timed). Each row of `llm_tracker_usage` is counted in six cells: one per grain per user,
-//! and one per grain for all users together ([`ALL_USERS`]). The finest grain is the issue's
-//! 15-minute table; the coarser ones let a query over months read a few thousand rows.
+//! One row per cell: `grain` (which kind of cell, see [`GRAINS`] and [`Calendar`]) × `slot`
+//! (the cell's first 15-minute UTC slot, `floor(epoch seconds / 900)`) × `user_key` × `model`
+//! × `success`, holding the call count and every sum the statistics need (tokens, cost in
+//! micro-dollars, latency in microseconds, and how many calls are priced and timed).
+//!
+//! **Layout (migration 000011).** The cells for all users together ([`ALL_USERS`]) exist at
+//! every fixed grain: 15-minute slots, UTC hours, hours starting at :15 and :30, UTC days. The
+//! cells of one user exist only where they compress that user's rows: UTC days in both tables,
+//! and UTC calendar months and years in the totals table ([`per_user`]). A user with one call a
+//! day has one cell a day instead of one per grain; the finer statistics of one user come from
+//! the usage table's `(user_id, created_at)` index. See `docs/architecture.md` for the sizes.
 //!
 //! `user_key` is the user's id, [`NO_USER`] for calls made for no user, or [`ALL_USERS`]: both
 //! outside the range of `auth_user.id` (a 32-bit integer), so no real id can collide with them.
@@ -111,6 +115,73 @@ pub fn hour_grain(slot: i64) -> Option<Grain> {
         .copied()
         .find(|g| g.len == 4 && slot.rem_euclid(4) == g.phase)
 }
+
+/// The calendar cells: a UTC month or a UTC year, keyed by the slot it starts at (migration
+/// 000011; per user, in the totals table only). A range of whole months or years (a report, or
+/// "all time", whose open ends may be widened to whole years because no row lies outside the
+/// rollup's extent) reads one cell per user and month or year.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Calendar {
+    Month,
+    Year,
+}
+
+impl Calendar {
+    pub const ALL: [Calendar; 2] = [Calendar::Month, Calendar::Year];
+
+    /// Its code in the `grain` column (distinct from every [`GRAINS`] code).
+    pub const fn code(self) -> i64 {
+        match self {
+            Self::Month => 2976,
+            Self::Year => 35040,
+        }
+    }
+
+    /// SQL: the first slot of the next month or year after the one that starts at slot `slot`.
+    pub fn next_sql(self, backend: DbBackend, slot: &str) -> String {
+        let unit = match self {
+            Self::Month => "month",
+            Self::Year => "year",
+        };
+        match backend {
+            DbBackend::Postgres => format!(
+                "CAST(extract(epoch FROM (to_timestamp(({slot}) * 900) AT TIME ZONE 'UTC') + interval '1 {unit}') / 900 AS BIGINT)"
+            ),
+            _ => format!(
+                "(CAST(strftime('%s', ({slot}) * 900, 'unixepoch', '+1 {unit}') AS INTEGER) / 900)"
+            ),
+        }
+    }
+
+    /// SQL: the first slot of the month or year holding slot `slot` (an integer expression).
+    pub fn start_sql(self, backend: DbBackend, slot: &str) -> String {
+        let unit = match self {
+            Self::Month => "month",
+            Self::Year => "year",
+        };
+        match backend {
+            DbBackend::Postgres => format!(
+                "CAST(extract(epoch FROM date_trunc('{unit}', to_timestamp(({slot}) * 900) AT TIME ZONE 'UTC')) / 900 AS BIGINT)"
+            ),
+            _ => format!(
+                "(CAST(strftime('%s', ({slot}) * 900, 'unixepoch', 'start of {unit}') AS INTEGER) / 900)"
+            ),
+        }
+    }
+}
+
+/// Which cells a row is counted in besides those of all users: its user's cells, by table
+/// (migration 000011). The fixed grains of [`GRAINS`] that a user has (the UTC day), and the
+/// calendar grains (months and years, totals table only).
+pub fn per_user(level: Level) -> (&'static [i64], &'static [Calendar]) {
+    match level {
+        Level::ByModel => (&[96], &[]),
+        Level::Total => (&[96], &Calendar::ALL),
+    }
+}
+
+/// The grain code of a day cell.
+pub const DAY: i64 = 96;
 
 /// `user_key` of the cells that count every user's calls together.
 pub const ALL_USERS: i64 = 1 << 31;
@@ -357,16 +428,36 @@ fn contributions(backend: DbBackend, sources: &[Source<'_>]) -> String {
 
 /// `SELECT` of the `level` cells of `sources` (key and sums, grouped), without the insert.
 pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) -> String {
-    let grains: Vec<String> = GRAINS
-        .iter()
-        .flat_map(|g| [(g, 1), (g, 0)])
-        .map(|(g, per_user)| {
-            format!(
-                "SELECT {} AS grain, {} AS len, {} AS phase, {per_user} AS per_user",
-                g.code, g.len, g.phase
-            )
-        })
-        .collect();
+    // (grain, len, phase, calendar kind, per user): every fixed grain for all users; the
+    // user's own cells where the layout has them (kind 1 = month, 2 = year).
+    let (user_fixed, user_calendar) = per_user(level);
+    let mut grains: Vec<String> = Vec::new();
+    for g in GRAINS {
+        grains.push(format!(
+            "SELECT {} AS grain, {} AS len, {} AS phase, 0 AS kind, 0 AS per_user",
+            g.code, g.len, g.phase
+        ));
+        if user_fixed.contains(&g.code) {
+            grains.push(format!("SELECT {}, {}, {}, 0, 1", g.code, g.len, g.phase));
+        }
+    }
+    for c in user_calendar {
+        let kind = match c {
+            Calendar::Month => 1,
+            Calendar::Year => 2,
+        };
+        grains.push(format!("SELECT {}, 1, 0, {kind}, 1", c.code()));
+    }
+    let slot = if user_calendar.is_empty() {
+        cell_start_sql("d.slot", "g.len", "g.phase")
+    } else {
+        format!(
+            "CASE g.kind WHEN 0 THEN {} WHEN 1 THEN {} ELSE {} END",
+            cell_start_sql("d.slot", "g.len", "g.phase"),
+            Calendar::Month.start_sql(backend, "d.slot"),
+            Calendar::Year.start_sql(backend, "d.slot"),
+        )
+    };
     let (dims, group) = match level {
         Level::ByModel => ("d.model AS model, d.success AS success, ", "1, 2, 3, 4, 5"),
         Level::Total => ("", "1, 2, 3"),
@@ -383,7 +474,6 @@ pub fn cells_select(backend: DbBackend, sources: &[Source<'_>], level: Level) ->
          FROM ({rows}) d CROSS JOIN ({grains}) g \
          WHERE 1 = 1 \
          GROUP BY {group}",
-        slot = cell_start_sql("d.slot", "g.len", "g.phase"),
         sums = sums.join(", "),
         rows = contributions(backend, sources),
         grains = grains.join(" UNION ALL "),

@@ -21,7 +21,7 @@ pub async fn token_stats_statements<C: ConnectionTrait>(
     let tz = chrono_tz::Tz::UTC;
     let raw = |f: &UsageFilter| token_stats_query(backend, f, granularity, tz).build(backend);
     Ok(
-        match rollup::plan(db, filter, granularity.map(|g| (g, tz))).await? {
+        match rollup::plan(db, filter, granularity.map(|g| (g, tz)), false).await? {
             None => vec![raw(filter)],
             Some(plan) => {
                 let mut out = vec![rollup::statement(backend, &plan, filter, GroupBy::Model)];
@@ -29,6 +29,9 @@ pub async fn token_stats_statements<C: ConnectionTrait>(
                     out.push(rollup::statement(backend, &plan, filter, GroupBy::Slot));
                 }
                 out.extend(plan.edges.iter().map(raw));
+                if granularity.is_some() {
+                    out.extend(plan.gap_filters(filter).iter().map(raw));
+                }
                 out
             }
         },
@@ -45,7 +48,7 @@ pub async fn list_usage_statements<C: ConnectionTrait>(
 ) -> Result<Vec<Statement>, DbErr> {
     let backend = db.get_database_backend();
     let offset = page.saturating_sub(1).saturating_mul(page_size);
-    let mut out = match rollup::plan(db, filter, None).await? {
+    let mut out = match rollup::plan(db, filter, None, false).await? {
         None => vec![count_query(filter).build(backend)],
         Some(plan) => {
             let mut out = vec![rollup::statement(backend, &plan, filter, GroupBy::Nothing)];

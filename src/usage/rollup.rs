@@ -9,10 +9,11 @@
 //! before 1900 in the tz database) makes the whole request fall back to the raw rows.
 
 use chrono::{DateTime, Duration, Utc};
+use chrono::{Datelike, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use migration::rollup::{
-    ALL_USERS, DELTA_TABLE, GRAINS, Level, Mechanism, NO_USER, SLOT_SECONDS, TOTALS_TABLE,
-    hour_grain,
+    ALL_USERS, Calendar, DAY, DELTA_TABLE, GRAINS, Level, Mechanism, NO_USER, SLOT_SECONDS,
+    TOTALS_TABLE, hour_grain, per_user,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
@@ -23,26 +24,87 @@ use super::stats::Granularity;
 
 const SLOT_MICROS: i64 = SLOT_SECONDS * 1_000_000;
 
+/// Whose cells a plan reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The cells of all users together: every fixed grain.
+    AllUsers,
+    /// One user's cells (a `user_id` filter) or each user's (`by_user`): UTC days, and in the
+    /// totals table UTC months and years ([`migration::rollup::per_user`]).
+    PerUser,
+}
+
 /// How a request is answered from the rollup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
+    pub scope: Scope,
     /// `(grain code, first slot, end slot)`: whole cells of that grain (see
-    /// [`migration::rollup::GRAINS`]) from the first slot up to (not including) the end slot;
-    /// the ranges do not overlap. Each cell lies inside one
-    /// bucket of the series (when there is one).
+    /// [`migration::rollup::GRAINS`] and [`migration::rollup::Calendar`]) from the first slot
+    /// up to (not including) the end slot; the ranges do not overlap. Each cell lies inside one
+    /// bucket of the series (when there is one), in the table the series reads.
     pub ranges: Vec<(i64, i64, i64)>,
-    /// The same slots in the coarsest cells, ignoring buckets: for the sums that have none
-    /// (summary, per model, per user), which then read far fewer cells.
+    /// The same slots in the coarsest cells of the per-model table, ignoring buckets: for the
+    /// sums that have none (summary, per model, per user), which then read far fewer cells.
     pub totals: Vec<(i64, i64, i64)>,
+    /// The same slots in the coarsest cells of the totals table (with a user's months and
+    /// years): for the sums over all models and outcomes without buckets.
+    pub coarse: Vec<(i64, i64, i64)>,
     /// The raw rows still to add: the filter narrowed to each partial edge of the range.
     pub edges: Vec<UsageFilter>,
+    /// Whole slots `[first, end)` inside `totals` that no cell of `ranges` covers (a user's
+    /// day that straddles a local bucket): the series reads their raw rows instead.
+    pub gaps: Vec<(i64, i64)>,
     /// The whole slots `[first, end)` that `ranges` and `totals` cover: the pending
     /// contributions of the delta table in them are added to the cells.
     pub slots: (i64, i64),
 }
 
+impl Plan {
+    /// The filter narrowed to each of [`Plan::gaps`]: raw rows counted in the series only.
+    pub fn gap_filters(&self, filter: &UsageFilter) -> Vec<UsageFilter> {
+        self.gaps
+            .iter()
+            .filter_map(|&(lo, hi)| {
+                Some(UsageFilter {
+                    start: Some(slot_start(lo)?),
+                    end: Some(slot_start(hi)? - Duration::microseconds(1)),
+                    ..filter.clone()
+                })
+            })
+            .collect()
+    }
+}
+
 fn slot_start(slot: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0)
+}
+
+fn slot_of(t: NaiveDateTime) -> i64 {
+    t.and_utc().timestamp().div_euclid(SLOT_SECONDS)
+}
+
+/// The first slot of the calendar cell holding `slot`, and the first slot after it.
+fn calendar_cell(c: Calendar, slot: i64) -> Option<(i64, i64)> {
+    let at = slot_start(slot)?.naive_utc();
+    let (year, month) = (at.year(), at.month());
+    let (first, next) = match c {
+        Calendar::Month => (
+            NaiveDate::from_ymd_opt(year, month, 1)?,
+            if month == 12 {
+                NaiveDate::from_ymd_opt(year + 1, 1, 1)?
+            } else {
+                NaiveDate::from_ymd_opt(year, month + 1, 1)?
+            },
+        ),
+        Calendar::Year => (
+            NaiveDate::from_ymd_opt(year, 1, 1)?,
+            NaiveDate::from_ymd_opt(year + 1, 1, 1)?,
+        ),
+    };
+    Some((
+        slot_of(first.and_hms_opt(0, 0, 0)?),
+        slot_of(next.and_hms_opt(0, 0, 0)?),
+    ))
 }
 
 /// The first and last slot of the rollup (any user), if it has any cell or pending
@@ -71,13 +133,30 @@ async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr>
     Ok(first.zip(last))
 }
 
+/// The table a statement grouped by `by` reads for `filter`: the totals table over all models
+/// and outcomes, the per-model table otherwise.
+fn level_of(filter: &UsageFilter, by: GroupBy) -> Level {
+    match by {
+        GroupBy::Model => Level::ByModel,
+        _ if filter.model.is_none() && filter.success.is_none() => Level::Total,
+        _ => Level::ByModel,
+    }
+}
+
 /// The plan for `filter` (and, for a series, its buckets), or `None` when the raw rows answer
-/// it better: a range shorter than a slot, an empty rollup, or a slot that straddles a bucket.
+/// it better: a range shorter than a slot (a day, for one user's cells), an empty rollup, or a
+/// slot that straddles a bucket. `by_user`: the plan serves per-user sums (see [`Scope`]).
 pub async fn plan<C: ConnectionTrait>(
     db: &C,
     filter: &UsageFilter,
     series: Option<(Granularity, Tz)>,
+    by_user: bool,
 ) -> Result<Option<Plan>, DbErr> {
+    let scope = if by_user || filter.user_id.is_some() {
+        Scope::PerUser
+    } else {
+        Scope::AllUsers
+    };
     if let (Some(s), Some(e)) = (filter.start, filter.end)
         && e < s
     {
@@ -96,18 +175,51 @@ pub async fn plan<C: ConnectionTrait>(
         (Some(a), Some(b)) => (a, b),
         _ => match extent(db).await? {
             None => return Ok(None),
-            Some((first, last)) => (a.unwrap_or(first), b.unwrap_or(last + 1)),
+            // An open end reaches past every row: for one user's cells it may as well reach a
+            // whole year, so that "all time" reads years, not days.
+            Some((first, last)) => match scope {
+                Scope::AllUsers => (a.unwrap_or(first), b.unwrap_or(last + 1)),
+                Scope::PerUser => {
+                    let (Some((y0, _)), Some((_, y1))) = (
+                        calendar_cell(Calendar::Year, first),
+                        calendar_cell(Calendar::Year, last),
+                    ) else {
+                        return Ok(None);
+                    };
+                    (a.unwrap_or(y0), b.unwrap_or(y1))
+                }
+            },
         },
+    };
+    // A user's finest cells are UTC days.
+    let (a, b) = match scope {
+        Scope::AllUsers => (a, b),
+        Scope::PerUser => (
+            a.div_euclid(DAY) * DAY + if a.rem_euclid(DAY) == 0 { 0 } else { DAY },
+            b.div_euclid(DAY) * DAY,
+        ),
     };
     if a >= b {
         return Ok(None);
     }
-    let Some(ranges) = cells(a, b, series) else {
-        return Ok(None);
-    };
-    let totals = match series {
-        None => ranges.clone(),
-        Some(_) => cells(a, b, None).unwrap_or_else(|| ranges.clone()),
+    let (ranges, totals, coarse, gaps) = match scope {
+        Scope::AllUsers => {
+            let Some(ranges) = cells(a, b, series) else {
+                return Ok(None);
+            };
+            let totals = match series {
+                None => ranges.clone(),
+                Some(_) => cells(a, b, None).unwrap_or_else(|| ranges.clone()),
+            };
+            (ranges, totals.clone(), totals, Vec::new())
+        }
+        Scope::PerUser => {
+            let series_level = level_of(filter, GroupBy::Slot);
+            let (ranges, gaps) = user_cells(a, b, series, series_level);
+            let (totals, _) = user_cells(a, b, None, Level::ByModel);
+            let (coarse, _) = user_cells(a, b, None, Level::Total);
+            (ranges, totals, coarse, gaps)
+        }
     };
     let mut edges = Vec::new();
     let (Some(a_at), Some(b_at)) = (slot_start(a), slot_start(b)) else {
@@ -132,11 +244,63 @@ pub async fn plan<C: ConnectionTrait>(
         });
     }
     Ok(Some(Plan {
+        scope,
         ranges,
         totals,
+        coarse,
         edges,
+        gaps,
         slots: (a, b),
     }))
+}
+
+/// Whole UTC days `[a, b)` in a user's cells of `level` (days; in the totals table also
+/// months and years), coarsest first, each inside one bucket of the series; the days that fit
+/// no bucket are returned as gaps (merged runs of slots).
+#[allow(clippy::type_complexity)]
+fn user_cells(
+    a: i64,
+    b: i64,
+    series: Option<(Granularity, Tz)>,
+    level: Level,
+) -> (Vec<(i64, i64, i64)>, Vec<(i64, i64)>) {
+    let fits = |p: i64, end: i64| match series {
+        None => true,
+        Some((gran, tz)) => match (slot_start(p), slot_start(end)) {
+            (Some(s), Some(e)) => {
+                bucket_start(gran, tz, s) == bucket_start(gran, tz, e - Duration::microseconds(1))
+            }
+            _ => false,
+        },
+    };
+    let (_, calendars) = per_user(level);
+    let mut runs: Vec<(i64, i64, i64)> = Vec::new();
+    let mut gaps: Vec<(i64, i64)> = Vec::new();
+    let mut p = a;
+    while p < b {
+        let calendar = calendars.iter().rev().find_map(|c| {
+            let (first, next) = calendar_cell(*c, p)?;
+            (first == p && next <= b && fits(p, next)).then_some((c.code(), next))
+        });
+        let (code, next) = match calendar {
+            Some(found) => found,
+            None if fits(p, p + DAY) => (DAY, p + DAY),
+            None => {
+                match gaps.last_mut() {
+                    Some((_, hi)) if *hi == p => *hi = p + DAY,
+                    _ => gaps.push((p, p + DAY)),
+                }
+                p += DAY;
+                continue;
+            }
+        };
+        match runs.last_mut() {
+            Some((c, _, hi)) if *c == code && *hi == p => *hi = next,
+            _ => runs.push((code, p, next)),
+        }
+        p = next;
+    }
+    (runs, gaps)
 }
 
 /// Slots `[a, b)` as merged runs of cells, coarsest first, each cell inside one bucket of the
@@ -194,30 +358,32 @@ pub enum GroupBy {
 /// The statement summing the plan's cells that `filter` selects, grouped by `by`, with the
 /// column names of the raw aggregate (`total_calls`, `successful_calls`, …).
 pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: GroupBy) -> Statement {
-    let ranges = match by {
-        GroupBy::Slot => &plan.ranges,
-        _ => &plan.totals,
-    };
     // Over all models and outcomes, the totals table has one row per cell.
-    let level = match by {
-        GroupBy::Model => Level::ByModel,
-        _ if filter.model.is_none() && filter.success.is_none() => Level::Total,
-        _ => Level::ByModel,
+    let level = level_of(filter, by);
+    let ranges = match (by, level) {
+        (GroupBy::Slot, _) => &plan.ranges,
+        (_, Level::Total) => &plan.coarse,
+        (_, Level::ByModel) => &plan.totals,
     };
     let table = level.table();
     // Per user, without a user filter: the primary key is (grain, user_key, slot, …), so a slot
     // range is an index range only for one user key at a time. Every user with a row has a
-    // day cell in the totals table, so its day cells (all time) name every user key to visit.
+    // year cell in the totals table (a few per user), so those name every user key to visit.
     let join_users = match (by, filter.user_id) {
         (GroupBy::User, None) => format!(
-            "(SELECT DISTINCT user_key AS k FROM {TOTALS_TABLE} WHERE grain = 96 AND user_key <> {ALL_USERS}) u CROSS JOIN "
+            "(SELECT DISTINCT user_key AS k FROM {TOTALS_TABLE} WHERE grain = {}) u CROSS JOIN ",
+            Calendar::Year.code()
         ),
         _ => String::new(),
     };
-    let values: Vec<String> = ranges
+    let mut values: Vec<String> = ranges
         .iter()
         .map(|(g, lo, hi)| format!("({g}, {lo}, {hi})"))
         .collect();
+    if values.is_empty() {
+        // No whole cell (a user's series whose days all straddle buckets): an empty run.
+        values.push("(0, 0, 0)".to_owned());
+    }
     let mut params: Vec<Value> = Vec::new();
     let mut placeholder = |v: Value| {
         params.push(v);
@@ -310,6 +476,14 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
     // in one slot, so in one cell of the plan, and groups like the cells.
     let (first, end) = plan.slots;
     let mut pending = vec![format!("r.slot >= {first} AND r.slot < {end}")];
+    // The series reads the gaps' raw rows, which hold their pending contributions already.
+    if by == GroupBy::Slot {
+        pending.extend(
+            plan.gaps
+                .iter()
+                .map(|(lo, hi)| format!("NOT (r.slot >= {lo} AND r.slot < {hi})")),
+        );
+    }
     if let Some(user) = filter.user_id {
         pending.push(format!("r.user_key = {user}"));
     }
@@ -417,8 +591,26 @@ pub async fn verify(
             format!("{slot} >= {lo} AND {slot} < {hi}")
         }
     });
+    // Cells inside the range: a month or year cell only when it ends inside it too.
     let stored_range = slots
-        .map(|(lo, hi)| format!(" WHERE slot >= {lo} AND slot < {hi}"))
+        .map(|(lo, hi)| {
+            let calendar: Vec<String> = Calendar::ALL
+                .iter()
+                .map(|c| {
+                    format!(
+                        "(grain = {} AND {} <= {hi})",
+                        c.code(),
+                        c.next_sql(backend, "slot")
+                    )
+                })
+                .collect();
+            let codes: Vec<String> = Calendar::ALL.iter().map(|c| c.code().to_string()).collect();
+            format!(
+                " WHERE slot >= {lo} AND slot < {hi} AND (grain NOT IN ({}) OR {})",
+                codes.join(", "),
+                calendar.join(" OR ")
+            )
+        })
         .unwrap_or_default();
     let txn = super::stats::read_txn(db).await?;
     let mut report = VerifyReport {
@@ -455,7 +647,7 @@ pub async fn verify(
             "SELECT {key_out}, CAST(SUM(e_calls) AS BIGINT) AS expected_calls, \
              CAST(SUM(s_calls) AS BIGINT) AS stored_calls, MAX(is_expected) AS is_expected, \
              CASE WHEN {differs} THEN 1 ELSE 0 END AS is_diff \
-             FROM (SELECT {key_list}, 1 AS is_expected, calls AS e_calls, 0 AS s_calls, {sum_list} FROM ({expected}) e \
+             FROM (SELECT {key_list}, 1 AS is_expected, calls AS e_calls, 0 AS s_calls, {sum_list} FROM ({expected}) e{stored_range} \
              UNION ALL SELECT {key_list}, 0, 0, calls, {negated} FROM {table}{stored_range} \
              UNION ALL SELECT {key_list}, 0, 0, calls, {negated} FROM ({pending}) p{stored_range}) x \
              GROUP BY {key_list}",

@@ -449,7 +449,7 @@ pub async fn token_stats_in(
     let backend = db.get_database_backend();
     let tz = options.tz;
     let txn = read_txn(db).await?;
-    let plan = rollup::plan(&txn, filter, granularity.map(|g| (g, tz))).await?;
+    let plan = rollup::plan(&txn, filter, granularity.map(|g| (g, tz)), false).await?;
     let (totals, series, both) = match plan {
         None => (
             Vec::new(),
@@ -458,10 +458,21 @@ pub async fn token_stats_in(
         ),
         Some(plan) => {
             let totals = rollup::query(&txn, &plan, filter, rollup::GroupBy::Model).await?;
-            let series = match granularity {
+            let mut series = match granularity {
                 Some(_) => rollup::query(&txn, &plan, filter, rollup::GroupBy::Slot).await?,
                 None => Vec::new(),
             };
+            // A user's days that straddle a local bucket: the series reads their rows.
+            if granularity.is_some() {
+                for gap in plan.gap_filters(filter) {
+                    series.extend(
+                        token_stats_query(backend, &gap, granularity, tz)
+                            .into_model::<Group>()
+                            .all(&txn)
+                            .await?,
+                    );
+                }
+            }
             let mut edges = Vec::new();
             for edge in &plan.edges {
                 edges.extend(
@@ -689,7 +700,7 @@ pub async fn stats_by_user(
 ) -> Result<Vec<UserStats>, DbErr> {
     let txn = read_txn(db).await?;
     let mut groups = Vec::new();
-    match rollup::plan(&txn, filter, None).await? {
+    match rollup::plan(&txn, filter, None, true).await? {
         None => groups = raw_user_groups(&txn, filter).await?,
         Some(plan) => {
             if let Some(sql) = rollup::settings(txn.get_database_backend()) {

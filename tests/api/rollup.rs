@@ -211,7 +211,7 @@ async fn assert_same(db: &DatabaseConnection, filter: &UsageFilter, tz: Tz, fill
             _ => false,
         };
         let options = SeriesOptions { tz, fill };
-        let plan = rollup::plan(db, filter, granularity.map(|g| (g, tz)))
+        let plan = rollup::plan(db, filter, granularity.map(|g| (g, tz)), false)
             .await
             .unwrap();
         used |= plan.is_some_and(|p| !p.ranges.is_empty());
@@ -419,6 +419,220 @@ db_test!(
 );
 
 db_test!(
+    async fn many_users_over_fourteen_months_read_their_own_days_months_and_years(
+        backend: Backend,
+    ) {
+        // Issue 16: a user's own cells are UTC days, months and years only (see
+        // migration::rollup::per_user). 300 users, Zipf-skewed, over 14 months across a year
+        // boundary: every per-user read (user_id filters, by_user, the listing's total) equals
+        // the raw rows, for ranges on month and year boundaries too.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let n_users = 300;
+        db.execute_unprepared(&format!(
+            "INSERT INTO auth_user (password, is_superuser, username, first_name, last_name, email, \
+             is_staff, is_active, date_joined) SELECT '!', {f}, 'zipf' || g, '', '', '', {f}, {tr}, \
+             '2025-01-01T00:00:00+00:00' FROM ({series}) s",
+            f = if backend == crate::helpers::Backend::Postgres { "false" } else { "0" },
+            tr = if backend == crate::helpers::Backend::Postgres { "true" } else { "1" },
+            series = match backend {
+                crate::helpers::Backend::Postgres =>
+                    format!("SELECT generate_series(1, {n_users}) AS g"),
+                _ => format!(
+                    "WITH RECURSIVE c(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM c WHERE g < {n_users}) SELECT g FROM c"
+                ),
+            }
+        ))
+        .await
+        .unwrap();
+        let ids: Vec<i32> = auth_user::Entity::find()
+            .filter(auth_user::Column::Username.starts_with("zipf"))
+            .all(db)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.id)
+            .collect();
+        // User k appears about n/k times: a few heavy users, a long tail of one-call users.
+        let weighted: Vec<i32> = ids
+            .iter()
+            .enumerate()
+            .flat_map(|(k, id)| std::iter::repeat_n(*id, n_users / (k + 1)))
+            .collect();
+        let mut rng = StdRng::seed_from_u64(16);
+        let base = Utc.with_ymd_and_hms(2024, 11, 20, 0, 0, 0).unwrap();
+        let days = 430;
+        let mut rows = random_rows(&mut rng, &weighted, base, days, 2500, 1);
+        // The tail: one call each.
+        for (i, id) in ids.iter().enumerate().skip(200) {
+            let mut r = random_rows(&mut rng, &[*id], base, days, 1, 100_000 + i as u128);
+            rows.append(&mut r);
+        }
+        let (folded, pending_rows) = rows.split_at(rows.len() - 300);
+        insert(db, folded).await;
+        fold(&t).await;
+        insert(db, pending_rows).await;
+        assert_verified(db).await;
+        // The layout: per user, days in both tables, months and years in the totals table.
+        for (table, grains) in [
+            ("llm_tracker_usage_rollup", "96"),
+            ("llm_tracker_usage_rollup_total", "96, 2976, 35040"),
+        ] {
+            assert_eq!(
+                t.scalar_i64(&format!(
+                    "SELECT COUNT(*) FROM {table} WHERE user_key <> {} AND grain NOT IN ({grains})",
+                    migration::rollup::ALL_USERS
+                ))
+                .await,
+                0,
+                "{table}"
+            );
+        }
+        let months = t
+            .scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain = 2976")
+            .await;
+        let years = t
+            .scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain = 35040")
+            .await;
+        assert!(months > 300 && years > 200, "months {months} years {years}");
+        // A verify over a range checks the month and year cells inside it.
+        let report = rollup::verify(
+            db,
+            Some(Utc.with_ymd_and_hms(2025, 2, 10, 0, 0, 0).unwrap()),
+            Some(Utc.with_ymd_and_hms(2025, 7, 3, 0, 0, 0).unwrap()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.differing_cells, 0, "{:?}", report.examples);
+        db.execute_unprepared(&format!(
+            "UPDATE llm_tracker_usage_rollup_total SET calls = calls + 1 WHERE grain = 2976 \
+             AND slot = {}",
+            Utc.with_ymd_and_hms(2025, 4, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp()
+                / 900
+        ))
+        .await
+        .unwrap();
+        let report = rollup::verify(
+            db,
+            Some(Utc.with_ymd_and_hms(2025, 3, 10, 0, 0, 0).unwrap()),
+            Some(Utc.with_ymd_and_hms(2025, 5, 3, 0, 0, 0).unwrap()),
+        )
+        .await
+        .unwrap();
+        assert!(report.differing_cells > 0);
+        assert!(rollup::rebuild(db).await.unwrap() > 0);
+        assert_verified(db).await;
+
+        let heavy = ids[0];
+        let light = ids[250];
+        let month = |y: i32, m: u32| Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).unwrap();
+        let us = Duration::microseconds(1);
+        let ranges = [
+            (None, None),
+            (Some(month(2025, 1)), Some(month(2026, 1) - us)),
+            (Some(month(2025, 3)), Some(month(2025, 6) - us)),
+            (Some(month(2025, 3) + us), Some(month(2025, 6))),
+            (Some(month(2025, 2) + Duration::hours(5)), None),
+            (None, Some(month(2025, 8) - Duration::minutes(20))),
+            (
+                Some(month(2025, 5) + Duration::hours(30)),
+                Some(month(2025, 5) + Duration::hours(50)),
+            ),
+        ];
+        // A user's all time reads years, a quarter months (the plans the reads below use).
+        let plan = rollup::plan(
+            db,
+            &UsageFilter {
+                user_id: Some(heavy),
+                ..Default::default()
+            },
+            None,
+            false,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(plan.coarse.iter().all(|(g, _, _)| *g == 35040), "{plan:?}");
+        let quarter = UsageFilter {
+            start: Some(month(2025, 3)),
+            end: Some(month(2025, 6) - us),
+            ..Default::default()
+        };
+        let plan = rollup::plan(db, &quarter, None, true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            plan.coarse,
+            vec![(
+                2976,
+                month(2025, 3).timestamp() / 900,
+                month(2025, 6).timestamp() / 900
+            )]
+        );
+        assert!(plan.edges.is_empty());
+        let mut answered = 0;
+        for (i, (start, end)) in ranges.into_iter().enumerate() {
+            for user_id in [None, Some(heavy), Some(light)] {
+                for (model, success) in [(None, None), (Some("gpt".to_owned()), Some(true))] {
+                    let filter = UsageFilter {
+                        start,
+                        end,
+                        user_id,
+                        model: model.clone(),
+                        success,
+                    };
+                    if assert_same(db, &filter, ZONES[i % ZONES.len()].parse().unwrap(), true).await
+                    {
+                        answered += 1;
+                    }
+                }
+            }
+        }
+        assert!(answered > 20, "the rollup answered {answered}");
+        for _ in 0..20 {
+            let times: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
+            let filter = random_filter(&mut rng, &ids[..20], &times, base, days);
+            assert_same(db, &filter, Tz::UTC, true).await;
+        }
+        // Migration 000011 over the old layout (a user's cells at every grain, no months or
+        // years): down drops the calendar cells; old per-user hour cells put back by hand go
+        // again on the way up, and the months and years come back from the days.
+        migration::Migrator::down(db, Some(1)).await.unwrap();
+        assert_eq!(
+            t.scalar_i64(
+                "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (2976, 35040)"
+            )
+            .await,
+            0
+        );
+        for table in ["llm_tracker_usage_rollup", "llm_tracker_usage_rollup_total"] {
+            db.execute_unprepared(&format!(
+                "INSERT INTO {table} SELECT * FROM {table} WHERE grain = 96 AND user_key <> {all}",
+                all = migration::rollup::ALL_USERS
+            ).replace("SELECT *", &format!("SELECT 4 AS grain, {}", if table.ends_with("total") {
+                "user_key, slot, calls, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_micros, priced_calls, latency_us, latency_calls, successful_calls"
+            } else {
+                "user_key, slot, model, success, calls, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_micros, priced_calls, latency_us, latency_calls"
+            })))
+            .await
+            .unwrap();
+        }
+        assert!(
+            rollup::verify(db, None, None)
+                .await
+                .unwrap()
+                .differing_cells
+                > 0
+        );
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_verified(db).await;
+    }
+);
+
+db_test!(
     async fn the_migration_backfills_existing_rows(backend: Backend) {
         let t = TestDb::empty(backend).await;
         let db = &t.db;
@@ -453,16 +667,16 @@ db_test!(
         assert_verified(db).await;
         let all = list_usage(db, &UsageFilter::default(), 1, 1).await.unwrap();
         assert_eq!(all.total, 650);
-        // 000007 down (after 000010, 000009 and 000008) drops the :15/:30 hour cells; up sums them again from
+        // 000007 down (after 000011, 000010, 000009 and 000008) drops the :15/:30 hour cells; up sums them again from
         // the slot cells.
         let phased = "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (5, 6)";
         assert!(t.scalar_i64(phased).await > 0);
-        migration::Migrator::down(db, Some(4)).await.unwrap();
+        migration::Migrator::down(db, Some(5)).await.unwrap();
         assert_eq!(t.scalar_i64(phased).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert_verified(db).await;
         // Down to 000005 folds what is pending and puts the direct triggers back.
-        migration::Migrator::down(db, Some(5)).await.unwrap();
+        migration::Migrator::down(db, Some(6)).await.unwrap();
         assert!(
             !t.tables()
                 .await
@@ -490,7 +704,7 @@ db_test!(
             }
         }
         // Down removes the tables and their triggers; rows can still be written.
-        migration::Migrator::down(db, Some(6)).await.unwrap();
+        migration::Migrator::down(db, Some(7)).await.unwrap();
         insert(db, &random_rows(&mut rng, &ids, base, 1, 3, 20_000)).await;
         let tables = t.tables().await;
         assert!(!tables.contains(&"llm_tracker_usage_rollup".to_owned()));
