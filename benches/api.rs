@@ -10,9 +10,15 @@
 //!
 //! Environment: `BENCH_ROWS` (default 1000000), `BENCH_SECONDS` per scenario and concurrency
 //! (default 5), `BENCH_MAX_REQUESTS` (default 2000), `BENCH_BACKENDS` (default
-//! `sqlite,postgres`). SQLite data is kept in `target/bench-api/` and PostgreSQL data in the
-//! database `llm_tracker_bench_api` (created on the server), so a second run with the same
-//! `BENCH_ROWS` skips the load.
+//! `sqlite,postgres`), `BENCH_ONLY` (lines whose name contains one of these, comma-separated).
+//! SQLite data is kept in `target/bench-api/` and PostgreSQL data in the database
+//! `llm_tracker_bench_api` (created on the server), so a second run with the same `BENCH_ROWS`
+//! skips the load.
+//!
+//! `BENCH_USERS=10000` (PostgreSQL only) loads another shape instead of the demo's 12 users:
+//! that many users with Zipf-distributed calls (user k makes ~1/k of the top user's), 10%
+//! without a user, 20 models (also Zipf), one year, ~3% failures, generated in SQL, into the
+//! database `llm_tracker_bench_api_u<N>`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +45,7 @@ const SECRET: &str = "bench-secret-bench-secret-bench-secret-bench-secret-012345
 
 struct Config {
     rows: usize,
+    users: Option<usize>,
     seconds: f64,
     max_requests: usize,
 }
@@ -51,7 +58,7 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 }
 
 /// Connects, migrates and makes sure the table holds exactly `rows` demo rows.
-async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
+async fn prepare(label: &str, url: &str, rows: usize, users: Option<usize>) -> DatabaseConnection {
     let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", url).unwrap())
         .await
         .unwrap();
@@ -74,11 +81,20 @@ async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
             .await
             .unwrap();
         let started = Instant::now();
-        let written =
-            llm_tracker::demo::seed(&db, &llm_tracker::pricing::PriceTable::builtin(), rows, 42)
+        match users {
+            None => {
+                let written = llm_tracker::demo::seed(
+                    &db,
+                    &llm_tracker::pricing::PriceTable::builtin(),
+                    rows,
+                    42,
+                )
                 .await
                 .unwrap();
-        assert_eq!(written, rows);
+                assert_eq!(written, rows);
+            }
+            Some(users) => load_zipf(&db, rows, users).await,
+        }
         eprintln!(
             "[{label}] rows loaded in {:.1} s",
             started.elapsed().as_secs_f64()
@@ -112,6 +128,104 @@ async fn prepare(label: &str, url: &str, rows: usize) -> DatabaseConnection {
     db
 }
 
+/// The `BENCH_USERS` shape (PostgreSQL): `users` users named `zipf-<k>`, user k making about
+/// 1/k of the calls of user 1, 10% of calls without a user, 20 models (Zipf too), spread
+/// uniformly over the last 365 days, ~3% failures; loaded in statements of 1M rows.
+async fn load_zipf(db: &DatabaseConnection, rows: usize, users: usize) {
+    db.execute_unprepared("DELETE FROM auth_user WHERE username LIKE 'zipf-%'")
+        .await
+        .unwrap();
+    db.execute_unprepared(&format!(
+        "INSERT INTO auth_user (password, is_superuser, username, first_name, last_name, email, \
+         is_staff, is_active, date_joined) SELECT '!', false, 'zipf-' || g, '', '', '', false, true, now() \
+         FROM generate_series(1, {users}) g"
+    ))
+    .await
+    .unwrap();
+    let first: i64 = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT MIN(id)::bigint FROM auth_user WHERE username LIKE 'zipf-%'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index(0)
+        .unwrap();
+    let models = [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "gpt-4.1",
+        "gpt-4.1-mini",
+        "gpt-4.1-nano",
+        "o3",
+        "o4-mini",
+        "gpt-5",
+        "gpt-5-mini",
+        "gpt-5-nano",
+        "gemini-2.5-pro",
+        "gemini-2.5-flash",
+        "gemini-2.5-flash-lite",
+        "gemini-2.0-flash",
+        "azure/gpt-4o",
+        "azure/gpt-4o-mini",
+        "azure/o3-mini",
+        "claude-sonnet-4",
+        "claude-haiku-4",
+        "mistral-large",
+    ];
+    let array: Vec<String> = models.iter().map(|m| format!("'{m}'")).collect();
+    let mut done = 0;
+    while done < rows {
+        let n = (rows - done).min(1_000_000);
+        db.execute_unprepared(&format!(
+            "INSERT INTO llm_tracker_usage (id, model, prompt_tokens, completion_tokens, total_tokens, \
+             cached_tokens, reasoning_tokens, success, error, metadata, created_at, user_id, started_at, cost, cost_currency) \
+             SELECT gen_random_uuid(), (ARRAY[{models}])[least(20, floor(exp(mm * ln(21)))::int)], p, c, p + c, \
+               (p * 0.3)::int, (c * 0.1)::int, ok, \
+               CASE WHEN ok THEN NULL ELSE 'upstream error 503: the model is overloaded' END, \
+               jsonb_build_object('node_name', 'node-' || (g % 7), 'source_type', \
+                 CASE WHEN g % 10 < 7 THEN 'task' ELSE 'request' END, 'provider', 'openai', 'attempts', 1), \
+               ts, CASE WHEN u < 0.1 THEN NULL ELSE {first} - 1 + least({users}, floor(exp(k * ln({users})))::int) END, \
+               ts - interval '1 second' * (0.3 + c / 100.0), round(((p * 2.5 + c * 10) / 1000000.0)::numeric, 6), 'USD' \
+             FROM (SELECT g, random() AS u, random() AS k, random() AS mm, \
+                     now() - interval '365 days' * random() AS ts, (200 + random() * 2000)::int AS p, \
+                     (50 + random() * 800)::int AS c, random() > 0.03 AS ok \
+                   FROM generate_series(1, {n}) g) r",
+            models = array.join(", "),
+        ))
+        .await
+        .unwrap();
+        done += n;
+        eprintln!("  {done} rows");
+    }
+}
+
+/// The user with the most rows and the one at rank `rank` (by the rollup's year cells), with
+/// their row counts.
+async fn users_by_rank(db: &DatabaseConnection, rank: u64) -> [(i32, i64); 2] {
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "SELECT user_key, CAST(SUM(calls) AS BIGINT) AS calls FROM llm_tracker_usage_rollup_total \
+                 WHERE grain = {} AND user_key < {} GROUP BY user_key ORDER BY 2 DESC, 1",
+                migration::rollup::Calendar::Year.code(),
+                migration::rollup::ALL_USERS
+            ),
+        ))
+        .await
+        .unwrap();
+    let at = |i: usize| {
+        let r = &rows[i.min(rows.len() - 1)];
+        (
+            r.try_get_by_index::<i64>(0).unwrap() as i32,
+            r.try_get_by_index::<i64>(1).unwrap(),
+        )
+    };
+    [at(0), at(rank as usize - 1)]
+}
+
 /// A staff user and a token for it.
 async fn admin_token(db: &DatabaseConnection) -> String {
     let user = match find_by_username(db, "bench-admin").await.unwrap() {
@@ -128,17 +242,6 @@ async fn admin_token(db: &DatabaseConnection) -> String {
         .unwrap(),
     };
     auth::jwt::mint_access_token(SECRET, user.id, Duration::from_secs(7200))
-}
-
-/// A user with a few percent of the rows (an index helps), and how many rows they have.
-async fn typical_user(db: &DatabaseConnection) -> (i32, u64) {
-    let user = find_by_username(db, "demo-user-06").await.unwrap().unwrap();
-    let n = usage::Entity::find()
-        .filter(usage::Column::UserId.eq(user.id))
-        .count(db)
-        .await
-        .unwrap();
-    (user.id, n)
 }
 
 /// The cursor of the row at depth min(1,000,000, rows / 2) of the listing, and that depth.
@@ -316,9 +419,11 @@ async fn plan(
 }
 
 async fn bench_backend(label: &str, url: &str, cfg: &Config) {
-    let db = prepare(label, url, cfg.rows).await;
+    let db = prepare(label, url, cfg.rows, cfg.users).await;
     let token = admin_token(&db).await;
-    let (user, user_rows) = typical_user(&db).await;
+    // The heaviest user, and a typical one: the demo's 6th of 12, or the 100th of thousands.
+    let rank = if cfg.users.is_some() { 100 } else { 6 };
+    let [(heavy, heavy_rows), (user, user_rows)] = users_by_rank(&db, rank).await;
     let backend = db.get_database_backend();
 
     // Plans first: a missing index is worth knowing before any figure.
@@ -458,7 +563,54 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
                 (Utc::now() - chrono::Duration::days(3)).format("%Y-%m-%dT%H:%M:%S.654321Z"),
             ),
         ),
+        (
+            format!("token-stats user_id, heaviest user ({heavy_rows} rows)"),
+            format!("/api/v1/admin/token-stats/?user_id={heavy}&granularity=month"),
+        ),
+        (
+            format!("token-stats user_id, heaviest user, last 30 days, daily ({heavy_rows} rows)"),
+            format!(
+                "/api/v1/admin/token-stats/?user_id={heavy}&granularity=month&start_date={}",
+                (Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+        ),
+        (
+            format!(
+                "token-stats user_id, heaviest user, month tz=America/New_York ({heavy_rows} rows)"
+            ),
+            format!(
+                "/api/v1/admin/token-stats/?user_id={heavy}&granularity=month&tz=America/New_York"
+            ),
+        ),
+        (
+            format!("token-stats user_id, heaviest user, day, last 24 h ({heavy_rows} rows)"),
+            format!(
+                "/api/v1/admin/token-stats/?user_id={heavy}&granularity=day&start_date={}",
+                (Utc::now() - chrono::Duration::days(1)).format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+        ),
+        (
+            "token-stats include=by_user, last 30 days".into(),
+            format!(
+                "/api/v1/admin/token-stats/?include=by_user&start_date={}",
+                (Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+        ),
+        ("token-stats include=by_user, last calendar month".into(), {
+            use chrono::Datelike;
+            let now = Utc::now().date_naive();
+            let this = now.with_day(1).unwrap();
+            let last = (this - chrono::Duration::days(1)).with_day(1).unwrap();
+            format!(
+                "/api/v1/admin/token-stats/?include=by_user&start_date={last}&end_date={}",
+                this - chrono::Duration::days(1)
+            )
+        }),
         ("llm-usage page 1".into(), "/api/v1/admin/llm-usage/".into()),
+        (
+            format!("llm-usage page 1 user_id, heaviest user ({heavy_rows} rows)"),
+            format!("/api/v1/admin/llm-usage/?user_id={heavy}"),
+        ),
         (
             format!("llm-usage keyset page at depth {depth}"),
             format!("/api/v1/admin/llm-usage/?cursor={deep_cursor}"),
@@ -500,23 +652,23 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
 }
 
 /// The PostgreSQL URL of the bench database on the server `BENCH_DATABASE_URL` names.
-async fn bench_database(server: &str) -> String {
+async fn bench_database(server: &str, name: &str) -> String {
     let db = sea_orm::Database::connect(server).await.unwrap();
     let exists = db
         .query_one_raw(sea_orm::Statement::from_string(
             DbBackend::Postgres,
-            "SELECT 1 FROM pg_database WHERE datname = 'llm_tracker_bench_api'",
+            format!("SELECT 1 FROM pg_database WHERE datname = '{name}'"),
         ))
         .await
         .unwrap()
         .is_some();
     if !exists {
-        db.execute_unprepared("CREATE DATABASE llm_tracker_bench_api")
+        db.execute_unprepared(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
     }
     let mut url = url::Url::parse(server).unwrap();
-    url.set_path("/llm_tracker_bench_api");
+    url.set_path(&format!("/{name}"));
     url.to_string()
 }
 
@@ -525,6 +677,9 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cfg = Config {
         rows: env_or("BENCH_ROWS", 1_000_000),
+        users: std::env::var("BENCH_USERS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
         seconds: env_or("BENCH_SECONDS", 5.0),
         max_requests: env_or("BENCH_MAX_REQUESTS", 2000),
     };
@@ -533,7 +688,9 @@ async fn main() {
         "# admin API benchmark, {} rows, {} s or {} requests per line",
         cfg.rows, cfg.seconds, cfg.max_requests
     );
-    if backends.contains("sqlite") {
+    if backends.contains("sqlite") && cfg.users.is_some() {
+        eprintln!("BENCH_USERS is a PostgreSQL shape: SQLite skipped");
+    } else if backends.contains("sqlite") {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-api");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("usage-{}.sqlite3", cfg.rows));
@@ -547,7 +704,11 @@ async fn main() {
     if backends.contains("postgres") {
         match std::env::var("BENCH_DATABASE_URL") {
             Ok(server) => {
-                let url = bench_database(&server).await;
+                let name = match cfg.users {
+                    None => "llm_tracker_bench_api".to_owned(),
+                    Some(n) => format!("llm_tracker_bench_api_u{n}"),
+                };
+                let url = bench_database(&server, &name).await;
                 bench_backend("PostgreSQL", &url, &cfg).await;
             }
             Err(_) => eprintln!("BENCH_DATABASE_URL not set: PostgreSQL skipped"),
