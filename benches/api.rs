@@ -36,8 +36,7 @@ use llm_tracker::usage::stats::Granularity;
 use llm_tracker::users::{NewUser, create_user, find_by_username};
 use llm_tracker::{Settings, auth};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait,
-    QueryFilter, TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait, TransactionTrait,
 };
 use tokio::sync::Mutex;
 

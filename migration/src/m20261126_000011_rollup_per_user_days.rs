@@ -11,7 +11,8 @@
 //! `(user_id, created_at)` index. See `docs/architecture.md` ("Cells per user").
 //!
 //! This migration drops the per-user cells of the old grains and adds the month and year cells,
-//! summed from the day cells, under the folders' lock (PostgreSQL), then analyzes both tables.
+//! summed from the day cells, under the folders' lock (PostgreSQL), indexes the totals table by
+//! `(grain, slot, user_key)` for `by_user`, then analyzes both tables.
 //! Pending delta rows get their month and year cells when folded. The SQL is written out here:
 //! it is what this migration does, whatever later versions change.
 //!
@@ -74,6 +75,13 @@ impl MigrationTrait for Migration {
                 .to_owned(),
         );
         statements.extend(calendar_cells(backend));
+        // `include=by_user` without a user filter reads every user's cells of a slot range:
+        // an index range of (grain, slot) instead of one probe per user.
+        statements.push(
+            "CREATE INDEX IF NOT EXISTS llm_tracker_usage_rollup_total_slot_idx \
+             ON llm_tracker_usage_rollup_total (grain, slot, user_key)"
+                .to_owned(),
+        );
         if backend == DbBackend::Postgres {
             statements.push(
                 "ANALYZE llm_tracker_usage_rollup, llm_tracker_usage_rollup_total".to_owned(),

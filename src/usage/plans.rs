@@ -29,8 +29,12 @@ pub async fn token_stats_statements<C: ConnectionTrait>(
                     out.push(rollup::statement(backend, &plan, filter, GroupBy::Slot));
                 }
                 out.extend(plan.edges.iter().map(raw));
-                if granularity.is_some() {
-                    out.extend(plan.gap_filters(filter).iter().map(raw));
+                if let Some(g) = granularity {
+                    out.extend(
+                        plan.gap_filters(filter)
+                            .iter()
+                            .map(|f| super::stats::series_query(backend, f, g, tz).build(backend)),
+                    );
                 }
                 out
             }

@@ -375,6 +375,32 @@ pub(crate) fn token_stats_query(
     }
 }
 
+/// The series alone (no model dimension) of `filter`'s rows: the days of a user's plan that no
+/// cell answers (see [`rollup::Plan::gaps`]), counted in the series only. Without the model a
+/// year of the heaviest user outside UTC is ~35,000 slot groups instead of ~600,000.
+pub(crate) fn series_query(
+    backend: DbBackend,
+    filter: &UsageFilter,
+    granularity: Granularity,
+    tz: Tz,
+) -> Select<usage::Entity> {
+    let q = with_sums(
+        usage::Entity::find()
+            .select_only()
+            .column_as(Expr::cust("CAST(NULL AS TEXT)"), "model"),
+        backend,
+    )
+    .filter(filter.condition());
+    let (group, text) = if tz == Tz::UTC {
+        let (g, t) = granularity.bucket_start_sql(backend);
+        (g.to_owned(), t.to_owned())
+    } else {
+        (slot_sql(backend), slot_sql(backend))
+    };
+    q.column_as(Expr::cust(text), "bucket")
+        .group_by(Expr::cust(group))
+}
+
 /// The instant a group's bucket text stands for: a 15-minute slot number (the rollup, and the
 /// raw rows outside UTC), or a UTC bucket start `YYYY-MM-DD HH:MM:SS`.
 fn group_instant(text: &str) -> Result<DateTime<Utc>, DbErr> {
@@ -463,10 +489,10 @@ pub async fn token_stats_in(
                 None => Vec::new(),
             };
             // A user's days that straddle a local bucket: the series reads their rows.
-            if granularity.is_some() {
+            if let Some(granularity) = granularity {
                 for gap in plan.gap_filters(filter) {
                     series.extend(
-                        token_stats_query(backend, &gap, granularity, tz)
+                        series_query(backend, &gap, granularity, tz)
                             .into_model::<Group>()
                             .all(&txn)
                             .await?,
