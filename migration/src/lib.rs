@@ -11,7 +11,7 @@ mod m20250101_000002_create_llm_tracker_usage;
 mod m20250301_000003_add_usage_started_at;
 mod m20251101_000004_add_usage_cost;
 mod m20251201_000005_add_usage_rollup;
-mod m20251215_000006_rollup_delta;
+pub mod m20251215_000006_rollup_delta;
 mod m20261123_000007_rollup_phased_hours;
 mod m20261126_000008_delta_autovacuum;
 mod m20261126_000009_analyze_usage_tables;

@@ -10,7 +10,40 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::ConnectionTrait;
 
+use sea_orm_migration::sea_orm::DbBackend;
+
 use crate::rollup::{self, Mechanism};
+
+/// What `up` installs, frozen: the delta table and the triggers as this migration first wrote
+/// them (`migration/sql/`). An old migration never changes meaning when `crate::rollup`
+/// changes; `rollup::tests::the_installed_triggers_are_what_the_code_generates` fails when the
+/// generator no longer produces this text, which is the moment to write a migration that
+/// installs the new triggers (and to point the test at its files).
+pub const POSTGRES_SQL: &str = include_str!("../sql/m20251215_000006_rollup_delta.postgres.sql");
+pub const SQLITE_SQL: &str = include_str!("../sql/m20251215_000006_rollup_delta.sqlite.sql");
+
+/// The line between two statements in a frozen file (trigger bodies hold `;`).
+pub const SEPARATOR: &str = "\n-- statement --\n";
+
+/// The statements of a frozen file for `backend`.
+pub fn frozen(backend: DbBackend) -> Vec<&'static str> {
+    let text = match backend {
+        DbBackend::Postgres => POSTGRES_SQL,
+        _ => SQLITE_SQL,
+    };
+    text.split(SEPARATOR)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The statements today's generator writes for what this migration installs (the frozen
+/// files' source).
+pub fn generated(backend: DbBackend) -> Vec<String> {
+    let mut statements = vec![rollup::create_delta_table_sql(backend)];
+    statements.extend(rollup::create_triggers_sql(backend, Mechanism::Delta));
+    statements
+}
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -18,12 +51,9 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let backend = manager.get_database_backend();
         let conn = manager.get_connection();
-        let mut statements = vec![rollup::create_delta_table_sql(backend)];
-        statements.extend(rollup::create_triggers_sql(backend, Mechanism::Delta));
-        for sql in statements {
-            conn.execute_unprepared(&sql).await?;
+        for sql in frozen(manager.get_database_backend()) {
+            conn.execute_unprepared(sql).await?;
         }
         Ok(())
     }

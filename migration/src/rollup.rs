@@ -866,3 +866,42 @@ pub async fn fold(
     // autovacuum look after the delta table instead, never truncating it.
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::m20251215_000006_rollup_delta as m6;
+
+    /// The triggers installed by the newest migration that installs them (000006) are fixed
+    /// text; the generator must still write exactly that text, or the databases migrated so
+    /// far run other triggers than the code believes. When this fails: write a migration that
+    /// installs the new triggers, freeze its SQL, and compare with that. `UPDATE_FROZEN_SQL=1`
+    /// writes the files (for a new migration only: never rewrite a landed one).
+    #[test]
+    fn the_installed_triggers_are_what_the_code_generates() {
+        for (backend, name) in [
+            (DbBackend::Postgres, "postgres"),
+            (DbBackend::Sqlite, "sqlite"),
+        ] {
+            let generated = m6::generated(backend);
+            if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
+                let path = format!(
+                    "{}/sql/m20251215_000006_rollup_delta.{name}.sql",
+                    env!("CARGO_MANIFEST_DIR")
+                );
+                std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
+                continue;
+            }
+            let frozen = m6::frozen(backend);
+            assert_eq!(frozen.len(), generated.len(), "{name}");
+            for (f, g) in frozen.iter().zip(&generated) {
+                assert_eq!(*f, g.trim(), "{name}: the rollup's generated SQL changed");
+            }
+        }
+    }
+
+    #[test]
+    fn migration_000011_takes_the_folders_lock() {
+        assert_eq!(FOLD_LOCK, 7812739800484506732);
+    }
+}
