@@ -230,7 +230,12 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
                 demo_setup(&settings, &db).await?;
                 (db, true)
             } else {
-                crate::db::open(&settings.database_url, crate::tracker::STARTUP_PROBE).await?
+                crate::db::open(
+                    &settings.database_url,
+                    crate::tracker::STARTUP_PROBE,
+                    settings.sqlite_cache_mib,
+                )
+                .await?
             };
             crate::server::run(settings, db, migrated).await?;
         }

@@ -217,6 +217,8 @@ pub struct Settings {
     pub usage_write_mode: WriteMode,
     /// How long a call waits for its row's commit before the row goes to the spool.
     pub usage_commit_deadline: Duration,
+    /// `SQLITE_CACHE_MIB`: SQLite's page cache for a pool, all its connections together.
+    pub sqlite_cache_mib: u32,
     /// The zone of token-stats buckets and of naive dates when a request names none.
     pub default_timezone: chrono_tz::Tz,
     /// The active price table: built-in, plus the file named by `LLM_PRICES_PATH`.
@@ -386,6 +388,13 @@ impl Settings {
                 |v| *v >= 1 && *v <= 60_000,
             )?
             .unwrap_or(10);
+        let sqlite_cache_mib = src
+            .parsed::<u32>(
+                "SQLITE_CACHE_MIB",
+                "a whole number of MiB from 1 to 65536",
+                |v| *v >= 1 && *v <= 65_536,
+            )?
+            .unwrap_or(crate::db::DEFAULT_SQLITE_CACHE_MIB);
         let cors_allowed_origins = parse_origins(src.get("CORS_ALLOWED_ORIGINS"))?;
         let log_format = match src.get("LOG_FORMAT").map(str::to_ascii_lowercase) {
             None => LogFormat::Text,
@@ -429,6 +438,7 @@ impl Settings {
                 }
             },
             usage_commit_deadline: Duration::from_millis(commit_deadline_ms),
+            sqlite_cache_mib,
             log_filter: src.string("RUST_LOG", DEFAULT_LOG_FILTER),
             log_format,
             default_timezone: match src.get("DEFAULT_TIMEZONE") {
@@ -529,6 +539,8 @@ mod tests {
             ("USAGE_WRITE_MODE", "eventually"),
             ("USAGE_COMMIT_DEADLINE_MS", "0"),
             ("USAGE_COMMIT_DEADLINE_MS", "10ms"),
+            ("SQLITE_CACHE_MIB", "0"),
+            ("SQLITE_CACHE_MIB", "lots"),
             ("JWT_SECRET", "short"),
         ] {
             let err = Settings::from_map(&map(&[(key, value)])).unwrap_err();

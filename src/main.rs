@@ -5,8 +5,26 @@ use clap::error::ErrorKind;
 use llm_tracker::cli::{self, Cli};
 use llm_tracker::{Settings, telemetry};
 
-#[actix_web::main]
-async fn main() -> ExitCode {
+/// glibc gives each thread that allocates under contention an arena of its own (up to 8 per
+/// core) and keeps what is freed there: with 16 concurrent requests over SQLite (a thread per
+/// connection) the process held ~110 MB, ~60 MB with two arenas (`docs/benchmarks.md`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread is spawned.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
+fn main() -> ExitCode {
+    limit_malloc_arenas();
+    actix_web::rt::System::new().block_on(run())
+}
+
+async fn run() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {

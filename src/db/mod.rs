@@ -12,28 +12,47 @@ use crate::config::DatabaseUrl;
 /// How long a SQLite writer waits for a lock before giving up.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The SQLite page cache of a pool, all connections together, unless `SQLITE_CACHE_MIB` says
+/// otherwise.
+pub const DEFAULT_SQLITE_CACHE_MIB: u32 = 16;
+
+/// Connections in a SQLite pool.
+const SQLITE_CONNECTIONS: u32 = 4;
+
+/// Opens a pool for `url` ([`connect_with`] and the default SQLite cache).
+pub async fn connect(url: &DatabaseUrl) -> Result<DatabaseConnection, DbErr> {
+    connect_with(url, DEFAULT_SQLITE_CACHE_MIB).await
+}
+
 /// Opens a pool for `url`: SQLite in WAL mode with a busy timeout, foreign keys on and a page
-/// cache of up to 64 MiB per connection (SQLite's default, 2 MiB, holds little of the indexes
-/// of a table of millions of rows); PostgreSQL with a pool sized for a small server.
+/// cache of `sqlite_cache_mib` MiB shared out between its 4 connections (SQLite's own cache is
+/// per connection: at 64 MiB each, as before, a busy server reached 160–250 MB of memory);
+/// PostgreSQL with a pool sized for a small server.
 ///
 /// The pool connects lazily: this never waits for the database, and succeeds while it is
 /// down (a malformed URL is still an error). Each use then connects as needed, failing after
 /// the acquire timeout (5 s) while the database stays away.
-pub async fn connect(url: &DatabaseUrl) -> Result<DatabaseConnection, DbErr> {
+pub async fn connect_with(
+    url: &DatabaseUrl,
+    sqlite_cache_mib: u32,
+) -> Result<DatabaseConnection, DbErr> {
     let mut opts = ConnectOptions::new(url.expose().to_owned());
     opts.sqlx_logging(false)
         .connect_lazy(true)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5));
     if url.is_sqlite() {
-        opts.max_connections(8)
+        // A negative cache_size is in KiB.
+        let per_connection_kib =
+            (u64::from(sqlite_cache_mib) * 1024 / u64::from(SQLITE_CONNECTIONS)).max(64);
+        opts.max_connections(SQLITE_CONNECTIONS)
             .min_connections(1)
-            .map_sqlx_sqlite_opts(|o| {
+            .map_sqlx_sqlite_opts(move |o| {
                 o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
                     .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
                     .busy_timeout(SQLITE_BUSY_TIMEOUT)
                     .foreign_keys(true)
-                    .pragma("cache_size", "-65536")
+                    .pragma("cache_size", format!("-{per_connection_kib}"))
             });
     } else {
         opts.max_connections(16).min_connections(1);
@@ -50,8 +69,12 @@ pub async fn answers(db: &DatabaseConnection, within: Duration) -> bool {
 /// Returns whether it did: `false` means the database was away, and the caller starts without
 /// it (the usage store then migrates once it answers, `StoreOptions::migrate`). A migration
 /// that fails while the database answers is an error.
-pub async fn open(url: &DatabaseUrl, probe: Duration) -> Result<(DatabaseConnection, bool), DbErr> {
-    let db = connect(url).await?;
+pub async fn open(
+    url: &DatabaseUrl,
+    probe: Duration,
+    sqlite_cache_mib: u32,
+) -> Result<(DatabaseConnection, bool), DbErr> {
+    let db = connect_with(url, sqlite_cache_mib).await?;
     let up = answers(&db, probe).await;
     if up {
         migrate(&db).await?;

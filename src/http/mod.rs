@@ -59,7 +59,7 @@ impl AppState {
         schema_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Self, sea_orm::DbErr> {
         let read_db = match &settings.database_read_url {
-            Some(url) => crate::db::connect(url).await?,
+            Some(url) => crate::db::connect_with(url, settings.sqlite_cache_mib).await?,
             None => db.clone(),
         };
         Ok(Self {

@@ -195,7 +195,12 @@ impl LlmTracker {
     /// them once the database answers. Only bad settings are an error here.
     pub async fn from_settings(settings: &Settings) -> Result<Self, TrackerError> {
         let provider = providers::llm_service(settings)?;
-        let (db, migrated) = crate::db::open(&settings.database_url, STARTUP_PROBE).await?;
+        let (db, migrated) = crate::db::open(
+            &settings.database_url,
+            STARTUP_PROBE,
+            settings.sqlite_cache_mib,
+        )
+        .await?;
         let mut options = options_from_settings(settings);
         // Until then rows go to the spool; the store migrates once the database answers.
         options.store.migrate = !migrated;

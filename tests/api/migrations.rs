@@ -212,6 +212,19 @@ mod sqlite_connection_uses_wal_busy_timeout_and_foreign_keys {
         assert_eq!(mode.to_lowercase(), "wal");
         assert_eq!(t.scalar_i64("PRAGMA busy_timeout").await, 5000);
         assert_eq!(t.scalar_i64("PRAGMA foreign_keys").await, 1);
+        // The page cache (issue 17, item 11): SQLITE_CACHE_MIB (default 16) shared out between
+        // the pool's 4 connections, in KiB (negative).
+        assert_eq!(t.scalar_i64("PRAGMA cache_size").await, -4096);
+        let bigger = llm_tracker::db::connect_with(&t.url, 64).await.unwrap();
+        let row = {
+            use sea_orm::{ConnectionTrait, Statement};
+            bigger
+                .query_one_raw(Statement::from_string(t.db_backend(), "PRAGMA cache_size"))
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(row.try_get_by_index::<i64>(0).unwrap(), -16384);
     }
 }
 

@@ -791,9 +791,9 @@ db_test!(
         let run = callers(&tracker, 8, &stop);
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Every connection of the pool the tracker writes through, held by someone else (the
-        // pool's size: 8 on SQLite, 16 on PostgreSQL).
+        // pool's size: 4 on SQLite, 16 on PostgreSQL).
         let size = match backend {
-            Backend::Sqlite => 8,
+            Backend::Sqlite => 4,
             Backend::Postgres => 16,
         };
         let mut held = Vec::new();

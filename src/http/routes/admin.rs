@@ -450,7 +450,7 @@ pub struct ExportQuery {
 }
 
 /// Rows fetched per query while exporting.
-const EXPORT_BATCH: u64 = 1000;
+const EXPORT_BATCH: u64 = 200;
 
 /// Every matching row as CSV (RFC 4180, header row, newest first), streamed.
 #[utoipa::path(
@@ -499,40 +499,56 @@ pub(crate) async fn csv_response(
     struct Walk {
         db: sea_orm::DatabaseConnection,
         filter: UsageFilter,
-        /// The next batch to write; `None` once the walk is over.
-        pending: Option<Vec<(Cursor, UsageRow)>>,
+        /// The first batch, read before answering.
+        first: Option<Vec<(Cursor, UsageRow)>>,
+        /// Where the next batch starts; `None` once the walk is over.
+        next: Option<Cursor>,
         header: bool,
     }
     let walk = Walk {
         db,
         filter,
-        pending: Some(first),
+        first: Some(first),
+        next: None,
         header: true,
     };
+    // One batch in memory per download at a time: the next is read only when the socket has
+    // taken the last one's CSV (16 concurrent exports of 50,000 rows on SQLite: 110 MB peak
+    // with a batch read ahead, see docs/benchmarks.md).
     let body = stream::unfold(walk, |mut w| async move {
         if w.header {
             w.header = false;
             return Some((Ok(web::Bytes::from(export::header())), w));
         }
-        let batch = w.pending.take()?;
+        let batch = match (w.first.take(), w.next.take()) {
+            (Some(first), _) => first,
+            (None, Some(after)) => {
+                match keyset_batch(&w.db, &w.filter, Some(after), EXPORT_BATCH).await {
+                    Ok(next) => next,
+                    Err(e) => {
+                        // Headers are sent: all that is left is to cut the download short.
+                        tracing::error!(error = %e, "CSV export stopped: database error");
+                        return Some((
+                            Err(actix_web::error::ErrorServiceUnavailable("database error")),
+                            w,
+                        ));
+                    }
+                }
+            }
+            (None, None) => return None,
+        };
+        if batch.is_empty() {
+            return None;
+        }
         let mut out = String::with_capacity(batch.len() * 256);
         for (_, row) in &batch {
             export::row(&mut out, row);
         }
-        // A short batch was the last one; otherwise read the next after its last row.
-        if let Some((last, _)) = batch.last().filter(|_| batch.len() as u64 == EXPORT_BATCH) {
-            match keyset_batch(&w.db, &w.filter, Some(*last), EXPORT_BATCH).await {
-                Ok(next) => w.pending = Some(next),
-                Err(e) => {
-                    // Headers are sent: all that is left is to cut the download short.
-                    tracing::error!(error = %e, "CSV export stopped: database error");
-                    return Some((
-                        Err(actix_web::error::ErrorServiceUnavailable("database error")),
-                        w,
-                    ));
-                }
-            }
-        }
+        // A short batch was the last one; otherwise the next starts after its last row.
+        w.next = batch
+            .last()
+            .filter(|_| batch.len() as u64 == EXPORT_BATCH)
+            .map(|(c, _)| *c);
         Some((Ok(web::Bytes::from(out)), w))
     });
     let filename = format!("llm-usage-{}.csv", chrono::Utc::now().format("%Y-%m-%d"));
