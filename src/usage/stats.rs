@@ -732,20 +732,71 @@ pub async fn stats_by_user(
             if let Some(sql) = rollup::settings(txn.get_database_backend()) {
                 txn.execute_unprepared(sql).await?;
             }
-            let stmt = rollup::statement(
-                txn.get_database_backend(),
+            let backend = txn.get_database_backend();
+            let mut edges = Vec::new();
+            for edge in &plan.edges {
+                edges.extend(raw_user_groups(&txn, edge).await?);
+            }
+            // Without a user filter: rank every user on calls and tokens first (cells, pending
+            // contributions and edges: exact), then read every sum of the `limit` first only.
+            let chosen = match filter.user_id {
+                Some(_) => None,
+                None => {
+                    let stmt = rollup::statement_with(
+                        backend,
+                        &plan,
+                        filter,
+                        rollup::GroupBy::User,
+                        rollup::Sums::Rank,
+                        None,
+                    );
+                    let mut rank: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+                    for r in txn.query_all_raw(stmt).await? {
+                        let key = KeyOnly::from_query_result(&r, "")?.user_key;
+                        let e = rank.entry(key).or_default();
+                        e.0 += r.try_get::<i64>("", "total_calls")?;
+                        e.1 += r.try_get::<i64>("", "total_tokens")?;
+                    }
+                    for g in &edges {
+                        let key = g.user.map_or(migration::rollup::NO_USER, i64::from);
+                        let e = rank.entry(key).or_default();
+                        e.0 += g.total_calls;
+                        e.1 += g.total_tokens;
+                    }
+                    let mut keys: Vec<(i64, i64)> = rank
+                        .into_iter()
+                        .filter(|(_, (calls, _))| *calls > 0)
+                        .map(|(k, (_, tokens))| (k, tokens))
+                        .collect();
+                    // The order of finish_by_user: tokens descending, then users by id, the
+                    // calls made for no user last.
+                    keys.sort_by_key(|(k, tokens)| {
+                        let user = rollup::user_of(*k);
+                        (std::cmp::Reverse(*tokens), user.is_none(), user)
+                    });
+                    keys.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+                    Some(keys.into_iter().map(|(k, _)| k).collect::<Vec<i64>>())
+                }
+            };
+            let stmt = rollup::statement_with(
+                backend,
                 &plan,
                 filter,
                 rollup::GroupBy::User,
+                rollup::Sums::All,
+                chosen.as_deref(),
             );
             for r in txn.query_all_raw(stmt).await? {
                 let mut g = UserGroup::from_query_result(&r, "")?;
                 g.user = rollup::user_of(KeyOnly::from_query_result(&r, "")?.user_key);
                 groups.push(g);
             }
-            for edge in &plan.edges {
-                groups.extend(raw_user_groups(&txn, edge).await?);
-            }
+            // Only the chosen users' edge rows: another user's partial sums must not rank.
+            groups.extend(edges.into_iter().filter(|g| {
+                chosen.as_ref().is_none_or(|keys| {
+                    keys.contains(&g.user.map_or(migration::rollup::NO_USER, i64::from))
+                })
+            }));
         }
     }
     let users = finish_by_user(&txn, groups, limit).await?;
