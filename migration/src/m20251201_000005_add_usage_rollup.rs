@@ -10,7 +10,7 @@ use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::ConnectionTrait;
 
 use crate::rollup;
-use crate::util::run_all;
+use crate::util::{self, run_all};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -21,16 +21,22 @@ impl MigrationTrait for Migration {
         let backend = manager.get_database_backend();
         let existed = manager.has_table(rollup::TABLE).await?;
         let conn = manager.get_connection();
-        for level in rollup::Level::ALL {
-            conn.execute_unprepared(&rollup::create_table_sql(backend, level))
-                .await?;
-        }
-        for sql in rollup::create_triggers_sql(backend, rollup::Mechanism::Direct) {
-            conn.execute_unprepared(&sql).await?;
+        // Frozen (migration/sql/): the tables and the triggers that upserted the cells directly,
+        // then, on a database that had no rollup, the backfill from every row.
+        for sql in util::for_backend(
+            backend,
+            include_str!("../sql/m20251201_000005_add_usage_rollup.postgres.sql"),
+            include_str!("../sql/m20251201_000005_add_usage_rollup.sqlite.sql"),
+        ) {
+            conn.execute_unprepared(sql).await?;
         }
         if !existed {
-            for sql in rollup::rebuild_sql(backend, rollup::Mechanism::Direct) {
-                conn.execute_unprepared(&sql).await?;
+            for sql in util::for_backend(
+                backend,
+                include_str!("../sql/m20251201_000005_add_usage_rollup.backfill.postgres.sql"),
+                include_str!("../sql/m20251201_000005_add_usage_rollup.backfill.sqlite.sql"),
+            ) {
+                conn.execute_unprepared(sql).await?;
             }
         }
         Ok(())

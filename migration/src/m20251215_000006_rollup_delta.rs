@@ -22,19 +22,11 @@ use crate::rollup::{self, Mechanism};
 pub const POSTGRES_SQL: &str = include_str!("../sql/m20251215_000006_rollup_delta.postgres.sql");
 pub const SQLITE_SQL: &str = include_str!("../sql/m20251215_000006_rollup_delta.sqlite.sql");
 
-/// The line between two statements in a frozen file (trigger bodies hold `;`).
-pub const SEPARATOR: &str = "\n-- statement --\n";
+pub use crate::util::SEPARATOR;
 
-/// The statements of a frozen file for `backend`.
+/// The statements of the frozen file for `backend`.
 pub fn frozen(backend: DbBackend) -> Vec<&'static str> {
-    let text = match backend {
-        DbBackend::Postgres => POSTGRES_SQL,
-        _ => SQLITE_SQL,
-    };
-    text.split(SEPARATOR)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect()
+    crate::util::for_backend(backend, POSTGRES_SQL, SQLITE_SQL)
 }
 
 /// The statements today's generator writes for what this migration installs (the frozen

@@ -17,8 +17,13 @@ pub struct Migration;
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         let conn = manager.get_connection();
-        for sql in rollup::add_phased_hours_sql(manager.get_database_backend()) {
-            conn.execute_unprepared(&sql).await?;
+        // Frozen (migration/sql/): the sums as this migration first wrote them.
+        for sql in crate::util::for_backend(
+            manager.get_database_backend(),
+            include_str!("../sql/m20261123_000007_rollup_phased_hours.postgres.sql"),
+            include_str!("../sql/m20261123_000007_rollup_phased_hours.sqlite.sql"),
+        ) {
+            conn.execute_unprepared(sql).await?;
         }
         Ok(())
     }

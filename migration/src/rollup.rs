@@ -626,41 +626,6 @@ pub fn rebuild_sql(backend: DbBackend, mechanism: Mechanism) -> Vec<String> {
 const REBUILD_ALL: &str = "llm_tracker_rebuild_all";
 const REBUILD_USERS: &str = "llm_tracker_rebuild_users";
 
-/// The statements adding the [`PHASED_HOURS`] cells to both tables, summed from their slot
-/// cells (migration 000007; pending delta rows get them when folded).
-pub fn add_phased_hours_sql(backend: DbBackend) -> Vec<String> {
-    let mut out = Vec::new();
-    if backend == DbBackend::Postgres {
-        out.push(format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"));
-    }
-    for level in Level::ALL {
-        let table = level.table();
-        let codes: Vec<String> = PHASED_HOURS.iter().map(|g| g.code.to_string()).collect();
-        out.push(format!(
-            "DELETE FROM {table} WHERE grain IN ({})",
-            codes.join(", ")
-        ));
-        let rest: Vec<&str> = level.key()[3..].to_vec();
-        let dims: String = rest.iter().map(|k| format!(", {k}")).collect();
-        let sums = level.sums();
-        let summed: Vec<String> = sums.iter().map(|c| format!("SUM({c})")).collect();
-        for g in PHASED_HOURS {
-            let start = cell_start_sql("slot", &g.len.to_string(), &g.phase.to_string());
-            out.push(format!(
-                "INSERT INTO {table} ({key}, {columns}) \
-                 SELECT {code}, user_key, {start}{dims}, {summed} \
-                 FROM {table} WHERE grain = 1 \
-                 GROUP BY user_key, {start}{dims}",
-                code = g.code,
-                key = level.key().join(", "),
-                columns = sums.join(", "),
-                summed = summed.join(", "),
-            ));
-        }
-    }
-    out
-}
-
 /// The delta table. No index: it is appended to, read whole by the fold and by the reads, and
 /// kept a few pages long (the fold deletes what it folds and vacuums it on PostgreSQL, which
 /// also gives the emptied pages back).

@@ -7,6 +7,31 @@ use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
 /// The marker written as a PostgreSQL table comment on tables this crate created.
 pub const OWNED_MARKER: &str = "created by llm-tracker";
 
+/// The line between two statements in a frozen SQL file of `migration/sql/` (trigger bodies
+/// hold `;`, so statements cannot be split on it).
+pub const SEPARATOR: &str = "\n-- statement --\n";
+
+/// The statements of a frozen SQL file: what a migration installs, written out once so that
+/// it never changes meaning when the code that once generated it does.
+pub fn statements(text: &'static str) -> Vec<&'static str> {
+    text.split(SEPARATOR)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The frozen file of a backend: `postgres` or `sqlite`.
+pub fn for_backend(
+    backend: DbBackend,
+    postgres: &'static str,
+    sqlite: &'static str,
+) -> Vec<&'static str> {
+    statements(match backend {
+        DbBackend::Postgres => postgres,
+        _ => sqlite,
+    })
+}
+
 /// Runs each statement in order.
 pub async fn run_all(manager: &SchemaManager<'_>, statements: &[&str]) -> Result<(), DbErr> {
     let conn = manager.get_connection();

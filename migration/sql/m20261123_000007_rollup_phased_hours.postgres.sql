@@ -1,0 +1,13 @@
+SELECT pg_advisory_xact_lock(7812739800484506732)
+-- statement --
+DELETE FROM llm_tracker_usage_rollup WHERE grain IN (5, 6)
+-- statement --
+INSERT INTO llm_tracker_usage_rollup (grain, user_key, slot, model, success, calls, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_micros, priced_calls, latency_us, latency_calls) SELECT 5, user_key, slot - (((slot - 1) % 4) + 4) % 4, model, success, SUM(calls), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost_micros), SUM(priced_calls), SUM(latency_us), SUM(latency_calls) FROM llm_tracker_usage_rollup WHERE grain = 1 GROUP BY user_key, slot - (((slot - 1) % 4) + 4) % 4, model, success
+-- statement --
+INSERT INTO llm_tracker_usage_rollup (grain, user_key, slot, model, success, calls, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_micros, priced_calls, latency_us, latency_calls) SELECT 6, user_key, slot - (((slot - 2) % 4) + 4) % 4, model, success, SUM(calls), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost_micros), SUM(priced_calls), SUM(latency_us), SUM(latency_calls) FROM llm_tracker_usage_rollup WHERE grain = 1 GROUP BY user_key, slot - (((slot - 2) % 4) + 4) % 4, model, success
+-- statement --
+DELETE FROM llm_tracker_usage_rollup_total WHERE grain IN (5, 6)
+-- statement --
+INSERT INTO llm_tracker_usage_rollup_total (grain, user_key, slot, calls, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_micros, priced_calls, latency_us, latency_calls, successful_calls) SELECT 5, user_key, slot - (((slot - 1) % 4) + 4) % 4, SUM(calls), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost_micros), SUM(priced_calls), SUM(latency_us), SUM(latency_calls), SUM(successful_calls) FROM llm_tracker_usage_rollup_total WHERE grain = 1 GROUP BY user_key, slot - (((slot - 1) % 4) + 4) % 4
+-- statement --
+INSERT INTO llm_tracker_usage_rollup_total (grain, user_key, slot, calls, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, cost_micros, priced_calls, latency_us, latency_calls, successful_calls) SELECT 6, user_key, slot - (((slot - 2) % 4) + 4) % 4, SUM(calls), SUM(prompt_tokens), SUM(completion_tokens), SUM(total_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost_micros), SUM(priced_calls), SUM(latency_us), SUM(latency_calls), SUM(successful_calls) FROM llm_tracker_usage_rollup_total WHERE grain = 1 GROUP BY user_key, slot - (((slot - 2) % 4) + 4) % 4
