@@ -16,7 +16,7 @@ mod m20261123_000007_rollup_phased_hours;
 mod m20261126_000008_delta_autovacuum;
 mod m20261126_000009_analyze_usage_tables;
 mod m20261126_000010_create_admin_session;
-mod m20261126_000011_rollup_per_user_days;
+pub mod m20261126_000011_rollup_per_user_days;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on

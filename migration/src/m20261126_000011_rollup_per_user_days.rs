@@ -16,15 +16,19 @@
 //! Pending delta rows get their month and year cells when folded. The SQL is written out here:
 //! it is what this migration does, whatever later versions change.
 //!
-//! `down` drops the month and year cells; the per-user cells of the finer grains are not
-//! recreated (they are not derivable from days): run the older version's `rollup rebuild`
-//! after downgrading.
+//! `down` drops the month and year cells and the index; the per-user cells of the finer
+//! grains are not recreated (they are not derivable from days): run the older version's
+//! `rollup rebuild` after downgrading.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
+
+/// The folders' advisory lock (`crate::rollup::FOLD_LOCK`, written out: a test checks they
+/// agree).
+pub const FOLDERS_LOCK: i64 = 7812739800484506732;
 
 const SUMS: &str = "calls, prompt_tokens, completion_tokens, total_tokens, cached_tokens, \
     reasoning_tokens, cost_micros, priced_calls, latency_us, latency_calls, successful_calls";
@@ -64,7 +68,7 @@ impl MigrationTrait for Migration {
         if backend == DbBackend::Postgres {
             // The folders' lock (migration::rollup::FOLD_LOCK): no fold between the sums and
             // the commit.
-            statements.push("SELECT pg_advisory_xact_lock(7812739800484506732)".to_owned());
+            statements.push(format!("SELECT pg_advisory_xact_lock({FOLDERS_LOCK})"));
         }
         statements.push(
             "DELETE FROM llm_tracker_usage_rollup WHERE user_key <> 2147483648 AND grain <> 96"

@@ -175,8 +175,8 @@ impl Calendar {
 /// calendar grains (months and years, totals table only).
 pub fn per_user(level: Level) -> (&'static [i64], &'static [Calendar]) {
     match level {
-        Level::ByModel => (&[96], &[]),
-        Level::Total => (&[96], &Calendar::ALL),
+        Level::ByModel => (&[DAY], &[]),
+        Level::Total => (&[DAY], &Calendar::ALL),
     }
 }
 
@@ -445,8 +445,8 @@ fn cells_select_of(
     level: Level,
     whose: Whose,
 ) -> String {
-    // (grain, len, phase, calendar kind, per user): every fixed grain for all users; the
-    // user's own cells where the layout has them (kind 1 = month, 2 = year).
+    // (grain, len, phase, per user): every fixed grain for all users; the user's own cells
+    // where the layout has them (calendar grains start where their month or year does).
     let (user_fixed, all_calendar) = per_user(level);
     let user_calendar = if whose == Whose::AllUsers {
         &[][..]
@@ -457,36 +457,32 @@ fn cells_select_of(
     for g in GRAINS {
         if whose != Whose::PerUser {
             grains.push(format!(
-                "SELECT {} AS grain, {} AS len, {} AS phase, 0 AS kind, 0 AS per_user",
+                "SELECT {} AS grain, {} AS len, {} AS phase, 0 AS per_user",
                 g.code, g.len, g.phase
             ));
         }
         if whose != Whose::AllUsers && user_fixed.contains(&g.code) {
             grains.push(format!(
-                "SELECT {} AS grain, {} AS len, {} AS phase, 0 AS kind, 1 AS per_user",
+                "SELECT {} AS grain, {} AS len, {} AS phase, 1 AS per_user",
                 g.code, g.len, g.phase
             ));
         }
     }
     for c in user_calendar {
-        let kind = match c {
-            Calendar::Month => 1,
-            Calendar::Year => 2,
-        };
         grains.push(format!(
-            "SELECT {} AS grain, 1 AS len, 0 AS phase, {kind} AS kind, 1 AS per_user",
+            "SELECT {} AS grain, 1 AS len, 0 AS phase, 1 AS per_user",
             c.code()
         ));
     }
+    let fixed = cell_start_sql("d.slot", "g.len", "g.phase");
     let slot = if user_calendar.is_empty() {
-        cell_start_sql("d.slot", "g.len", "g.phase")
+        fixed
     } else {
-        format!(
-            "CASE g.kind WHEN 0 THEN {} WHEN 1 THEN {} ELSE {} END",
-            cell_start_sql("d.slot", "g.len", "g.phase"),
-            Calendar::Month.start_sql(backend, "d.slot"),
-            Calendar::Year.start_sql(backend, "d.slot"),
-        )
+        let whens: String = user_calendar
+            .iter()
+            .map(|c| format!("WHEN {} THEN {} ", c.code(), c.start_sql(backend, "d.slot")))
+            .collect();
+        format!("CASE g.grain {whens}ELSE {fixed} END")
     };
     let (dims, group) = match level {
         Level::ByModel => ("d.model AS model, d.success AS success, ", "1, 2, 3, 4, 5"),
@@ -867,6 +863,9 @@ mod tests {
 
     #[test]
     fn migration_000011_takes_the_folders_lock() {
-        assert_eq!(FOLD_LOCK, 7812739800484506732);
+        assert_eq!(
+            FOLD_LOCK,
+            crate::m20261126_000011_rollup_per_user_days::FOLDERS_LOCK
+        );
     }
 }

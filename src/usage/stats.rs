@@ -359,19 +359,24 @@ pub(crate) fn token_stats_query(
     .filter(filter.condition())
     .group_by(Expr::cust(model_group(backend)));
     match granularity {
-        // In UTC the buckets themselves are grouped in SQL (fewest groups); in any other zone,
-        // 15-minute UTC slots, mapped to local buckets in Rust.
-        Some(g) if tz == Tz::UTC => {
-            let (group, text) = g.bucket_start_sql(backend);
+        Some(g) => {
+            let (group, text) = bucket_group(backend, g, tz);
             q.column_as(Expr::cust(text), "bucket")
                 .group_by(Expr::cust(group))
         }
-        Some(_) => {
-            let slot = slot_sql(backend);
-            q.column_as(Expr::cust(slot.clone()), "bucket")
-                .group_by(Expr::cust(slot))
-        }
         None => q.column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket"),
+    }
+}
+
+/// The series' grouping expression and its text (the `bucket` column). In UTC the buckets
+/// themselves are grouped in SQL (fewest groups); in any other zone, 15-minute UTC slots,
+/// mapped to local buckets in Rust.
+fn bucket_group(backend: DbBackend, granularity: Granularity, tz: Tz) -> (String, String) {
+    if tz == Tz::UTC {
+        let (group, text) = granularity.bucket_start_sql(backend);
+        (group.to_owned(), text.to_owned())
+    } else {
+        (slot_sql(backend), slot_sql(backend))
     }
 }
 
@@ -391,12 +396,7 @@ pub(crate) fn series_query(
         backend,
     )
     .filter(filter.condition());
-    let (group, text) = if tz == Tz::UTC {
-        let (g, t) = granularity.bucket_start_sql(backend);
-        (g.to_owned(), t.to_owned())
-    } else {
-        (slot_sql(backend), slot_sql(backend))
-    };
+    let (group, text) = bucket_group(backend, granularity, tz);
     q.column_as(Expr::cust(text), "bucket")
         .group_by(Expr::cust(group))
 }
@@ -758,7 +758,7 @@ pub async fn stats_by_user(
                         e.1 += r.try_get::<i64>("", "total_tokens")?;
                     }
                     for g in &edges {
-                        let key = g.user.map_or(migration::rollup::NO_USER, i64::from);
+                        let key = rollup::key_of(g.user);
                         let e = rank.entry(key).or_default();
                         e.0 += g.total_calls;
                         e.1 += g.total_tokens;
@@ -768,12 +768,8 @@ pub async fn stats_by_user(
                         .filter(|(_, (calls, _))| *calls > 0)
                         .map(|(k, (_, tokens))| (k, tokens))
                         .collect();
-                    // The order of finish_by_user: tokens descending, then users by id, the
-                    // calls made for no user last.
-                    keys.sort_by_key(|(k, tokens)| {
-                        let user = rollup::user_of(*k);
-                        (std::cmp::Reverse(*tokens), user.is_none(), user)
-                    });
+                    // The order of finish_by_user.
+                    keys.sort_by_key(|(k, tokens)| by_user_order(rollup::user_of(*k), *tokens));
                     keys.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
                     Some(keys.into_iter().map(|(k, _)| k).collect::<Vec<i64>>())
                 }
@@ -793,9 +789,9 @@ pub async fn stats_by_user(
             }
             // Only the chosen users' edge rows: another user's partial sums must not rank.
             groups.extend(edges.into_iter().filter(|g| {
-                chosen.as_ref().is_none_or(|keys| {
-                    keys.contains(&g.user.map_or(migration::rollup::NO_USER, i64::from))
-                })
+                chosen
+                    .as_ref()
+                    .is_none_or(|keys| keys.contains(&rollup::key_of(g.user)))
             }));
         }
     }
@@ -814,6 +810,12 @@ pub async fn stats_by_user_raw(
     finish_by_user(db, groups, limit).await
 }
 
+/// The order of `by_user`: tokens descending, then users by id, the calls made for no user
+/// last.
+fn by_user_order(user: Option<i32>, tokens: i64) -> (std::cmp::Reverse<i64>, bool, Option<i32>) {
+    (std::cmp::Reverse(tokens), user.is_none(), user)
+}
+
 /// Merges groups per user, orders and cuts them, and adds the usernames.
 async fn finish_by_user<C: ConnectionTrait>(
     db: &C,
@@ -830,8 +832,7 @@ async fn finish_by_user<C: ConnectionTrait>(
         .into_iter()
         .filter(|(_, g)| g.total_calls > 0)
         .collect();
-    // Tokens descending, then users by id, the calls made for no user last.
-    users.sort_by_key(|(u, g)| (std::cmp::Reverse(g.total_tokens), u.is_none(), *u));
+    users.sort_by_key(|(u, g)| by_user_order(*u, g.total_tokens));
     users.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let ids: Vec<i32> = users.iter().filter_map(|(u, _)| *u).collect();
     let names: BTreeMap<i32, String> = if ids.is_empty() {
