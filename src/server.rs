@@ -31,6 +31,7 @@ pub async fn run(
     if state.settings.database_read_url.is_some() {
         tracing::info!("admin reads go to DATABASE_READ_URL");
     }
+    crate::http::error::install_dispatcher_error_bodies();
     let server = HttpServer::new(move || app(state.clone()))
         .shutdown_timeout(30)
         .bind(bind_addr)?;

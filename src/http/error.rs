@@ -137,3 +137,53 @@ pub fn json_config() -> web::JsonConfig {
         .into()
     })
 }
+
+/// Gives the responses actix-http's HTTP/1 dispatcher writes itself, before any service or
+/// middleware runs, the JSON error shape and a request id: 400 for a request line or header
+/// it cannot parse (a URI over 65,534 bytes among them), 431 for a request head over 128 KiB,
+/// 408 for a head that did not arrive in time. Upstream sends them empty; the hook is our patch
+/// of actix-http (`vendor/README.md`). Installed once per process by `serve`.
+pub fn install_dispatcher_error_bodies() {
+    actix_http::h1::set_error_response_hook(dispatcher_error_body);
+}
+
+fn dispatcher_error_body(res: &mut actix_http::Response<()>) -> actix_http::body::BoxBody {
+    use actix_web::http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+
+    let status = res.status();
+    let (code, detail) = match status.as_u16() {
+        400 => (
+            "bad_request",
+            "Malformed request: the request line or a header could not be parsed \
+             (a URI may be at most 65,534 bytes).",
+        ),
+        408 => (
+            "request_timeout",
+            "Request timeout: the request head did not arrive in time.",
+        ),
+        431 => (
+            "request_header_fields_too_large",
+            "Request header fields too large: the request line and headers may take at most \
+             128 KiB.",
+        ),
+        500..=599 => ("server_error", "A server error occurred."),
+        _ => ("error", status.canonical_reason().unwrap_or("Error")),
+    };
+    let request_id = uuid::Uuid::new_v4().simple().to_string();
+    // Nothing of the request is logged: it could not be read, and its head may hold tokens.
+    tracing::info!(%request_id, status = status.as_u16(), "refused before routing");
+    let headers = res.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        headers.insert(
+            HeaderName::from_static(crate::http::middleware::REQUEST_ID_HEADER),
+            value,
+        );
+    }
+    let body = ErrorBody {
+        detail: detail.to_owned(),
+        code,
+        errors: None,
+    };
+    actix_http::body::BoxBody::new(serde_json::to_vec(&body).unwrap_or_default())
+}
