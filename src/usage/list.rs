@@ -245,7 +245,8 @@ async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result
             );
             // The cells' count, then the pending contributions' count.
             for row in txn.query_all_raw(stmt).await? {
-                total = total.saturating_add_signed(row.try_get::<i64>("", "total_calls")?);
+                let calls = super::TokenSums::alias(super::Sum::Calls);
+                total = total.saturating_add_signed(row.try_get::<i64>("", calls)?);
             }
             plan.edges.iter().collect()
         }

@@ -9,8 +9,10 @@ pub mod plans;
 pub mod reprice;
 pub mod rollup;
 pub mod stats;
+pub mod sums;
 
 pub use filters::{FilterError, UsageFilter};
+pub use sums::{Sum, TokenSums};
 
 /// A datetime as Python's `isoformat()` writes it for an aware UTC value: `+00:00`,
 /// microseconds only when not zero (the Django app's JSON contract).

@@ -21,6 +21,7 @@ use super::UsageFilter;
 use super::buckets::bucket_start;
 use super::filters::escape_like;
 use super::stats::Granularity;
+use super::sums::{Sum, TokenSums};
 
 const SLOT_MICROS: i64 = SLOT_SECONDS * 1_000_000;
 
@@ -483,27 +484,27 @@ pub fn statement_with(
             "",
         ),
     };
+    // The cells' column behind each of the sums.
+    let cell = |s: Sum| match s {
+        Sum::Calls => "r.calls",
+        Sum::Prompt => "r.prompt_tokens",
+        Sum::Completion => "r.completion_tokens",
+        Sum::Total => "r.total_tokens",
+        Sum::Cached => "r.cached_tokens",
+        Sum::Reasoning => "r.reasoning_tokens",
+        Sum::CostMicros => "r.cost_micros",
+    };
     let columns = |sum: &dyn Fn(&str) -> String, ok: &str| {
         if sums == Sums::Rank {
-            return format!(
-                "{} AS total_calls, {} AS total_tokens",
-                sum("r.calls"),
-                sum("r.total_tokens")
-            );
+            return [Sum::Calls, Sum::Total]
+                .map(|s| format!("{} AS {}", sum(cell(s)), TokenSums::alias(s)))
+                .join(", ");
         }
         format!(
-            "{calls} AS total_calls, {ok} AS successful_calls, \
-             {p} AS total_prompt_tokens, {c} AS total_completion_tokens, {t} AS total_tokens, \
-             {ca} AS total_cached_tokens, {re} AS total_reasoning_tokens, {cost} AS cost_micros, \
-             {unpriced} AS unpriced_calls, {lat} AS latency_us, {latn} AS latency_n",
-            calls = sum("r.calls"),
+            "{sums}, {ok} AS successful_calls, {unpriced} AS unpriced_calls, \
+             {lat} AS latency_us, {latn} AS latency_n",
+            sums = TokenSums::select(|s| sum(cell(s))),
             ok = sum(ok),
-            p = sum("r.prompt_tokens"),
-            c = sum("r.completion_tokens"),
-            t = sum("r.total_tokens"),
-            ca = sum("r.cached_tokens"),
-            re = sum("r.reasoning_tokens"),
-            cost = sum("r.cost_micros"),
             unpriced = sum("r.calls - r.priced_calls"),
             lat = sum("r.latency_us"),
             latn = sum("r.latency_calls"),

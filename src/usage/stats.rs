@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use super::UsageFilter;
 use super::buckets::{bucket_of, bucket_start, buckets_between};
 use super::rollup;
+use super::sums::{Sum, TokenSums};
 use crate::db::entities::usage;
 use crate::pricing::{CURRENCY, Usd};
 
@@ -41,18 +42,26 @@ pub struct Summary {
 
 impl Default for Summary {
     fn default() -> Self {
+        Self::new(TokenSums::default(), 0, 0)
+    }
+}
+
+impl Summary {
+    /// The summary of `sums`, `successful_calls` of whose calls succeeded and `unpriced_calls`
+    /// had no price.
+    pub fn new(sums: TokenSums, successful_calls: i64, unpriced_calls: i64) -> Self {
         Self {
-            total_prompt_tokens: 0,
-            total_completion_tokens: 0,
-            total_tokens: 0,
-            total_cached_tokens: 0,
-            total_reasoning_tokens: 0,
-            total_calls: 0,
-            successful_calls: 0,
-            failed_calls: 0,
-            total_cost: Usd(0),
+            total_prompt_tokens: sums.total_prompt_tokens,
+            total_completion_tokens: sums.total_completion_tokens,
+            total_tokens: sums.total_tokens,
+            total_cached_tokens: sums.total_cached_tokens,
+            total_reasoning_tokens: sums.total_reasoning_tokens,
+            total_calls: sums.total_calls,
+            successful_calls,
+            failed_calls: sums.total_calls - successful_calls,
+            total_cost: Usd(sums.cost_micros),
             total_cost_currency: CURRENCY,
-            unpriced_calls: 0,
+            unpriced_calls,
         }
     }
 }
@@ -76,6 +85,24 @@ pub struct ModelStats {
     pub avg_latency_sec: Option<f64>,
 }
 
+impl ModelStats {
+    /// `model`'s line: its sums and mean latency.
+    pub fn new(model: String, sums: TokenSums, avg_latency_sec: Option<f64>) -> Self {
+        Self {
+            model,
+            total_calls: sums.total_calls,
+            total_prompt_tokens: sums.total_prompt_tokens,
+            total_completion_tokens: sums.total_completion_tokens,
+            total_tokens: sums.total_tokens,
+            total_cached_tokens: sums.total_cached_tokens,
+            total_reasoning_tokens: sums.total_reasoning_tokens,
+            total_cost: Usd(sums.cost_micros),
+            total_cost_currency: CURRENCY,
+            avg_latency_sec,
+        }
+    }
+}
+
 /// One bucket of the time series.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct SeriesItem {
@@ -90,6 +117,22 @@ pub struct SeriesItem {
     pub total_reasoning_tokens: i64,
     #[schema(value_type = f64, example = 0.00128)]
     pub total_cost: Usd,
+}
+
+impl SeriesItem {
+    /// The bucket labelled `bucket` with `sums`.
+    pub fn new(bucket: String, sums: TokenSums) -> Self {
+        Self {
+            bucket,
+            total_calls: sums.total_calls,
+            total_prompt_tokens: sums.total_prompt_tokens,
+            total_completion_tokens: sums.total_completion_tokens,
+            total_tokens: sums.total_tokens,
+            total_cached_tokens: sums.total_cached_tokens,
+            total_reasoning_tokens: sums.total_reasoning_tokens,
+            total_cost: Usd(sums.cost_micros),
+        }
+    }
 }
 
 /// Series granularity: `day` → hourly buckets, `month` → daily, `year` → monthly.
@@ -173,20 +216,6 @@ impl Default for SeriesOptions {
     }
 }
 
-const SUMS: [(&str, &str); 5] = [
-    ("COALESCE(SUM(prompt_tokens), 0)", "total_prompt_tokens"),
-    (
-        "COALESCE(SUM(completion_tokens), 0)",
-        "total_completion_tokens",
-    ),
-    ("COALESCE(SUM(total_tokens), 0)", "total_tokens"),
-    ("COALESCE(SUM(cached_tokens), 0)", "total_cached_tokens"),
-    (
-        "COALESCE(SUM(reasoning_tokens), 0)",
-        "total_reasoning_tokens",
-    ),
-];
-
 /// The sum of `cost` in micro-dollars: PostgreSQL sums `numeric` USD exactly, SQLite sums
 /// integer micro-dollars exactly; NULLs (unpriced) are skipped.
 fn cost_sum_sql(backend: DbBackend) -> &'static str {
@@ -213,14 +242,26 @@ fn latency_sum_sql(backend: DbBackend) -> String {
     }
 }
 
+/// A sum over the raw rows.
+fn raw_sum_sql(backend: DbBackend, sum: Sum) -> String {
+    let column = match sum {
+        Sum::Calls => return "COUNT(*)".to_owned(),
+        Sum::CostMicros => return cost_sum_sql(backend).to_owned(),
+        Sum::Prompt => "prompt_tokens",
+        Sum::Completion => "completion_tokens",
+        Sum::Total => "total_tokens",
+        Sum::Cached => "cached_tokens",
+        Sum::Reasoning => "reasoning_tokens",
+    };
+    // PostgreSQL's SUM(integer) is bigint; the cast keeps SQLite and PostgreSQL alike.
+    format!("CAST(COALESCE(SUM({column}), 0) AS BIGINT)")
+}
+
 fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
-    q = q.column_as(Expr::cust("COUNT(*)"), "total_calls");
-    for (sql, alias) in SUMS {
-        // PostgreSQL's SUM(integer) is bigint; the cast keeps SQLite and PostgreSQL alike.
-        q = q.column_as(Expr::cust(format!("CAST({sql} AS BIGINT)")), alias);
+    for (sum, alias) in TokenSums::COLUMNS {
+        q = q.column_as(Expr::cust(raw_sum_sql(backend, sum)), alias);
     }
-    q.column_as(Expr::cust(cost_sum_sql(backend)), "cost_micros")
-        .column_as(Expr::cust(latency_sum_sql(backend)), "latency_us")
+    q.column_as(Expr::cust(latency_sum_sql(backend)), "latency_us")
         .column_as(Expr::cust("CAST(COUNT(started_at) AS BIGINT)"), "latency_n")
         .column_as(
             Expr::cust("CAST(COUNT(*) - COUNT(cost) AS BIGINT)"),
@@ -240,21 +281,6 @@ pub async fn summary_stats(
     Ok(token_stats(db, filter, None).await?.summary)
 }
 
-impl Summary {
-    fn add(&mut self, g: &Group) {
-        self.total_calls += g.total_calls;
-        self.successful_calls += g.successful_calls;
-        self.failed_calls += g.total_calls - g.successful_calls;
-        self.total_prompt_tokens += g.total_prompt_tokens;
-        self.total_completion_tokens += g.total_completion_tokens;
-        self.total_tokens += g.total_tokens;
-        self.total_cached_tokens += g.total_cached_tokens;
-        self.total_reasoning_tokens += g.total_reasoning_tokens;
-        self.total_cost.0 += g.cost_micros;
-        self.unpriced_calls += g.unpriced_calls;
-    }
-}
-
 /// Everything token-stats shows, from one pass over the matching rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenStatsData {
@@ -269,42 +295,29 @@ pub struct TokenStatsData {
 pub(crate) struct Group {
     model: Option<String>,
     bucket: Option<String>,
-    total_calls: i64,
+    #[sea_orm(nested)]
+    sums: TokenSums,
     successful_calls: i64,
-    cost_micros: i64,
     unpriced_calls: i64,
     latency_us: i64,
     latency_n: i64,
-    total_prompt_tokens: i64,
-    total_completion_tokens: i64,
-    total_tokens: i64,
-    total_cached_tokens: i64,
-    total_reasoning_tokens: i64,
 }
 
-/// Calls and the five token sums, added up in Rust from the groups.
+/// What the groups add up to: the sums, and what the summary or a model's line adds to them.
 #[derive(Debug, Clone, Copy, Default)]
 struct Totals {
-    calls: i64,
-    prompt: i64,
-    completion: i64,
-    total: i64,
-    cached: i64,
-    reasoning: i64,
-    cost: i64,
+    sums: TokenSums,
+    successful_calls: i64,
+    unpriced_calls: i64,
     latency_us: i64,
     latency_n: i64,
 }
 
 impl Totals {
     fn add(&mut self, g: &Group) {
-        self.calls += g.total_calls;
-        self.prompt += g.total_prompt_tokens;
-        self.completion += g.total_completion_tokens;
-        self.total += g.total_tokens;
-        self.cached += g.total_cached_tokens;
-        self.reasoning += g.total_reasoning_tokens;
-        self.cost += g.cost_micros;
+        self.sums += g.sums;
+        self.successful_calls += g.successful_calls;
+        self.unpriced_calls += g.unpriced_calls;
         self.latency_us += g.latency_us;
         self.latency_n += g.latency_n;
     }
@@ -542,7 +555,7 @@ fn fold(
     options: SeriesOptions,
 ) -> Result<TokenStatsData, DbErr> {
     let tz = options.tz;
-    let mut summary = Summary::default();
+    let mut summary = Totals::default();
     let mut models: BTreeMap<&str, Totals> = BTreeMap::new();
     // Local buckets by start instant (labels with offsets do not sort by time across DST).
     let mut buckets: BTreeMap<DateTime<Utc>, (String, Totals)> = BTreeMap::new();
@@ -570,8 +583,8 @@ fn fold(
                 .add(g);
         }
     }
-    models.retain(|_, t| t.calls != 0);
-    buckets.retain(|_, (_, t)| t.calls != 0);
+    models.retain(|_, t| t.sums.total_calls != 0);
+    buckets.retain(|_, (_, t)| t.sums.total_calls != 0);
     if let (Some(gran), true, Some(start), Some(end)) =
         (granularity, options.fill, filter.start, filter.end)
     {
@@ -584,18 +597,7 @@ fn fold(
 
     let mut by_model: Vec<ModelStats> = models
         .into_iter()
-        .map(|(model, t)| ModelStats {
-            model: model.to_owned(),
-            total_calls: t.calls,
-            total_prompt_tokens: t.prompt,
-            total_completion_tokens: t.completion,
-            total_tokens: t.total,
-            total_cached_tokens: t.cached,
-            total_reasoning_tokens: t.reasoning,
-            total_cost: Usd(t.cost),
-            total_cost_currency: CURRENCY,
-            avg_latency_sec: t.avg_latency_sec(),
-        })
+        .map(|(model, t)| ModelStats::new(model.to_owned(), t.sums, t.avg_latency_sec()))
         .collect();
     // Total tokens descending, then model ascending (the map already gave model order).
     by_model.sort_by_key(|m| std::cmp::Reverse(m.total_tokens));
@@ -603,20 +605,15 @@ fn fold(
     let series = granularity.map(|_| {
         buckets
             .into_values()
-            .map(|(label, t)| SeriesItem {
-                bucket: label,
-                total_calls: t.calls,
-                total_prompt_tokens: t.prompt,
-                total_completion_tokens: t.completion,
-                total_tokens: t.total,
-                total_cached_tokens: t.cached,
-                total_reasoning_tokens: t.reasoning,
-                total_cost: Usd(t.cost),
-            })
+            .map(|(label, t)| SeriesItem::new(label, t.sums))
             .collect()
     });
     Ok(TokenStatsData {
-        summary,
+        summary: Summary::new(
+            summary.sums,
+            summary.successful_calls,
+            summary.unpriced_calls,
+        ),
         by_model,
         series,
     })
@@ -660,35 +657,44 @@ pub struct UserStats {
     pub total_cost_currency: &'static str,
 }
 
+impl UserStats {
+    /// `user_id`'s line, named `username`.
+    pub fn new(user_id: Option<i32>, username: Option<String>, sums: TokenSums) -> Self {
+        Self {
+            user_id,
+            username,
+            total_calls: sums.total_calls,
+            total_prompt_tokens: sums.total_prompt_tokens,
+            total_completion_tokens: sums.total_completion_tokens,
+            total_tokens: sums.total_tokens,
+            total_cached_tokens: sums.total_cached_tokens,
+            total_reasoning_tokens: sums.total_reasoning_tokens,
+            total_cost: Usd(sums.cost_micros),
+            total_cost_currency: CURRENCY,
+        }
+    }
+}
+
 /// One user's sums: from the rollup (`user_key`) or the raw edge rows (`user_id`).
 #[derive(Debug, Default, FromQueryResult)]
 struct UserGroup {
     #[sea_orm(skip)]
     user: Option<i32>,
-    total_calls: i64,
-    total_prompt_tokens: i64,
-    total_completion_tokens: i64,
-    total_tokens: i64,
-    total_cached_tokens: i64,
-    total_reasoning_tokens: i64,
-    cost_micros: i64,
-}
-
-impl UserGroup {
-    fn add(&mut self, o: &UserGroup) {
-        self.total_calls += o.total_calls;
-        self.total_prompt_tokens += o.total_prompt_tokens;
-        self.total_completion_tokens += o.total_completion_tokens;
-        self.total_tokens += o.total_tokens;
-        self.total_cached_tokens += o.total_cached_tokens;
-        self.total_reasoning_tokens += o.total_reasoning_tokens;
-        self.cost_micros += o.cost_micros;
-    }
+    #[sea_orm(nested)]
+    sums: TokenSums,
 }
 
 #[derive(Debug, FromQueryResult)]
 struct KeyOnly {
     user_key: i64,
+}
+
+/// A user's line of the ranking statement ([`rollup::Sums::Rank`]).
+#[derive(Debug, FromQueryResult)]
+struct RankRow {
+    user_key: i64,
+    total_calls: i64,
+    total_tokens: i64,
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -751,17 +757,16 @@ pub async fn stats_by_user(
                         None,
                     );
                     let mut rank: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
-                    for r in txn.query_all_raw(stmt).await? {
-                        let key = KeyOnly::from_query_result(&r, "")?.user_key;
-                        let e = rank.entry(key).or_default();
-                        e.0 += r.try_get::<i64>("", "total_calls")?;
-                        e.1 += r.try_get::<i64>("", "total_tokens")?;
+                    for r in RankRow::find_by_statement(stmt).all(&txn).await? {
+                        let e = rank.entry(r.user_key).or_default();
+                        e.0 += r.total_calls;
+                        e.1 += r.total_tokens;
                     }
                     for g in &edges {
                         let key = rollup::key_of(g.user);
                         let e = rank.entry(key).or_default();
-                        e.0 += g.total_calls;
-                        e.1 += g.total_tokens;
+                        e.0 += g.sums.total_calls;
+                        e.1 += g.sums.total_tokens;
                     }
                     let mut keys: Vec<(i64, i64)> = rank
                         .into_iter()
@@ -824,15 +829,15 @@ async fn finish_by_user<C: ConnectionTrait>(
 ) -> Result<Vec<UserStats>, DbErr> {
     use crate::db::entities::auth_user;
     use sea_orm::ColumnTrait;
-    let mut merged: BTreeMap<Option<i32>, UserGroup> = BTreeMap::new();
+    let mut merged: BTreeMap<Option<i32>, TokenSums> = BTreeMap::new();
     for g in &groups {
-        merged.entry(g.user).or_default().add(g);
+        *merged.entry(g.user).or_default() += g.sums;
     }
-    let mut users: Vec<(Option<i32>, UserGroup)> = merged
+    let mut users: Vec<(Option<i32>, TokenSums)> = merged
         .into_iter()
-        .filter(|(_, g)| g.total_calls > 0)
+        .filter(|(_, s)| s.total_calls > 0)
         .collect();
-    users.sort_by_key(|(u, g)| by_user_order(*u, g.total_tokens));
+    users.sort_by_key(|(u, s)| by_user_order(*u, s.total_tokens));
     users.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let ids: Vec<i32> = users.iter().filter_map(|(u, _)| *u).collect();
     let names: BTreeMap<i32, String> = if ids.is_empty() {
@@ -851,17 +856,8 @@ async fn finish_by_user<C: ConnectionTrait>(
     };
     Ok(users
         .into_iter()
-        .map(|(user_id, r)| UserStats {
-            user_id,
-            username: user_id.and_then(|u| names.get(&u).cloned()),
-            total_calls: r.total_calls,
-            total_prompt_tokens: r.total_prompt_tokens,
-            total_completion_tokens: r.total_completion_tokens,
-            total_tokens: r.total_tokens,
-            total_cached_tokens: r.total_cached_tokens,
-            total_reasoning_tokens: r.total_reasoning_tokens,
-            total_cost: Usd(r.cost_micros),
-            total_cost_currency: CURRENCY,
+        .map(|(user_id, sums)| {
+            UserStats::new(user_id, user_id.and_then(|u| names.get(&u).cloned()), sums)
         })
         .collect())
 }

@@ -585,30 +585,17 @@ struct OverviewPage {
     by_model: Vec<ModelView>,
 }
 
+/// A model's line as shown: its figures, the cost formatted.
 struct ModelView {
-    model: String,
-    total_calls: i64,
-    total_prompt_tokens: i64,
-    total_completion_tokens: i64,
-    total_tokens: i64,
-    total_cached_tokens: i64,
-    total_reasoning_tokens: i64,
+    stats: ModelStats,
     total_cost: String,
-    avg_latency_sec: Option<f64>,
 }
 
 impl From<ModelStats> for ModelView {
-    fn from(m: ModelStats) -> Self {
+    fn from(stats: ModelStats) -> Self {
         Self {
-            model: m.model,
-            total_calls: m.total_calls,
-            total_prompt_tokens: m.total_prompt_tokens,
-            total_completion_tokens: m.total_completion_tokens,
-            total_tokens: m.total_tokens,
-            total_cached_tokens: m.total_cached_tokens,
-            total_reasoning_tokens: m.total_reasoning_tokens,
-            total_cost: usd(m.total_cost),
-            avg_latency_sec: m.avg_latency_sec,
+            total_cost: usd(stats.total_cost),
+            stats,
         }
     }
 }

@@ -1,0 +1,126 @@
+//! The sums every statistic adds up — calls, the five token counts and the cost — in one type:
+//! summary, by_model, series items, by_user and the admin pages all fold [`TokenSums`], and
+//! every aggregate that feeds them (the raw rows' and the rollup's) names its columns through
+//! [`TokenSums::select`], so the SQL aliases cannot drift from the fields that read them.
+
+use std::ops::AddAssign;
+
+use sea_orm::FromQueryResult;
+
+/// One of the sums, as the SQL that computes it needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sum {
+    Calls,
+    Prompt,
+    Completion,
+    Total,
+    Cached,
+    Reasoning,
+    /// USD in micro-dollars, over the priced calls.
+    CostMicros,
+}
+
+/// Calls, token sums and cost of a group of calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromQueryResult)]
+pub struct TokenSums {
+    pub total_calls: i64,
+    pub total_prompt_tokens: i64,
+    pub total_completion_tokens: i64,
+    pub total_tokens: i64,
+    pub total_cached_tokens: i64,
+    pub total_reasoning_tokens: i64,
+    /// USD in micro-dollars.
+    pub cost_micros: i64,
+}
+
+impl TokenSums {
+    /// Each sum with the column alias [`TokenSums`] reads it from (its field's name).
+    pub const COLUMNS: [(Sum, &'static str); 7] = [
+        (Sum::Calls, "total_calls"),
+        (Sum::Prompt, "total_prompt_tokens"),
+        (Sum::Completion, "total_completion_tokens"),
+        (Sum::Total, "total_tokens"),
+        (Sum::Cached, "total_cached_tokens"),
+        (Sum::Reasoning, "total_reasoning_tokens"),
+        (Sum::CostMicros, "cost_micros"),
+    ];
+
+    /// `<expr> AS total_calls, <expr> AS total_prompt_tokens, …`: the select list of every
+    /// sum, `expr` giving each one's SQL.
+    pub fn select(expr: impl Fn(Sum) -> String) -> String {
+        Self::COLUMNS
+            .iter()
+            .map(|(sum, alias)| format!("{} AS {alias}", expr(*sum)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The column alias of `sum`.
+    pub fn alias(sum: Sum) -> &'static str {
+        Self::COLUMNS
+            .iter()
+            .find(|(s, _)| *s == sum)
+            .map(|(_, alias)| *alias)
+            .unwrap_or_default()
+    }
+
+    /// The sum's value.
+    pub fn get(&self, sum: Sum) -> i64 {
+        match sum {
+            Sum::Calls => self.total_calls,
+            Sum::Prompt => self.total_prompt_tokens,
+            Sum::Completion => self.total_completion_tokens,
+            Sum::Total => self.total_tokens,
+            Sum::Cached => self.total_cached_tokens,
+            Sum::Reasoning => self.total_reasoning_tokens,
+            Sum::CostMicros => self.cost_micros,
+        }
+    }
+}
+
+impl AddAssign for TokenSums {
+    fn add_assign(&mut self, o: Self) {
+        self.total_calls += o.total_calls;
+        self.total_prompt_tokens += o.total_prompt_tokens;
+        self.total_completion_tokens += o.total_completion_tokens;
+        self.total_tokens += o.total_tokens;
+        self.total_cached_tokens += o.total_cached_tokens;
+        self.total_reasoning_tokens += o.total_reasoning_tokens;
+        self.cost_micros += o.cost_micros;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+
+    use super::*;
+
+    /// Every alias `select` writes is read back into its own field: a select list written
+    /// with a distinct number per sum comes back as those numbers, field by field.
+    #[tokio::test]
+    async fn the_select_list_reads_back_into_its_own_fields() {
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        let value = |s: Sum| {
+            1 + TokenSums::COLUMNS
+                .iter()
+                .position(|(c, _)| *c == s)
+                .unwrap() as i64
+        };
+        let sql = format!("SELECT {}", TokenSums::select(|s| value(s).to_string()));
+        let row = db
+            .query_one_raw(Statement::from_string(DbBackend::Sqlite, sql))
+            .await
+            .unwrap()
+            .unwrap();
+        let sums = TokenSums::from_query_result(&row, "").unwrap();
+        for (sum, _) in TokenSums::COLUMNS {
+            assert_eq!(sums.get(sum), value(sum), "{sum:?}");
+        }
+        let mut twice = sums;
+        twice += sums;
+        for (sum, _) in TokenSums::COLUMNS {
+            assert_eq!(twice.get(sum), 2 * value(sum), "{sum:?}");
+        }
+    }
+}
