@@ -29,6 +29,54 @@ pub struct FilterError {
     pub message: String,
 }
 
+/// The filter's query parameters as given: one type for every reader of them, the admin API
+/// (token-stats, llm-usage, the export) and the admin pages, so each turns the same text into
+/// the same [`UsageFilter`]. Unknown parameters are ignored here (the readers refuse theirs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct FilterParams {
+    pub start_date: Option<String>,
+    pub end_date: Option<String>,
+    pub user_id: Option<String>,
+    pub model: Option<String>,
+    pub success: Option<String>,
+    /// IANA time zone of naive and date-only dates.
+    pub tz: Option<String>,
+}
+
+impl FilterParams {
+    /// The time zone (`default_tz` when not given) and the filter; an unknown zone or a bad
+    /// value is a [`FilterError`] naming its parameter.
+    pub fn parse(&self, default_tz: Tz) -> Result<(Tz, UsageFilter), FilterError> {
+        let tz = match given(self.tz.as_deref()) {
+            None => default_tz,
+            Some(name) => name.parse().map_err(|_| FilterError {
+                param: "tz",
+                message: format!(
+                    "unknown time zone {name:?}; use an IANA name such as UTC or Asia/Shanghai"
+                ),
+            })?,
+        };
+        let filter = UsageFilter::from_params_in(
+            tz,
+            self.start_date.as_deref(),
+            self.end_date.as_deref(),
+            self.user_id.as_deref(),
+            self.model.as_deref(),
+            self.success.as_deref(),
+        )?;
+        Ok((tz, filter))
+    }
+
+    /// Without `model` and `success`: statistics filter on neither.
+    pub fn without_row_filters(self) -> Self {
+        Self {
+            model: None,
+            success: None,
+            ..self
+        }
+    }
+}
+
 impl UsageFilter {
     /// Builds the filter from raw query values (`None` = parameter absent), reading naive and
     /// date-only dates as UTC.

@@ -11,7 +11,7 @@ pub mod rollup;
 pub mod stats;
 pub mod sums;
 
-pub use filters::{FilterError, UsageFilter};
+pub use filters::{FilterError, FilterParams, UsageFilter};
 pub use sums::{Sum, TokenSums};
 
 /// A datetime as Python's `isoformat()` writes it for an aware UTC value: `+00:00`,

@@ -19,10 +19,9 @@ use crate::db::entities::auth_user;
 use crate::http::AppState;
 use crate::pricing::Usd;
 use crate::usage::buckets::{MAX_BUCKETS, buckets_between};
-use crate::usage::filters::given;
 use crate::usage::list::{UsageRow, get_usage, list_usage_ordered};
 use crate::usage::stats::{self, Granularity, ModelStats, SeriesOptions, Summary};
-use crate::usage::{FilterError, UsageFilter};
+use crate::usage::{FilterParams, UsageFilter};
 use session::{
     CSRF_COOKIE, DEVICE_COOKIE, DEVICE_TTL, SESSION_COOKIE, SESSION_TTL, Session, Signer,
 };
@@ -611,34 +610,23 @@ const ZONES: [&str; 8] = [
     "Asia/Tokyo",
 ];
 
-/// A filter from the page's parameters, or the message to show.
+/// A filter from the page's parameters (read as the API reads them), or the message to show.
 fn page_filter(
     state: &AppState,
-    q: &HashMap<String, String>,
+    req: &HttpRequest,
     with_model_and_success: bool,
 ) -> Result<(chrono_tz::Tz, UsageFilter), String> {
-    let tz = match given(q.get("tz").map(String::as_str)) {
-        None => state.settings.default_timezone,
-        Some(name) => name
-            .parse()
-            .map_err(|_| format!("Unknown time zone {name:?}: use an IANA name such as UTC."))?,
-    };
-    let get = |k: &str| q.get(k).map(String::as_str);
-    let (model, success) = if with_model_and_success {
-        (get("model"), get("success"))
+    let params = web::Query::<FilterParams>::from_query(req.query_string())
+        .map_err(|_| "The address has a malformed query string.".to_owned())?
+        .into_inner();
+    let params = if with_model_and_success {
+        params
     } else {
-        (None, None)
+        params.without_row_filters()
     };
-    UsageFilter::from_params_in(
-        tz,
-        get("start_date"),
-        get("end_date"),
-        get("user_id"),
-        model,
-        success,
-    )
-    .map(|f| (tz, f))
-    .map_err(|FilterError { param, message }| format!("{param}: {message}"))
+    params
+        .parse(state.settings.default_timezone)
+        .map_err(|e| e.to_string())
 }
 
 async fn overview(
@@ -657,7 +645,7 @@ async fn overview(
         error = Some("Unsupported granularity. Use one of: day, month, year.".to_owned());
         Granularity::Month
     });
-    let (tz, filter) = match page_filter(&state, &q, false) {
+    let (tz, filter) = match page_filter(&state, &req, false) {
         Ok(v) => v,
         Err(m) => {
             error = Some(m);
@@ -829,7 +817,7 @@ async fn usage_list(
             .filter(|p| *p >= 1)
             .ok_or_else(|| PageError::BadRequest("page: a whole number ≥ 1".into()))?,
     };
-    let (filter, error) = match page_filter(&state, &q, true) {
+    let (filter, error) = match page_filter(&state, &req, true) {
         Ok((_, f)) => (Some(f), None),
         Err(m) => (None, Some(m)),
     };
@@ -905,8 +893,7 @@ async fn usage_export(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, PageError> {
-    let q = query_map(&req)?;
-    let (_, filter) = page_filter(&state, &q, true).map_err(PageError::BadRequest)?;
+    let (_, filter) = page_filter(&state, &req, true).map_err(PageError::BadRequest)?;
     crate::http::routes::admin::csv_response(state.read_db.clone(), filter)
         .await
         .map_err(|_| PageError::Unavailable)

@@ -18,21 +18,7 @@ use crate::usage::stats::{self, Granularity, ModelStats, SeriesItem, Summary, Us
 const DEFAULT_USER_LIMIT: u64 = 50;
 const MAX_USER_LIMIT: u64 = 1000;
 
-/// The `tz` parameter: an IANA zone name, else the configured default; unknown → 400.
-fn parse_tz(raw: Option<&str>, default: chrono_tz::Tz) -> Result<chrono_tz::Tz, ApiError> {
-    match given(raw) {
-        None => Ok(default),
-        Some(name) => name.parse().map_err(|_| {
-            ApiError::invalid_param(
-                "tz",
-                format!(
-                    "unknown time zone {name:?}; use an IANA name such as UTC or Asia/Shanghai"
-                ),
-            )
-        }),
-    }
-}
-use crate::usage::{FilterError, UsageFilter};
+use crate::usage::{FilterError, FilterParams, UsageFilter};
 
 /// Query of `GET /api/v1/admin/token-stats/`. Every value is trimmed; empty = not given.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -61,6 +47,102 @@ pub struct TokenStatsQuery {
     /// Users in `by_user` (default 50, at most 1000).
     #[param(example = "50")]
     pub user_limit: Option<String>,
+}
+
+/// token-stats' parameters, read and checked.
+#[derive(Debug)]
+pub struct TokenStatsRequest {
+    pub tz: chrono_tz::Tz,
+    pub filter: UsageFilter,
+    pub granularity: Option<Granularity>,
+    /// Every bucket of a range given by both dates (`fill=zero`, the default).
+    pub fill: bool,
+    /// `include=by_user`: how many users.
+    pub by_user_limit: Option<u64>,
+}
+
+impl TokenStatsQuery {
+    /// The request these parameters make; the first bad one is a 400 naming it.
+    pub fn parse(self, default_tz: chrono_tz::Tz) -> Result<TokenStatsRequest, ApiError> {
+        let q = self;
+        let (tz, filter) = FilterParams {
+            start_date: q.start_date,
+            end_date: q.end_date,
+            user_id: q.user_id,
+            tz: q.tz,
+            ..FilterParams::default()
+        }
+        .parse(default_tz)?;
+        let fill = match given(q.fill.as_deref())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("zero") => true,
+            Some("none") => false,
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "fill",
+                    "must be zero (every bucket of the range) or none (only buckets with rows)",
+                ));
+            }
+        };
+        let mut by_user_limit = None;
+        if let Some(raw) = given(q.include.as_deref()) {
+            for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                if part.eq_ignore_ascii_case("by_user") {
+                    by_user_limit = Some(DEFAULT_USER_LIMIT);
+                } else {
+                    return Err(ApiError::invalid_param(
+                        "include",
+                        format!("unknown value {part:?}; use by_user"),
+                    ));
+                }
+            }
+        }
+        if let Some(raw) = given(q.user_limit.as_deref()) {
+            let limit = match raw.parse::<i64>() {
+                Ok(n) if n >= 1 => (n as u64).min(MAX_USER_LIMIT),
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        "user_limit",
+                        format!("must be an integer from 1 to {MAX_USER_LIMIT}, got {raw:?}"),
+                    ));
+                }
+            };
+            by_user_limit = by_user_limit.map(|_| limit);
+        }
+        let granularity = match given(q.granularity.as_deref()) {
+            None => None,
+            Some(raw) => Some(Granularity::parse(raw).ok_or_else(|| {
+                ApiError::BadRequest {
+                    detail: "Unsupported granularity. Use one of: day, month, year.".into(),
+                    errors: [(
+                        "granularity".to_owned(),
+                        vec!["Unsupported granularity. Use one of: day, month, year.".to_owned()],
+                    )]
+                    .into(),
+                }
+            })?),
+        };
+        if let (Some(g), true, Some(start), Some(end)) =
+            (granularity, fill, filter.start, filter.end)
+            && let Err(n) = buckets_between(g, tz, start, end)
+        {
+            return Err(ApiError::invalid_param(
+                "granularity",
+                format!(
+                    "the range holds {n} buckets, more than {MAX_BUCKETS}: use a coarser granularity, a shorter range or fill=none"
+                ),
+            ));
+        }
+        Ok(TokenStatsRequest {
+            tz,
+            filter,
+            granularity,
+            fill,
+            by_user_limit,
+        })
+    }
 }
 
 /// The time series of token-stats.
@@ -108,6 +190,61 @@ pub struct UsageQuery {
     pub tz: Option<String>,
     /// The `next_cursor` of the previous page: the rows after it, however deep (`page` is then only echoed).
     pub cursor: Option<String>,
+}
+
+/// llm-usage's parameters, read and checked.
+#[derive(Debug)]
+pub struct UsageRequest {
+    pub filter: UsageFilter,
+    pub page: u64,
+    pub page_size: u64,
+    pub cursor: Option<Cursor>,
+}
+
+impl UsageQuery {
+    /// The request these parameters make; the first bad one is a 400 naming it.
+    pub fn parse(self, default_tz: chrono_tz::Tz) -> Result<UsageRequest, ApiError> {
+        let q = self;
+        let page = match given(q.page.as_deref()) {
+            None => 1,
+            Some(raw) => match raw.parse::<i64>() {
+                Ok(p) if p >= 1 => p as u64,
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        "page",
+                        format!("must be an integer ≥ 1, got {raw:?}"),
+                    ));
+                }
+            },
+        };
+        let page_size = match given(q.page_size.as_deref()) {
+            None => DEFAULT_PAGE_SIZE,
+            Some(raw) => parse_page_size(raw).ok_or_else(|| {
+                ApiError::invalid_param("page_size", format!("must be an integer, got {raw:?}"))
+            })?,
+        };
+        let (_, filter) = FilterParams {
+            start_date: q.start_date,
+            end_date: q.end_date,
+            user_id: q.user_id,
+            model: q.model,
+            success: q.success,
+            tz: q.tz,
+        }
+        .parse(default_tz)?;
+        let cursor = match given(q.cursor.as_deref()) {
+            None => None,
+            Some(raw) => Some(Cursor::decode(raw).ok_or_else(|| {
+                ApiError::invalid_param("cursor", "not a cursor this API returned as next_cursor")
+            })?),
+        };
+        Ok(UsageRequest {
+            filter,
+            page,
+            page_size,
+            cursor,
+        })
+    }
 }
 
 impl From<FilterError> for ApiError {
@@ -241,77 +378,13 @@ pub async fn token_stats(
     state: web::Data<AppState>,
     query: web::Query<TokenStatsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let q = query.into_inner();
-    let tz = parse_tz(q.tz.as_deref(), state.settings.default_timezone)?;
-    let filter = UsageFilter::from_params_in(
+    let TokenStatsRequest {
         tz,
-        q.start_date.as_deref(),
-        q.end_date.as_deref(),
-        q.user_id.as_deref(),
-        None,
-        None,
-    )?;
-    let fill = match given(q.fill.as_deref())
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        None | Some("zero") => true,
-        Some("none") => false,
-        Some(_) => {
-            return Err(ApiError::invalid_param(
-                "fill",
-                "must be zero (every bucket of the range) or none (only buckets with rows)",
-            ));
-        }
-    };
-    let mut by_user_limit = None;
-    if let Some(raw) = given(q.include.as_deref()) {
-        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            if part.eq_ignore_ascii_case("by_user") {
-                by_user_limit = Some(DEFAULT_USER_LIMIT);
-            } else {
-                return Err(ApiError::invalid_param(
-                    "include",
-                    format!("unknown value {part:?}; use by_user"),
-                ));
-            }
-        }
-    }
-    if let Some(raw) = given(q.user_limit.as_deref()) {
-        let limit = match raw.parse::<i64>() {
-            Ok(n) if n >= 1 => (n as u64).min(MAX_USER_LIMIT),
-            _ => {
-                return Err(ApiError::invalid_param(
-                    "user_limit",
-                    format!("must be an integer from 1 to {MAX_USER_LIMIT}, got {raw:?}"),
-                ));
-            }
-        };
-        by_user_limit = by_user_limit.map(|_| limit);
-    }
-    let granularity = match given(q.granularity.as_deref()) {
-        None => None,
-        Some(raw) => Some(Granularity::parse(raw).ok_or_else(|| {
-            ApiError::BadRequest {
-                detail: "Unsupported granularity. Use one of: day, month, year.".into(),
-                errors: [(
-                    "granularity".to_owned(),
-                    vec!["Unsupported granularity. Use one of: day, month, year.".to_owned()],
-                )]
-                .into(),
-            }
-        })?),
-    };
-    if let (Some(g), true, Some(start), Some(end)) = (granularity, fill, filter.start, filter.end)
-        && let Err(n) = buckets_between(g, tz, start, end)
-    {
-        return Err(ApiError::invalid_param(
-            "granularity",
-            format!(
-                "the range holds {n} buckets, more than {MAX_BUCKETS}: use a coarser granularity, a shorter range or fill=none"
-            ),
-        ));
-    }
+        filter,
+        granularity,
+        fill,
+        by_user_limit,
+    } = query.into_inner().parse(state.settings.default_timezone)?;
     let options = stats::SeriesOptions { tz, fill };
     let stats = stats::token_stats_in(&state.read_db, &filter, granularity, options)
         .await
@@ -357,42 +430,15 @@ pub async fn llm_usage(
     state: web::Data<AppState>,
     query: web::Query<UsageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let q = query.into_inner();
-    let page = match given(q.page.as_deref()) {
-        None => 1,
-        Some(raw) => match raw.parse::<i64>() {
-            Ok(p) if p >= 1 => p as u64,
-            _ => {
-                return Err(ApiError::invalid_param(
-                    "page",
-                    format!("must be an integer ≥ 1, got {raw:?}"),
-                ));
-            }
-        },
-    };
-    let page_size = match given(q.page_size.as_deref()) {
-        None => DEFAULT_PAGE_SIZE,
-        Some(raw) => parse_page_size(raw).ok_or_else(|| {
-            ApiError::invalid_param("page_size", format!("must be an integer, got {raw:?}"))
-        })?,
-    };
-    let tz = parse_tz(q.tz.as_deref(), state.settings.default_timezone)?;
-    let filter = UsageFilter::from_params_in(
-        tz,
-        q.start_date.as_deref(),
-        q.end_date.as_deref(),
-        q.user_id.as_deref(),
-        q.model.as_deref(),
-        q.success.as_deref(),
-    )?;
-    let listing = match given(q.cursor.as_deref()) {
+    let UsageRequest {
+        filter,
+        page,
+        page_size,
+        cursor,
+    } = query.into_inner().parse(state.settings.default_timezone)?;
+    let listing = match cursor {
         None => list_usage(&state.read_db, &filter, page, page_size).await,
-        Some(raw) => {
-            let cursor = Cursor::decode(raw).ok_or_else(|| {
-                ApiError::invalid_param("cursor", "not a cursor this API returned as next_cursor")
-            })?;
-            list_usage_after(&state.read_db, &filter, cursor, page, page_size).await
-        }
+        Some(cursor) => list_usage_after(&state.read_db, &filter, cursor, page, page_size).await,
     }
     .map_err(ApiError::database)?;
     Ok(HttpResponse::Ok().json(listing))
@@ -449,6 +495,20 @@ pub struct ExportQuery {
     pub tz: Option<String>,
 }
 
+impl ExportQuery {
+    /// The filter's parameters.
+    pub fn params(self) -> FilterParams {
+        FilterParams {
+            start_date: self.start_date,
+            end_date: self.end_date,
+            user_id: self.user_id,
+            model: self.model,
+            success: self.success,
+            tz: self.tz,
+        }
+    }
+}
+
 /// Rows fetched per query while exporting.
 const EXPORT_BATCH: u64 = 200;
 
@@ -472,16 +532,10 @@ pub async fn export_csv(
     state: web::Data<AppState>,
     query: web::Query<ExportQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let q = query.into_inner();
-    let tz = parse_tz(q.tz.as_deref(), state.settings.default_timezone)?;
-    let filter = UsageFilter::from_params_in(
-        tz,
-        q.start_date.as_deref(),
-        q.end_date.as_deref(),
-        q.user_id.as_deref(),
-        q.model.as_deref(),
-        q.success.as_deref(),
-    )?;
+    let (_, filter) = query
+        .into_inner()
+        .params()
+        .parse(state.settings.default_timezone)?;
     csv_response(state.read_db.clone(), filter).await
 }
 
