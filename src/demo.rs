@@ -136,7 +136,7 @@ pub async fn seed(
             },
         );
         batch.push(usage::Model {
-            id: uuid::Uuid::new_v4(),
+            id: uuid::Uuid::new_v4().into(),
             user_id,
             model: model.into(),
             prompt_tokens: p,

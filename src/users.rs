@@ -1,6 +1,7 @@
 //! Creating and looking up Django users (`auth_user`).
 
 use chrono::{SubsecRound, Utc};
+use sea_orm::ConnectionTrait;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, Set,
     SqlErr, TransactionTrait,
@@ -56,6 +57,7 @@ pub async fn create_user(
         Some(pw) => password::make_password(pw),
         None => password::make_unusable_password(),
     };
+    let joined = Utc::now().trunc_subsecs(6);
     let txn = db.begin().await?;
     if find_by_username(&txn, &new.username).await?.is_some() {
         return Err(UserError::Duplicate(new.username));
@@ -70,7 +72,7 @@ pub async fn create_user(
         email: Set(String::new()),
         is_staff: Set(new.is_staff),
         is_active: Set(true),
-        date_joined: Set(Utc::now().trunc_subsecs(6)),
+        date_joined: Set(joined),
         ..Default::default()
     };
     let inserted = match user.insert(&txn).await {
@@ -81,6 +83,22 @@ pub async fn create_user(
         }
         Err(e) => return Err(e.into()),
     };
+    if txn.get_database_backend() != sea_orm::DbBackend::Postgres {
+        // On SQLite in Django's text form (crate::db::stored), which the insert above cannot
+        // bind: the same instant, rewritten before anyone else sees the row.
+        let fix = sea_orm::sea_query::Query::update()
+            .table(auth_user::Entity)
+            .value(
+                auth_user::Column::DateJoined,
+                crate::db::stored::datetime(txn.get_database_backend(), joined),
+            )
+            .and_where(sea_orm::ColumnTrait::eq(
+                &auth_user::Column::Id,
+                inserted.id,
+            ))
+            .to_owned();
+        txn.execute(&fix).await?;
+    }
     txn.commit().await?;
     Ok(inserted)
 }

@@ -17,6 +17,7 @@ mod m20261126_000008_delta_autovacuum;
 mod m20261126_000009_analyze_usage_tables;
 mod m20261126_000010_create_admin_session;
 pub mod m20261126_000011_rollup_per_user_days;
+mod m20261127_000012_sqlite_django_formats;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -50,6 +51,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000009_analyze_usage_tables::Migration),
             Box::new(m20261126_000010_create_admin_session::Migration),
             Box::new(m20261126_000011_rollup_per_user_days::Migration),
+            Box::new(m20261127_000012_sqlite_django_formats::Migration),
         ]
     }
 }

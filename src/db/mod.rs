@@ -1,6 +1,7 @@
 //! Connecting to the database and applying migrations.
 
 pub mod entities;
+pub mod stored;
 
 use std::time::Duration;
 

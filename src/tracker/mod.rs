@@ -362,7 +362,7 @@ impl Shared {
             map.extend(extra);
         }
         usage::Model {
-            id,
+            id: id.into(),
             user_id: request.state.user_id,
             model: truncate(&model, 255),
             prompt_tokens: to_i32(usage.prompt_tokens),

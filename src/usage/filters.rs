@@ -4,7 +4,7 @@
 use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr};
-use sea_orm::{ColumnTrait, Condition};
+use sea_orm::{ColumnTrait, Condition, DbBackend};
 
 use crate::db::entities::usage;
 
@@ -126,14 +126,20 @@ impl UsageFilter {
         })
     }
 
-    /// The SQL condition for this filter.
-    pub fn condition(&self) -> Condition {
+    /// The SQL condition for this filter on `backend` (instants bound in its stored form,
+    /// see [`crate::db::stored`]).
+    pub fn condition(&self, backend: DbBackend) -> Condition {
+        use crate::db::stored::datetime;
         let mut c = Condition::all();
         if let Some(start) = self.start {
-            c = c.add(usage::Column::CreatedAt.gte(start));
+            c = c.add(
+                Expr::col((usage::Entity, usage::Column::CreatedAt)).gte(datetime(backend, start)),
+            );
         }
         if let Some(end) = self.end {
-            c = c.add(usage::Column::CreatedAt.lte(end));
+            c = c.add(
+                Expr::col((usage::Entity, usage::Column::CreatedAt)).lte(datetime(backend, end)),
+            );
         }
         if let Some(user_id) = self.user_id {
             c = c.add(usage::Column::UserId.eq(user_id));
@@ -141,8 +147,11 @@ impl UsageFilter {
         if let Some(model) = &self.model {
             let pattern = format!("%{}%", escape_like(&model.to_lowercase()));
             c = c.add(
-                Expr::expr(Func::lower(Expr::col(usage::Column::Model)))
-                    .like(LikeExpr::new(pattern).escape('\\')),
+                Expr::expr(Func::lower(Expr::col((
+                    usage::Entity,
+                    usage::Column::Model,
+                ))))
+                .like(LikeExpr::new(pattern).escape('\\')),
             );
         }
         if let Some(success) = self.success {

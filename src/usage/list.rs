@@ -2,8 +2,8 @@
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, JoinType, QueryFilter, QueryOrder,
-    QuerySelect, RelationTrait, Select,
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait, JoinType, QueryFilter,
+    QueryOrder, QuerySelect, RelationTrait, Select,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -81,7 +81,7 @@ impl Cursor {
     fn of(r: &RowWithUser) -> Self {
         Self {
             created_at: r.created_at,
-            id: r.id,
+            id: r.id.0,
         }
     }
 
@@ -134,10 +134,16 @@ pub async fn list_usage_ordered(
     let rows = if offset >= total {
         Vec::new()
     } else {
-        page_query_ordered(filter, offset, page_size, oldest_first)
-            .into_model::<RowWithUser>()
-            .all(db)
-            .await?
+        page_query_ordered(
+            db.get_database_backend(),
+            filter,
+            offset,
+            page_size,
+            oldest_first,
+        )
+        .into_model::<RowWithUser>()
+        .all(db)
+        .await?
     };
     let more = offset.saturating_add(rows.len() as u64) < total;
     let next_cursor = rows
@@ -179,7 +185,12 @@ pub async fn list_usage_after(
 
 /// One row by id, with its username; `None` when there is no such row.
 pub async fn get_usage(db: &DatabaseConnection, id: Uuid) -> Result<Option<UsageRow>, DbErr> {
-    Ok(usage::Entity::find_by_id(id)
+    use sea_orm::sea_query::ExprTrait;
+    let backend = db.get_database_backend();
+    Ok(usage::Entity::find()
+        .filter(
+            Expr::col((usage::Entity, usage::Column::Id)).eq(crate::db::stored::uuid(backend, id)),
+        )
         .join(JoinType::LeftJoin, usage::Relation::User.def())
         .column_as(auth_user::Column::Username, "username")
         .into_model::<RowWithUser>()
@@ -196,9 +207,12 @@ pub async fn keyset_batch(
     after: Option<Cursor>,
     limit: u64,
 ) -> Result<Vec<(Cursor, UsageRow)>, DbErr> {
-    use sea_orm::{ColumnTrait, Condition, QueryFilter};
+    use crate::db::stored;
+    use sea_orm::sea_query::ExprTrait;
+    use sea_orm::{Condition, QueryFilter};
+    let backend = db.get_database_backend();
     let mut q = usage::Entity::find()
-        .filter(filter.condition())
+        .filter(filter.condition(backend))
         .join(JoinType::LeftJoin, usage::Relation::User.def())
         .column_as(auth_user::Column::Username, "username")
         .order_by_desc(usage::Column::CreatedAt)
@@ -209,12 +223,18 @@ pub async fn keyset_batch(
         // on the `created_at` index: each batch starts where the last one ended instead of
         // skipping every newer row again (an OR of the two cases made a 1M-row export
         // quadratic: 584 s on PostgreSQL).
+        let created_at = || Expr::col((usage::Entity, usage::Column::CreatedAt));
         q = q.filter(
-            Condition::all().add(usage::Column::CreatedAt.lte(at)).add(
-                Condition::any()
-                    .add(usage::Column::CreatedAt.lt(at))
-                    .add(usage::Column::Id.lt(id)),
-            ),
+            Condition::all()
+                .add(created_at().lte(stored::datetime(backend, at)))
+                .add(
+                    Condition::any()
+                        .add(created_at().lt(stored::datetime(backend, at)))
+                        .add(
+                            Expr::col((usage::Entity, usage::Column::Id))
+                                .lt(stored::uuid(backend, id)),
+                        ),
+                ),
         );
     }
     Ok(q.into_model::<RowWithUser>()
@@ -264,7 +284,7 @@ pub async fn count_matching_raw<C: ConnectionTrait>(
     db: &C,
     filter: &UsageFilter,
 ) -> Result<u64, DbErr> {
-    Ok(count_query(filter)
+    Ok(count_query(db.get_database_backend(), filter)
         .into_tuple::<i64>()
         .one(db)
         .await?
@@ -273,19 +293,25 @@ pub async fn count_matching_raw<C: ConnectionTrait>(
 }
 
 /// `SELECT COUNT(*)` over the matching rows (see [`super::plans`]).
-pub(crate) fn count_query(filter: &UsageFilter) -> Select<usage::Entity> {
+pub(crate) fn count_query(backend: DbBackend, filter: &UsageFilter) -> Select<usage::Entity> {
     usage::Entity::find()
         .select_only()
         .column_as(Expr::cust("COUNT(*)"), "total")
-        .filter(filter.condition())
+        .filter(filter.condition(backend))
 }
 
 /// One page, newest first, with each row's username (see [`super::plans`]).
-pub(crate) fn page_query(filter: &UsageFilter, offset: u64, limit: u64) -> Select<usage::Entity> {
-    page_query_ordered(filter, offset, limit, false)
+pub(crate) fn page_query(
+    backend: DbBackend,
+    filter: &UsageFilter,
+    offset: u64,
+    limit: u64,
+) -> Select<usage::Entity> {
+    page_query_ordered(backend, filter, offset, limit, false)
 }
 
 fn page_query_ordered(
+    backend: DbBackend,
     filter: &UsageFilter,
     offset: u64,
     limit: u64,
@@ -297,7 +323,7 @@ fn page_query_ordered(
         sea_orm::Order::Desc
     };
     usage::Entity::find()
-        .filter(filter.condition())
+        .filter(filter.condition(backend))
         .join(JoinType::LeftJoin, usage::Relation::User.def())
         .column_as(auth_user::Column::Username, "username")
         .order_by(usage::Column::CreatedAt, order.clone())
@@ -308,7 +334,7 @@ fn page_query_ordered(
 
 #[derive(Debug, sea_orm::FromQueryResult)]
 struct RowWithUser {
-    id: Uuid,
+    id: usage::RowId,
     user_id: Option<i32>,
     username: Option<String>,
     model: String,
@@ -329,7 +355,7 @@ struct RowWithUser {
 impl From<RowWithUser> for UsageRow {
     fn from(r: RowWithUser) -> Self {
         Self {
-            id: r.id,
+            id: r.id.0,
             user_id: r.user_id,
             username: r.username,
             model: r.model,

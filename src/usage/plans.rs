@@ -53,14 +53,18 @@ pub async fn list_usage_statements<C: ConnectionTrait>(
     let backend = db.get_database_backend();
     let offset = page.saturating_sub(1).saturating_mul(page_size);
     let mut out = match rollup::plan(db, filter, None, false).await? {
-        None => vec![count_query(filter).build(backend)],
+        None => vec![count_query(backend, filter).build(backend)],
         Some(plan) => {
             let mut out = vec![rollup::statement(backend, &plan, filter, GroupBy::Nothing)];
-            out.extend(plan.edges.iter().map(|f| count_query(f).build(backend)));
+            out.extend(
+                plan.edges
+                    .iter()
+                    .map(|f| count_query(backend, f).build(backend)),
+            );
             out
         }
     };
-    out.push(page_query(filter, offset, page_size).build(backend));
+    out.push(page_query(backend, filter, offset, page_size).build(backend));
     Ok(out)
 }
 

@@ -4,7 +4,7 @@
 //! cost changes are written; an interrupted run has committed its finished batches and a rerun
 //! finds nothing left to change in them, so it is safe to stop and start again.
 
-use sea_orm::sea_query::Query;
+use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
     QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
@@ -37,7 +37,7 @@ pub struct RepriceScope {
 
 #[derive(Debug, FromQueryResult)]
 struct Priced {
-    id: Uuid,
+    id: usage::RowId,
     model: String,
     prompt_tokens: i32,
     completion_tokens: i32,
@@ -69,18 +69,21 @@ pub async fn reprice(
                 usage::Column::ReasoningTokens,
                 usage::Column::Cost,
             ])
-            .filter(scope.filter.condition())
+            .filter(scope.filter.condition(backend))
             .order_by_asc(usage::Column::Id)
             .limit(batch.max(1));
         if scope.missing_only {
             q = q.filter(usage::Column::Cost.is_null());
         }
         if let Some(last) = after {
-            q = q.filter(usage::Column::Id.gt(last));
+            q = q.filter(sea_orm::sea_query::ExprTrait::gt(
+                Expr::col((usage::Entity, usage::Column::Id)),
+                crate::db::stored::uuid(backend, last),
+            ));
         }
         let rows = q.into_model::<Priced>().all(db).await?;
         let Some(last) = rows.last() else { break };
-        after = Some(last.id);
+        after = Some(last.id.0);
         let txn = db.begin().await?;
         for row in &rows {
             report.scanned += 1;
@@ -102,7 +105,10 @@ pub async fn reprice(
                 let update = Query::update()
                     .table(usage::Entity)
                     .value(usage::Column::Cost, Cost::to_value(cost, backend))
-                    .and_where(usage::Column::Id.eq(row.id))
+                    .and_where(sea_orm::sea_query::ExprTrait::eq(
+                        Expr::col((usage::Entity, usage::Column::Id)),
+                        crate::db::stored::uuid(backend, row.id.0),
+                    ))
                     .to_owned();
                 txn.execute(&update).await?;
                 report.changed += 1;

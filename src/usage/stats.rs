@@ -369,7 +369,7 @@ pub(crate) fn token_stats_query(
             .column(usage::Column::Model),
         backend,
     )
-    .filter(filter.condition())
+    .filter(filter.condition(backend))
     .group_by(Expr::cust(model_group(backend)));
     match granularity {
         Some(g) => {
@@ -408,7 +408,7 @@ pub(crate) fn series_query(
             .column_as(Expr::cust("CAST(NULL AS TEXT)"), "model"),
         backend,
     )
-    .filter(filter.condition());
+    .filter(filter.condition(backend));
     let (group, text) = bucket_group(backend, granularity, tz);
     q.column_as(Expr::cust(text), "bucket")
         .group_by(Expr::cust(group))
@@ -710,7 +710,7 @@ async fn raw_user_groups<C: ConnectionTrait>(
     let backend = db.get_database_backend();
     let q = with_sums(usage::Entity::find().select_only(), backend)
         .column(usage::Column::UserId)
-        .filter(filter.condition())
+        .filter(filter.condition(backend))
         .group_by(usage::Column::UserId);
     let stmt = q.build(backend);
     let rows = db.query_all_raw(stmt).await?;

@@ -397,7 +397,7 @@ async fn rows_at(t: &TestDb, user: Option<i32>, instants: &[&str]) {
     let rows: Vec<usage::Model> = instants
         .iter()
         .map(|s| usage::Model {
-            id: uuid::Uuid::new_v4(),
+            id: uuid::Uuid::new_v4().into(),
             user_id: user,
             model: "gpt-4o".into(),
             prompt_tokens: 1,
@@ -742,7 +742,7 @@ db_test!(
             .map(|n| {
                 let created_at = base + chrono::Duration::seconds((n / 3) as i64);
                 usage::Model {
-                    id: uuid::Uuid::from_u128(n * 7919 % 2503 + 1),
+                    id: uuid::Uuid::from_u128(n * 7919 % 2503 + 1).into(),
                     user_id: (n % 2 == 0).then_some(2),
                     model: match n {
                         7 => "=HYPERLINK(\"http://x\")".into(),
@@ -871,12 +871,12 @@ db_test!(
                 .unwrap()
                 .clone()
         };
-        let formula = find(rows[7].id);
+        let formula = find(rows[7].id.0);
         assert_eq!(&formula[6], "'=HYPERLINK(\"http://x\")", "formula defused");
-        let error = find(rows[8].id);
+        let error = find(rows[8].id.0);
         assert_eq!(&error[13], "'-boom, \"quoted\"\nsecond line");
         assert_eq!(&error[12], "false");
-        let first = find(rows[10].id);
+        let first = find(rows[10].id.0);
         assert_eq!(&first[3], "1.5");
         assert_eq!(&first[5], "alice");
         assert_eq!(&first[14], "0.000075");

@@ -435,7 +435,7 @@ db_test!(
 fn priced_row(n: u128, model: &str, cost: Option<i64>) -> llm_tracker::db::entities::usage::Model {
     use chrono::TimeZone;
     llm_tracker::db::entities::usage::Model {
-        id: uuid::Uuid::from_u128(n),
+        id: uuid::Uuid::from_u128(n).into(),
         user_id: None,
         model: model.into(),
         prompt_tokens: 2048,

@@ -225,7 +225,7 @@ mod django_tables_survive_our_migrations_and_stay_usable {
         .expect("create user in Django's table");
         assert_eq!(mine.id, 3, "identity sequence continues after Django's ids");
         let mut row = rows[0].clone();
-        row.id = uuid::Uuid::new_v4();
+        row.id = uuid::Uuid::new_v4().into();
         row.user_id = Some(mine.id);
         usage::ActiveModel::from(row)
             .insert(&t.db)

@@ -4,7 +4,8 @@ use chrono::{SubsecRound, Utc};
 use llm_tracker::db::entities::{auth_user, usage};
 use llm_tracker::users::{NewUser, create_user};
 use migration::{Migrator, MigratorTrait};
-use sea_orm::{ActiveModelTrait, EntityTrait, ModelTrait, Set};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{ActiveModelTrait, EntityTrait, ModelTrait, QueryFilter, Set};
 use serde_json::json;
 
 use crate::db_test;
@@ -92,7 +93,7 @@ db_test!(
         .await
         .unwrap();
         let row = usage::Model {
-            id: uuid::Uuid::new_v4(),
+            id: uuid::Uuid::new_v4().into(),
             user_id: Some(user.id),
             model: "gpt-4o-mini-2024-07-18".into(),
             prompt_tokens: 2048,
@@ -122,7 +123,13 @@ db_test!(
             Backend::Postgres => assert_eq!(stored, "1.234567"),
             Backend::Sqlite => assert_eq!(stored, "integer:1234567"),
         }
-        let back = usage::Entity::find_by_id(row.id)
+        let back = usage::Entity::find()
+            .filter(
+                Expr::col(usage::Column::Id).eq(llm_tracker::db::stored::uuid(
+                    t.db.get_database_backend(),
+                    row.id.0,
+                )),
+            )
             .one(&t.db)
             .await
             .unwrap()
@@ -131,7 +138,13 @@ db_test!(
 
         // SPEC §2: user_id is ON DELETE SET NULL (SQLite needs foreign keys switched on).
         user.delete(&t.db).await.expect("delete user");
-        let back = usage::Entity::find_by_id(row.id)
+        let back = usage::Entity::find()
+            .filter(
+                Expr::col(usage::Column::Id).eq(llm_tracker::db::stored::uuid(
+                    t.db.get_database_backend(),
+                    row.id.0,
+                )),
+            )
             .one(&t.db)
             .await
             .unwrap()
@@ -148,7 +161,7 @@ db_test!(
     async fn usage_rows_need_an_existing_user(backend: Backend) {
         let t = TestDb::migrated(backend).await;
         let orphan = usage::ActiveModel {
-            id: Set(uuid::Uuid::new_v4()),
+            id: Set(uuid::Uuid::new_v4().into()),
             user_id: Set(Some(999_999)),
             model: Set("m".into()),
             prompt_tokens: Set(0),

@@ -122,7 +122,7 @@ async fn row_ids(db: &DatabaseConnection) -> Vec<uuid::Uuid> {
         .await
         .unwrap()
         .into_iter()
-        .map(|r| r.id)
+        .map(|r| r.id.0)
         .collect()
 }
 
@@ -624,7 +624,7 @@ db_test!(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         store.shutdown().await;
-        assert_eq!(row_ids(&t.db).await, vec![row.id]);
+        assert_eq!(row_ids(&t.db).await, vec![row.id.0]);
         let rejected = dir.path().join("x.usage-spool.jsonl.rejected");
         assert_eq!(
             std::fs::read_to_string(&rejected).unwrap(),

@@ -49,13 +49,23 @@ fn near_grid(rng: &mut StdRng, base: DateTime<Utc>, days: i64) -> DateTime<Utc> 
     }
 }
 
-/// The row as the Django app would write it: one plain SQL `INSERT` (its text format for
-/// times on PostgreSQL; ours on SQLite, where the Django app does not run in production).
+/// The rows `uuid::Uuid::from_u128(n)` for `n` in `ns`, their ids bound as the database stores
+/// them.
+fn ids_in(db: &DatabaseConnection, ns: std::ops::Range<u128>) -> sea_orm::sea_query::Expr {
+    let backend = db.get_database_backend();
+    sea_orm::sea_query::ExprTrait::is_in(
+        Expr::col(usage::Column::Id),
+        ns.map(|n| llm_tracker::db::stored::uuid(backend, uuid::Uuid::from_u128(n))),
+    )
+}
+
+/// The row as the Django app would write it: one plain SQL `INSERT` in its formats (on SQLite
+/// 32-hex-character ids and naive UTC datetime text, see `llm_tracker::db::stored`).
 fn plain_insert(backend: DbBackend, r: &usage::Model) -> String {
     let text = |s: &str| format!("'{}'", s.replace('\'', "''"));
     let time = |t: &DateTime<Utc>| match backend {
         DbBackend::Postgres => text(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()),
-        _ => text(&t.format("%Y-%m-%dT%H:%M:%S%.f+00:00").to_string()),
+        _ => text(&llm_tracker::db::stored::django_datetime(t)),
     };
     let (id, cost) = match backend {
         DbBackend::Postgres => (
@@ -65,7 +75,7 @@ fn plain_insert(backend: DbBackend, r: &usage::Model) -> String {
                 .unwrap_or_else(|| "NULL".into()),
         ),
         _ => (
-            format!("x'{}'", r.id.simple()),
+            text(&r.id.simple().to_string()),
             r.cost
                 .map(|c| c.0.to_string())
                 .unwrap_or_else(|| "NULL".into()),
@@ -304,7 +314,7 @@ db_test!(
             .unwrap();
         usage::Entity::update_many()
             .col_expr(usage::Column::Model, Expr::value("o4-mini"))
-            .filter(usage::Column::Id.is_in((1..200u128).map(uuid::Uuid::from_u128)))
+            .filter(ids_in(db, 1..200))
             .exec(db)
             .await
             .unwrap();
@@ -314,9 +324,12 @@ db_test!(
             usage::Entity::update_many()
                 .col_expr(
                     usage::Column::CreatedAt,
-                    Expr::value(near_grid(&mut rng, base, days)),
+                    Expr::value(llm_tracker::db::stored::datetime(
+                        db.get_database_backend(),
+                        near_grid(&mut rng, base, days),
+                    )),
                 )
-                .filter(usage::Column::Id.eq(uuid::Uuid::from_u128(n)))
+                .filter(ids_in(db, n..n + 1))
                 .exec(db)
                 .await
                 .unwrap();
@@ -324,7 +337,7 @@ db_test!(
         // A change of tokens only: its pending contribution counts no call.
         usage::Entity::update_many()
             .col_expr(usage::Column::TotalTokens, Expr::cust("total_tokens + 7"))
-            .filter(usage::Column::Id.is_in((400..450u128).map(uuid::Uuid::from_u128)))
+            .filter(ids_in(db, 400..450))
             .exec(db)
             .await
             .unwrap();
@@ -333,7 +346,7 @@ db_test!(
             .await
             .unwrap();
         usage::Entity::delete_many()
-            .filter(usage::Column::Id.is_in((1000..1300u128).map(uuid::Uuid::from_u128)))
+            .filter(ids_in(db, 1000..1300))
             .exec(db)
             .await
             .unwrap();
@@ -600,7 +613,7 @@ db_test!(
         // Migration 000011 over the old layout (a user's cells at every grain, no months or
         // years): down drops the calendar cells; old per-user hour cells put back by hand go
         // again on the way up, and the months and years come back from the days.
-        migration::Migrator::down(db, Some(1)).await.unwrap();
+        migration::Migrator::down(db, Some(2)).await.unwrap();
         assert_eq!(
             t.scalar_i64(
                 "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (2976, 35040)"
@@ -667,16 +680,16 @@ db_test!(
         assert_verified(db).await;
         let all = list_usage(db, &UsageFilter::default(), 1, 1).await.unwrap();
         assert_eq!(all.total, 650);
-        // 000007 down (after 000011, 000010, 000009 and 000008) drops the :15/:30 hour cells; up sums them again from
+        // 000007 down (after 000012, 000011, 000010, 000009 and 000008) drops the :15/:30 hour cells; up sums them again from
         // the slot cells.
         let phased = "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (5, 6)";
         assert!(t.scalar_i64(phased).await > 0);
-        migration::Migrator::down(db, Some(5)).await.unwrap();
+        migration::Migrator::down(db, Some(6)).await.unwrap();
         assert_eq!(t.scalar_i64(phased).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert_verified(db).await;
         // Down to 000005 folds what is pending and puts the direct triggers back.
-        migration::Migrator::down(db, Some(6)).await.unwrap();
+        migration::Migrator::down(db, Some(7)).await.unwrap();
         assert!(
             !t.tables()
                 .await
@@ -704,7 +717,7 @@ db_test!(
             }
         }
         // Down removes the tables and their triggers; rows can still be written.
-        migration::Migrator::down(db, Some(7)).await.unwrap();
+        migration::Migrator::down(db, Some(8)).await.unwrap();
         insert(db, &random_rows(&mut rng, &ids, base, 1, 3, 20_000)).await;
         let tables = t.tables().await;
         assert!(!tables.contains(&"llm_tracker_usage_rollup".to_owned()));

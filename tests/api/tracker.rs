@@ -571,7 +571,7 @@ db_test!(
         assert_eq!(sum(|r| r.cached_tokens), 200 * 1536);
         assert_eq!(sum(|r| r.reasoning_tokens), 200 * 384);
         let ids: HashSet<_> = results.iter().map(|r| r.row_id.unwrap()).collect();
-        assert_eq!(ids, all.iter().map(|r| r.id).collect::<HashSet<_>>());
+        assert_eq!(ids, all.iter().map(|r| r.id.0).collect::<HashSet<_>>());
     }
 );
 
@@ -693,7 +693,7 @@ db_test!(
         let _outage = restore_storage(outage).await;
         let all = wait_for_rows(&t.db, 101).await;
         assert_eq!(all.len(), 101, "every row stored once storage is back");
-        let ids: HashSet<_> = all.iter().map(|r| r.id).collect();
+        let ids: HashSet<_> = all.iter().map(|r| r.id.0).collect();
         assert_eq!(ids.len(), 101, "no duplicates");
         assert!(results.iter().all(|r| ids.contains(&r.row_id.unwrap())));
         // The rows can reach the table before the spool is emptied: the writers' own inserts,
@@ -751,7 +751,7 @@ db_test!(
         // Replayed at start, in the background (a start never waits for the database).
         let all = wait_for_rows(&t.db, 100).await;
         assert_eq!(all.len(), 100, "replayed at start");
-        assert_eq!(all.iter().map(|r| r.id).collect::<HashSet<_>>(), ids);
+        assert_eq!(all.iter().map(|r| r.id.0).collect::<HashSet<_>>(), ids);
         let deadline = Instant::now() + Duration::from_secs(10);
         while second.store().pending().await > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -813,10 +813,10 @@ db_test!(
             .map(|r| r.row_id.unwrap())
             .collect();
         assert_eq!(expected.len(), 250);
-        let stored_now: HashSet<_> = rows(&t.db).await.iter().map(|r| r.id).collect();
+        let stored_now: HashSet<_> = rows(&t.db).await.iter().map(|r| r.id.0).collect();
         let spooled: HashSet<_> = crate::resilience::spooled_lines(&spool)
             .iter()
-            .map(|l| serde_json::from_str::<usage::Model>(l).unwrap().id)
+            .map(|l| serde_json::from_str::<usage::Model>(l).unwrap().id.0)
             .collect();
         // Every row is in the database or the spool. A commit whose acknowledgement the outage
         // cut off is in both (its insert is in doubt, so it is spooled); replay dedupes it below.
@@ -832,7 +832,7 @@ db_test!(
         let _outage = restore_storage(outage).await;
         let again = make(db).await;
         let all = wait_for_rows(&t.db, 250).await;
-        let ids: HashSet<_> = all.iter().map(|r| r.id).collect();
+        let ids: HashSet<_> = all.iter().map(|r| r.id.0).collect();
         assert_eq!((all.len(), ids.len()), (250, 250));
         assert!(
             results

@@ -37,7 +37,7 @@ pub(crate) fn row(
 ) -> usage::Model {
     let (p, c, cached, reasoning) = tokens;
     usage::Model {
-        id: uuid::Uuid::from_u128(n),
+        id: uuid::Uuid::from_u128(n).into(),
         user_id: user,
         model: model.into(),
         prompt_tokens: p,
@@ -433,7 +433,7 @@ db_test!(
                 .iter()
                 .skip((page_no as usize - 1) * 7)
                 .take(7)
-                .map(|r| r.id)
+                .map(|r| r.id.0)
                 .collect();
             assert_eq!(
                 page.results.iter().map(|r| r.id).collect::<Vec<_>>(),

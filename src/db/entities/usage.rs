@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[sea_orm(table_name = "llm_tracker_usage")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
-    pub id: Uuid,
+    pub id: RowId,
     pub user_id: Option<i32>,
     pub model: String,
     pub prompt_tokens: i32,
@@ -28,6 +28,112 @@ pub struct Model {
     pub cost: Option<Cost>,
     /// Always `USD` for rows we write (the successor's column, default `'USD'`).
     pub cost_currency: String,
+}
+
+/// A usage row's id, a UUID. PostgreSQL stores it as `uuid`; SQLite as Django does, 32
+/// lowercase hex characters. Reads also take the 16-byte blobs versions before migration
+/// 000012 wrote on SQLite; writes and comparisons bind [`crate::db::stored::uuid`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RowId(pub Uuid);
+
+impl From<Uuid> for RowId {
+    fn from(id: Uuid) -> Self {
+        Self(id)
+    }
+}
+
+impl From<RowId> for Uuid {
+    fn from(id: RowId) -> Self {
+        id.0
+    }
+}
+
+impl std::ops::Deref for RowId {
+    type Target = Uuid;
+    fn deref(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl PartialEq<Uuid> for RowId {
+    fn eq(&self, other: &Uuid) -> bool {
+        self.0 == *other
+    }
+}
+
+/// The PostgreSQL form; SQLite statements bind [`crate::db::stored::uuid`] instead.
+impl From<RowId> for sea_orm::Value {
+    fn from(id: RowId) -> Self {
+        sea_orm::Value::Uuid(Some(id.0))
+    }
+}
+
+impl sea_orm::TryGetable for RowId {
+    fn try_get_by<I: sea_orm::ColIdx>(
+        res: &sea_orm::QueryResult,
+        index: I,
+    ) -> Result<Self, sea_orm::TryGetError> {
+        if res.try_as_sqlite_row().is_none() {
+            return Uuid::try_get_by(res, index).map(RowId);
+        }
+        // SQLite hands text and blobs alike as bytes: 16 of a blob, 32 (or 36) of text.
+        let bytes = Vec::<u8>::try_get_by(res, index)?;
+        let id = match bytes.len() {
+            16 => Uuid::from_slice(&bytes).ok(),
+            _ => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|s| Uuid::parse_str(s).ok()),
+        };
+        id.map(RowId).ok_or_else(|| {
+            sea_orm::TryGetError::DbErr(DbErr::Type(format!(
+                "usage id: {} bytes that are not a UUID",
+                bytes.len()
+            )))
+        })
+    }
+}
+
+impl sea_orm::sea_query::ValueType for RowId {
+    fn try_from(v: sea_orm::Value) -> Result<Self, sea_orm::sea_query::ValueTypeErr> {
+        match v {
+            sea_orm::Value::Uuid(Some(id)) => Ok(RowId(id)),
+            sea_orm::Value::String(Some(s)) => Uuid::parse_str(&s)
+                .map(RowId)
+                .map_err(|_| sea_orm::sea_query::ValueTypeErr),
+            _ => Err(sea_orm::sea_query::ValueTypeErr),
+        }
+    }
+
+    fn type_name() -> String {
+        "RowId".into()
+    }
+
+    fn array_type() -> sea_orm::sea_query::ArrayType {
+        sea_orm::sea_query::ArrayType::Uuid
+    }
+
+    fn column_type() -> sea_orm::sea_query::ColumnType {
+        sea_orm::sea_query::ColumnType::Uuid
+    }
+}
+
+impl sea_orm::sea_query::Nullable for RowId {
+    fn null() -> sea_orm::Value {
+        sea_orm::Value::Uuid(None)
+    }
+}
+
+impl sea_orm::TryFromU64 for RowId {
+    fn try_from_u64(_: u64) -> Result<Self, DbErr> {
+        Err(DbErr::ConvertFromU64("RowId"))
+    }
 }
 
 /// A cost in whole micro-dollars (`Cost(1280)` is 0.001280 USD).
@@ -132,8 +238,8 @@ impl Related<super::auth_user::Entity> for Entity {
 
 impl ActiveModelBehavior for ActiveModel {}
 
-/// `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with `cost` bound in the backend's form
-/// (see [`Cost`]). Every usage row this product writes goes through here.
+/// `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with `cost`, `id` and the datetimes bound
+/// in the backend's form (see [`Cost`], [`crate::db::stored`]). Every usage row this product writes goes through here.
 pub fn insert_statement(
     backend: sea_orm::DbBackend,
     rows: &[Model],
@@ -148,6 +254,9 @@ pub fn insert_statement(
         let active = ActiveModel::from(row.clone());
         let values = Column::iter().map(|c| match c {
             Column::Cost => Cost::to_value(row.cost, backend).into(),
+            Column::Id => crate::db::stored::uuid(backend, row.id.0).into(),
+            Column::CreatedAt => crate::db::stored::datetime(backend, row.created_at).into(),
+            Column::StartedAt => crate::db::stored::datetime_opt(backend, row.started_at).into(),
             c => active
                 .get(c)
                 .into_value()

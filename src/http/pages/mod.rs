@@ -12,7 +12,7 @@ use actix_web::cookie::{Cookie, SameSite, time::Duration as CookieDuration};
 use actix_web::http::{StatusCode, header};
 use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, web};
 use askama::Template;
-use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, Set};
+use sea_orm::{ConnectionTrait, EntityTrait};
 
 use crate::auth::password::check_password;
 use crate::db::entities::auth_user;
@@ -456,9 +456,18 @@ async fn login(
     .await
     .map_err(db_error)?;
     // As Django: the sign-in is recorded in last_login.
-    let mut active = user.into_active_model();
-    active.last_login = Set(Some(crate::tracker::now_micros()));
-    if let Err(e) = active.update(&state.db).await {
+    let record = sea_orm::sea_query::Query::update()
+        .table(auth_user::Entity)
+        .value(
+            auth_user::Column::LastLogin,
+            crate::db::stored::datetime(
+                state.db.get_database_backend(),
+                crate::tracker::now_micros(),
+            ),
+        )
+        .and_where(sea_orm::ColumnTrait::eq(&auth_user::Column::Id, user.id))
+        .to_owned();
+    if let Err(e) = state.db.execute(&record).await {
         tracing::warn!(error = %e, "could not record last_login");
     }
     let cookie = Cookie::build(SESSION_COOKIE, signer.encode(&session))
