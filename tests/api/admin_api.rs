@@ -22,7 +22,7 @@ fn key() -> String {
     jwt_fixture()["signing_key"].as_str().unwrap().to_owned()
 }
 
-fn state(t: &TestDb) -> AppState {
+pub(crate) fn state(t: &TestDb) -> AppState {
     let vars = HashMap::from([
         ("DATABASE_URL".to_owned(), t.url.expose().to_owned()),
         ("JWT_SECRET".to_owned(), key()),
@@ -77,7 +77,7 @@ async fn fixture_users(t: &TestDb) {
         .unwrap();
 }
 
-fn staff_token() -> String {
+pub(crate) fn staff_token() -> String {
     jwt_fixture()["tokens"]["staff_access"]["token"]
         .as_str()
         .unwrap()

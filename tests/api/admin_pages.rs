@@ -728,3 +728,68 @@ db_test!(
         assert_eq!(limited.status, 429);
     }
 );
+
+/// Issue 18: the pages on a SQLite file that the Django app and we write (Django's rows by
+/// plain SQL in its formats), and sign-in's `last_login` written in Django's text.
+#[actix_web::test]
+async fn pages_read_a_sqlite_file_shared_with_django() {
+    use crate::sqlite_django::{django_file, our_rows};
+    let t = TestDb::empty(crate::helpers::Backend::Sqlite).await;
+    django_file(&t).await;
+    <migration::Migrator as migration::MigratorTrait>::up(&t.db, None)
+        .await
+        .unwrap();
+    our_rows(&t).await;
+    let staff = user(&t, "staffer", true, false, true).await;
+    let app = test::init_service(app(state(&t))).await;
+    let (session, _) = sign_in!(app, "staffer", "correct horse").expect("signed in");
+    let login = t
+        .scalar_string(&format!(
+            "SELECT last_login FROM auth_user WHERE id = {staff}"
+        ))
+        .await;
+    assert!(
+        regex::Regex::new(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{6})?$")
+            .unwrap()
+            .is_match(&login),
+        "{login}"
+    );
+
+    let list = send!(
+        app,
+        with_session(
+            "/admin/llm-usage/?start_date=2026-11-26T05:50:00&end_date=2026-11-26T07:00:00",
+            &session
+        )
+    );
+    assert_eq!(list.status, 200, "{}", list.body);
+    assert!(list.body.contains("id=\"total\">3<"), "{}", list.body);
+    let ours = list.body.find("2026-11-26T06:30:00+00:00").expect("ours");
+    let theirs = list
+        .body
+        .find("2026-11-26T06:00:00+00:00")
+        .expect("Django's");
+    assert!(ours < theirs, "newest first");
+    let detail = send!(
+        app,
+        with_session(
+            "/admin/llm-usage/d0000000-0000-4000-8000-000000000001/",
+            &session
+        )
+    );
+    assert_eq!(detail.status, 200, "{}", detail.body);
+    assert!(detail.body.contains("alice"));
+    let overview = send!(
+        app,
+        with_session(
+            "/admin/?granularity=day&start_date=2026-11-26&end_date=2026-11-26",
+            &session
+        )
+    );
+    assert_eq!(overview.status, 200);
+    assert!(
+        overview.body.contains("id=\"total-calls\">5<"),
+        "{}",
+        overview.body
+    );
+}

@@ -15,6 +15,7 @@ mod migrations;
 mod openapi;
 mod resilience;
 mod rollup;
+mod sqlite_django;
 mod streaming;
 mod tracker;
 mod usage_read;
