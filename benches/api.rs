@@ -255,12 +255,19 @@ async fn deep_cursor(db: &DatabaseConnection, rows: usize) -> (u64, String) {
         .order_by_desc(usage::Column::Id)
         .offset(depth - 1)
         .limit(1)
-        .into_tuple::<(chrono::DateTime<Utc>, uuid::Uuid)>()
+        .into_tuple::<(chrono::DateTime<Utc>, usage::RowId)>()
         .one(db)
         .await
         .unwrap()
         .unwrap();
-    (depth, Cursor { created_at, id }.encode())
+    (
+        depth,
+        Cursor {
+            created_at,
+            id: id.0,
+        }
+        .encode(),
+    )
 }
 
 /// Serves the application on a loopback port in its own actix system; returns the base URL.

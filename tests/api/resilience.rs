@@ -29,7 +29,7 @@ use crate::tracker::{hello, settings};
 const NEVER: Duration = Duration::from_secs(1);
 
 /// A mock OpenAI answering every call with the success fixture after `delay`.
-async fn provider(delay: Duration) -> MockServer {
+pub(crate) async fn provider(delay: Duration) -> MockServer {
     let server = MockServer::start().await;
     let body: serde_json::Value =
         serde_json::from_str(&fixture("providers/openai_success.json")).unwrap();
@@ -53,7 +53,7 @@ fn openai_settings(server: &MockServer, database_url: &str) -> llm_tracker::Sett
 }
 
 /// A tracker with the default store options (10 ms commit deadline), its spool in `dir`.
-async fn tracker_at(
+pub(crate) async fn tracker_at(
     db: &DatabaseConnection,
     server: &MockServer,
     dir: &std::path::Path,

@@ -133,6 +133,13 @@ async fn a_file_django_and_llm_tracker_write_reads_right_everywhere() {
     django_file(&t).await;
     Migrator::up(&t.db, None).await.unwrap();
     our_rows(&t).await;
+    // And one call tracked end to end (a mock OpenAI), stored by the tracker's own store.
+    let server = crate::resilience::provider(std::time::Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tracker = crate::resilience::tracker_at(&t.db, &server, dir.path(), false).await;
+    let tracked = tracker.track(crate::tracker::hello()).await;
+    tracker.shutdown().await;
+    let tracked_id = tracked.row_id.expect("a row").simple().to_string();
     let carol = create_user(
         &t.db,
         NewUser {
@@ -146,14 +153,13 @@ async fn a_file_django_and_llm_tracker_write_reads_right_everywhere() {
     // What we wrote is what Django writes.
     let datetime = Regex::new(DJANGO_DATETIME).unwrap();
     let uuid = Regex::new(DJANGO_UUID).unwrap();
-    for n in 1..=3 {
+    for id in [hex(1), hex(2), hex(3), tracked_id.clone()] {
         let stored = t
             .scalar_string(&format!(
                 "SELECT typeof(id) || '|' || id || '|' || created_at || '|' || \
                  COALESCE(started_at, '') || '|' || typeof(success) || '|' || \
                  typeof(metadata) || '|' || typeof(user_id) || '|' || typeof(cost) \
-                 FROM llm_tracker_usage WHERE id = '{}'",
-                hex(n)
+                 FROM llm_tracker_usage WHERE id = '{id}'"
             ))
             .await;
         let f: Vec<&str> = stored.split('|').collect();
@@ -183,6 +189,12 @@ async fn a_file_django_and_llm_tracker_write_reads_right_everywhere() {
         .await,
         "2026-11-26 05:35:23.712809"
     );
+    // The tracked row is "now": out of the fixed rows' ranges below; its format is checked.
+    exec(
+        &t,
+        &format!("DELETE FROM llm_tracker_usage WHERE id = '{tracked_id}'"),
+    )
+    .await;
     let joined = t
         .scalar_string(&format!(
             "SELECT date_joined || '|' || typeof(is_staff) FROM auth_user WHERE id = {}",
