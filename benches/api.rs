@@ -100,9 +100,7 @@ async fn prepare(label: &str, url: &str, rows: usize, users: Option<usize>) -> D
         );
         let rebuilding = Instant::now();
         let cells = llm_tracker::usage::rollup::rebuild(&db).await.unwrap();
-        for sql in
-            migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta)
-        {
+        for sql in migration::rollup::create_triggers_sql(backend) {
             db.execute_unprepared(&sql).await.unwrap();
         }
         eprintln!(

@@ -223,9 +223,7 @@ async fn fresh_database(url: &str, rollup: bool) -> sea_orm::DatabaseConnection 
         }
     }
     if rollup {
-        for sql in
-            migration::rollup::create_triggers_sql(backend, migration::rollup::Mechanism::Delta)
-        {
+        for sql in migration::rollup::create_triggers_sql(backend) {
             db.execute_unprepared(&sql).await.unwrap();
         }
     }

@@ -42,14 +42,14 @@ impl MigrationTrait for Migration {
         Ok(())
     }
 
+    /// Frozen: the triggers (and on PostgreSQL their functions) and both tables dropped.
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let backend = manager.get_database_backend();
-        let mut statements = rollup::drop_triggers_sql(backend);
-        for level in rollup::Level::ALL {
-            statements.push(format!("DROP TABLE IF EXISTS {}", level.table()));
-        }
-        let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
-        run_all(manager, &refs).await
+        let statements = util::for_backend(
+            manager.get_database_backend(),
+            include_str!("../sql/m20251201_000005_add_usage_rollup.down.postgres.sql"),
+            include_str!("../sql/m20251201_000005_add_usage_rollup.down.sqlite.sql"),
+        );
+        run_all(manager, &statements).await
     }
 
     /// On SQLite too: the triggers and the backfill land together or not at all.

@@ -5,14 +5,14 @@
 //! `up` creates [`rollup::DELTA_TABLE`] and replaces the triggers, in the migration's
 //! transaction (on PostgreSQL `DROP TRIGGER` / `CREATE TRIGGER` lock the usage table, so no
 //! row is written between the old triggers and the new). `down` folds what is pending into the
-//! cells and puts the direct triggers back.
+//! cells and puts the direct triggers back. Both directions run frozen SQL (`migration/sql/`).
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::ConnectionTrait;
 
 use sea_orm_migration::sea_orm::DbBackend;
 
-use crate::rollup::{self, Mechanism};
+use crate::rollup;
 
 /// What `up` installs, frozen: the delta table and the triggers as this migration first wrote
 /// them (`migration/sql/`). An old migration never changes meaning when `crate::rollup`
@@ -33,7 +33,7 @@ pub fn frozen(backend: DbBackend) -> Vec<&'static str> {
 /// files' source).
 pub fn generated(backend: DbBackend) -> Vec<String> {
     let mut statements = vec![rollup::create_delta_table_sql(backend)];
-    statements.extend(rollup::create_triggers_sql(backend, Mechanism::Delta));
+    statements.extend(rollup::create_triggers_sql(backend));
     statements
 }
 
@@ -50,15 +50,17 @@ impl MigrationTrait for Migration {
         Ok(())
     }
 
+    /// Frozen too: the direct triggers of 000005 put back, then (the usage table locked by
+    /// the trigger changes on PostgreSQL, so nothing new reaches the delta) the fold of what
+    /// is pending, then the delta table dropped.
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let backend = manager.get_database_backend();
         let conn = manager.get_connection();
-        let mut statements = rollup::create_triggers_sql(backend, Mechanism::Direct);
-        // The usage table is locked by now (PostgreSQL), so nothing new reaches the delta.
-        statements.extend(rollup::fold_sql(backend));
-        statements.push(format!("DROP TABLE IF EXISTS {}", rollup::DELTA_TABLE));
-        for sql in statements {
-            conn.execute_unprepared(&sql).await?;
+        for sql in crate::util::for_backend(
+            manager.get_database_backend(),
+            include_str!("../sql/m20251215_000006_rollup_delta.down.postgres.sql"),
+            include_str!("../sql/m20251215_000006_rollup_delta.down.sqlite.sql"),
+        ) {
+            conn.execute_unprepared(sql).await?;
         }
         Ok(())
     }

@@ -8,7 +8,6 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::ConnectionTrait;
 
-use crate::rollup;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -28,21 +27,16 @@ impl MigrationTrait for Migration {
         Ok(())
     }
 
+    /// The hour cells starting at :15 and :30 (grain codes 5 and 6) deleted, written out.
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let conn = manager.get_connection();
-        let codes: Vec<String> = rollup::PHASED_HOURS
-            .iter()
-            .map(|g| g.code.to_string())
-            .collect();
-        for level in rollup::Level::ALL {
-            conn.execute_unprepared(&format!(
-                "DELETE FROM {} WHERE grain IN ({})",
-                level.table(),
-                codes.join(", ")
-            ))
-            .await?;
-        }
-        Ok(())
+        crate::util::run_all(
+            manager,
+            &[
+                "DELETE FROM llm_tracker_usage_rollup WHERE grain IN (5, 6)",
+                "DELETE FROM llm_tracker_usage_rollup_total WHERE grain IN (5, 6)",
+            ],
+        )
+        .await
     }
 
     fn use_transaction(&self) -> Option<bool> {

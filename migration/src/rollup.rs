@@ -28,7 +28,7 @@
 //! ([`fold_sql`]) moves the pending contributions into the cells in one transaction, every
 //! second or so. Readers add the pending contributions to the cells they read, in the same
 //! snapshot, so a read is exact whether or not the fold has run. (Migration 000005 kept the
-//! cells by direct upserts in the triggers, [`Mechanism::Direct`]; 000006 moved to the delta
+//! cells by direct upserts in the triggers, frozen in its SQL files; 000006 moved to the delta
 //! table, because each write then contended for the same hot cells and paid for twelve
 //! upserts.)
 
@@ -533,42 +533,19 @@ fn upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], level: Level, whose
     )
 }
 
-/// The upserts of both tables, `;`-separated (a trigger body).
-fn upserts(backend: DbBackend, sources: &[Source<'_>]) -> String {
-    Level::ALL
-        .iter()
-        .map(|level| upsert_sql(backend, sources, *level))
-        .collect::<Vec<_>>()
-        .join(";\n")
-}
-
-/// How writes reach the cells.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mechanism {
-    /// Each trigger upserts the written rows' cells itself (migration 000005).
-    Direct,
-    /// Each trigger appends the rows' contributions to [`DELTA_TABLE`]; [`fold_sql`] moves
-    /// them into the cells (migration 000006, the current one).
-    Delta,
-}
-
 /// Key of the PostgreSQL advisory lock held by a fold (and by a rebuild): one at a time.
 pub const FOLD_LOCK: i64 = 0x6c6c_6d74_726f_6c6c;
 
 /// The statements that recreate the rollup from every row (run in one transaction; on
-/// PostgreSQL writers wait for it, they are not refused). With [`Mechanism::Delta`] the
-/// pending contributions go too (the rows count them again).
-pub fn rebuild_sql(backend: DbBackend, mechanism: Mechanism) -> Vec<String> {
+/// PostgreSQL writers wait for it, they are not refused). The pending contributions go too
+/// (the rows count them again).
+pub fn rebuild_sql(backend: DbBackend) -> Vec<String> {
     let mut out = Vec::new();
     if backend == DbBackend::Postgres {
         out.push("LOCK TABLE llm_tracker_usage IN SHARE MODE".to_owned());
-        if mechanism == Mechanism::Delta {
-            out.push(format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"));
-        }
+        out.push(format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"));
     }
-    if mechanism == Mechanism::Delta {
-        out.push(format!("DELETE FROM {DELTA_TABLE}"));
-    }
+    out.push(format!("DELETE FROM {DELTA_TABLE}"));
     // Two passes over the rows, each one aggregate: per 15-minute slot, model and outcome for
     // all users; per user, UTC day, model and outcome. Every cell is then summed from those
     // (a few million rows), not from the rows fanned out to every cell (one pass of 14 cells
@@ -697,12 +674,9 @@ pub const TRIGGERS: [&str; 4] = [
 /// PostgreSQL: statement-level triggers with transition tables, so a multi-row insert (the
 /// tracker's group commit) runs one statement; TRUNCATE empties the rollup. SQLite: row-level
 /// triggers (it has no statement-level ones).
-pub fn create_triggers_sql(backend: DbBackend, mechanism: Mechanism) -> Vec<String> {
-    // The statements a trigger runs for its sources; `net` for updates (see delta_insert_sql).
-    let body = |sources: &[Source<'_>], net: bool| match mechanism {
-        Mechanism::Direct => upserts(backend, sources),
-        Mechanism::Delta => delta_insert_sql(backend, sources, net),
-    };
+pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
+    // The statement a trigger runs for its sources; `net` for updates (see delta_insert_sql).
+    let body = |sources: &[Source<'_>], net: bool| delta_insert_sql(backend, sources, net);
     let mut out = drop_triggers_sql(backend);
     match backend {
         DbBackend::Postgres => {
@@ -721,12 +695,9 @@ pub fn create_triggers_sql(backend: DbBackend, mechanism: Mechanism) -> Vec<Stri
                     "CREATE TRIGGER {name} AFTER {event} ON llm_tracker_usage {referencing} FOR EACH STATEMENT EXECUTE FUNCTION {name}()"
                 )
             };
-            let truncate = match mechanism {
-                Mechanism::Direct => format!("DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}"),
-                Mechanism::Delta => format!(
-                    "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}"
-                ),
-            };
+            let truncate = format!(
+                "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}"
+            );
             out.extend([
                 function(TRIGGERS[0], body(&[table("new_rows", 1)], false)),
                 function(TRIGGERS[1], body(&[table("old_rows", -1)], false)),

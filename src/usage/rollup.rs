@@ -12,8 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use migration::rollup::{
-    ALL_USERS, Calendar, DAY, DELTA_TABLE, GRAINS, Level, Mechanism, NO_USER, SLOT_SECONDS,
-    TOTALS_TABLE, hour_grain, per_user,
+    ALL_USERS, Calendar, DAY, DELTA_TABLE, GRAINS, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE,
+    hour_grain, per_user,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
@@ -766,7 +766,7 @@ pub async fn rebuild(db: &sea_orm::DatabaseConnection) -> Result<u64, DbErr> {
     use sea_orm::TransactionTrait;
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
-    for sql in migration::rollup::rebuild_sql(backend, Mechanism::Delta) {
+    for sql in migration::rollup::rebuild_sql(backend) {
         txn.execute_unprepared(&sql).await?;
     }
     let cells = txn
