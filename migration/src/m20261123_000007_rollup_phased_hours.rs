@@ -8,7 +8,6 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::ConnectionTrait;
 
-
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 

@@ -35,29 +35,43 @@ pub enum Scope {
     PerUser,
 }
 
+/// Whole cells of one grain over the slots `[first, end)`: a run of a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The cells' grain code ([`migration::rollup::GRAINS`], [`migration::rollup::Calendar`]).
+    pub grain: i64,
+    pub first: i64,
+    pub end: i64,
+}
+
+/// The 15-minute slots `[first, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    pub first: i64,
+    pub end: i64,
+}
+
 /// How a request is answered from the rollup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub scope: Scope,
-    /// `(grain code, first slot, end slot)`: whole cells of that grain (see
-    /// [`migration::rollup::GRAINS`] and [`migration::rollup::Calendar`]) from the first slot
-    /// up to (not including) the end slot; the ranges do not overlap. Each cell lies inside one
-    /// bucket of the series (when there is one), in the table the series reads.
-    pub ranges: Vec<(i64, i64, i64)>,
+    /// Runs of whole cells that do not overlap, each cell inside one bucket of the series
+    /// (when there is one), in the table the series reads.
+    pub ranges: Vec<Run>,
     /// The same slots in the coarsest cells of the per-model table, ignoring buckets: for the
     /// sums that have none (summary, per model, per user), which then read far fewer cells.
-    pub totals: Vec<(i64, i64, i64)>,
+    pub totals: Vec<Run>,
     /// The same slots in the coarsest cells of the totals table (with a user's months and
     /// years): for the sums over all models and outcomes without buckets.
-    pub coarse: Vec<(i64, i64, i64)>,
+    pub coarse: Vec<Run>,
     /// The raw rows still to add: the filter narrowed to each partial edge of the range.
     pub edges: Vec<UsageFilter>,
-    /// Whole slots `[first, end)` inside `totals` that no cell of `ranges` covers (a user's
-    /// day that straddles a local bucket): the series reads their raw rows instead.
-    pub gaps: Vec<(i64, i64)>,
-    /// The whole slots `[first, end)` that `ranges` and `totals` cover: the pending
-    /// contributions of the delta table in them are added to the cells.
-    pub slots: (i64, i64),
+    /// Whole slots inside `totals` that no cell of `ranges` covers (a user's day that
+    /// straddles a local bucket): the series reads their raw rows instead.
+    pub gaps: Vec<Slots>,
+    /// The whole slots that `ranges` and `totals` cover: the pending contributions of the
+    /// delta table in them are added to the cells.
+    pub slots: Slots,
 }
 
 impl Plan {
@@ -65,10 +79,10 @@ impl Plan {
     pub fn gap_filters(&self, filter: &UsageFilter) -> Vec<UsageFilter> {
         self.gaps
             .iter()
-            .filter_map(|&(lo, hi)| {
+            .filter_map(|gap| {
                 Some(UsageFilter {
-                    start: Some(slot_start(lo)?),
-                    end: Some(slot_start(hi)? - Duration::microseconds(1)),
+                    start: Some(slot_start(gap.first)?),
+                    end: Some(slot_start(gap.end)? - Duration::microseconds(1)),
                     ..filter.clone()
                 })
             })
@@ -241,24 +255,23 @@ pub async fn plan<C: ConnectionTrait>(
         coarse,
         edges,
         gaps,
-        slots: (a, b),
+        slots: Slots { first: a, end: b },
     }))
 }
 
 /// Whole UTC days `[a, b)` in a user's cells of `level` (days; in the totals table also
 /// months and years), coarsest first, each inside one bucket of the series; the days that fit
 /// no bucket are returned as gaps (merged runs of slots).
-#[allow(clippy::type_complexity)]
 fn user_cells(
     a: i64,
     b: i64,
     series: Option<(Granularity, Tz)>,
     level: Level,
-) -> (Vec<(i64, i64, i64)>, Vec<(i64, i64)>) {
+) -> (Vec<Run>, Vec<Slots>) {
     let fits = |p: i64, end: i64| fits(series, p, end);
     let (_, calendars) = per_user(level);
-    let mut runs: Vec<(i64, i64, i64)> = Vec::new();
-    let mut gaps: Vec<(i64, i64)> = Vec::new();
+    let mut runs: Vec<Run> = Vec::new();
+    let mut gaps: Vec<Slots> = Vec::new();
     let mut p = a;
     while p < b {
         let calendar = calendars.iter().rev().find_map(|c| {
@@ -270,16 +283,23 @@ fn user_cells(
             None if fits(p, p + DAY) => (DAY, p + DAY),
             None => {
                 match gaps.last_mut() {
-                    Some((_, hi)) if *hi == p => *hi = p + DAY,
-                    _ => gaps.push((p, p + DAY)),
+                    Some(gap) if gap.end == p => gap.end = p + DAY,
+                    _ => gaps.push(Slots {
+                        first: p,
+                        end: p + DAY,
+                    }),
                 }
                 p += DAY;
                 continue;
             }
         };
         match runs.last_mut() {
-            Some((c, _, hi)) if *c == code && *hi == p => *hi = next,
-            _ => runs.push((code, p, next)),
+            Some(run) if run.grain == code && run.end == p => run.end = next,
+            _ => runs.push(Run {
+                grain: code,
+                first: p,
+                end: next,
+            }),
         }
         p = next;
     }
@@ -301,14 +321,14 @@ fn fits(series: Option<(Granularity, Tz)>, first: i64, end: i64) -> bool {
     }
 }
 
-fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<(i64, i64, i64)>> {
+fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<Run>> {
     let fits = |p: i64, g: i64| fits(series, p, p + g);
     // Hours that start at :15 or :30 past a UTC hour serve hourly series in zones with such
     // offsets (there, no UTC hour or day fits a bucket). Elsewhere they would lead the greedy
     // choice away from UTC days, so only hourly series use them.
     let hourly = matches!(series, Some((Granularity::Day, _)));
     let by_code = |code: i64| GRAINS.iter().copied().find(|g| g.code == code);
-    let mut runs: Vec<(i64, i64, i64)> = Vec::new();
+    let mut runs: Vec<Run> = Vec::new();
     let mut p = a;
     while p < b {
         let candidates = [
@@ -322,8 +342,12 @@ fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<(i64, 
             .flatten()
             .find(|g| p.rem_euclid(g.len) == g.phase && p + g.len <= b && fits(p, g.len))?;
         match runs.last_mut() {
-            Some((code, _, hi)) if *code == g.code && *hi == p => *hi = p + g.len,
-            _ => runs.push((g.code, p, p + g.len)),
+            Some(run) if run.grain == g.code && run.end == p => run.end = p + g.len,
+            _ => runs.push(Run {
+                grain: g.code,
+                first: p,
+                end: p + g.len,
+            }),
         }
         p += g.len;
     }
@@ -410,7 +434,7 @@ pub fn statement_with(
     };
     let mut values: Vec<String> = ranges
         .iter()
-        .map(|(g, lo, hi)| format!("({g}, {lo}, {hi})"))
+        .map(|r| format!("({}, {}, {})", r.grain, r.first, r.end))
         .collect();
     if values.is_empty() {
         // No whole cell (a user's series whose days all straddle buckets): an empty run.
@@ -526,14 +550,14 @@ pub fn statement_with(
     );
     // The contributions not folded into the cells yet, in the plan's whole slots: each lies
     // in one slot, so in one cell of the plan, and groups like the cells.
-    let (first, end) = plan.slots;
+    let Slots { first, end } = plan.slots;
     let mut pending = vec![format!("r.slot >= {first} AND r.slot < {end}")];
     // The series reads the gaps' raw rows, which hold their pending contributions already.
     if by == GroupBy::Slot {
         pending.extend(
             plan.gaps
                 .iter()
-                .map(|(lo, hi)| format!("NOT (r.slot >= {lo} AND r.slot < {hi})")),
+                .map(|g| format!("NOT (r.slot >= {} AND r.slot < {})", g.first, g.end)),
         );
     }
     if let Some(user) = filter.user_id {
@@ -794,6 +818,13 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
+    /// Runs as `(grain, first, end)`, for comparing with literals.
+    fn tup(runs: Vec<Run>) -> Vec<(i64, i64, i64)> {
+        runs.into_iter()
+            .map(|r| (r.grain, r.first, r.end))
+            .collect()
+    }
+
     fn slot(s: &str) -> i64 {
         DateTime::parse_from_rfc3339(s).unwrap().timestamp() / SLOT_SECONDS
     }
@@ -802,7 +833,7 @@ mod tests {
     fn coarsest_cells_first_and_merged() {
         let a = slot("2025-01-01T23:15:00Z");
         let b = slot("2025-01-04T01:30:00Z");
-        let runs = cells(a, b, None).unwrap();
+        let runs = tup(cells(a, b, None).unwrap());
         assert_eq!(
             runs,
             vec![
@@ -820,7 +851,7 @@ mod tests {
         let tz: Tz = "Asia/Kolkata".parse().unwrap();
         let a = slot("2025-01-01T00:00:00Z");
         let b = slot("2025-01-03T00:00:00Z");
-        let runs = cells(a, b, Some((Granularity::Month, tz))).unwrap();
+        let runs = tup(cells(a, b, Some((Granularity::Month, tz))).unwrap());
         for (g, lo, hi) in &runs {
             for p in (*lo..*hi).step_by(*g as usize) {
                 let s = slot_start(p).unwrap();
@@ -843,7 +874,7 @@ mod tests {
             let tz: Tz = zone.parse().unwrap();
             let a = slot("2025-01-01T00:00:00Z");
             let b = slot("2025-04-01T00:00:00Z");
-            let runs = cells(a, b, Some((Granularity::Day, tz))).unwrap();
+            let runs = tup(cells(a, b, Some((Granularity::Day, tz))).unwrap());
             // Slots up to the first local hour, one run of phased hours, slots after the last.
             assert_eq!(runs.len(), 3, "{zone}: {runs:?}");
             assert_eq!(runs[0].0, 1);
@@ -865,19 +896,19 @@ mod tests {
                 cells(a, b, None)
                     .unwrap()
                     .iter()
-                    .all(|(g, _, _)| [1, 4, 96].contains(g))
+                    .all(|r| [1, 4, 96].contains(&r.grain))
             );
             assert!(
                 cells(a, b, Some((Granularity::Month, tz)))
                     .unwrap()
                     .iter()
-                    .all(|(g, _, _)| [1, 4, 96].contains(g))
+                    .all(|r| [1, 4, 96].contains(&r.grain))
             );
         }
         // Whole-hour zones keep UTC hours.
         let ny: Tz = "America/New_York".parse().unwrap();
         let a = slot("2025-01-01T00:00:00Z");
-        let runs = cells(a, a + 96 * 30, Some((Granularity::Day, ny))).unwrap();
+        let runs = tup(cells(a, a + 96 * 30, Some((Granularity::Day, ny))).unwrap());
         assert_eq!(runs, vec![(4, a, a + 96 * 30)]);
     }
 

@@ -567,7 +567,7 @@ db_test!(
         .await
         .unwrap()
         .unwrap();
-        assert!(plan.coarse.iter().all(|(g, _, _)| *g == 35040), "{plan:?}");
+        assert!(plan.coarse.iter().all(|r| r.grain == 35040), "{plan:?}");
         let quarter = UsageFilter {
             start: Some(month(2025, 3)),
             end: Some(month(2025, 6) - us),
@@ -579,11 +579,11 @@ db_test!(
             .unwrap();
         assert_eq!(
             plan.coarse,
-            vec![(
-                2976,
-                month(2025, 3).timestamp() / 900,
-                month(2025, 6).timestamp() / 900
-            )]
+            vec![rollup::Run {
+                grain: 2976,
+                first: month(2025, 3).timestamp() / 900,
+                end: month(2025, 6).timestamp() / 900
+            }]
         );
         assert!(plan.edges.is_empty());
         let mut answered = 0;
