@@ -83,14 +83,14 @@ pub async fn create_user(
         }
         Err(e) => return Err(e.into()),
     };
-    if txn.get_database_backend() != sea_orm::DbBackend::Postgres {
-        // On SQLite in Django's text form (crate::db::stored), which the insert above cannot
+    if crate::db::Dialect::of(txn.get_database_backend()) == crate::db::Dialect::Sqlite {
+        // On SQLite in Django's text form (crate::db::Dialect), which the insert above cannot
         // bind: the same instant, rewritten before anyone else sees the row.
         let fix = sea_orm::sea_query::Query::update()
             .table(auth_user::Entity)
             .value(
                 auth_user::Column::DateJoined,
-                crate::db::stored::datetime(txn.get_database_backend(), joined),
+                crate::db::Dialect::of(txn.get_database_backend()).datetime(joined),
             )
             .and_where(sea_orm::ColumnTrait::eq(
                 &auth_user::Column::Id,

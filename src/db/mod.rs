@@ -1,7 +1,9 @@
 //! Connecting to the database and applying migrations.
 
+pub mod dialect;
 pub mod entities;
-pub mod stored;
+
+pub use dialect::Dialect;
 
 use std::time::Duration;
 

@@ -167,11 +167,7 @@ impl UsageStore {
     /// database. Must be called inside a Tokio runtime.
     pub async fn open(db: DatabaseConnection, opts: StoreOptions) -> Self {
         let migrate = opts.migrate;
-        // SQLite has one writer at a time; PostgreSQL takes a few in parallel.
-        let writers = match db.get_database_backend() {
-            sea_orm::DbBackend::Sqlite => 1,
-            _ => 4,
-        };
+        let writers = crate::db::Dialect::of(db.get_database_backend()).writers();
         let (jobs, queue) = mpsc::channel::<Job>(MAX_BATCH * writers * 4);
         let inner = Arc::new(Inner {
             spool: Spool::open(opts.spool_path.clone()),
@@ -341,9 +337,10 @@ async fn store_or_spool(
 impl Inner {
     /// On SQLite, this process's turn to write (see `write_gate`); nothing elsewhere.
     async fn sqlite_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match self.db.get_database_backend() {
-            sea_orm::DbBackend::Sqlite => Some(self.write_gate.lock().await),
-            _ => None,
+        if crate::db::Dialect::of(self.db.get_database_backend()).single_writer() {
+            Some(self.write_gate.lock().await)
+        } else {
+            None
         }
     }
 
@@ -377,7 +374,7 @@ impl Inner {
     /// handler sleeps milliseconds between tries. On PostgreSQL on a connection of its own,
     /// so that live rows do not queue behind a long replay. Directly once the store is gone.
     async fn insert_replayed(&self, rows: &[usage::Model]) -> Result<(), DbErr> {
-        let through_writer = self.db.get_database_backend() == sea_orm::DbBackend::Sqlite;
+        let through_writer = crate::db::Dialect::of(self.db.get_database_backend()).single_writer();
         let Some(jobs) = self.jobs.upgrade().filter(|_| through_writer) else {
             return insert_rows(&self.db, rows, self.opts.insert_timeout).await;
         };

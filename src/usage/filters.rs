@@ -127,19 +127,15 @@ impl UsageFilter {
     }
 
     /// The SQL condition for this filter on `backend` (instants bound in its stored form,
-    /// see [`crate::db::stored`]).
+    /// see [`crate::db::Dialect`]).
     pub fn condition(&self, backend: DbBackend) -> Condition {
-        use crate::db::stored::datetime;
+        let datetime = |t| crate::db::Dialect::of(backend).datetime(t);
         let mut c = Condition::all();
         if let Some(start) = self.start {
-            c = c.add(
-                Expr::col((usage::Entity, usage::Column::CreatedAt)).gte(datetime(backend, start)),
-            );
+            c = c.add(Expr::col((usage::Entity, usage::Column::CreatedAt)).gte(datetime(start)));
         }
         if let Some(end) = self.end {
-            c = c.add(
-                Expr::col((usage::Entity, usage::Column::CreatedAt)).lte(datetime(backend, end)),
-            );
+            c = c.add(Expr::col((usage::Entity, usage::Column::CreatedAt)).lte(datetime(end)));
         }
         if let Some(user_id) = self.user_id {
             c = c.add(usage::Column::UserId.eq(user_id));

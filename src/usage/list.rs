@@ -189,7 +189,8 @@ pub async fn get_usage(db: &DatabaseConnection, id: Uuid) -> Result<Option<Usage
     let backend = db.get_database_backend();
     Ok(usage::Entity::find()
         .filter(
-            Expr::col((usage::Entity, usage::Column::Id)).eq(crate::db::stored::uuid(backend, id)),
+            Expr::col((usage::Entity, usage::Column::Id))
+                .eq(crate::db::Dialect::of(backend).uuid(id)),
         )
         .join(JoinType::LeftJoin, usage::Relation::User.def())
         .column_as(auth_user::Column::Username, "username")
@@ -207,7 +208,6 @@ pub async fn keyset_batch(
     after: Option<Cursor>,
     limit: u64,
 ) -> Result<Vec<(Cursor, UsageRow)>, DbErr> {
-    use crate::db::stored;
     use sea_orm::sea_query::ExprTrait;
     use sea_orm::{Condition, QueryFilter};
     let backend = db.get_database_backend();
@@ -226,13 +226,13 @@ pub async fn keyset_batch(
         let created_at = || Expr::col((usage::Entity, usage::Column::CreatedAt));
         q = q.filter(
             Condition::all()
-                .add(created_at().lte(stored::datetime(backend, at)))
+                .add(created_at().lte(crate::db::Dialect::of(backend).datetime(at)))
                 .add(
                     Condition::any()
-                        .add(created_at().lt(stored::datetime(backend, at)))
+                        .add(created_at().lt(crate::db::Dialect::of(backend).datetime(at)))
                         .add(
                             Expr::col((usage::Entity, usage::Column::Id))
-                                .lt(stored::uuid(backend, id)),
+                                .lt(crate::db::Dialect::of(backend).uuid(id)),
                         ),
                 ),
         );
@@ -254,7 +254,8 @@ async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result
     let raw: Vec<&UsageFilter> = match &plan {
         None => vec![filter],
         Some(plan) => {
-            if let Some(sql) = super::rollup::settings(txn.get_database_backend()) {
+            if let Some(sql) = crate::db::Dialect::of(txn.get_database_backend()).rollup_settings()
+            {
                 txn.execute_unprepared(sql).await?;
             }
             let stmt = super::rollup::statement(

@@ -71,10 +71,8 @@ pub async fn list_usage_statements<C: ConnectionTrait>(
 /// Planner settings the token-stats statements run under (in their read transaction), if
 /// any: run them before explaining its statements to see the plans that are served.
 pub fn token_stats_settings(backend: DbBackend) -> Option<String> {
-    match (
-        super::stats::aggregate_settings(backend),
-        rollup::settings(backend),
-    ) {
+    let dialect = crate::db::Dialect::of(backend);
+    match (dialect.aggregate_settings(), dialect.rollup_settings()) {
         (Some(a), Some(r)) => Some(format!("{a}; {r}")),
         (a, r) => a.or(r).map(str::to_owned),
     }
@@ -83,10 +81,7 @@ pub fn token_stats_settings(backend: DbBackend) -> Option<String> {
 /// `statement` prefixed for the backend's plan output: `EXPLAIN` on PostgreSQL, `EXPLAIN QUERY
 /// PLAN` on SQLite.
 pub fn explain(backend: DbBackend, statement: &Statement) -> Statement {
-    let prefix = match backend {
-        DbBackend::Postgres => "EXPLAIN ",
-        _ => "EXPLAIN QUERY PLAN ",
-    };
+    let prefix = crate::db::Dialect::of(backend).explain_prefix();
     Statement {
         sql: format!("{prefix}{}", statement.sql),
         values: statement.values.clone(),

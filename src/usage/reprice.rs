@@ -78,7 +78,7 @@ pub async fn reprice(
         if let Some(last) = after {
             q = q.filter(sea_orm::sea_query::ExprTrait::gt(
                 Expr::col((usage::Entity, usage::Column::Id)),
-                crate::db::stored::uuid(backend, last),
+                crate::db::Dialect::of(backend).uuid(last),
             ));
         }
         let rows = q.into_model::<Priced>().all(db).await?;
@@ -107,7 +107,7 @@ pub async fn reprice(
                     .value(usage::Column::Cost, Cost::to_value(cost, backend))
                     .and_where(sea_orm::sea_query::ExprTrait::eq(
                         Expr::col((usage::Entity, usage::Column::Id)),
-                        crate::db::stored::uuid(backend, row.id.0),
+                        crate::db::Dialect::of(backend).uuid(row.id.0),
                     ))
                     .to_owned();
                 txn.execute(&update).await?;

@@ -443,10 +443,7 @@ pub fn statement_with(
     let mut params: Vec<Value> = Vec::new();
     let mut placeholder = |v: Value| {
         params.push(v);
-        match backend {
-            DbBackend::Postgres => format!("${}", params.len()),
-            _ => "?".to_owned(),
-        }
+        crate::db::Dialect::of(backend).placeholder(params.len())
     };
     // In the join, so that it bounds the index range (with the grain and the slots).
     let user_on = match (by, filter.user_id) {
@@ -575,34 +572,6 @@ pub fn statement_with(
     Statement::from_sql_and_values(backend, sql, params)
 }
 
-/// Planner settings for the rollup statements, local to the read transaction (PostgreSQL).
-///
-/// The plan's runs join the rollup's primary key as index range scans, one per run (and per
-/// user, for by_user). With more than a few runs PostgreSQL's estimate tips towards hashing
-/// the whole rollup instead (a sequential scan of millions of cells: 350 ms instead of a few
-/// at 10M rows, measured), and for by_user it puts the user list inside, losing the index
-/// range; so hash and merge joins are off and the joins run in the order written (users,
-/// runs, cells: `join_collapse_limit = 1`). Memoize is off too: over the user list it cached
-/// per run, not per user and run, and scanned every user's cells (by_user at 10M rows: 13.5 ms
-/// without these two settings, 2.7 ms with them, `EXPLAIN ANALYZE`). No other statement of
-/// the transaction joins. Sequential scans are off as well: with thousands of users the cells
-/// of all users are a third of the table and the planner, which cannot see the runs' ranges,
-/// estimated a parallel scan of all 6M cells cheaper than the runs' index ranges (1.4 s
-/// instead of 18 ms for a month at 10M rows and 10,000 users; the delta table, which has no
-/// index, is still scanned). And no parallel workers: the same misestimate made a month's
-/// 1,240 cells a parallel bitmap scan whose workers' start-up took 8 of its 12 ms (25–76 ms
-/// under load); a rollup statement reads thousands of cells, not millions.
-pub fn settings(backend: DbBackend) -> Option<&'static str> {
-    match backend {
-        DbBackend::Postgres => Some(
-            "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
-             SET LOCAL enable_memoize = off; SET LOCAL join_collapse_limit = 1; SET LOCAL jit = off; \
-             SET LOCAL enable_seqscan = off; SET LOCAL max_parallel_workers_per_gather = 0",
-        ),
-        _ => None,
-    }
-}
-
 /// The rows of [`statement`] as `T`, inside `txn` (its planner settings applied).
 pub async fn query<T: FromQueryResult>(
     txn: &sea_orm::DatabaseTransaction,
@@ -611,7 +580,7 @@ pub async fn query<T: FromQueryResult>(
     by: GroupBy,
 ) -> Result<Vec<T>, DbErr> {
     let backend = txn.get_database_backend();
-    if let Some(sql) = settings(backend) {
+    if let Some(sql) = crate::db::Dialect::of(backend).rollup_settings() {
         txn.execute_unprepared(sql).await?;
     }
     T::find_by_statement(statement(backend, plan, filter, by))
@@ -668,18 +637,7 @@ pub async fn verify(
             u.map(|t| day_aligned(t, true)).unwrap_or(i64::MAX / 2),
         )),
     };
-    let row_range = slots.map(|(lo, hi)| match backend {
-        // Exact on timestamps, and served by the created_at index.
-        DbBackend::Postgres => format!(
-            "created_at >= to_timestamp({}) AND created_at < to_timestamp({})",
-            lo.saturating_mul(SLOT_SECONDS).max(-210_866_803_200),
-            hi.saturating_mul(SLOT_SECONDS).min(9_224_318_015_999)
-        ),
-        _ => {
-            let slot = migration::rollup::slot_sql(backend, "created_at");
-            format!("{slot} >= {lo} AND {slot} < {hi}")
-        }
-    });
+    let row_range = slots.map(|(lo, hi)| crate::db::Dialect::of(backend).created_in_slots(lo, hi));
     // Cells inside the range: a month or year cell only when it ends inside it too.
     let stored_range = slots
         .map(|(lo, hi)| {

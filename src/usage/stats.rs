@@ -6,9 +6,8 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use chrono_tz::Tz;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    AccessMode, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    EntityTrait, FromQueryResult, IsolationLevel, QueryFilter, QuerySelect, QueryTrait, Select,
-    TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
+    FromQueryResult, QueryFilter, QuerySelect, QueryTrait, Select, TransactionTrait,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -17,6 +16,7 @@ use super::UsageFilter;
 use super::buckets::{bucket_of, bucket_start, buckets_between};
 use super::rollup;
 use super::sums::{Sum, TokenSums};
+use crate::db::dialect::{Dialect, Trunc};
 use crate::db::entities::usage;
 use crate::pricing::{CURRENCY, Usd};
 
@@ -155,36 +155,12 @@ impl Granularity {
         }
     }
 
-    /// The bucket's start as SQL text `YYYY-MM-DD HH:MM:SS` (UTC), the one place the two
-    /// backends differ. Grouping on PostgreSQL's `date_trunc` (not on a formatted string) keeps
-    /// the per-row work small; the label is formatted once per bucket, in Rust.
-    fn bucket_start_sql(self, backend: DbBackend) -> (&'static str, &'static str) {
-        // (grouping expression, its text form)
-        match (backend, self) {
-            (DbBackend::Postgres, Self::Day) => (
-                "date_trunc('hour', created_at AT TIME ZONE 'UTC')",
-                "CAST(date_trunc('hour', created_at AT TIME ZONE 'UTC') AS TEXT)",
-            ),
-            (DbBackend::Postgres, Self::Month) => (
-                "date_trunc('day', created_at AT TIME ZONE 'UTC')",
-                "CAST(date_trunc('day', created_at AT TIME ZONE 'UTC') AS TEXT)",
-            ),
-            (DbBackend::Postgres, Self::Year) => (
-                "date_trunc('month', created_at AT TIME ZONE 'UTC')",
-                "CAST(date_trunc('month', created_at AT TIME ZONE 'UTC') AS TEXT)",
-            ),
-            (_, Self::Day) => (
-                "strftime('%Y-%m-%d %H:00:00', created_at)",
-                "strftime('%Y-%m-%d %H:00:00', created_at)",
-            ),
-            (_, Self::Month) => (
-                "strftime('%Y-%m-%d 00:00:00', created_at)",
-                "strftime('%Y-%m-%d 00:00:00', created_at)",
-            ),
-            (_, Self::Year) => (
-                "strftime('%Y-%m-01 00:00:00', created_at)",
-                "strftime('%Y-%m-01 00:00:00', created_at)",
-            ),
+    /// The UTC unit of the series' buckets (hourly, daily, monthly).
+    fn trunc(self) -> Trunc {
+        match self {
+            Self::Day => Trunc::Hour,
+            Self::Month => Trunc::Day,
+            Self::Year => Trunc::Month,
         }
     }
 }
@@ -216,37 +192,11 @@ impl Default for SeriesOptions {
     }
 }
 
-/// The sum of `cost` in micro-dollars: PostgreSQL sums `numeric` USD exactly, SQLite sums
-/// integer micro-dollars exactly; NULLs (unpriced) are skipped.
-fn cost_sum_sql(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::Postgres => "CAST(COALESCE(SUM(cost), 0) * 1000000 AS BIGINT)",
-        _ => "CAST(COALESCE(SUM(cost), 0) AS BIGINT)",
-    }
-}
-
-/// Latency in whole microseconds summed over the rows that have `started_at` (negative clock
-/// skew counts as 0), and how many rows those are. The same per-row value as the rollup's.
-fn latency_sum_sql(backend: DbBackend) -> String {
-    match backend {
-        // Summing intervals and converting once per group (exact: intervals are whole
-        // microseconds): EXTRACT on every row is numeric arithmetic per row (about 120 ms more
-        // at 1M rows).
-        DbBackend::Postgres => {
-            "CAST(COALESCE(EXTRACT(EPOCH FROM SUM(GREATEST(created_at - started_at, INTERVAL '0'))) * 1000000, 0) AS BIGINT)".to_owned()
-        }
-        _ => format!(
-            "CAST(COALESCE(SUM({}), 0) AS INTEGER)",
-            migration::rollup::latency_us_sql(backend, "created_at", "started_at")
-        ),
-    }
-}
-
 /// A sum over the raw rows.
 fn raw_sum_sql(backend: DbBackend, sum: Sum) -> String {
     let column = match sum {
         Sum::Calls => return "COUNT(*)".to_owned(),
-        Sum::CostMicros => return cost_sum_sql(backend).to_owned(),
+        Sum::CostMicros => return Dialect::of(backend).cost_sum().to_owned(),
         Sum::Prompt => "prompt_tokens",
         Sum::Completion => "completion_tokens",
         Sum::Total => "total_tokens",
@@ -261,7 +211,7 @@ fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
     for (sum, alias) in TokenSums::COLUMNS {
         q = q.column_as(Expr::cust(raw_sum_sql(backend, sum)), alias);
     }
-    q.column_as(Expr::cust(latency_sum_sql(backend)), "latency_us")
+    q.column_as(Expr::cust(Dialect::of(backend).latency_sum()), "latency_us")
         .column_as(Expr::cust("CAST(COUNT(started_at) AS BIGINT)"), "latency_n")
         .column_as(
             Expr::cust("CAST(COUNT(*) - COUNT(cost) AS BIGINT)"),
@@ -328,34 +278,6 @@ impl Totals {
     }
 }
 
-/// The model as a grouping key. On SQLite `+model` (a no-op) keeps the planner from walking
-/// the `(model, created_at)` index to save a sort: that turns a scan into a million random
-/// row lookups (3.2 s instead of 0.95 s for token-stats over 1M rows, measured).
-fn model_group(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::Postgres => "model",
-        _ => "+model",
-    }
-}
-
-/// Planner settings for the token-stats aggregate, local to its transaction (PostgreSQL only).
-///
-/// PostgreSQL cannot estimate how many groups `GROUP BY model, date_trunc(…)` makes (it
-/// guesses 10% of the rows, 100,000 at 1M rows, where there are a few hundred), so it sorts a
-/// million rows on disk instead of hashing them, and will not aggregate in parallel; JIT then
-/// adds ~60 ms of compiling to a query that runs once. The groups are bounded by models ×
-/// buckets, so hashing them always fits. Measured at 1M rows (`cargo bench --bench api`):
-/// `granularity=month` 735 ms with the defaults, ~300 ms with these.
-pub(crate) fn aggregate_settings(backend: DbBackend) -> Option<&'static str> {
-    match backend {
-        DbBackend::Postgres => Some(
-            "SET LOCAL jit = off; SET LOCAL enable_sort = off; \
-             SET LOCAL work_mem = '64MB'; SET LOCAL parallel_tuple_cost = 0",
-        ),
-        _ => None,
-    }
-}
-
 /// The one aggregate query behind [`token_stats`] (see [`super::plans`]).
 pub(crate) fn token_stats_query(
     backend: DbBackend,
@@ -370,7 +292,7 @@ pub(crate) fn token_stats_query(
         backend,
     )
     .filter(filter.condition(backend))
-    .group_by(Expr::cust(model_group(backend)));
+    .group_by(Expr::cust(Dialect::of(backend).model_group()));
     match granularity {
         Some(g) => {
             let (group, text) = bucket_group(backend, g, tz);
@@ -386,7 +308,7 @@ pub(crate) fn token_stats_query(
 /// mapped to local buckets in Rust.
 fn bucket_group(backend: DbBackend, granularity: Granularity, tz: Tz) -> (String, String) {
     if tz == Tz::UTC {
-        let (group, text) = granularity.bucket_start_sql(backend);
+        let (group, text) = Dialect::of(backend).utc_bucket_start(granularity.trunc());
         (group.to_owned(), text.to_owned())
     } else {
         (slot_sql(backend), slot_sql(backend))
@@ -443,15 +365,9 @@ pub async fn token_stats(
 /// A read-only transaction: every statement of one request sees the same snapshot (on
 /// PostgreSQL `REPEATABLE READ`), so the rollup and the raw edge rows agree.
 pub(crate) async fn read_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
-    match db.get_database_backend() {
-        DbBackend::Postgres => {
-            db.begin_with_config(
-                Some(IsolationLevel::RepeatableRead),
-                Some(AccessMode::ReadOnly),
-            )
-            .await
-        }
-        _ => db.begin().await,
+    match Dialect::of(db.get_database_backend()).read_snapshot() {
+        Some((isolation, access)) => db.begin_with_config(Some(isolation), Some(access)).await,
+        None => db.begin().await,
     }
 }
 
@@ -464,7 +380,7 @@ async fn raw_groups(
     tz: Tz,
 ) -> Result<Vec<Group>, DbErr> {
     let backend = txn.get_database_backend();
-    if let Some(settings) = aggregate_settings(backend) {
+    if let Some(settings) = Dialect::of(backend).aggregate_settings() {
         txn.execute_unprepared(settings).await?;
     }
     token_stats_query(backend, filter, granularity, tz)
@@ -735,7 +651,7 @@ pub async fn stats_by_user(
     match rollup::plan(&txn, filter, None, true).await? {
         None => groups = raw_user_groups(&txn, filter).await?,
         Some(plan) => {
-            if let Some(sql) = rollup::settings(txn.get_database_backend()) {
+            if let Some(sql) = Dialect::of(txn.get_database_backend()).rollup_settings() {
                 txn.execute_unprepared(sql).await?;
             }
             let backend = txn.get_database_backend();

@@ -125,10 +125,8 @@ db_test!(
         }
         let back = usage::Entity::find()
             .filter(
-                Expr::col(usage::Column::Id).eq(llm_tracker::db::stored::uuid(
-                    t.db.get_database_backend(),
-                    row.id.0,
-                )),
+                Expr::col(usage::Column::Id)
+                    .eq(llm_tracker::db::Dialect::of(t.db.get_database_backend()).uuid(row.id.0)),
             )
             .one(&t.db)
             .await
@@ -140,10 +138,8 @@ db_test!(
         user.delete(&t.db).await.expect("delete user");
         let back = usage::Entity::find()
             .filter(
-                Expr::col(usage::Column::Id).eq(llm_tracker::db::stored::uuid(
-                    t.db.get_database_backend(),
-                    row.id.0,
-                )),
+                Expr::col(usage::Column::Id)
+                    .eq(llm_tracker::db::Dialect::of(t.db.get_database_backend()).uuid(row.id.0)),
             )
             .one(&t.db)
             .await

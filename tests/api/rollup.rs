@@ -55,17 +55,17 @@ fn ids_in(db: &DatabaseConnection, ns: std::ops::Range<u128>) -> sea_orm::sea_qu
     let backend = db.get_database_backend();
     sea_orm::sea_query::ExprTrait::is_in(
         Expr::col(usage::Column::Id),
-        ns.map(|n| llm_tracker::db::stored::uuid(backend, uuid::Uuid::from_u128(n))),
+        ns.map(|n| llm_tracker::db::Dialect::of(backend).uuid(uuid::Uuid::from_u128(n))),
     )
 }
 
 /// The row as the Django app would write it: one plain SQL `INSERT` in its formats (on SQLite
-/// 32-hex-character ids and naive UTC datetime text, see `llm_tracker::db::stored`).
+/// 32-hex-character ids and naive UTC datetime text, see `llm_tracker::db::Dialect`).
 fn plain_insert(backend: DbBackend, r: &usage::Model) -> String {
     let text = |s: &str| format!("'{}'", s.replace('\'', "''"));
     let time = |t: &DateTime<Utc>| match backend {
         DbBackend::Postgres => text(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()),
-        _ => text(&llm_tracker::db::stored::django_datetime(t)),
+        _ => text(&llm_tracker::db::dialect::django_datetime(t)),
     };
     let (id, cost) = match backend {
         DbBackend::Postgres => (
@@ -324,10 +324,10 @@ db_test!(
             usage::Entity::update_many()
                 .col_expr(
                     usage::Column::CreatedAt,
-                    Expr::value(llm_tracker::db::stored::datetime(
-                        db.get_database_backend(),
-                        near_grid(&mut rng, base, days),
-                    )),
+                    Expr::value(
+                        llm_tracker::db::Dialect::of(db.get_database_backend())
+                            .datetime(near_grid(&mut rng, base, days)),
+                    ),
                 )
                 .filter(ids_in(db, n..n + 1))
                 .exec(db)

@@ -32,7 +32,7 @@ pub struct Model {
 
 /// A usage row's id, a UUID. PostgreSQL stores it as `uuid`; SQLite as Django does, 32
 /// lowercase hex characters. Reads also take the 16-byte blobs versions before migration
-/// 000012 wrote on SQLite; writes and comparisons bind [`crate::db::stored::uuid`].
+/// 000012 wrote on SQLite; writes and comparisons bind [`crate::db::Dialect::uuid`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RowId(pub Uuid);
@@ -68,7 +68,7 @@ impl PartialEq<Uuid> for RowId {
     }
 }
 
-/// The PostgreSQL form; SQLite statements bind [`crate::db::stored::uuid`] instead.
+/// The PostgreSQL form; SQLite statements bind [`crate::db::Dialect::uuid`] instead.
 impl From<RowId> for sea_orm::Value {
     fn from(id: RowId) -> Self {
         sea_orm::Value::Uuid(Some(id.0))
@@ -159,12 +159,9 @@ impl Cost {
         i64::try_from(micros).ok().map(Self)
     }
 
-    /// The value to bind for `backend`.
+    /// The value to bind for `backend` ([`crate::db::Dialect::cost`]).
     pub fn to_value(cost: Option<Self>, backend: sea_orm::DbBackend) -> sea_orm::Value {
-        match backend {
-            sea_orm::DbBackend::Postgres => sea_orm::Value::Decimal(cost.map(|c| c.usd())),
-            _ => sea_orm::Value::BigInt(cost.map(|c| c.0)),
-        }
+        crate::db::Dialect::of(backend).cost(cost.map(|c| c.0))
     }
 }
 
@@ -239,7 +236,7 @@ impl Related<super::auth_user::Entity> for Entity {
 impl ActiveModelBehavior for ActiveModel {}
 
 /// `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with `cost`, `id` and the datetimes bound
-/// in the backend's form (see [`Cost`], [`crate::db::stored`]). Every usage row this product writes goes through here.
+/// in the backend's form (see [`Cost`], [`crate::db::Dialect`]). Every usage row this product writes goes through here.
 pub fn insert_statement(
     backend: sea_orm::DbBackend,
     rows: &[Model],
@@ -254,9 +251,13 @@ pub fn insert_statement(
         let active = ActiveModel::from(row.clone());
         let values = Column::iter().map(|c| match c {
             Column::Cost => Cost::to_value(row.cost, backend).into(),
-            Column::Id => crate::db::stored::uuid(backend, row.id.0).into(),
-            Column::CreatedAt => crate::db::stored::datetime(backend, row.created_at).into(),
-            Column::StartedAt => crate::db::stored::datetime_opt(backend, row.started_at).into(),
+            Column::Id => crate::db::Dialect::of(backend).uuid(row.id.0).into(),
+            Column::CreatedAt => crate::db::Dialect::of(backend)
+                .datetime(row.created_at)
+                .into(),
+            Column::StartedAt => crate::db::Dialect::of(backend)
+                .datetime_opt(row.started_at)
+                .into(),
             c => active
                 .get(c)
                 .into_value()

@@ -460,10 +460,8 @@ async fn login(
         .table(auth_user::Entity)
         .value(
             auth_user::Column::LastLogin,
-            crate::db::stored::datetime(
-                state.db.get_database_backend(),
-                crate::tracker::now_micros(),
-            ),
+            crate::db::Dialect::of(state.db.get_database_backend())
+                .datetime(crate::tracker::now_micros()),
         )
         .and_where(sea_orm::ColumnTrait::eq(&auth_user::Column::Id, user.id))
         .to_owned();

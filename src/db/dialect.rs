@@ -1,0 +1,299 @@
+//! Every difference between SQLite and PostgreSQL that the code relies on, in one type:
+//! how values are stored, the SQL fragments that must be spelled per database, the planner
+//! settings PostgreSQL needs, transactions and writers. Code elsewhere asks a [`Dialect`]
+//! instead of matching on the backend. (The rollup's trigger and cell SQL is generated in the
+//! `migration` crate, which the migrations freeze; it has its own per-backend spelling.)
+//!
+//! Stored values: PostgreSQL has native `uuid` and `timestamptz`; on SQLite the Django app's
+//! SQLite backend decides: a `UUIDField` is 32 lowercase hex characters (`char(32)`), a
+//! `DateTimeField` naive UTC text `YYYY-MM-DD HH:MM:SS[.ffffff]` (`str()` of the datetime: the
+//! fraction only when not zero). Every value this product writes into, or compares with, such a
+//! column is bound through here, so both programs' rows sort, range and join alike in one file.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{AccessMode, DbBackend, IsolationLevel, Value};
+use uuid::Uuid;
+
+/// The database's dialect: PostgreSQL, or SQLite (every other backend sea-orm knows is
+/// refused when connecting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+/// A UTC truncation unit of [`Dialect::utc_bucket_start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trunc {
+    Hour,
+    Day,
+    Month,
+}
+
+/// Django's SQLite text for an instant (microseconds; anything finer is dropped).
+pub fn django_datetime(t: &DateTime<Utc>) -> String {
+    use chrono::Timelike;
+    let micros = t.nanosecond() / 1000 % 1_000_000;
+    if micros == 0 {
+        t.format("%Y-%m-%d %H:%M:%S").to_string()
+    } else {
+        format!("{}.{micros:06}", t.format("%Y-%m-%d %H:%M:%S"))
+    }
+}
+
+impl Dialect {
+    pub fn of(backend: DbBackend) -> Self {
+        match backend {
+            DbBackend::Postgres => Self::Postgres,
+            _ => Self::Sqlite,
+        }
+    }
+
+    // --- Stored values -------------------------------------------------------------------
+
+    /// An instant as the database stores it.
+    pub fn datetime(self, t: DateTime<Utc>) -> Value {
+        match self {
+            Self::Postgres => Value::ChronoDateTimeUtc(Some(t)),
+            Self::Sqlite => Value::String(Some(django_datetime(&t))),
+        }
+    }
+
+    /// [`Self::datetime`] of a nullable column.
+    pub fn datetime_opt(self, t: Option<DateTime<Utc>>) -> Value {
+        match (t, self) {
+            (Some(t), _) => self.datetime(t),
+            (None, Self::Postgres) => Value::ChronoDateTimeUtc(None),
+            (None, Self::Sqlite) => Value::String(None),
+        }
+    }
+
+    /// A UUID as the database stores it.
+    pub fn uuid(self, id: Uuid) -> Value {
+        match self {
+            Self::Postgres => Value::Uuid(Some(id)),
+            Self::Sqlite => Value::String(Some(id.simple().to_string())),
+        }
+    }
+
+    /// A cost in micro-dollars as stored: PostgreSQL `numeric(12,6)` USD, SQLite integer
+    /// micro-dollars (exact sums).
+    pub fn cost(self, micros: Option<i64>) -> Value {
+        match self {
+            Self::Postgres => Value::Decimal(micros.map(|m| rust_decimal::Decimal::new(m, 6))),
+            Self::Sqlite => Value::BigInt(micros),
+        }
+    }
+
+    // --- SQL ---------------------------------------------------------------------------
+
+    /// The `n`-th (1-based) bind placeholder.
+    pub fn placeholder(self, n: usize) -> String {
+        match self {
+            Self::Postgres => format!("${n}"),
+            Self::Sqlite => "?".to_owned(),
+        }
+    }
+
+    /// What precedes a statement to get its plan: `EXPLAIN` / `EXPLAIN QUERY PLAN`.
+    pub fn explain_prefix(self) -> &'static str {
+        match self {
+            Self::Postgres => "EXPLAIN ",
+            Self::Sqlite => "EXPLAIN QUERY PLAN ",
+        }
+    }
+
+    /// `created_at` truncated to a UTC `unit`: (grouping expression, its text
+    /// `YYYY-MM-DD HH:MM:SS`). Grouping on PostgreSQL's `date_trunc` (not on a formatted
+    /// string) keeps the per-row work small; the label is formatted once per bucket, in Rust.
+    pub fn utc_bucket_start(self, unit: Trunc) -> (&'static str, &'static str) {
+        match (self, unit) {
+            (Self::Postgres, Trunc::Hour) => (
+                "date_trunc('hour', created_at AT TIME ZONE 'UTC')",
+                "CAST(date_trunc('hour', created_at AT TIME ZONE 'UTC') AS TEXT)",
+            ),
+            (Self::Postgres, Trunc::Day) => (
+                "date_trunc('day', created_at AT TIME ZONE 'UTC')",
+                "CAST(date_trunc('day', created_at AT TIME ZONE 'UTC') AS TEXT)",
+            ),
+            (Self::Postgres, Trunc::Month) => (
+                "date_trunc('month', created_at AT TIME ZONE 'UTC')",
+                "CAST(date_trunc('month', created_at AT TIME ZONE 'UTC') AS TEXT)",
+            ),
+            (Self::Sqlite, Trunc::Hour) => (
+                "strftime('%Y-%m-%d %H:00:00', created_at)",
+                "strftime('%Y-%m-%d %H:00:00', created_at)",
+            ),
+            (Self::Sqlite, Trunc::Day) => (
+                "strftime('%Y-%m-%d 00:00:00', created_at)",
+                "strftime('%Y-%m-%d 00:00:00', created_at)",
+            ),
+            (Self::Sqlite, Trunc::Month) => (
+                "strftime('%Y-%m-01 00:00:00', created_at)",
+                "strftime('%Y-%m-01 00:00:00', created_at)",
+            ),
+        }
+    }
+
+    /// The sum of `cost` in micro-dollars: PostgreSQL sums `numeric` USD exactly, SQLite sums
+    /// integer micro-dollars exactly; NULLs (unpriced) are skipped.
+    pub fn cost_sum(self) -> &'static str {
+        match self {
+            Self::Postgres => "CAST(COALESCE(SUM(cost), 0) * 1000000 AS BIGINT)",
+            Self::Sqlite => "CAST(COALESCE(SUM(cost), 0) AS BIGINT)",
+        }
+    }
+
+    /// Latency in whole microseconds summed over the rows that have `started_at` (negative
+    /// clock skew counts as 0). The same per-row value as the rollup's.
+    pub fn latency_sum(self) -> String {
+        match self {
+            // Summing intervals and converting once per group (exact: intervals are whole
+            // microseconds): EXTRACT on every row is numeric arithmetic per row (about 120 ms
+            // more at 1M rows).
+            Self::Postgres => {
+                "CAST(COALESCE(EXTRACT(EPOCH FROM SUM(GREATEST(created_at - started_at, INTERVAL '0'))) * 1000000, 0) AS BIGINT)".to_owned()
+            }
+            Self::Sqlite => format!(
+                "CAST(COALESCE(SUM({}), 0) AS INTEGER)",
+                migration::rollup::latency_us_sql(DbBackend::Sqlite, "created_at", "started_at")
+            ),
+        }
+    }
+
+    /// The model as a grouping key. On SQLite `+model` (a no-op) keeps the planner from
+    /// walking the `(model, created_at)` index to save a sort: that turns a scan into a million
+    /// random row lookups (3.2 s instead of 0.95 s for token-stats over 1M rows, measured).
+    pub fn model_group(self) -> &'static str {
+        match self {
+            Self::Postgres => "model",
+            Self::Sqlite => "+model",
+        }
+    }
+
+    /// Planner settings for the raw token-stats aggregate, local to its transaction.
+    ///
+    /// PostgreSQL cannot estimate how many groups `GROUP BY model, date_trunc(…)` makes (it
+    /// guesses 10% of the rows, 100,000 at 1M rows, where there are a few hundred), so it sorts
+    /// a million rows on disk instead of hashing them, and will not aggregate in parallel; JIT
+    /// then adds ~60 ms of compiling to a query that runs once. The groups are bounded by
+    /// models × buckets, so hashing them always fits. Measured at 1M rows (`cargo bench
+    /// --bench api`): `granularity=month` 735 ms with the defaults, ~300 ms with these.
+    pub fn aggregate_settings(self) -> Option<&'static str> {
+        match self {
+            Self::Postgres => Some(
+                "SET LOCAL jit = off; SET LOCAL enable_sort = off; \
+                 SET LOCAL work_mem = '64MB'; SET LOCAL parallel_tuple_cost = 0",
+            ),
+            Self::Sqlite => None,
+        }
+    }
+
+    /// Planner settings for the rollup statements, local to the read transaction.
+    ///
+    /// The plan's runs join the rollup's primary key as index range scans, one per run (and
+    /// per user, for by_user). With more than a few runs PostgreSQL's estimate tips towards
+    /// hashing the whole rollup instead (a sequential scan of millions of cells: 350 ms instead
+    /// of a few at 10M rows, measured), and for by_user it puts the user list inside, losing
+    /// the index range; so hash and merge joins are off and the joins run in the order written
+    /// (users, runs, cells: `join_collapse_limit = 1`). Memoize is off too: over the user list
+    /// it cached per run, not per user and run, and scanned every user's cells (by_user at 10M
+    /// rows: 13.5 ms without these two settings, 2.7 ms with them, `EXPLAIN ANALYZE`). No other
+    /// statement of the transaction joins. Sequential scans are off as well: with thousands of
+    /// users the cells of all users are a third of the table and the planner, which cannot see
+    /// the runs' ranges, estimated a parallel scan of all 6M cells cheaper than the runs' index
+    /// ranges (1.4 s instead of 18 ms for a month at 10M rows and 10,000 users; the delta
+    /// table, which has no index, is still scanned). And no parallel workers: the same
+    /// misestimate made a month's 1,240 cells a parallel bitmap scan whose workers' start-up
+    /// took 8 of its 12 ms (25–76 ms under load); a rollup statement reads thousands of cells,
+    /// not millions.
+    pub fn rollup_settings(self) -> Option<&'static str> {
+        match self {
+            Self::Postgres => Some(
+                "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
+                 SET LOCAL enable_memoize = off; SET LOCAL join_collapse_limit = 1; SET LOCAL jit = off; \
+                 SET LOCAL enable_seqscan = off; SET LOCAL max_parallel_workers_per_gather = 0",
+            ),
+            Self::Sqlite => None,
+        }
+    }
+
+    /// The rows whose `created_at` lies in the 15-minute slots `[lo, hi)`: on PostgreSQL exact
+    /// on timestamps and served by the `created_at` index; on SQLite by the rollup's own slot
+    /// expression over the stored text.
+    pub fn created_in_slots(self, lo: i64, hi: i64) -> String {
+        use migration::rollup::SLOT_SECONDS;
+        match self {
+            Self::Postgres => format!(
+                "created_at >= to_timestamp({}) AND created_at < to_timestamp({})",
+                lo.saturating_mul(SLOT_SECONDS).max(-210_866_803_200),
+                hi.saturating_mul(SLOT_SECONDS).min(9_224_318_015_999)
+            ),
+            Self::Sqlite => {
+                let slot = migration::rollup::slot_sql(DbBackend::Sqlite, "created_at");
+                format!("{slot} >= {lo} AND {slot} < {hi}")
+            }
+        }
+    }
+
+    // --- Transactions and writers ------------------------------------------------------
+
+    /// How a read of several statements sees one snapshot: PostgreSQL `REPEATABLE READ, READ
+    /// ONLY`; SQLite's plain transaction already reads one snapshot (WAL).
+    pub fn read_snapshot(self) -> Option<(IsolationLevel, AccessMode)> {
+        match self {
+            Self::Postgres => Some((IsolationLevel::RepeatableRead, AccessMode::ReadOnly)),
+            Self::Sqlite => None,
+        }
+    }
+
+    /// Writer tasks of a usage store: SQLite has one writer at a time (and this process
+    /// takes turns with its folds and replays, see the store's write gate); PostgreSQL takes
+    /// a few in parallel.
+    pub fn writers(self) -> usize {
+        match self {
+            Self::Postgres => 4,
+            Self::Sqlite => 1,
+        }
+    }
+
+    /// Whether writes in this process take turns (SQLite: one writer at a time).
+    pub fn single_writer(self) -> bool {
+        self == Self::Sqlite
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datetimes_are_written_as_python_str_writes_them() {
+        let t = DateTime::parse_from_rfc3339("2026-11-26T06:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(django_datetime(&t), "2026-11-26 06:00:00");
+        let t = DateTime::parse_from_rfc3339("2026-11-26T05:35:23.712809+00:00")
+            .unwrap()
+            .to_utc();
+        assert_eq!(django_datetime(&t), "2026-11-26 05:35:23.712809");
+        let t = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.120000999+01:00")
+            .unwrap()
+            .to_utc();
+        assert_eq!(django_datetime(&t), "2026-01-02 02:04:05.120000");
+        let t = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.000001Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(django_datetime(&t), "2026-01-02 03:04:05.000001");
+    }
+
+    #[test]
+    fn uuids_are_32_lowercase_hex_characters_on_sqlite() {
+        let id = Uuid::parse_str("6F1C2A0E-8D4B-4C36-9A57-0E0F8B7B1C11").unwrap();
+        assert_eq!(
+            Dialect::Sqlite.uuid(id),
+            Value::String(Some("6f1c2a0e8d4b4c369a570e0f8b7b1c11".to_owned()))
+        );
+        assert_eq!(Dialect::Postgres.uuid(id), Value::Uuid(Some(id)));
+    }
+}
