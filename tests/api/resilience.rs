@@ -416,7 +416,17 @@ mod a_tracker_starts_with_the_database_down_and_stores_its_rows_later {
         while !tracker.store().is_healthy() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(tracker.track(hello()).await.stored, Some(Stored::Inserted));
+        // (A commit slower than the 10 ms deadline is spooled by design, and the first ones
+        // after the restart can be, on a loaded machine: so the first of a few.)
+        let mut stored = Vec::new();
+        for _ in 0..20 {
+            let s = tracker.track(hello()).await.stored;
+            stored.push(s);
+            if s == Some(Stored::Inserted) {
+                break;
+            }
+        }
+        assert_eq!(stored.last(), Some(&Some(Stored::Inserted)), "{stored:?}");
         tracker.shutdown().await;
         assert_eq!(tracker.store().pending().await, 0);
     }
