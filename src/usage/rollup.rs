@@ -490,18 +490,34 @@ pub fn statement_with(
             aggregate(expr)
         }
     };
+    use super::stats::col;
     let (key, group) = match by {
         GroupBy::Model => (
-            "r.model AS model, CAST(NULL AS TEXT) AS bucket",
+            format!(
+                "r.model AS {}, CAST(NULL AS TEXT) AS {}",
+                col::MODEL,
+                col::BUCKET
+            ),
             " GROUP BY r.model",
         ),
         GroupBy::Slot => (
-            "CAST(NULL AS TEXT) AS model, CAST(r.slot AS TEXT) AS bucket",
+            format!(
+                "CAST(NULL AS TEXT) AS {}, CAST(r.slot AS TEXT) AS {}",
+                col::MODEL,
+                col::BUCKET
+            ),
             " GROUP BY r.slot",
         ),
-        GroupBy::User => ("r.user_key AS user_key", " GROUP BY r.user_key"),
+        GroupBy::User => (
+            format!("r.user_key AS {}", col::USER_KEY),
+            " GROUP BY r.user_key",
+        ),
         GroupBy::Nothing => (
-            "CAST(NULL AS TEXT) AS model, CAST(NULL AS TEXT) AS bucket",
+            format!(
+                "CAST(NULL AS TEXT) AS {}, CAST(NULL AS TEXT) AS {}",
+                col::MODEL,
+                col::BUCKET
+            ),
             "",
         ),
     };
@@ -522,8 +538,11 @@ pub fn statement_with(
                 .join(", ");
         }
         format!(
-            "{sums}, {ok} AS successful_calls, {unpriced} AS unpriced_calls, \
-             {lat} AS latency_us, {latn} AS latency_n",
+            "{sums}, {ok} AS {}, {unpriced} AS {}, {lat} AS {}, {latn} AS {}",
+            col::SUCCESSFUL,
+            col::UNPRICED,
+            col::LATENCY_US,
+            col::LATENCY_N,
             sums = TokenSums::select(|s| sum(cell(s))),
             ok = sum(ok),
             unpriced = sum("r.calls - r.priced_calls"),

@@ -211,16 +211,22 @@ fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
     for (sum, alias) in TokenSums::COLUMNS {
         q = q.column_as(Expr::cust(raw_sum_sql(backend, sum)), alias);
     }
-    q.column_as(Expr::cust(Dialect::of(backend).latency_sum()), "latency_us")
-        .column_as(Expr::cust("CAST(COUNT(started_at) AS BIGINT)"), "latency_n")
-        .column_as(
-            Expr::cust("CAST(COUNT(*) - COUNT(cost) AS BIGINT)"),
-            "unpriced_calls",
-        )
-        .column_as(
-            Expr::cust("CAST(COUNT(*) FILTER (WHERE success) AS BIGINT)"),
-            "successful_calls",
-        )
+    q.column_as(
+        Expr::cust(Dialect::of(backend).latency_sum()),
+        col::LATENCY_US,
+    )
+    .column_as(
+        Expr::cust("CAST(COUNT(started_at) AS BIGINT)"),
+        col::LATENCY_N,
+    )
+    .column_as(
+        Expr::cust("CAST(COUNT(*) - COUNT(cost) AS BIGINT)"),
+        col::UNPRICED,
+    )
+    .column_as(
+        Expr::cust("CAST(COUNT(*) FILTER (WHERE success) AS BIGINT)"),
+        col::SUCCESSFUL,
+    )
 }
 
 /// Sums over every matching row.
@@ -238,6 +244,19 @@ pub struct TokenStatsData {
     pub by_model: Vec<ModelStats>,
     /// `Some` when a granularity was asked for.
     pub series: Option<Vec<SeriesItem>>,
+}
+
+/// The column aliases of a [`Group`] (besides its [`TokenSums`]) and of a user key: the names
+/// of the fields that read them, written once for the raw aggregate and the rollup statements
+/// (the unit test `a_group_reads_back_the_columns_named_here` reads a group from them).
+pub(crate) mod col {
+    pub const MODEL: &str = "model";
+    pub const BUCKET: &str = "bucket";
+    pub const SUCCESSFUL: &str = "successful_calls";
+    pub const UNPRICED: &str = "unpriced_calls";
+    pub const LATENCY_US: &str = "latency_us";
+    pub const LATENCY_N: &str = "latency_n";
+    pub const USER_KEY: &str = "user_key";
 }
 
 /// One `(model, bucket)` group of the single aggregate query behind [`token_stats`].
@@ -296,10 +315,10 @@ pub(crate) fn token_stats_query(
     match granularity {
         Some(g) => {
             let (group, text) = bucket_group(backend, g, tz);
-            q.column_as(Expr::cust(text), "bucket")
+            q.column_as(Expr::cust(text), col::BUCKET)
                 .group_by(Expr::cust(group))
         }
-        None => q.column_as(Expr::cust("CAST(NULL AS TEXT)"), "bucket"),
+        None => q.column_as(Expr::cust("CAST(NULL AS TEXT)"), col::BUCKET),
     }
 }
 
@@ -327,12 +346,12 @@ pub(crate) fn series_query(
     let q = with_sums(
         usage::Entity::find()
             .select_only()
-            .column_as(Expr::cust("CAST(NULL AS TEXT)"), "model"),
+            .column_as(Expr::cust("CAST(NULL AS TEXT)"), col::MODEL),
         backend,
     )
     .filter(filter.condition(backend));
     let (group, text) = bucket_group(backend, granularity, tz);
-    q.column_as(Expr::cust(text), "bucket")
+    q.column_as(Expr::cust(text), col::BUCKET)
         .group_by(Expr::cust(group))
 }
 
@@ -776,4 +795,56 @@ async fn finish_by_user<C: ConnectionTrait>(
             UserStats::new(user_id, user_id.and_then(|u| names.get(&u).cloned()), sums)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+
+    use super::*;
+
+    /// A row written with the aliases of [`col`] and [`TokenSums::select`] reads back into a
+    /// [`Group`] and a [`RankRow`] field by field: an alias cannot drift from its field.
+    #[tokio::test]
+    async fn a_group_reads_back_the_columns_named_here() {
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        let sums = TokenSums::select(|s| {
+            (10 + TokenSums::COLUMNS
+                .iter()
+                .position(|(c, _)| *c == s)
+                .unwrap())
+            .to_string()
+        });
+        let sql = format!(
+            "SELECT 'gpt' AS {}, '7' AS {}, {sums}, 2 AS {}, 3 AS {}, 4 AS {}, 5 AS {}, 6 AS {}",
+            col::MODEL,
+            col::BUCKET,
+            col::SUCCESSFUL,
+            col::UNPRICED,
+            col::LATENCY_US,
+            col::LATENCY_N,
+            col::USER_KEY,
+        );
+        let row = db
+            .query_one_raw(Statement::from_string(DbBackend::Sqlite, sql))
+            .await
+            .unwrap()
+            .unwrap();
+        let g = Group::from_query_result(&row, "").unwrap();
+        assert_eq!(g.model.as_deref(), Some("gpt"));
+        assert_eq!(g.bucket.as_deref(), Some("7"));
+        assert_eq!(
+            (
+                g.successful_calls,
+                g.unpriced_calls,
+                g.latency_us,
+                g.latency_n
+            ),
+            (2, 3, 4, 5)
+        );
+        assert_eq!(g.sums.total_calls, 10);
+        assert_eq!(g.sums.cost_micros, 16);
+        let r = RankRow::from_query_result(&row, "").unwrap();
+        assert_eq!((r.user_key, r.total_calls, r.total_tokens), (6, 10, 13));
+    }
 }
