@@ -35,13 +35,27 @@ pub enum Scope {
     PerUser,
 }
 
-/// Whole cells of one grain over the slots `[first, end)`: a run of a plan.
+/// Whole cells of one grain over the slots `[first, end)`: a run of a plan, added to the sums,
+/// or (`subtract`) taken from them: a month cell less its days outside the range reads fewer
+/// cells than the days inside (see [`user_cells`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     /// The cells' grain code ([`migration::rollup::GRAINS`], [`migration::rollup::Calendar`]).
     pub grain: i64,
     pub first: i64,
     pub end: i64,
+    pub subtract: bool,
+}
+
+impl Run {
+    fn new(grain: i64, first: i64, end: i64) -> Self {
+        Self {
+            grain,
+            first,
+            end,
+            subtract: false,
+        }
+    }
 }
 
 /// The 15-minute slots `[first, end)`.
@@ -274,6 +288,33 @@ fn user_cells(
     let mut gaps: Vec<Slots> = Vec::new();
     let mut p = a;
     while p < b {
+        // Sums without buckets, over a month the range covers in part: the month's cell less
+        // the month's days outside the range, when that is fewer cells than the days inside (a
+        // rolling 30 days: one month cell and the few days after today, which have no cells
+        // yet, instead of up to 30 day cells per user). Exact: a fold adds a row to its day
+        // and its month cell in one transaction, so the two differ by nothing outside.
+        if series.is_none()
+            && calendars.contains(&Calendar::Month)
+            && let Some((m0, m1)) = calendar_cell(Calendar::Month, p)
+            && (m0 < p || m1 > b)
+        {
+            let inside_end = m1.min(b);
+            let inside = (inside_end - p) / DAY;
+            let outside = (p - m0 + m1 - inside_end) / DAY;
+            if 1 + outside < inside {
+                runs.push(Run::new(Calendar::Month.code(), m0, m1));
+                for (first, end) in [(m0, p), (inside_end, m1)] {
+                    if first < end {
+                        runs.push(Run {
+                            subtract: true,
+                            ..Run::new(DAY, first, end)
+                        });
+                    }
+                }
+                p = inside_end;
+                continue;
+            }
+        }
         let calendar = calendars.iter().rev().find_map(|c| {
             let (first, next) = calendar_cell(*c, p)?;
             (first == p && next <= b && fits(p, next)).then_some((c.code(), next))
@@ -294,12 +335,8 @@ fn user_cells(
             }
         };
         match runs.last_mut() {
-            Some(run) if run.grain == code && run.end == p => run.end = next,
-            _ => runs.push(Run {
-                grain: code,
-                first: p,
-                end: next,
-            }),
+            Some(run) if run.grain == code && run.end == p && !run.subtract => run.end = next,
+            _ => runs.push(Run::new(code, p, next)),
         }
         p = next;
     }
@@ -343,11 +380,7 @@ fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<Run>> 
             .find(|g| p.rem_euclid(g.len) == g.phase && p + g.len <= b && fits(p, g.len))?;
         match runs.last_mut() {
             Some(run) if run.grain == g.code && run.end == p => run.end = p + g.len,
-            _ => runs.push(Run {
-                grain: g.code,
-                first: p,
-                end: p + g.len,
-            }),
+            _ => runs.push(Run::new(g.code, p, p + g.len)),
         }
         p += g.len;
     }
@@ -432,9 +465,16 @@ pub fn statement_with(
         ),
         _ => String::new(),
     };
+    // Runs that subtract carry a sign (-1) that multiplies their cells; without one the
+    // statement stays as it was (no sign column).
+    let signed = ranges.iter().any(|r| r.subtract);
     let mut values: Vec<String> = ranges
         .iter()
-        .map(|r| format!("({}, {}, {})", r.grain, r.first, r.end))
+        .map(|r| match (signed, r.subtract) {
+            (false, _) => format!("({}, {}, {})", r.grain, r.first, r.end),
+            (true, false) => format!("({}, {}, {}, 1)", r.grain, r.first, r.end),
+            (true, true) => format!("({}, {}, {}, -1)", r.grain, r.first, r.end),
+        })
         .collect();
     if values.is_empty() {
         // No whole cell (a user's series whose days all straddle buckets): an empty run.
@@ -484,10 +524,15 @@ pub fn statement_with(
     let one_row_per_group = by == GroupBy::Slot && level == Level::Total;
     let aggregate = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
     let sum = |expr: &str| {
+        let expr = if signed {
+            format!("v.s * ({expr})")
+        } else {
+            expr.to_owned()
+        };
         if one_row_per_group {
             format!("CAST({expr} AS BIGINT)")
         } else {
-            aggregate(expr)
+            aggregate(&expr)
         }
     };
     use super::stats::col;
@@ -582,8 +627,9 @@ pub fn statement_with(
     pending.extend(only_users);
     narrow(&mut pending);
     let sql = format!(
-        "WITH v (g, lo, hi) AS (VALUES {values}) {cells} UNION ALL \
+        "WITH v ({v_columns}) AS (VALUES {values}) {cells} UNION ALL \
          SELECT {key}, {columns} FROM {DELTA_TABLE} r WHERE {pending}{group}",
+        v_columns = if signed { "g, lo, hi, s" } else { "g, lo, hi" },
         values = values.join(", "),
         columns = columns(&aggregate, "r.successful_calls"),
         pending = pending.join(" AND "),

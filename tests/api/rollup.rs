@@ -582,10 +582,36 @@ db_test!(
             vec![rollup::Run {
                 grain: 2976,
                 first: month(2025, 3).timestamp() / 900,
-                end: month(2025, 6).timestamp() / 900
+                end: month(2025, 6).timestamp() / 900,
+                subtract: false,
             }]
         );
         assert!(plan.edges.is_empty());
+        // A rolling 30 days that ends inside a month: the month's cell less its days after the
+        // range (one month cell and a few days instead of 24 days per user), for by_user and
+        // the listing's total; exact all the same, with and without a user.
+        for user_id in [None, Some(heavy), Some(light)] {
+            let rolling = UsageFilter {
+                start: Some(
+                    month(2025, 4) - chrono::Duration::days(5) + chrono::Duration::hours(7),
+                ),
+                end: Some(month(2025, 4) + chrono::Duration::days(24) + chrono::Duration::hours(3)),
+                user_id,
+                ..Default::default()
+            };
+            let plan = rollup::plan(db, &rolling, None, true)
+                .await
+                .unwrap()
+                .unwrap();
+            let subtracted: Vec<_> = plan.coarse.iter().filter(|r| r.subtract).collect();
+            assert_eq!(subtracted.len(), 1, "{plan:?}");
+            assert_eq!(
+                subtracted[0].first,
+                (month(2025, 4) + chrono::Duration::days(24)).timestamp() / 900
+            );
+            assert_eq!(subtracted[0].end, month(2025, 5).timestamp() / 900);
+            assert_same(db, &rolling, Tz::UTC, true).await;
+        }
         let mut answered = 0;
         for (i, (start, end)) in ranges.into_iter().enumerate() {
             for user_id in [None, Some(heavy), Some(light)] {
