@@ -103,13 +103,8 @@ pub fn statements() -> Vec<(&'static str, String)> {
 
 /// SQLite's page cache for the conversion, in KiB: the new ids land at random places in the
 /// primary-key index, which thrashes a small cache (1M rows: 25 s with the default 2 MiB,
-/// 12 s with this). Only the conversion's own connection, put back afterwards.
+/// 12 s with this). Only the conversion's own connection, closed afterwards.
 const CONVERSION_CACHE_KIB: i64 = 131_072;
-
-/// The `(first, last)` rowid of `table`, `None` when it is empty.
-fn rowid_range_sql(table: &str) -> String {
-    format!("SELECT MIN(rowid), MAX(rowid) FROM {table}")
-}
 
 /// `(lo, hi)` of each batch between `first` and `last`.
 fn batches(first: i64, last: i64) -> impl Iterator<Item = (i64, i64)> {
@@ -123,98 +118,60 @@ fn batches(first: i64, last: i64) -> impl Iterator<Item = (i64, i64)> {
     })
 }
 
+/// Every table's batches on `conn`, each statement committed on its own outside a transaction.
+/// Rowid ranges, not "the next rows still to convert": each batch reads only its own rows (the
+/// latter rescans every converted row: quadratic, 1M rows in 2 min).
+async fn convert(conn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    for (table, sql) in statements() {
+        let range = conn
+            .query_one_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                format!("SELECT MIN(rowid), MAX(rowid) FROM {table}"),
+            ))
+            .await?;
+        let Some(range) = range else { continue };
+        if let (Some(first), Some(last)) = (
+            range.try_get_by_index::<Option<i64>>(0)?,
+            range.try_get_by_index::<Option<i64>>(1)?,
+        ) {
+            for (lo, hi) in batches(first, last) {
+                conn.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Sqlite,
+                    &sql,
+                    [lo.into(), hi.into()],
+                ))
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        use sea_orm_migration::sea_orm::DatabaseExecutor;
-        use sea_orm_migration::sea_orm::sqlx::{self, Row};
+        use sea_orm_migration::sea_orm::sqlx::sqlite::SqlitePoolOptions;
+        use sea_orm_migration::sea_orm::{DatabaseExecutor, SqlxSqliteConnector};
         if manager.get_database_backend() != DbBackend::Sqlite {
             return Ok(());
         }
-        // Rowid ranges, not "the next rows still to convert": each batch reads only its own
-        // rows (the latter rescans every converted row: quadratic, 1M rows in 2 min).
         let DatabaseExecutor::Connection(db) = manager.get_connection() else {
             // Inside a caller's transaction: its connection, as it is.
-            let conn = manager.get_connection();
-            for (table, sql) in statements() {
-                let range = conn
-                    .query_one_raw(Statement::from_string(
-                        DbBackend::Sqlite,
-                        rowid_range_sql(table),
-                    ))
-                    .await?;
-                let Some(range) = range else { continue };
-                if let (Some(first), Some(last)) = (
-                    range.try_get_by_index::<Option<i64>>(0)?,
-                    range.try_get_by_index::<Option<i64>>(1)?,
-                ) {
-                    for (lo, hi) in batches(first, last) {
-                        conn.execute_raw(Statement::from_sql_and_values(
-                            DbBackend::Sqlite,
-                            &sql,
-                            [lo.into(), hi.into()],
-                        ))
-                        .await?;
-                    }
-                }
-            }
-            return Ok(());
+            return convert(manager.get_connection()).await;
         };
-        let err = |e: sqlx::Error| DbErr::Custom(format!("converting to Django's formats: {e}"));
-        // One connection for the whole conversion (its cache setting), each batch committed
-        // on its own.
-        let mut c = db
-            .get_sqlite_connection_pool()
-            .acquire()
+        // A connection of its own (the pool's options: WAL, busy timeout), for its cache.
+        let options = db.get_sqlite_connection_pool().connect_options();
+        let own = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with((*options).clone())
             .await
-            .map_err(err)?;
-        let cache: i64 = sqlx::query("PRAGMA cache_size")
-            .fetch_one(&mut *c)
-            .await
-            .map_err(err)?
-            .try_get(0)
-            .map_err(err)?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "PRAGMA cache_size = -{CONVERSION_CACHE_KIB}"
-        )))
-        .execute(&mut *c)
-        .await
-        .map_err(err)?;
-        let mut converted = Ok(());
-        'tables: for (table, sql) in statements() {
-            let range = match sqlx::query(sqlx::AssertSqlSafe(rowid_range_sql(table)))
-                .fetch_one(&mut *c)
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    converted = Err(err(e));
-                    break;
-                }
-            };
-            let (Ok(Some(first)), Ok(Some(last))) = (
-                range.try_get::<Option<i64>, _>(0),
-                range.try_get::<Option<i64>, _>(1),
-            ) else {
-                continue;
-            };
-            for (lo, hi) in batches(first, last) {
-                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                    .bind(lo)
-                    .bind(hi)
-                    .execute(&mut *c)
-                    .await
-                {
-                    converted = Err(err(e));
-                    break 'tables;
-                }
-            }
-        }
-        let restored = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA cache_size = {cache}")))
-            .execute(&mut *c)
-            .await
-            .map_err(err);
-        converted.and(restored.map(|_| ()))
+            .map_err(|e| DbErr::Custom(format!("converting to Django's formats: {e}")))?;
+        let own = SqlxSqliteConnector::from_sqlx_sqlite_pool(own);
+        own.execute_unprepared(&format!("PRAGMA cache_size = -{CONVERSION_CACHE_KIB}"))
+            .await?;
+        let converted = convert(&own).await;
+        own.close().await?;
+        converted
     }
 
     async fn down(&self, _manager: &SchemaManager) -> Result<(), DbErr> {
