@@ -63,19 +63,6 @@ impl TokenSums {
             .map(|(_, alias)| *alias)
             .unwrap_or_default()
     }
-
-    /// The sum's value.
-    pub fn get(&self, sum: Sum) -> i64 {
-        match sum {
-            Sum::Calls => self.total_calls,
-            Sum::Prompt => self.total_prompt_tokens,
-            Sum::Completion => self.total_completion_tokens,
-            Sum::Total => self.total_tokens,
-            Sum::Cached => self.total_cached_tokens,
-            Sum::Reasoning => self.total_reasoning_tokens,
-            Sum::CostMicros => self.cost_micros,
-        }
-    }
 }
 
 impl AddAssign for TokenSums {
@@ -96,6 +83,19 @@ mod tests {
 
     use super::*;
 
+    /// The sum's value.
+    fn get(sums: &TokenSums, sum: Sum) -> i64 {
+        match sum {
+            Sum::Calls => sums.total_calls,
+            Sum::Prompt => sums.total_prompt_tokens,
+            Sum::Completion => sums.total_completion_tokens,
+            Sum::Total => sums.total_tokens,
+            Sum::Cached => sums.total_cached_tokens,
+            Sum::Reasoning => sums.total_reasoning_tokens,
+            Sum::CostMicros => sums.cost_micros,
+        }
+    }
+
     /// Every alias `select` writes is read back into its own field: a select list written
     /// with a distinct number per sum comes back as those numbers, field by field.
     #[tokio::test]
@@ -115,12 +115,12 @@ mod tests {
             .unwrap();
         let sums = TokenSums::from_query_result(&row, "").unwrap();
         for (sum, _) in TokenSums::COLUMNS {
-            assert_eq!(sums.get(sum), value(sum), "{sum:?}");
+            assert_eq!(get(&sums, sum), value(sum), "{sum:?}");
         }
         let mut twice = sums;
         twice += sums;
         for (sum, _) in TokenSums::COLUMNS {
-            assert_eq!(twice.get(sum), 2 * value(sum), "{sum:?}");
+            assert_eq!(get(&twice, sum), 2 * value(sum), "{sum:?}");
         }
     }
 }

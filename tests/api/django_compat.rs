@@ -94,7 +94,7 @@ async fn rows_as_json(t: &TestDb, table: &str, cols: &[&String]) -> String {
     row.try_get_by_index(0).unwrap()
 }
 
-async fn exec(t: &TestDb, sql: &str) {
+pub(crate) async fn exec(t: &TestDb, sql: &str) {
     t.db.execute_unprepared(sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));

@@ -9,10 +9,10 @@ use llm_tracker::http::configure;
 use llm_tracker::users::{NewUser, create_user};
 use migration::{Migrator, MigratorTrait};
 use regex::Regex;
-use sea_orm::ConnectionTrait;
 use serde_json::Value;
 
 use crate::admin_api::{staff_token, state};
+use crate::django_compat::exec;
 use crate::helpers::{Backend, TestDb, fixture};
 use crate::rollup::assert_verified;
 use crate::usage_read::{at, insert, row};
@@ -21,12 +21,6 @@ use crate::usage_read::{at, insert, row};
 const DJANGO_DATETIME: &str = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{6})?$";
 /// Django's SQLite text of a `UUIDField`.
 const DJANGO_UUID: &str = r"^[0-9a-f]{32}$";
-
-async fn exec(t: &TestDb, sql: &str) {
-    t.db.execute_unprepared(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
 
 /// Django's tables and rows, in Django's formats: user 1 (`admin`, staff; the JWT fixture's
 /// user), user 2 (`alice`), and three usage rows.
