@@ -394,7 +394,7 @@ impl Settings {
                 "a whole number of MiB from 1 to 65536",
                 |v| *v >= 1 && *v <= 65_536,
             )?
-            .unwrap_or(crate::db::DEFAULT_SQLITE_CACHE_MIB);
+            .unwrap_or(DEFAULT_SQLITE_CACHE_MIB);
         let cors_allowed_origins = parse_origins(src.get("CORS_ALLOWED_ORIGINS"))?;
         let log_format = match src.get("LOG_FORMAT").map(str::to_ascii_lowercase) {
             None => LogFormat::Text,
@@ -425,7 +425,7 @@ impl Settings {
             usage_spool_path: src
                 .get("USAGE_SPOOL_PATH")
                 .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| crate::tracker::default_spool_path(database_url.expose())),
+                .unwrap_or_else(|| default_spool_path(database_url.expose())),
             usage_write_mode: match src.get("USAGE_WRITE_MODE").map(str::to_ascii_lowercase) {
                 None => WriteMode::Committed,
                 Some(m) if m == "committed" => WriteMode::Committed,
@@ -492,6 +492,23 @@ fn parse_origins(raw: Option<&str>) -> Result<Vec<String>, ConfigError> {
         })
         .collect()
 }
+
+/// The default spool: next to a SQLite database file, else in the working directory.
+pub fn default_spool_path(database_url: &str) -> std::path::PathBuf {
+    let sqlite_file = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or(rest))
+        .filter(|p| !p.is_empty() && !p.contains(":memory:"));
+    match sqlite_file {
+        Some(file) => std::path::PathBuf::from(format!("{file}.usage-spool.jsonl")),
+        None => std::path::PathBuf::from("llm_tracker_usage.spool.jsonl"),
+    }
+}
+
+/// The SQLite page cache of a pool, all connections together, unless `SQLITE_CACHE_MIB` says
+/// otherwise.
+pub const DEFAULT_SQLITE_CACHE_MIB: u32 = 16;
 
 #[cfg(test)]
 mod tests {
@@ -603,5 +620,25 @@ mod tests {
         let s = Settings::from_map(&map(&[])).unwrap();
         let err = s.require_jwt_secret().unwrap_err();
         assert!(err.to_string().starts_with("JWT_SECRET is required"));
+    }
+
+    #[test]
+    fn spool_defaults_sit_next_to_the_sqlite_file() {
+        assert_eq!(
+            default_spool_path("sqlite://llm_tracker.db?mode=rwc"),
+            std::path::PathBuf::from("llm_tracker.db.usage-spool.jsonl")
+        );
+        assert_eq!(
+            default_spool_path("sqlite:///var/lib/x.db"),
+            std::path::PathBuf::from("/var/lib/x.db.usage-spool.jsonl")
+        );
+        assert_eq!(
+            default_spool_path("sqlite::memory:"),
+            std::path::PathBuf::from("llm_tracker_usage.spool.jsonl")
+        );
+        assert_eq!(
+            default_spool_path("postgres://h/db"),
+            std::path::PathBuf::from("llm_tracker_usage.spool.jsonl")
+        );
     }
 }

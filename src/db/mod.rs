@@ -8,16 +8,16 @@ pub use dialect::Dialect;
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr, TransactionTrait,
+};
 
 use crate::config::DatabaseUrl;
 
 /// How long a SQLite writer waits for a lock before giving up.
 pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The SQLite page cache of a pool, all connections together, unless `SQLITE_CACHE_MIB` says
-/// otherwise.
-pub const DEFAULT_SQLITE_CACHE_MIB: u32 = 16;
+pub use crate::config::DEFAULT_SQLITE_CACHE_MIB;
 
 /// Connections in a SQLite pool.
 const SQLITE_CONNECTIONS: u32 = 4;
@@ -99,4 +99,15 @@ pub async fn is_ready(db: &DatabaseConnection) -> bool {
         tokio::time::timeout(Duration::from_secs(2), probe).await,
         Ok(Ok(_))
     )
+}
+
+/// A read-only transaction: every statement of one request sees the same snapshot (on
+/// PostgreSQL `REPEATABLE READ`), so the rollup and the raw edge rows agree.
+pub(crate) async fn read_txn(
+    db: &DatabaseConnection,
+) -> Result<sea_orm::DatabaseTransaction, DbErr> {
+    match Dialect::of(db.get_database_backend()).read_snapshot() {
+        Some((isolation, access)) => db.begin_with_config(Some(isolation), Some(access)).await,
+        None => db.begin().await,
+    }
 }

@@ -7,6 +7,9 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::Serialize;
 
+/// The response header carrying the request id (every answer has one, errors included).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -175,10 +178,7 @@ fn dispatcher_error_body(res: &mut actix_http::Response<()>) -> actix_http::body
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Ok(value) = HeaderValue::from_str(&request_id) {
-        headers.insert(
-            HeaderName::from_static(crate::http::middleware::REQUEST_ID_HEADER),
-            value,
-        );
+        headers.insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
     }
     let body = ErrorBody {
         detail: detail.to_owned(),

@@ -8,8 +8,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 
-/// The response header carrying the request id.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub use super::error::REQUEST_ID_HEADER;
 
 /// Logs the request once it is answered and stamps the response with its id.
 pub async fn log_requests(

@@ -1,6 +1,7 @@
 //! Streaming replies: provider-neutral events, a server-sent-events reader over a reqwest
-//! response, and the per-provider chunk parsers (OpenAI/Azure chat-completion chunks, Gemini
-//! `streamGenerateContent?alt=sse` responses).
+//! response and the chunk reading every provider shares. Each provider parses its own chunks
+//! (`openai::openai_events` for OpenAI and Azure, `gemini::gemini_events`) and hands its parser
+//! to [`events`]; this module knows none of them.
 
 use std::collections::VecDeque;
 use std::pin::Pin;

@@ -4,7 +4,6 @@
 pub mod store;
 pub mod stream;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -12,6 +11,7 @@ use sea_orm::{DatabaseConnection, DbErr};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+pub use crate::config::default_spool_path;
 use crate::config::{ConfigError, Settings};
 use crate::db::entities::usage;
 use crate::pricing::{PriceTable, Tokens};
@@ -441,19 +441,6 @@ pub fn store_options(settings: &Settings) -> StoreOptions {
 /// without it.
 pub const STARTUP_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The default spool: next to a SQLite database file, else in the working directory.
-pub fn default_spool_path(database_url: &str) -> PathBuf {
-    let sqlite_file = database_url
-        .strip_prefix("sqlite://")
-        .or_else(|| database_url.strip_prefix("sqlite:"))
-        .map(|rest| rest.split('?').next().unwrap_or(rest))
-        .filter(|p| !p.is_empty() && !p.contains(":memory:"));
-    match sqlite_file {
-        Some(file) => PathBuf::from(format!("{file}.usage-spool.jsonl")),
-        None => PathBuf::from("llm_tracker_usage.spool.jsonl"),
-    }
-}
-
 pub(crate) fn now_micros() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
@@ -464,29 +451,4 @@ fn to_i32(n: u32) -> i32 {
 
 fn truncate(s: &str, max_chars: usize) -> String {
     s.chars().take(max_chars).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spool_defaults_sit_next_to_the_sqlite_file() {
-        assert_eq!(
-            default_spool_path("sqlite://llm_tracker.db?mode=rwc"),
-            PathBuf::from("llm_tracker.db.usage-spool.jsonl")
-        );
-        assert_eq!(
-            default_spool_path("sqlite:///var/lib/x.db"),
-            PathBuf::from("/var/lib/x.db.usage-spool.jsonl")
-        );
-        assert_eq!(
-            default_spool_path("sqlite::memory:"),
-            PathBuf::from("llm_tracker_usage.spool.jsonl")
-        );
-        assert_eq!(
-            default_spool_path("postgres://h/db"),
-            PathBuf::from("llm_tracker_usage.spool.jsonl")
-        );
-    }
 }

@@ -7,7 +7,40 @@ use chrono::{DateTime, Datelike, Duration, NaiveDate, Timelike, Utc};
 use chrono_tz::Tz;
 
 use super::filters::day_start;
-use super::stats::Granularity;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::db::dialect::Trunc;
+
+/// Series granularity: `day` → hourly buckets, `month` → daily, `year` → monthly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    Day,
+    Month,
+    Year,
+}
+
+impl Granularity {
+    /// Case-insensitive, trimmed; `None` for anything else.
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "day" => Some(Self::Day),
+            "month" => Some(Self::Month),
+            "year" => Some(Self::Year),
+            _ => None,
+        }
+    }
+
+    /// The UTC unit of the series' buckets (hourly, daily, monthly).
+    pub(crate) fn trunc(self) -> Trunc {
+        match self {
+            Self::Day => Trunc::Hour,
+            Self::Month => Trunc::Day,
+            Self::Year => Trunc::Month,
+        }
+    }
+}
 
 /// At most this many buckets in a zero-filled series.
 pub const MAX_BUCKETS: usize = 10_000;

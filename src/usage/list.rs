@@ -248,7 +248,7 @@ pub async fn keyset_batch(
 /// How many rows match (the listing's `total`): whole slots from the rollup's call counts,
 /// the partial slots at the edges counted in the rows (see [`super::rollup`]).
 async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result<u64, DbErr> {
-    let txn = super::stats::read_txn(db).await?;
+    let txn = crate::db::read_txn(db).await?;
     let plan = super::rollup::plan(&txn, filter, None, false).await?;
     let mut total = 0u64;
     let raw: Vec<&UsageFilter> = match &plan {

@@ -18,9 +18,9 @@ use migration::rollup::{
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
 use super::UsageFilter;
+use super::buckets::Granularity;
 use super::buckets::bucket_start;
 use super::filters::escape_like;
-use super::stats::Granularity;
 use super::sums::{Sum, TokenSums};
 
 const SLOT_MICROS: i64 = SLOT_SECONDS * 1_000_000;
@@ -535,7 +535,7 @@ pub fn statement_with(
             aggregate(&expr)
         }
     };
-    use super::stats::col;
+    use super::sums::col;
     let (key, group) = match by {
         GroupBy::Model => (
             format!(
@@ -724,7 +724,7 @@ pub async fn verify(
             )
         })
         .unwrap_or_default();
-    let txn = super::stats::read_txn(db).await?;
+    let txn = crate::db::read_txn(db).await?;
     let mut report = VerifyReport {
         slots,
         expected_cells: 0,

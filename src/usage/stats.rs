@@ -7,17 +7,20 @@ use chrono_tz::Tz;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, QueryFilter, QuerySelect, QueryTrait, Select, TransactionTrait,
+    FromQueryResult, QueryFilter, QuerySelect, QueryTrait, Select,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::UsageFilter;
+pub use super::buckets::Granularity;
 use super::buckets::{bucket_of, bucket_start, buckets_between};
 use super::rollup;
+use super::sums::col;
 use super::sums::{Sum, TokenSums};
-use crate::db::dialect::{Dialect, Trunc};
+use crate::db::dialect::Dialect;
 use crate::db::entities::usage;
+use crate::db::read_txn;
 use crate::pricing::{CURRENCY, Usd};
 
 /// Sums over the matching rows; zeros when nothing matches.
@@ -135,36 +138,6 @@ impl SeriesItem {
     }
 }
 
-/// Series granularity: `day` → hourly buckets, `month` → daily, `year` → monthly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Granularity {
-    Day,
-    Month,
-    Year,
-}
-
-impl Granularity {
-    /// Case-insensitive, trimmed; `None` for anything else.
-    pub fn parse(raw: &str) -> Option<Self> {
-        match raw.trim().to_ascii_lowercase().as_str() {
-            "day" => Some(Self::Day),
-            "month" => Some(Self::Month),
-            "year" => Some(Self::Year),
-            _ => None,
-        }
-    }
-
-    /// The UTC unit of the series' buckets (hourly, daily, monthly).
-    fn trunc(self) -> Trunc {
-        match self {
-            Self::Day => Trunc::Hour,
-            Self::Month => Trunc::Day,
-            Self::Year => Trunc::Month,
-        }
-    }
-}
-
 /// The 15-minute UTC slot of each row (`epoch seconds / 900`), as text: every real time-zone
 /// offset is a whole number of slots, so local buckets are unions of slots. The rollup's own
 /// expression, so raw rows and rollup cells fall in the same slots.
@@ -244,19 +217,6 @@ pub struct TokenStatsData {
     pub by_model: Vec<ModelStats>,
     /// `Some` when a granularity was asked for.
     pub series: Option<Vec<SeriesItem>>,
-}
-
-/// The column aliases of a [`Group`] (besides its [`TokenSums`]) and of a user key: the names
-/// of the fields that read them, written once for the raw aggregate and the rollup statements
-/// (the unit test `a_group_reads_back_the_columns_named_here` reads a group from them).
-pub(crate) mod col {
-    pub const MODEL: &str = "model";
-    pub const BUCKET: &str = "bucket";
-    pub const SUCCESSFUL: &str = "successful_calls";
-    pub const UNPRICED: &str = "unpriced_calls";
-    pub const LATENCY_US: &str = "latency_us";
-    pub const LATENCY_N: &str = "latency_n";
-    pub const USER_KEY: &str = "user_key";
 }
 
 /// One `(model, bucket)` group of the single aggregate query behind [`token_stats`].
@@ -379,15 +339,6 @@ pub async fn token_stats(
     granularity: Option<Granularity>,
 ) -> Result<TokenStatsData, DbErr> {
     token_stats_in(db, filter, granularity, SeriesOptions::default()).await
-}
-
-/// A read-only transaction: every statement of one request sees the same snapshot (on
-/// PostgreSQL `REPEATABLE READ`), so the rollup and the raw edge rows agree.
-pub(crate) async fn read_txn(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
-    match Dialect::of(db.get_database_backend()).read_snapshot() {
-        Some((isolation, access)) => db.begin_with_config(Some(isolation), Some(access)).await,
-        None => db.begin().await,
-    }
 }
 
 /// The raw groups of `filter` (the single aggregate over the rows, under its planner

@@ -7,6 +7,19 @@ use std::ops::AddAssign;
 
 use sea_orm::FromQueryResult;
 
+/// The column aliases of a [`Group`](super::stats::Group) (besides its [`TokenSums`]) and of a user key: the names
+/// of the fields that read them, written once for the raw aggregate and the rollup statements
+/// (the unit test `a_group_reads_back_the_columns_named_here` reads a group from them).
+pub(crate) mod col {
+    pub const MODEL: &str = "model";
+    pub const BUCKET: &str = "bucket";
+    pub const SUCCESSFUL: &str = "successful_calls";
+    pub const UNPRICED: &str = "unpriced_calls";
+    pub const LATENCY_US: &str = "latency_us";
+    pub const LATENCY_N: &str = "latency_n";
+    pub const USER_KEY: &str = "user_key";
+}
+
 /// One of the sums, as the SQL that computes it needs to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sum {

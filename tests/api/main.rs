@@ -11,6 +11,7 @@ mod credentials;
 mod django_compat;
 mod health;
 mod http_shell;
+mod layout;
 mod migrations;
 mod openapi;
 mod resilience;
