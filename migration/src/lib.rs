@@ -18,6 +18,7 @@ mod m20261126_000009_analyze_usage_tables;
 mod m20261126_000010_create_admin_session;
 pub mod m20261126_000011_rollup_per_user_days;
 mod m20261127_000012_sqlite_django_formats;
+mod m20261128_000013_rollup_read_indexes;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -52,6 +53,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000010_create_admin_session::Migration),
             Box::new(m20261126_000011_rollup_per_user_days::Migration),
             Box::new(m20261127_000012_sqlite_django_formats::Migration),
+            Box::new(m20261128_000013_rollup_read_indexes::Migration),
         ]
     }
 }

@@ -68,6 +68,18 @@ pub async fn list_usage_statements<C: ConnectionTrait>(
     Ok(out)
 }
 
+/// The statement that ranks every user for `include=by_user` (no user filter), when the rollup
+/// answers `filter`.
+pub async fn by_user_rank_statement<C: ConnectionTrait>(
+    db: &C,
+    filter: &UsageFilter,
+) -> Result<Option<Statement>, DbErr> {
+    let backend = db.get_database_backend();
+    Ok(rollup::plan(db, filter, None, true)
+        .await?
+        .map(|plan| super::stats::rank_statement(backend, &plan, filter)))
+}
+
 /// Planner settings the token-stats statements run under (in their read transaction), if
 /// any: run them before explaining its statements to see the plans that are served.
 pub fn token_stats_settings(backend: DbBackend) -> Option<String> {

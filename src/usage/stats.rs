@@ -7,7 +7,7 @@ use chrono_tz::Tz;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
-    FromQueryResult, QueryFilter, QuerySelect, QueryTrait, Select,
+    FromQueryResult, QueryFilter, QuerySelect, QueryTrait, Select, Statement,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -634,14 +634,7 @@ pub async fn stats_by_user(
             let chosen = match filter.user_id {
                 Some(_) => None,
                 None => {
-                    let stmt = rollup::statement_with(
-                        backend,
-                        &plan,
-                        filter,
-                        rollup::GroupBy::User,
-                        rollup::Sums::Rank,
-                        None,
-                    );
+                    let stmt = rank_statement(backend, &plan, filter);
                     let mut rank: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
                     for r in RankRow::find_by_statement(stmt).all(&txn).await? {
                         let e = rank.entry(r.user_key).or_default();
@@ -689,6 +682,24 @@ pub async fn stats_by_user(
     let users = finish_by_user(&txn, groups, limit).await?;
     txn.commit().await?;
     Ok(users)
+}
+
+/// The ranking statement of [`stats_by_user`] without a user filter: every user's calls and
+/// tokens over the plan's cells and pending contributions (on PostgreSQL an index-only scan of
+/// the totals table's `(grain, slot, user_key) INCLUDE (calls, total_tokens)` index).
+pub(crate) fn rank_statement(
+    backend: DbBackend,
+    plan: &rollup::Plan,
+    filter: &UsageFilter,
+) -> Statement {
+    rollup::statement_with(
+        backend,
+        plan,
+        filter,
+        rollup::GroupBy::User,
+        rollup::Sums::Rank,
+        None,
+    )
 }
 
 /// [`stats_by_user`] from the raw rows only.

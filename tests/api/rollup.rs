@@ -10,6 +10,7 @@ use llm_tracker::db::entities::{auth_user, usage};
 use llm_tracker::usage::UsageFilter;
 use llm_tracker::usage::buckets::buckets_between;
 use llm_tracker::usage::list::{count_matching_raw, list_usage};
+use llm_tracker::usage::plans;
 use llm_tracker::usage::rollup;
 use llm_tracker::usage::stats::{
     Granularity, SeriesOptions, stats_by_user, stats_by_user_raw, token_stats_in, token_stats_raw,
@@ -21,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, QueryFilter,
+    TransactionTrait,
 };
 
 use crate::cli::{cmd, stderr, stdout};
@@ -639,7 +641,7 @@ db_test!(
         // Migration 000011 over the old layout (a user's cells at every grain, no months or
         // years): down drops the calendar cells; old per-user hour cells put back by hand go
         // again on the way up, and the months and years come back from the days.
-        migration::Migrator::down(db, Some(2)).await.unwrap();
+        migration::Migrator::down(db, Some(3)).await.unwrap();
         assert_eq!(
             t.scalar_i64(
                 "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (2976, 35040)"
@@ -710,12 +712,12 @@ db_test!(
         // the slot cells.
         let phased = "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (5, 6)";
         assert!(t.scalar_i64(phased).await > 0);
-        migration::Migrator::down(db, Some(6)).await.unwrap();
+        migration::Migrator::down(db, Some(7)).await.unwrap();
         assert_eq!(t.scalar_i64(phased).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert_verified(db).await;
         // Down to 000005 folds what is pending and puts the direct triggers back.
-        migration::Migrator::down(db, Some(7)).await.unwrap();
+        migration::Migrator::down(db, Some(8)).await.unwrap();
         assert!(
             !t.tables()
                 .await
@@ -743,7 +745,7 @@ db_test!(
             }
         }
         // Down removes the tables and their triggers; rows can still be written.
-        migration::Migrator::down(db, Some(8)).await.unwrap();
+        migration::Migrator::down(db, Some(9)).await.unwrap();
         insert(db, &random_rows(&mut rng, &ids, base, 1, 3, 20_000)).await;
         let tables = t.tables().await;
         assert!(!tables.contains(&"llm_tracker_usage_rollup".to_owned()));
@@ -964,5 +966,94 @@ db_test!(
         store.shutdown().await;
         assert_eq!(pending(&t).await, 3);
         assert_verified(&t.db).await;
+    }
+);
+
+db_test!(
+    async fn the_by_user_ranking_reads_the_rank_index_and_the_delta_by_slot(backend: Backend) {
+        // Migration 000013: on PostgreSQL the ranking of `include=by_user` is an index-only
+        // scan of (grain, slot, user_key) INCLUDE (calls, total_tokens), and the pending
+        // contributions are found through the delta's slot index (not a scan of its pages);
+        // SQLite keeps 000011's index.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["k1", "k2", "k3", "k4", "k5", "k6"]).await;
+        let mut rng = StdRng::seed_from_u64(13);
+        let base = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        insert(db, &random_rows(&mut rng, &ids, base, 60, 3000, 1)).await;
+        fold(&t).await;
+        let pg = db.get_database_backend() == DbBackend::Postgres;
+        if pg {
+            // What autovacuum does after folds: the visibility map lets the scan skip the heap.
+            for table in [
+                "llm_tracker_usage_rollup_total",
+                "llm_tracker_usage_rollup_delta",
+            ] {
+                db.execute_unprepared(&format!("VACUUM ANALYZE {table}"))
+                    .await
+                    .unwrap();
+            }
+        }
+        // A calendar month: the month cell of every user.
+        let filter = UsageFilter {
+            start: Some(Utc.with_ymd_and_hms(2026, 4, 1, 0, 0, 0).unwrap()),
+            end: Some(Utc.with_ymd_and_hms(2026, 4, 30, 23, 59, 59).unwrap()),
+            ..Default::default()
+        };
+        let plan_text = |db: DatabaseConnection| {
+            let filter = filter.clone();
+            async move {
+                let stmt = plans::by_user_rank_statement(&db, &filter)
+                    .await
+                    .unwrap()
+                    .expect("the rollup answers a calendar month");
+                let txn = db.begin().await.unwrap();
+                if let Some(settings) = plans::token_stats_settings(db.get_database_backend()) {
+                    txn.execute_unprepared(&settings).await.unwrap();
+                }
+                let rows = txn
+                    .query_all_raw(plans::explain(db.get_database_backend(), &stmt))
+                    .await
+                    .unwrap();
+                let text: Vec<String> = rows
+                    .iter()
+                    .map(|r| {
+                        r.try_get_by_index::<String>(if pg { 0 } else { 3 })
+                            .unwrap()
+                    })
+                    .collect();
+                txn.rollback().await.unwrap();
+                text.join("\n")
+            }
+        };
+        let plan = plan_text(db.clone()).await;
+        if pg {
+            assert!(
+                plan.contains("Index Only Scan using llm_tracker_usage_rollup_total_rank_idx")
+                    && plan.contains("llm_tracker_usage_rollup_delta_slot_idx"),
+                "{plan}"
+            );
+            // 000013 down puts 000011's index back, up again the covering one.
+            migration::Migrator::down(db, Some(1)).await.unwrap();
+            let before = plan_text(db.clone()).await;
+            assert!(
+                before.contains("llm_tracker_usage_rollup_total_slot_idx")
+                    && !before.contains("Index Only Scan")
+                    && before.contains("Seq Scan on llm_tracker_usage_rollup_delta"),
+                "{before}"
+            );
+            migration::Migrator::up(db, None).await.unwrap();
+            assert_eq!(plan_text(db.clone()).await, plan);
+        } else {
+            assert!(
+                plan.contains("llm_tracker_usage_rollup_total_slot_idx"),
+                "{plan}"
+            );
+        }
+        // And the ranking still ranks right: by_user equals the rows.
+        assert_eq!(
+            stats_by_user(db, &filter, 3).await.unwrap(),
+            stats_by_user_raw(db, &filter, 3).await.unwrap()
+        );
     }
 );
