@@ -6,7 +6,8 @@
 //! `BENCH_DATABASE_URL=postgres://user@127.0.0.1:5432/postgres`, `BENCH_BACKENDS=sqlite,postgres`,
 //! and `BENCH_ROLLUP=off` to
 //! measure without the rollup's triggers, `BENCH_ROLLUP=compare` for rounds alternating
-//! without and with them, `BENCH_ROUNDS=3`).
+//! without and with them, `BENCH_ROLLUP=compare-delta-index` for rounds alternating without
+//! and with the delta table's slot index (PostgreSQL), `BENCH_ROUNDS=3`).
 //!
 //! Added latency per call = the tracked call's time minus the provider's own time in that call
 //! (measured by a wrapping provider, so the mock's latency cancels out exactly).
@@ -196,6 +197,10 @@ async fn timed_tracker(
     (tracker, spool)
 }
 
+/// Whether the delta table has its slot index in the next fresh database (on unless
+/// `BENCH_ROLLUP=compare-delta-index` alternates it).
+static DELTA_INDEX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// The benchmark database, emptied, with the rollup's triggers or without them.
 async fn fresh_database(url: &str, rollup: bool) -> sea_orm::DatabaseConnection {
     let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", url).unwrap())
@@ -221,6 +226,17 @@ async fn fresh_database(url: &str, rollup: bool) -> sea_orm::DatabaseConnection 
                 .await
                 .unwrap();
         }
+    }
+    if backend == sea_orm::DbBackend::Postgres {
+        // BENCH_ROLLUP=compare-delta-index: runs with and without migration 000013's index on
+        // the delta table, to measure what it costs each tracked call.
+        let sql = if DELTA_INDEX.load(std::sync::atomic::Ordering::Relaxed) {
+            "CREATE INDEX IF NOT EXISTS llm_tracker_usage_rollup_delta_slot_idx \
+             ON llm_tracker_usage_rollup_delta (slot)"
+        } else {
+            "DROP INDEX IF EXISTS llm_tracker_usage_rollup_delta_slot_idx"
+        };
+        db.execute_unprepared(sql).await.unwrap();
     }
     if rollup {
         for sql in migration::rollup::create_triggers_sql(backend) {
@@ -538,10 +554,16 @@ async fn main() {
     for (label, url) in &databases {
         for mode in [WriteMode::Committed, WriteMode::Queued] {
             match setting.as_str() {
-                "compare" => {
+                "compare" | "compare-delta-index" => {
+                    let index_only = setting == "compare-delta-index";
                     let (mut without, mut with) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
                     for _ in 0..rounds {
-                        for (rollup, out) in [(false, &mut without), (true, &mut with)] {
+                        for (on, out) in [(false, &mut without), (true, &mut with)] {
+                            // compare: without and with the rollup; compare-delta-index: the
+                            // rollup both times, without and with the delta's slot index.
+                            DELTA_INDEX
+                                .store(!index_only || on, std::sync::atomic::Ordering::Relaxed);
+                            let rollup = index_only || on;
                             let rates = run(label, url, &base_url, calls, mode, rollup).await;
                             for (i, r) in rates.into_iter().enumerate() {
                                 out[i].push(r);
@@ -567,8 +589,13 @@ async fn main() {
     }
     if !compared.is_empty() {
         println!();
+        let (a, b) = if setting == "compare-delta-index" {
+            ("rollup, no delta index", "rollup with delta index")
+        } else {
+            ("no rollup", "rollup")
+        };
         println!(
-            "| database | write mode | concurrency | no rollup calls/s (median of {rounds}) | rollup calls/s (median of {rounds}) | change |"
+            "| database | write mode | concurrency | {a} calls/s (median of {rounds}) | {b} calls/s (median of {rounds}) | change |"
         );
         println!("|---|---|---|---|---|---|");
         for line in compared {
