@@ -78,6 +78,11 @@ pub enum Command {
         #[arg(long)]
         until: Option<String>,
     },
+    /// Create, list or revoke API keys (for the gateway and the ingest API).
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Check or recreate the usage rollup that token-stats reads.
     Rollup {
         #[command(subcommand)]
@@ -91,6 +96,38 @@ pub enum Command {
         /// Lifetime: 90s, 15m, 1h, 7d (at most 366d).
         #[arg(long, default_value = "1h")]
         ttl: String,
+    },
+}
+
+/// `llm-tracker key …`.
+#[derive(Debug, Subcommand)]
+pub enum KeyAction {
+    /// Create a key for a user and print it alone on stdout: it is shown this once (the
+    /// database keeps only its hash).
+    Create {
+        /// The user the key speaks for (its calls are recorded under this user).
+        #[arg(long)]
+        username: String,
+        /// What the key is for, shown in lists.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Comma-separated: gateway, ingest.
+        #[arg(long, default_value = "gateway,ingest")]
+        scopes: String,
+        /// Lifetime such as 90d, 12h or 30m (at most 3650d); without it the key does not expire.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List keys (prefix, user, name, scopes, status, times), newest first.
+    List {
+        /// Only this user's keys.
+        #[arg(long)]
+        username: Option<String>,
+    },
+    /// Revoke a key by its prefix (`ltk_` and 8 characters, as `key list` shows it).
+    Revoke {
+        /// The key's prefix.
+        prefix: String,
     },
 }
 
@@ -112,6 +149,93 @@ pub enum RollupAction {
     /// Fold the rows written since the last fold into the rollup's cells now (a running
     /// `serve` or tracker does this every second; reads are exact either way).
     Fold,
+}
+
+/// `llm-tracker key …`: arguments checked before the database is touched.
+async fn key(settings: &Settings, action: KeyAction) -> Result<(), CliError> {
+    use crate::api_keys::{self, KeyError, KeyRef, NewKey};
+    let key_error = |e: KeyError| match e {
+        KeyError::Invalid(m) => CliError::Usage(m),
+        KeyError::UnknownUser(u) => CliError::User(UserError::NotFound(u)),
+        KeyError::Db(e) => CliError::Db(e),
+    };
+    match action {
+        KeyAction::Create {
+            username,
+            name,
+            scopes,
+            expires,
+        } => {
+            let scopes = api_keys::parse_scopes(scopes.split(',')).map_err(key_error)?;
+            let lifetime = expires
+                .as_deref()
+                .map(api_keys::parse_lifetime)
+                .transpose()
+                .map_err(key_error)?;
+            let db = open_migrated(settings).await?;
+            let created = api_keys::create(
+                &db,
+                NewKey {
+                    username,
+                    name,
+                    scopes,
+                    lifetime,
+                },
+            )
+            .await
+            .map_err(key_error)?;
+            eprintln!(
+                "created key {} for {:?} (scopes: {}{}); it is shown this once:",
+                created.info.prefix,
+                created.info.username,
+                scope_list(&created.info.scopes),
+                created
+                    .info
+                    .expires_at
+                    .map(|e| format!(", expires {}", e.to_rfc3339()))
+                    .unwrap_or_default()
+            );
+            println!("{}", created.key);
+        }
+        KeyAction::List { username } => {
+            let db = open_migrated(settings).await?;
+            let keys = api_keys::list(&db, username.as_deref()).await?;
+            println!("prefix\tuser\tname\tscopes\tstatus\tcreated\tlast used\texpires");
+            let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
+                    .unwrap_or_else(|| "-".into())
+            };
+            for k in keys {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    k.prefix,
+                    k.username,
+                    k.name,
+                    scope_list(&k.scopes),
+                    k.status,
+                    time(Some(k.created_at)),
+                    time(k.last_used_at),
+                    time(k.expires_at)
+                );
+            }
+        }
+        KeyAction::Revoke { prefix } => {
+            let db = open_migrated(settings).await?;
+            match api_keys::revoke(&db, KeyRef::Prefix(&prefix)).await? {
+                Some(k) => println!("revoked key {} of {:?}", k.prefix, k.username),
+                None => return Err(CliError::Usage(format!("no key with prefix {prefix:?}"))),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn scope_list(scopes: &[crate::api_keys::Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `--since` / `--until` as a filter, read as the API reads start_date / end_date.
@@ -295,6 +419,7 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
             );
         }
         Command::Rollup { action } => rollup(&settings, action).await?,
+        Command::Key { action } => key(&settings, action).await?,
         Command::Call {
             prompt,
             system,

@@ -1,6 +1,7 @@
 //! llm-tracker: puts every LLM call a backend makes on record and serves that record to
 //! administrators, compatible with the Django `llm_tracker` app's tables and JSON.
 
+pub mod api_keys;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -82,6 +82,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(routes::health::healthz)
             .service(routes::health::readyz)
             .configure(routes::admin::configure)
+            .configure(routes::api_keys::configure)
             .configure(crate::http::pages::configure)
             .service(utoipa_swagger_ui::SwaggerUi::new("/api/docs/{_:.*}").url(
                 "/api/openapi.json",

@@ -4,8 +4,9 @@
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use crate::api_keys::{KeyInfo, Scope};
 use crate::http::error::ErrorBody;
-use crate::http::routes::{admin, health};
+use crate::http::routes::{admin, api_keys, health};
 use crate::usage::list::{UsagePage, UsageRow};
 use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary, UserStats};
 
@@ -16,10 +17,11 @@ use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary, UserStat
         title = "llm-tracker",
         description = "Admin API over the record of LLM calls: token statistics and the usage listing. JSON-compatible with the Django llm_tracker app. Every path also works without the trailing slash."
     ),
-    paths(admin::token_stats, admin::llm_usage, admin::usage_detail, admin::export_csv, admin::prices, health::healthz, health::readyz),
+    paths(admin::token_stats, admin::llm_usage, admin::usage_detail, admin::export_csv, admin::prices, api_keys::list_keys, api_keys::create_key, api_keys::revoke_key, health::healthz, health::readyz),
     components(schemas(
         admin::TokenStats, admin::Series, Summary, ModelStats, SeriesItem, UserStats, Granularity,
-        UsagePage, UsageRow, admin::PriceList, admin::PriceEntry, ErrorBody
+        UsagePage, UsageRow, admin::PriceList, admin::PriceEntry, ErrorBody,
+        api_keys::KeyList, api_keys::NewApiKey, api_keys::CreatedApiKey, KeyInfo, Scope
     )),
     modifiers(&BearerAuth),
     tags((name = "admin", description = "Staff or superuser, Bearer JWT"), (name = "health", description = "Probes"))

@@ -543,3 +543,17 @@ pub async fn sqlite_write_lock(t: &TestDb) -> sea_orm::sqlx::SqliteConnection {
         .unwrap();
     conn
 }
+
+/// Rolls back the migration whose name starts with `name` (e.g. `m20261126_000011`) and every
+/// one applied after it, so that a test of one migration's `down` does not depend on how many
+/// came later.
+pub async fn down_through(db: &sea_orm::DatabaseConnection, name: &str) {
+    use migration::MigratorTrait;
+    let all = migration::Migrator::migrations();
+    let at = all
+        .iter()
+        .position(|m| m.name().starts_with(name))
+        .unwrap_or_else(|| panic!("no migration {name}"));
+    let steps = u32::try_from(all.len() - at).unwrap();
+    migration::Migrator::down(db, Some(steps)).await.unwrap();
+}

@@ -5,6 +5,7 @@ mod helpers;
 
 mod admin_api;
 mod admin_pages;
+mod api_keys;
 mod browser;
 mod cli;
 mod credentials;

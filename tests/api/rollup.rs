@@ -641,7 +641,7 @@ db_test!(
         // Migration 000011 over the old layout (a user's cells at every grain, no months or
         // years): down drops the calendar cells; old per-user hour cells put back by hand go
         // again on the way up, and the months and years come back from the days.
-        migration::Migrator::down(db, Some(3)).await.unwrap();
+        crate::helpers::down_through(db, "m20261126_000011").await;
         assert_eq!(
             t.scalar_i64(
                 "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (2976, 35040)"
@@ -712,12 +712,12 @@ db_test!(
         // the slot cells.
         let phased = "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE grain IN (5, 6)";
         assert!(t.scalar_i64(phased).await > 0);
-        migration::Migrator::down(db, Some(7)).await.unwrap();
+        crate::helpers::down_through(db, "m20261123_000007").await;
         assert_eq!(t.scalar_i64(phased).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert_verified(db).await;
         // Down to 000005 folds what is pending and puts the direct triggers back.
-        migration::Migrator::down(db, Some(8)).await.unwrap();
+        crate::helpers::down_through(db, "m20251215_000006").await;
         assert!(
             !t.tables()
                 .await
@@ -745,7 +745,7 @@ db_test!(
             }
         }
         // Down removes the tables and their triggers; rows can still be written.
-        migration::Migrator::down(db, Some(9)).await.unwrap();
+        crate::helpers::down_through(db, "m20251201_000005").await;
         insert(db, &random_rows(&mut rng, &ids, base, 1, 3, 20_000)).await;
         let tables = t.tables().await;
         assert!(!tables.contains(&"llm_tracker_usage_rollup".to_owned()));
@@ -1034,7 +1034,7 @@ db_test!(
                 "{plan}"
             );
             // 000013 down puts 000011's index back, up again the covering one.
-            migration::Migrator::down(db, Some(1)).await.unwrap();
+            crate::helpers::down_through(db, "m20261128_000013").await;
             let before = plan_text(db.clone()).await;
             assert!(
                 before.contains("llm_tracker_usage_rollup_total_slot_idx")

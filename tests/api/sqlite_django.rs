@@ -401,7 +401,7 @@ async fn a_file_an_earlier_version_wrote_converts_on_migrate_and_answers_the_sam
     );
     assert_verified(&t.db).await;
     // Migrating again changes nothing.
-    Migrator::down(&t.db, Some(1)).await.unwrap();
+    crate::helpers::down_through(&t.db, "m20261127_000012").await;
     Migrator::up(&t.db, None).await.unwrap();
     assert_eq!(
         json(&get!(app, "/api/v1/admin/llm-usage/?page_size=100")),

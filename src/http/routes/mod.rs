@@ -1,4 +1,5 @@
 //! Route handlers, one module per area.
 
 pub mod admin;
+pub mod api_keys;
 pub mod health;
