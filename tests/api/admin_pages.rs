@@ -793,3 +793,142 @@ async fn pages_read_a_sqlite_file_shared_with_django() {
         overview.body
     );
 }
+
+// Issue 19 item 1: the API keys page lists keys (never a key), creates one and shows it once,
+// revokes; every POST needs the session's CSRF token.
+db_test!(
+    async fn the_api_keys_page_creates_shows_once_and_revokes(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        user(&t, "root", true, false, true).await;
+        user(&t, "svc", false, false, true).await;
+        let app = test::init_service(app(state(&t))).await;
+        let (session, _) = sign_in!(app, "root", "correct horse").unwrap();
+        let post = |uri: &str, body: String| {
+            test::TestRequest::post()
+                .uri(uri)
+                .insert_header(("content-type", "application/x-www-form-urlencoded"))
+                .insert_header(("cookie", format!("llmt_session={session}")))
+                .set_payload(body)
+        };
+        let page = send!(app, with_session("/admin/api-keys/", &session));
+        assert_eq!(page.status, 200);
+        assert!(page.body.contains("No keys yet."));
+        assert!(page.body.contains("href=\"/admin/api-keys/\""), "nav link");
+        let csrf = csrf_field(&page.body);
+
+        // Without the token: refused, nothing created.
+        let ans = send!(
+            app,
+            post(
+                "/admin/api-keys/",
+                form(&[("username", "svc"), ("scope_gateway", "1")])
+            )
+        );
+        assert_eq!(ans.status, 403);
+        // Bad input: 400 with the message, the form kept, nothing created.
+        for (pairs, says) in [
+            (
+                vec![("username", "nobody"), ("scope_gateway", "1")],
+                "There is no user",
+            ),
+            (vec![("username", "svc")], "at least one scope"),
+            (
+                vec![
+                    ("username", "svc"),
+                    ("scope_ingest", "1"),
+                    ("expires_in_days", "0"),
+                ],
+                "Expires in days",
+            ),
+        ] {
+            let mut pairs = pairs;
+            pairs.push(("csrfmiddlewaretoken", &csrf));
+            let ans = send!(app, post("/admin/api-keys/", form(&pairs)));
+            assert_eq!(ans.status, 400, "{pairs:?}");
+            assert!(ans.body.contains(says), "{says}: {}", ans.body);
+        }
+        assert!(
+            llm_tracker::api_keys::list(&t.db, None)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // Created: the key on this page only, with no-store.
+        let res = test::call_service(
+            &app,
+            post(
+                "/admin/api-keys/",
+                form(&[
+                    ("csrfmiddlewaretoken", &csrf),
+                    ("username", "svc"),
+                    ("name", "<etl>"),
+                    ("scope_ingest", "1"),
+                    ("expires_in_days", "30"),
+                ]),
+            )
+            .to_request(),
+        )
+        .await;
+        assert_eq!(res.status().as_u16(), 200);
+        assert_eq!(res.headers().get("cache-control").unwrap(), "no-store");
+        let body = String::from_utf8(test::read_body(res).await.to_vec()).unwrap();
+        let at = body.find("<pre id=\"new-key\">").expect("key shown") + 18;
+        let key = body[at..at + 45].to_owned();
+        assert!(key.starts_with("ltk_"), "{key}");
+        assert!(
+            !body.contains("<etl>")
+                && (body.contains("&lt;etl&gt;") || body.contains("&#60;etl&#62;")),
+            "escaped name"
+        );
+        let who = llm_tracker::api_keys::authenticate(
+            &t.db,
+            Some(&key),
+            llm_tracker::api_keys::Scope::Ingest,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        // Listed afterwards, but never the key again.
+        let page = send!(app, with_session("/admin/api-keys/", &session));
+        assert!(page.body.contains(&key[..12]) && !page.body.contains(&key[13..]));
+        assert!(page.body.contains("active"));
+
+        // Revoke: token needed; then the key is refused.
+        let uri = format!("/admin/api-keys/{}/revoke/", who.key_id);
+        assert_eq!(send!(app, post(&uri, String::new())).status, 403);
+        let ans = send!(app, post(&uri, form(&[("csrfmiddlewaretoken", &csrf)])));
+        assert_eq!(
+            (ans.status, ans.location.as_deref()),
+            (303, Some("/admin/api-keys/"))
+        );
+        assert_eq!(
+            llm_tracker::api_keys::authenticate(
+                &t.db,
+                Some(&key),
+                llm_tracker::api_keys::Scope::Ingest
+            )
+            .await
+            .unwrap(),
+            Err(llm_tracker::api_keys::Refused::Revoked)
+        );
+        let page = send!(app, with_session("/admin/api-keys/", &session));
+        assert!(page.body.contains("revoked"));
+        assert_eq!(
+            send!(
+                app,
+                post(
+                    "/admin/api-keys/99999/revoke/",
+                    form(&[("csrfmiddlewaretoken", &csrf)])
+                )
+            )
+            .status,
+            404
+        );
+        // Signed out: the sign-in page, not the list.
+        assert_eq!(
+            send!(app, test::TestRequest::get().uri("/admin/api-keys/")).status,
+            302
+        );
+    }
+);

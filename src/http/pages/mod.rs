@@ -3,6 +3,7 @@
 //! rendered with askama templates compiled into the binary (every value HTML-escaped), the
 //! stylesheet embedded; the figures come from the same `usage/` functions as the API.
 
+mod api_keys;
 pub mod chart;
 pub mod session;
 
@@ -44,7 +45,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(web::resource("/admin/llm-usage/").route(web::get().to(usage_list)))
     .service(web::resource("/admin/llm-usage/export.csv").route(web::get().to(usage_export)))
     .service(web::resource("/admin/llm-usage/{id}/").route(web::get().to(usage_detail)))
-    .service(web::resource("/admin/static/admin.css").route(web::get().to(stylesheet)));
+    .service(web::resource("/admin/static/admin.css").route(web::get().to(stylesheet)))
+    .configure(api_keys::configure);
 }
 
 // ---------------------------------------------------------------------------------------------
