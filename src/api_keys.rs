@@ -355,8 +355,18 @@ pub async fn authenticate<C: ConnectionTrait>(
     presented: Option<&str>,
     scope: Scope,
 ) -> Result<Result<KeyOwner, Refused>, DbErr> {
+    Ok(authenticate_with(db, presented, scope).await?.0)
+}
+
+/// [`authenticate`], with the key's scopes and expiry when it was found.
+async fn authenticate_with<C: ConnectionTrait>(
+    db: &C,
+    presented: Option<&str>,
+    scope: Scope,
+) -> Result<(Result<KeyOwner, Refused>, String, Option<DateTime<Utc>>), DbErr> {
+    let refused = |r: Refused| Ok((Err(r), String::new(), None));
     let Some(presented) = presented.map(str::trim).filter(|k| !k.is_empty()) else {
-        return Ok(Err(Refused::Missing));
+        return refused(Refused::Missing);
     };
     let prefix_len = KEY_START.len() + PREFIX_RANDOM;
     let well_formed = presented.len() == prefix_len + 1 + SECRET_CHARS
@@ -364,7 +374,7 @@ pub async fn authenticate<C: ConnectionTrait>(
         && presented.as_bytes()[prefix_len] == b'_'
         && presented.is_char_boundary(prefix_len);
     if !well_formed {
-        return Ok(Err(Refused::Unknown));
+        return refused(Refused::Unknown);
     }
     let Some((key, user)) = api_key::Entity::find()
         .filter(api_key::Column::Prefix.eq(&presented[..prefix_len]))
@@ -372,23 +382,23 @@ pub async fn authenticate<C: ConnectionTrait>(
         .one(db)
         .await?
     else {
-        return Ok(Err(Refused::Unknown));
+        return refused(Refused::Unknown);
     };
     if !same(&sha256_hex(presented), &key.key_hash) {
-        return Ok(Err(Refused::Unknown));
+        return refused(Refused::Unknown);
     }
     let Some(user) = user.filter(|u| u.is_active) else {
-        return Ok(Err(Refused::Unknown));
+        return refused(Refused::Unknown);
     };
     let now = now();
     if key.revoked_at.is_some() {
-        return Ok(Err(Refused::Revoked));
+        return refused(Refused::Revoked);
     }
     if key.expires_at.is_some_and(|e| e <= now) {
-        return Ok(Err(Refused::Expired));
+        return refused(Refused::Expired);
     }
     if !key.scopes.split(',').any(|s| s == scope.as_str()) {
-        return Ok(Err(Refused::Scope(scope.as_str())));
+        return refused(Refused::Scope(scope.as_str()));
     }
     if key
         .last_used_at
@@ -403,12 +413,98 @@ pub async fn authenticate<C: ConnectionTrait>(
             .exec(db)
             .await?;
     }
-    Ok(Ok(KeyOwner {
-        key_id: key.id,
-        prefix: key.prefix,
-        user_id: user.id,
-        is_staff: user.is_staff,
-    }))
+    Ok((
+        Ok(KeyOwner {
+            key_id: key.id,
+            prefix: key.prefix,
+            user_id: user.id,
+            is_staff: user.is_staff,
+        }),
+        key.scopes,
+        key.expires_at,
+    ))
+}
+
+/// Keys that authenticated recently, by hash: used only when the database cannot be asked, so
+/// that writers keep working through an outage (their rows are spooled). An entry serves for
+/// [`KeyCache::TTL`] after the database last confirmed the key, and is checked again for its
+/// scope and expiry; a revocation made during the outage takes effect when the database answers.
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, Remembered>>,
+}
+
+#[derive(Debug, Clone)]
+struct Remembered {
+    owner: KeyOwner,
+    scopes: String,
+    expires_at: Option<DateTime<Utc>>,
+    confirmed: std::time::Instant,
+}
+
+impl KeyCache {
+    /// How long after its last confirmation a key is trusted without the database.
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(600);
+    const MAX_ENTRIES: usize = 10_000;
+
+    /// [`authenticate`], falling back to this cache when the database fails; `Err` only when
+    /// the database failed and the key is not remembered.
+    pub async fn authenticate<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        presented: Option<&str>,
+        scope: Scope,
+    ) -> Result<Result<KeyOwner, Refused>, DbErr> {
+        let hash = presented.map(|k| sha256_hex(k.trim()));
+        match authenticate_with(db, presented, scope).await {
+            Ok((answer, scopes, expires_at)) => {
+                let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+                if let (Err(Refused::Unknown | Refused::Revoked | Refused::Expired), Some(h)) =
+                    (&answer, &hash)
+                {
+                    // Revoked (or gone) while the database answers: not trusted in an outage.
+                    entries.remove(h);
+                }
+                if let (Ok(owner), Some(hash)) = (&answer, hash) {
+                    if entries.len() >= Self::MAX_ENTRIES {
+                        entries.retain(|_, r| r.confirmed.elapsed() < Self::TTL);
+                    }
+                    if entries.len() < Self::MAX_ENTRIES {
+                        entries.insert(
+                            hash,
+                            Remembered {
+                                owner: owner.clone(),
+                                scopes,
+                                expires_at,
+                                confirmed: std::time::Instant::now(),
+                            },
+                        );
+                    }
+                }
+                Ok(answer)
+            }
+            Err(e) => {
+                let remembered = hash.and_then(|h| {
+                    let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+                    entries
+                        .get(&h)
+                        .filter(|r| r.confirmed.elapsed() < Self::TTL)
+                        .cloned()
+                });
+                let Some(r) = remembered else {
+                    return Err(e);
+                };
+                tracing::warn!(prefix = %r.owner.prefix, "database unavailable: API key accepted from the cache");
+                if r.expires_at.is_some_and(|t| t <= now()) {
+                    return Ok(Err(Refused::Expired));
+                }
+                if !r.scopes.split(',').any(|s| s == scope.as_str()) {
+                    return Ok(Err(Refused::Scope(scope.as_str())));
+                }
+                Ok(Ok(r.owner))
+            }
+        }
+    }
 }
 
 /// Equal strings of hex digits, compared in time independent of where they differ.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod http;
+pub mod ingest;
 pub mod pricing;
 pub mod providers;
 pub mod redact;

@@ -23,11 +23,12 @@ pub async fn run(
     // schema is not known to be there, the store migrates as soon as the database answers.
     let mut options = crate::tracker::store_options(&settings);
     options.migrate = !migrated;
-    let store = UsageStore::open(db.clone(), options).await;
+    let store = std::sync::Arc::new(UsageStore::open(db.clone(), options).await);
     let schema_ready = store.schema_ready();
     let state = AppState::open(db.clone(), settings, schema_ready)
         .await
-        .map_err(|e| std::io::Error::other(format!("read database: {e}")))?;
+        .map_err(|e| std::io::Error::other(format!("read database: {e}")))?
+        .with_store(store.clone());
     if state.settings.database_read_url.is_some() {
         tracing::info!("admin reads go to DATABASE_READ_URL");
     }

@@ -32,6 +32,14 @@ pub enum ApiError {
     ServiceUnavailable,
     #[error("A server error occurred.")]
     Internal,
+    /// Any other refusal, with its status and code (403 for an API key out of scope, 413 for
+    /// a body or batch too large).
+    #[error("{detail}")]
+    Refused {
+        status: StatusCode,
+        detail: String,
+        code: &'static str,
+    },
 }
 
 /// The JSON body of every error.
@@ -70,6 +78,7 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::ServiceUnavailable => "service_unavailable",
             Self::Internal => "server_error",
+            Self::Refused { code, .. } => code,
         }
     }
 }
@@ -83,6 +92,7 @@ impl ResponseError for ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Refused { status, .. } => *status,
         }
     }
 

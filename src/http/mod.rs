@@ -31,6 +31,11 @@ pub struct AppState {
     /// Set once the schema is in place (`serve` started while the database was unreachable
     /// migrates when it answers); until then admin routes and `/readyz` answer 503 at once.
     pub schema_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The write path of the ingest API (`serve` shares its usage store); without one the
+    /// ingest API answers 503.
+    pub store: Option<std::sync::Arc<crate::tracker::UsageStore>>,
+    /// API keys that authenticated recently, trusted for a while when the database is down.
+    pub key_cache: std::sync::Arc<crate::api_keys::KeyCache>,
 }
 
 impl AppState {
@@ -42,7 +47,15 @@ impl AppState {
             settings,
             login_limiter: Default::default(),
             schema_ready: std::sync::Arc::new(true.into()),
+            store: None,
+            key_cache: Default::default(),
         }
+    }
+
+    /// With `store` as the ingest API's write path.
+    pub fn with_store(mut self, store: std::sync::Arc<crate::tracker::UsageStore>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Whether the schema is known to be in place.
@@ -68,6 +81,8 @@ impl AppState {
             settings,
             login_limiter: Default::default(),
             schema_ready,
+            store: None,
+            key_cache: Default::default(),
         })
     }
 }
@@ -83,6 +98,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(routes::health::readyz)
             .configure(routes::admin::configure)
             .configure(routes::api_keys::configure)
+            .configure(routes::ingest::configure)
             .configure(crate::http::pages::configure)
             .service(utoipa_swagger_ui::SwaggerUi::new("/api/docs/{_:.*}").url(
                 "/api/openapi.json",

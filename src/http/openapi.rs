@@ -6,7 +6,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::api_keys::{KeyInfo, Scope};
 use crate::http::error::ErrorBody;
-use crate::http::routes::{admin, api_keys, health};
+use crate::http::routes::{admin, api_keys, health, ingest};
+use crate::ingest::{IngestResult, RefusedRow};
 use crate::usage::list::{UsagePage, UsageRow};
 use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary, UserStats};
 
@@ -17,18 +18,20 @@ use crate::usage::stats::{Granularity, ModelStats, SeriesItem, Summary, UserStat
         title = "llm-tracker",
         description = "Admin API over the record of LLM calls: token statistics and the usage listing. JSON-compatible with the Django llm_tracker app. Every path also works without the trailing slash."
     ),
-    paths(admin::token_stats, admin::llm_usage, admin::usage_detail, admin::export_csv, admin::prices, api_keys::list_keys, api_keys::create_key, api_keys::revoke_key, health::healthz, health::readyz),
+    paths(admin::token_stats, admin::llm_usage, admin::usage_detail, admin::export_csv, admin::prices, api_keys::list_keys, api_keys::create_key, api_keys::revoke_key, ingest::ingest_rows, health::healthz, health::readyz),
     components(schemas(
         admin::TokenStats, admin::Series, Summary, ModelStats, SeriesItem, UserStats, Granularity,
         UsagePage, UsageRow, admin::PriceList, admin::PriceEntry, ErrorBody,
-        api_keys::KeyList, api_keys::NewApiKey, api_keys::CreatedApiKey, KeyInfo, Scope
+        api_keys::KeyList, api_keys::NewApiKey, api_keys::CreatedApiKey, KeyInfo, Scope,
+        ingest::IngestBody, IngestResult, RefusedRow
     )),
     modifiers(&BearerAuth),
-    tags((name = "admin", description = "Staff or superuser, Bearer JWT"), (name = "health", description = "Probes"))
+    tags((name = "admin", description = "Staff or superuser, Bearer JWT"), (name = "ingest", description = "Usage rows from any language, Bearer API key (scope ingest)"), (name = "health", description = "Probes"))
 )]
 pub struct ApiDoc;
 
-/// The `bearer` security scheme (an HS256 JWT, simplejwt-compatible) for the Authorize button.
+/// The `bearer` security scheme (an HS256 JWT, simplejwt-compatible) for the Authorize button,
+/// and `api_key` (an API key, for the ingest API).
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -37,6 +40,9 @@ impl Modify for BearerAuth {
         let mut scheme = Http::new(HttpAuthScheme::Bearer);
         scheme.bearer_format = Some("JWT".into());
         components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+        let mut key = Http::new(HttpAuthScheme::Bearer);
+        key.bearer_format = Some("API key (ltk_…)".into());
+        components.add_security_scheme("api_key", SecurityScheme::Http(key));
     }
 }
 

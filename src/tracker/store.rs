@@ -228,6 +228,19 @@ impl UsageStore {
         .await
     }
 
+    /// Stores one row durably before returning, whatever the write mode: committed, or spooled
+    /// (fsynced) when the database does not take it within the commit deadline. For writers
+    /// that must answer only once the row is safe (the ingest API).
+    pub async fn record_durable(&self, row: usage::Model) -> Stored {
+        store_or_spool(
+            &self.jobs,
+            &self.inner,
+            row,
+            self.inner.opts.commit_deadline,
+        )
+        .await
+    }
+
     /// Rows waiting for the database (spool, claims being replayed, memory).
     pub async fn pending(&self) -> usize {
         let spool = self.inner.spool.clone();

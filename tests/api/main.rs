@@ -12,6 +12,7 @@ mod credentials;
 mod django_compat;
 mod health;
 mod http_shell;
+mod ingest;
 mod layout;
 mod migrations;
 mod openapi;

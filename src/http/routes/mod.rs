@@ -3,3 +3,4 @@
 pub mod admin;
 pub mod api_keys;
 pub mod health;
+pub mod ingest;
