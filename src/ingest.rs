@@ -10,19 +10,22 @@ use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
-use sea_orm::{ConnectionTrait, DbErr, Statement};
+use sea_orm::{ConnectionTrait, DbErr};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::db::Dialect;
 use crate::db::entities::usage;
 use crate::pricing::{PriceTable, Tokens};
-use crate::tracker::{Stored, UsageStore};
+use crate::tracker::{BatchStored, UsageStore};
 
 /// Rows per request, at most.
 pub const MAX_ROWS: usize = 1000;
+
+/// How long a batch waits for its commit before it is spooled instead (the answer waits for
+/// it: the ingest API answers once every row is safe).
+pub const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How far in the future a row's `created_at` may lie (clients' clocks drift).
 pub const FUTURE_TOLERANCE: Duration = Duration::minutes(5);
@@ -349,29 +352,6 @@ pub fn check_row(
     })
 }
 
-/// Which of `ids` are already in the usage table.
-async fn stored_ids<C: ConnectionTrait>(db: &C, ids: &[Uuid]) -> Result<HashSet<Uuid>, DbErr> {
-    let mut found = HashSet::new();
-    let backend = db.get_database_backend();
-    let dialect = Dialect::of(backend);
-    for chunk in ids.chunks(500) {
-        let marks: Vec<String> = (1..=chunk.len()).map(|n| dialect.placeholder(n)).collect();
-        let sql = format!(
-            "SELECT id FROM llm_tracker_usage WHERE id IN ({})",
-            marks.join(", ")
-        );
-        let values: Vec<sea_orm::Value> = chunk.iter().map(|id| dialect.uuid(*id)).collect();
-        for row in db
-            .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
-            .await?
-        {
-            let id: usage::RowId = row.try_get("", "id")?;
-            found.insert(id.0);
-        }
-    }
-    Ok(found)
-}
-
 /// Which of `ids` are users.
 async fn user_ids<C: ConnectionTrait>(db: &C, ids: &[i32]) -> Result<HashSet<i32>, DbErr> {
     use crate::db::entities::auth_user;
@@ -386,11 +366,12 @@ async fn user_ids<C: ConnectionTrait>(db: &C, ids: &[i32]) -> Result<HashSet<i32
     Ok(found.into_iter().collect())
 }
 
-/// Checks every row, then stores the good ones that are not there yet, each committed or
-/// spooled before this returns. With the database unreachable for the checks, nothing is
-/// known to be stored: every good row goes to the write path (which spools it, and stores it
-/// once when the database is back — inserts skip ids already there), and a staff sender's
-/// rows for other users wait for the database (refused, to be sent again).
+/// Checks every row, then stores the good ones in one transaction (`ON CONFLICT (id) DO
+/// NOTHING … RETURNING id`: the ids it skipped were already stored, and are reported as
+/// duplicates), or, when the database does not commit it within [`COMMIT_DEADLINE`], spools
+/// the batch — before this returns either way. A spooled batch's ids are reported as stored
+/// and spooled (the replay skips any already there). A staff sender's rows for other users
+/// need the database to confirm the user: while it is down they are refused, to be sent again.
 pub async fn ingest<C: ConnectionTrait>(
     db: &C,
     store: &UsageStore,
@@ -441,25 +422,26 @@ pub async fn ingest<C: ConnectionTrait>(
             false
         });
     }
-    let ids: Vec<Uuid> = good.iter().map(|(_, r)| r.id.0).collect();
-    let already = stored_ids(db, &ids).await.unwrap_or_default();
-    let mut fresh = Vec::new();
-    for (_, row) in good {
-        if already.contains(&row.id.0) {
-            out.duplicates.push(row.id.0);
-        } else {
-            fresh.push(row);
+    let fresh: Vec<usage::Model> = good.into_iter().map(|(_, r)| r).collect();
+    let ids: Vec<Uuid> = fresh.iter().map(|r| r.id.0).collect();
+    match store.record_batch(fresh, COMMIT_DEADLINE).await {
+        BatchStored::Inserted(inserted) => {
+            // What the insert skipped was already stored (by an earlier request, or a
+            // concurrent one).
+            let new: HashSet<Uuid> = inserted.into_iter().collect();
+            for id in ids {
+                if new.contains(&id) {
+                    out.stored.push(id);
+                } else {
+                    out.duplicates.push(id);
+                }
+            }
         }
-    }
-    let results = futures_util::future::join_all(fresh.into_iter().map(|row| async move {
-        let id = row.id.0;
-        (id, store.record_durable(row).await)
-    }))
-    .await;
-    for (id, stored) in results {
-        out.stored.push(id);
-        if stored == Stored::Deferred {
-            out.spooled.push(id);
+        BatchStored::Deferred => {
+            // Nothing is known about these ids until the replay: reported as stored (they
+            // will be, once each) and spooled.
+            out.spooled = ids.clone();
+            out.stored = ids;
         }
     }
     out.refused.sort_by_key(|r| r.index);

@@ -17,7 +17,7 @@ use crate::db::entities::usage;
 use crate::pricing::{PriceTable, Tokens};
 use crate::providers::{self, ChatRequest, ChatResponse, Message, Provider, ProviderError, Usage};
 use crate::redact::redact;
-pub use store::{StoreOptions, Stored, UsageStore, WriteMode};
+pub use store::{BatchStored, StoreOptions, Stored, UsageStore, WriteMode};
 pub use stream::{StreamHandle, StreamRecord, TrackedStream};
 
 /// Who and what a call is made for; stored in the row.

@@ -93,6 +93,15 @@ pub enum Stored {
     Queued,
 }
 
+/// Where a batch ended up ([`UsageStore::record_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchStored {
+    /// Committed; the ids inserted (the others were already stored).
+    Inserted(Vec<uuid::Uuid>),
+    /// In the spool, whole, waiting for the database (ids already stored are skipped then).
+    Deferred,
+}
+
 struct Inner {
     db: DatabaseConnection,
     opts: StoreOptions,
@@ -228,17 +237,47 @@ impl UsageStore {
         .await
     }
 
-    /// Stores one row durably before returning, whatever the write mode: committed, or spooled
-    /// (fsynced) when the database does not take it within the commit deadline. For writers
-    /// that must answer only once the row is safe (the ingest API).
-    pub async fn record_durable(&self, row: usage::Model) -> Stored {
-        store_or_spool(
-            &self.jobs,
-            &self.inner,
-            row,
-            self.inner.opts.commit_deadline,
-        )
-        .await
+    /// Stores a batch durably before returning, whatever the write mode: one transaction of
+    /// multi-row inserts (`ON CONFLICT (id) DO NOTHING`, so ids already stored are skipped),
+    /// or, when the database refuses it or does not commit it within `deadline`, the whole
+    /// batch appended to the spool (one fsync) for the replay. For writers that hand over many
+    /// rows at once and answer only once they are safe (the ingest API); a batch of 1,000 rows
+    /// as 1,000 tracked rows would wait for 1,000 group-commit slots.
+    pub async fn record_batch(&self, rows: Vec<usage::Model>, deadline: Duration) -> BatchStored {
+        if rows.is_empty() {
+            return BatchStored::Inserted(Vec::new());
+        }
+        if self.inner.healthy.load(Ordering::SeqCst) {
+            let inner = &self.inner;
+            let attempt = async {
+                use sea_orm::TransactionTrait;
+                // On SQLite the writers' turn, so that this never contends for the lock.
+                let _turn = inner.sqlite_turn().await;
+                let txn = inner.db.begin().await?;
+                let mut inserted = Vec::with_capacity(rows.len());
+                for chunk in rows.chunks(500) {
+                    inserted.extend(usage::insert_rows_returning(&txn, chunk).await?);
+                }
+                txn.commit().await.map(|()| inserted)
+            };
+            match tokio::time::timeout(deadline, attempt).await {
+                Ok(Ok(inserted)) => return BatchStored::Inserted(inserted),
+                Ok(Err(e)) => {
+                    tracing::warn!(rows = rows.len(), error = %e, "storing a batch of usage rows failed; spooling it");
+                    if e.sql_err().is_none() {
+                        inner.set_unhealthy();
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        rows = rows.len(),
+                        "a batch of usage rows was not committed in time; spooling it"
+                    );
+                }
+            }
+        }
+        self.inner.defer(rows).await;
+        BatchStored::Deferred
     }
 
     /// Rows waiting for the database (spool, claims being replayed, memory).

@@ -269,6 +269,29 @@ pub fn insert_statement(
     q
 }
 
+/// Runs [`insert_statement`] and returns the ids it inserted (not those already stored).
+pub async fn insert_rows_returning<C: ConnectionTrait>(
+    db: &C,
+    rows: &[Model],
+) -> Result<Vec<Uuid>, DbErr> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = db.get_database_backend();
+    let mut q = insert_statement(backend, rows);
+    q.returning_col(Column::Id);
+    let (sql, values) = match backend {
+        sea_orm::DbBackend::Postgres => q.build(sea_orm::sea_query::PostgresQueryBuilder),
+        _ => q.build(sea_orm::sea_query::SqliteQueryBuilder),
+    };
+    let stmt = sea_orm::Statement::from_sql_and_values(backend, sql, values);
+    db.query_all_raw(stmt)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<RowId>("", "id").map(|id| id.0))
+        .collect()
+}
+
 /// Runs [`insert_statement`]; nothing to do for no rows.
 pub async fn insert_rows<C: ConnectionTrait>(db: &C, rows: &[Model]) -> Result<(), DbErr> {
     if rows.is_empty() {
