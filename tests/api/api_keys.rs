@@ -16,7 +16,7 @@ use crate::cli::{cmd, stderr, stdout};
 use crate::db_test;
 use crate::helpers::TestDb;
 
-async fn user(t: &TestDb, name: &str, staff: bool) -> auth_user::Model {
+pub(crate) async fn user(t: &TestDb, name: &str, staff: bool) -> auth_user::Model {
     create_user(
         &t.db,
         NewUser {

@@ -9,7 +9,6 @@ use llm_tracker::api_keys::{self, KeyRef, NewKey, Scope};
 use llm_tracker::db::entities::usage;
 use llm_tracker::http::configure;
 use llm_tracker::tracker::{StoreOptions, UsageStore};
-use llm_tracker::users::{NewUser, create_user};
 use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -19,17 +18,7 @@ use crate::db_test;
 use crate::helpers::{Backend, TestDb};
 
 async fn user(t: &TestDb, name: &str, staff: bool) -> i32 {
-    create_user(
-        &t.db,
-        NewUser {
-            username: name.into(),
-            is_staff: staff,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .id
+    crate::api_keys::user(t, name, staff).await.id
 }
 
 async fn key(t: &TestDb, username: &str, scopes: &[Scope]) -> String {

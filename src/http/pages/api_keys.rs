@@ -6,7 +6,9 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use askama::Template;
 
-use super::{PageError, Staff, check_origin, chrome, db_error, html, serde_urlencoded_form};
+use super::{
+    PageError, Staff, check_origin, chrome, csrf_ok, db_error, html, serde_urlencoded_form,
+};
 use crate::api_keys::{self, KeyError, KeyInfo, KeyRef, NewKey, Scope};
 use crate::http::AppState;
 
@@ -127,16 +129,6 @@ struct CreateForm {
     scope_ingest: Option<String>,
     #[serde(default)]
     expires_in_days: String,
-}
-
-fn csrf_ok(staff: &Staff, token: &str) -> Result<(), PageError> {
-    if super::session::same_token(&staff.session.csrf, token) {
-        Ok(())
-    } else {
-        Err(PageError::Forbidden(
-            "CSRF verification failed: reload the page and try again.".into(),
-        ))
-    }
 }
 
 async fn create(

@@ -182,6 +182,17 @@ fn check_origin(req: &HttpRequest) -> Result<(), PageError> {
     }
 }
 
+/// A signed-in page's POST carries its session's CSRF token.
+fn csrf_ok(staff: &Staff, token: &str) -> Result<(), PageError> {
+    if session::same_token(&staff.session.csrf, token) {
+        Ok(())
+    } else {
+        Err(PageError::Forbidden(
+            "CSRF verification failed: reload the page and try again.".into(),
+        ))
+    }
+}
+
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -523,11 +534,7 @@ async fn logout(
 ) -> Result<HttpResponse, PageError> {
     let form: LogoutForm = serde_urlencoded_form(&body)?;
     check_origin(&req)?;
-    if !session::same_token(&staff.session.csrf, &form.csrfmiddlewaretoken) {
-        return Err(PageError::Forbidden(
-            "CSRF verification failed: reload the page and try again.".into(),
-        ));
-    }
+    csrf_ok(&staff, &form.csrfmiddlewaretoken)?;
     let state = req
         .app_data::<web::Data<AppState>>()
         .cloned()
