@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod gateway;
 pub mod http;
 pub mod ingest;
 pub mod pricing;

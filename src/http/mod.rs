@@ -99,6 +99,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(routes::admin::configure)
             .configure(routes::api_keys::configure)
             .configure(routes::ingest::configure)
+            .configure(routes::gateway::configure)
             .configure(crate::http::pages::configure)
             .service(utoipa_swagger_ui::SwaggerUi::new("/api/docs/{_:.*}").url(
                 "/api/openapi.json",

@@ -10,6 +10,7 @@ mod browser;
 mod cli;
 mod credentials;
 mod django_compat;
+mod gateway;
 mod health;
 mod http_shell;
 mod ingest;

@@ -2,5 +2,6 @@
 
 pub mod admin;
 pub mod api_keys;
+pub mod gateway;
 pub mod health;
 pub mod ingest;

@@ -1,0 +1,273 @@
+//! The OpenAI-compatible gateway's routing and rows (issue 19 item 2): which configured provider
+//! a Chat Completions request goes to, and the usage row its answer makes.
+//!
+//! Routing, over the providers configured (an API key set; Azure also needs its API base):
+//! - `azure/<deployment>` → Azure OpenAI, that deployment;
+//! - a model starting with `gemini` → Gemini (not available through the gateway yet: refused
+//!   with 400 before anything is sent or recorded);
+//! - anything else → OpenAI;
+//! - with only one provider configured, every model goes to it (`azure/` stripped for Azure).
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use crate::config::Settings;
+use crate::db::entities::usage;
+use crate::pricing::{PriceTable, Tokens};
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    OpenAi { url: String },
+    Azure { url: String, deployment: String },
+}
+
+impl Upstream {
+    /// `metadata.provider` of its rows.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Upstream::OpenAi { .. } => "openai",
+            Upstream::Azure { .. } => "azure_openai",
+        }
+    }
+}
+
+/// Why a request cannot be routed (a 400 for the client, nothing sent or recorded).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no provider is configured on this gateway")]
+    NoProvider,
+    #[error("model {0:?}: Azure OpenAI is not configured on this gateway")]
+    AzureMissing(String),
+    #[error("model {0:?}: Gemini is not available through the gateway yet")]
+    GeminiNotYet(String),
+}
+
+fn configured(settings: &Settings) -> (bool, bool, bool) {
+    (
+        settings.openai.api_key.is_some(),
+        settings.azure.api_key.is_some() && settings.azure.api_base.is_some(),
+        settings.gemini.api_key.is_some(),
+    )
+}
+
+/// The upstream of a request for `model`, by the rule above.
+pub fn route(settings: &Settings, model: &str) -> Result<Upstream, RouteError> {
+    let (openai, azure, gemini) = configured(settings);
+    let only_azure = azure && !openai && !gemini;
+    let azure_upstream = |deployment: &str| {
+        let base = settings
+            .azure
+            .api_base
+            .as_deref()
+            .unwrap_or_default()
+            .trim_end_matches('/');
+        Upstream::Azure {
+            url: format!(
+                "{base}/openai/deployments/{}/chat/completions?api-version={}",
+                urlencode(deployment),
+                urlencode(&settings.azure.api_version)
+            ),
+            deployment: deployment.to_owned(),
+        }
+    };
+    if let Some(deployment) = model.strip_prefix("azure/") {
+        return if azure {
+            Ok(azure_upstream(deployment))
+        } else {
+            Err(RouteError::AzureMissing(model.to_owned()))
+        };
+    }
+    if only_azure {
+        return Ok(azure_upstream(model));
+    }
+    let is_gemini = model.to_ascii_lowercase().starts_with("gemini");
+    if (is_gemini && gemini) || (gemini && !openai && !azure) {
+        return Err(RouteError::GeminiNotYet(model.to_owned()));
+    }
+    if openai {
+        return Ok(Upstream::OpenAi {
+            url: format!(
+                "{}/chat/completions",
+                settings.openai.base_url.trim_end_matches('/')
+            ),
+        });
+    }
+    if azure {
+        return Ok(azure_upstream(model));
+    }
+    Err(RouteError::NoProvider)
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The models `GET /v1/models` lists: the price table's and the configured defaults, sorted,
+/// in OpenAI's list shape.
+pub fn model_list(settings: &Settings) -> Value {
+    let (openai, azure, gemini) = configured(settings);
+    let mut ids: std::collections::BTreeSet<String> =
+        settings.prices.models().keys().cloned().collect();
+    if openai {
+        ids.insert(settings.openai.model.clone());
+    }
+    if azure {
+        ids.insert(format!("azure/{}", settings.azure.deployment));
+    }
+    if gemini {
+        ids.insert(settings.gemini.model.clone());
+    }
+    let data: Vec<Value> = ids
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "llm-tracker"}))
+        .collect();
+    json!({"object": "list", "data": data})
+}
+
+/// Token counts from a Chat Completions `usage` object (absent counts are 0).
+pub fn usage_counts(usage: &Value) -> [i32; 5] {
+    let n = |v: &Value| {
+        v.as_u64()
+            .map(|n| i32::try_from(n).unwrap_or(i32::MAX))
+            .unwrap_or(0)
+    };
+    let prompt = n(&usage["prompt_tokens"]);
+    let completion = n(&usage["completion_tokens"]);
+    let total = match usage.get("total_tokens") {
+        Some(t) if t.is_u64() => n(t),
+        _ => prompt.saturating_add(completion),
+    };
+    [
+        prompt,
+        completion,
+        total,
+        n(&usage["prompt_tokens_details"]["cached_tokens"]),
+        n(&usage["completion_tokens_details"]["reasoning_tokens"]),
+    ]
+}
+
+/// What the gateway knows of a finished request, for its row.
+pub struct Call<'a> {
+    pub user_id: i32,
+    pub key_prefix: &'a str,
+    pub node_name: &'a str,
+    pub upstream: &'a Upstream,
+    /// The model the answer named, else the request's.
+    pub model: &'a str,
+    pub usage: [i32; 5],
+    pub error: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub stream: bool,
+}
+
+/// The usage row of a gateway request.
+pub fn row(call: Call<'_>, prices: &PriceTable) -> usage::Model {
+    use chrono::SubsecRound;
+    let [prompt, completion, total, cached, reasoning] = call.usage;
+    let mut metadata = Map::new();
+    metadata.insert("source_type".into(), json!("gateway"));
+    metadata.insert("api_key".into(), json!(call.key_prefix));
+    metadata.insert("node_name".into(), json!(call.node_name));
+    metadata.insert("provider".into(), json!(call.upstream.name()));
+    metadata.insert("stream".into(), json!(call.stream));
+    let model: String = call.model.chars().take(255).collect();
+    let cost = prices.cost_micros(
+        &model,
+        Tokens {
+            prompt: prompt.into(),
+            completion: completion.into(),
+            cached: cached.into(),
+            reasoning: reasoning.into(),
+        },
+    );
+    usage::Model {
+        id: Uuid::new_v4().into(),
+        user_id: Some(call.user_id),
+        model,
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: total,
+        cached_tokens: cached,
+        reasoning_tokens: reasoning,
+        success: call.error.is_none(),
+        error: call.error,
+        metadata: Value::Object(metadata),
+        created_at: Utc::now().trunc_subsecs(6),
+        started_at: Some(call.started_at.trunc_subsecs(6)),
+        cost: cost.map(usage::Cost),
+        cost_currency: crate::pricing::CURRENCY.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        let mut vars: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        vars.insert("DATABASE_URL".into(), "sqlite::memory:".into());
+        Settings::from_map(&vars).unwrap()
+    }
+
+    #[test]
+    fn models_route_by_the_documented_rule() {
+        let all = settings(&[
+            ("OPENAI_API_KEY", "sk-test-0123456789"),
+            ("AZURE_OPENAI_API_KEY", "az-test-0123456789"),
+            ("AZURE_OPENAI_API_BASE", "https://r.openai.azure.com/"),
+            ("GEMINI_API_KEY", "gm-test-0123456789"),
+        ]);
+        assert_eq!(route(&all, "gpt-4o").unwrap().name(), "openai");
+        match route(&all, "azure/my dep").unwrap() {
+            Upstream::Azure { url, deployment } => {
+                assert_eq!(deployment, "my dep");
+                assert!(url.starts_with("https://r.openai.azure.com/openai/deployments/my%20dep/chat/completions?api-version="), "{url}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            route(&all, "gemini-2.5-flash"),
+            Err(RouteError::GeminiNotYet(_))
+        ));
+        let openai = settings(&[("OPENAI_API_KEY", "sk-test-0123456789")]);
+        assert_eq!(route(&openai, "gemini-2.5-flash").unwrap().name(), "openai");
+        assert!(matches!(
+            route(&openai, "azure/x"),
+            Err(RouteError::AzureMissing(_))
+        ));
+        let azure = settings(&[
+            ("AZURE_OPENAI_API_KEY", "az-test-0123456789"),
+            ("AZURE_OPENAI_API_BASE", "https://r.openai.azure.com"),
+        ]);
+        assert!(
+            matches!(route(&azure, "gpt-4o").unwrap(), Upstream::Azure { deployment, .. } if deployment == "gpt-4o")
+        );
+        assert_eq!(route(&settings(&[]), "gpt-4o"), Err(RouteError::NoProvider));
+    }
+
+    #[test]
+    fn usage_counts_read_the_details() {
+        let u = json!({"prompt_tokens": 2048, "completion_tokens": 420, "total_tokens": 2468,
+                       "prompt_tokens_details": {"cached_tokens": 1536},
+                       "completion_tokens_details": {"reasoning_tokens": 256}});
+        assert_eq!(usage_counts(&u), [2048, 420, 2468, 1536, 256]);
+        assert_eq!(
+            usage_counts(&json!({"prompt_tokens": 3, "completion_tokens": 4})),
+            [3, 4, 7, 0, 0]
+        );
+        assert_eq!(usage_counts(&Value::Null), [0; 5]);
+    }
+}

@@ -1,0 +1,305 @@
+//! The OpenAI-compatible gateway (issue 19 item 2, non-streamed requests): API keys of scope
+//! `gateway`, the body passed through to a local mock speaking OpenAI's and Azure's wire
+//! format, the answer passed back, one row per request, errors in OpenAI's shape.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix_web::{App, test};
+use llm_tracker::Settings;
+use llm_tracker::api_keys::{self, NewKey, Scope};
+use llm_tracker::db::entities::usage;
+use llm_tracker::http::{AppState, configure};
+use llm_tracker::tracker::{StoreOptions, UsageStore};
+use sea_orm::EntityTrait;
+use serde_json::{Value, json};
+use wiremock::matchers::{header, method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::db_test;
+use crate::helpers::{TestDb, fixture};
+
+async fn key(t: &TestDb, username: &str, scopes: &[Scope]) -> String {
+    api_keys::create(
+        &t.db,
+        NewKey {
+            username: username.into(),
+            name: "gw".into(),
+            scopes: scopes.iter().copied().collect(),
+            lifetime: None,
+        },
+    )
+    .await
+    .unwrap()
+    .key
+}
+
+fn settings(t: &TestDb, vars: &[(&str, String)]) -> Settings {
+    let mut map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    map.insert("DATABASE_URL".into(), t.url.expose().to_owned());
+    map.insert("JWT_SECRET".into(), "gateway-test-secret-0123456789".into());
+    map.insert("LLM_TIMEOUT_SECS".into(), "5".into());
+    Settings::from_map(&map).unwrap()
+}
+
+async fn rows(t: &TestDb) -> Vec<usage::Model> {
+    let mut all = usage::Entity::find().all(&t.db).await.unwrap();
+    all.sort_by_key(|r| r.created_at);
+    all
+}
+
+macro_rules! call {
+    ($app:expr, $req:expr) => {{
+        let res = test::call_service(&$app, $req.to_request()).await;
+        let status = res.status().as_u16();
+        let retry = res
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = test::read_body(res).await;
+        let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        (status, json, retry)
+    }};
+}
+
+fn chat(key: &str, body: &Value) -> test::TestRequest {
+    test::TestRequest::post()
+        .uri("/v1/chat/completions")
+        .insert_header(("authorization", format!("Bearer {key}")))
+        .insert_header(("content-type", "application/json"))
+        .set_payload(body.to_string())
+}
+
+db_test!(
+    async fn the_gateway_passes_chat_completions_through_and_records_one_row_each(
+        backend: Backend,
+    ) {
+        let t = TestDb::migrated(backend).await;
+        let svc = crate::api_keys::user(&t, "svc", false).await;
+        let gw = key(&t, "svc", &[Scope::Gateway]).await;
+        let ingest_only = key(&t, "svc", &[Scope::Ingest]).await;
+        let provider = MockServer::start().await;
+        let success: Value =
+            serde_json::from_str(&fixture("providers/openai_success.json")).unwrap();
+        Mock::given(method("POST"))
+            .and(path("/v1/chat/completions"))
+            .and(header("authorization", "Bearer sk-gateway-test-0123456789"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(&success))
+            .up_to_n_times(1)
+            .mount(&provider)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1/chat/completions"))
+            .respond_with(
+                ResponseTemplate::new(429)
+                    .insert_header("retry-after", "2")
+                    .set_body_string(
+                        fixture("providers/openai_429.json")
+                            .replace("org-TESTORG123", "sk-gateway-test-0123456789"),
+                    ),
+            )
+            .mount(&provider)
+            .await;
+        let azure = MockServer::start().await;
+        let azure_ok: Value =
+            serde_json::from_str(&fixture("providers/azure_success.json")).unwrap();
+        Mock::given(method("POST"))
+            .and(path("/openai/deployments/prod-4o/chat/completions"))
+            .and(query_param("api-version", "2024-10-21"))
+            .and(header("api-key", "az-gateway-test-0123456789"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(&azure_ok))
+            .mount(&azure)
+            .await;
+        let s = settings(
+            &t,
+            &[
+                ("OPENAI_API_KEY", "sk-gateway-test-0123456789".into()),
+                ("OPENAI_BASE_URL", format!("{}/v1", provider.uri())),
+                ("AZURE_OPENAI_API_KEY", "az-gateway-test-0123456789".into()),
+                ("AZURE_OPENAI_API_BASE", azure.uri()),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            UsageStore::open(
+                t.db.clone(),
+                StoreOptions::new(dir.path().join("spool.jsonl")),
+            )
+            .await,
+        );
+        let state = AppState::new(t.db.clone(), s).with_store(store.clone());
+        let app = test::init_service(App::new().configure(configure(state))).await;
+
+        // Keys: OpenAI's error shape.
+        let body = json!({"model": "o4-mini", "messages": [{"role": "user", "content": "hi"}],
+                          "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                          "seed": 7, "user": "end-user-1", "response_format": {"type": "json_object"}});
+        let (s, j, _) = call!(
+            app,
+            test::TestRequest::post()
+                .uri("/v1/chat/completions")
+                .set_json(&body)
+        );
+        assert_eq!(
+            (s, j["error"]["code"].as_str()),
+            (401, Some("invalid_api_key"))
+        );
+        let (s, j, _) = call!(app, chat(&ingest_only, &body));
+        assert_eq!(
+            (s, j["error"]["code"].as_str()),
+            (403, Some("permission_denied"))
+        );
+        let (s, _, _) = call!(
+            app,
+            chat("ltk_AAAAAAAA_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB", &body)
+        );
+        assert_eq!(s, 401);
+        // Bad requests: nothing sent, nothing recorded.
+        for bad in [
+            json!([1]),
+            json!({"messages": []}),
+            json!({"model": "gpt-4o", "stream": true, "messages": []}),
+            json!({"model": "  ", "messages": []}),
+        ] {
+            let (s, j, _) = call!(app, chat(&gw, &bad));
+            assert_eq!(s, 400, "{bad}");
+            assert!(j["error"]["message"].is_string(), "{j}");
+        }
+        assert!(provider.received_requests().await.unwrap().is_empty());
+        assert!(rows(&t).await.is_empty());
+
+        // Through to OpenAI: the body as sent, the answer as given, one row.
+        let (s, j, _) = call!(
+            app,
+            chat(&gw, &body).insert_header(("x-node-name", "py-worker-3"))
+        );
+        assert_eq!(s, 200);
+        assert_eq!(j, success);
+        let sent: Value =
+            serde_json::from_slice(&provider.received_requests().await.unwrap()[0].body).unwrap();
+        assert_eq!(sent, body, "unknown fields pass through unchanged");
+        let r = rows(&t).await;
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].user_id, Some(svc.id));
+        assert!(r[0].success);
+        assert_eq!(r[0].model, success["model"]);
+        assert_eq!(
+            (
+                r[0].prompt_tokens,
+                r[0].completion_tokens,
+                r[0].total_tokens,
+                r[0].cached_tokens
+            ),
+            (2048, 420, 2468, 1536)
+        );
+        assert_eq!(
+            i64::from(r[0].reasoning_tokens),
+            success["usage"]["completion_tokens_details"]["reasoning_tokens"]
+                .as_i64()
+                .unwrap()
+        );
+        assert_eq!(r[0].metadata["source_type"], "gateway");
+        assert_eq!(r[0].metadata["api_key"], gw[..12]);
+        assert_eq!(r[0].metadata["node_name"], "py-worker-3");
+        assert_eq!(r[0].metadata["provider"], "openai");
+        assert!(r[0].started_at.is_some() && r[0].cost.is_some());
+
+        // The provider's 429: its status, Retry-After and message (the key redacted); a row.
+        let (s, j, retry) = call!(app, chat(&gw, &body));
+        assert_eq!((s, retry.as_deref()), (429, Some("2")));
+        assert_eq!(j["error"]["code"], "rate_limit_exceeded");
+        let message = j["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("Rate limit") && !message.contains("sk-gateway-test"),
+            "{message}"
+        );
+        let r = rows(&t).await;
+        assert_eq!(r.len(), 2);
+        assert!(!r[1].success && r[1].error.as_deref().unwrap().starts_with("429"));
+        assert!(!r[1].error.as_deref().unwrap().contains("sk-gateway-test"));
+        assert_eq!(r[1].node_name_or_default(), "gateway");
+
+        // Azure by `azure/<deployment>`.
+        let (s, j, _) = call!(
+            app,
+            chat(
+                &gw,
+                &json!({"model": "azure/prod-4o", "messages": [{"role": "user", "content": "hi"}]})
+            )
+        );
+        assert_eq!(s, 200, "{j}");
+        assert_eq!(j, azure_ok);
+        let sent: Value =
+            serde_json::from_slice(&azure.received_requests().await.unwrap()[0].body).unwrap();
+        assert_eq!(sent["model"], "prod-4o");
+        let r = rows(&t).await;
+        assert_eq!(
+            (r.len(), r[2].metadata["provider"].as_str()),
+            (3, Some("azure_openai"))
+        );
+
+        // Unreachable provider (nobody listens on its port): 502 in OpenAI's shape, a
+        // failure row.
+        let gone = settings(
+            &t,
+            &[
+                ("OPENAI_API_KEY", "sk-gateway-test-0123456789".into()),
+                (
+                    "OPENAI_BASE_URL",
+                    format!("http://127.0.0.1:{}/v1", crate::helpers::free_port()),
+                ),
+            ],
+        );
+        let down = test::init_service(App::new().configure(configure(
+            AppState::new(t.db.clone(), gone).with_store(store.clone()),
+        )))
+        .await;
+        let (s, j, _) = call!(down, chat(&gw, &body));
+        assert_eq!(
+            (s, j["error"]["code"].as_str()),
+            (502, Some("provider_unreachable"))
+        );
+        let r = rows(&t).await;
+        assert_eq!(r.len(), 4);
+        assert!(!r[3].success);
+
+        // The models list.
+        let (s, j, _) = call!(
+            app,
+            test::TestRequest::get()
+                .uri("/v1/models")
+                .insert_header(("authorization", format!("Bearer {gw}")))
+        );
+        assert_eq!(s, 200);
+        assert_eq!(j["object"], "list");
+        let ids: Vec<&str> = j["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert!(
+            ids.contains(&"gpt-4o") && ids.contains(&"azure/gpt-4o-mini"),
+            "{ids:?}"
+        );
+        let (s, _, _) = call!(app, test::TestRequest::get().uri("/v1/models"));
+        assert_eq!(s, 401);
+        store.shutdown().await;
+    }
+);
+
+trait NodeName {
+    fn node_name_or_default(&self) -> String;
+}
+
+impl NodeName for usage::Model {
+    fn node_name_or_default(&self) -> String {
+        self.metadata["node_name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
