@@ -167,6 +167,8 @@ pub struct Call<'a> {
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
     pub stream: bool,
+    /// More `metadata` (a stream's `first_chunk_at`, `usage_incomplete`, …).
+    pub extra: Map<String, Value>,
 }
 
 /// The usage row of a gateway request.
@@ -179,6 +181,7 @@ pub fn row(call: Call<'_>, prices: &PriceTable) -> usage::Model {
     metadata.insert("node_name".into(), json!(call.node_name));
     metadata.insert("provider".into(), json!(call.upstream.name()));
     metadata.insert("stream".into(), json!(call.stream));
+    metadata.extend(call.extra);
     let model: String = call.model.chars().take(255).collect();
     let cost = prices.cost_micros(
         &model,
@@ -205,6 +208,106 @@ pub fn row(call: Call<'_>, prices: &PriceTable) -> usage::Model {
         started_at: Some(call.started_at.trunc_subsecs(6)),
         cost: cost.map(usage::Cost),
         cost_currency: crate::pricing::CURRENCY.into(),
+    }
+}
+
+/// Reads a streamed Chat Completions answer as it passes: splits the server-sent events,
+/// keeps the model, the usage chunk and the first chunk's time, and says which events go on to
+/// the client (the usage-only chunk only when the client asked for usage).
+#[derive(Debug, Default)]
+pub struct StreamReader {
+    buf: Vec<u8>,
+    /// The client asked for the usage chunk (`stream_options.include_usage`).
+    pub client_wants_usage: bool,
+    pub model: Option<String>,
+    pub usage: Option<[i32; 5]>,
+    pub first_chunk_at: Option<DateTime<Utc>>,
+    /// An `error` object sent inside the stream.
+    pub error: Option<String>,
+    /// `[DONE]` seen.
+    pub done: bool,
+}
+
+impl StreamReader {
+    /// A reader for a client that did (`true`) or did not ask for the usage chunk.
+    pub fn new(client_wants_usage: bool) -> Self {
+        Self {
+            client_wants_usage,
+            ..Default::default()
+        }
+    }
+
+    /// Bytes from the provider in, the bytes to forward out (whole events, in order).
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some((end, sep)) = find_event_end(&self.buf) {
+            let event: Vec<u8> = self.buf.drain(..end + sep).collect();
+            if self.keep(&event[..end]) {
+                out.extend_from_slice(&event);
+            }
+        }
+        out
+    }
+
+    /// What is left when the provider's stream ends (an event without its blank line).
+    pub fn finish(&mut self) -> Vec<u8> {
+        let rest = std::mem::take(&mut self.buf);
+        if rest.iter().all(u8::is_ascii_whitespace) || self.keep(&rest) {
+            rest
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn keep(&mut self, event: &[u8]) -> bool {
+        let text = String::from_utf8_lossy(event);
+        let data: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+            .collect::<Vec<_>>()
+            .join("\n");
+        if data.trim() == "[DONE]" {
+            self.done = true;
+            return true;
+        }
+        let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
+            return true;
+        };
+        if self.first_chunk_at.is_none() {
+            self.first_chunk_at = Some(Utc::now());
+        }
+        if let Some(m) = chunk["model"].as_str().filter(|m| !m.is_empty()) {
+            self.model = Some(m.to_owned());
+        }
+        if let Some(e) = chunk.get("error") {
+            self.error = Some(
+                e["message"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| e.to_string()),
+            );
+        }
+        if chunk["usage"].is_object() {
+            self.usage = Some(usage_counts(&chunk["usage"]));
+            let usage_only = chunk["choices"].as_array().is_none_or(Vec::is_empty);
+            return self.client_wants_usage || !usage_only;
+        }
+        true
+    }
+}
+
+/// The end of the first whole event in `buf` and the length of its blank line.
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
     }
 }
 
@@ -256,6 +359,27 @@ mod tests {
             matches!(route(&azure, "gpt-4o").unwrap(), Upstream::Azure { deployment, .. } if deployment == "gpt-4o")
         );
         assert_eq!(route(&settings(&[]), "gpt-4o"), Err(RouteError::NoProvider));
+    }
+
+    #[test]
+    fn a_stream_is_read_in_pieces_and_the_usage_chunk_kept_back_unless_asked_for() {
+        let sse = "data: {\"model\":\"m-1\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
+                   data: {\"model\":\"m-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\r\n\r\n\
+                   data: [DONE]\n\n";
+        for wants in [false, true] {
+            let mut r = StreamReader::new(wants);
+            let mut out = Vec::new();
+            for piece in sse.as_bytes().chunks(7) {
+                out.extend(r.push(piece));
+            }
+            out.extend(r.finish());
+            let text = String::from_utf8(out).unwrap();
+            assert_eq!(text.contains("prompt_tokens"), wants, "{text}");
+            assert!(text.contains("\"Hi\"") && text.ends_with("data: [DONE]\n\n"));
+            assert_eq!(r.usage, Some([3, 2, 5, 0, 0]));
+            assert_eq!(r.model.as_deref(), Some("m-1"));
+            assert!(r.done && r.first_chunk_at.is_some());
+        }
     }
 
     #[test]

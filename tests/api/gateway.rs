@@ -161,7 +161,6 @@ db_test!(
         for bad in [
             json!([1]),
             json!({"messages": []}),
-            json!({"model": "gpt-4o", "stream": true, "messages": []}),
             json!({"model": "  ", "messages": []}),
         ] {
             let (s, j, _) = call!(app, chat(&gw, &bad));
@@ -303,3 +302,181 @@ impl NodeName for usage::Model {
             .to_owned()
     }
 }
+
+/// A provider that sends the first event of a stream, then nothing for `hold`.
+async fn stalling_provider(hold: std::time::Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // The request head and its body (Content-Length).
+                loop {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let event = "data: {\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n";
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(chunk.as_bytes()).await;
+                let _ = sock.flush().await;
+                tokio::time::sleep(hold).await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+db_test!(
+    async fn streamed_completions_are_forwarded_as_they_come_and_recorded_even_when_the_client_leaves(
+        backend: Backend,
+    ) {
+        let t = TestDb::migrated(backend).await;
+        crate::api_keys::user(&t, "svc", false).await;
+        let gw = key(&t, "svc", &[Scope::Gateway]).await;
+        let provider = MockServer::start().await;
+        let sse = fixture("providers/openai_stream.sse");
+        Mock::given(method("POST"))
+            .and(path("/v1/chat/completions"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "text/event-stream")
+                    .set_body_string(sse.clone()),
+            )
+            .mount(&provider)
+            .await;
+        let s = settings(
+            &t,
+            &[
+                ("OPENAI_API_KEY", "sk-gateway-test-0123456789".into()),
+                ("OPENAI_BASE_URL", format!("{}/v1", provider.uri())),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            UsageStore::open(
+                t.db.clone(),
+                StoreOptions::new(dir.path().join("spool.jsonl")),
+            )
+            .await,
+        );
+        let app = test::init_service(App::new().configure(configure(
+            AppState::new(t.db.clone(), s).with_store(store.clone()),
+        )))
+        .await;
+        let wait_rows = |n: usize| {
+            let db = t.db.clone();
+            async move {
+                for _ in 0..100 {
+                    let mut all = usage::Entity::find().all(&db).await.unwrap();
+                    if all.len() >= n {
+                        all.sort_by_key(|r| r.created_at);
+                        return all;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                panic!("no row");
+            }
+        };
+
+        // With include_usage: every event, the usage chunk too; without: all but that chunk.
+        for (wants, n) in [(true, 1), (false, 2)] {
+            let mut body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+            if wants {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            let res = test::call_service(&app, chat(&gw, &body).to_request()).await;
+            assert_eq!(res.status().as_u16(), 200);
+            assert_eq!(
+                res.headers().get("content-type").unwrap(),
+                "text/event-stream"
+            );
+            let text = String::from_utf8(test::read_body(res).await.to_vec()).unwrap();
+            assert!(
+                text.contains("Hello") && text.trim_end().ends_with("data: [DONE]"),
+                "{text}"
+            );
+            assert_eq!(text.contains("\"prompt_tokens\":19"), wants, "{text}");
+            if wants {
+                assert_eq!(text, sse, "forwarded unchanged");
+            }
+            let sent: Value =
+                serde_json::from_slice(&provider.received_requests().await.unwrap()[n - 1].body)
+                    .unwrap();
+            assert_eq!(
+                sent["stream_options"]["include_usage"], true,
+                "usage always asked for"
+            );
+            let r = wait_rows(n).await;
+            let row = &r[n - 1];
+            assert!(row.success);
+            assert_eq!(
+                (row.prompt_tokens, row.completion_tokens, row.total_tokens),
+                (19, 10, 29)
+            );
+            assert_eq!(row.model, "gpt-4o-mini-2024-07-18");
+            assert_eq!(row.metadata["stream"], true);
+            assert!(row.metadata["first_chunk_at"].is_string());
+            assert!(row.metadata.get("usage_incomplete").is_none());
+        }
+
+        // The client leaves after the first event: the row is still recorded, marked.
+        let stalled = settings(
+            &t,
+            &[
+                ("OPENAI_API_KEY", "sk-gateway-test-0123456789".into()),
+                (
+                    "OPENAI_BASE_URL",
+                    stalling_provider(std::time::Duration::from_secs(30)).await,
+                ),
+            ],
+        );
+        let slow = test::init_service(App::new().configure(configure(
+            AppState::new(t.db.clone(), stalled).with_store(store.clone()),
+        )))
+        .await;
+        let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+        let res = test::call_service(&slow, chat(&gw, &body).to_request()).await;
+        assert_eq!(res.status().as_u16(), 200);
+        let mut stream = res.into_body();
+        let first = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            futures_util::future::poll_fn(|cx| {
+                actix_web::body::MessageBody::poll_next(std::pin::Pin::new(&mut stream), cx)
+            }),
+        )
+        .await
+        .expect("the first event arrives before the stream ends")
+        .unwrap()
+        .unwrap();
+        assert!(String::from_utf8_lossy(&first).contains("Hel"));
+        drop(stream);
+        let r = wait_rows(3).await;
+        let row = &r[2];
+        assert_eq!(row.metadata["client_disconnected"], true);
+        assert_eq!(row.metadata["usage_incomplete"], true);
+        assert_eq!(row.model, "gpt-4o-mini-2024-07-18");
+        store.shutdown().await;
+    }
+);

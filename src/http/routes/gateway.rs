@@ -99,8 +99,10 @@ fn http_client() -> &'static reqwest::Client {
 }
 
 /// `POST /v1/chat/completions`: the body goes to the provider unchanged (Azure: `model` set
-/// to the deployment), the answer comes back unchanged (errors with secrets redacted), and one
-/// row is recorded through the tracker's write path.
+/// to the deployment; streams: `stream_options.include_usage` set), the answer comes back
+/// unchanged (streams event by event as they arrive, the usage chunk only when the client asked
+/// for it; errors with secrets redacted), and one row is recorded through the tracker's write
+/// path — for a stream when it ends or the client goes away.
 pub async fn chat_completions(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -162,13 +164,20 @@ pub async fn chat_completions(
             "missing_model",
         );
     };
-    if request.get("stream").and_then(Value::as_bool) == Some(true) {
-        return openai_error(
-            StatusCode::BAD_REQUEST,
-            "stream: streamed replies are not available through this gateway yet; send the request without stream.",
-            "invalid_request_error",
-            "stream_not_supported",
-        );
+    // Streams always ask the provider for usage; the client gets the usage chunk only if it
+    // asked for it too.
+    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    let client_wants_usage = request
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    if stream {
+        let options = request.entry("stream_options").or_insert_with(|| json!({}));
+        if !options.is_object() {
+            *options = json!({});
+        }
+        options["include_usage"] = Value::Bool(true);
     }
     let upstream = match gateway::route(&state.settings, &model) {
         Ok(u) => u,
@@ -230,7 +239,8 @@ pub async fn chat_completions(
                 usage,
                 error,
                 started_at,
-                stream: false,
+                stream,
+                extra: Default::default(),
             },
             &settings.prices,
         )
@@ -257,6 +267,31 @@ pub async fn chat_completions(
         .headers()
         .get("retry-after")
         .and_then(|v| actix_web::http::header::HeaderValue::from_bytes(v.as_bytes()).ok());
+    if stream && status.is_success() {
+        let guard = RowGuard {
+            store: store.clone(),
+            prices: settings.prices.clone(),
+            user_id: owner.user_id,
+            key_prefix: owner.prefix.clone(),
+            node_name: node_name.clone(),
+            upstream: upstream.clone(),
+            model: model.clone(),
+            started_at,
+            secrets: secrets.clone(),
+            reader: gateway::StreamReader::new(client_wants_usage),
+            upstream_error: None,
+            ended: false,
+            recorded: false,
+        };
+        let body = GatewayStream {
+            upstream: Box::pin(response.bytes_stream()),
+            guard,
+        };
+        return HttpResponse::build(status)
+            .content_type("text/event-stream")
+            .insert_header(("cache-control", "no-cache"))
+            .streaming(body);
+    }
     let text = match response.bytes().await {
         Ok(b) => b,
         Err(e) => {
@@ -312,4 +347,122 @@ pub async fn chat_completions(
             .insert(actix_web::http::header::RETRY_AFTER, v);
     }
     res
+}
+
+/// What a streamed request's row needs; records it exactly once, when the stream ends or the
+/// client goes away (the response body is dropped), whichever comes first.
+struct RowGuard {
+    store: std::sync::Arc<crate::tracker::UsageStore>,
+    prices: std::sync::Arc<crate::pricing::PriceTable>,
+    user_id: i32,
+    key_prefix: String,
+    node_name: String,
+    upstream: Upstream,
+    model: String,
+    started_at: chrono::DateTime<chrono::Utc>,
+    secrets: Vec<String>,
+    reader: gateway::StreamReader,
+    upstream_error: Option<String>,
+    /// The provider's stream ended (else the client went away first).
+    ended: bool,
+    recorded: bool,
+}
+
+impl RowGuard {
+    fn record(&mut self) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let r = &self.reader;
+        let mut extra = serde_json::Map::new();
+        if let Some(t) = r.first_chunk_at {
+            extra.insert(
+                "first_chunk_at".into(),
+                json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+            );
+        }
+        if r.usage.is_none() {
+            extra.insert("usage_incomplete".into(), json!(true));
+        }
+        if !self.ended {
+            extra.insert("client_disconnected".into(), json!(true));
+        }
+        let error = self
+            .upstream_error
+            .clone()
+            .or_else(|| r.error.clone())
+            .map(|e| crate::redact::redact(&e, &self.secrets));
+        let row = gateway::row(
+            Call {
+                user_id: self.user_id,
+                key_prefix: &self.key_prefix,
+                node_name: &self.node_name,
+                upstream: &self.upstream,
+                model: r.model.as_deref().unwrap_or(&self.model),
+                usage: r.usage.unwrap_or_default(),
+                error,
+                started_at: self.started_at,
+                stream: true,
+                extra,
+            },
+            &self.prices,
+        );
+        let store = self.store.clone();
+        // The response may be dropped outside a task (the client went away): the row is
+        // stored by a task of its own, through the same never-lose path.
+        tokio::spawn(async move {
+            store.record(row).await;
+        });
+    }
+}
+
+/// The provider's events forwarded as they arrive (no buffering beyond one event).
+struct GatewayStream {
+    upstream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<web::Bytes>> + Send>>,
+    guard: RowGuard,
+}
+
+impl futures_util::Stream for GatewayStream {
+    type Item = Result<web::Bytes, actix_web::Error>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        loop {
+            if self.guard.ended {
+                return Poll::Ready(None);
+            }
+            match self.upstream.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(bytes))) => {
+                    let out = self.guard.reader.push(&bytes);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(web::Bytes::from(out))));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.guard.upstream_error =
+                        Some(format!("the provider's stream broke off: {e}"));
+                    self.guard.ended = true;
+                    self.guard.record();
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(None) => {
+                    let rest = self.guard.reader.finish();
+                    self.guard.ended = true;
+                    self.guard.record();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(web::Bytes::from(rest))));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for GatewayStream {
+    fn drop(&mut self) {
+        self.guard.record();
+    }
 }
