@@ -90,6 +90,20 @@ ensure_chromium() {
 }
 ensure_chromium
 
+# The gateway test drives the official `openai` Python package (issue 19): a throwaway venv
+# under target/, made once and reused (pip from PyPI). Without it that test fails and says why.
+ensure_openai_sdk() {
+  local venv="$PWD/target/openai-sdk-venv"
+  if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+    say "installing the openai Python package into $venv"
+    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q 'openai>=1.40' >&2 \
+      || { say "could not install the openai package: the gateway SDK test will fail"; return 0; }
+  fi
+  export OPENAI_SDK_PYTHON="$venv/bin/python"
+  say "openai $("$OPENAI_SDK_PYTHON" -c 'import openai; print(openai.__version__)') for the gateway SDK test"
+}
+ensure_openai_sdk
+
 if [ -z "${TEST_DATABASE_URL:-}" ]; then
   start_postgres
 else

@@ -480,3 +480,158 @@ db_test!(
         store.shutdown().await;
     }
 );
+
+/// The Python interpreter with the official `openai` package (`scripts/test.sh` makes a venv
+/// and sets `OPENAI_SDK_PYTHON`). Missing: a failure under `CI=true`, else the test is skipped.
+fn sdk_python() -> Option<String> {
+    match std::env::var("OPENAI_SDK_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("OPENAI_SDK_PYTHON is not set: scripts/test.sh installs the openai package")
+        }
+        _ => {
+            eprintln!("skipped: OPENAI_SDK_PYTHON not set (scripts/test.sh sets it)");
+            None
+        }
+    }
+}
+
+db_test!(
+    async fn the_official_openai_python_package_works_through_the_gateway(backend: Backend) {
+        let Some(python) = sdk_python() else { return };
+        let t = TestDb::migrated(backend).await;
+        crate::api_keys::user(&t, "svc", false).await;
+        let gw = key(&t, "svc", &[Scope::Gateway]).await;
+        let provider = MockServer::start().await;
+        let success: Value =
+            serde_json::from_str(&fixture("providers/openai_success.json")).unwrap();
+        let tool_call = json!({
+            "id": "chatcmpl-tool1", "object": "chat.completion", "created": 1754006400, "model": "gpt-4o-2024-08-06",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": null, "message": {
+                "role": "assistant", "content": null, "refusal": null,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]}}],
+            "usage": {"prompt_tokens": 80, "completion_tokens": 17, "total_tokens": 97}
+        });
+        use wiremock::matchers::body_partial_json;
+        Mock::given(method("POST"))
+            .and(body_partial_json(json!({"model": "rate-limited"})))
+            .respond_with(
+                ResponseTemplate::new(429)
+                    .insert_header("retry-after", "1")
+                    .set_body_string(fixture("providers/openai_429.json")),
+            )
+            .mount(&provider)
+            .await;
+        Mock::given(method("POST"))
+            .and(body_partial_json(json!({"model": "tool-model"})))
+            .respond_with(ResponseTemplate::new(200).set_body_json(&tool_call))
+            .mount(&provider)
+            .await;
+        Mock::given(method("POST"))
+            .and(body_partial_json(json!({"stream": true})))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "text/event-stream")
+                    .set_body_string(fixture("providers/openai_stream.sse")),
+            )
+            .mount(&provider)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1/chat/completions"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(&success))
+            .mount(&provider)
+            .await;
+        let s = settings(
+            &t,
+            &[
+                ("OPENAI_API_KEY", "sk-gateway-test-0123456789".into()),
+                ("OPENAI_BASE_URL", format!("{}/v1", provider.uri())),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            UsageStore::open(
+                t.db.clone(),
+                StoreOptions::new(dir.path().join("spool.jsonl")),
+            )
+            .await,
+        );
+        let expected_models = llm_tracker::gateway::model_list(&s)["data"]
+            .as_array()
+            .unwrap()
+            .len();
+        let state = AppState::new(t.db.clone(), s).with_store(store.clone());
+        let server = actix_web::HttpServer::new(move || llm_tracker::http::app(state.clone()))
+            .workers(1)
+            .bind(("127.0.0.1", 0))
+            .unwrap();
+        let addr = server.addrs()[0];
+        let server = server.run();
+        let handle = server.handle();
+        actix_web::rt::spawn(server);
+        let script = format!("{}/tests/python/gateway_sdk.py", env!("CARGO_MANIFEST_DIR"));
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(python)
+                .arg(script)
+                .env("GATEWAY_BASE_URL", format!("http://{addr}/v1"))
+                .env("GATEWAY_KEY", gw)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        handle.stop(true).await;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let out: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            out["plain"]["content"],
+            success["choices"][0]["message"]["content"]
+        );
+        assert_eq!(out["plain"]["prompt_tokens"], 2048);
+        assert_eq!(out["plain"]["cached_tokens"], 1536);
+        assert_eq!(
+            out["tool"],
+            json!({"name": "get_weather", "arguments": {"city": "Oslo"}, "finish_reason": "tool_calls"})
+        );
+        assert_eq!(
+            out["stream_usage"],
+            json!({"text": "Hello! How can I help?", "usage": 29})
+        );
+        assert_eq!(
+            out["stream"],
+            json!({"text": "Hello! How can I help?", "usage": null})
+        );
+        assert_eq!(
+            out["rate_limited"],
+            json!({"status": 429, "code": "rate_limit_exceeded"})
+        );
+        assert_eq!(out["bad_key"], json!({"status": 401}));
+        assert_eq!(out["models"].as_u64().unwrap() as usize, expected_models);
+        assert!(expected_models > 1);
+        // One row per chat request: plain, tool, two streams, the 429.
+        let mut rows = Vec::new();
+        for _ in 0..100 {
+            rows = usage::Entity::find().all(&t.db).await.unwrap();
+            if rows.len() >= 5 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(rows.len(), 5, "{rows:#?}");
+        assert_eq!(rows.iter().filter(|r| r.success).count(), 4);
+        assert_eq!(
+            rows.iter().filter(|r| r.total_tokens == 29).count(),
+            2,
+            "both streams counted"
+        );
+        assert!(
+            rows.iter()
+                .any(|r| r.total_tokens == 97 && r.model == "gpt-4o-2024-08-06")
+        );
+        store.shutdown().await;
+    }
+);
