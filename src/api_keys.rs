@@ -442,7 +442,24 @@ struct Remembered {
     confirmed: std::time::Instant,
 }
 
+impl Remembered {
+    fn check(self, scope: Scope) -> Result<KeyOwner, Refused> {
+        if self.expires_at.is_some_and(|t| t <= now()) {
+            return Err(Refused::Expired);
+        }
+        if !self.scopes.split(',').any(|s| s == scope.as_str()) {
+            return Err(Refused::Scope(scope.as_str()));
+        }
+        Ok(self.owner)
+    }
+}
+
 impl KeyCache {
+    /// How long after the database confirmed a key it is accepted without asking again: the
+    /// gateway and the ingest API then add no query per request, and a revocation (or a
+    /// deactivated user) takes effect on every server within this time.
+    pub const FRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
     /// How long after its last confirmation a key is trusted without the database.
     pub const TTL: std::time::Duration = std::time::Duration::from_secs(600);
     const MAX_ENTRIES: usize = 10_000;
@@ -456,6 +473,18 @@ impl KeyCache {
         scope: Scope,
     ) -> Result<Result<KeyOwner, Refused>, DbErr> {
         let hash = presented.map(|k| sha256_hex(k.trim()));
+        // Confirmed by the database within FRESH: no query (a revocation reaches every server
+        // within FRESH).
+        let fresh = hash.as_ref().and_then(|h| {
+            let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            entries
+                .get(h)
+                .filter(|r| r.confirmed.elapsed() < Self::FRESH)
+                .cloned()
+        });
+        if let Some(r) = fresh {
+            return Ok(r.check(scope));
+        }
         match authenticate_with(db, presented, scope).await {
             Ok((answer, scopes, expires_at)) => {
                 let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -495,13 +524,7 @@ impl KeyCache {
                     return Err(e);
                 };
                 tracing::warn!(prefix = %r.owner.prefix, "database unavailable: API key accepted from the cache");
-                if r.expires_at.is_some_and(|t| t <= now()) {
-                    return Ok(Err(Refused::Expired));
-                }
-                if !r.scopes.split(',').any(|s| s == scope.as_str()) {
-                    return Ok(Err(Refused::Scope(scope.as_str())));
-                }
-                Ok(Ok(r.owner))
+                Ok(r.check(scope))
             }
         }
     }

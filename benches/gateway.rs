@@ -1,0 +1,249 @@
+//! What the gateway adds to a call: `POST /v1/chat/completions` through llm-tracker to a local
+//! mock provider (an actix server answering the OpenAI fixture at once), against the same
+//! requests sent to the mock directly; rows committed to PostgreSQL (or SQLite).
+//!
+//! `BENCH_DATABASE_URL=postgres://postgres@127.0.0.1:55432/bench_gateway cargo bench --bench gateway`
+//! (`BENCH_CALLS`, default 4000 per line; `BENCH_CONCURRENCY`, default `1,64`;
+//! `USAGE_WRITE_MODE=queued` to measure the queued write mode).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llm_tracker::Settings;
+use llm_tracker::api_keys::{self, NewKey, Scope};
+use llm_tracker::config::DatabaseUrl;
+use llm_tracker::http::{AppState, app};
+use llm_tracker::tracker::{StoreOptions, UsageStore};
+use llm_tracker::users::{NewUser, create_user};
+
+const REPLY: &str = include_str!("../tests/fixtures/providers/openai_success.json");
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs `f` on an actix system of its own in a thread; returns what it sends back.
+fn spawn_server<F>(f: F) -> String
+where
+    F: FnOnce(
+            std::sync::mpsc::Sender<String>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+        + Send
+        + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || actix_web::rt::System::new().block_on(f(tx)));
+    rx.recv().unwrap()
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+async fn run(
+    http: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    calls: usize,
+    concurrency: usize,
+) -> (Vec<Duration>, Duration) {
+    let body = r#"{"model":"o4-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    let started = Instant::now();
+    let per = calls / concurrency;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (http, url, key) = (http.clone(), url.to_owned(), key.map(str::to_owned));
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::with_capacity(per);
+            for _ in 0..per {
+                let t = Instant::now();
+                let mut req = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body);
+                if let Some(k) = &key {
+                    req = req.bearer_auth(k);
+                }
+                let res = req.send().await.unwrap();
+                assert_eq!(res.status(), 200);
+                let _ = res.bytes().await.unwrap();
+                times.push(t.elapsed());
+            }
+            times
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort();
+    (all, started.elapsed())
+}
+
+fn q(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let url = std::env::var("BENCH_DATABASE_URL").unwrap_or_else(|_| {
+        format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("gateway.db").display()
+        )
+    });
+    let label = if url.starts_with("postgres") {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", &url).unwrap())
+        .await
+        .unwrap();
+    llm_tracker::db::migrate(&db).await.unwrap();
+    let username = format!("gateway-bench-{}", std::process::id());
+    create_user(
+        &db,
+        NewUser {
+            username: username.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let key = api_keys::create(
+        &db,
+        NewKey {
+            username,
+            name: "bench".into(),
+            scopes: [Scope::Gateway].into(),
+            lifetime: None,
+        },
+    )
+    .await
+    .unwrap()
+    .key;
+
+    let mock = spawn_server(|tx| {
+        Box::pin(async move {
+            let server = actix_web::HttpServer::new(|| {
+                actix_web::App::new().route(
+                    "/v1/chat/completions",
+                    actix_web::web::post().to(|| async {
+                        actix_web::HttpResponse::Ok()
+                            .content_type("application/json")
+                            .body(REPLY)
+                    }),
+                )
+            })
+            .workers(1)
+            .bind(("127.0.0.1", 0))
+            .unwrap();
+            let addr = server.addrs()[0];
+            tx.send(format!("http://{addr}/v1")).unwrap();
+            server.run().await.unwrap();
+        })
+    });
+    let vars = std::collections::HashMap::from([
+        ("DATABASE_URL".to_owned(), url.clone()),
+        (
+            "JWT_SECRET".to_owned(),
+            "gateway-bench-secret-0123456789".to_owned(),
+        ),
+        (
+            "OPENAI_API_KEY".to_owned(),
+            "sk-bench-0123456789".to_owned(),
+        ),
+        ("OPENAI_BASE_URL".to_owned(), mock.clone()),
+        (
+            "USAGE_WRITE_MODE".to_owned(),
+            std::env::var("USAGE_WRITE_MODE").unwrap_or_else(|_| "committed".into()),
+        ),
+    ]);
+    let settings = Settings::from_map(&vars).unwrap();
+    let spool = dir.path().join("spool.jsonl");
+    let server_db = db.clone();
+    let gateway = spawn_server(move |tx| {
+        Box::pin(async move {
+            let mut opts = StoreOptions::new(spool);
+            opts.commit_deadline = settings.usage_commit_deadline;
+            opts.write_mode = settings.usage_write_mode;
+            let store = Arc::new(UsageStore::open(server_db.clone(), opts).await);
+            let state = AppState::new(server_db, settings).with_store(store);
+            let server = actix_web::HttpServer::new(move || app(state.clone()))
+                .workers(2)
+                .bind(("127.0.0.1", 0))
+                .unwrap();
+            let addr = server.addrs()[0];
+            tx.send(format!("http://{addr}/v1")).unwrap();
+            server.run().await.unwrap();
+        })
+    });
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let calls: usize = env_or("BENCH_CALLS", 4000);
+    let levels: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
+        .unwrap_or_else(|_| "1,64".into())
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    // Warm both paths (connections, the key's last_used_at).
+    run(&http, &format!("{mock}/chat/completions"), None, 200, 4).await;
+    run(
+        &http,
+        &format!("{gateway}/chat/completions"),
+        Some(&key),
+        200,
+        4,
+    )
+    .await;
+    println!(
+        "# gateway benchmark: {label}, {calls} calls per line, one process (client, mock, gateway)"
+    );
+    println!();
+    println!(
+        "| database | concurrency | direct p50 | direct p99 | gateway p50 | gateway p99 | added p50 | added p99 | gateway calls/s | process RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let us = |d: Duration| format!("{} µs", d.as_micros());
+    for c in levels {
+        let (direct, _) = run(&http, &format!("{mock}/chat/completions"), None, calls, c).await;
+        let (through, elapsed) = run(
+            &http,
+            &format!("{gateway}/chat/completions"),
+            Some(&key),
+            calls,
+            c,
+        )
+        .await;
+        let added = |p: f64| q(&through, p).saturating_sub(q(&direct, p));
+        println!(
+            "| {label} | {c} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} MB |",
+            us(q(&direct, 0.5)),
+            us(q(&direct, 0.99)),
+            us(q(&through, 0.5)),
+            us(q(&through, 0.99)),
+            us(added(0.5)),
+            us(added(0.99)),
+            through.len() as f64 / elapsed.as_secs_f64(),
+            rss_mb()
+        );
+    }
+}
