@@ -635,3 +635,118 @@ db_test!(
         store.shutdown().await;
     }
 );
+
+db_test!(
+    async fn gemini_is_translated_both_ways_through_the_gateway(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        crate::api_keys::user(&t, "svc", false).await;
+        let gw = key(&t, "svc", &[Scope::Gateway]).await;
+        let gemini = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/v1beta/models/gemini-2.5-flash:generateContent"))
+            .and(header("x-goog-api-key", "gm-gateway-test-0123456789"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_string(fixture("providers/gemini_success.json")),
+            )
+            .mount(&gemini)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/v1beta/models/gemini-2.5-pro:generateContent"))
+            .respond_with(
+                ResponseTemplate::new(429)
+                    .insert_header("retry-after", "7")
+                    .set_body_string(fixture("providers/gemini_429.json")),
+            )
+            .mount(&gemini)
+            .await;
+        let s = settings(
+            &t,
+            &[
+                ("OPENAI_API_KEY", "sk-gateway-test-0123456789".into()),
+                ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1".into()),
+                ("GEMINI_API_KEY", "gm-gateway-test-0123456789".into()),
+                ("GEMINI_BASE_URL", gemini.uri()),
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            UsageStore::open(
+                t.db.clone(),
+                StoreOptions::new(dir.path().join("spool.jsonl")),
+            )
+            .await,
+        );
+        let app = test::init_service(App::new().configure(configure(
+            AppState::new(t.db.clone(), s).with_store(store.clone()),
+        )))
+        .await;
+        let body = json!({"model": "gemini-2.5-flash", "temperature": 0.1, "max_tokens": 300,
+                          "response_format": {"type": "json_object"},
+                          "messages": [{"role": "system", "content": "Classify."}, {"role": "user", "content": "My bill is wrong"}]});
+        let (s, j, _) = call!(app, chat(&gw, &body));
+        assert_eq!(s, 200, "{j}");
+        assert_eq!(j["object"], "chat.completion");
+        assert_eq!(
+            j["choices"][0]["message"]["content"],
+            "{\"category\": \"billing\", \"confidence\": 0.9}"
+        );
+        assert_eq!(j["choices"][0]["finish_reason"], "stop");
+        assert_eq!(j["usage"]["prompt_tokens_details"]["cached_tokens"], 1536);
+        assert_eq!(
+            j["usage"]["completion_tokens_details"]["reasoning_tokens"],
+            384
+        );
+        let sent: Value =
+            serde_json::from_slice(&gemini.received_requests().await.unwrap()[0].body).unwrap();
+        assert_eq!(sent["systemInstruction"]["parts"][0]["text"], "Classify.");
+        assert_eq!(
+            sent["contents"],
+            json!([{"role": "user", "parts": [{"text": "My bill is wrong"}]}])
+        );
+        assert_eq!(sent["generationConfig"]["maxOutputTokens"], 300);
+        assert_eq!(
+            sent["generationConfig"]["responseMimeType"],
+            "application/json"
+        );
+        let r = rows(&t).await;
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].metadata["provider"], "gemini");
+        assert_eq!(r[0].model, "gemini-2.5-flash");
+        assert_eq!(
+            (
+                r[0].prompt_tokens,
+                r[0].completion_tokens,
+                r[0].cached_tokens,
+                r[0].reasoning_tokens
+            ),
+            (2048, 420, 1536, 384)
+        );
+
+        // Gemini's 429: its status and Retry-After, OpenAI's error shape, a failure row.
+        let (s, j, retry) = call!(
+            app,
+            chat(
+                &gw,
+                &json!({"model": "gemini-2.5-pro", "messages": [{"role": "user", "content": "x"}]})
+            )
+        );
+        assert_eq!((s, retry.as_deref()), (429, Some("7")));
+        assert_eq!(j["error"]["code"], "resource_exhausted");
+        assert!(j["error"]["message"].as_str().unwrap().len() > 10);
+        let r = rows(&t).await;
+        assert!(r.len() == 2 && !r[1].success);
+        // Streams to Gemini and untranslatable messages: 400, nothing sent or recorded.
+        let before = gemini.received_requests().await.unwrap().len();
+        for bad in [
+            json!({"model": "gemini-2.5-flash", "stream": true, "messages": [{"role": "user", "content": "x"}]}),
+            json!({"model": "gemini-2.5-flash", "messages": [{"role": "robot", "content": "x"}]}),
+        ] {
+            let (s, j, _) = call!(app, chat(&gw, &bad));
+            assert_eq!(s, 400, "{j}");
+        }
+        assert_eq!(gemini.received_requests().await.unwrap().len(), before);
+        assert_eq!(rows(&t).await.len(), 2);
+        store.shutdown().await;
+    }
+);

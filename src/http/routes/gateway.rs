@@ -179,7 +179,7 @@ pub async fn chat_completions(
         }
         options["include_usage"] = Value::Bool(true);
     }
-    let upstream = match gateway::route(&state.settings, &model) {
+    let upstream = match gateway::route(&state.settings, &model, stream) {
         Ok(u) => u,
         Err(e) => {
             return openai_error(
@@ -207,6 +207,29 @@ pub async fn chat_completions(
                 .map(|k| k.expose())
                 .unwrap_or_default(),
         ),
+        Upstream::Gemini { url, .. } => {
+            match gateway::gemini::request(&request) {
+                Ok(Value::Object(translated)) => request = translated,
+                Ok(_) => request = serde_json::Map::new(),
+                Err(e) => {
+                    return openai_error(
+                        StatusCode::BAD_REQUEST,
+                        &e.to_string(),
+                        "invalid_request_error",
+                        "invalid_request",
+                    );
+                }
+            }
+            http_client().post(url).header(
+                "x-goog-api-key",
+                settings
+                    .gemini
+                    .api_key
+                    .as_ref()
+                    .map(|k| k.expose())
+                    .unwrap_or_default(),
+            )
+        }
         Upstream::Azure { url, deployment } => {
             request.insert("model".into(), Value::String(deployment.clone()));
             http_client().post(url).header(
@@ -309,7 +332,17 @@ pub async fn chat_completions(
         }
     };
     let answer: Value = serde_json::from_slice(&text).unwrap_or(Value::Null);
+    let gemini = matches!(upstream, Upstream::Gemini { .. });
     if status.is_success() {
+        // Gemini's answer is translated to OpenAI's shape; OpenAI's and Azure's pass unchanged.
+        let (answer, text) = if gemini {
+            let translated =
+                gateway::gemini::response(&answer, &model, chrono::Utc::now().timestamp());
+            let bytes = web::Bytes::from(translated.to_string());
+            (translated, bytes)
+        } else {
+            (answer, text)
+        };
         let answered_model = answer["model"].as_str().unwrap_or(&model).to_owned();
         store
             .record(record(
@@ -335,7 +368,14 @@ pub async fn chat_completions(
             Some(format!("{} {}", status.as_u16(), message)),
         ))
         .await;
-    let mut res = if answer["error"].is_object() {
+    let mut res = if gemini {
+        // Gemini's {"error": {"code", "message", "status"}} in OpenAI's shape.
+        let code = answer["error"]["status"]
+            .as_str()
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_else(|| "provider_error".into());
+        openai_error(status, &message, "api_error", &code)
+    } else if answer["error"].is_object() {
         let mut error = answer["error"].clone();
         error["message"] = Value::String(message);
         HttpResponse::build(status).json(json!({ "error": error }))

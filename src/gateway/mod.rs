@@ -3,8 +3,8 @@
 //!
 //! Routing, over the providers configured (an API key set; Azure also needs its API base):
 //! - `azure/<deployment>` → Azure OpenAI, that deployment;
-//! - a model starting with `gemini` → Gemini (not available through the gateway yet: refused
-//!   with 400 before anything is sent or recorded);
+//! - a model starting with `gemini` → Gemini (translated both ways, [`gemini`]; streamed
+//!   requests to Gemini are not available yet: refused with 400 before anything is sent);
 //! - anything else → OpenAI;
 //! - with only one provider configured, every model goes to it (`azure/` stripped for Azure).
 
@@ -16,11 +16,14 @@ use crate::config::Settings;
 use crate::db::entities::usage;
 use crate::pricing::{PriceTable, Tokens};
 
+pub mod gemini;
+
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
     OpenAi { url: String },
     Azure { url: String, deployment: String },
+    Gemini { url: String, model: String },
 }
 
 impl Upstream {
@@ -29,6 +32,7 @@ impl Upstream {
         match self {
             Upstream::OpenAi { .. } => "openai",
             Upstream::Azure { .. } => "azure_openai",
+            Upstream::Gemini { .. } => "gemini",
         }
     }
 }
@@ -40,8 +44,8 @@ pub enum RouteError {
     NoProvider,
     #[error("model {0:?}: Azure OpenAI is not configured on this gateway")]
     AzureMissing(String),
-    #[error("model {0:?}: Gemini is not available through the gateway yet")]
-    GeminiNotYet(String),
+    #[error("model {0:?}: streamed requests to Gemini are not available through the gateway yet")]
+    GeminiStreamNotYet(String),
 }
 
 fn configured(settings: &Settings) -> (bool, bool, bool) {
@@ -52,8 +56,8 @@ fn configured(settings: &Settings) -> (bool, bool, bool) {
     )
 }
 
-/// The upstream of a request for `model`, by the rule above.
-pub fn route(settings: &Settings, model: &str) -> Result<Upstream, RouteError> {
+/// The upstream of a request for `model`, by the rule above (`stream`: a streamed request).
+pub fn route(settings: &Settings, model: &str, stream: bool) -> Result<Upstream, RouteError> {
     let (openai, azure, gemini) = configured(settings);
     let only_azure = azure && !openai && !gemini;
     let azure_upstream = |deployment: &str| {
@@ -84,7 +88,17 @@ pub fn route(settings: &Settings, model: &str) -> Result<Upstream, RouteError> {
     }
     let is_gemini = model.to_ascii_lowercase().starts_with("gemini");
     if (is_gemini && gemini) || (gemini && !openai && !azure) {
-        return Err(RouteError::GeminiNotYet(model.to_owned()));
+        if stream {
+            return Err(RouteError::GeminiStreamNotYet(model.to_owned()));
+        }
+        return Ok(Upstream::Gemini {
+            url: format!(
+                "{}/v1beta/models/{}:generateContent",
+                settings.gemini.base_url.trim_end_matches('/'),
+                urlencode(model)
+            ),
+            model: model.to_owned(),
+        });
     }
     if openai {
         return Ok(Upstream::OpenAi {
@@ -333,8 +347,8 @@ mod tests {
             ("AZURE_OPENAI_API_BASE", "https://r.openai.azure.com/"),
             ("GEMINI_API_KEY", "gm-test-0123456789"),
         ]);
-        assert_eq!(route(&all, "gpt-4o").unwrap().name(), "openai");
-        match route(&all, "azure/my dep").unwrap() {
+        assert_eq!(route(&all, "gpt-4o", false).unwrap().name(), "openai");
+        match route(&all, "azure/my dep", false).unwrap() {
             Upstream::Azure { url, deployment } => {
                 assert_eq!(deployment, "my dep");
                 assert!(url.starts_with("https://r.openai.azure.com/openai/deployments/my%20dep/chat/completions?api-version="), "{url}");
@@ -342,13 +356,20 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            route(&all, "gemini-2.5-flash"),
-            Err(RouteError::GeminiNotYet(_))
+            route(&all, "gemini-2.5-flash", false),
+            Ok(Upstream::Gemini { .. })
+        ));
+        assert!(matches!(
+            route(&all, "gemini-2.5-flash", true),
+            Err(RouteError::GeminiStreamNotYet(_))
         ));
         let openai = settings(&[("OPENAI_API_KEY", "sk-test-0123456789")]);
-        assert_eq!(route(&openai, "gemini-2.5-flash").unwrap().name(), "openai");
+        assert_eq!(
+            route(&openai, "gemini-2.5-flash", false).unwrap().name(),
+            "openai"
+        );
         assert!(matches!(
-            route(&openai, "azure/x"),
+            route(&openai, "azure/x", false),
             Err(RouteError::AzureMissing(_))
         ));
         let azure = settings(&[
@@ -356,9 +377,12 @@ mod tests {
             ("AZURE_OPENAI_API_BASE", "https://r.openai.azure.com"),
         ]);
         assert!(
-            matches!(route(&azure, "gpt-4o").unwrap(), Upstream::Azure { deployment, .. } if deployment == "gpt-4o")
+            matches!(route(&azure, "gpt-4o", false).unwrap(), Upstream::Azure { deployment, .. } if deployment == "gpt-4o")
         );
-        assert_eq!(route(&settings(&[]), "gpt-4o"), Err(RouteError::NoProvider));
+        assert_eq!(
+            route(&settings(&[]), "gpt-4o", false),
+            Err(RouteError::NoProvider)
+        );
     }
 
     #[test]
