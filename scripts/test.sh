@@ -96,8 +96,16 @@ ensure_openai_sdk() {
   local venv="$PWD/target/openai-sdk-venv"
   if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
     say "installing the openai Python package into $venv"
-    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q 'openai>=1.40' >&2 \
-      || { say "could not install the openai package: the gateway SDK test will fail"; return 0; }
+    if ! { python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q 'openai>=1.40' >&2; }; then
+      # No venv module (Debian without python3-venv): the package into a folder of its own,
+      # run by a wrapper that puts it on the path.
+      say "python3 -m venv failed: installing with pip --target instead"
+      rm -rf "$venv" && mkdir -p "$venv/bin" \
+        && python3 -m pip install -q --target "$venv/lib" 'openai>=1.40' >&2 \
+        && printf '#!/bin/sh\nPYTHONPATH="%s/lib${PYTHONPATH:+:$PYTHONPATH}" exec python3 "$@"\n' "$venv" > "$venv/bin/python" \
+        && chmod +x "$venv/bin/python" \
+        || { say "could not install the openai package: the gateway SDK test will fail"; return 0; }
+    fi
   fi
   export OPENAI_SDK_PYTHON="$venv/bin/python"
   say "openai $("$OPENAI_SDK_PYTHON" -c 'import openai; print(openai.__version__)') for the gateway SDK test"
