@@ -258,6 +258,107 @@ pub fn response(gemini: &Value, requested_model: &str, created: i64) -> Value {
     })
 }
 
+/// Gemini's stream events as Chat Completions chunks: the text and function calls of each,
+/// the role on the first, `finish_reason` on the last; the usage kept for the end.
+#[derive(Debug)]
+pub struct ChunkTranslator {
+    id: String,
+    created: i64,
+    model: String,
+    sent_role: bool,
+    calls: usize,
+    usage: Option<Value>,
+}
+
+impl ChunkTranslator {
+    pub fn new(model: &str, created: i64) -> Self {
+        Self {
+            id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            created,
+            model: model.to_owned(),
+            sent_role: false,
+            calls: 0,
+            usage: None,
+        }
+    }
+
+    /// The usage of the stream so far, in OpenAI's shape.
+    pub fn usage(&self) -> Option<&Value> {
+        self.usage.as_ref()
+    }
+
+    fn event(&self, choices: Value, usage: Option<&Value>) -> Vec<u8> {
+        let mut chunk = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                               "model": self.model, "choices": choices});
+        if let Some(u) = usage {
+            chunk["usage"] = u.clone();
+        }
+        format!("data: {chunk}\n\n").into_bytes()
+    }
+
+    /// One Gemini chunk in, one Chat Completions chunk event out (nothing when it has neither
+    /// text, calls nor a finish).
+    pub fn chunk(&mut self, gemini: &Value) -> Vec<u8> {
+        if let Some(m) = gemini["modelVersion"].as_str().filter(|m| !m.is_empty()) {
+            self.model = m.to_owned();
+        }
+        if gemini["usageMetadata"].is_object() {
+            self.usage = Some(usage(&gemini["usageMetadata"]));
+        }
+        let c = &gemini["candidates"][0];
+        let parts = c["content"]["parts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let text: String = parts
+            .iter()
+            .filter(|p| p["thought"] != true)
+            .filter_map(|p| p["text"].as_str())
+            .collect();
+        let calls: Vec<Value> = parts
+            .iter()
+            .filter_map(|p| p.get("functionCall"))
+            .map(|f| {
+                let k = self.calls;
+                self.calls += 1;
+                json!({"index": k, "id": format!("call_0_{k}"), "type": "function",
+                       "function": {"name": f["name"], "arguments": f["args"].to_string()}})
+            })
+            .collect();
+        let finish = c["finishReason"]
+            .as_str()
+            .map(|r| finish_reason(Some(r), self.calls > 0));
+        if text.is_empty() && calls.is_empty() && finish.is_none() {
+            return Vec::new();
+        }
+        let mut delta = Map::new();
+        if !self.sent_role {
+            delta.insert("role".into(), json!("assistant"));
+            self.sent_role = true;
+        }
+        if !text.is_empty() {
+            delta.insert("content".into(), json!(text));
+        }
+        if !calls.is_empty() {
+            delta.insert("tool_calls".into(), Value::Array(calls));
+        }
+        self.event(
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]),
+            None,
+        )
+    }
+
+    /// The end of the stream: the usage chunk when the client asked for it, then `[DONE]`.
+    pub fn finish(&self, with_usage: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        if with_usage && let Some(u) = &self.usage {
+            out.extend(self.event(json!([]), Some(u)));
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +426,39 @@ mod tests {
         let odd = json!({"messages": [{"role": "user", "content": 5}], "tool_choice": {"type": "x"},
                          "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": 3});
         assert!(request(odd.as_object().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_stream_comes_back_as_chat_completion_chunks() {
+        let mut t = ChunkTranslator::new("gemini-2.5-flash", 1);
+        let a = String::from_utf8(t.chunk(&json!({"candidates": [{"content": {"parts": [{"text": "Hel"}], "role": "model"}}], "modelVersion": "gemini-2.5-flash"}))).unwrap();
+        assert!(a.starts_with("data: {") && a.ends_with("\n\n"));
+        let a: Value = serde_json::from_str(a.trim_start_matches("data: ").trim()).unwrap();
+        assert_eq!(a["object"], "chat.completion.chunk");
+        assert_eq!(
+            a["choices"][0]["delta"],
+            json!({"role": "assistant", "content": "Hel"})
+        );
+        let b = String::from_utf8(t.chunk(&json!({"candidates": [{"content": {"parts": [{"text": "lo"}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2, "totalTokenCount": 7}}))).unwrap();
+        let b: Value = serde_json::from_str(b.trim_start_matches("data: ").trim()).unwrap();
+        assert_eq!(b["choices"][0]["delta"], json!({"content": "lo"}));
+        assert_eq!(b["choices"][0]["finish_reason"], "stop");
+        assert_eq!(t.usage().unwrap()["total_tokens"], 7);
+        let end = String::from_utf8(t.finish(true)).unwrap();
+        assert!(
+            end.contains("\"choices\":[]")
+                && end.contains("\"total_tokens\":7")
+                && end.ends_with("data: [DONE]\n\n")
+        );
+        assert_eq!(
+            String::from_utf8(t.finish(false)).unwrap(),
+            "data: [DONE]\n\n"
+        );
+        assert!(
+            t.chunk(&json!({"candidates": [{"content": {"parts": []}}]}))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -3,8 +3,7 @@
 //!
 //! Routing, over the providers configured (an API key set; Azure also needs its API base):
 //! - `azure/<deployment>` → Azure OpenAI, that deployment;
-//! - a model starting with `gemini` → Gemini (translated both ways, [`gemini`]; streamed
-//!   requests to Gemini are not available yet: refused with 400 before anything is sent);
+//! - a model starting with `gemini` → Gemini (translated both ways, [`gemini`], streams too);
 //! - anything else → OpenAI;
 //! - with only one provider configured, every model goes to it (`azure/` stripped for Azure).
 
@@ -44,8 +43,6 @@ pub enum RouteError {
     NoProvider,
     #[error("model {0:?}: Azure OpenAI is not configured on this gateway")]
     AzureMissing(String),
-    #[error("model {0:?}: streamed requests to Gemini are not available through the gateway yet")]
-    GeminiStreamNotYet(String),
 }
 
 fn configured(settings: &Settings) -> (bool, bool, bool) {
@@ -88,12 +85,14 @@ pub fn route(settings: &Settings, model: &str, stream: bool) -> Result<Upstream,
     }
     let is_gemini = model.to_ascii_lowercase().starts_with("gemini");
     if (is_gemini && gemini) || (gemini && !openai && !azure) {
-        if stream {
-            return Err(RouteError::GeminiStreamNotYet(model.to_owned()));
-        }
+        let method = if stream {
+            "streamGenerateContent?alt=sse"
+        } else {
+            "generateContent"
+        };
         return Ok(Upstream::Gemini {
             url: format!(
-                "{}/v1beta/models/{}:generateContent",
+                "{}/v1beta/models/{}:{method}",
                 settings.gemini.base_url.trim_end_matches('/'),
                 urlencode(model)
             ),
@@ -240,6 +239,8 @@ pub struct StreamReader {
     pub error: Option<String>,
     /// `[DONE]` seen.
     pub done: bool,
+    /// Set for Gemini: its events are translated into Chat Completions chunks.
+    gemini: Option<gemini::ChunkTranslator>,
 }
 
 impl StreamReader {
@@ -251,37 +252,101 @@ impl StreamReader {
         }
     }
 
+    /// A reader that translates Gemini's `streamGenerateContent?alt=sse` events into Chat
+    /// Completions chunks for `model`.
+    pub fn gemini(client_wants_usage: bool, model: &str) -> Self {
+        Self {
+            client_wants_usage,
+            gemini: Some(gemini::ChunkTranslator::new(model, Utc::now().timestamp())),
+            ..Default::default()
+        }
+    }
+
     /// Bytes from the provider in, the bytes to forward out (whole events, in order).
     pub fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
         while let Some((end, sep)) = find_event_end(&self.buf) {
             let event: Vec<u8> = self.buf.drain(..end + sep).collect();
-            if self.keep(&event[..end]) {
-                out.extend_from_slice(&event);
-            }
+            out.extend(self.forward(&event[..end], &event));
         }
         out
     }
 
-    /// What is left when the provider's stream ends (an event without its blank line).
+    /// What is left when the provider's stream ends (an event without its blank line); for
+    /// Gemini, the usage chunk (when asked for) and `[DONE]`.
     pub fn finish(&mut self) -> Vec<u8> {
         let rest = std::mem::take(&mut self.buf);
-        if rest.iter().all(u8::is_ascii_whitespace) || self.keep(&rest) {
-            rest
+        let mut out = if rest.iter().all(u8::is_ascii_whitespace) {
+            if self.gemini.is_some() {
+                Vec::new()
+            } else {
+                rest
+            }
+        } else {
+            let whole = rest.clone();
+            self.forward(&rest, &whole)
+        };
+        if let Some(g) = &self.gemini {
+            out.extend(g.finish(self.client_wants_usage));
+            self.done = true;
+        }
+        out
+    }
+
+    /// The bytes to send on for one event (`event` without its blank line, `whole` with it).
+    fn forward(&mut self, event: &[u8], whole: &[u8]) -> Vec<u8> {
+        if self.gemini.is_some() {
+            return self.translate(event);
+        }
+        if self.keep(event) {
+            whole.to_vec()
         } else {
             Vec::new()
         }
     }
 
-    fn keep(&mut self, event: &[u8]) -> bool {
+    fn data_of(event: &[u8]) -> String {
         let text = String::from_utf8_lossy(event);
-        let data: String = text
-            .lines()
+        text.lines()
             .filter_map(|l| l.strip_prefix("data:"))
             .map(|d| d.strip_prefix(' ').unwrap_or(d))
             .collect::<Vec<_>>()
-            .join("\n");
+            .join("\n")
+    }
+
+    /// A Gemini event as a Chat Completions chunk event (nothing for an unreadable one).
+    fn translate(&mut self, event: &[u8]) -> Vec<u8> {
+        let Ok(chunk) = serde_json::from_str::<Value>(&Self::data_of(event)) else {
+            return Vec::new();
+        };
+        if self.first_chunk_at.is_none() {
+            self.first_chunk_at = Some(Utc::now());
+        }
+        if let Some(e) = chunk.get("error") {
+            self.error = Some(
+                e["message"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| e.to_string()),
+            );
+            return Vec::new();
+        }
+        if let Some(m) = chunk["modelVersion"].as_str().filter(|m| !m.is_empty()) {
+            self.model = Some(m.to_owned());
+        }
+        let Some(g) = self.gemini.as_mut() else {
+            return Vec::new();
+        };
+        let out = g.chunk(&chunk);
+        if let Some(u) = g.usage() {
+            self.usage = Some(usage_counts(u));
+        }
+        out
+    }
+
+    fn keep(&mut self, event: &[u8]) -> bool {
+        let data = Self::data_of(event);
         if data.trim() == "[DONE]" {
             self.done = true;
             return true;
@@ -361,7 +426,7 @@ mod tests {
         ));
         assert!(matches!(
             route(&all, "gemini-2.5-flash", true),
-            Err(RouteError::GeminiStreamNotYet(_))
+            Ok(Upstream::Gemini { url, .. }) if url.ends_with(":streamGenerateContent?alt=sse")
         ));
         let openai = settings(&[("OPENAI_API_KEY", "sk-test-0123456789")]);
         assert_eq!(

@@ -736,17 +736,85 @@ db_test!(
         assert!(j["error"]["message"].as_str().unwrap().len() > 10);
         let r = rows(&t).await;
         assert!(r.len() == 2 && !r[1].success);
-        // Streams to Gemini and untranslatable messages: 400, nothing sent or recorded.
+        // Untranslatable messages: 400, nothing sent or recorded.
         let before = gemini.received_requests().await.unwrap().len();
-        for bad in [
-            json!({"model": "gemini-2.5-flash", "stream": true, "messages": [{"role": "user", "content": "x"}]}),
-            json!({"model": "gemini-2.5-flash", "messages": [{"role": "robot", "content": "x"}]}),
-        ] {
+        for bad in
+            [json!({"model": "gemini-2.5-flash", "messages": [{"role": "robot", "content": "x"}]})]
+        {
             let (s, j, _) = call!(app, chat(&gw, &bad));
             assert_eq!(s, 400, "{j}");
         }
         assert_eq!(gemini.received_requests().await.unwrap().len(), before);
         assert_eq!(rows(&t).await.len(), 2);
+
+        // A stream: Gemini's SSE events come back as Chat Completions chunks, the usage chunk
+        // when asked for, then [DONE]; one row with the stream's usage.
+        let events = [
+            json!({"candidates": [{"content": {"parts": [{"text": "Hel"}], "role": "model"}}], "modelVersion": "gemini-2.5-flash"}),
+            json!({"candidates": [{"content": {"parts": [{"text": "lo!"}], "role": "model"}, "finishReason": "STOP"}],
+                   "usageMetadata": {"promptTokenCount": 11, "candidatesTokenCount": 3, "totalTokenCount": 20, "thoughtsTokenCount": 6},
+                   "modelVersion": "gemini-2.5-flash"}),
+        ];
+        let sse: String = events
+            .iter()
+            .map(|e| format!("data: {e}\r\n\r\n"))
+            .collect();
+        Mock::given(method("POST"))
+            .and(path(
+                "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            ))
+            .and(query_param("alt", "sse"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("content-type", "text/event-stream")
+                    .set_body_string(sse),
+            )
+            .mount(&gemini)
+            .await;
+        let body = json!({"model": "gemini-2.5-flash", "stream": true, "stream_options": {"include_usage": true},
+                          "messages": [{"role": "user", "content": "x"}]});
+        let res = test::call_service(&app, chat(&gw, &body).to_request()).await;
+        assert_eq!(res.status().as_u16(), 200);
+        let text = String::from_utf8(test::read_body(res).await.to_vec()).unwrap();
+        let chunks: Vec<Value> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        let content: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(content, "Hello!");
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(chunks[1]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            chunks.last().unwrap()["usage"]["completion_tokens_details"]["reasoning_tokens"],
+            6
+        );
+        let mut r = Vec::new();
+        for _ in 0..100 {
+            r = rows(&t).await;
+            if r.len() == 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(r.len(), 3);
+        let streamed = r.iter().find(|x| x.metadata["stream"] == true).unwrap();
+        assert_eq!(
+            (
+                streamed.prompt_tokens,
+                streamed.completion_tokens,
+                streamed.total_tokens,
+                streamed.reasoning_tokens
+            ),
+            (11, 9, 20, 6)
+        );
+        assert_eq!(streamed.metadata["provider"], "gemini");
+        assert!(streamed.metadata["first_chunk_at"].is_string());
         store.shutdown().await;
     }
 );

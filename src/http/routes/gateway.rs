@@ -301,7 +301,11 @@ pub async fn chat_completions(
             model: model.clone(),
             started_at,
             secrets: secrets.clone(),
-            reader: gateway::StreamReader::new(client_wants_usage),
+            reader: if matches!(upstream, Upstream::Gemini { .. }) {
+                gateway::StreamReader::gemini(client_wants_usage, &model)
+            } else {
+                gateway::StreamReader::new(client_wants_usage)
+            },
             upstream_error: None,
             ended: false,
             recorded: false,
