@@ -187,6 +187,24 @@ pub fn request(body: &Map<String, Value>) -> Result<Value, Untranslatable> {
     Ok(Value::Object(out))
 }
 
+/// A candidate's text (thought parts left out) and its `functionCall`s.
+fn parts_of(candidate: &Value) -> (String, Vec<Value>) {
+    let parts = candidate["content"]["parts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let text = parts
+        .iter()
+        .filter(|p| p["thought"] != true)
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    let calls = parts
+        .iter()
+        .filter_map(|p| p.get("functionCall").cloned())
+        .collect();
+    (text, calls)
+}
+
 fn finish_reason(reason: Option<&str>, has_calls: bool) -> &'static str {
     if has_calls {
         return "tool_calls";
@@ -224,15 +242,9 @@ pub fn response(gemini: &Value, requested_model: &str, created: i64) -> Value {
         .flatten()
         .enumerate()
         .map(|(i, c)| {
-            let parts = c["content"]["parts"].as_array().cloned().unwrap_or_default();
-            let text: String = parts
-                .iter()
-                .filter(|p| p["thought"] != true)
-                .filter_map(|p| p["text"].as_str())
-                .collect();
-            let calls: Vec<Value> = parts
-                .iter()
-                .filter_map(|p| p.get("functionCall"))
+            let (text, functions) = parts_of(c);
+            let calls: Vec<Value> = functions
+                .into_iter()
                 .enumerate()
                 .map(|(k, f)| {
                     json!({"id": format!("call_{i}_{k}"), "type": "function", "function": {
@@ -306,18 +318,9 @@ impl ChunkTranslator {
             self.usage = Some(usage(&gemini["usageMetadata"]));
         }
         let c = &gemini["candidates"][0];
-        let parts = c["content"]["parts"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let text: String = parts
-            .iter()
-            .filter(|p| p["thought"] != true)
-            .filter_map(|p| p["text"].as_str())
-            .collect();
-        let calls: Vec<Value> = parts
-            .iter()
-            .filter_map(|p| p.get("functionCall"))
+        let (text, functions) = parts_of(c);
+        let calls: Vec<Value> = functions
+            .into_iter()
             .map(|f| {
                 let k = self.calls;
                 self.calls += 1;

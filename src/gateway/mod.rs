@@ -315,25 +315,34 @@ impl StreamReader {
             .join("\n")
     }
 
+    /// What every provider's chunk tells the row: the first chunk's time, the model (under
+    /// `model_key`), an `error` object sent in the stream. True when the chunk is an error.
+    fn note(&mut self, chunk: &Value, model_key: &str) -> bool {
+        if self.first_chunk_at.is_none() {
+            self.first_chunk_at = Some(Utc::now());
+        }
+        if let Some(m) = chunk[model_key].as_str().filter(|m| !m.is_empty()) {
+            self.model = Some(m.to_owned());
+        }
+        let Some(e) = chunk.get("error") else {
+            return false;
+        };
+        self.error = Some(
+            e["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| e.to_string()),
+        );
+        true
+    }
+
     /// A Gemini event as a Chat Completions chunk event (nothing for an unreadable one).
     fn translate(&mut self, event: &[u8]) -> Vec<u8> {
         let Ok(chunk) = serde_json::from_str::<Value>(&Self::data_of(event)) else {
             return Vec::new();
         };
-        if self.first_chunk_at.is_none() {
-            self.first_chunk_at = Some(Utc::now());
-        }
-        if let Some(e) = chunk.get("error") {
-            self.error = Some(
-                e["message"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| e.to_string()),
-            );
+        if self.note(&chunk, "modelVersion") {
             return Vec::new();
-        }
-        if let Some(m) = chunk["modelVersion"].as_str().filter(|m| !m.is_empty()) {
-            self.model = Some(m.to_owned());
         }
         let Some(g) = self.gemini.as_mut() else {
             return Vec::new();
@@ -354,20 +363,7 @@ impl StreamReader {
         let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
             return true;
         };
-        if self.first_chunk_at.is_none() {
-            self.first_chunk_at = Some(Utc::now());
-        }
-        if let Some(m) = chunk["model"].as_str().filter(|m| !m.is_empty()) {
-            self.model = Some(m.to_owned());
-        }
-        if let Some(e) = chunk.get("error") {
-            self.error = Some(
-                e["message"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| e.to_string()),
-            );
-        }
+        self.note(&chunk, "model");
         if chunk["usage"].is_object() {
             self.usage = Some(usage_counts(&chunk["usage"]));
             let usage_only = chunk["choices"].as_array().is_none_or(Vec::is_empty);
