@@ -90,3 +90,13 @@ impl FromRequest for AdminUser {
         })
     }
 }
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive), for the
+/// routes that take API keys (the gateway, the ingest API).
+pub fn bearer(req: &actix_web::HttpRequest) -> Option<&str> {
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}

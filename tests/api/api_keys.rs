@@ -29,6 +29,28 @@ pub(crate) async fn user(t: &TestDb, name: &str, staff: bool) -> auth_user::Mode
     .unwrap()
 }
 
+/// A new key of `username` with `scopes`, the key itself.
+pub(crate) async fn key_for(t: &TestDb, username: &str, scopes: &[Scope]) -> String {
+    api_keys::create(&t.db, new_key(username, scopes))
+        .await
+        .unwrap()
+        .key
+}
+
+/// A usage store over the test database, its spool in a temporary directory (kept alive by
+/// the returned guard).
+pub(crate) async fn store_for(
+    t: &TestDb,
+) -> (
+    std::sync::Arc<llm_tracker::tracker::UsageStore>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = llm_tracker::tracker::StoreOptions::new(dir.path().join("spool.jsonl"));
+    let store = llm_tracker::tracker::UsageStore::open(t.db.clone(), opts).await;
+    (std::sync::Arc::new(store), dir)
+}
+
 fn new_key(username: &str, scopes: &[Scope]) -> NewKey {
     NewKey {
         username: username.into(),

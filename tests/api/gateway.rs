@@ -3,14 +3,12 @@
 //! format, the answer passed back, one row per request, errors in OpenAI's shape.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use actix_web::{App, test};
 use llm_tracker::Settings;
-use llm_tracker::api_keys::{self, NewKey, Scope};
+use llm_tracker::api_keys::Scope;
 use llm_tracker::db::entities::usage;
 use llm_tracker::http::{AppState, configure};
-use llm_tracker::tracker::{StoreOptions, UsageStore};
 use sea_orm::EntityTrait;
 use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path, query_param};
@@ -20,18 +18,7 @@ use crate::db_test;
 use crate::helpers::{TestDb, fixture};
 
 async fn key(t: &TestDb, username: &str, scopes: &[Scope]) -> String {
-    api_keys::create(
-        &t.db,
-        NewKey {
-            username: username.into(),
-            name: "gw".into(),
-            scopes: scopes.iter().copied().collect(),
-            lifetime: None,
-        },
-    )
-    .await
-    .unwrap()
-    .key
+    crate::api_keys::key_for(t, username, scopes).await
 }
 
 fn settings(t: &TestDb, vars: &[(&str, String)]) -> Settings {
@@ -122,14 +109,7 @@ db_test!(
                 ("AZURE_OPENAI_API_BASE", azure.uri()),
             ],
         );
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            UsageStore::open(
-                t.db.clone(),
-                StoreOptions::new(dir.path().join("spool.jsonl")),
-            )
-            .await,
-        );
+        let (store, _spool) = crate::api_keys::store_for(&t).await;
         let state = AppState::new(t.db.clone(), s).with_store(store.clone());
         let app = test::init_service(App::new().configure(configure(state))).await;
 
@@ -373,14 +353,7 @@ db_test!(
                 ("OPENAI_BASE_URL", format!("{}/v1", provider.uri())),
             ],
         );
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            UsageStore::open(
-                t.db.clone(),
-                StoreOptions::new(dir.path().join("spool.jsonl")),
-            )
-            .await,
-        );
+        let (store, _spool) = crate::api_keys::store_for(&t).await;
         let app = test::init_service(App::new().configure(configure(
             AppState::new(t.db.clone(), s).with_store(store.clone()),
         )))
@@ -548,14 +521,7 @@ db_test!(
                 ("OPENAI_BASE_URL", format!("{}/v1", provider.uri())),
             ],
         );
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            UsageStore::open(
-                t.db.clone(),
-                StoreOptions::new(dir.path().join("spool.jsonl")),
-            )
-            .await,
-        );
+        let (store, _spool) = crate::api_keys::store_for(&t).await;
         let expected_models = llm_tracker::gateway::model_list(&s)["data"]
             .as_array()
             .unwrap()
@@ -669,14 +635,7 @@ db_test!(
                 ("GEMINI_BASE_URL", gemini.uri()),
             ],
         );
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            UsageStore::open(
-                t.db.clone(),
-                StoreOptions::new(dir.path().join("spool.jsonl")),
-            )
-            .await,
-        );
+        let (store, _spool) = crate::api_keys::store_for(&t).await;
         let app = test::init_service(App::new().configure(configure(
             AppState::new(t.db.clone(), s).with_store(store.clone()),
         )))

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use actix_web::{App, test};
 use chrono::{Duration, SubsecRound, Utc};
-use llm_tracker::api_keys::{self, KeyRef, NewKey, Scope};
+use llm_tracker::api_keys::{self, KeyRef, Scope};
 use llm_tracker::db::entities::usage;
 use llm_tracker::http::configure;
 use llm_tracker::tracker::{StoreOptions, UsageStore};
@@ -22,18 +22,7 @@ async fn user(t: &TestDb, name: &str, staff: bool) -> i32 {
 }
 
 async fn key(t: &TestDb, username: &str, scopes: &[Scope]) -> String {
-    api_keys::create(
-        &t.db,
-        NewKey {
-            username: username.into(),
-            name: "test".into(),
-            scopes: scopes.iter().copied().collect(),
-            lifetime: None,
-        },
-    )
-    .await
-    .unwrap()
-    .key
+    crate::api_keys::key_for(t, username, scopes).await
 }
 
 fn row(id: Uuid, model: &str, minutes_ago: i64) -> Value {
@@ -77,14 +66,7 @@ db_test!(
         let ingest_key = key(&t, "svc", &[Scope::Ingest]).await;
         let gateway_key = key(&t, "svc", &[Scope::Gateway]).await;
         let staff_key = key(&t, "ops", &[Scope::Ingest]).await;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(
-            UsageStore::open(
-                t.db.clone(),
-                StoreOptions::new(dir.path().join("spool.jsonl")),
-            )
-            .await,
-        );
+        let (store, _spool) = crate::api_keys::store_for(&t).await;
         let app = test::init_service(
             App::new().configure(configure(state(&t).with_store(store.clone()))),
         )

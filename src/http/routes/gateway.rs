@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::api_keys::{KeyOwner, Refused, Scope};
 use crate::gateway::{self, Call, Upstream};
 use crate::http::AppState;
+use crate::http::auth::bearer;
 
 /// The largest request body, in bytes.
 pub const MAX_BODY: usize = 10 * 1024 * 1024;
@@ -29,14 +30,6 @@ fn openai_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Ht
     HttpResponse::build(status).json(json!({
         "error": {"message": message, "type": kind, "param": null, "code": code}
     }))
-}
-
-fn bearer(req: &HttpRequest) -> Option<&str> {
-    let value = req.headers().get("authorization")?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
 }
 
 async fn authenticate(req: &HttpRequest, state: &AppState) -> Result<KeyOwner, HttpResponse> {

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use crate::api_keys::{Refused, Scope};
 use crate::http::AppState;
+use crate::http::auth::bearer;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::ingest::{self, IngestResult, MAX_ROWS, Sender};
 
@@ -36,14 +37,6 @@ pub struct IngestBody {
         "success": true, "metadata": {"node_name": "worker-1"},
         "started_at": "2026-11-26T14:00:00.000Z", "created_at": "2026-11-26T14:00:01.250Z"}]))]
     pub rows: Vec<serde_json::Value>,
-}
-
-fn bearer(req: &HttpRequest) -> Option<&str> {
-    let value = req.headers().get("authorization")?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
 }
 
 /// 401/403 for a refused key, in the JSON error shape; never repeats the key.
