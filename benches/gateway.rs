@@ -6,15 +6,12 @@
 //! (`BENCH_CALLS`, default 4000 per line; `BENCH_CONCURRENCY`, default `1,64`;
 //! `USAGE_WRITE_MODE=queued` to measure the queued write mode).
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use llm_tracker::Settings;
-use llm_tracker::api_keys::{self, NewKey, Scope};
-use llm_tracker::config::DatabaseUrl;
-use llm_tracker::http::{AppState, app};
-use llm_tracker::tracker::{StoreOptions, UsageStore};
-use llm_tracker::users::{NewUser, create_user};
+use llm_tracker::api_keys::Scope;
 
 const REPLY: &str = include_str!("../tests/fixtures/providers/openai_success.json");
 
@@ -133,43 +130,8 @@ fn q(sorted: &[Duration], p: f64) -> Duration {
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let url = std::env::var("BENCH_DATABASE_URL").unwrap_or_else(|_| {
-        format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("gateway.db").display()
-        )
-    });
-    let label = if url.starts_with("postgres") {
-        "PostgreSQL"
-    } else {
-        "SQLite"
-    };
-    let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", &url).unwrap())
-        .await
-        .unwrap();
-    llm_tracker::db::migrate(&db).await.unwrap();
-    let username = format!("gateway-bench-{}", std::process::id());
-    create_user(
-        &db,
-        NewUser {
-            username: username.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let key = api_keys::create(
-        &db,
-        NewKey {
-            username,
-            name: "bench".into(),
-            scopes: [Scope::Gateway].into(),
-            lifetime: None,
-        },
-    )
-    .await
-    .unwrap()
-    .key;
+    let (db, url, label, key) =
+        common::database_with_key(dir.path(), "gateway", Scope::Gateway).await;
 
     let mock = spawn_server(|tx| {
         Box::pin(async move {
@@ -226,24 +188,10 @@ async fn main() {
         ),
     ]);
     let settings = Settings::from_map(&vars).unwrap();
-    let spool = dir.path().join("spool.jsonl");
-    let server_db = db.clone();
-    let gateway = spawn_server(move |tx| {
-        Box::pin(async move {
-            let mut opts = StoreOptions::new(spool);
-            opts.commit_deadline = settings.usage_commit_deadline;
-            opts.write_mode = settings.usage_write_mode;
-            let store = Arc::new(UsageStore::open(server_db.clone(), opts).await);
-            let state = AppState::new(server_db, settings).with_store(store);
-            let server = actix_web::HttpServer::new(move || app(state.clone()))
-                .workers(2)
-                .bind(("127.0.0.1", 0))
-                .unwrap();
-            let addr = server.addrs()[0];
-            tx.send(format!("http://{addr}/v1")).unwrap();
-            server.run().await.unwrap();
-        })
-    });
+    let gateway = format!(
+        "{}/v1",
+        common::serve_with_store(db, settings, dir.path().join("spool.jsonl"))
+    );
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()

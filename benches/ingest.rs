@@ -6,15 +6,12 @@
 //! (without it: a SQLite file in a temporary directory). Rows stay in the database; each run
 //! uses new ids.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use llm_tracker::Settings;
-use llm_tracker::api_keys::{self, NewKey, Scope};
-use llm_tracker::config::DatabaseUrl;
-use llm_tracker::http::{AppState, app};
-use llm_tracker::tracker::{StoreOptions, UsageStore};
-use llm_tracker::users::{NewUser, create_user};
+use llm_tracker::api_keys::Scope;
 use serde_json::{Value, json};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -44,43 +41,8 @@ fn batch(n: usize) -> Value {
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let url = std::env::var("BENCH_DATABASE_URL").unwrap_or_else(|_| {
-        format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("ingest.db").display()
-        )
-    });
-    let label = if url.starts_with("postgres") {
-        "PostgreSQL"
-    } else {
-        "SQLite"
-    };
-    let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", &url).unwrap())
-        .await
-        .unwrap();
-    llm_tracker::db::migrate(&db).await.unwrap();
-    let username = format!("ingest-bench-{}", std::process::id());
-    create_user(
-        &db,
-        NewUser {
-            username: username.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let key = api_keys::create(
-        &db,
-        NewKey {
-            username,
-            name: "bench".into(),
-            scopes: [Scope::Ingest].into(),
-            lifetime: None,
-        },
-    )
-    .await
-    .unwrap()
-    .key;
+    let (db, url, label, key) =
+        common::database_with_key(dir.path(), "ingest", Scope::Ingest).await;
     let vars = std::collections::HashMap::from([
         ("DATABASE_URL".to_owned(), url.clone()),
         (
@@ -89,26 +51,10 @@ async fn main() {
         ),
     ]);
     let settings = Settings::from_map(&vars).unwrap();
-    let spool = dir.path().join("spool.jsonl");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server_db = db.clone();
-    std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            let mut opts = StoreOptions::new(spool);
-            opts.commit_deadline = settings.usage_commit_deadline;
-            let store = Arc::new(UsageStore::open(server_db.clone(), opts).await);
-            let state = AppState::new(server_db, settings).with_store(store);
-            let server = actix_web::HttpServer::new(move || app(state.clone()))
-                .workers(2)
-                .bind(("127.0.0.1", 0))
-                .unwrap();
-            let addr = server.addrs()[0];
-            let server = server.run();
-            tx.send(format!("http://{addr}/api/v1/usage/")).unwrap();
-            server.await.unwrap();
-        });
-    });
-    let endpoint = rx.recv().unwrap();
+    let endpoint = format!(
+        "{}/api/v1/usage/",
+        common::serve_with_store(db, settings, dir.path().join("spool.jsonl"))
+    );
     let batches: usize = env_or("BENCH_BATCHES", 60);
     let size: usize = env_or("BENCH_BATCH_ROWS", 1000);
     let clients: Vec<usize> = std::env::var("BENCH_CLIENTS")
