@@ -412,7 +412,16 @@ impl Shared {
 
 /// Store and redaction options as the settings say.
 pub fn options_from_settings(settings: &Settings) -> TrackerOptions {
-    let secrets = [
+    TrackerOptions {
+        store: store_options(settings),
+        secrets: provider_secrets(settings),
+        prices: settings.prices.clone(),
+    }
+}
+
+/// The providers' API keys the settings hold: what error text must never show.
+pub fn provider_secrets(settings: &Settings) -> Vec<String> {
+    [
         &settings.openai.api_key,
         &settings.azure.api_key,
         &settings.gemini.api_key,
@@ -420,12 +429,7 @@ pub fn options_from_settings(settings: &Settings) -> TrackerOptions {
     .into_iter()
     .flatten()
     .map(|s| s.expose().to_owned())
-    .collect();
-    TrackerOptions {
-        store: store_options(settings),
-        secrets,
-        prices: settings.prices.clone(),
-    }
+    .collect()
 }
 
 /// The store's options as the settings say: spool path, write mode and commit deadline

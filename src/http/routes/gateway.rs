@@ -236,7 +236,7 @@ pub async fn chat_completions(
             )
         }
     };
-    let secrets = crate::tracker::options_from_settings(settings).secrets;
+    let secrets = crate::tracker::provider_secrets(settings);
     let started_at = chrono::Utc::now();
     let sent = builder
         .timeout(settings.llm_timeout)
