@@ -34,10 +34,12 @@ find_pg_bindir() {
   done | sort -V | tail -n 1
 }
 
+# Below the kernel's ephemeral range (32768-60999 here): a port there can be taken by any
+# outgoing connection (pip, apt) between the probe and the server's bind.
 free_port() {
   local p
   for _ in $(seq 1 200); do
-    p=$(( 20000 + RANDOM % 40000 ))
+    p=$(( 20000 + RANDOM % 12000 ))
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return 0; fi
   done
   return 1
@@ -62,12 +64,22 @@ start_postgres() {
     chown postgres "$PG_TMP"
     runas=(runuser -u postgres --)
   fi
-  port=$(free_port) || fail "no free loopback port"
   "${runas[@]}" "$bindir/initdb" -D "$PG_TMP/data" -U postgres -A trust -E UTF8 --locale=C --no-sync >"$PG_TMP/initdb.log" 2>&1 \
     || { cat "$PG_TMP/initdb.log" >&2; fail "initdb"; }
-  "${runas[@]}" "$bindir/pg_ctl" -D "$PG_TMP/data" -l "$PG_TMP/server.log" -w -t 60 \
-    -o "-p $port -k $PG_TMP -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
-    start >/dev/null || { cat "$PG_TMP/server.log" >&2; fail "PostgreSQL did not start"; }
+  # A port found free can still be taken before the server binds it: try a few.
+  local attempt started=
+  for attempt in 1 2 3 4 5; do
+    port=$(free_port) || fail "no free loopback port"
+    if "${runas[@]}" "$bindir/pg_ctl" -D "$PG_TMP/data" -l "$PG_TMP/server.log" -w -t 60 \
+      -o "-p $port -k $PG_TMP -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+      start >/dev/null; then
+      started=yes
+      break
+    fi
+    grep -q "could not create any TCP/IP sockets" "$PG_TMP/server.log" || break
+    say "port $port was taken (attempt $attempt): trying another"
+  done
+  [ -n "$started" ] || { cat "$PG_TMP/server.log" >&2; fail "PostgreSQL did not start"; }
   PG_PID=$(head -n 1 "$PG_TMP/data/postmaster.pid")
   export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
   export PG_BINDIR="$bindir"   # tests that crash and restart a server of their own
