@@ -20,6 +20,7 @@ pub mod m20261126_000011_rollup_per_user_days;
 mod m20261127_000012_sqlite_django_formats;
 mod m20261128_000013_rollup_read_indexes;
 pub mod m20261128_000014_create_api_key;
+pub mod m20261129_000015_rollup_summed_delta;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -56,6 +57,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000012_sqlite_django_formats::Migration),
             Box::new(m20261128_000013_rollup_read_indexes::Migration),
             Box::new(m20261128_000014_create_api_key::Migration),
+            Box::new(m20261129_000015_rollup_summed_delta::Migration),
         ]
     }
 }

@@ -672,7 +672,8 @@ pub const TRIGGERS: [&str; 4] = [
 /// (existing triggers of the same names are replaced).
 ///
 /// PostgreSQL: statement-level triggers with transition tables, so a multi-row insert (the
-/// tracker's group commit) runs one statement; TRUNCATE empties the rollup. SQLite: row-level
+/// tracker's group commit, a batch of the ingest API) runs one statement, whose contributions
+/// are summed per delta key before they are appended; TRUNCATE empties the rollup. SQLite: row-level
 /// triggers (it has no statement-level ones).
 pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
     // The statement a trigger runs for its sources; `net` for updates (see delta_insert_sql).
@@ -699,8 +700,10 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
                 "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}"
             );
             out.extend([
-                function(TRIGGERS[0], body(&[table("new_rows", 1)], false)),
-                function(TRIGGERS[1], body(&[table("old_rows", -1)], false)),
+                // Summed per delta key (migration 000015): a multi-row insert or delete
+                // appends one delta row per slot, user, model and outcome, not one per row.
+                function(TRIGGERS[0], body(&[table("new_rows", 1)], true)),
+                function(TRIGGERS[1], body(&[table("old_rows", -1)], true)),
                 function(
                     TRIGGERS[2],
                     body(&[table("old_rows", -1), table("new_rows", 1)], true),
@@ -804,31 +807,70 @@ mod tests {
     use super::*;
     use crate::m20251215_000006_rollup_delta as m6;
 
-    /// The triggers installed by the newest migration that installs them (000006) are fixed
-    /// text; the generator must still write exactly that text, or the databases migrated so
-    /// far run other triggers than the code believes. When this fails: write a migration that
-    /// installs the new triggers, freeze its SQL, and compare with that. `UPDATE_FROZEN_SQL=1`
-    /// writes the files (for a new migration only: never rewrite a landed one).
+    /// The triggers installed by the newest migration that installs them (000015 on
+    /// PostgreSQL, 000006 on SQLite) are fixed text; the generator must still write exactly
+    /// that text, or the databases migrated so far run other triggers than the code believes.
+    /// When this fails: write a migration that installs the new triggers, freeze its SQL, and
+    /// compare with that. `UPDATE_FROZEN_SQL=1` writes the files (for a new migration only:
+    /// never rewrite a landed one).
     #[test]
     fn the_installed_triggers_are_what_the_code_generates() {
-        for (backend, name) in [
-            (DbBackend::Postgres, "postgres"),
-            (DbBackend::Sqlite, "sqlite"),
-        ] {
-            let generated = m6::generated(backend);
-            if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
-                let path = format!(
-                    "{}/sql/m20251215_000006_rollup_delta.{name}.sql",
+        use crate::m20261129_000015_rollup_summed_delta as m15;
+        let newest = [
+            (
+                "postgres",
+                format!(
+                    "{}/sql/m20261129_000015_rollup_summed_delta.postgres.sql",
                     env!("CARGO_MANIFEST_DIR")
-                );
+                ),
+                m15::frozen(),
+                m15::generated(),
+            ),
+            (
+                "sqlite",
+                format!(
+                    "{}/sql/m20251215_000006_rollup_delta.sqlite.sql",
+                    env!("CARGO_MANIFEST_DIR")
+                ),
+                m6::frozen(DbBackend::Sqlite),
+                m6::generated(DbBackend::Sqlite),
+            ),
+        ];
+        for (name, path, frozen, generated) in newest {
+            if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
                 std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
                 continue;
             }
-            let frozen = m6::frozen(backend);
             assert_eq!(frozen.len(), generated.len(), "{name}");
             for (f, g) in frozen.iter().zip(&generated) {
                 assert_eq!(*f, g.trim(), "{name}: the rollup's generated SQL changed");
             }
+        }
+    }
+
+    /// 000006's PostgreSQL triggers appended one delta row per written row; 000015's sum them
+    /// per key. Both files stay as they landed.
+    #[test]
+    fn migration_000015_changes_only_the_insert_and_delete_functions() {
+        use crate::m20261129_000015_rollup_summed_delta as m15;
+        let old = m6::frozen(DbBackend::Postgres);
+        let new = m15::frozen();
+        // 000006 also created the delta table, first.
+        assert_eq!(old.len(), new.len() + 1);
+        let changed: Vec<&str> = old[1..]
+            .iter()
+            .zip(&new)
+            .filter(|(o, n)| o != n)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(changed.len(), 2, "{changed:#?}");
+        assert!(changed[0].starts_with("CREATE FUNCTION llm_tracker_usage_rollup_insert()"));
+        assert!(changed[1].starts_with("CREATE FUNCTION llm_tracker_usage_rollup_delete()"));
+        for f in changed {
+            assert!(
+                f.contains(" GROUP BY slot, user_key, model, success"),
+                "{f}"
+            );
         }
     }
 

@@ -255,7 +255,13 @@ impl UsageStore {
                 let _turn = inner.sqlite_turn().await;
                 let txn = inner.db.begin().await?;
                 let mut inserted = Vec::with_capacity(rows.len());
-                for chunk in rows.chunks(500) {
+                // PostgreSQL takes the rows as one JSON parameter, any number of them; SQLite
+                // binds 15 values a row, within its 32,766.
+                let per_statement = match inner.db.get_database_backend() {
+                    sea_orm::DbBackend::Postgres => rows.len(),
+                    _ => 500,
+                };
+                for chunk in rows.chunks(per_statement) {
                     inserted.extend(usage::insert_rows_returning(&txn, chunk).await?);
                 }
                 txn.commit().await.map(|()| inserted)

@@ -46,7 +46,10 @@ pub(crate) async fn store_for(
     tempfile::TempDir,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = llm_tracker::tracker::StoreOptions::new(dir.path().join("spool.jsonl"));
+    let mut opts = llm_tracker::tracker::StoreOptions::new(dir.path().join("spool.jsonl"));
+    // Committed before the answer even on a loaded machine: these tests read the rows right
+    // after the requests (the 10 ms deadline and the spool have tests of their own).
+    opts.commit_deadline = std::time::Duration::from_secs(5);
     let store = llm_tracker::tracker::UsageStore::open(t.db.clone(), opts).await;
     (std::sync::Arc::new(store), dir)
 }

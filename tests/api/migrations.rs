@@ -1,6 +1,6 @@
 //! SPEC §2: the migrator builds both tables on both backends, idempotently and reversibly.
 
-use chrono::{SubsecRound, Utc};
+use chrono::{SubsecRound, TimeZone, Utc};
 use llm_tracker::db::entities::{auth_user, usage};
 use llm_tracker::users::{NewUser, create_user};
 use migration::{Migrator, MigratorTrait};
@@ -133,6 +133,58 @@ db_test!(
             .unwrap()
             .expect("row");
         assert_eq!(back, row);
+
+        // Nulls, quotes, a NUL-free control character, nanoseconds (cut to microseconds, as a
+        // bound datetime is) and the largest cost through the batch insert, which on
+        // PostgreSQL sends the rows as one JSON parameter; a second insert of the same id
+        // stores nothing and returns nothing.
+        let at = Utc.with_ymd_and_hms(2026, 3, 29, 1, 59, 59).unwrap()
+            + chrono::Duration::nanoseconds(999_999_999);
+        let odd = usage::Model {
+            id: uuid::Uuid::new_v4().into(),
+            user_id: None,
+            model: "o'brien \"quoted\" \\ model".into(),
+            prompt_tokens: i32::MAX,
+            completion_tokens: 0,
+            total_tokens: i32::MAX,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            success: true,
+            error: Some("line\nbreak\ttab \u{1} é 𝄞".into()),
+            metadata: json!({"big": 9_007_199_254_740_993_i64, "f": 0.1, "s": "\u{1}", "a": []}),
+            created_at: at,
+            started_at: None,
+            cost: Some(usage::Cost(999_999_999_999)),
+            cost_currency: "EUR".into(),
+        };
+        let first = usage::insert_rows_returning(&t.db, std::slice::from_ref(&odd))
+            .await
+            .unwrap();
+        assert_eq!(first, vec![odd.id.0]);
+        let again = usage::insert_rows_returning(&t.db, std::slice::from_ref(&odd))
+            .await
+            .unwrap();
+        assert!(again.is_empty());
+        let back = usage::Entity::find()
+            .filter(
+                Expr::col(usage::Column::Id)
+                    .eq(llm_tracker::db::Dialect::of(t.db.get_database_backend()).uuid(odd.id.0)),
+            )
+            .one(&t.db)
+            .await
+            .unwrap()
+            .expect("row");
+        let mut expected = odd.clone();
+        expected.created_at = at.trunc_subsecs(6);
+        assert_eq!(back, expected);
+        usage::Entity::delete_many()
+            .filter(
+                Expr::col(usage::Column::Id)
+                    .eq(llm_tracker::db::Dialect::of(t.db.get_database_backend()).uuid(odd.id.0)),
+            )
+            .exec(&t.db)
+            .await
+            .unwrap();
 
         // SPEC §2: user_id is ON DELETE SET NULL (SQLite needs foreign keys switched on).
         user.delete(&t.db).await.expect("delete user");
