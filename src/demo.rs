@@ -157,6 +157,8 @@ pub async fn seed(
             started_at: Some(created_at - Duration::milliseconds(latency_ms)),
             cost: cost.map(usage::Cost),
             cost_currency: "USD".into(),
+            is_streaming: false,
+            first_chunk_at: None,
         });
         if batch.len() == 500 {
             usage::insert_rows(db, &std::mem::take(&mut batch)).await?;

@@ -32,7 +32,7 @@ pub const FUTURE_TOLERANCE: Duration = Duration::minutes(5);
 
 const MAX_ERROR_CHARS: usize = 10_000;
 
-const FIELDS: [&str; 14] = [
+const FIELDS: [&str; 15] = [
     "id",
     "model",
     "prompt_tokens",
@@ -46,6 +46,7 @@ const FIELDS: [&str; 14] = [
     "created_at",
     "started_at",
     "first_chunk_at",
+    "is_streaming",
     "cost",
 ];
 
@@ -283,6 +284,21 @@ pub fn check_row(
             p.add("first_chunk_at", "not before started_at");
         }
     }
+    // Streamed when it says so, else when it names a first chunk.
+    let is_streaming = match row.get("is_streaming") {
+        None | Some(Value::Null) => first_chunk_at.is_some(),
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            p.add("is_streaming", "true or false");
+            false
+        }
+    };
+    if !is_streaming && first_chunk_at.is_some() {
+        p.add(
+            "first_chunk_at",
+            "only for a streamed call (is_streaming false)",
+        );
+    }
     let given_cost = match row.get("cost") {
         None | Some(Value::Null) => None,
         Some(v) => cost(v, &mut p),
@@ -315,13 +331,6 @@ pub fn check_row(
         .entry("source_type")
         .or_insert_with(|| Value::String("ingest".into()));
     metadata.insert("api_key".into(), Value::String(sender.key_prefix.clone()));
-    if let Some(f) = first_chunk_at {
-        // Kept in the metadata until the row has a column of its own (issue 20).
-        metadata.insert(
-            "first_chunk_at".into(),
-            Value::String(f.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
-        );
-    }
     let cost = given_cost.or_else(|| {
         prices.cost_micros(
             &model,
@@ -349,6 +358,8 @@ pub fn check_row(
         started_at,
         cost: cost.map(usage::Cost),
         cost_currency: crate::pricing::CURRENCY.into(),
+        is_streaming,
+        first_chunk_at,
     })
 }
 
@@ -512,6 +523,11 @@ mod tests {
             (json!({"started_at": "2026-11-26T12:30:00Z"}), "started_at"),
             (
                 json!({"first_chunk_at": "2026-11-26T11:00:00Z"}),
+                "first_chunk_at",
+            ),
+            (json!({"is_streaming": "yes"}), "is_streaming"),
+            (
+                json!({"is_streaming": false, "first_chunk_at": "2026-11-26T11:59:59Z"}),
                 "first_chunk_at",
             ),
             (json!({"cost": -1}), "cost"),

@@ -21,6 +21,7 @@ mod m20261127_000012_sqlite_django_formats;
 mod m20261128_000013_rollup_read_indexes;
 pub mod m20261128_000014_create_api_key;
 pub mod m20261129_000015_rollup_summed_delta;
+pub mod m20261129_000016_usage_streaming_ttft;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -58,6 +59,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000013_rollup_read_indexes::Migration),
             Box::new(m20261128_000014_create_api_key::Migration),
             Box::new(m20261129_000015_rollup_summed_delta::Migration),
+            Box::new(m20261129_000016_usage_streaming_ttft::Migration),
         ]
     }
 }

@@ -2,7 +2,7 @@
 //! [`crate::rollup`]): a write no longer waits for locks on cells every other writer updates
 //! too, nor pays for twelve upserts.
 //!
-//! `up` creates [`rollup::DELTA_TABLE`] and replaces the triggers, in the migration's
+//! `up` creates [`crate::rollup::DELTA_TABLE`] and replaces the triggers, in the migration's
 //! transaction (on PostgreSQL `DROP TRIGGER` / `CREATE TRIGGER` lock the usage table, so no
 //! row is written between the old triggers and the new). `down` folds what is pending into the
 //! cells and puts the direct triggers back. Both directions run frozen SQL (`migration/sql/`).
@@ -12,13 +12,10 @@ use sea_orm_migration::sea_orm::ConnectionTrait;
 
 use sea_orm_migration::sea_orm::DbBackend;
 
-use crate::rollup;
-
 /// What `up` installs, frozen: the delta table and the triggers as this migration first wrote
 /// them (`migration/sql/`). An old migration never changes meaning when `crate::rollup`
-/// changes; `rollup::tests::the_installed_triggers_are_what_the_code_generates` fails when the
-/// generator no longer produces this text, which is the moment to write a migration that
-/// installs the new triggers (and to point the test at its files).
+/// changes. (`rollup::tests::the_installed_triggers_are_what_the_code_generates` compares the
+/// newest such migration's files with the generator.)
 pub const POSTGRES_SQL: &str = include_str!("../sql/m20251215_000006_rollup_delta.postgres.sql");
 pub const SQLITE_SQL: &str = include_str!("../sql/m20251215_000006_rollup_delta.sqlite.sql");
 
@@ -27,14 +24,6 @@ pub use crate::util::SEPARATOR;
 /// The statements of the frozen file for `backend`.
 pub fn frozen(backend: DbBackend) -> Vec<&'static str> {
     crate::util::for_backend(backend, POSTGRES_SQL, SQLITE_SQL)
-}
-
-/// The statements today's generator writes for what this migration installs (the frozen
-/// files' source).
-pub fn generated(backend: DbBackend) -> Vec<String> {
-    let mut statements = vec![rollup::create_delta_table_sql(backend)];
-    statements.extend(rollup::create_triggers_sql(backend));
-    statements
 }
 
 #[derive(DeriveMigrationName)]

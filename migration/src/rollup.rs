@@ -4,7 +4,8 @@
 //! One row per cell: `grain` (which kind of cell, see [`GRAINS`] and [`Calendar`]) × `slot`
 //! (the cell's first 15-minute UTC slot, `floor(epoch seconds / 900)`) × `user_key` × `model`
 //! × `success`, holding the call count and every sum the statistics need (tokens, cost in
-//! micro-dollars, latency in microseconds, and how many calls are priced and timed).
+//! micro-dollars, latency and time to first token in microseconds, and how many calls are
+//! priced and timed).
 //!
 //! **Layout (migration 000011).** The cells for all users together ([`ALL_USERS`]) exist at
 //! every fixed grain: 15-minute slots, UTC hours, hours starting at :15 and :30, UTC days. The
@@ -193,7 +194,7 @@ pub const NO_USER: i64 = (1 << 31) + 1;
 pub const SLOT_SECONDS: i64 = 900;
 
 /// The sum columns, in order.
-pub const SUM_COLUMNS: [&str; 10] = [
+pub const SUM_COLUMNS: [&str; 12] = [
     "calls",
     "prompt_tokens",
     "completion_tokens",
@@ -204,6 +205,8 @@ pub const SUM_COLUMNS: [&str; 10] = [
     "priced_calls",
     "latency_us",
     "latency_calls",
+    "ttft_us",
+    "ttft_calls",
 ];
 
 /// Pending contributions of written rows, not yet folded into the cells: one row per written
@@ -364,6 +367,8 @@ fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
          {sign} AS calls, {p} AS prompt_tokens, {c} AS completion_tokens, {t} AS total_tokens, \
          {ca} AS cached_tokens, {r} AS reasoning_tokens, COALESCE({cost}, 0) AS cost_micros, \
          {priced} AS priced_calls, COALESCE({latency}, 0) AS latency_us, {timed} AS latency_calls, \
+         COALESCE({ttft}, 0) AS ttft_us, \
+         CASE WHEN {first} IS NULL OR {started} IS NULL THEN 0 ELSE {sign} END AS ttft_calls, \
          CASE WHEN {success} THEN {sign} ELSE 0 END AS successful_calls",
         slot = slot_sql(backend, &col("created_at")),
         user = col("user_id"),
@@ -382,6 +387,13 @@ fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
             &col("started_at")
         )),
         timed = counted(&col("started_at")),
+        ttft = signed(latency_us_sql(
+            backend,
+            &col("first_chunk_at"),
+            &col("started_at")
+        )),
+        first = col("first_chunk_at"),
+        started = col("started_at"),
     )
 }
 
@@ -660,6 +672,27 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
     }
 }
 
+/// `INSERT INTO` [`DELTA_TABLE`] of the time-to-first-token sums alone (every other sum 0) of
+/// the rows that already have a `first_chunk_at`: what migration 000016 adds for rows written
+/// before it counted them (by the successor app, which has the column), left to the fold.
+pub fn ttft_backfill_sql(backend: DbBackend) -> String {
+    let columns: Vec<String> = DELTA_KEY
+        .iter()
+        .map(|c| (*c).to_owned())
+        .chain(delta_sums().iter().map(|c| match *c {
+            "ttft_us" | "ttft_calls" => (*c).to_owned(),
+            _ => format!("0 AS {c}"),
+        }))
+        .collect();
+    format!(
+        "INSERT INTO {DELTA_TABLE} ({}) SELECT {} FROM (SELECT {} FROM llm_tracker_usage \
+         WHERE first_chunk_at IS NOT NULL AND started_at IS NOT NULL) c",
+        delta_columns(),
+        columns.join(", "),
+        delta_values(backend, 1, ""),
+    )
+}
+
 /// Trigger names, for `down` and for checks.
 pub const TRIGGERS: [&str; 4] = [
     "llm_tracker_usage_rollup_insert",
@@ -807,40 +840,29 @@ mod tests {
     use super::*;
     use crate::m20251215_000006_rollup_delta as m6;
 
-    /// The triggers installed by the newest migration that installs them (000015 on
-    /// PostgreSQL, 000006 on SQLite) are fixed text; the generator must still write exactly
+    /// The triggers installed by the newest migration that installs them (000016) are fixed
+    /// text; the generator must still write exactly
     /// that text, or the databases migrated so far run other triggers than the code believes.
     /// When this fails: write a migration that installs the new triggers, freeze its SQL, and
     /// compare with that. `UPDATE_FROZEN_SQL=1` writes the files (for a new migration only:
     /// never rewrite a landed one).
     #[test]
     fn the_installed_triggers_are_what_the_code_generates() {
-        use crate::m20261129_000015_rollup_summed_delta as m15;
-        let newest = [
-            (
-                "postgres",
-                format!(
-                    "{}/sql/m20261129_000015_rollup_summed_delta.postgres.sql",
-                    env!("CARGO_MANIFEST_DIR")
-                ),
-                m15::frozen(),
-                m15::generated(),
-            ),
-            (
-                "sqlite",
-                format!(
-                    "{}/sql/m20251215_000006_rollup_delta.sqlite.sql",
-                    env!("CARGO_MANIFEST_DIR")
-                ),
-                m6::frozen(DbBackend::Sqlite),
-                m6::generated(DbBackend::Sqlite),
-            ),
-        ];
-        for (name, path, frozen, generated) in newest {
+        use crate::m20261129_000016_usage_streaming_ttft as m16;
+        for (backend, name) in [
+            (DbBackend::Postgres, "postgres"),
+            (DbBackend::Sqlite, "sqlite"),
+        ] {
+            let generated = m16::generated(backend);
             if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
+                let path = format!(
+                    "{}/sql/m20261129_000016_usage_streaming_ttft.{name}.sql",
+                    env!("CARGO_MANIFEST_DIR")
+                );
                 std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
                 continue;
             }
+            let frozen = m16::frozen(backend);
             assert_eq!(frozen.len(), generated.len(), "{name}");
             for (f, g) in frozen.iter().zip(&generated) {
                 assert_eq!(*f, g.trim(), "{name}: the rollup's generated SQL changed");

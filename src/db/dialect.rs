@@ -147,16 +147,33 @@ impl Dialect {
     /// Latency in whole microseconds summed over the rows that have `started_at` (negative
     /// clock skew counts as 0). The same per-row value as the rollup's.
     pub fn latency_sum(self) -> String {
+        self.micros_since_start_sum("created_at")
+    }
+
+    /// Time to first token (`first_chunk_at − started_at`) in whole microseconds summed over
+    /// the rows that have both; the same per-row value as the rollup's.
+    pub fn ttft_sum(self) -> String {
+        self.micros_since_start_sum("first_chunk_at")
+    }
+
+    /// How many rows [`Dialect::ttft_sum`] covers.
+    pub fn ttft_count(self) -> &'static str {
+        "CAST(COUNT(CASE WHEN first_chunk_at IS NOT NULL AND started_at IS NOT NULL THEN 1 END) AS BIGINT)"
+    }
+
+    /// `SUM(end − started_at)` in whole microseconds (negative as 0; rows without either
+    /// left out).
+    fn micros_since_start_sum(self, end: &str) -> String {
         match self {
             // Summing intervals and converting once per group (exact: intervals are whole
             // microseconds): EXTRACT on every row is numeric arithmetic per row (about 120 ms
             // more at 1M rows).
-            Self::Postgres => {
-                "CAST(COALESCE(EXTRACT(EPOCH FROM SUM(GREATEST(created_at - started_at, INTERVAL '0'))) * 1000000, 0) AS BIGINT)".to_owned()
-            }
+            Self::Postgres => format!(
+                "CAST(COALESCE(EXTRACT(EPOCH FROM SUM(GREATEST({end} - started_at, INTERVAL '0'))) * 1000000, 0) AS BIGINT)"
+            ),
             Self::Sqlite => format!(
                 "CAST(COALESCE(SUM({}), 0) AS INTEGER)",
-                migration::rollup::latency_us_sql(DbBackend::Sqlite, "created_at", "started_at")
+                migration::rollup::latency_us_sql(DbBackend::Sqlite, end, "started_at")
             ),
         }
     }

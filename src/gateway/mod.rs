@@ -180,7 +180,9 @@ pub struct Call<'a> {
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
     pub stream: bool,
-    /// More `metadata` (a stream's `first_chunk_at`, `usage_incomplete`, …).
+    /// When the stream's first chunk arrived.
+    pub first_chunk_at: Option<DateTime<Utc>>,
+    /// More `metadata` (a stream's `usage_incomplete`, …).
     pub extra: Map<String, Value>,
 }
 
@@ -205,6 +207,7 @@ pub fn row(call: Call<'_>, prices: &PriceTable) -> usage::Model {
             reasoning: reasoning.into(),
         },
     );
+    let created_at = Utc::now().trunc_subsecs(6);
     usage::Model {
         id: Uuid::new_v4().into(),
         user_id: Some(call.user_id),
@@ -217,10 +220,14 @@ pub fn row(call: Call<'_>, prices: &PriceTable) -> usage::Model {
         success: call.error.is_none(),
         error: call.error,
         metadata: Value::Object(metadata),
-        created_at: Utc::now().trunc_subsecs(6),
+        created_at,
         started_at: Some(call.started_at.trunc_subsecs(6)),
         cost: cost.map(usage::Cost),
         cost_currency: crate::pricing::CURRENCY.into(),
+        is_streaming: call.stream,
+        first_chunk_at: call
+            .first_chunk_at
+            .map(|t| t.trunc_subsecs(6).min(created_at)),
     }
 }
 

@@ -388,6 +388,8 @@ impl Shared {
                 )
                 .map(usage::Cost),
             cost_currency: "USD".into(),
+            is_streaming: false,
+            first_chunk_at: None,
         }
     }
 

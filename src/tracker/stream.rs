@@ -88,6 +88,8 @@ enum Failure {
 #[derive(Default)]
 struct Seen {
     content: String,
+    /// When the first text delta arrived (the row's `first_chunk_at`).
+    first_chunk_at: Option<chrono::DateTime<chrono::Utc>>,
     model: Option<String>,
     usage: Option<Usage>,
     done: bool,
@@ -183,7 +185,10 @@ async fn drive(
         }),
         extra,
     };
-    let row = shared.build_row(row_id, started_at, &request, fallback_model, outcome);
+    let mut row = shared.build_row(row_id, started_at, &request, fallback_model, outcome);
+    row.is_streaming = true;
+    // Never after the row's end, whatever the wall clock did meanwhile.
+    row.first_chunk_at = seen.first_chunk_at.map(|t| t.min(row.created_at));
     let stored = shared.store.record(row).await;
     shared.streams.send_modify(|n| *n = n.saturating_sub(1));
     let _ = done.send(StreamRecord {
@@ -236,6 +241,9 @@ async fn read(
                 return Err(Failure::Provider(e));
             }
             Some(Ok(StreamEvent::Delta(text))) => {
+                if seen.first_chunk_at.is_none() && !text.is_empty() {
+                    seen.first_chunk_at = Some(super::now_micros());
+                }
                 seen.content.push_str(&text);
                 // A consumer that stops reading holds the call here, until it reads, drops
                 // the stream, or the tracker shuts down.

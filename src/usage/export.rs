@@ -5,7 +5,7 @@
 use super::list::UsageRow;
 
 /// The columns, in order.
-pub const COLUMNS: [&str; 18] = [
+pub const COLUMNS: [&str; 21] = [
     "id",
     "created_at",
     "started_at",
@@ -24,6 +24,10 @@ pub const COLUMNS: [&str; 18] = [
     "cost_currency",
     "metadata",
     "node_name",
+    // Issue 20; last, so that the earlier columns keep their places.
+    "is_streaming",
+    "first_chunk_at",
+    "ttft_sec",
 ];
 
 /// One RFC 4180 field: quoted when it holds a comma, quote, CR or LF (quotes doubled). Text
@@ -80,6 +84,7 @@ pub fn row(out: &mut String, r: &UsageRow) {
     let opt = |v: Option<String>| v.unwrap_or_default();
     let id = r.id.to_string();
     let latency = opt(r.latency_sec.map(|l| num(&l)));
+    let ttft = opt(r.ttft_sec.map(|l| num(&l)));
     let user_id = opt(r.user_id.map(|u| u.to_string()));
     let (p, c, t, ca, re) = (
         r.prompt_tokens.to_string(),
@@ -116,6 +121,9 @@ pub fn row(out: &mut String, r: &UsageRow) {
             &r.cost_currency,
             &metadata,
             node,
+            if r.is_streaming { "true" } else { "false" },
+            r.first_chunk_at.as_deref().unwrap_or_default(),
+            &ttft,
         ],
     );
 }

@@ -46,6 +46,14 @@ pub struct UsageRow {
     /// `created_at − started_at` in seconds (≥ 0), null when `started_at` is unknown.
     #[schema(example = 1.25)]
     pub latency_sec: Option<f64>,
+    /// Whether the reply was streamed.
+    pub is_streaming: bool,
+    /// When the first streamed token arrived (`isoformat()`), null when not streamed or unknown.
+    pub first_chunk_at: Option<String>,
+    /// Time to first token, `first_chunk_at − started_at` in seconds (≥ 0), null when either
+    /// is unknown.
+    #[schema(example = 0.42)]
+    pub ttft_sec: Option<f64>,
 }
 
 /// One page of the listing and the true total.
@@ -351,6 +359,16 @@ struct RowWithUser {
     cost: Option<usage::Cost>,
     cost_currency: String,
     started_at: Option<chrono::DateTime<chrono::Utc>>,
+    is_streaming: bool,
+    first_chunk_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `end − start` in seconds, whole microseconds, negative as 0.
+fn seconds_between(
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+) -> f64 {
+    (end - start).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6
 }
 
 impl From<RowWithUser> for UsageRow {
@@ -372,10 +390,13 @@ impl From<RowWithUser> for UsageRow {
             cost: r.cost.map(|c| Usd(c.0)),
             cost_currency: r.cost_currency,
             started_at: r.started_at.as_ref().map(isoformat),
-            latency_sec: r.started_at.map(|s| {
-                let us = (r.created_at - s).num_microseconds().unwrap_or(0).max(0);
-                us as f64 / 1e6
-            }),
+            latency_sec: r.started_at.map(|s| seconds_between(s, r.created_at)),
+            is_streaming: r.is_streaming,
+            first_chunk_at: r.first_chunk_at.as_ref().map(isoformat),
+            ttft_sec: r
+                .started_at
+                .zip(r.first_chunk_at)
+                .map(|(s, f)| seconds_between(s, f)),
         }
     }
 }

@@ -583,16 +583,20 @@ pub fn statement_with(
                 .join(", ");
         }
         format!(
-            "{sums}, {ok} AS {}, {unpriced} AS {}, {lat} AS {}, {latn} AS {}",
+            "{sums}, {ok} AS {}, {unpriced} AS {}, {lat} AS {}, {latn} AS {}, {ttft} AS {}, {ttftn} AS {}",
             col::SUCCESSFUL,
             col::UNPRICED,
             col::LATENCY_US,
             col::LATENCY_N,
+            col::TTFT_US,
+            col::TTFT_N,
             sums = TokenSums::select(|s| sum(cell(s))),
             ok = sum(ok),
             unpriced = sum("r.calls - r.priced_calls"),
             lat = sum("r.latency_us"),
             latn = sum("r.latency_calls"),
+            ttft = sum("r.ttft_us"),
+            ttftn = sum("r.ttft_calls"),
         )
     };
     let cells = format!(

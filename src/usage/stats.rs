@@ -86,11 +86,20 @@ pub struct ModelStats {
     /// Mean `created_at − started_at` in seconds over the rows that know it; null if none does.
     #[schema(example = 1.25)]
     pub avg_latency_sec: Option<f64>,
+    /// Mean time to first token (`first_chunk_at − started_at`) in seconds over the streamed
+    /// rows that know it; null if none does.
+    #[schema(example = 0.42)]
+    pub avg_ttft_sec: Option<f64>,
 }
 
 impl ModelStats {
-    /// `model`'s line: its sums and mean latency.
-    pub fn new(model: String, sums: TokenSums, avg_latency_sec: Option<f64>) -> Self {
+    /// `model`'s line: its sums, mean latency and mean time to first token.
+    pub fn new(
+        model: String,
+        sums: TokenSums,
+        avg_latency_sec: Option<f64>,
+        avg_ttft_sec: Option<f64>,
+    ) -> Self {
         Self {
             model,
             total_calls: sums.total_calls,
@@ -102,6 +111,7 @@ impl ModelStats {
             total_cost: Usd(sums.cost_micros),
             total_cost_currency: CURRENCY,
             avg_latency_sec,
+            avg_ttft_sec,
         }
     }
 }
@@ -192,6 +202,8 @@ fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
         Expr::cust("CAST(COUNT(started_at) AS BIGINT)"),
         col::LATENCY_N,
     )
+    .column_as(Expr::cust(Dialect::of(backend).ttft_sum()), col::TTFT_US)
+    .column_as(Expr::cust(Dialect::of(backend).ttft_count()), col::TTFT_N)
     .column_as(
         Expr::cust("CAST(COUNT(*) - COUNT(cost) AS BIGINT)"),
         col::UNPRICED,
@@ -230,6 +242,8 @@ pub(crate) struct Group {
     unpriced_calls: i64,
     latency_us: i64,
     latency_n: i64,
+    ttft_us: i64,
+    ttft_n: i64,
 }
 
 /// What the groups add up to: the sums, and what the summary or a model's line adds to them.
@@ -240,6 +254,8 @@ struct Totals {
     unpriced_calls: i64,
     latency_us: i64,
     latency_n: i64,
+    ttft_us: i64,
+    ttft_n: i64,
 }
 
 impl Totals {
@@ -249,11 +265,18 @@ impl Totals {
         self.unpriced_calls += g.unpriced_calls;
         self.latency_us += g.latency_us;
         self.latency_n += g.latency_n;
+        self.ttft_us += g.ttft_us;
+        self.ttft_n += g.ttft_n;
     }
 
     /// Mean latency in seconds (microsecond precision), if any row knows it.
     fn avg_latency_sec(&self) -> Option<f64> {
         (self.latency_n > 0).then(|| (self.latency_us as f64 / self.latency_n as f64).round() / 1e6)
+    }
+
+    /// Mean time to first token in seconds (microsecond precision), if any streamed row knows it.
+    fn avg_ttft_sec(&self) -> Option<f64> {
+        (self.ttft_n > 0).then(|| (self.ttft_us as f64 / self.ttft_n as f64).round() / 1e6)
     }
 }
 
@@ -483,7 +506,14 @@ fn fold(
 
     let mut by_model: Vec<ModelStats> = models
         .into_iter()
-        .map(|(model, t)| ModelStats::new(model.to_owned(), t.sums, t.avg_latency_sec()))
+        .map(|(model, t)| {
+            ModelStats::new(
+                model.to_owned(),
+                t.sums,
+                t.avg_latency_sec(),
+                t.avg_ttft_sec(),
+            )
+        })
         .collect();
     // Total tokens descending, then model ascending (the map already gave model order).
     by_model.sort_by_key(|m| std::cmp::Reverse(m.total_tokens));
@@ -778,7 +808,7 @@ mod tests {
             .to_string()
         });
         let sql = format!(
-            "SELECT 'gpt' AS {}, '7' AS {}, {sums}, 2 AS {}, 3 AS {}, 4 AS {}, 5 AS {}, 6 AS {}",
+            "SELECT 'gpt' AS {}, '7' AS {}, {sums}, 2 AS {}, 3 AS {}, 4 AS {}, 5 AS {}, 6 AS {}, 8 AS {}, 9 AS {}",
             col::MODEL,
             col::BUCKET,
             col::SUCCESSFUL,
@@ -786,6 +816,8 @@ mod tests {
             col::LATENCY_US,
             col::LATENCY_N,
             col::USER_KEY,
+            col::TTFT_US,
+            col::TTFT_N,
         );
         let row = db
             .query_one_raw(Statement::from_string(DbBackend::Sqlite, sql))
@@ -800,9 +832,11 @@ mod tests {
                 g.successful_calls,
                 g.unpriced_calls,
                 g.latency_us,
-                g.latency_n
+                g.latency_n,
+                g.ttft_us,
+                g.ttft_n
             ),
-            (2, 3, 4, 5)
+            (2, 3, 4, 5, 8, 9)
         );
         assert_eq!(g.sums.total_calls, 10);
         assert_eq!(g.sums.cost_micros, 16);

@@ -17,6 +17,8 @@ pub(crate) mod col {
     pub const UNPRICED: &str = "unpriced_calls";
     pub const LATENCY_US: &str = "latency_us";
     pub const LATENCY_N: &str = "latency_n";
+    pub const TTFT_US: &str = "ttft_us";
+    pub const TTFT_N: &str = "ttft_n";
     pub const USER_KEY: &str = "user_key";
 }
 

@@ -218,6 +218,8 @@ db_test!(
         m.insert("total_cost_currency".into(), json!("USD"));
         // Issue 6: Django's rows have no started_at, so no latency.
         m.insert("avg_latency_sec".into(), Value::Null);
+        // Issue 20: nor a time to first token.
+        m.insert("avg_ttft_sec".into(), Value::Null);
         let mut bucket = item.clone();
         bucket
             .as_object_mut()
@@ -252,7 +254,8 @@ db_test!(
             "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "cached_tokens": 0,
             "reasoning_tokens": 0, "success": true, "error": null, "created_at": "2025-01-31T10:00:00.123456+00:00",
             "metadata": {"node_name": "interpret"}, "cost": null, "cost_currency": "USD", "started_at": null,
-            "latency_sec": null}], "total": 1, "page": 1, "page_size": 20, "next_cursor": null})
+            "latency_sec": null, "is_streaming": false, "first_chunk_at": null, "ttft_sec": null}],
+            "total": 1, "page": 1, "page_size": 20, "next_cursor": null})
         );
         // An unencoded `+` arrives as a space and is read as `+`.
         let (status, body, _) = get!(
@@ -414,6 +417,8 @@ async fn rows_at(t: &TestDb, user: Option<i32>, instants: &[&str]) {
             started_at: None,
             cost: Some(usage::Cost(30)),
             cost_currency: "USD".into(),
+            is_streaming: false,
+            first_chunk_at: None,
         })
         .collect();
     usage::insert_rows(&t.db, &rows).await.unwrap();
@@ -761,6 +766,8 @@ db_test!(
                         .then(|| created_at - chrono::Duration::milliseconds(1500)),
                     cost: Some(usage::Cost(75)),
                     cost_currency: "USD".into(),
+                    is_streaming: false,
+                    first_chunk_at: None,
                 }
             })
             .collect();

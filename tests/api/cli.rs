@@ -452,6 +452,8 @@ fn priced_row(n: u128, model: &str, cost: Option<i64>) -> llm_tracker::db::entit
         started_at: None,
         cost: cost.map(llm_tracker::db::entities::usage::Cost),
         cost_currency: "USD".into(),
+        is_streaming: false,
+        first_chunk_at: None,
     }
 }
 

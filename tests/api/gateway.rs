@@ -410,7 +410,11 @@ db_test!(
             );
             assert_eq!(row.model, "gpt-4o-mini-2024-07-18");
             assert_eq!(row.metadata["stream"], true);
-            assert!(row.metadata["first_chunk_at"].is_string());
+            // Issue 20: the successor's columns, first chunk within the call.
+            assert!(row.is_streaming);
+            let first = row.first_chunk_at.expect("first_chunk_at");
+            assert!(row.started_at.unwrap() <= first && first <= row.created_at);
+            assert!(row.metadata.get("first_chunk_at").is_none());
             assert!(row.metadata.get("usage_incomplete").is_none());
         }
 
@@ -773,7 +777,9 @@ db_test!(
             (11, 9, 20, 6)
         );
         assert_eq!(streamed.metadata["provider"], "gemini");
-        assert!(streamed.metadata["first_chunk_at"].is_string());
+        assert!(streamed.is_streaming);
+        let first = streamed.first_chunk_at.expect("first_chunk_at");
+        assert!(streamed.started_at.unwrap() <= first && first <= streamed.created_at);
         store.shutdown().await;
     }
 );

@@ -188,7 +188,11 @@ db_test!(
         assert_eq!(got(c).await.cost, Some(usage::Cost(500)));
         let rb = got(b).await;
         assert!(!rb.success && rb.error.as_deref() == Some("upstream 503"));
-        assert!(rb.metadata["first_chunk_at"].is_string());
+        // Issue 20: a first chunk makes the row a streamed one, in the columns.
+        assert!(rb.is_streaming);
+        assert_eq!(rb.first_chunk_at, Some(rb.created_at));
+        assert!(rb.metadata.get("first_chunk_at").is_none());
+        assert!(!got(a).await.is_streaming);
 
         // Sent again: all duplicates, nothing new.
         let again = json!({"rows": [row(a, "gpt-4o", 5), row(b, "gemini-2.5-flash", 4)]});

@@ -108,6 +108,8 @@ db_test!(
             started_at: Some(Utc::now().trunc_subsecs(6) - chrono::Duration::milliseconds(1500)),
             cost: Some(usage::Cost(1_234_567)),
             cost_currency: "USD".into(),
+            is_streaming: false,
+            first_chunk_at: None,
         };
         usage::insert_rows(&t.db, std::slice::from_ref(&row))
             .await
@@ -156,6 +158,8 @@ db_test!(
             started_at: None,
             cost: Some(usage::Cost(999_999_999_999)),
             cost_currency: "EUR".into(),
+            is_streaming: false,
+            first_chunk_at: None,
         };
         let first = usage::insert_rows_returning(&t.db, std::slice::from_ref(&odd))
             .await
@@ -224,6 +228,8 @@ db_test!(
             started_at: Set(None),
             cost: Set(None),
             cost_currency: Set("USD".into()),
+            is_streaming: Set(false),
+            first_chunk_at: Set(None),
         };
         assert!(
             orphan.insert(&t.db).await.is_err(),

@@ -505,3 +505,86 @@ db_test!(
         drop(read);
     }
 );
+
+db_test!(
+    async fn a_streamed_call_records_its_first_chunk_and_time_to_first_token(backend: Backend) {
+        // Issue 20 item 3: `is_streaming` and `first_chunk_at` (the successor's columns), the
+        // listing's and CSV's `ttft_sec`, and `avg_ttft_sec` per model from the rollup (cells
+        // and pending rows alike), on both databases.
+        use chrono::{Duration as D, TimeZone, Utc};
+        use llm_tracker::usage::UsageFilter;
+        use llm_tracker::usage::list::list_usage;
+        use llm_tracker::usage::stats::stats_by_model;
+        let t = TestDb::migrated(backend).await;
+        let server = SseServer::start(Script {
+            events: openai_stream(),
+            delay: Duration::from_millis(40),
+            cut_before: None,
+        })
+        .await;
+        let (tracker, _dir) = new_tracker(&t.db, &openai_settings(&server.base)).await;
+        let (text, record) = drain(&tracker).await;
+        assert_eq!(text, "Hello! How can I help?");
+        let row = only_row(&t.db).await;
+        assert_eq!(row.id, record.row_id);
+        assert!(row.is_streaming);
+        assert_eq!(row.metadata["stream"], json!(true), "kept for old readers");
+        let started = row.started_at.unwrap();
+        let first = row.first_chunk_at.expect("first_chunk_at");
+        assert!(started <= first && first <= row.created_at, "{row:?}");
+        // The first text arrives after at least the first event's pause.
+        assert!(first - started >= D::milliseconds(35), "{row:?}");
+        let streamed_ttft = (first - started).num_microseconds().unwrap();
+        tracker.shutdown().await;
+
+        // Two more rows of the same model: one streamed with a known ttft, one not streamed.
+        let at = Utc.with_ymd_and_hms(2026, 1, 5, 10, 0, 0).unwrap();
+        let mut known = crate::usage_read::row(900, None, &row.model, (1, 1, 0, 0), true, at);
+        known.started_at = Some(at - D::seconds(3));
+        known.is_streaming = true;
+        known.first_chunk_at = Some(at - D::milliseconds(2500));
+        let mut plain = crate::usage_read::row(901, None, &row.model, (1, 1, 0, 0), true, at);
+        plain.started_at = Some(at - D::seconds(9));
+        crate::usage_read::insert(&t.db, &[known, plain]).await;
+
+        let page = list_usage(&t.db, &UsageFilter::default(), 1, 10)
+            .await
+            .unwrap();
+        let listed = |id: uuid::Uuid| page.results.iter().find(|r| r.id == id).unwrap();
+        let tracked = listed(row.id.0);
+        assert!(tracked.is_streaming);
+        assert_eq!(tracked.ttft_sec, Some(streamed_ttft as f64 / 1e6));
+        assert!(tracked.first_chunk_at.is_some());
+        let k = listed(uuid::Uuid::from_u128(900));
+        assert_eq!(
+            (k.is_streaming, k.ttft_sec, k.first_chunk_at.as_deref()),
+            (true, Some(0.5), Some("2026-01-05T09:59:57.500000+00:00"))
+        );
+        let p = listed(uuid::Uuid::from_u128(901));
+        assert_eq!(
+            (p.is_streaming, p.ttft_sec, p.latency_sec),
+            (false, None, Some(9.0))
+        );
+        // The CSV's last three columns.
+        let mut csv = String::new();
+        llm_tracker::usage::export::row(&mut csv, k);
+        assert!(
+            csv.trim_end()
+                .ends_with(",true,2026-01-05T09:59:57.500000+00:00,0.5"),
+            "{csv}"
+        );
+
+        // avg_ttft_sec over the two streamed rows only, before and after the fold.
+        let want = ((streamed_ttft + 500_000) as f64 / 2.0).round() / 1e6;
+        for _ in 0..2 {
+            let by_model = stats_by_model(&t.db, &UsageFilter::default())
+                .await
+                .unwrap();
+            assert_eq!(by_model.len(), 1);
+            assert_eq!(by_model[0].avg_ttft_sec, Some(want));
+            assert_eq!(by_model[0].total_calls, 3);
+            llm_tracker::usage::rollup::fold(&t.db).await.unwrap();
+        }
+        crate::rollup::assert_verified(&t.db).await;
+    }
+);

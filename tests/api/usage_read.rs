@@ -14,7 +14,7 @@ use llm_tracker::usage::stats::{
 use llm_tracker::users::{NewUser, create_user};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sea_orm::DatabaseConnection;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::json;
 
 use crate::db_test;
@@ -63,12 +63,44 @@ pub(crate) fn row(
             )
             .map(usage::Cost),
         cost_currency: "USD".into(),
+        is_streaming: false,
+        first_chunk_at: None,
     }
 }
 
+/// Inserts `rows` in multi-row statements of 200, as the tracker's group commit does; on a
+/// schema from before migration 000016 (the migration tests go down and up) without the
+/// streaming columns, which such rows must then not use.
 pub(crate) async fn insert(db: &DatabaseConnection, rows: &[usage::Model]) {
+    use sea_orm::Iterable;
+    let backend = db.get_database_backend();
+    let has_streaming = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            backend,
+            match backend {
+                sea_orm::DbBackend::Postgres => "SELECT 1 FROM information_schema.columns WHERE table_name = 'llm_tracker_usage' AND column_name = 'first_chunk_at'",
+                _ => "SELECT 1 FROM pragma_table_info('llm_tracker_usage') WHERE name = 'first_chunk_at'",
+            },
+        ))
+        .await
+        .unwrap()
+        .is_some();
     for chunk in rows.chunks(200) {
-        usage::insert_rows(db, chunk).await.unwrap();
+        if has_streaming {
+            usage::insert_rows(db, chunk).await.unwrap();
+        } else {
+            assert!(
+                chunk
+                    .iter()
+                    .all(|r| !r.is_streaming && r.first_chunk_at.is_none())
+            );
+            let older: Vec<usage::Column> = usage::Column::iter()
+                .filter(|c| !matches!(c, usage::Column::IsStreaming | usage::Column::FirstChunkAt))
+                .collect();
+            db.execute(&usage::insert_columns_statement(backend, chunk, &older))
+                .await
+                .unwrap();
+        }
     }
 }
 
@@ -147,7 +179,8 @@ db_test!(
             json!({
             "model": "gpt-4o", "total_calls": 2, "total_prompt_tokens": 30, "total_completion_tokens": 15,
             "total_tokens": 45, "total_cached_tokens": 5, "total_reasoning_tokens": 0,
-            "total_cost": 0.000219, "total_cost_currency": "USD", "avg_latency_sec": null})
+            "total_cost": 0.000219, "total_cost_currency": "USD", "avg_latency_sec": null,
+            "avg_ttft_sec": null})
         );
 
         let db = &t.db;
@@ -190,7 +223,8 @@ db_test!(
             "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
             "cached_tokens": 0, "reasoning_tokens": 0, "success": true, "error": null,
             "created_at": "2025-01-31T10:00:00.123456+00:00", "metadata": {"node_name": "n1"},
-            "cost": 0.000075, "cost_currency": "USD", "started_at": null, "latency_sec": null})
+            "cost": 0.000075, "cost_currency": "USD", "started_at": null, "latency_sec": null,
+            "is_streaming": false, "first_chunk_at": null, "ttft_sec": null})
         );
         assert_eq!(
             serde_json::to_value(&page.results[0]).unwrap()["cost"],

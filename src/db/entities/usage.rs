@@ -28,6 +28,14 @@ pub struct Model {
     pub cost: Option<Cost>,
     /// Always `USD` for rows we write (the successor's column, default `'USD'`).
     pub cost_currency: String,
+    /// Whether the reply was streamed (the successor's column, default false; migration
+    /// 000016). Spooled rows written before it read as not streamed.
+    #[serde(default)]
+    pub is_streaming: bool,
+    /// When the first streamed chunk arrived (null for unstreamed calls and streams that
+    /// produced nothing). Time to first token = `first_chunk_at − started_at`.
+    #[serde(default)]
+    pub first_chunk_at: Option<DateTimeUtc>,
 }
 
 /// A usage row's id, a UUID. PostgreSQL stores it as `uuid`; SQLite as Django does, 32
@@ -243,15 +251,26 @@ pub fn insert_statement(
     backend: sea_orm::DbBackend,
     rows: &[Model],
 ) -> sea_orm::sea_query::InsertStatement {
+    use sea_orm::Iterable;
+    insert_columns_statement(backend, rows, &Column::iter().collect::<Vec<_>>())
+}
+
+/// [`insert_statement`] writing only `columns` (the others take their defaults): for a
+/// database whose schema predates a column, such as the migration tests' older schemas.
+pub fn insert_columns_statement(
+    backend: sea_orm::DbBackend,
+    rows: &[Model],
+    columns: &[Column],
+) -> sea_orm::sea_query::InsertStatement {
+    use sea_orm::ActiveModelTrait;
     use sea_orm::sea_query::{OnConflict, Query};
-    use sea_orm::{ActiveModelTrait, Iterable};
     let mut q = Query::insert();
     q.into_table(Entity)
-        .columns(Column::iter())
+        .columns(columns.iter().copied())
         .on_conflict(OnConflict::column(Column::Id).do_nothing().to_owned());
     for row in rows {
         let active = ActiveModel::from(row.clone());
-        let values = Column::iter().map(|c| match c {
+        let values = columns.iter().map(|&c| match c {
             Column::Cost => Cost::to_value(row.cost, backend).into(),
             Column::Id => crate::db::Dialect::of(backend).uuid(row.id.0).into(),
             Column::CreatedAt => crate::db::Dialect::of(backend)
@@ -259,6 +278,9 @@ pub fn insert_statement(
                 .into(),
             Column::StartedAt => crate::db::Dialect::of(backend)
                 .datetime_opt(row.started_at)
+                .into(),
+            Column::FirstChunkAt => crate::db::Dialect::of(backend)
+                .datetime_opt(row.first_chunk_at)
                 .into(),
             c => active
                 .get(c)
@@ -289,6 +311,8 @@ struct JsonRow<'a> {
     started_at: Option<String>,
     cost: Option<String>,
     cost_currency: &'a str,
+    is_streaming: bool,
+    first_chunk_at: Option<String>,
 }
 
 /// A datetime as PostgreSQL's text input reads it, cut (not rounded) to microseconds, as the
@@ -323,6 +347,8 @@ fn postgres_insert_statement(rows: &[Model], returning: bool) -> sea_orm::Statem
                 started_at: r.started_at.map(pg_datetime),
                 cost: r.cost.map(|c| c.usd().to_string()),
                 cost_currency: &r.cost_currency,
+                is_streaming: r.is_streaming,
+                first_chunk_at: r.first_chunk_at.map(pg_datetime),
             })
             .collect::<Vec<_>>(),
     )
@@ -333,7 +359,7 @@ fn postgres_insert_statement(rows: &[Model], returning: bool) -> sea_orm::Statem
          prompt_tokens integer, completion_tokens integer, total_tokens integer, \
          cached_tokens integer, reasoning_tokens integer, success boolean, error text, \
          metadata jsonb, created_at timestamptz, started_at timestamptz, cost numeric(12,6), \
-         cost_currency varchar(10)) \
+         cost_currency varchar(10), is_streaming boolean, first_chunk_at timestamptz) \
          ON CONFLICT (id) DO NOTHING{returning}",
         columns = JSON_INSERT_COLUMNS,
         returning = if returning { " RETURNING id" } else { "" },
@@ -348,7 +374,7 @@ fn postgres_insert_statement(rows: &[Model], returning: bool) -> sea_orm::Statem
 /// The columns [`postgres_insert_statement`] writes: every column of the table.
 const JSON_INSERT_COLUMNS: &str = "id, user_id, model, prompt_tokens, completion_tokens, \
      total_tokens, cached_tokens, reasoning_tokens, success, error, metadata, created_at, \
-     started_at, cost, cost_currency";
+     started_at, cost, cost_currency, is_streaming, first_chunk_at";
 
 /// Inserts `rows` (`ON CONFLICT (id) DO NOTHING`) and returns the ids it inserted (not those
 /// already stored).

@@ -947,6 +947,14 @@ async fn usage_detail(
                 .map(|l| l.to_string())
                 .unwrap_or_else(|| "–".into()),
         ),
+        ("is_streaming", row.is_streaming.to_string()),
+        ("first_chunk_at", opt(&row.first_chunk_at)),
+        (
+            "ttft_sec",
+            row.ttft_sec
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "–".into()),
+        ),
         (
             "user_id",
             row.user_id

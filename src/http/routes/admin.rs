@@ -520,7 +520,7 @@ const EXPORT_BATCH: u64 = 200;
     params(ExportQuery),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "`text/csv`, with `Content-Disposition: attachment; filename=\"llm-usage-YYYY-MM-DD.csv\"`. Columns: id, created_at, started_at, latency_sec, user_id, username, model, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, success, error, cost, cost_currency, metadata (JSON), node_name. Text cells starting with = + - @ are prefixed with '.", content_type = "text/csv", body = String),
+        (status = 200, description = "`text/csv`, with `Content-Disposition: attachment; filename=\"llm-usage-YYYY-MM-DD.csv\"`. Columns: id, created_at, started_at, latency_sec, user_id, username, model, prompt_tokens, completion_tokens, total_tokens, cached_tokens, reasoning_tokens, success, error, cost, cost_currency, metadata (JSON), node_name, is_streaming, first_chunk_at, ttft_sec. Text cells starting with = + - @ are prefixed with '.", content_type = "text/csv", body = String),
         (status = 400, description = "A bad parameter, named in `errors`", body = ErrorBody),
         (status = 401, description = "No, or no valid, credentials", body = ErrorBody),
         (status = 403, description = "Not a staff user or superuser", body = ErrorBody),

@@ -256,6 +256,7 @@ pub async fn chat_completions(
                 error,
                 started_at,
                 stream,
+                first_chunk_at: None,
                 extra: Default::default(),
             },
             &settings.prices,
@@ -412,12 +413,6 @@ impl RowGuard {
         }
         let r = &self.reader;
         let mut extra = serde_json::Map::new();
-        if let Some(t) = r.first_chunk_at {
-            extra.insert(
-                "first_chunk_at".into(),
-                json!(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
-            );
-        }
         if r.usage.is_none() {
             extra.insert("usage_incomplete".into(), json!(true));
         }
@@ -440,6 +435,7 @@ impl RowGuard {
                 error,
                 started_at: self.started_at,
                 stream: true,
+                first_chunk_at: r.first_chunk_at,
                 extra,
             },
             &self.prices,

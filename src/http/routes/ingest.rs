@@ -28,8 +28,10 @@ pub struct IngestBody {
     /// `prompt_tokens`, `completion_tokens`, `total_tokens` (default their sum),
     /// `cached_tokens`, `reasoning_tokens` (whole numbers, default 0), `success` (default: no
     /// `error`), `error`, `metadata` (an object), `created_at` (required, RFC 3339 with an
-    /// offset, at most 5 minutes ahead), `started_at`, `first_chunk_at` (RFC 3339), `cost` (USD,
-    /// a number or decimal string; without it the row is priced from the price table),
+    /// offset, at most 5 minutes ahead), `started_at`, `first_chunk_at` (RFC 3339: when the
+    /// first streamed token arrived), `is_streaming` (default: whether `first_chunk_at` is
+    /// given), `cost` (USD, a number or decimal string; without it the row is priced from the
+    /// price table),
     /// `user_id` (a staff user's key only: another existing user).
     #[schema(value_type = Vec<Object>, example = json!([{
         "id": "6f1c2a0e-8d4b-4c36-9a57-0e0f8b7b1c11", "model": "gpt-4o-mini",
