@@ -13,7 +13,9 @@
 //!
 //! `up` runs frozen SQL (`migration/sql/`): the rollup columns, the triggers rebuilt to fill
 //! them, the backfill; `down` puts 000015's triggers back (000006's on SQLite) and drops the
-//! columns this migration added.
+//! rollup's two columns. It leaves `is_streaming` and `first_chunk_at` on the usage table: the
+//! successor app may own them (and their data), and with their defaults they stand in no
+//! writer's way; `up` again finds them there.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
@@ -104,14 +106,6 @@ impl MigrationTrait for Migration {
                     conn.execute_unprepared(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
                         .await?;
                 }
-            }
-        }
-        for column in ["is_streaming", "first_chunk_at"] {
-            if manager.has_column("llm_tracker_usage", column).await? {
-                conn.execute_unprepared(&format!(
-                    "ALTER TABLE llm_tracker_usage DROP COLUMN {column}"
-                ))
-                .await?;
             }
         }
         Ok(())

@@ -13,7 +13,8 @@ use llm_tracker::usage::list::{count_matching_raw, list_usage};
 use llm_tracker::usage::plans;
 use llm_tracker::usage::rollup;
 use llm_tracker::usage::stats::{
-    Granularity, SeriesOptions, stats_by_user, stats_by_user_raw, token_stats_in, token_stats_raw,
+    Granularity, SeriesOptions, stats_by_model, stats_by_user, stats_by_user_raw, token_stats_in,
+    token_stats_raw,
 };
 use llm_tracker::users::{NewUser, create_user};
 use migration::MigratorTrait;
@@ -1152,6 +1153,86 @@ db_test!(
             insert(db, &again).await;
             assert!(pending(&t).await < 100);
             assert_verified(db).await;
+        }
+    }
+);
+
+db_test!(
+    async fn migration_000016_counts_the_first_chunks_already_there(backend: Backend) {
+        // A database the successor app wrote streamed rows into (its `is_streaming` and
+        // `first_chunk_at` columns), before this product's rollup knew the time to first
+        // token: 000016 keeps those columns and counts their ttft into the cells.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["f1", "f2"]).await;
+        let mut rng = StdRng::seed_from_u64(16);
+        let base = Utc.with_ymd_and_hms(2025, 11, 1, 0, 0, 0).unwrap();
+        crate::helpers::down_through(db, "m20261129_000016").await;
+        // `down` leaves the usage table's two columns (the successor may own them) and drops
+        // the rollup's.
+        assert_eq!(
+            t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage WHERE is_streaming")
+                .await,
+            0
+        );
+        let rows = random_rows(&mut rng, &ids, base, 20, 300, 1);
+        for r in &rows {
+            db.execute_unprepared(&plain_insert(db.get_database_backend(), r))
+                .await
+                .unwrap();
+        }
+        // The successor marks some rows streamed, with a first chunk 0–600 ms after the start.
+        let mark = match backend {
+            crate::helpers::Backend::Postgres => {
+                "UPDATE llm_tracker_usage SET is_streaming = TRUE, \
+                first_chunk_at = started_at + (prompt_tokens % 7) * INTERVAL '100 milliseconds' \
+                WHERE started_at IS NOT NULL AND prompt_tokens % 2 = 0"
+            }
+            crate::helpers::Backend::Sqlite => {
+                "UPDATE llm_tracker_usage SET is_streaming = 1, \
+                first_chunk_at = strftime('%Y-%m-%d %H:%M:%f', started_at, '+' || ((prompt_tokens % 7) * 0.1) || ' seconds') \
+                WHERE started_at IS NOT NULL AND prompt_tokens % 2 = 0"
+            }
+        };
+        db.execute_unprepared(mark).await.unwrap();
+        let streamed = t
+            .scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage WHERE first_chunk_at IS NOT NULL")
+            .await;
+        assert!(streamed > 50, "{streamed}");
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_verified(db).await;
+        fold(&t).await;
+        assert_verified(db).await;
+        let counted = t
+            .scalar_i64(&format!(
+                "SELECT CAST(SUM(ttft_calls) AS BIGINT) FROM llm_tracker_usage_rollup_total \
+                 WHERE grain = 96 AND user_key = {}",
+                migration::rollup::ALL_USERS
+            ))
+            .await;
+        assert_eq!(counted, streamed);
+        // The mean per model is the rows' own mean, as read back.
+        let stored = usage::Entity::find().all(db).await.unwrap();
+        assert_eq!(
+            stored.iter().filter(|r| r.is_streaming).count() as i64,
+            streamed
+        );
+        let by_model = stats_by_model(db, &UsageFilter::default()).await.unwrap();
+        for m in by_model {
+            let ttfts: Vec<i64> = stored
+                .iter()
+                .filter(|r| r.model == m.model)
+                .filter_map(|r| {
+                    Some(
+                        (r.first_chunk_at? - r.started_at?)
+                            .num_microseconds()?
+                            .max(0),
+                    )
+                })
+                .collect();
+            let want = (!ttfts.is_empty())
+                .then(|| (ttfts.iter().sum::<i64>() as f64 / ttfts.len() as f64).round() / 1e6);
+            assert_eq!(m.avg_ttft_sec, want, "{}", m.model);
         }
     }
 );
