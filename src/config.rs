@@ -225,6 +225,12 @@ pub struct Settings {
     pub prices: std::sync::Arc<crate::pricing::PriceTable>,
     pub log_filter: String,
     pub log_format: LogFormat,
+    /// `METRICS_TOKEN`: `GET /metrics` on the main address answers only with it as a bearer
+    /// token (at least 16 characters).
+    pub metrics_token: Option<Secret>,
+    /// `METRICS_BIND_ADDR`: a second address serving only `GET /metrics`, without a token
+    /// (for a port only the scraper can reach). Neither set: no metrics endpoint.
+    pub metrics_bind_addr: Option<SocketAddr>,
 }
 
 /// A key → value view over the environment, so tests can load settings from a map.
@@ -331,6 +337,26 @@ impl Settings {
                 "must be at least 16 characters",
             ));
         }
+        let metrics_token = src.secret("METRICS_TOKEN");
+        if let Some(token) = &metrics_token
+            && token.expose().len() < 16
+        {
+            return Err(ConfigError::invalid(
+                "METRICS_TOKEN",
+                "must be at least 16 characters",
+            ));
+        }
+        let metrics_bind_addr = src.parsed::<SocketAddr>(
+            "METRICS_BIND_ADDR",
+            "host:port such as 127.0.0.1:9100",
+            |_| true,
+        )?;
+        if metrics_bind_addr.is_some() && metrics_bind_addr == Some(bind_addr) {
+            return Err(ConfigError::invalid(
+                "METRICS_BIND_ADDR",
+                "must differ from BIND_ADDR",
+            ));
+        }
         let provider = match src.get("LLM_PROVIDER").map(str::to_ascii_lowercase) {
             None => ProviderKind::OpenAi,
             Some(p) if p == "openai" => ProviderKind::OpenAi,
@@ -415,6 +441,8 @@ impl Settings {
             },
             bind_addr,
             jwt_secret,
+            metrics_token,
+            metrics_bind_addr,
             provider,
             openai,
             azure,
@@ -559,6 +587,9 @@ mod tests {
             ("SQLITE_CACHE_MIB", "0"),
             ("SQLITE_CACHE_MIB", "lots"),
             ("JWT_SECRET", "short"),
+            ("METRICS_TOKEN", "short"),
+            ("METRICS_BIND_ADDR", "9100"),
+            ("METRICS_BIND_ADDR", "127.0.0.1:8000"),
         ] {
             let err = Settings::from_map(&map(&[(key, value)])).unwrap_err();
             assert!(

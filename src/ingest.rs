@@ -456,6 +456,10 @@ pub async fn ingest<C: ConnectionTrait>(
         }
     }
     out.refused.sort_by_key(|r| r.index);
+    crate::metrics::metrics()
+        .rows_rejected
+        .with_label_values(&["ingest"])
+        .inc_by(out.refused.len() as u64);
     out
 }
 

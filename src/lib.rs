@@ -10,6 +10,7 @@ pub mod demo;
 pub mod gateway;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod pricing;
 pub mod providers;
 pub mod redact;

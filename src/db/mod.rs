@@ -111,3 +111,20 @@ pub(crate) async fn read_txn(
         None => db.begin().await,
     }
 }
+
+/// The pool's connections: `(in use, idle)`. Reads the pool's own counters (no query).
+pub fn pool_connections(db: &DatabaseConnection) -> (i64, i64) {
+    let (size, idle) = match db.get_database_backend() {
+        sea_orm::DbBackend::Postgres => {
+            let pool = db.get_postgres_connection_pool();
+            (pool.size(), pool.num_idle())
+        }
+        sea_orm::DbBackend::Sqlite => {
+            let pool = db.get_sqlite_connection_pool();
+            (pool.size(), pool.num_idle())
+        }
+        _ => (0, 0),
+    };
+    let idle = i64::try_from(idle).unwrap_or(i64::MAX);
+    (i64::from(size).saturating_sub(idle).max(0), idle)
+}

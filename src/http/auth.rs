@@ -100,3 +100,12 @@ pub fn bearer(req: &actix_web::HttpRequest) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then_some(token.trim())
 }
+
+/// Equal, compared in constant time (CSRF tokens, the metrics token).
+pub fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}

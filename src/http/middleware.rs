@@ -1,5 +1,5 @@
 //! Request logging: one line per request with method, path, status, duration and a request
-//! id, also returned as `X-Request-Id`. The query string and headers (tokens) are never logged.
+//! id, also returned as `X-Request-Id`, and the HTTP metrics (by route template). The query string and headers (tokens) are never logged.
 
 use std::time::Instant;
 
@@ -25,6 +25,23 @@ pub async fn log_requests(
         Ok(mut res) => {
             let status = res.status().as_u16();
             tracing::info!(request_id, method, path, status, elapsed_ms, "request");
+            // By route template (`/api/v1/admin/llm-usage/{id}/`), never the raw path: the
+            // label values stay few whatever clients send.
+            let route = res
+                .request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".to_owned());
+            let method_label = match method.as_str() {
+                m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m,
+                _ => "other",
+            };
+            let m = crate::metrics::metrics();
+            m.http_requests
+                .with_label_values(&[route.as_str(), method_label, &status.to_string()])
+                .inc();
+            m.http_duration
+                .with_label_values(&[route.as_str()])
+                .observe(elapsed_ms / 1000.0);
             if let Ok(value) = HeaderValue::from_str(&request_id) {
                 res.headers_mut()
                     .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);

@@ -100,6 +100,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(routes::api_keys::configure)
             .configure(routes::ingest::configure)
             .configure(routes::gateway::configure)
+            .configure(routes::metrics::configure)
             .configure(crate::http::pages::configure)
             .service(utoipa_swagger_ui::SwaggerUi::new("/api/docs/{_:.*}").url(
                 "/api/openapi.json",

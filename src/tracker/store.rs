@@ -217,6 +217,7 @@ impl UsageStore {
     /// within the commit deadline. With [`WriteMode::Queued`] it returns once the row is
     /// handed over.
     pub async fn record(&self, row: usage::Model) -> Stored {
+        crate::metrics::metrics().observe_call(&row);
         if self.inner.opts.write_mode == WriteMode::Queued {
             self.inner.in_flight.fetch_add(1, Ordering::SeqCst);
             let (jobs, inner) = (self.jobs.clone(), self.inner.clone());
@@ -267,7 +268,17 @@ impl UsageStore {
                 txn.commit().await.map(|()| inserted)
             };
             match tokio::time::timeout(deadline, attempt).await {
-                Ok(Ok(inserted)) => return BatchStored::Inserted(inserted),
+                Ok(Ok(inserted)) => {
+                    // Calls counted once: the rows stored now, not those already there.
+                    let m = crate::metrics::metrics();
+                    let new: std::collections::HashSet<uuid::Uuid> =
+                        inserted.iter().copied().collect();
+                    for row in rows.iter().filter(|r| new.contains(&r.id.0)) {
+                        m.observe_call(row);
+                    }
+                    m.rows_committed.inc_by(inserted.len() as u64);
+                    return BatchStored::Inserted(inserted);
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(rows = rows.len(), error = %e, "storing a batch of usage rows failed; spooling it");
                     if e.sql_err().is_none() {
@@ -282,6 +293,10 @@ impl UsageStore {
                 }
             }
         }
+        // Which of them are already stored is known only at the replay: counted as calls now.
+        for row in &rows {
+            crate::metrics::metrics().observe_call(row);
+        }
         self.inner.defer(rows).await;
         BatchStored::Deferred
     }
@@ -293,6 +308,21 @@ impl UsageStore {
             .await
             .unwrap_or(0);
         spooled + self.inner.in_memory.lock().await.len()
+    }
+
+    /// Rows waiting in the spool files and in memory, and the spool files' bytes: for the
+    /// metrics, cheaply (lines counted, not parsed; a torn last line counts as a row).
+    pub async fn spool_depth(&self) -> (usize, u64) {
+        let spool = self.inner.spool.clone();
+        let (rows, bytes) = tokio::task::spawn_blocking(move || {
+            std::iter::once(spool.path.clone())
+                .chain(spool.claim_files())
+                .map(|p| count_lines(&p))
+                .fold((0, 0), |(r, b), (r2, b2)| (r + r2, b + b2))
+        })
+        .await
+        .unwrap_or((0, 0));
+        (rows + self.inner.in_memory.lock().await.len(), bytes)
     }
 
     /// Set once the schema is known to be in place: at once, or (with
@@ -369,7 +399,10 @@ async fn store_or_spool(
                 .map_err(|_| DbErr::Custom("usage writer went away".into()))?
         };
         match tokio::time::timeout(deadline, stored).await {
-            Ok(Ok(())) => return Stored::Inserted,
+            Ok(Ok(())) => {
+                crate::metrics::metrics().rows_committed.inc();
+                return Stored::Inserted;
+            }
             Ok(Err(e)) => {
                 tracing::warn!(row_id = %row.id, error = %e, "storing usage row failed; spooling it");
                 inner.set_unhealthy();
@@ -420,6 +453,9 @@ impl Inner {
 
     /// Appends rows to the spool (fsynced); if that fails too, keeps them in memory.
     async fn defer(&self, rows: Vec<usage::Model>) {
+        crate::metrics::metrics()
+            .rows_spooled
+            .inc_by(rows.len() as u64);
         if let Err(e) = self.spool.append(rows.clone()).await {
             tracing::error!(path = %self.spool.path.display(), error = %e, rows = rows.len(), "spool append failed; keeping rows in memory");
             self.in_memory.lock().await.extend(rows);
@@ -478,6 +514,9 @@ impl Inner {
                 self.in_memory.lock().await.extend(memory);
                 return Err(e);
             }
+            crate::metrics::metrics()
+                .rows_replayed
+                .inc_by(memory.len() as u64);
             stored += memory.len();
         }
         let spool = self.spool.clone();
@@ -498,10 +537,17 @@ impl Inner {
             if !rejected.is_empty() {
                 let aside = self.spool.rejected_path();
                 tracing::error!(path = %aside.display(), lines = rejected.len(), "unreadable spool lines moved aside");
+                crate::metrics::metrics()
+                    .rows_rejected
+                    .with_label_values(&["spool"])
+                    .inc_by(rejected.len() as u64);
                 let _ = append_lines(&aside, &rejected);
             }
             self.insert_replayed(&rows).await?;
             claim.remove();
+            crate::metrics::metrics()
+                .rows_replayed
+                .inc_by(rows.len() as u64);
             stored += rows.len();
         }
         Ok(stored)
@@ -626,7 +672,14 @@ async fn fold_every(inner: Arc<Inner>, interval: Duration, stop: Arc<Notify>) {
         };
         let fold = async {
             let _turn = inner.sqlite_turn().await;
-            migration::rollup::fold(&inner.db).await
+            let started = Instant::now();
+            let folded = migration::rollup::fold(&inner.db).await;
+            if let Ok(true) = folded {
+                crate::metrics::metrics()
+                    .fold_duration
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            folded
         };
         let folded = if stopping {
             tokio::time::timeout(inner.opts.shutdown_timeout, fold)
@@ -812,6 +865,24 @@ impl Spool {
             .map(|p| read_rows(&p).map(|r| r.0.len()).unwrap_or(0))
             .sum()
     }
+}
+
+/// Lines (rows) and bytes of a spool file; nothing when it is missing.
+fn count_lines(path: &Path) -> (usize, u64) {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return (0, 0);
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut lines, mut bytes, mut last) = (0usize, 0u64, b'\n');
+    while let Ok(n) = file.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
+        bytes += n as u64;
+        last = buf[n - 1];
+    }
+    (lines + usize::from(last != b'\n'), bytes)
 }
 
 /// A spool file taken for replay, locked until it is removed or dropped.

@@ -191,6 +191,7 @@ db_test!(
     async fn serve_answers_health_and_readiness_and_stops_on_sigterm(backend: Backend) {
         let t = TestDb::migrated(backend).await;
         let port = free_port();
+        let metrics_port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_llm-tracker"))
             .arg("serve")
@@ -198,6 +199,7 @@ db_test!(
             .env_clear()
             .env("DATABASE_URL", t.url.expose())
             .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("METRICS_BIND_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("JWT_SECRET", KEY)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -219,6 +221,13 @@ db_test!(
         };
         assert_eq!(health.0, 200);
         assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
+        // Issue 20: `/metrics` on METRICS_BIND_ADDR without a token; not on the main address
+        // (no METRICS_TOKEN).
+        let (status, text) = http_get(metrics_port, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        assert!(text.contains("llm_tracker_build_info{version="), "{text}");
+        assert!(text.contains("llm_tracker_rollup_pending_rows "), "{text}");
+        assert_eq!(http_get(port, "/metrics").unwrap().0, 404);
 
         let killed = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -237,6 +246,10 @@ db_test!(
         assert!(
             http_get(port, "/healthz").is_err(),
             "port closed after shutdown"
+        );
+        assert!(
+            http_get(metrics_port, "/metrics").is_err(),
+            "metrics port closed after shutdown"
         );
     }
 );

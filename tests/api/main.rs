@@ -15,6 +15,7 @@ mod health;
 mod http_shell;
 mod ingest;
 mod layout;
+mod metrics;
 mod migrations;
 mod openapi;
 mod resilience;

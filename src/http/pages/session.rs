@@ -184,14 +184,7 @@ pub fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Equal, compared in constant time (for CSRF tokens).
-pub fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
+pub use crate::http::auth::same_token;
 
 /// Failed sign-ins per username and per client address: at most `max` in `window`.
 pub struct Limiter {

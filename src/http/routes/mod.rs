@@ -5,3 +5,4 @@ pub mod api_keys;
 pub mod gateway;
 pub mod health;
 pub mod ingest;
+pub mod metrics;
