@@ -22,6 +22,7 @@ mod m20261128_000013_rollup_read_indexes;
 pub mod m20261128_000014_create_api_key;
 pub mod m20261129_000015_rollup_summed_delta;
 pub mod m20261129_000016_usage_streaming_ttft;
+pub mod m20261129_000017_rollup_one_row_statements;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -60,6 +61,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000014_create_api_key::Migration),
             Box::new(m20261129_000015_rollup_summed_delta::Migration),
             Box::new(m20261129_000016_usage_streaming_ttft::Migration),
+            Box::new(m20261129_000017_rollup_one_row_statements::Migration),
         ]
     }
 }

@@ -711,6 +711,21 @@ pub const TRIGGERS: [&str; 4] = [
 pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
     // The statement a trigger runs for its sources; `net` for updates (see delta_insert_sql).
     let body = |sources: &[Source<'_>], net: bool| delta_insert_sql(backend, sources, net);
+    // PostgreSQL: the contributions of a transition table, summed per key when it holds more
+    // than one row (the `IF` of the function's body; its `;` and `END IF` close around the
+    // caller's).
+    let summed_if_many = |name: &'static str, sign: i32| {
+        let source = [Source::Table {
+            name,
+            sign,
+            where_sql: None,
+        }];
+        format!(
+            "IF EXISTS (SELECT 1 FROM {name} OFFSET 1) THEN\n{};\nELSE\n{};\nEND IF",
+            body(&source, true),
+            body(&source, false)
+        )
+    };
     let mut out = drop_triggers_sql(backend);
     match backend {
         DbBackend::Postgres => {
@@ -733,10 +748,12 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
                 "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}"
             );
             out.extend([
-                // Summed per delta key (migration 000015): a multi-row insert or delete
-                // appends one delta row per slot, user, model and outcome, not one per row.
-                function(TRIGGERS[0], body(&[table("new_rows", 1)], true)),
-                function(TRIGGERS[1], body(&[table("old_rows", -1)], true)),
+                // A multi-row insert or delete appends one delta row per slot, user, model and
+                // outcome, not one per row (migration 000015); a one-row statement, the
+                // tracker's usual, skips the grouping, which cost it a quarter more time in the
+                // database (migration 000017).
+                function(TRIGGERS[0], summed_if_many("new_rows", 1)),
+                function(TRIGGERS[1], summed_if_many("old_rows", -1)),
                 function(
                     TRIGGERS[2],
                     body(&[table("old_rows", -1), table("new_rows", 1)], true),
@@ -840,8 +857,8 @@ mod tests {
     use super::*;
     use crate::m20251215_000006_rollup_delta as m6;
 
-    /// The triggers installed by the newest migration that installs them (000016) are fixed
-    /// text; the generator must still write exactly
+    /// The triggers installed by the newest migration that installs them (000017 on
+    /// PostgreSQL, 000016 on SQLite) are fixed text; the generator must still write exactly
     /// that text, or the databases migrated so far run other triggers than the code believes.
     /// When this fails: write a migration that installs the new triggers, freeze its SQL, and
     /// compare with that. `UPDATE_FROZEN_SQL=1` writes the files (for a new migration only:
@@ -849,20 +866,27 @@ mod tests {
     #[test]
     fn the_installed_triggers_are_what_the_code_generates() {
         use crate::m20261129_000016_usage_streaming_ttft as m16;
-        for (backend, name) in [
-            (DbBackend::Postgres, "postgres"),
-            (DbBackend::Sqlite, "sqlite"),
-        ] {
-            let generated = m16::generated(backend);
+        use crate::m20261129_000017_rollup_one_row_statements as m17;
+        let newest = [
+            (
+                "postgres",
+                "m20261129_000017_rollup_one_row_statements.postgres.sql",
+                m17::frozen(),
+                m17::generated(),
+            ),
+            (
+                "sqlite",
+                "m20261129_000016_usage_streaming_ttft.sqlite.sql",
+                m16::frozen(DbBackend::Sqlite),
+                m16::generated(DbBackend::Sqlite),
+            ),
+        ];
+        for (name, file, frozen, generated) in newest {
             if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
-                let path = format!(
-                    "{}/sql/m20261129_000016_usage_streaming_ttft.{name}.sql",
-                    env!("CARGO_MANIFEST_DIR")
-                );
+                let path = format!("{}/sql/{file}", env!("CARGO_MANIFEST_DIR"));
                 std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
                 continue;
             }
-            let frozen = m16::frozen(backend);
             assert_eq!(frozen.len(), generated.len(), "{name}");
             for (f, g) in frozen.iter().zip(&generated) {
                 assert_eq!(*f, g.trim(), "{name}: the rollup's generated SQL changed");
