@@ -121,6 +121,15 @@ pub async fn seed(
         }
         let created_at = now - Duration::microseconds(span_us - offset.clamp(0, span_us - 1));
         let latency_ms = 300 + (completion as i64) * rng.random_range(5..25);
+        // About 3 calls in 10 streamed, the first token 150–850 ms after the start (from the
+        // row's own time, so the seeded sequence of the other values stays as it was).
+        let spread =
+            (created_at.timestamp_micros() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+        let micros = (spread % 100_000) as i64;
+        let streamed = !failed && spread % 10 < 3;
+        let started_at = created_at - Duration::milliseconds(latency_ms);
+        let first_chunk_at = streamed
+            .then(|| started_at + Duration::milliseconds((150 + micros % 700).min(latency_ms)));
         let (p, c, ca, re) = if failed {
             (0, 0, 0, 0)
         } else {
@@ -146,19 +155,25 @@ pub async fn seed(
             reasoning_tokens: re,
             success: !failed,
             error: failed.then(|| ERRORS[rng.random_range(0..ERRORS.len())].to_owned()),
-            metadata: json!({
-                "node_name": NODES[rng.random_range(0..NODES.len())],
-                "source_type": if rng.random_bool(0.7) { "task" } else { "request" },
-                "provider": provider,
-                "attempts": if failed { 3 } else { 1 },
-                "demo": true,
-            }),
+            metadata: {
+                let mut m = json!({
+                    "node_name": NODES[rng.random_range(0..NODES.len())],
+                    "source_type": if rng.random_bool(0.7) { "task" } else { "request" },
+                    "provider": provider,
+                    "attempts": if failed { 3 } else { 1 },
+                    "demo": true,
+                });
+                if streamed {
+                    m["stream"] = json!(true);
+                }
+                m
+            },
             created_at,
-            started_at: Some(created_at - Duration::milliseconds(latency_ms)),
+            started_at: Some(started_at),
             cost: cost.map(usage::Cost),
             cost_currency: "USD".into(),
-            is_streaming: false,
-            first_chunk_at: None,
+            is_streaming: streamed,
+            first_chunk_at,
         });
         if batch.len() == 500 {
             usage::insert_rows(db, &std::mem::take(&mut batch)).await?;

@@ -377,7 +377,18 @@ db_test!(
             assert_eq!(r.total_tokens, r.prompt_tokens + r.completion_tokens);
             assert!(r.created_at <= now && now - r.created_at <= chrono::Duration::days(90));
             assert!(r.started_at.unwrap() <= r.created_at);
+            // Issue 20: streamed rows carry their first chunk, within the call.
+            assert_eq!(r.is_streaming, r.first_chunk_at.is_some());
+            if let Some(first) = r.first_chunk_at {
+                assert!(r.started_at.unwrap() <= first && first <= r.created_at);
+                assert_eq!(r.metadata["stream"], true);
+            }
         }
+        let streamed = rows.iter().filter(|r| r.is_streaming).count();
+        assert!(
+            (600..=1200).contains(&streamed),
+            "~3 in 10 streamed, got {streamed}"
+        );
         let with_user = rows.iter().filter(|r| r.user_id.is_some()).count();
         assert!(with_user > 2400 && with_user < 3000);
         assert_eq!(
