@@ -261,17 +261,13 @@ impl Metrics {
             .with_label_values(&[provider, &model, outcome])
             .inc();
         if let Some(started) = row.started_at {
-            let secs = (row.created_at - started)
-                .num_microseconds()
-                .unwrap_or(0)
-                .max(0) as f64
-                / 1e6;
             self.call_duration
                 .with_label_values(&[provider])
-                .observe(secs);
+                .observe(usage::seconds_between(started, row.created_at));
             if let Some(first) = row.first_chunk_at {
-                let ttft = (first - started).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-                self.ttft.with_label_values(&[provider]).observe(ttft);
+                self.ttft
+                    .with_label_values(&[provider])
+                    .observe(usage::seconds_between(started, first));
             }
         }
         for (kind, n) in [

@@ -363,14 +363,6 @@ struct RowWithUser {
     first_chunk_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// `end − start` in seconds, whole microseconds, negative as 0.
-fn seconds_between(
-    start: chrono::DateTime<chrono::Utc>,
-    end: chrono::DateTime<chrono::Utc>,
-) -> f64 {
-    (end - start).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6
-}
-
 impl From<RowWithUser> for UsageRow {
     fn from(r: RowWithUser) -> Self {
         Self {
@@ -390,13 +382,15 @@ impl From<RowWithUser> for UsageRow {
             cost: r.cost.map(|c| Usd(c.0)),
             cost_currency: r.cost_currency,
             started_at: r.started_at.as_ref().map(isoformat),
-            latency_sec: r.started_at.map(|s| seconds_between(s, r.created_at)),
+            latency_sec: r
+                .started_at
+                .map(|s| usage::seconds_between(s, r.created_at)),
             is_streaming: r.is_streaming,
             first_chunk_at: r.first_chunk_at.as_ref().map(isoformat),
             ttft_sec: r
                 .started_at
                 .zip(r.first_chunk_at)
-                .map(|(s, f)| seconds_between(s, f)),
+                .map(|(s, f)| usage::seconds_between(s, f)),
         }
     }
 }

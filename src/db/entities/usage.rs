@@ -38,6 +38,13 @@ pub struct Model {
     pub first_chunk_at: Option<DateTimeUtc>,
 }
 
+/// `end − start` in seconds, in whole microseconds, negative (clock skew) as 0: a row's
+/// latency (`created_at − started_at`) and time to first token (`first_chunk_at −
+/// started_at`), for the listing and the metrics alike.
+pub fn seconds_between(start: DateTimeUtc, end: DateTimeUtc) -> f64 {
+    (end - start).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6
+}
+
 /// A usage row's id, a UUID. PostgreSQL stores it as `uuid`; SQLite as Django does, 32
 /// lowercase hex characters. Reads also take the 16-byte blobs versions before migration
 /// 000012 wrote on SQLite; writes and comparisons bind [`crate::db::Dialect::uuid`].
