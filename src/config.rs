@@ -250,6 +250,16 @@ impl Source<'_> {
         self.get(key).map(Secret::new)
     }
 
+    /// A secret that must be at least 16 characters long when set (signing keys, tokens).
+    fn long_secret(&self, key: &'static str) -> Result<Option<Secret>, ConfigError> {
+        match self.secret(key) {
+            Some(secret) if secret.expose().len() < 16 => {
+                Err(ConfigError::invalid(key, "must be at least 16 characters"))
+            }
+            other => Ok(other),
+        }
+    }
+
     fn parsed<T: FromStr>(
         &self,
         key: &'static str,
@@ -328,24 +338,8 @@ impl Settings {
         let bind_addr = src
             .parsed::<SocketAddr>("BIND_ADDR", "host:port such as 127.0.0.1:8000", |_| true)?
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)));
-        let jwt_secret = src.secret("JWT_SECRET");
-        if let Some(secret) = &jwt_secret
-            && secret.expose().len() < 16
-        {
-            return Err(ConfigError::invalid(
-                "JWT_SECRET",
-                "must be at least 16 characters",
-            ));
-        }
-        let metrics_token = src.secret("METRICS_TOKEN");
-        if let Some(token) = &metrics_token
-            && token.expose().len() < 16
-        {
-            return Err(ConfigError::invalid(
-                "METRICS_TOKEN",
-                "must be at least 16 characters",
-            ));
-        }
+        let jwt_secret = src.long_secret("JWT_SECRET")?;
+        let metrics_token = src.long_secret("METRICS_TOKEN")?;
         let metrics_bind_addr = src.parsed::<SocketAddr>(
             "METRICS_BIND_ADDR",
             "host:port such as 127.0.0.1:9100",
