@@ -323,6 +323,18 @@ impl ToggleProxy {
     }
 
     /// `url` with its host and port replaced by the proxy's.
+    /// A proxy in front of the test PostgreSQL server and a pool on `t`'s database through it.
+    pub async fn in_front_of(t: &TestDb) -> (Self, sea_orm::DatabaseConnection) {
+        let proxy = Self::start(host_port(&pg_admin_url())).await;
+        let url = llm_tracker::config::DatabaseUrl::parse(
+            "DATABASE_URL",
+            &proxy.url_through(t.url.expose()),
+        )
+        .unwrap();
+        let db = llm_tracker::db::connect(&url).await.unwrap();
+        (proxy, db)
+    }
+
     pub fn url_through(&self, url: &str) -> String {
         let mut u = url::Url::parse(url).expect("url");
         u.set_host(Some("127.0.0.1")).unwrap();

@@ -241,16 +241,7 @@ mod ingest_spools_rows_while_the_database_is_down {
         let t = TestDb::migrated(Backend::Postgres).await;
         user(&t, "svc", false).await;
         let k = key(&t, "svc", &[Scope::Ingest]).await;
-        let proxy = crate::helpers::ToggleProxy::start(crate::helpers::host_port(
-            &crate::helpers::pg_admin_url(),
-        ))
-        .await;
-        let url = llm_tracker::config::DatabaseUrl::parse(
-            "DATABASE_URL",
-            &proxy.url_through(t.url.expose()),
-        )
-        .unwrap();
-        let db = llm_tracker::db::connect(&url).await.unwrap();
+        let (proxy, db) = crate::helpers::ToggleProxy::in_front_of(&t).await;
         let dir = tempfile::tempdir().unwrap();
         let mut opts = StoreOptions::new(dir.path().join("spool.jsonl"));
         opts.fold_interval = None;

@@ -846,16 +846,7 @@ mod a_slow_database_holds_no_call_and_loses_no_row {
     #[actix_web::test]
     async fn postgres() {
         let t = TestDb::migrated(Backend::Postgres).await;
-        let proxy = crate::helpers::ToggleProxy::start(crate::helpers::host_port(
-            &crate::helpers::pg_admin_url(),
-        ))
-        .await;
-        let url = llm_tracker::config::DatabaseUrl::parse(
-            "DATABASE_URL",
-            &proxy.url_through(t.url.expose()),
-        )
-        .unwrap();
-        let db = llm_tracker::db::connect(&url).await.unwrap();
+        let (proxy, db) = crate::helpers::ToggleProxy::in_front_of(&t).await;
         let server = provider(Duration::from_millis(20)).await;
         let dir = tempfile::tempdir().unwrap();
         let tracker = Arc::new(tracker_at(&db, &server, dir.path(), false).await);

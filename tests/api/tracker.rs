@@ -20,7 +20,7 @@ use wiremock::matchers::{body_partial_json, header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::db_test;
-use crate::helpers::{Backend, TestDb, ToggleProxy, fixture, host_port, pg_admin_url};
+use crate::helpers::{Backend, TestDb, ToggleProxy, fixture};
 
 const OPENAI_KEY: &str = "sk-test-1234567890abcd";
 const AZURE_KEY: &str = "azure-test-key-0123456789";
@@ -606,16 +606,8 @@ async fn tracker_db(t: &TestDb) -> (DatabaseConnection, Outage) {
     match t.backend {
         Backend::Sqlite => (t.db.clone(), Outage::None),
         Backend::Postgres => {
-            let proxy = ToggleProxy::start(host_port(&pg_admin_url())).await;
-            let url = llm_tracker::config::DatabaseUrl::parse(
-                "DATABASE_URL",
-                &proxy.url_through(t.url.expose()),
-            )
-            .unwrap();
-            (
-                llm_tracker::db::connect(&url).await.unwrap(),
-                Outage::Postgres(proxy),
-            )
+            let (proxy, db) = ToggleProxy::in_front_of(t).await;
+            (db, Outage::Postgres(proxy))
         }
     }
 }
