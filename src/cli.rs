@@ -88,6 +88,17 @@ pub enum Command {
         #[command(subcommand)]
         action: RollupAction,
     },
+    /// Delete raw usage rows older than the retention, keeping their statistics (token-stats
+    /// over the deleted period returns the same numbers; the listing has no rows there).
+    /// Rows created before the UTC midnight that many days back go, in small batches.
+    Retention {
+        /// Count what would be deleted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The retention, such as 400d (whole days); defaults to USAGE_RETENTION_DAYS.
+        #[arg(long)]
+        older_than: Option<String>,
+    },
     /// Print an HS256 access token for a user (the token alone on stdout).
     Token {
         /// The user the token is for.
@@ -419,6 +430,41 @@ pub async fn run(cli: Cli, settings: Settings) -> Result<(), CliError> {
             );
         }
         Command::Rollup { action } => rollup(&settings, action).await?,
+        Command::Retention {
+            dry_run,
+            older_than,
+        } => {
+            let days = match (older_than, settings.usage_retention_days) {
+                (Some(raw), _) => crate::retention::parse_days(&raw)
+                    .map_err(|e| CliError::Usage(format!("--older-than {e}")))?,
+                (None, Some(days)) => days,
+                (None, None) => {
+                    return Err(CliError::Usage(
+                        "no retention: pass --older-than (e.g. 400d) or set USAGE_RETENTION_DAYS"
+                            .into(),
+                    ));
+                }
+            };
+            let db = open_migrated(&settings).await?;
+            let started = std::time::Instant::now();
+            let report = crate::retention::run(&db, days, dry_run, chrono::Utc::now()).await?;
+            let before = report
+                .horizon
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            if report.dry_run {
+                println!(
+                    "retention (dry run): {} rows created before {before} would be deleted; nothing changed",
+                    report.rows
+                );
+            } else {
+                println!(
+                    "retention: {} rows created before {before} deleted in {} batches, {:.1} s; their statistics kept",
+                    report.rows,
+                    report.batches,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
         Command::Key { action } => key(&settings, action).await?,
         Command::Call {
             prompt,

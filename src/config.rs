@@ -231,7 +231,13 @@ pub struct Settings {
     /// `METRICS_BIND_ADDR`: a second address serving only `GET /metrics`, without a token
     /// (for a port only the scraper can reach). Neither set: no metrics endpoint.
     pub metrics_bind_addr: Option<SocketAddr>,
+    /// `USAGE_RETENTION_DAYS`: raw rows older than this many days are deleted once a day by
+    /// `serve`, their statistics kept (see `crate::retention`). Unset: keep every row.
+    pub usage_retention_days: Option<u32>,
 }
+
+/// The longest `USAGE_RETENTION_DAYS` (and `retention --older-than`): 100 years.
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
 
 /// A key → value view over the environment, so tests can load settings from a map.
 struct Source<'a>(&'a HashMap<String, String>);
@@ -351,6 +357,11 @@ impl Settings {
                 "must differ from BIND_ADDR",
             ));
         }
+        let usage_retention_days = src.parsed::<u32>(
+            "USAGE_RETENTION_DAYS",
+            "a whole number of days from 1 to 36500",
+            |d| (1..=MAX_RETENTION_DAYS).contains(d),
+        )?;
         let provider = match src.get("LLM_PROVIDER").map(str::to_ascii_lowercase) {
             None => ProviderKind::OpenAi,
             Some(p) if p == "openai" => ProviderKind::OpenAi,
@@ -437,6 +448,7 @@ impl Settings {
             jwt_secret,
             metrics_token,
             metrics_bind_addr,
+            usage_retention_days,
             provider,
             openai,
             azure,
@@ -583,6 +595,9 @@ mod tests {
             ("JWT_SECRET", "short"),
             ("METRICS_TOKEN", "short"),
             ("METRICS_BIND_ADDR", "9100"),
+            ("USAGE_RETENTION_DAYS", "0"),
+            ("USAGE_RETENTION_DAYS", "36501"),
+            ("USAGE_RETENTION_DAYS", "400d"),
             ("METRICS_BIND_ADDR", "127.0.0.1:8000"),
         ] {
             let err = Settings::from_map(&map(&[(key, value)])).unwrap_err();

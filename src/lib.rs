@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pricing;
 pub mod providers;
 pub mod redact;
+pub mod retention;
 pub mod server;
 pub mod telemetry;
 pub mod tracker;

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub rows_spooled: IntCounter,
     pub rows_replayed: IntCounter,
     pub rows_rejected: IntCounterVec,
+    pub rows_retained_out: IntCounter,
     pub spool_rows: IntGauge,
     pub spool_bytes: IntGauge,
     pub rollup_pending: IntGauge,
@@ -199,6 +200,11 @@ impl Metrics {
                 "llm_tracker_rows_rejected_total",
                 "Rows refused: by the ingest API's checks (ingest) or unreadable in the spool (spool).",
                 &["source"],
+            ),
+            rows_retained_out: counter(
+                r,
+                "llm_tracker_retention_deleted_rows_total",
+                "Usage rows deleted by retention (their statistics stay in the rollup).",
             ),
             spool_rows: gauge(
                 r,

@@ -36,6 +36,7 @@ pub async fn run(
     let metrics_on =
         state.settings.metrics_token.is_some() || state.settings.metrics_bind_addr.is_some();
     let metrics_addr = state.settings.metrics_bind_addr;
+    let retention_days = state.settings.usage_retention_days;
     let server = HttpServer::new(move || app(state.clone()))
         .shutdown_timeout(30)
         .bind(bind_addr)?;
@@ -46,6 +47,13 @@ pub async fn run(
             store.clone(),
             std::time::Duration::from_secs(5),
         ))
+    });
+    let retention = retention_days.map(|days| {
+        tracing::info!(
+            days,
+            "retention: rows older than this are deleted daily, statistics kept"
+        );
+        crate::retention::spawn_daily(db.clone(), days)
     });
     // `/metrics` alone on a second address, without a token, stopped with the main server.
     let metrics_server = match metrics_addr {
@@ -72,8 +80,8 @@ pub async fn run(
     if let Some(handle) = metrics_server {
         handle.stop(true).await;
     }
-    if let Some(r) = refresher {
-        r.abort();
+    for task in [refresher, retention].into_iter().flatten() {
+        task.abort();
     }
     store.shutdown().await;
     served?;

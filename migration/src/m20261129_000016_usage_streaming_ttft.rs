@@ -37,26 +37,6 @@ pub fn frozen(backend: DbBackend) -> Vec<&'static str> {
     crate::util::for_backend(backend, POSTGRES_SQL, SQLITE_SQL)
 }
 
-/// The statements today's code writes for what this migration installs (the frozen files'
-/// source): the rollup columns, the triggers, the backfill.
-pub fn generated(backend: DbBackend) -> Vec<String> {
-    let int = match backend {
-        DbBackend::Postgres => "bigint",
-        _ => "integer",
-    };
-    let mut out = Vec::new();
-    for table in ROLLUP_TABLES {
-        for column in ["ttft_us", "ttft_calls"] {
-            out.push(format!(
-                "ALTER TABLE {table} ADD COLUMN {column} {int} NOT NULL DEFAULT 0"
-            ));
-        }
-    }
-    out.extend(rollup::create_triggers_sql(backend));
-    out.push(rollup::ttft_backfill_sql(backend));
-    out
-}
-
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 

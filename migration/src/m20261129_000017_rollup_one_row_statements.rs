@@ -27,11 +27,6 @@ pub fn frozen() -> Vec<&'static str> {
     crate::util::statements(POSTGRES_SQL)
 }
 
-/// The statements today's generator writes for what this migration installs.
-pub fn generated() -> Vec<String> {
-    crate::rollup::create_triggers_sql(DbBackend::Postgres)
-}
-
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 

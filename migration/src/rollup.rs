@@ -41,6 +41,13 @@ pub const TABLE: &str = "llm_tracker_usage_rollup";
 /// The rollup over all models and outcomes.
 pub const TOTALS_TABLE: &str = "llm_tracker_usage_rollup_total";
 
+/// The retention state (migration 000018): one row (`id` 1) holding the horizon — the first
+/// 15-minute slot (always a UTC midnight) from which the usage table still has every row; the
+/// cells before it keep the statistics of rows retention deleted — and `deleting`, true only
+/// inside a retention transaction, where it tells the delete trigger to leave the cells alone
+/// (set and cleared in the same transaction, so no other transaction ever sees it true).
+pub const RETENTION_TABLE: &str = "llm_tracker_usage_retention";
+
 /// The two rollup tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -551,25 +558,56 @@ pub const FOLD_LOCK: i64 = 0x6c6c_6d74_726f_6c6c;
 /// The statements that recreate the rollup from every row (run in one transaction; on
 /// PostgreSQL writers wait for it, they are not refused). The pending contributions go too
 /// (the rows count them again).
-pub fn rebuild_sql(backend: DbBackend) -> Vec<String> {
+///
+/// With a retention `horizon` (the slot from which every row is still there, see
+/// [`RETENTION_TABLE`]), only the rows from the horizon on are recounted; before it the finest
+/// cells kept (all users' 15-minute slots, each user's UTC days, per model and outcome) and the
+/// contributions pending there stand in for the rows retention deleted, and every coarser cell
+/// is summed from them as from rows.
+///
+/// The transaction first runs [`rebuild_lock_sql`], then reads the horizon, then these.
+pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     let mut out = Vec::new();
-    if backend == DbBackend::Postgres {
-        out.push("LOCK TABLE llm_tracker_usage IN SHARE MODE".to_owned());
-        out.push(format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"));
+    if horizon.is_none() {
+        // Pending contributions are recounted from the rows (with a horizon, those before it
+        // are read below).
+        out.push(format!("DELETE FROM {DELTA_TABLE}"));
     }
-    out.push(format!("DELETE FROM {DELTA_TABLE}"));
     // Two passes over the rows, each one aggregate: per 15-minute slot, model and outcome for
     // all users; per user, UTC day, model and outcome. Every cell is then summed from those
     // (a few million rows), not from the rows fanned out to every cell (one pass of 14 cells
     // per row took over 5 minutes at 10M rows).
+    let from_horizon = horizon.map(|h| format!("{} >= {h}", slot_sql(backend, "created_at")));
     let rows = contributions(
         backend,
         &[Source::Table {
             name: "llm_tracker_usage",
             sign: 1,
-            where_sql: None,
+            where_sql: from_horizon.as_deref(),
         }],
     );
+    // Before the horizon: the kept cells of `whose` and the pending contributions, as delta rows.
+    let retained = |whose: &str| match horizon {
+        None => String::new(),
+        Some(h) => {
+            let sums: Vec<String> = delta_sums()
+                .iter()
+                .map(|c| match *c {
+                    "successful_calls" => {
+                        "CASE WHEN success THEN calls ELSE 0 END AS successful_calls".to_owned()
+                    }
+                    c => c.to_owned(),
+                })
+                .collect();
+            format!(
+                " UNION ALL SELECT {key}, {sums} FROM {TABLE} WHERE {whose} AND slot < {h} \
+                 UNION ALL SELECT {columns} FROM {DELTA_TABLE} WHERE slot < {h}",
+                key = DELTA_KEY.join(", "),
+                sums = sums.join(", "),
+                columns = delta_columns(),
+            )
+        }
+    };
     let sums: Vec<String> = delta_sums()
         .iter()
         .map(|c| format!("SUM({c}) AS {c}"))
@@ -579,14 +617,19 @@ pub fn rebuild_sql(backend: DbBackend) -> Vec<String> {
     out.push(format!("DROP TABLE IF EXISTS {REBUILD_USERS}"));
     out.push(format!(
         "CREATE TEMP TABLE {REBUILD_ALL} AS SELECT slot, {ALL_USERS} AS user_key, model, success, {} \
-         FROM ({rows}) c GROUP BY slot, model, success",
-        sums.join(", ")
+         FROM ({rows}{}) c GROUP BY slot, model, success",
+        sums.join(", "),
+        retained(&format!("grain = 1 AND user_key = {ALL_USERS}")),
     ));
     out.push(format!(
         "CREATE TEMP TABLE {REBUILD_USERS} AS SELECT {day} AS slot, user_key, model, success, {} \
-         FROM ({rows}) c GROUP BY {day}, user_key, model, success",
-        sums.join(", ")
+         FROM ({rows}{}) c GROUP BY {day}, user_key, model, success",
+        sums.join(", "),
+        retained(&format!("grain = {DAY} AND user_key <> {ALL_USERS}")),
     ));
+    if horizon.is_some() {
+        out.push(format!("DELETE FROM {DELTA_TABLE}"));
+    }
     for level in Level::ALL {
         out.push(format!("DELETE FROM {}", level.table()));
         out.push(upsert_sql_of(
@@ -604,6 +647,22 @@ pub fn rebuild_sql(backend: DbBackend) -> Vec<String> {
     }
     out.push(format!("DROP TABLE {REBUILD_ALL}"));
     out.push(format!("DROP TABLE {REBUILD_USERS}"));
+    out
+}
+
+/// What a rebuild's transaction runs first, before it reads the retention horizon: on
+/// PostgreSQL the usage table locked against writers and the fold's lock; on both, the
+/// retention row written (SQLite: the write lock from the first statement; no retention batch
+/// runs meanwhile, and the horizon read next is the one the rows match).
+pub fn rebuild_lock_sql(backend: DbBackend) -> Vec<String> {
+    let mut out = Vec::new();
+    if backend == DbBackend::Postgres {
+        out.push("LOCK TABLE llm_tracker_usage IN SHARE MODE".to_owned());
+        out.push(format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"));
+    }
+    out.push(format!(
+        "UPDATE {RETENTION_TABLE} SET deleting = deleting WHERE id = 1"
+    ));
     out
 }
 
@@ -753,7 +812,15 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
                 // tracker's usual, skips the grouping, which cost it a quarter more time in the
                 // database (migration 000017).
                 function(TRIGGERS[0], summed_if_many("new_rows", 1)),
-                function(TRIGGERS[1], summed_if_many("old_rows", -1)),
+                // Rows deleted by retention leave their contributions in the cells (migration
+                // 000018): its transaction marks itself in the retention table first.
+                function(
+                    TRIGGERS[1],
+                    format!(
+                        "IF EXISTS (SELECT 1 FROM {RETENTION_TABLE} WHERE deleting) THEN\nRETURN NULL;\nEND IF;\n{}",
+                        summed_if_many("old_rows", -1)
+                    ),
+                ),
                 function(
                     TRIGGERS[2],
                     body(&[table("old_rows", -1), table("new_rows", 1)], true),
@@ -770,16 +837,31 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
             ]);
         }
         _ => {
-            let trigger = |name: &str, event: &str, rows: &[(&str, i32)], net: bool| {
+            let trigger = |name: &str, event: &str, when: &str, rows: &[(&str, i32)], net: bool| {
                 format!(
-                    "CREATE TRIGGER {name} AFTER {event} ON llm_tracker_usage FOR EACH ROW BEGIN {}; END",
+                    "CREATE TRIGGER {name} AFTER {event} ON llm_tracker_usage FOR EACH ROW{when} BEGIN {}; END",
                     body(&[Source::Rows(rows)], net)
                 )
             };
+            // See the PostgreSQL delete function: retention's deletes keep the cells.
+            let unless_retention =
+                format!(" WHEN NOT EXISTS (SELECT 1 FROM {RETENTION_TABLE} WHERE deleting)");
             out.extend([
-                trigger(TRIGGERS[0], "INSERT", &[("NEW.", 1)], false),
-                trigger(TRIGGERS[1], "DELETE", &[("OLD.", -1)], false),
-                trigger(TRIGGERS[2], "UPDATE", &[("OLD.", -1), ("NEW.", 1)], true),
+                trigger(TRIGGERS[0], "INSERT", "", &[("NEW.", 1)], false),
+                trigger(
+                    TRIGGERS[1],
+                    "DELETE",
+                    &unless_retention,
+                    &[("OLD.", -1)],
+                    false,
+                ),
+                trigger(
+                    TRIGGERS[2],
+                    "UPDATE",
+                    "",
+                    &[("OLD.", -1), ("NEW.", 1)],
+                    true,
+                ),
             ]);
         }
     }
@@ -865,20 +947,19 @@ mod tests {
     /// never rewrite a landed one).
     #[test]
     fn the_installed_triggers_are_what_the_code_generates() {
-        use crate::m20261129_000016_usage_streaming_ttft as m16;
-        use crate::m20261129_000017_rollup_one_row_statements as m17;
+        use crate::m20261130_000018_usage_retention as m18;
         let newest = [
             (
                 "postgres",
-                "m20261129_000017_rollup_one_row_statements.postgres.sql",
-                m17::frozen(),
-                m17::generated(),
+                "m20261130_000018_usage_retention.postgres.sql",
+                m18::frozen(DbBackend::Postgres),
+                m18::generated(DbBackend::Postgres),
             ),
             (
                 "sqlite",
-                "m20261129_000016_usage_streaming_ttft.sqlite.sql",
-                m16::frozen(DbBackend::Sqlite),
-                m16::generated(DbBackend::Sqlite),
+                "m20261130_000018_usage_retention.sqlite.sql",
+                m18::frozen(DbBackend::Sqlite),
+                m18::generated(DbBackend::Sqlite),
             ),
         ];
         for (name, file, frozen, generated) in newest {
@@ -917,6 +998,56 @@ mod tests {
                 f.contains(" GROUP BY slot, user_key, model, success"),
                 "{f}"
             );
+        }
+    }
+
+    /// 000018 changes the delete trigger alone, by one guard at its start: the rest stays as
+    /// 000017 (PostgreSQL) and 000016 (SQLite) installed it.
+    #[test]
+    fn migration_000018_guards_only_the_delete_trigger() {
+        use crate::m20261129_000016_usage_streaming_ttft as m16;
+        use crate::m20261129_000017_rollup_one_row_statements as m17;
+        use crate::m20261130_000018_usage_retention as m18;
+        let triggers = |all: Vec<&'static str>| -> Vec<&'static str> {
+            all.into_iter()
+                .filter(|s| {
+                    [
+                        "DROP TRIGGER",
+                        "DROP FUNCTION",
+                        "CREATE TRIGGER",
+                        "CREATE FUNCTION",
+                    ]
+                    .iter()
+                    .any(|p| s.starts_with(p))
+                })
+                .collect()
+        };
+        for (backend, old) in [
+            (DbBackend::Postgres, m17::frozen()),
+            (DbBackend::Sqlite, triggers(m16::frozen(DbBackend::Sqlite))),
+        ] {
+            let new = m18::frozen(backend);
+            assert_eq!(old.len(), new.len(), "{backend:?}");
+            let changed: Vec<(&str, &str)> = old
+                .iter()
+                .zip(&new)
+                .filter(|(o, n)| o != n)
+                .map(|(o, n)| (*o, *n))
+                .collect();
+            assert_eq!(changed.len(), 1, "{backend:?}: {changed:#?}");
+            let (o, n) = changed[0];
+            assert!(n.contains("llm_tracker_usage_rollup_delete"), "{n}");
+            assert!(
+                n.contains("FROM llm_tracker_usage_retention WHERE deleting"),
+                "{n}"
+            );
+            let guard = match backend {
+                DbBackend::Postgres => {
+                    "IF EXISTS (SELECT 1 FROM llm_tracker_usage_retention WHERE deleting) THEN\nRETURN NULL;\nEND IF;\n"
+                }
+                _ => " WHEN NOT EXISTS (SELECT 1 FROM llm_tracker_usage_retention WHERE deleting)",
+            };
+            assert_eq!(n.replacen(guard, "", 1), o, "{backend:?}");
         }
     }
 

@@ -254,10 +254,46 @@ pub async fn keyset_batch(
 }
 
 /// How many rows match (the listing's `total`): whole slots from the rollup's call counts,
-/// the partial slots at the edges counted in the rows (see [`super::rollup`]).
+/// the partial slots at the edges counted in the rows (see [`super::rollup`]). Before the
+/// retention horizon the cells also count rows retention deleted, so the rows there are
+/// counted one by one (few: only rows written since with an old date); see
+/// [`crate::retention`].
 async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result<u64, DbErr> {
     let txn = crate::db::read_txn(db).await?;
-    let plan = super::rollup::plan(&txn, filter, None, false).await?;
+    let mut total = 0u64;
+    let horizon = crate::retention::horizon(&txn).await?;
+    let (before, from) = match horizon {
+        Some(h) if filter.start.is_none_or(|s| s < h) => (
+            Some(UsageFilter {
+                end: Some(match filter.end {
+                    Some(e) if e < h => e,
+                    _ => h - chrono::Duration::microseconds(1),
+                }),
+                ..filter.clone()
+            }),
+            filter.end.is_none_or(|e| e >= h).then(|| UsageFilter {
+                start: Some(h),
+                ..filter.clone()
+            }),
+        ),
+        _ => (None, Some(filter.clone())),
+    };
+    if let Some(f) = before {
+        total += count_matching_raw(&txn, &f).await?;
+    }
+    if let Some(f) = from {
+        total += count_from_rollup(&txn, &f).await?;
+    }
+    txn.commit().await?;
+    Ok(total)
+}
+
+/// [`count_matching`] where every row the cells count is still there.
+async fn count_from_rollup<C: ConnectionTrait>(
+    txn: &C,
+    filter: &UsageFilter,
+) -> Result<u64, DbErr> {
+    let plan = super::rollup::plan(txn, filter, None, false).await?;
     let mut total = 0u64;
     let raw: Vec<&UsageFilter> = match &plan {
         None => vec![filter],
@@ -281,9 +317,8 @@ async fn count_matching(db: &DatabaseConnection, filter: &UsageFilter) -> Result
         }
     };
     for f in raw {
-        total += count_matching_raw(&txn, f).await?;
+        total += count_matching_raw(txn, f).await?;
     }
-    txn.commit().await?;
     Ok(total)
 }
 

@@ -692,6 +692,8 @@ fn day_aligned(t: DateTime<Utc>, up: bool) -> i64 {
 
 /// Recomputes the rollup's cells from the rows and compares them with the stored ones, over
 /// the whole UTC days from `since` to `until` (each optional). Read-only, in one snapshot.
+/// Never before the retention horizon ([`crate::retention`]): the cells there keep rows
+/// retention deleted, which no row can confirm.
 pub async fn verify(
     db: &sea_orm::DatabaseConnection,
     since: Option<DateTime<Utc>>,
@@ -699,6 +701,12 @@ pub async fn verify(
 ) -> Result<VerifyReport, DbErr> {
     use migration::rollup::{Source, cells_select};
     let backend = db.get_database_backend();
+    let txn = crate::db::read_txn(db).await?;
+    let horizon = crate::retention::horizon(&txn).await?;
+    let since = match (since, horizon) {
+        (Some(s), Some(h)) => Some(s.max(h)),
+        (s, h) => s.or(h),
+    };
     let slots = match (since, until) {
         (None, None) => None,
         (s, u) => Some((
@@ -728,7 +736,6 @@ pub async fn verify(
             )
         })
         .unwrap_or_default();
-    let txn = crate::db::read_txn(db).await?;
     let mut report = VerifyReport {
         slots,
         expected_cells: 0,
@@ -811,13 +818,18 @@ pub async fn verify(
     Ok(report)
 }
 
-/// Recreates the rollup from every row, in one transaction (PostgreSQL writers wait for it).
-/// Returns the number of cells written.
+/// Recreates the rollup from every row, in one transaction (PostgreSQL writers wait for it);
+/// before the retention horizon, from the cells kept there ([`crate::retention`]). Returns the
+/// number of cells written.
 pub async fn rebuild(db: &sea_orm::DatabaseConnection) -> Result<u64, DbErr> {
     use sea_orm::TransactionTrait;
     let backend = db.get_database_backend();
     let txn = db.begin().await?;
-    for sql in migration::rollup::rebuild_sql(backend) {
+    for sql in migration::rollup::rebuild_lock_sql(backend) {
+        txn.execute_unprepared(&sql).await?;
+    }
+    let horizon = crate::retention::horizon_slot(&txn).await?;
+    for sql in migration::rollup::rebuild_sql(backend, horizon) {
         txn.execute_unprepared(&sql).await?;
     }
     let cells = txn

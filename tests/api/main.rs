@@ -19,6 +19,7 @@ mod metrics;
 mod migrations;
 mod openapi;
 mod resilience;
+mod retention;
 mod rollup;
 mod sqlite_django;
 mod streaming;

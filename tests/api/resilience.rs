@@ -26,7 +26,7 @@ use crate::tracker::{hello, settings};
 
 /// What a caller would never accept: a tracked call that takes this much longer than the
 /// provider (the faults injected last 10 s).
-const NEVER: Duration = Duration::from_secs(1);
+pub(crate) const NEVER: Duration = Duration::from_secs(1);
 
 /// A mock OpenAI answering every call with the success fixture after `delay`.
 pub(crate) async fn provider(delay: Duration) -> MockServer {
@@ -72,16 +72,16 @@ pub(crate) async fn tracker_at(
 
 /// One call as a caller saw it.
 #[derive(Debug, Clone)]
-struct Seen {
-    started: Instant,
-    took: Duration,
-    stored: Option<Stored>,
-    ok: bool,
-    row_id: uuid::Uuid,
+pub(crate) struct Seen {
+    pub(crate) started: Instant,
+    pub(crate) took: Duration,
+    pub(crate) stored: Option<Stored>,
+    pub(crate) ok: bool,
+    pub(crate) row_id: uuid::Uuid,
 }
 
 /// `n` callers calling in a loop until `stop` is set.
-fn callers(
+pub(crate) fn callers(
     tracker: &Arc<LlmTracker>,
     n: usize,
     stop: &Arc<AtomicBool>,
@@ -108,7 +108,7 @@ fn callers(
         .collect()
 }
 
-async fn joined(handles: Vec<tokio::task::JoinHandle<Vec<Seen>>>) -> Vec<Seen> {
+pub(crate) async fn joined(handles: Vec<tokio::task::JoinHandle<Vec<Seen>>>) -> Vec<Seen> {
     let mut all = Vec::new();
     for h in handles {
         all.extend(h.await.unwrap());
@@ -127,7 +127,11 @@ async fn row_ids(db: &DatabaseConnection) -> Vec<uuid::Uuid> {
 }
 
 /// Waits (up to 60 s) until the tracker's spool is empty and `want` rows are stored.
-async fn drained(tracker: &LlmTracker, db: &DatabaseConnection, want: usize) -> Vec<uuid::Uuid> {
+pub(crate) async fn drained(
+    tracker: &LlmTracker,
+    db: &DatabaseConnection,
+    want: usize,
+) -> Vec<uuid::Uuid> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ids = row_ids(db).await;
@@ -140,7 +144,7 @@ async fn drained(tracker: &LlmTracker, db: &DatabaseConnection, want: usize) -> 
 }
 
 /// Every call has exactly one row, and nothing else is there.
-fn assert_each_stored_once(seen: &[Seen], ids: &[uuid::Uuid]) {
+pub(crate) fn assert_each_stored_once(seen: &[Seen], ids: &[uuid::Uuid]) {
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len(), "no row stored twice");
     let calls: HashSet<_> = seen.iter().map(|s| &s.row_id).collect();
@@ -148,7 +152,7 @@ fn assert_each_stored_once(seen: &[Seen], ids: &[uuid::Uuid]) {
     assert_eq!(unique, calls, "every call's row, and only those");
 }
 
-fn p99(seen: &[Seen]) -> Duration {
+pub(crate) fn p99(seen: &[Seen]) -> Duration {
     let mut t: Vec<Duration> = seen.iter().map(|s| s.took).collect();
     t.sort();
     t[(t.len() * 99 / 100).min(t.len() - 1)]

@@ -114,7 +114,7 @@ fn plain_insert(backend: DbBackend, r: &usage::Model) -> String {
     )
 }
 
-async fn users(db: &DatabaseConnection, names: &[&str]) -> Vec<i32> {
+pub(crate) async fn users(db: &DatabaseConnection, names: &[&str]) -> Vec<i32> {
     let mut ids = Vec::new();
     for name in names {
         let u = NewUser {
@@ -128,7 +128,7 @@ async fn users(db: &DatabaseConnection, names: &[&str]) -> Vec<i32> {
 
 /// Random rows around the slot grid over `days` days from `base`, with latencies (and clock
 /// skew), failures, unpriced models, and calls made for no user.
-fn random_rows(
+pub(crate) fn random_rows(
     rng: &mut StdRng,
     users: &[i32],
     base: DateTime<Utc>,
@@ -170,7 +170,7 @@ fn random_rows(
 
 /// A random filter; its dates are often exactly the time of a row (`times`), or a
 /// microsecond off, so rows sit on the range's edges.
-fn random_filter(
+pub(crate) fn random_filter(
     rng: &mut StdRng,
     users: &[i32],
     times: &[DateTime<Utc>],
@@ -211,7 +211,12 @@ fn random_filter(
 /// token-stats (every granularity, the given zone, zero fill when possible), by_user and the
 /// llm-usage total from the rollup equal the raw computation. Returns whether the rollup
 /// answered (a plan with whole slots).
-async fn assert_same(db: &DatabaseConnection, filter: &UsageFilter, tz: Tz, fill: bool) -> bool {
+pub(crate) async fn assert_same(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    tz: Tz,
+    fill: bool,
+) -> bool {
     let mut used = false;
     for granularity in [
         None,
@@ -272,7 +277,7 @@ async fn pending_calls(t: &TestDb) -> i64 {
 }
 
 /// Folds what is pending (a fold that finds something must leave nothing).
-async fn fold(t: &TestDb) {
+pub(crate) async fn fold(t: &TestDb) {
     let had = pending(t).await;
     assert_eq!(rollup::fold(&t.db).await.unwrap(), had > 0);
     assert_eq!(pending(t).await, 0);
