@@ -206,6 +206,7 @@ db_test!(
             "llm_tracker_spool_bytes",
             "llm_tracker_rollup_pending_rows",
             "llm_tracker_rollup_fold_duration_seconds",
+            "llm_tracker_retention_deleted_rows_total",
             "llm_tracker_db_connections",
             "llm_tracker_build_info",
             "process_cpu_seconds_total",

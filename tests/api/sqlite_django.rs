@@ -373,6 +373,19 @@ async fn a_file_an_earlier_version_wrote_converts_on_migrate_and_answers_the_sam
         )
         .await;
     }
+    // And the retention state of migration 000018 (no horizon yet), likewise.
+    exec(
+        &t,
+        "CREATE TABLE llm_tracker_usage_retention (id integer PRIMARY KEY NOT NULL, \
+         horizon_slot integer NULL, deleting bool NOT NULL DEFAULT 0, \
+         rows_deleted integer NOT NULL DEFAULT 0)",
+    )
+    .await;
+    exec(
+        &t,
+        "INSERT INTO llm_tracker_usage_retention (id) VALUES (1)",
+    )
+    .await;
     let app = test::init_service(App::new().configure(configure(state(&t)))).await;
     let before_page = get!(app, "/api/v1/admin/llm-usage/?page_size=100");
     let before_stats = get!(
@@ -382,6 +395,7 @@ async fn a_file_an_earlier_version_wrote_converts_on_migrate_and_answers_the_sam
     for (table, column, _) in streaming {
         exec(&t, &format!("ALTER TABLE {table} DROP COLUMN {column}")).await;
     }
+    exec(&t, "DROP TABLE llm_tracker_usage_retention").await;
 
     Migrator::up(&t.db, None).await.unwrap();
 
