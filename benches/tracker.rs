@@ -16,6 +16,9 @@
 //! the usage table's strongest lock for 10 s (PostgreSQL `LOCK TABLE … IN ACCESS EXCLUSIVE
 //! MODE`, SQLite `BEGIN EXCLUSIVE`): 8 callers, each pausing `BENCH_GAP_MS` (20) between calls,
 //! 5 s before the lock, 10 s under it, 10 s after; figures per phase, both write modes.
+//! `BENCH_FAULT=retention` does the same around a retention run instead of the lock: first
+//! `BENCH_RETENTION_ROWS` (500,000) rows from a year ago, then the run deletes them all while
+//! the callers go on.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -284,9 +287,61 @@ impl TableLock {
     }
 }
 
-/// What a tracked call adds before, during and after a 10 s table lock (`BENCH_FAULT=lock`).
-async fn fault_lock(label: &str, url: &str, base_url: &str, mode: WriteMode) {
+/// What disturbs the tracked calls in the middle phase of [`fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// The usage table's strongest lock, held 10 s (`BENCH_FAULT=lock`).
+    Lock,
+    /// A retention run deleting this many old rows (`BENCH_FAULT=retention`,
+    /// `BENCH_RETENTION_ROWS`).
+    Retention(usize),
+}
+
+/// Rows from a year ago, before the calls start: what a retention run then deletes.
+async fn seed_old_rows(db: &sea_orm::DatabaseConnection, n: usize) {
+    use llm_tracker::db::entities::usage;
+    let from = chrono::Utc::now() - chrono::Duration::days(400);
+    let started = Instant::now();
+    let mut i = 0usize;
+    while i < n {
+        let rows: Vec<usage::Model> = (i..(i + 1000).min(n))
+            .map(|k| usage::Model {
+                id: uuid::Uuid::new_v4().into(),
+                user_id: None,
+                model: ["gpt-4o", "gpt-4o-mini", "o4-mini"][k % 3].into(),
+                prompt_tokens: 100,
+                completion_tokens: 20,
+                total_tokens: 120,
+                cached_tokens: 0,
+                reasoning_tokens: 0,
+                success: k % 20 != 0,
+                error: None,
+                metadata: serde_json::json!({"node_name": "seed"}),
+                created_at: from + chrono::Duration::seconds((k as i64 * 30) % (300 * 86_400)),
+                started_at: None,
+                cost: None,
+                cost_currency: "USD".into(),
+                is_streaming: false,
+                first_chunk_at: None,
+            })
+            .collect();
+        usage::insert_rows(db, &rows).await.unwrap();
+        i += rows.len();
+    }
+    migration::rollup::fold(db).await.unwrap();
+    eprintln!(
+        "seeded {n} old rows in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// What a tracked call adds before, during and after a fault: a 10 s table lock, or a
+/// retention run.
+async fn fault(label: &str, url: &str, base_url: &str, mode: WriteMode, kind: Fault) {
     let db = fresh_database(url, true).await;
+    if let Fault::Retention(n) = kind {
+        seed_old_rows(&db, n).await;
+    }
     let default_fold = StoreOptions::new("").fold_interval;
     let (tracker, _spool) = timed_tracker(base_url, &db, mode, default_fold).await;
     let request = CallRequest::new(vec![Message::user("hi")]).node_name("bench");
@@ -320,11 +375,30 @@ async fn fault_lock(label: &str, url: &str, base_url: &str, mode: WriteMode) {
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let lock = TableLock::take(url).await;
     let locked = Instant::now();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    let middle = match kind {
+        Fault::Lock => {
+            let lock = TableLock::take(url).await;
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            lock.release().await;
+            "10 s lock".to_owned()
+        }
+        Fault::Retention(n) => {
+            let report = llm_tracker::retention::run(&db, 30, false, chrono::Utc::now())
+                .await
+                .unwrap();
+            assert_eq!(report.rows as usize, n);
+            let took = locked.elapsed().as_secs_f64();
+            eprintln!(
+                "{label} {mode:?}: retention deleted {} rows in {} batches, {took:.1} s ({:.0} rows/s)",
+                report.rows,
+                report.batches,
+                report.rows as f64 / took
+            );
+            format!("retention ({took:.0} s)")
+        }
+    };
     let released = Instant::now();
-    lock.release().await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut seen = Vec::new();
@@ -349,7 +423,7 @@ async fn fault_lock(label: &str, url: &str, base_url: &str, mode: WriteMode) {
     let secs = Duration::from_secs;
     let phases = [
         ("before", None, Some(locked)),
-        ("10 s lock", Some(locked), Some(released)),
+        (middle.as_str(), Some(locked), Some(released)),
         ("0–5 s after", Some(released), Some(released + secs(5))),
         ("5–10 s after", Some(released + secs(5)), None),
     ];
@@ -497,7 +571,17 @@ async fn main() {
     ))
     .unwrap();
     let base_url = instant_provider(body).await;
-    if std::env::var("BENCH_FAULT").as_deref() == Ok("lock") {
+    let fault_kind = match std::env::var("BENCH_FAULT").as_deref() {
+        Ok("lock") => Some(Fault::Lock),
+        Ok("retention") => Some(Fault::Retention(
+            std::env::var("BENCH_RETENTION_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(500_000),
+        )),
+        _ => None,
+    };
+    if let Some(kind) = fault_kind {
         let dir = tempfile::tempdir().unwrap();
         let mut databases = vec![(
             "SQLite",
@@ -515,7 +599,7 @@ async fn main() {
         println!("|---|---|---|---|---|---|---|---|---|");
         for (label, url) in &databases {
             for mode in [WriteMode::Committed, WriteMode::Queued] {
-                fault_lock(label, url, &base_url, mode).await;
+                fault(label, url, &base_url, mode, kind).await;
             }
         }
         return;

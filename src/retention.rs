@@ -17,9 +17,10 @@
 //! period — a range edge that is not on a 15-minute slot (a UTC day for one user), a user's
 //! series in buckets finer than a UTC day or in another zone's days — counts only the rows left.
 //!
-//! Batches never make a tracked call wait beyond its bound: a batch is a few thousand rows
-//! (a few milliseconds of write lock on SQLite; on PostgreSQL it locks only the old rows it
-//! deletes), and the run pauses between batches as long as the batch took. Several servers
+//! Batches never make a tracked call wait beyond its bound: each is sized to take about 4 ms on
+//! SQLite (whose one write lock it holds) and 50 ms on PostgreSQL (where it locks only the old
+//! rows it deletes), and the run then pauses twice as long, so that the database's writers and
+//! its disk get two thirds of the time; see [`Pace`]. Several servers
 //! may run it at once: each batch takes the retention row's lock, so they take turns, and a
 //! row is deleted once.
 
@@ -29,13 +30,46 @@ use chrono::{DateTime, Utc};
 use migration::rollup::{RETENTION_TABLE, SLOT_SECONDS};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement, TransactionTrait, Value};
 
+use crate::config::MAX_RETENTION_DAYS as MAX_DAYS;
 use crate::db::Dialect;
 
-/// Rows per batch on PostgreSQL (row locks on old rows only; inserts never wait for them).
-pub const POSTGRES_BATCH: u64 = 5_000;
-/// Rows per batch on SQLite (the one write lock is held for a few milliseconds).
-pub const SQLITE_BATCH: u64 = 1_000;
-use crate::config::MAX_RETENTION_DAYS as MAX_DAYS;
+/// How long a batch should hold its locks, the most rows it deletes, and how many times its
+/// duration the run then pauses. On PostgreSQL a batch locks only the old rows it deletes
+/// (inserts never wait for them); on SQLite it holds the database's one write lock, so it is
+/// kept well inside the tracker's 10 ms commit deadline. Both leave writers (and the disk, which
+/// the tracker's spool fsyncs to) two thirds of the time.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub target: Duration,
+    pub max_rows: u64,
+    pub rest: u32,
+}
+
+impl Pace {
+    pub fn of(dialect: Dialect) -> Self {
+        match dialect {
+            Dialect::Postgres => Self {
+                target: Duration::from_millis(50),
+                max_rows: 5_000,
+                rest: 2,
+            },
+            Dialect::Sqlite => Self {
+                target: Duration::from_millis(4),
+                max_rows: 1_000,
+                rest: 2,
+            },
+        }
+    }
+
+    /// The next batch's size: this one's scaled to the target duration.
+    fn next(self, rows: u64, took: Duration) -> u64 {
+        let scaled = rows as f64 * self.target.as_secs_f64() / took.as_secs_f64().max(1e-6);
+        (scaled as u64).clamp(MIN_BATCH, self.max_rows)
+    }
+}
+
+/// The smallest batch.
+const MIN_BATCH: u64 = 20;
 
 /// What a run did (or, dry, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,14 +186,13 @@ pub async fn run(
         [Value::BigInt(Some(slot)), Value::BigInt(Some(slot))],
     ))
     .await?;
-    let batch = match dialect {
-        Dialect::Postgres => POSTGRES_BATCH,
-        Dialect::Sqlite => SQLITE_BATCH,
-    };
+    let pace = Pace::of(dialect);
     let delete = format!(
         "DELETE FROM llm_tracker_usage WHERE id IN (SELECT id FROM llm_tracker_usage \
-         WHERE created_at < {p1} ORDER BY created_at LIMIT {batch})"
+         WHERE created_at < {p1} ORDER BY created_at LIMIT {})",
+        dialect.placeholder(2)
     );
+    let mut batch = 100;
     loop {
         let started = Instant::now();
         let txn = db.begin().await?;
@@ -171,7 +204,7 @@ pub async fn run(
             .execute_raw(Statement::from_sql_and_values(
                 backend,
                 delete.clone(),
-                [dialect.datetime(horizon)],
+                [dialect.datetime(horizon), Value::BigInt(Some(batch as i64))],
             ))
             .await?
             .rows_affected();
@@ -180,17 +213,18 @@ pub async fn run(
         ))
         .await?;
         txn.commit().await?;
+        let took = started.elapsed();
         if deleted == 0 {
             break;
         }
         report.rows += deleted;
         report.batches += 1;
         crate::metrics::metrics().rows_retained_out.inc_by(deleted);
-        // Writers get at least as much time as the batch took.
-        tokio::time::sleep(started.elapsed().max(Duration::from_millis(1))).await;
         if deleted < batch {
             break;
         }
+        batch = pace.next(batch, took);
+        tokio::time::sleep((took * pace.rest).max(Duration::from_millis(1))).await;
     }
     Ok(report)
 }
@@ -238,6 +272,18 @@ mod tests {
         for bad in ["0d", "", "d", "12h", "-3d", "36501d", "1.5d", "400dd"] {
             assert!(parse_days(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn batches_are_sized_to_their_target_duration() {
+        let sqlite = Pace::of(Dialect::Sqlite);
+        assert_eq!(sqlite.next(100, Duration::from_millis(8)), 50);
+        assert_eq!(sqlite.next(100, Duration::from_millis(1)), 400);
+        assert_eq!(sqlite.next(800, Duration::from_micros(100)), 1_000);
+        assert_eq!(sqlite.next(100, Duration::from_secs(2)), MIN_BATCH);
+        let pg = Pace::of(Dialect::Postgres);
+        assert_eq!(pg.next(1_000, Duration::from_millis(25)), 2_000);
+        assert_eq!(pg.next(4_000, Duration::from_millis(10)), 5_000);
     }
 
     #[test]

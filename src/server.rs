@@ -48,6 +48,7 @@ pub async fn run(
             std::time::Duration::from_secs(5),
         ))
     });
+    let prerender = metrics_on.then(|| tokio::spawn(prerender_metrics()));
     let retention = retention_days.map(|days| {
         tracing::info!(
             days,
@@ -80,7 +81,7 @@ pub async fn run(
     if let Some(handle) = metrics_server {
         handle.stop(true).await;
     }
-    for task in [refresher, retention].into_iter().flatten() {
+    for task in [refresher, prerender, retention].into_iter().flatten() {
         task.abort();
     }
     store.shutdown().await;
@@ -90,6 +91,15 @@ pub async fn run(
         tracing::warn!(error = %e, "closing the database pool failed");
     }
     Ok(())
+}
+
+/// Renders the metrics exposition every [`crate::metrics::PRERENDER_EVERY`], off the async
+/// workers, so that a scrape only copies the text out (at most a second old).
+pub async fn prerender_metrics() {
+    loop {
+        let _ = tokio::task::spawn_blocking(|| crate::metrics::metrics().prerender()).await;
+        tokio::time::sleep(crate::metrics::PRERENDER_EVERY).await;
+    }
 }
 
 /// Refreshes the metrics gauges that need the database or the spool, every `every`, so that

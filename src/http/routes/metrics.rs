@@ -1,7 +1,8 @@
 //! `GET /metrics`: the Prometheus text exposition (issue 20). On the main address only when
 //! `METRICS_TOKEN` is set, and then only with it as a bearer token; on `METRICS_BIND_ADDR`
 //! (a second listener, see `server::run`) without one. Neither set: 404, as for any unknown
-//! path. A scrape reads what is in memory: no database query.
+//! path. A scrape reads what is in memory: no database query; under `serve` it copies out the
+//! exposition rendered in the background every second (`crate::metrics::Metrics::exposition`).
 
 use actix_web::{HttpRequest, HttpResponse, web};
 
@@ -16,7 +17,7 @@ pub fn exposition() -> HttpResponse {
     HttpResponse::Ok()
         .content_type(CONTENT_TYPE)
         .insert_header(("cache-control", "no-store"))
-        .body(crate::metrics::metrics().render())
+        .body(crate::metrics::metrics().exposition().as_str().to_owned())
 }
 
 /// On the main address: the token, else 401; 404 when no token is configured.
