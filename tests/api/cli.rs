@@ -190,6 +190,15 @@ db_test!(
 db_test!(
     async fn serve_answers_health_and_readiness_and_stops_on_sigterm(backend: Backend) {
         let t = TestDb::migrated(backend).await;
+        // Issue 20: with USAGE_RETENTION_DAYS, `serve` applies retention at start (then daily).
+        let old = chrono::Utc::now() - chrono::Duration::days(100);
+        let rows: Vec<_> = (0..4u128)
+            .map(|i| {
+                let at = if i < 3 { old } else { chrono::Utc::now() };
+                crate::usage_read::row(i + 1, None, "gpt-4o", (10, 5, 0, 0), true, at)
+            })
+            .collect();
+        crate::usage_read::insert(&t.db, &rows).await;
         let port = free_port();
         let metrics_port = free_port();
         let dir = tempfile::tempdir().unwrap();
@@ -201,6 +210,7 @@ db_test!(
             .env("BIND_ADDR", format!("127.0.0.1:{port}"))
             .env("METRICS_BIND_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("JWT_SECRET", KEY)
+            .env("USAGE_RETENTION_DAYS", "30")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -228,6 +238,28 @@ db_test!(
         assert!(text.contains("llm_tracker_build_info{version="), "{text}");
         assert!(text.contains("llm_tracker_rollup_pending_rows "), "{text}");
         assert_eq!(http_get(port, "/metrics").unwrap().0, 404);
+        // Retention ran: the three old rows are gone, their statistics kept, and counted.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage").await;
+            let text = http_get(metrics_port, "/metrics").unwrap().1;
+            if left == 1 && text.contains("llm_tracker_retention_deleted_rows_total 3") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "retention did not run: {left} rows"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let stats = llm_tracker::usage::stats::token_stats(
+            &t.db,
+            &llm_tracker::usage::UsageFilter::default(),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(stats.summary.total_calls, 4);
 
         let killed = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])

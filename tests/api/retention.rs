@@ -517,3 +517,29 @@ db_test!(
         assert!(verify.status.success(), "{}", stdout(&verify));
     }
 );
+
+db_test!(
+    async fn two_servers_running_retention_at_once_delete_each_row_once(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let ids = users(&t.db, &["twice1", "twice2"]).await;
+        let mut rng = StdRng::seed_from_u64(21);
+        let rows = random_rows(&mut rng, &ids, base(), 60, 3000, 1);
+        for chunk in rows.chunks(500) {
+            usage::insert_rows(&t.db, chunk).await.unwrap();
+        }
+        let before = answers(&t.db, &ids).await;
+        let old = rows_before(&t.db, horizon()).await;
+        // A second pool: another server.
+        let other = llm_tracker::db::connect(&t.url).await.unwrap();
+        let (a, b) = tokio::join!(
+            retention::run(&t.db, 30, false, now()),
+            retention::run(&other, 30, false, now()),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.rows + b.rows, old, "{a:?} {b:?}");
+        assert_eq!(retention::rows_deleted(&t.db).await.unwrap(), old);
+        assert_eq!(rows_before(&t.db, horizon()).await, 0);
+        assert_kept(&t.db, &ids, &before).await;
+        assert_verified(&t.db).await;
+    }
+);
