@@ -437,6 +437,12 @@ async fn fault(label: &str, url: &str, base_url: &str, mode: WriteMode, kind: Fa
         if added.is_empty() {
             continue;
         }
+        if let Some(slowest) = seen.iter().filter(|s| within(s.0)).max_by_key(|s| s.1) {
+            eprintln!(
+                "{label} {mode:?} {phase}: slowest call added {:?}, stored {:?}",
+                slowest.1, slowest.2
+            );
+        }
         added.sort();
         println!(
             "| {label} | {mode:?} | {phase} | {} | {} | {} | {} | {} | {spooled} |",
@@ -583,14 +589,21 @@ async fn main() {
     };
     if let Some(kind) = fault_kind {
         let dir = tempfile::tempdir().unwrap();
-        let mut databases = vec![(
-            "SQLite",
-            format!(
-                "sqlite://{}?mode=rwc",
-                dir.path().join("bench.db").display()
-            ),
-        )];
-        if let Ok(url) = std::env::var("BENCH_DATABASE_URL") {
+        // BENCH_BACKENDS=sqlite,postgres (both, by default; PostgreSQL needs BENCH_DATABASE_URL).
+        let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+        let mut databases = Vec::new();
+        if backends.contains("sqlite") {
+            databases.push((
+                "SQLite",
+                format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("bench.db").display()
+                ),
+            ));
+        }
+        if backends.contains("postgres")
+            && let Ok(url) = std::env::var("BENCH_DATABASE_URL")
+        {
             databases.push(("PostgreSQL", url));
         }
         println!(
