@@ -130,12 +130,17 @@ pub struct SeriesItem {
     pub total_reasoning_tokens: i64,
     #[schema(value_type = f64, example = 0.00128)]
     pub total_cost: Usd,
+    /// Calls that succeeded: for the admin pages' outcome charts, not in the API's JSON (whose
+    /// shape is the Django app's).
+    #[serde(skip)]
+    pub successful_calls: i64,
 }
 
 impl SeriesItem {
-    /// The bucket labelled `bucket` with `sums`.
-    pub fn new(bucket: String, sums: TokenSums) -> Self {
+    /// The bucket labelled `bucket` with `sums`, `successful_calls` of its calls succeeded.
+    pub fn new(bucket: String, sums: TokenSums, successful_calls: i64) -> Self {
         Self {
+            successful_calls,
             bucket,
             total_calls: sums.total_calls,
             total_prompt_tokens: sums.total_prompt_tokens,
@@ -521,7 +526,7 @@ fn fold(
     let series = granularity.map(|_| {
         buckets
             .into_values()
-            .map(|(label, t)| SeriesItem::new(label, t.sums))
+            .map(|(label, t)| SeriesItem::new(label, t.sums, t.successful_calls))
             .collect()
     });
     Ok(TokenStatsData {

@@ -209,23 +209,74 @@ db_test!(
         )
         .await
         .unwrap();
-        assert!(
-            page.body
-                .contains(&format!("id=\"total-calls\">{}<", data.summary.total_calls))
-        );
+        // Issue 21: counts with thousands separators, money as dollars.
+        use llm_tracker::http::pages::format::{money, money_decimals, thousands};
+        assert!(page.body.contains(&format!(
+            "id=\"total-calls\">{}<",
+            thousands(data.summary.total_calls)
+        )));
         assert!(page.body.contains(&format!(
             "id=\"total-tokens\">{}<",
-            data.summary.total_tokens
+            thousands(data.summary.total_tokens)
         )));
+        assert!(data.summary.total_tokens >= 1000, "a separator to see");
         assert!(page.body.contains(&format!(
             "id=\"failed-calls\">{}<",
-            data.summary.failed_calls
+            thousands(data.summary.failed_calls)
+        )));
+        let cost = data.summary.total_cost.0;
+        assert!(page.body.contains(&format!(
+            "id=\"total-cost\">{}<",
+            money(cost, money_decimals(&[cost]))
         )));
         assert!(page.body.contains("<svg class=\"chart\""));
+        // The charts: the chosen metric, calls by outcome, failure rate; bars carry their
+        // exact values.
+        for id in [
+            "id=\"chart\"",
+            "id=\"outcome-chart\"",
+            "id=\"failure-chart\"",
+            "id=\"top-users\"",
+        ] {
+            assert!(page.body.contains(id), "{id}");
+        }
+        assert!(page.body.contains("Total tokens by day"));
+        assert!(page.body.contains("Calls by outcome by day"));
+        assert!(page.body.contains("Failure rate by day"));
+        assert!(page.body.contains("<circle"), "failure-rate points");
+        assert!(page.body.contains("class=\"failed\""), "failed segments");
+        assert!(
+            page.body
+                .contains("granularity=month&amp;metric=cost\" id=\"metric-cost\"")
+                || page
+                    .body
+                    .contains("granularity=month&#38;metric=cost\" id=\"metric-cost\""),
+            "the toggle keeps the page's parameters"
+        );
+        let by_cost = send!(
+            app,
+            with_session("/admin/?granularity=month&metric=cost", &session)
+        );
+        assert_eq!(by_cost.status, 200);
+        assert!(by_cost.body.contains("Cost (USD) by day"));
+        assert!(
+            by_cost
+                .body
+                .contains("id=\"metric-cost\" aria-current=\"true\"")
+        );
+        let by_calls = send!(
+            app,
+            with_session("/admin/?granularity=month&metric=CALLS", &session)
+        );
+        assert!(by_calls.body.contains("Calls by day"));
+        // By model with its share of the cost; top users with theirs of the tokens.
+        assert!(page.body.contains("Share of cost"));
+        assert!(page.body.contains("Share of tokens"));
         assert!(page.body.contains(">gemini-2.5-flash</a>"));
         // No external resource on the page.
         assert!(
-            !page.body.contains("http://") || page.body.matches("http://").count() == 1,
+            page.body.matches("http://").count()
+                == page.body.matches("http://www.w3.org/2000/svg").count(),
             "only the SVG namespace"
         );
         assert!(!page.body.contains("https://"));
@@ -234,14 +285,22 @@ db_test!(
         let list = send!(app, with_session("/admin/llm-usage/", &session));
         assert_eq!(list.status, 200);
         assert!(list.body.contains("id=\"total\">30<"));
-        let first_new = list.body.find("2025-03-07T16:00:00+00:00").unwrap();
+        // Times in the page's zone (UTC by default), the exact instant in a tooltip.
+        let first_new = list.body.find(">2025-03-07 16:00:00<").unwrap();
+        assert!(list.body.contains("title=\"2025-03-07T16:00:00.000000Z\""));
+        let berlin = send!(
+            app,
+            with_session("/admin/llm-usage/?tz=Europe/Berlin", &session)
+        );
+        assert!(berlin.body.contains(">2025-03-07 17:00:00<"));
+        assert!(berlin.body.contains("Date (Europe/Berlin)"));
         let old = send!(
             app,
             with_session("/admin/llm-usage/?sort=created_at", &session)
         );
-        assert!(old.body.contains("2025-03-01T15:00:00+00:00"));
+        assert!(old.body.contains(">2025-03-01 15:00:00<"));
         assert!(
-            !old.body.contains("2025-03-07T16:00:00+00:00"),
+            !old.body.contains(">2025-03-07 16:00:00<"),
             "oldest 25 rows only"
         );
         assert!(first_new > 0);
@@ -764,11 +823,8 @@ async fn pages_read_a_sqlite_file_shared_with_django() {
     );
     assert_eq!(list.status, 200, "{}", list.body);
     assert!(list.body.contains("id=\"total\">3<"), "{}", list.body);
-    let ours = list.body.find("2026-11-26T06:30:00+00:00").expect("ours");
-    let theirs = list
-        .body
-        .find("2026-11-26T06:00:00+00:00")
-        .expect("Django's");
+    let ours = list.body.find(">2026-11-26 06:30:00<").expect("ours");
+    let theirs = list.body.find(">2026-11-26 06:00:00<").expect("Django's");
     assert!(ours < theirs, "newest first");
     let detail = send!(
         app,

@@ -142,7 +142,18 @@ impl Browser {
     }
 
     async fn screenshot(&self, name: &str) {
-        let b64 = self.call(reqwest::Method::GET, "/screenshot", None).await;
+        self.save_screenshot("/screenshot", name).await;
+    }
+
+    /// A screenshot of one element (scrolled into view), e.g. a section below the fold.
+    async fn element_screenshot(&self, css: &str, name: &str) {
+        let id = self.find(css).await;
+        self.save_screenshot(&format!("/element/{id}/screenshot"), name)
+            .await;
+    }
+
+    async fn save_screenshot(&self, path: &str, name: &str) {
+        let b64 = self.call(reqwest::Method::GET, path, None).await;
         let png = base64::engine::general_purpose::STANDARD
             .decode(b64.as_str().unwrap())
             .unwrap();
@@ -316,29 +327,57 @@ async fn the_admin_pages_work_in_a_real_browser() {
     b.click("#login-submit").await;
     b.wait_url("/admin/").await;
 
-    // The overview's figures are the API's.
-    let stats = api("/api/v1/admin/token-stats/".into()).await;
+    // The overview's figures are the API's, formatted (issue 21).
+    use llm_tracker::http::pages::format::thousands;
+    let stats = api("/api/v1/admin/token-stats/?include=by_user".into()).await;
+    let count = |v: &Value| thousands(v.as_i64().unwrap());
     let calls = b.text("#total-calls").await;
-    assert_eq!(calls, stats["summary"]["total_calls"].to_string());
+    assert_eq!(calls, count(&stats["summary"]["total_calls"]));
     assert_eq!(
         b.text("#total-tokens").await,
-        stats["summary"]["total_tokens"].to_string()
+        count(&stats["summary"]["total_tokens"])
     );
+    assert!(b.text("#total-tokens").await.contains(','));
+    assert!(b.text("#total-cost").await.starts_with('$'));
     assert!(
         b.text("#by-model")
             .await
             .contains(stats["by_model"][0]["model"].as_str().unwrap())
     );
+    // Top users: the API's first, with its calls.
+    let top = &stats["by_user"][0];
+    let top_users = b.text("#top-users").await;
+    assert!(
+        top_users.contains(top["username"].as_str().unwrap_or("no user")),
+        "{top_users}"
+    );
+    assert!(
+        top_users.contains(&count(&top["total_calls"])),
+        "{top_users}"
+    );
+    // The charts are drawn (axis labels are text in the SVG).
+    for chart in ["#chart", "#outcome-chart", "#failure-chart"] {
+        assert!(!b.text(chart).await.trim().is_empty(), "{chart}");
+    }
     b.screenshot("overview.png").await;
+    b.element_screenshot("#charts", "overview-charts.png").await;
+    b.element_screenshot("#tables", "overview-tables.png").await;
     b.size(375, 900).await;
     b.screenshot("overview-375.png").await;
+    b.element_screenshot("#charts", "overview-charts-375.png")
+        .await;
     b.size(1440, 1100).await;
 
-    // Another granularity: the chart is by hour.
+    // The main chart's toggle: cost, in dollars on its axis; the choice survives Apply.
+    b.click("#metric-cost").await;
+    b.wait_url("metric=cost").await;
+    assert!(b.text("#chart").await.contains('$'));
+    // Another granularity: the charts are by hour.
     b.click("#granularity option[value=day]").await;
     b.click("#apply").await;
     b.wait_url("granularity=day").await;
-    assert!(b.text("main").await.contains("Total tokens by hour"));
+    assert!(b.url().await.contains("metric=cost"));
+    assert!(b.text("main").await.contains("By hour"));
 
     // The listing, filtered by model, equals the API's total; open a row.
     b.go(&format!("{base}/admin/llm-usage/")).await;
@@ -346,7 +385,7 @@ async fn the_admin_pages_work_in_a_real_browser() {
     b.click("#filter").await;
     b.wait_url("model=gemini").await;
     let listed = api("/api/v1/admin/llm-usage/?model=gemini".into()).await;
-    assert_eq!(b.text("#total").await, listed["total"].to_string());
+    assert_eq!(b.text("#total").await, count(&listed["total"]));
     b.screenshot("usage-list.png").await;
     b.size(375, 900).await;
     b.screenshot("usage-list-375.png").await;

@@ -5,6 +5,7 @@
 
 mod api_keys;
 pub mod chart;
+pub mod format;
 pub mod session;
 
 use std::collections::HashMap;
@@ -18,10 +19,9 @@ use sea_orm::{ConnectionTrait, EntityTrait};
 use crate::auth::password::check_password;
 use crate::db::entities::auth_user;
 use crate::http::AppState;
-use crate::pricing::Usd;
 use crate::usage::buckets::{MAX_BUCKETS, buckets_between};
 use crate::usage::list::{UsageRow, get_usage, list_usage_ordered};
-use crate::usage::stats::{self, Granularity, ModelStats, SeriesOptions, Summary};
+use crate::usage::stats::{self, Granularity, SeriesOptions, Summary};
 use crate::usage::{FilterParams, UsageFilter};
 use session::{
     CSRF_COOKIE, DEVICE_COOKIE, DEVICE_TTL, SESSION_COOKIE, SESSION_TTL, Session, Signer,
@@ -276,9 +276,6 @@ fn param(q: &HashMap<String, String>, key: &str) -> String {
 }
 
 /// Exact USD, without trailing zeros (`0.00128`).
-fn usd(u: Usd) -> String {
-    crate::pricing::usd(u.0).normalize().to_string()
-}
 
 // ---------------------------------------------------------------------------------------------
 // Sign in and out
@@ -592,27 +589,77 @@ struct OverviewPage {
     granularity: String,
     granularities: Vec<(&'static str, &'static str)>,
     error: Option<String>,
-    summary: Summary,
-    success_rate: String,
-    cost: String,
+    cards: Vec<(&'static str, &'static str, String)>,
     bucket_name: &'static str,
+    metric: &'static str,
+    metric_links: Vec<(&'static str, &'static str, String)>,
     chart: String,
+    outcome_chart: String,
+    failure_chart: String,
     by_model: Vec<ModelView>,
+    top_users: Vec<UserView>,
+    listing_query: String,
 }
 
-/// A model's line as shown: its figures, the cost formatted.
+/// A model's line as shown: every figure formatted.
 struct ModelView {
-    stats: ModelStats,
-    total_cost: String,
+    model: String,
+    calls: String,
+    prompt: String,
+    completion: String,
+    total: String,
+    cached: String,
+    reasoning: String,
+    cost: String,
+    cost_share: String,
+    latency: String,
+    ttft: String,
 }
 
-impl From<ModelStats> for ModelView {
-    fn from(stats: ModelStats) -> Self {
-        Self {
-            total_cost: usd(stats.total_cost),
-            stats,
-        }
+/// A user's line of the top users.
+struct UserView {
+    user_id: Option<i32>,
+    name: String,
+    calls: String,
+    tokens: String,
+    token_share: String,
+    cost: String,
+}
+
+/// What the overview's main chart shows per bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    Tokens,
+    Cost,
+    Calls,
+}
+
+impl Metric {
+    const ALL: [(Metric, &'static str, &'static str); 3] = [
+        (Metric::Tokens, "tokens", "Tokens"),
+        (Metric::Cost, "cost", "Cost"),
+        (Metric::Calls, "calls", "Calls"),
+    ];
+
+    fn parse(raw: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .find(|(_, name, _)| raw.eq_ignore_ascii_case(name))
+            .map(|(m, _, _)| *m)
     }
+
+    fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _, _)| *m == self)
+            .map(|(_, n, _)| *n)
+            .unwrap_or("tokens")
+    }
+}
+
+/// Optional seconds as a duration, `–` when unknown.
+fn seconds(s: Option<f64>) -> String {
+    s.map(format::duration).unwrap_or_else(|| "–".into())
 }
 
 const ZONES: [&str; 8] = [
@@ -692,6 +739,13 @@ async fn overview(
         .map_err(db_error)?;
         (data.summary, data.by_model, data.series.unwrap_or_default())
     };
+    let top_users = if error.is_some() || filter.user_id.is_some() {
+        Vec::new()
+    } else {
+        stats::stats_by_user(&state.read_db, &filter, 10)
+            .await
+            .map_err(db_error)?
+    };
     let success_rate = if summary.total_calls == 0 {
         "–".to_owned()
     } else {
@@ -705,12 +759,190 @@ async fn overview(
         Granularity::Month => "day",
         Granularity::Year => "month",
     };
-    let chart = chart::token_bars(&series, &format!("Total tokens by {bucket_name}"));
+    let metric = Metric::parse(&param(&q, "metric")).unwrap_or(Metric::Tokens);
+    let series_cost: Vec<i64> = series.iter().map(|i| i.total_cost.0).collect();
+    let series_decimals = format::money_decimals(&series_cost);
+    let empty_text = "No calls in this range: widen the dates, or clear the user filter";
+    let bar_title = |i: &stats::SeriesItem| {
+        format!(
+            "{}: {} tokens, {} calls ({} failed), {}",
+            i.bucket,
+            format::thousands(i.total_tokens),
+            format::thousands(i.total_calls),
+            format::thousands(i.total_calls - i.successful_calls),
+            format::money(i.total_cost.0, series_decimals)
+        )
+    };
+    let (chart_title, axis) = match metric {
+        Metric::Tokens => (format!("Total tokens by {bucket_name}"), chart::Axis::Count),
+        Metric::Cost => (format!("Cost (USD) by {bucket_name}"), chart::Axis::Usd),
+        Metric::Calls => (format!("Calls by {bucket_name}"), chart::Axis::Count),
+    };
+    let main_bars: Vec<chart::Bar> = series
+        .iter()
+        .map(|i| chart::Bar {
+            label: i.bucket.clone(),
+            segments: vec![(
+                "bar",
+                match metric {
+                    Metric::Tokens => i.total_tokens as f64,
+                    Metric::Cost => i.total_cost.0 as f64 / 1e6,
+                    Metric::Calls => i.total_calls as f64,
+                },
+            )],
+            title: bar_title(i),
+        })
+        .collect();
+    let chart = chart::bars(&main_bars, chart::WIDE, &chart_title, axis, empty_text);
+    let outcome_bars: Vec<chart::Bar> = series
+        .iter()
+        .map(|i| chart::Bar {
+            label: i.bucket.clone(),
+            segments: vec![
+                ("ok", i.successful_calls as f64),
+                ("failed", (i.total_calls - i.successful_calls) as f64),
+            ],
+            title: format!(
+                "{}: {} calls, {} succeeded, {} failed",
+                i.bucket,
+                format::thousands(i.total_calls),
+                format::thousands(i.successful_calls),
+                format::thousands(i.total_calls - i.successful_calls)
+            ),
+        })
+        .collect();
+    let outcome_chart = chart::bars(
+        &outcome_bars,
+        chart::HALF,
+        &format!("Calls by outcome by {bucket_name}"),
+        chart::Axis::Count,
+        empty_text,
+    );
+    let rates: Vec<(String, Option<f64>, String)> = series
+        .iter()
+        .map(|i| {
+            let failed = i.total_calls - i.successful_calls;
+            let rate = (i.total_calls > 0).then(|| failed as f64 * 100.0 / i.total_calls as f64);
+            (
+                i.bucket.clone(),
+                rate,
+                format!(
+                    "{}: {} of {} calls failed ({})",
+                    i.bucket,
+                    format::thousands(failed),
+                    format::thousands(i.total_calls),
+                    format::share(failed, i.total_calls)
+                ),
+            )
+        })
+        .collect();
+    let failure_chart = chart::rate_line(
+        &rates,
+        chart::HALF,
+        &format!("Failure rate by {bucket_name}"),
+        empty_text,
+    );
     let status = if error.is_some() {
         StatusCode::BAD_REQUEST
     } else {
         StatusCode::OK
     };
+    let model_costs: Vec<i64> = by_model.iter().map(|m| m.total_cost.0).collect();
+    let model_decimals = format::money_decimals(&model_costs);
+    let by_model = by_model
+        .into_iter()
+        .map(|m| ModelView {
+            calls: format::thousands(m.total_calls),
+            prompt: format::thousands(m.total_prompt_tokens),
+            completion: format::thousands(m.total_completion_tokens),
+            total: format::thousands(m.total_tokens),
+            cached: format::thousands(m.total_cached_tokens),
+            reasoning: format::thousands(m.total_reasoning_tokens),
+            cost: format::money(m.total_cost.0, model_decimals),
+            cost_share: format::share(m.total_cost.0, summary.total_cost.0),
+            latency: seconds(m.avg_latency_sec),
+            ttft: seconds(m.avg_ttft_sec),
+            model: m.model,
+        })
+        .collect();
+    let user_costs: Vec<i64> = top_users.iter().map(|u| u.total_cost.0).collect();
+    let user_decimals = format::money_decimals(&user_costs);
+    let top_users = top_users
+        .into_iter()
+        .map(|u| UserView {
+            user_id: u.user_id,
+            name: match (&u.username, u.user_id) {
+                (Some(name), _) => name.clone(),
+                (None, Some(id)) => format!("#{id} (deleted)"),
+                (None, None) => "no user".to_owned(),
+            },
+            calls: format::thousands(u.total_calls),
+            tokens: format::thousands(u.total_tokens),
+            token_share: format::share(u.total_tokens, summary.total_tokens),
+            cost: format::money(u.total_cost.0, user_decimals),
+        })
+        .collect();
+    let cards = vec![
+        (
+            "Calls",
+            "total-calls",
+            format::thousands(summary.total_calls),
+        ),
+        ("Success rate", "success-rate", success_rate),
+        (
+            "Failed calls",
+            "failed-calls",
+            format::thousands(summary.failed_calls),
+        ),
+        (
+            "Total tokens",
+            "total-tokens",
+            format::thousands(summary.total_tokens),
+        ),
+        (
+            "Prompt tokens",
+            "prompt-tokens",
+            format::thousands(summary.total_prompt_tokens),
+        ),
+        (
+            "Completion tokens",
+            "completion-tokens",
+            format::thousands(summary.total_completion_tokens),
+        ),
+        (
+            "Cached tokens",
+            "cached-tokens",
+            format::thousands(summary.total_cached_tokens),
+        ),
+        (
+            "Reasoning tokens",
+            "reasoning-tokens",
+            format::thousands(summary.total_reasoning_tokens),
+        ),
+        (
+            "Cost (USD)",
+            "total-cost",
+            format::money(
+                summary.total_cost.0,
+                format::money_decimals(&[summary.total_cost.0]),
+            ),
+        ),
+    ];
+    let kept = ["start_date", "end_date", "user_id", "tz", "granularity"];
+    let metric_links = Metric::ALL
+        .iter()
+        .map(|(_, name, label)| {
+            (
+                *name,
+                *label,
+                format!(
+                    "/admin/?{}",
+                    query_of(&q, &kept, &[("metric", (*name).to_owned())])
+                ),
+            )
+        })
+        .collect();
+    let listing_query = query_of(&q, &["start_date", "end_date", "tz"], &[]);
     let page = OverviewPage {
         signed_in,
         csrf,
@@ -726,12 +958,16 @@ async fn overview(
             ("year", "month (year view)"),
         ],
         error,
-        cost: usd(summary.total_cost),
-        success_rate,
-        summary,
+        cards,
         bucket_name,
+        metric: metric.name(),
+        metric_links,
         chart,
-        by_model: by_model.into_iter().map(ModelView::from).collect(),
+        outcome_chart,
+        failure_chart,
+        by_model,
+        top_users,
+        listing_query,
     };
     Ok(html(status, page.render()))
 }
@@ -751,7 +987,8 @@ struct ListPage {
     success: String,
     sort: String,
     error: Option<String>,
-    total: u64,
+    tz: String,
+    total_text: String,
     page: u64,
     pages: u64,
     rows: Vec<RowView>,
@@ -763,31 +1000,50 @@ struct ListPage {
 
 struct RowView {
     id: String,
+    /// In the page's zone, to the second.
     created_at: String,
+    /// The exact instant in UTC (a tooltip and the `<time>` element's `datetime`).
+    created_exact: String,
     user_id: Option<i32>,
     username: Option<String>,
     model: String,
-    prompt_tokens: i32,
-    completion_tokens: i32,
-    total_tokens: i32,
+    prompt_tokens: String,
+    completion_tokens: String,
+    total_tokens: String,
     cost: String,
     success: bool,
 }
 
-impl From<UsageRow> for RowView {
-    fn from(r: UsageRow) -> Self {
-        Self {
-            id: r.id.to_string(),
-            created_at: r.created_at,
-            user_id: r.user_id,
-            username: r.username,
-            model: r.model,
-            prompt_tokens: r.prompt_tokens,
-            completion_tokens: r.completion_tokens,
-            total_tokens: r.total_tokens,
-            cost: r.cost.map(usd).unwrap_or_else(|| "–".into()),
-            success: r.success,
-        }
+impl RowView {
+    /// The rows of a page, times in `tz`, costs with one precision for the column.
+    fn page(rows: Vec<UsageRow>, tz: chrono_tz::Tz) -> Vec<Self> {
+        let costs: Vec<i64> = rows.iter().filter_map(|r| r.cost.map(|c| c.0)).collect();
+        let decimals = format::money_decimals(&costs);
+        rows.into_iter()
+            .map(|r| {
+                let (created_at, created_exact) =
+                    match chrono::DateTime::parse_from_rfc3339(&r.created_at) {
+                        Ok(t) => format::instant(t.with_timezone(&chrono::Utc), tz),
+                        Err(_) => (r.created_at.clone(), r.created_at.clone()),
+                    };
+                Self {
+                    id: r.id.to_string(),
+                    created_at,
+                    created_exact,
+                    user_id: r.user_id,
+                    username: r.username,
+                    model: r.model,
+                    prompt_tokens: format::thousands(r.prompt_tokens.into()),
+                    completion_tokens: format::thousands(r.completion_tokens.into()),
+                    total_tokens: format::thousands(r.total_tokens.into()),
+                    cost: r
+                        .cost
+                        .map(|c| format::money(c.0, decimals))
+                        .unwrap_or_else(|| "–".into()),
+                    success: r.success,
+                }
+            })
+            .collect()
     }
 }
 
@@ -833,9 +1089,9 @@ async fn usage_list(
             .filter(|p| *p >= 1)
             .ok_or_else(|| PageError::BadRequest("page: a whole number ≥ 1".into()))?,
     };
-    let (filter, error) = match page_filter(&state, &req, true) {
-        Ok((_, f)) => (Some(f), None),
-        Err(m) => (None, Some(m)),
+    let (tz, filter, error) = match page_filter(&state, &req, true) {
+        Ok((tz, f)) => (tz, Some(f), None),
+        Err(m) => (state.settings.default_timezone, None, Some(m)),
     };
     let listing = match &filter {
         Some(f) => Some(
@@ -867,11 +1123,12 @@ async fn usage_list(
         success: param(&q, "success"),
         sort: sort.into(),
         error,
-        total,
+        total_text: format::thousands(i64::try_from(total).unwrap_or(i64::MAX)),
         page,
         pages,
+        tz: tz.name().to_owned(),
         rows: listing
-            .map(|l| l.results.into_iter().map(RowView::from).collect())
+            .map(|l| RowView::page(l.results, tz))
             .unwrap_or_default(),
         export_url: format!(
             "/admin/llm-usage/export.csv?{}",
@@ -944,7 +1201,7 @@ async fn usage_detail(
         (
             "latency_sec",
             row.latency_sec
-                .map(|l| l.to_string())
+                .map(|l| format!("{} ({l} s)", format::duration(l)))
                 .unwrap_or_else(|| "–".into()),
         ),
         ("is_streaming", row.is_streaming.to_string()),
@@ -952,7 +1209,7 @@ async fn usage_detail(
         (
             "ttft_sec",
             row.ttft_sec
-                .map(|l| l.to_string())
+                .map(|l| format!("{} ({l} s)", format::duration(l)))
                 .unwrap_or_else(|| "–".into()),
         ),
         (
@@ -963,23 +1220,37 @@ async fn usage_detail(
         ),
         ("username", opt(&row.username)),
         ("model", row.model.clone()),
-        ("prompt_tokens", row.prompt_tokens.to_string()),
-        ("completion_tokens", row.completion_tokens.to_string()),
-        ("total_tokens", row.total_tokens.to_string()),
-        ("cached_tokens", row.cached_tokens.to_string()),
-        ("reasoning_tokens", row.reasoning_tokens.to_string()),
+        ("prompt_tokens", format::thousands(row.prompt_tokens.into())),
+        (
+            "completion_tokens",
+            format::thousands(row.completion_tokens.into()),
+        ),
+        ("total_tokens", format::thousands(row.total_tokens.into())),
+        ("cached_tokens", format::thousands(row.cached_tokens.into())),
+        (
+            "reasoning_tokens",
+            format::thousands(row.reasoning_tokens.into()),
+        ),
         ("success", row.success.to_string()),
         ("error", opt(&row.error)),
-        ("cost", row.cost.map(usd).unwrap_or_else(|| "–".into())),
+        (
+            "cost",
+            row.cost
+                .map(|c| format::money(c.0, 6))
+                .unwrap_or_else(|| "–".into()),
+        ),
         ("cost_currency", row.cost_currency.clone()),
     ];
     let metadata = serde_json::to_string_pretty(&row.metadata).unwrap_or_default();
+    let row = RowView::page(vec![row], state.settings.default_timezone)
+        .pop()
+        .ok_or(PageError::NotFound)?;
     Ok(html(
         StatusCode::OK,
         DetailPage {
             signed_in,
             csrf,
-            row: RowView::from(row),
+            row,
             fields,
             metadata,
         }
