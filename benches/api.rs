@@ -226,6 +226,24 @@ async fn users_by_rank(db: &DatabaseConnection, rank: u64) -> [(i32, i64); 2] {
 }
 
 /// A staff user and a token for it.
+/// A session cookie of the admin pages for `bench-admin` (as a sign-in makes it), recorded.
+async fn admin_cookie(db: &DatabaseConnection) -> String {
+    use llm_tracker::http::pages::session::{SESSION_COOKIE, Session, Signer, records};
+    let user = find_by_username(db, "bench-admin").await.unwrap().unwrap();
+    let signer = Signer::new(SECRET);
+    let now = Utc::now().timestamp();
+    let session = Session {
+        user_id: user.id,
+        expires: now + 7200,
+        csrf: signer.new_csrf(),
+        password_tag: signer.password_tag(&user.password),
+    };
+    records::open(db, &signer.record_key(&session), user.id, session.expires, now)
+        .await
+        .unwrap();
+    format!("{SESSION_COOKIE}={}", signer.encode(&session))
+}
+
 async fn admin_token(db: &DatabaseConnection) -> String {
     let user = match find_by_username(db, "bench-admin").await.unwrap() {
         Some(u) => u,
@@ -315,9 +333,17 @@ async fn measure(
     concurrency: usize,
     cfg: &Config,
 ) -> Outcome {
+    // The token opens the API, the cookie (in `token` after a newline) the admin pages.
     let get = |client: reqwest::Client, url: String, token: String| async move {
         let started = Instant::now();
-        let response = client.get(&url).bearer_auth(&token).send().await.unwrap();
+        let (bearer, cookie) = token.split_once('\n').unwrap_or((&token, ""));
+        let response = client
+            .get(&url)
+            .bearer_auth(bearer)
+            .header(reqwest::header::COOKIE, cookie)
+            .send()
+            .await
+            .unwrap();
         let status = response.status();
         let body = response.bytes().await.unwrap();
         // Anything but 200 is counted as an error (an overloaded pool answers 503 after its
@@ -426,7 +452,7 @@ async fn plan(
 
 async fn bench_backend(label: &str, url: &str, cfg: &Config) {
     let db = prepare(label, url, cfg.rows, cfg.users).await;
-    let token = admin_token(&db).await;
+    let token = format!("{}\n{}", admin_token(&db).await, admin_cookie(&db).await);
     // The heaviest user, and a typical one: the demo's 6th of 12, or the 100th of thousands.
     let rank = if cfg.users.is_some() { 100 } else { 6 };
     let [(heavy, heavy_rows), (user, user_rows)] = users_by_rank(&db, rank).await;
@@ -619,6 +645,24 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
                 this - chrono::Duration::days(1)
             )
         }),
+        (
+            "admin overview page, last 90 days by day".into(),
+            format!(
+                "/admin/?granularity=month&start_date={}",
+                (Utc::now() - chrono::Duration::days(90)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            "admin overview page, last 90 days by day, metric=cost, tz=America/New_York".into(),
+            format!(
+                "/admin/?granularity=month&metric=cost&tz=America/New_York&start_date={}",
+                (Utc::now() - chrono::Duration::days(90)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            "admin overview page, all time by month".into(),
+            "/admin/?granularity=year".into(),
+        ),
         ("llm-usage page 1".into(), "/api/v1/admin/llm-usage/".into()),
         (
             format!("llm-usage page 1 user_id, heaviest user ({heavy_rows} rows)"),
