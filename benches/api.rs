@@ -238,9 +238,15 @@ async fn admin_cookie(db: &DatabaseConnection) -> String {
         csrf: signer.new_csrf(),
         password_tag: signer.password_tag(&user.password),
     };
-    records::open(db, &signer.record_key(&session), user.id, session.expires, now)
-        .await
-        .unwrap();
+    records::open(
+        db,
+        &signer.record_key(&session),
+        user.id,
+        session.expires,
+        now,
+    )
+    .await
+    .unwrap();
     format!("{SESSION_COOKIE}={}", signer.encode(&session))
 }
 

@@ -2,6 +2,7 @@
 //! the admin API and the admin pages. Free of any web framework; aggregates run in SQL.
 
 pub mod buckets;
+pub mod errors;
 pub mod export;
 pub mod filters;
 pub mod list;

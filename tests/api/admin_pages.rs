@@ -272,6 +272,15 @@ db_test!(
         // By model with its share of the cost; top users with theirs of the tokens.
         assert!(page.body.contains("Share of cost"));
         assert!(page.body.contains("Share of tokens"));
+        // Top error messages, with the way to the failed calls.
+        assert!(page.body.contains("id=\"top-errors\""));
+        assert!(
+            page.body
+                .contains("success=false\" id=\"failed-calls-link\"")
+        );
+        if data.summary.failed_calls > 0 {
+            assert!(!page.body.contains("No failed calls in this range."));
+        }
         assert!(page.body.contains(">gemini-2.5-flash</a>"));
         // No external resource on the page.
         assert!(

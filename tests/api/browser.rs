@@ -355,6 +355,9 @@ async fn the_admin_pages_work_in_a_real_browser() {
         top_users.contains(&count(&top["total_calls"])),
         "{top_users}"
     );
+    // Top error messages: the demo's failures, grouped.
+    let errors = b.text("#top-errors").await;
+    assert!(!errors.contains("No failed calls"), "{errors}");
     // The charts are drawn (axis labels are text in the SVG).
     for chart in ["#chart", "#outcome-chart", "#failure-chart"] {
         assert!(!b.text(chart).await.trim().is_empty(), "{chart}");

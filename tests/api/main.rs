@@ -23,5 +23,6 @@ mod retention;
 mod rollup;
 mod sqlite_django;
 mod streaming;
+mod top_errors;
 mod tracker;
 mod usage_read;

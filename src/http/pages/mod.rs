@@ -599,6 +599,17 @@ struct OverviewPage {
     by_model: Vec<ModelView>,
     top_users: Vec<UserView>,
     listing_query: String,
+    errors: Vec<ErrorView>,
+    errors_note: Option<String>,
+    failed_listing: String,
+}
+
+/// A line of the top error messages.
+struct ErrorView {
+    message: String,
+    count: String,
+    last_seen: String,
+    last_seen_exact: String,
 }
 
 /// A model's line as shown: every figure formatted.
@@ -745,6 +756,15 @@ async fn overview(
         stats::stats_by_user(&state.read_db, &filter, 10)
             .await
             .map_err(db_error)?
+    };
+    let top_errors = if error.is_some() || summary.failed_calls == 0 {
+        None
+    } else {
+        Some(
+            crate::usage::errors::top_errors(&state.read_db, &filter, 10)
+                .await
+                .map_err(db_error)?,
+        )
     };
     let success_rate = if summary.total_calls == 0 {
         "–".to_owned()
@@ -943,6 +963,34 @@ async fn overview(
         })
         .collect();
     let listing_query = query_of(&q, &["start_date", "end_date", "tz"], &[]);
+    let failed_listing = format!(
+        "/admin/llm-usage/?{}",
+        query_of(
+            &q,
+            &["start_date", "end_date", "user_id", "tz"],
+            &[("success", "false".to_owned())]
+        )
+    );
+    let errors_note = top_errors.as_ref().filter(|t| t.capped).map(|t| {
+        format!(
+            "Counted from the newest {} failed calls of the range.",
+            format::thousands(t.scanned as i64)
+        )
+    });
+    let errors = top_errors
+        .map(|t| t.groups)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| {
+            let (last_seen, last_seen_exact) = format::instant(g.last_seen, tz);
+            ErrorView {
+                message: g.message,
+                count: format::thousands(g.count as i64),
+                last_seen,
+                last_seen_exact,
+            }
+        })
+        .collect();
     let page = OverviewPage {
         signed_in,
         csrf,
@@ -968,6 +1016,9 @@ async fn overview(
         by_model,
         top_users,
         listing_query,
+        errors,
+        errors_note,
+        failed_listing,
     };
     Ok(html(status, page.render()))
 }
