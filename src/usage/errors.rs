@@ -3,8 +3,8 @@
 //! are one line), each with its count and when it was last seen, most frequent first.
 //!
 //! Read from the newest [`MAX_SCANNED`] failures of the range at most (through the partial index
-//! of failed calls, migration 000019), so the cost stays bounded however many calls failed; the
-//! answer says when it was capped.
+//! of failed calls, migration 000019), grouped by the database by raw message, so the cost stays
+//! bounded however many calls failed; the answer says when it was capped.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -14,14 +14,14 @@ use regex::Regex;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     DatabaseConnection, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect,
+    QuerySelect, QueryTrait, Statement,
 };
 
 use super::UsageFilter;
 use crate::db::entities::usage;
 
 /// The most failures one answer reads (the newest of the range).
-pub const MAX_SCANNED: u64 = 20_000;
+pub const MAX_SCANNED: u64 = 5_000;
 
 /// The longest message shown (in characters), after masking.
 const MAX_MESSAGE: usize = 300;
@@ -88,13 +88,17 @@ pub fn mask(message: &str) -> String {
 }
 
 #[derive(Debug, FromQueryResult)]
-struct Failure {
+struct Group {
     error: Option<String>,
-    created_at: DateTime<Utc>,
+    n: i64,
+    last_seen: DateTime<Utc>,
 }
 
 /// The `limit` most frequent masked messages of the failed calls `filter` selects (its
 /// `success` is ignored: only failures count), ties broken by the latest seen.
+///
+/// The database groups the newest [`MAX_SCANNED`] failures by their raw message; each distinct
+/// message is then masked once and the groups that mask alike merged.
 pub async fn top_errors(
     db: &DatabaseConnection,
     filter: &UsageFilter,
@@ -111,28 +115,49 @@ pub async fn top_errors(
         success: None,
         ..filter.clone()
     };
-    let rows = usage::Entity::find()
-        .select_only()
+    let newest = || {
+        usage::Entity::find()
+            .select_only()
+            .filter(filter.condition(backend))
+            .filter(Expr::cust(failed))
+            .order_by_desc(usage::Column::CreatedAt)
+    };
+    let inner = newest()
         .column(usage::Column::Error)
         .column(usage::Column::CreatedAt)
-        .filter(filter.condition(backend))
-        .filter(Expr::cust(failed))
-        .order_by_desc(usage::Column::CreatedAt)
-        .limit(MAX_SCANNED + 1)
-        .into_model::<Failure>()
-        .all(db)
-        .await?;
-    let capped = rows.len() as u64 > MAX_SCANNED;
+        .limit(MAX_SCANNED)
+        .build(backend);
+    let grouped = Statement::from_sql_and_values(
+        backend,
+        format!(
+            "SELECT error, COUNT(*) AS n, MAX(created_at) AS last_seen FROM ({}) s GROUP BY error",
+            inner.sql
+        ),
+        inner.values.map(|v| v.0).unwrap_or_default(),
+    );
+    let rows = Group::find_by_statement(grouped).all(db).await?;
+    // One more failure than was read?
+    let capped = newest()
+        .column(usage::Column::CreatedAt)
+        .offset(MAX_SCANNED)
+        .limit(1)
+        .into_tuple::<DateTime<Utc>>()
+        .one(db)
+        .await?
+        .is_some();
+    let mut scanned = 0u64;
     let mut groups: HashMap<String, ErrorGroup> = HashMap::new();
-    for row in rows.iter().take(MAX_SCANNED as usize) {
+    for row in rows {
+        let count = row.n.max(0) as u64;
+        scanned += count;
         let message = mask(row.error.as_deref().unwrap_or_default());
         let g = groups.entry(message.clone()).or_insert(ErrorGroup {
             message,
             count: 0,
-            last_seen: row.created_at,
+            last_seen: row.last_seen,
         });
-        g.count += 1;
-        g.last_seen = g.last_seen.max(row.created_at);
+        g.count += count;
+        g.last_seen = g.last_seen.max(row.last_seen);
     }
     let mut groups: Vec<ErrorGroup> = groups.into_values().collect();
     groups.sort_by(|a, b| {
@@ -144,7 +169,7 @@ pub async fn top_errors(
     groups.truncate(limit);
     Ok(TopErrors {
         groups,
-        scanned: (rows.len() as u64).min(MAX_SCANNED),
+        scanned,
         capped,
     })
 }
