@@ -156,7 +156,7 @@ async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr>
 /// and outcomes, the per-model table otherwise.
 fn level_of(filter: &UsageFilter, by: GroupBy) -> Level {
     match by {
-        GroupBy::Model => Level::ByModel,
+        GroupBy::Model | GroupBy::SlotModel => Level::ByModel,
         _ if filter.model.is_none() && filter.success.is_none() => Level::Total,
         _ => Level::ByModel,
     }
@@ -394,6 +394,10 @@ pub enum GroupBy {
     Model,
     /// One group per cell start slot (`model` null, `bucket` the slot as text).
     Slot,
+    /// One group per cell start slot and model (the series of each model), from the per-model
+    /// cells; only for plans of all users' cells (a user's calendar cells exist in the totals
+    /// table alone), see [`Scope`].
+    SlotModel,
     /// One group per user key (`user_key`).
     User,
     /// A single group.
@@ -429,7 +433,7 @@ pub fn statement_with(
     // Over all models and outcomes, the totals table has one row per cell.
     let level = level_of(filter, by);
     let ranges = match (by, level) {
-        (GroupBy::Slot, _) => &plan.ranges,
+        (GroupBy::Slot | GroupBy::SlotModel, _) => &plan.ranges,
         (_, Level::Total) => &plan.coarse,
         (_, Level::ByModel) => &plan.totals,
     };
@@ -553,6 +557,14 @@ pub fn statement_with(
             ),
             " GROUP BY r.slot",
         ),
+        GroupBy::SlotModel => (
+            format!(
+                "r.model AS {}, CAST(r.slot AS TEXT) AS {}",
+                col::MODEL,
+                col::BUCKET
+            ),
+            " GROUP BY r.slot, r.model",
+        ),
         GroupBy::User => (
             format!("r.user_key AS {}", col::USER_KEY),
             " GROUP BY r.user_key",
@@ -618,7 +630,7 @@ pub fn statement_with(
     let Slots { first, end } = plan.slots;
     let mut pending = vec![format!("r.slot >= {first} AND r.slot < {end}")];
     // The series reads the gaps' raw rows, which hold their pending contributions already.
-    if by == GroupBy::Slot {
+    if matches!(by, GroupBy::Slot | GroupBy::SlotModel) {
         pending.extend(
             plan.gaps
                 .iter()

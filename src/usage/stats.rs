@@ -540,6 +540,107 @@ fn fold(
     })
 }
 
+/// One model's series (the overview's bars stacked by model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSeries {
+    pub model: String,
+    /// Its buckets with calls, in time order.
+    pub series: Vec<SeriesItem>,
+}
+
+/// The series of each model, models by total tokens descending then name: over all users from
+/// the per-model cells of the rollup (plus the raw rows of the range's partial edges), exact
+/// like [`token_stats_in`]; with a user filter (whose per-model days straddle local buckets,
+/// and whose calendar cells hold no model) from the raw rows.
+pub async fn series_by_model(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    granularity: Granularity,
+    tz: Tz,
+) -> Result<Vec<ModelSeries>, DbErr> {
+    let backend = db.get_database_backend();
+    let txn = read_txn(db).await?;
+    let plan = rollup::plan(&txn, filter, Some((granularity, tz)), false).await?;
+    let groups: Vec<Group> = match plan {
+        Some(plan) if plan.scope == rollup::Scope::AllUsers => {
+            let mut groups = rollup::query(&txn, &plan, filter, rollup::GroupBy::SlotModel).await?;
+            for edge in &plan.edges {
+                groups.extend(
+                    token_stats_query(backend, edge, Some(granularity), tz)
+                        .into_model::<Group>()
+                        .all(&txn)
+                        .await?,
+                );
+            }
+            groups
+        }
+        _ => {
+            token_stats_query(backend, filter, Some(granularity), tz)
+                .into_model::<Group>()
+                .all(&txn)
+                .await?
+        }
+    };
+    txn.commit().await?;
+    fold_by_model(&groups, granularity, tz)
+}
+
+/// [`series_by_model`] from the raw rows only (the reference it is checked against).
+pub async fn series_by_model_raw(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+    granularity: Granularity,
+    tz: Tz,
+) -> Result<Vec<ModelSeries>, DbErr> {
+    let groups = token_stats_query(db.get_database_backend(), filter, Some(granularity), tz)
+        .into_model::<Group>()
+        .all(db)
+        .await?;
+    fold_by_model(&groups, granularity, tz)
+}
+
+fn fold_by_model(
+    groups: &[Group],
+    granularity: Granularity,
+    tz: Tz,
+) -> Result<Vec<ModelSeries>, DbErr> {
+    type Buckets = BTreeMap<DateTime<Utc>, (String, Totals)>;
+    let mut models: BTreeMap<&str, Buckets> = BTreeMap::new();
+    for g in groups {
+        let Some(text) = &g.bucket else { continue };
+        let at = group_instant(text)?;
+        models
+            .entry(g.model.as_deref().unwrap_or_default())
+            .or_default()
+            .entry(bucket_start(granularity, tz, at))
+            .or_insert_with(|| (bucket_of(granularity, tz, at).label, Totals::default()))
+            .1
+            .add(g);
+    }
+    let mut out: Vec<(i64, ModelSeries)> = models
+        .into_iter()
+        .filter_map(|(model, buckets)| {
+            let series: Vec<SeriesItem> = buckets
+                .into_values()
+                .filter(|(_, t)| t.sums.total_calls != 0)
+                .map(|(label, t)| SeriesItem::new(label, t.sums, t.successful_calls))
+                .collect();
+            let tokens = series.iter().map(|i| i.total_tokens).sum();
+            (!series.is_empty()).then(|| {
+                (
+                    tokens,
+                    ModelSeries {
+                        model: model.to_owned(),
+                        series,
+                    },
+                )
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.model.cmp(&b.1.model)));
+    Ok(out.into_iter().map(|(_, m)| m).collect())
+}
+
 /// One item per model, by total tokens descending, then model ascending.
 pub async fn stats_by_model(
     db: &DatabaseConnection,

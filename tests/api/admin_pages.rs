@@ -241,6 +241,11 @@ db_test!(
             assert!(page.body.contains(id), "{id}");
         }
         assert!(page.body.contains("Total tokens by day"));
+        // Stacked by model, with a legend naming the models; a user filter unstacks.
+        assert!(page.body.contains("class=\"m0\""));
+        let legend = &page.body[page.body.find("id=\"legend\"").unwrap()..];
+        let legend = &legend[..legend.find("</figcaption>").unwrap()];
+        assert!(legend.contains("gemini-2.5-flash"), "{legend}");
         assert!(page.body.contains("Calls by outcome by day"));
         assert!(page.body.contains("Failure rate by day"));
         assert!(page.body.contains("<circle"), "failure-rate points");

@@ -355,6 +355,12 @@ async fn the_admin_pages_work_in_a_real_browser() {
         top_users.contains(&count(&top["total_calls"])),
         "{top_users}"
     );
+    // The main chart is stacked by model: its legend names the largest.
+    let legend = b.text("#legend").await;
+    assert!(
+        legend.contains(stats["by_model"][0]["model"].as_str().unwrap()),
+        "{legend}"
+    );
     // Top error messages: the demo's failures, grouped.
     let errors = b.text("#top-errors").await;
     assert!(!errors.contains("No failed calls"), "{errors}");

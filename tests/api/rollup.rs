@@ -1241,3 +1241,79 @@ db_test!(
         }
     }
 );
+
+db_test!(
+    async fn the_series_of_each_model_equals_the_raw_rows(backend: Backend) {
+        // Issue 21: the overview's bars stacked by model read the per-model cells.
+        use llm_tracker::usage::stats::{series_by_model, series_by_model_raw};
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["sm1", "sm2", "sm3"]).await;
+        let mut rng = StdRng::seed_from_u64(2121);
+        let base = Utc.with_ymd_and_hms(2026, 2, 20, 0, 0, 0).unwrap();
+        let rows = random_rows(&mut rng, &ids, base, 40, 900, 1);
+        insert(db, &rows[..600]).await;
+        fold(&t).await;
+        insert(db, &rows[600..]).await;
+        let times: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
+        let mut rollup_used = 0;
+        for i in 0..60 {
+            let mut filter = random_filter(&mut rng, &ids, &times, base, 40);
+            if i % 3 != 0 {
+                filter.user_id = None;
+            }
+            let granularity =
+                [Granularity::Day, Granularity::Month, Granularity::Year][rng.random_range(0..3)];
+            let tz: Tz = ZONES[rng.random_range(0..ZONES.len())].parse().unwrap();
+            if let (Some(s), Some(e)) = (filter.start, filter.end)
+                && buckets_between(granularity, tz, s, e).is_err()
+            {
+                continue;
+            }
+            let fast = series_by_model(db, &filter, granularity, tz).await.unwrap();
+            let raw = series_by_model_raw(db, &filter, granularity, tz)
+                .await
+                .unwrap();
+            assert_eq!(fast, raw, "{filter:?} {granularity:?} {tz}");
+            if rollup::plan(db, &filter, Some((granularity, tz)), false)
+                .await
+                .unwrap()
+                .is_some_and(|p| !p.ranges.is_empty() && filter.user_id.is_none())
+            {
+                rollup_used += 1;
+            }
+            // The models' buckets add up to the series of all models.
+            let all = token_stats_in(
+                db,
+                &filter,
+                Some(granularity),
+                SeriesOptions { tz, fill: false },
+            )
+            .await
+            .unwrap()
+            .series
+            .unwrap();
+            let mut summed: std::collections::BTreeMap<String, (i64, i64, i64)> =
+                Default::default();
+            for m in &fast {
+                for item in &m.series {
+                    let e = summed.entry(item.bucket.clone()).or_default();
+                    e.0 += item.total_calls;
+                    e.1 += item.total_tokens;
+                    e.2 += item.successful_calls;
+                }
+            }
+            let expected: std::collections::BTreeMap<String, (i64, i64, i64)> = all
+                .iter()
+                .map(|i| {
+                    (
+                        i.bucket.clone(),
+                        (i.total_calls, i.total_tokens, i.successful_calls),
+                    )
+                })
+                .collect();
+            assert_eq!(summed, expected, "{filter:?} {granularity:?} {tz}");
+        }
+        assert!(rollup_used > 10, "the rollup answered {rollup_used} times");
+    }
+);

@@ -602,6 +602,7 @@ struct OverviewPage {
     errors: Vec<ErrorView>,
     errors_note: Option<String>,
     failed_listing: String,
+    legend: Vec<(String, &'static str)>,
 }
 
 /// A line of the top error messages.
@@ -667,6 +668,12 @@ impl Metric {
             .unwrap_or("tokens")
     }
 }
+
+/// Models stacked apart in the overview's main chart; the others are stacked as one.
+const STACKED_MODELS: usize = 6;
+
+/// The CSS classes of the stacked models' segments, the last for the other models.
+const MODEL_CLASSES: [&str; STACKED_MODELS + 1] = ["m0", "m1", "m2", "m3", "m4", "m5", "m6"];
 
 /// Optional seconds as a duration, `–` when unknown.
 fn seconds(s: Option<f64>) -> String {
@@ -798,19 +805,69 @@ async fn overview(
         Metric::Cost => (format!("Cost (USD) by {bucket_name}"), chart::Axis::Usd),
         Metric::Calls => (format!("Calls by {bucket_name}"), chart::Axis::Count),
     };
+    let value = |i: &stats::SeriesItem| match metric {
+        Metric::Tokens => i.total_tokens as f64,
+        Metric::Cost => i.total_cost.0 as f64 / 1e6,
+        Metric::Calls => i.total_calls as f64,
+    };
+    let shown = |v: f64| match metric {
+        Metric::Cost => format::money((v * 1e6).round() as i64, series_decimals),
+        _ => format::thousands(v.round() as i64),
+    };
+    // Stacked by model over all users: the six largest models, the rest as "other".
+    let per_model = if error.is_some() || filter.user_id.is_some() || series.is_empty() {
+        Vec::new()
+    } else {
+        stats::series_by_model(&state.read_db, &filter, granularity, tz)
+            .await
+            .map_err(db_error)?
+    };
+    let mut legend: Vec<(String, &'static str)> = Vec::new();
+    let mut stacks: HashMap<String, Vec<f64>> = HashMap::new();
+    for (k, m) in per_model.iter().enumerate() {
+        let slot = k.min(STACKED_MODELS);
+        if k <= STACKED_MODELS {
+            let name = if k == STACKED_MODELS && per_model.len() > STACKED_MODELS + 1 {
+                "other models".to_owned()
+            } else {
+                m.model.clone()
+            };
+            legend.push((name, MODEL_CLASSES[slot]));
+        }
+        for item in &m.series {
+            let stack = stacks
+                .entry(item.bucket.clone())
+                .or_insert_with(|| vec![0.0; STACKED_MODELS + 1]);
+            stack[slot] += value(item);
+        }
+    }
     let main_bars: Vec<chart::Bar> = series
         .iter()
-        .map(|i| chart::Bar {
-            label: i.bucket.clone(),
-            segments: vec![(
-                "bar",
-                match metric {
-                    Metric::Tokens => i.total_tokens as f64,
-                    Metric::Cost => i.total_cost.0 as f64 / 1e6,
-                    Metric::Calls => i.total_calls as f64,
-                },
-            )],
-            title: bar_title(i),
+        .map(|i| match stacks.get(&i.bucket) {
+            Some(stack) => chart::Bar {
+                label: i.bucket.clone(),
+                segments: stack
+                    .iter()
+                    .enumerate()
+                    .map(|(k, v)| (MODEL_CLASSES[k], *v))
+                    .collect(),
+                title: format!(
+                    "{}; {}",
+                    bar_title(i),
+                    legend
+                        .iter()
+                        .zip(stack)
+                        .filter(|(_, v)| **v > 0.0)
+                        .map(|((name, _), v)| format!("{name} {}", shown(*v)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            None => chart::Bar {
+                label: i.bucket.clone(),
+                segments: vec![("bar", value(i))],
+                title: bar_title(i),
+            },
         })
         .collect();
     let chart = chart::bars(&main_bars, chart::WIDE, &chart_title, axis, empty_text);
@@ -1019,6 +1076,7 @@ async fn overview(
         errors,
         errors_note,
         failed_listing,
+        legend,
     };
     Ok(html(status, page.render()))
 }
