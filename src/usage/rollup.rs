@@ -430,6 +430,36 @@ pub fn statement_with(
     sums: Sums,
     users: Option<&[i64]>,
 ) -> Statement {
+    build(backend, plan, filter, by, sums, users, None)
+}
+
+/// The series of each of `models` (exact names): [`GroupBy::SlotModel`] over their cells only.
+pub fn models_statement(
+    backend: DbBackend,
+    plan: &Plan,
+    filter: &UsageFilter,
+    models: &[String],
+) -> Statement {
+    build(
+        backend,
+        plan,
+        filter,
+        GroupBy::SlotModel,
+        Sums::All,
+        None,
+        Some(models),
+    )
+}
+
+fn build(
+    backend: DbBackend,
+    plan: &Plan,
+    filter: &UsageFilter,
+    by: GroupBy,
+    sums: Sums,
+    users: Option<&[i64]>,
+    models: Option<&[String]>,
+) -> Statement {
     // Over all models and outcomes, the totals table has one row per cell.
     let level = level_of(filter, by);
     let ranges = match (by, level) {
@@ -507,6 +537,17 @@ pub fn statement_with(
         }
         if let Some(success) = filter.success {
             conditions.push(format!("r.success = {}", placeholder(success.into())));
+        }
+        if let Some(models) = models {
+            let list: Vec<String> = models
+                .iter()
+                .map(|m| placeholder(m.clone().into()))
+                .collect();
+            conditions.push(if list.is_empty() {
+                "1 = 0".to_owned()
+            } else {
+                format!("r.model IN ({})", list.join(", "))
+            });
         }
     };
     let only_users = users.map(|keys| {

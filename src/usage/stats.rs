@@ -552,18 +552,34 @@ pub struct ModelSeries {
 /// the per-model cells of the rollup (plus the raw rows of the range's partial edges), exact
 /// like [`token_stats_in`]; with a user filter (whose per-model days straddle local buckets,
 /// and whose calendar cells hold no model) from the raw rows.
+///
+/// With `models`, only those (exact names): a chart that stacks the largest few reads their
+/// cells alone (the rest is the all-models series less them).
 pub async fn series_by_model(
     db: &DatabaseConnection,
     filter: &UsageFilter,
     granularity: Granularity,
     tz: Tz,
+    models: Option<&[String]>,
 ) -> Result<Vec<ModelSeries>, DbErr> {
     let backend = db.get_database_backend();
     let txn = read_txn(db).await?;
     let plan = rollup::plan(&txn, filter, Some((granularity, tz)), false).await?;
     let groups: Vec<Group> = match plan {
         Some(plan) if plan.scope == rollup::Scope::AllUsers => {
-            let mut groups = rollup::query(&txn, &plan, filter, rollup::GroupBy::SlotModel).await?;
+            let mut groups = match models {
+                None => rollup::query(&txn, &plan, filter, rollup::GroupBy::SlotModel).await?,
+                Some(models) => {
+                    if let Some(sql) = Dialect::of(backend).rollup_settings() {
+                        txn.execute_unprepared(sql).await?;
+                    }
+                    Group::find_by_statement(rollup::models_statement(
+                        backend, &plan, filter, models,
+                    ))
+                    .all(&txn)
+                    .await?
+                }
+            };
             for edge in &plan.edges {
                 groups.extend(
                     token_stats_query(backend, edge, Some(granularity), tz)
@@ -582,7 +598,7 @@ pub async fn series_by_model(
         }
     };
     txn.commit().await?;
-    fold_by_model(&groups, granularity, tz)
+    fold_by_model(&groups, granularity, tz, models)
 }
 
 /// [`series_by_model`] from the raw rows only (the reference it is checked against).
@@ -591,26 +607,32 @@ pub async fn series_by_model_raw(
     filter: &UsageFilter,
     granularity: Granularity,
     tz: Tz,
+    models: Option<&[String]>,
 ) -> Result<Vec<ModelSeries>, DbErr> {
     let groups = token_stats_query(db.get_database_backend(), filter, Some(granularity), tz)
         .into_model::<Group>()
         .all(db)
         .await?;
-    fold_by_model(&groups, granularity, tz)
+    fold_by_model(&groups, granularity, tz, models)
 }
 
 fn fold_by_model(
     groups: &[Group],
     granularity: Granularity,
     tz: Tz,
+    only: Option<&[String]>,
 ) -> Result<Vec<ModelSeries>, DbErr> {
     type Buckets = BTreeMap<DateTime<Utc>, (String, Totals)>;
     let mut models: BTreeMap<&str, Buckets> = BTreeMap::new();
     for g in groups {
         let Some(text) = &g.bucket else { continue };
+        let model = g.model.as_deref().unwrap_or_default();
+        if only.is_some_and(|o| !o.iter().any(|m| m == model)) {
+            continue;
+        }
         let at = group_instant(text)?;
         models
-            .entry(g.model.as_deref().unwrap_or_default())
+            .entry(model)
             .or_default()
             .entry(bucket_start(granularity, tz, at))
             .or_insert_with(|| (bucket_of(granularity, tz, at).label, Totals::default()))

@@ -1270,11 +1270,33 @@ db_test!(
             {
                 continue;
             }
-            let fast = series_by_model(db, &filter, granularity, tz).await.unwrap();
-            let raw = series_by_model_raw(db, &filter, granularity, tz)
+            let fast = series_by_model(db, &filter, granularity, tz, None)
+                .await
+                .unwrap();
+            let raw = series_by_model_raw(db, &filter, granularity, tz, None)
                 .await
                 .unwrap();
             assert_eq!(fast, raw, "{filter:?} {granularity:?} {tz}");
+            // Only some models (what the chart reads: the largest few), by exact name.
+            let some: Vec<String> = vec!["gpt-4o".into(), "Local_%x".into(), "nothing".into()];
+            let fast_some = series_by_model(db, &filter, granularity, tz, Some(&some))
+                .await
+                .unwrap();
+            assert_eq!(
+                fast_some,
+                series_by_model_raw(db, &filter, granularity, tz, Some(&some))
+                    .await
+                    .unwrap(),
+                "{filter:?} {granularity:?} {tz}"
+            );
+            assert!(fast_some.iter().all(|m| some.contains(&m.model)));
+            assert_eq!(
+                fast_some,
+                fast.iter()
+                    .filter(|m| some.contains(&m.model))
+                    .cloned()
+                    .collect::<Vec<_>>()
+            );
             if rollup::plan(db, &filter, Some((granularity, tz)), false)
                 .await
                 .unwrap()

@@ -814,31 +814,44 @@ async fn overview(
         Metric::Cost => format::money((v * 1e6).round() as i64, series_decimals),
         _ => format::thousands(v.round() as i64),
     };
-    // Stacked by model over all users: the six largest models, the rest as "other".
+    // Stacked by model over all users: the six largest models read from their cells, the rest
+    // as one stack (the all-models series less them: exact, and far fewer cells to read).
+    let top_models: Vec<String> = by_model
+        .iter()
+        .take(STACKED_MODELS)
+        .map(|m| m.model.clone())
+        .collect();
     let per_model = if error.is_some() || filter.user_id.is_some() || series.is_empty() {
         Vec::new()
     } else {
-        stats::series_by_model(&state.read_db, &filter, granularity, tz)
+        stats::series_by_model(&state.read_db, &filter, granularity, tz, Some(&top_models))
             .await
             .map_err(db_error)?
     };
-    let mut legend: Vec<(String, &'static str)> = Vec::new();
+    let others = !per_model.is_empty() && by_model.len() > STACKED_MODELS;
+    let mut legend: Vec<(String, &'static str)> = per_model
+        .iter()
+        .zip(MODEL_CLASSES)
+        .map(|(m, class)| (m.model.clone(), class))
+        .collect();
+    if others {
+        legend.push(("other models".to_owned(), MODEL_CLASSES[STACKED_MODELS]));
+    }
     let mut stacks: HashMap<String, Vec<f64>> = HashMap::new();
     for (k, m) in per_model.iter().enumerate() {
-        let slot = k.min(STACKED_MODELS);
-        if k <= STACKED_MODELS {
-            let name = if k == STACKED_MODELS && per_model.len() > STACKED_MODELS + 1 {
-                "other models".to_owned()
-            } else {
-                m.model.clone()
-            };
-            legend.push((name, MODEL_CLASSES[slot]));
-        }
         for item in &m.series {
-            let stack = stacks
+            stacks
                 .entry(item.bucket.clone())
+                .or_insert_with(|| vec![0.0; STACKED_MODELS + 1])[k] += value(item);
+        }
+    }
+    if others {
+        for i in &series {
+            let stack = stacks
+                .entry(i.bucket.clone())
                 .or_insert_with(|| vec![0.0; STACKED_MODELS + 1]);
-            stack[slot] += value(item);
+            let top: f64 = stack[..STACKED_MODELS].iter().sum();
+            stack[STACKED_MODELS] = (value(i) - top).max(0.0);
         }
     }
     let main_bars: Vec<chart::Bar> = series
