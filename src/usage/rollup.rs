@@ -433,12 +433,13 @@ pub fn statement_with(
     build(backend, plan, filter, by, sums, users, None)
 }
 
-/// The series of each of `models` (exact names): [`GroupBy::SlotModel`] over their cells only.
+/// The series of each model: [`GroupBy::SlotModel`], over the cells of `models` only (exact
+/// names) when given.
 pub fn models_statement(
     backend: DbBackend,
     plan: &Plan,
     filter: &UsageFilter,
-    models: &[String],
+    models: Option<&[String]>,
 ) -> Statement {
     build(
         backend,
@@ -447,7 +448,7 @@ pub fn models_statement(
         GroupBy::SlotModel,
         Sums::All,
         None,
-        Some(models),
+        models,
     )
 }
 
@@ -701,13 +702,19 @@ pub async fn query<T: FromQueryResult>(
     filter: &UsageFilter,
     by: GroupBy,
 ) -> Result<Vec<T>, DbErr> {
-    let backend = txn.get_database_backend();
-    if let Some(sql) = crate::db::Dialect::of(backend).rollup_settings() {
+    let stmt = statement(txn.get_database_backend(), plan, filter, by);
+    query_statement(txn, stmt).await
+}
+
+/// The rows of a rollup statement as `T`, inside `txn` (its planner settings applied).
+pub async fn query_statement<T: FromQueryResult>(
+    txn: &sea_orm::DatabaseTransaction,
+    stmt: Statement,
+) -> Result<Vec<T>, DbErr> {
+    if let Some(sql) = crate::db::Dialect::of(txn.get_database_backend()).rollup_settings() {
         txn.execute_unprepared(sql).await?;
     }
-    T::find_by_statement(statement(backend, plan, filter, by))
-        .all(txn)
-        .await
+    T::find_by_statement(stmt).all(txn).await
 }
 
 /// The rollup user key of a `user_id` (`None`: calls made for no user); [`user_of`]'s inverse.

@@ -567,19 +567,8 @@ pub async fn series_by_model(
     let plan = rollup::plan(&txn, filter, Some((granularity, tz)), false).await?;
     let groups: Vec<Group> = match plan {
         Some(plan) if plan.scope == rollup::Scope::AllUsers => {
-            let mut groups = match models {
-                None => rollup::query(&txn, &plan, filter, rollup::GroupBy::SlotModel).await?,
-                Some(models) => {
-                    if let Some(sql) = Dialect::of(backend).rollup_settings() {
-                        txn.execute_unprepared(sql).await?;
-                    }
-                    Group::find_by_statement(rollup::models_statement(
-                        backend, &plan, filter, models,
-                    ))
-                    .all(&txn)
-                    .await?
-                }
-            };
+            let stmt = rollup::models_statement(backend, &plan, filter, models);
+            let mut groups: Vec<Group> = rollup::query_statement(&txn, stmt).await?;
             for edge in &plan.edges {
                 groups.extend(
                     token_stats_query(backend, edge, Some(granularity), tz)
