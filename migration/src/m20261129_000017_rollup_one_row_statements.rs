@@ -43,16 +43,7 @@ impl MigrationTrait for Migration {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         if manager.get_database_backend() == DbBackend::Postgres {
             let conn = manager.get_connection();
-            for sql in m16::frozen(DbBackend::Postgres).into_iter().filter(|sql| {
-                [
-                    "DROP TRIGGER",
-                    "DROP FUNCTION",
-                    "CREATE FUNCTION",
-                    "CREATE TRIGGER",
-                ]
-                .iter()
-                .any(|p| sql.starts_with(p))
-            }) {
+            for sql in crate::util::trigger_statements(m16::frozen(DbBackend::Postgres)) {
                 conn.execute_unprepared(sql).await?;
             }
         }

@@ -70,10 +70,7 @@ impl MigrationTrait for Migration {
         let conn = manager.get_connection();
         let previous = match backend {
             DbBackend::Postgres => m17::frozen(),
-            _ => m16::frozen(backend)
-                .into_iter()
-                .filter(|sql| sql.starts_with("DROP TRIGGER") || sql.starts_with("CREATE TRIGGER"))
-                .collect(),
+            _ => crate::util::trigger_statements(m16::frozen(backend)),
         };
         for sql in previous {
             conn.execute_unprepared(sql).await?;

@@ -1008,23 +1008,12 @@ mod tests {
         use crate::m20261129_000016_usage_streaming_ttft as m16;
         use crate::m20261129_000017_rollup_one_row_statements as m17;
         use crate::m20261130_000018_usage_retention as m18;
-        let triggers = |all: Vec<&'static str>| -> Vec<&'static str> {
-            all.into_iter()
-                .filter(|s| {
-                    [
-                        "DROP TRIGGER",
-                        "DROP FUNCTION",
-                        "CREATE TRIGGER",
-                        "CREATE FUNCTION",
-                    ]
-                    .iter()
-                    .any(|p| s.starts_with(p))
-                })
-                .collect()
-        };
         for (backend, old) in [
             (DbBackend::Postgres, m17::frozen()),
-            (DbBackend::Sqlite, triggers(m16::frozen(DbBackend::Sqlite))),
+            (
+                DbBackend::Sqlite,
+                crate::util::trigger_statements(m16::frozen(DbBackend::Sqlite)),
+            ),
         ] {
             let new = m18::frozen(backend);
             assert_eq!(old.len(), new.len(), "{backend:?}");

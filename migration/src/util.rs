@@ -32,6 +32,25 @@ pub fn for_backend(
     })
 }
 
+/// The statements of a frozen file that drop or create the rollup's triggers and their
+/// functions (not its tables, columns or backfill): what a later migration's `down` runs to put
+/// that file's triggers back.
+pub fn trigger_statements(statements: Vec<&'static str>) -> Vec<&'static str> {
+    statements
+        .into_iter()
+        .filter(|sql| {
+            [
+                "DROP TRIGGER",
+                "DROP FUNCTION",
+                "CREATE FUNCTION",
+                "CREATE TRIGGER",
+            ]
+            .iter()
+            .any(|p| sql.starts_with(p))
+        })
+        .collect()
+}
+
 /// Runs each statement in order.
 pub async fn run_all(manager: &SchemaManager<'_>, statements: &[&str]) -> Result<(), DbErr> {
     let conn = manager.get_connection();
