@@ -105,19 +105,26 @@ pub fn horizon_for(now: DateTime<Utc>, days: u32) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
-/// The stored horizon as a slot: every row created at or after its start is in the usage
-/// table; cells before it may count rows retention deleted. `None` before the first run.
-pub async fn horizon_slot<C: ConnectionTrait>(db: &C) -> Result<Option<i64>, DbErr> {
+/// One column of the retention row (`None` when the row is missing).
+async fn state_column<C: ConnectionTrait, T: sea_orm::TryGetable>(
+    db: &C,
+    column: &str,
+) -> Result<Option<T>, DbErr> {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
-            format!("SELECT horizon_slot FROM {RETENTION_TABLE} WHERE id = 1"),
+            format!("SELECT {column} FROM {RETENTION_TABLE} WHERE id = 1"),
         ))
         .await?;
-    Ok(match row {
-        Some(r) => r.try_get_by_index::<Option<i64>>(0)?,
-        None => None,
-    })
+    row.map(|r| r.try_get_by_index::<T>(0)).transpose()
+}
+
+/// The stored horizon as a slot: every row created at or after its start is in the usage
+/// table; cells before it may count rows retention deleted. `None` before the first run.
+pub async fn horizon_slot<C: ConnectionTrait>(db: &C) -> Result<Option<i64>, DbErr> {
+    Ok(state_column::<_, Option<i64>>(db, "horizon_slot")
+        .await?
+        .flatten())
 }
 
 /// [`horizon_slot`] as an instant.
@@ -129,16 +136,9 @@ pub async fn horizon<C: ConnectionTrait>(db: &C) -> Result<Option<DateTime<Utc>>
 
 /// Rows deleted by retention so far (all runs, every server).
 pub async fn rows_deleted<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            format!("SELECT rows_deleted FROM {RETENTION_TABLE} WHERE id = 1"),
-        ))
-        .await?;
-    Ok(match row {
-        Some(r) => r.try_get_by_index::<i64>(0)?.max(0) as u64,
-        None => 0,
-    })
+    Ok(state_column::<_, i64>(db, "rows_deleted")
+        .await?
+        .map_or(0, |n| n.max(0) as u64))
 }
 
 /// Deletes the rows created before [`horizon_for`]`(now, days)`, keeping their statistics (see
