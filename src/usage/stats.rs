@@ -371,6 +371,26 @@ pub async fn token_stats(
 
 /// The raw groups of `filter` (the single aggregate over the rows, under its planner
 /// settings), inside `txn`.
+/// The raw `(model, bucket)` groups of the partial slots at a plan's edges.
+async fn edge_groups(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    granularity: Option<Granularity>,
+    tz: Tz,
+) -> Result<Vec<Group>, DbErr> {
+    let backend = txn.get_database_backend();
+    let mut groups = Vec::new();
+    for edge in &plan.edges {
+        groups.extend(
+            token_stats_query(backend, edge, granularity, tz)
+                .into_model::<Group>()
+                .all(txn)
+                .await?,
+        );
+    }
+    Ok(groups)
+}
+
 async fn raw_groups(
     txn: &DatabaseTransaction,
     filter: &UsageFilter,
@@ -426,15 +446,7 @@ pub async fn token_stats_in(
                     );
                 }
             }
-            let mut edges = Vec::new();
-            for edge in &plan.edges {
-                edges.extend(
-                    token_stats_query(backend, edge, granularity, tz)
-                        .into_model::<Group>()
-                        .all(&txn)
-                        .await?,
-                );
-            }
+            let edges = edge_groups(&txn, &plan, granularity, tz).await?;
             (totals, series, edges)
         }
     };
@@ -569,22 +581,10 @@ pub async fn series_by_model(
         Some(plan) if plan.scope == rollup::Scope::AllUsers => {
             let stmt = rollup::models_statement(backend, &plan, filter, models);
             let mut groups: Vec<Group> = rollup::query_statement(&txn, stmt).await?;
-            for edge in &plan.edges {
-                groups.extend(
-                    token_stats_query(backend, edge, Some(granularity), tz)
-                        .into_model::<Group>()
-                        .all(&txn)
-                        .await?,
-                );
-            }
+            groups.extend(edge_groups(&txn, &plan, Some(granularity), tz).await?);
             groups
         }
-        _ => {
-            token_stats_query(backend, filter, Some(granularity), tz)
-                .into_model::<Group>()
-                .all(&txn)
-                .await?
-        }
+        _ => raw_groups(&txn, filter, Some(granularity), tz).await?,
     };
     txn.commit().await?;
     fold_by_model(&groups, granularity, tz, models)
@@ -598,10 +598,9 @@ pub async fn series_by_model_raw(
     tz: Tz,
     models: Option<&[String]>,
 ) -> Result<Vec<ModelSeries>, DbErr> {
-    let groups = token_stats_query(db.get_database_backend(), filter, Some(granularity), tz)
-        .into_model::<Group>()
-        .all(db)
-        .await?;
+    let txn = read_txn(db).await?;
+    let groups = raw_groups(&txn, filter, Some(granularity), tz).await?;
+    txn.commit().await?;
     fold_by_model(&groups, granularity, tz, models)
 }
 
