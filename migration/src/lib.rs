@@ -25,6 +25,7 @@ pub mod m20261129_000016_usage_streaming_ttft;
 pub mod m20261129_000017_rollup_one_row_statements;
 pub mod m20261130_000018_usage_retention;
 pub mod m20261130_000019_failed_calls_index;
+pub mod m20261201_000020_latency_histograms;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -66,6 +67,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000017_rollup_one_row_statements::Migration),
             Box::new(m20261130_000018_usage_retention::Migration),
             Box::new(m20261130_000019_failed_calls_index::Migration),
+            Box::new(m20261201_000020_latency_histograms::Migration),
         ]
     }
 }

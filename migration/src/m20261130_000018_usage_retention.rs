@@ -44,11 +44,6 @@ pub fn frozen(backend: DbBackend) -> Vec<&'static str> {
     crate::util::for_backend(backend, POSTGRES_SQL, SQLITE_SQL)
 }
 
-/// The statements today's generator writes for what this migration installs.
-pub fn generated(backend: DbBackend) -> Vec<String> {
-    rollup::create_triggers_sql(backend)
-}
-
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 

@@ -221,8 +221,10 @@ pub const SUM_COLUMNS: [&str; 12] = [
 /// finest grain for one user.
 pub const DELTA_TABLE: &str = "llm_tracker_usage_rollup_delta";
 
-/// The key columns of a delta row.
-pub const DELTA_KEY: [&str; 4] = ["slot", "user_key", "model", "success"];
+/// The key columns of a delta row. `latency_bucket` (migration 000020) is the row's latency
+/// bucket ([`latency_bucket_sql`]), NULL for a row without a latency — and for the
+/// contributions written before 000020, whose rows its backfill counted into the histograms.
+pub const DELTA_KEY: [&str; 5] = ["slot", "user_key", "model", "success", "latency_bucket"];
 
 /// The sum columns of a delta row (those of [`TOTALS_TABLE`]), signed.
 pub fn delta_sums() -> Vec<&'static str> {
@@ -307,8 +309,10 @@ fn sqlite_epoch_micros(col: &str) -> String {
 /// microseconds; NULL when `started_at` is NULL.
 pub fn latency_us_sql(backend: DbBackend, created_at: &str, started_at: &str) -> String {
     match backend {
+        // (GREATEST skips a NULL: without the CASE a row without `started_at` would read 0.)
         DbBackend::Postgres => format!(
-            "CAST(EXTRACT(EPOCH FROM GREATEST({created_at} - {started_at}, INTERVAL '0')) * 1000000 AS BIGINT)"
+            "CASE WHEN {started_at} IS NULL THEN NULL ELSE \
+             CAST(EXTRACT(EPOCH FROM GREATEST({created_at} - {started_at}, INTERVAL '0')) * 1000000 AS BIGINT) END"
         ),
         _ => format!(
             "CASE WHEN {started_at} IS NULL THEN NULL ELSE MAX(0, {} - {}) END",
@@ -371,7 +375,7 @@ fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
     let counted = |nullable: &str| format!("CASE WHEN {nullable} IS NULL THEN 0 ELSE {sign} END");
     format!(
         "{slot} AS slot, COALESCE({user}, {NO_USER}) AS user_key, {model} AS model, {success} AS success, \
-         {sign} AS calls, {p} AS prompt_tokens, {c} AS completion_tokens, {t} AS total_tokens, \
+         {bucket} AS latency_bucket, {sign} AS calls, {p} AS prompt_tokens, {c} AS completion_tokens, {t} AS total_tokens, \
          {ca} AS cached_tokens, {r} AS reasoning_tokens, COALESCE({cost}, 0) AS cost_micros, \
          {priced} AS priced_calls, COALESCE({latency}, 0) AS latency_us, {timed} AS latency_calls, \
          COALESCE({ttft}, 0) AS ttft_us, \
@@ -381,6 +385,10 @@ fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
         user = col("user_id"),
         model = col("model"),
         success = col("success"),
+        bucket = latency_bucket_sql(
+            backend,
+            &latency_us_sql(backend, &col("created_at"), &col("started_at"))
+        ),
         p = signed(col("prompt_tokens")),
         c = signed(col("completion_tokens")),
         t = signed(col("total_tokens")),
@@ -568,6 +576,26 @@ pub const FOLD_LOCK: i64 = 0x6c6c_6d74_726f_6c6c;
 /// The transaction first runs [`rebuild_lock_sql`], then reads the horizon, then these.
 pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     let mut out = Vec::new();
+    let from_horizon = horizon.map(|h| format!("{} >= {h}", slot_sql(backend, "created_at")));
+    // The latency histograms: recounted from the rows from the horizon on; before it the cells
+    // stay, plus what is pending there (every histogram cell lies on one side of a UTC midnight).
+    out.push(format!(
+        "DELETE FROM {LATENCY_TABLE}{}",
+        horizon
+            .map(|h| format!(" WHERE slot >= {h}"))
+            .unwrap_or_default()
+    ));
+    let pending_before =
+        horizon.map(|h| format!("(SELECT * FROM {DELTA_TABLE} WHERE slot < {h}) p"));
+    let mut sources = vec![Source::Table {
+        name: "llm_tracker_usage",
+        sign: 1,
+        where_sql: from_horizon.as_deref(),
+    }];
+    if let Some(p) = &pending_before {
+        sources.push(Source::Delta(p));
+    }
+    out.push(latency_upsert_sql(backend, &sources));
     if horizon.is_none() {
         // Pending contributions are recounted from the rows (with a horizon, those before it
         // are read below).
@@ -577,7 +605,6 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     // all users; per user, UTC day, model and outcome. Every cell is then summed from those
     // (a few million rows), not from the rows fanned out to every cell (one pass of 14 cells
     // per row took over 5 minutes at 10M rows).
-    let from_horizon = horizon.map(|h| format!("{} >= {h}", slot_sql(backend, "created_at")));
     let rows = contributions(
         backend,
         &[Source::Table {
@@ -600,9 +627,9 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
                 })
                 .collect();
             format!(
-                " UNION ALL SELECT {key}, {sums} FROM {TABLE} WHERE {whose} AND slot < {h} \
+                " UNION ALL SELECT slot, user_key, model, success, CAST(NULL AS INTEGER) AS latency_bucket, \
+                 {sums} FROM {TABLE} WHERE {whose} AND slot < {h} \
                  UNION ALL SELECT {columns} FROM {DELTA_TABLE} WHERE slot < {h}",
-                key = DELTA_KEY.join(", "),
                 sums = sums.join(", "),
                 columns = delta_columns(),
             )
@@ -612,19 +639,21 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
         .iter()
         .map(|c| format!("SUM({c}) AS {c}"))
         .collect();
+    let sums = format!(
+        "{}, CAST(NULL AS INTEGER) AS latency_bucket",
+        sums.join(", ")
+    );
     let day = cell_start_sql("slot", "96", "0");
     out.push(format!("DROP TABLE IF EXISTS {REBUILD_ALL}"));
     out.push(format!("DROP TABLE IF EXISTS {REBUILD_USERS}"));
     out.push(format!(
-        "CREATE TEMP TABLE {REBUILD_ALL} AS SELECT slot, {ALL_USERS} AS user_key, model, success, {} \
+        "CREATE TEMP TABLE {REBUILD_ALL} AS SELECT slot, {ALL_USERS} AS user_key, model, success, {sums} \
          FROM ({rows}{}) c GROUP BY slot, model, success",
-        sums.join(", "),
         retained(&format!("grain = 1 AND user_key = {ALL_USERS}")),
     ));
     out.push(format!(
-        "CREATE TEMP TABLE {REBUILD_USERS} AS SELECT {day} AS slot, user_key, model, success, {} \
+        "CREATE TEMP TABLE {REBUILD_USERS} AS SELECT {day} AS slot, user_key, model, success, {sums} \
          FROM ({rows}{}) c GROUP BY {day}, user_key, model, success",
-        sums.join(", "),
         retained(&format!("grain = {DAY} AND user_key <> {ALL_USERS}")),
     ));
     if horizon.is_some() {
@@ -683,6 +712,7 @@ pub fn create_delta_table_sql(backend: DbBackend) -> String {
         format!("    user_key {int} NOT NULL"),
         "    model varchar(255) NOT NULL".to_owned(),
         format!("    success {boolean} NOT NULL"),
+        "    latency_bucket integer NULL".to_owned(),
     ];
     columns.extend(
         delta_sums()
@@ -718,37 +748,139 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
             let columns = delta_columns();
             vec![format!(
                 "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
-                 by_model AS ({}) {}",
+                 by_model AS ({}), latency AS ({}) {}",
                 upsert_sql(backend, &[Source::Delta("moved")], Level::ByModel),
+                latency_upsert_sql(backend, &[Source::Delta("moved")]),
                 upsert_sql(backend, &[Source::Delta("moved")], Level::Total),
             )]
         }
         _ => vec![
             upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
             upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
+            latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
             format!("DELETE FROM {DELTA_TABLE}"),
         ],
     }
 }
 
-/// `INSERT INTO` [`DELTA_TABLE`] of the time-to-first-token sums alone (every other sum 0) of
-/// the rows that already have a `first_chunk_at`: what migration 000016 adds for rows written
-/// before it counted them (by the successor app, which has the column), left to the fold.
-pub fn ttft_backfill_sql(backend: DbBackend) -> String {
-    let columns: Vec<String> = DELTA_KEY
+/// The latency histograms (migration 000020): per cell of all users' calls, model, outcome and
+/// latency bucket, how many calls took that long. They answer latency percentiles for any range
+/// and filter without reading the rows (see `src/usage/latency.rs`).
+///
+/// Cells are UTC days and UTC quarter days (six hours) only, for all users together: a cell
+/// holds one row per bucket its calls fell in (dozens), so finer cells, or a user's, would make
+/// the histograms outgrow the usage table (measured at 10M rows from 10,000 users: 0.29M day
+/// rows, 0.9M quarter-day rows, 3.2M hour rows). The rest of a range — under six hours at each
+/// end — and one user's calls are counted from the rows.
+pub const LATENCY_TABLE: &str = "llm_tracker_usage_latency";
+
+/// SQLite: the lower bound of each latency bucket, for the triggers' lookup (PostgreSQL has
+/// `width_bucket` over an array).
+pub const LATENCY_BOUNDS_TABLE: &str = "llm_tracker_latency_bucket";
+
+/// The histogram cells: UTC days and UTC quarter days.
+pub const LATENCY_GRAINS: [Grain; 2] = [Grain::new(96, 96, 0), Grain::new(24, 24, 0)];
+
+/// Growth of a bucket's lower bound over the previous one, in thousandths: each bucket
+/// `[lo, hi]` (whole microseconds) has `hi ≤ 1.105 lo`, so a value reported as
+/// `2·lo·hi / (lo + hi)` is within `(hi − lo) / (hi + lo) ≤ 0.105 / 2.105 < 5 %` of every
+/// latency in the bucket.
+pub const LATENCY_GROWTH_PER_MILLE: i64 = 105;
+
+/// The first lower bound past which buckets stop (about 27.8 hours): the last bucket holds
+/// everything from there up.
+pub const LATENCY_LAST_BOUND: i64 = 100_000_000_000;
+
+/// The lower bounds of the latency buckets 1, 2, … in microseconds: 1, 2, 3, …, each the
+/// previous plus 10.5 % (rounded down) plus 1, up to the first past [`LATENCY_LAST_BOUND`].
+/// Bucket 0 is a latency of 0; bucket `k` holds `[bounds[k-1], bounds[k])`.
+pub fn latency_bounds() -> Vec<i64> {
+    let mut out = vec![1];
+    while out[out.len() - 1] <= LATENCY_LAST_BOUND {
+        let lo = out[out.len() - 1];
+        out.push(lo + lo * LATENCY_GROWTH_PER_MILLE / 1000 + 1);
+    }
+    out
+}
+
+/// The bucket of a latency in whole microseconds (an SQL expression, NULL when NULL): the
+/// number of bounds at or below it.
+pub fn latency_bucket_sql(backend: DbBackend, latency_us: &str) -> String {
+    match backend {
+        DbBackend::Postgres => {
+            let bounds: Vec<String> = latency_bounds().iter().map(i64::to_string).collect();
+            format!(
+                "width_bucket({latency_us}, ARRAY[{}]::bigint[])",
+                bounds.join(",")
+            )
+        }
+        _ => format!(
+            "(SELECT bucket FROM {LATENCY_BOUNDS_TABLE} WHERE lower_us <= {latency_us} ORDER BY lower_us DESC LIMIT 1)"
+        ),
+    }
+}
+
+/// The histogram table (and on SQLite the bounds table, filled). The primary key serves every
+/// read: a grain, a slot range.
+pub fn create_latency_tables_sql(backend: DbBackend) -> Vec<String> {
+    let (int, boolean) = match backend {
+        DbBackend::Postgres => ("bigint", "boolean"),
+        _ => ("integer", "bool"),
+    };
+    let mut out = vec![format!(
+        "CREATE TABLE IF NOT EXISTS {LATENCY_TABLE} (\n    grain {int} NOT NULL,\n    slot {int} NOT NULL,\n    \
+         model varchar(255) NOT NULL,\n    success {boolean} NOT NULL,\n    bucket integer NOT NULL,\n    \
+         calls {int} NOT NULL DEFAULT 0,\n    PRIMARY KEY (grain, slot, model, success, bucket)\n)"
+    )];
+    if backend != DbBackend::Postgres {
+        out.push(format!(
+            "CREATE TABLE IF NOT EXISTS {LATENCY_BOUNDS_TABLE} (bucket integer PRIMARY KEY NOT NULL, lower_us integer NOT NULL UNIQUE)"
+        ));
+        let rows: Vec<String> = std::iter::once(0)
+            .chain(latency_bounds())
+            .enumerate()
+            .map(|(k, lo)| format!("({k}, {lo})"))
+            .collect();
+        out.push(format!(
+            "INSERT OR IGNORE INTO {LATENCY_BOUNDS_TABLE} (bucket, lower_us) VALUES {}",
+            rows.join(", ")
+        ));
+    }
+    out
+}
+
+/// `SELECT` of the histogram cells (`grain, slot, model, success, bucket, calls`) of the
+/// latency counts of `sources`: summed per slot, model, outcome and bucket first, then fanned
+/// out to the grains.
+pub fn latency_cells_select(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    let grains: Vec<String> = LATENCY_GRAINS
         .iter()
-        .map(|c| (*c).to_owned())
-        .chain(delta_sums().iter().map(|c| match *c {
-            "ttft_us" | "ttft_calls" => (*c).to_owned(),
-            _ => format!("0 AS {c}"),
-        }))
+        .map(|g| format!("SELECT {} AS grain, {} AS len", g.code, g.len))
         .collect();
     format!(
-        "INSERT INTO {DELTA_TABLE} ({}) SELECT {} FROM (SELECT {} FROM llm_tracker_usage \
-         WHERE first_chunk_at IS NOT NULL AND started_at IS NOT NULL) c",
-        delta_columns(),
-        columns.join(", "),
-        delta_values(backend, 1, ""),
+        "SELECT g.grain AS grain, {slot} AS slot, d.model AS model, d.success AS success, \
+         d.latency_bucket AS bucket, SUM(d.latency_calls) AS calls \
+         FROM (SELECT slot, model, success, latency_bucket, SUM(latency_calls) AS latency_calls \
+         FROM ({rows}) c WHERE latency_bucket IS NOT NULL GROUP BY slot, model, success, latency_bucket) d \
+         CROSS JOIN ({grains}) g GROUP BY 1, 2, 3, 4, 5",
+        slot = cell_start_sql("d.slot", "g.len", "0"),
+        rows = contributions(backend, sources),
+        grains = grains.join(" UNION ALL "),
+    )
+}
+
+/// The key columns of a histogram cell.
+pub const LATENCY_KEY: [&str; 5] = ["grain", "slot", "model", "success", "bucket"];
+
+/// `INSERT … ON CONFLICT DO UPDATE` adding the latency counts of `sources` to the histogram
+/// cells ([`latency_cells_select`]).
+pub fn latency_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    let key = LATENCY_KEY.join(", ");
+    format!(
+        "INSERT INTO {LATENCY_TABLE} ({key}, calls) \
+         SELECT * FROM ({select}) cells WHERE calls <> 0 ORDER BY {key} \
+         ON CONFLICT ({key}) DO UPDATE SET calls = {LATENCY_TABLE}.calls + excluded.calls",
+        select = latency_cells_select(backend, sources),
     )
 }
 
@@ -804,7 +936,7 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
                 )
             };
             let truncate = format!(
-                "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}"
+                "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}; DELETE FROM {LATENCY_TABLE}"
             );
             out.extend([
                 // A multi-row insert or delete appends one delta row per slot, user, model and
@@ -939,27 +1071,27 @@ mod tests {
     use super::*;
     use crate::m20251215_000006_rollup_delta as m6;
 
-    /// The triggers installed by the newest migration that installs them (000017 on
-    /// PostgreSQL, 000016 on SQLite) are fixed text; the generator must still write exactly
+    /// What the newest migration that installs triggers (000020: the latency histograms'
+    /// tables, backfill and triggers) runs is fixed text; the generator must still write exactly
     /// that text, or the databases migrated so far run other triggers than the code believes.
     /// When this fails: write a migration that installs the new triggers, freeze its SQL, and
     /// compare with that. `UPDATE_FROZEN_SQL=1` writes the files (for a new migration only:
     /// never rewrite a landed one).
     #[test]
     fn the_installed_triggers_are_what_the_code_generates() {
-        use crate::m20261130_000018_usage_retention as m18;
+        use crate::m20261201_000020_latency_histograms as m20;
         let newest = [
             (
                 "postgres",
-                "m20261130_000018_usage_retention.postgres.sql",
-                m18::frozen(DbBackend::Postgres),
-                m18::generated(DbBackend::Postgres),
+                "m20261201_000020_latency_histograms.postgres.sql",
+                m20::frozen(DbBackend::Postgres),
+                m20::generated(DbBackend::Postgres),
             ),
             (
                 "sqlite",
-                "m20261130_000018_usage_retention.sqlite.sql",
-                m18::frozen(DbBackend::Sqlite),
-                m18::generated(DbBackend::Sqlite),
+                "m20261201_000020_latency_histograms.sqlite.sql",
+                m20::frozen(DbBackend::Sqlite),
+                m20::generated(DbBackend::Sqlite),
             ),
         ];
         for (name, file, frozen, generated) in newest {

@@ -5,6 +5,7 @@ pub mod buckets;
 pub mod errors;
 pub mod export;
 pub mod filters;
+pub mod latency;
 pub mod list;
 pub mod plans;
 pub mod reprice;

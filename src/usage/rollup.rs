@@ -874,6 +874,72 @@ pub async fn verify(
             ));
         }
     }
+    // The latency histograms: the same comparison over their cells.
+    {
+        use migration::rollup::{LATENCY_KEY, LATENCY_TABLE, latency_cells_select};
+        let expected = latency_cells_select(
+            backend,
+            &[Source::Table {
+                name: "llm_tracker_usage",
+                sign: 1,
+                where_sql: row_range.as_deref(),
+            }],
+        );
+        let pending = latency_cells_select(backend, &[Source::Delta(DELTA_TABLE)]);
+        let key_list = LATENCY_KEY.join(", ");
+        let key_out: Vec<String> = LATENCY_KEY
+            .iter()
+            .map(|k| format!("CAST({k} AS TEXT) AS {k}"))
+            .collect();
+        let within = slots
+            .map(|(lo, hi)| format!(" WHERE slot >= {lo} AND slot < {hi}"))
+            .unwrap_or_default();
+        let sql = format!(
+            "SELECT {key_out}, CAST(SUM(e_calls) AS BIGINT) AS expected_calls, \
+             CAST(SUM(s_calls) AS BIGINT) AS stored_calls, MAX(is_expected) AS is_expected, \
+             CASE WHEN SUM(e_calls) <> SUM(s_calls) THEN 1 ELSE 0 END AS is_diff \
+             FROM (SELECT {key_list}, CASE WHEN calls <> 0 THEN 1 ELSE 0 END AS is_expected, calls AS e_calls, 0 AS s_calls FROM ({expected}) e{within} \
+             UNION ALL SELECT {key_list}, 0, 0, calls FROM {LATENCY_TABLE}{within} \
+             UNION ALL SELECT {key_list}, 0, 0, calls FROM ({pending}) p{within}) x \
+             GROUP BY {key_list}",
+            key_out = key_out.join(", "),
+        );
+        let summary_sql = format!(
+            "SELECT CAST(COALESCE(SUM(is_expected), 0) AS BIGINT), CAST(COALESCE(SUM(is_diff), 0) AS BIGINT) FROM ({sql}) j"
+        );
+        let mut differing = 0;
+        if let Some(r) = txn
+            .query_one_raw(Statement::from_string(backend, summary_sql))
+            .await?
+        {
+            report.expected_cells += r.try_get_by_index::<i64>(0)?.max(0) as u64;
+            differing = r.try_get_by_index::<i64>(1)?.max(0) as u64;
+            report.differing_cells += differing;
+        }
+        if differing > 0 {
+            let rows = txn
+                .query_all_raw(Statement::from_string(
+                    backend,
+                    format!(
+                        "SELECT * FROM ({sql}) j WHERE is_diff = 1 ORDER BY slot, grain LIMIT 20"
+                    ),
+                ))
+                .await?;
+            for r in rows {
+                let text = |k: &str| r.try_get::<String>("", k).unwrap_or_default();
+                let dims = LATENCY_KEY
+                    .iter()
+                    .map(|k| format!("{k}={}", text(k)))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                report.examples.push(format!(
+                    "{LATENCY_TABLE}: {dims}: rows say {} calls, histogram {}",
+                    r.try_get::<i64>("", "expected_calls").unwrap_or_default(),
+                    r.try_get::<i64>("", "stored_calls").unwrap_or_default(),
+                ));
+            }
+        }
+    }
     txn.commit().await?;
     Ok(report)
 }

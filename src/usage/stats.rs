@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 use super::UsageFilter;
 pub use super::buckets::Granularity;
 use super::buckets::{bucket_of, bucket_start, buckets_between};
+use super::latency::LatencyHistograms;
 use super::rollup;
 use super::sums::col;
 use super::sums::{Sum, TokenSums};
@@ -24,7 +25,7 @@ use crate::db::read_txn;
 use crate::pricing::{CURRENCY, Usd};
 
 /// Sums over the matching rows; zeros when nothing matches.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Summary {
     pub total_prompt_tokens: i64,
     pub total_completion_tokens: i64,
@@ -41,6 +42,19 @@ pub struct Summary {
     pub total_cost_currency: &'static str,
     /// Calls whose model had no price (their `cost` is null; not in `total_cost`).
     pub unpriced_calls: i64,
+    /// Only with `include=latency`: the median latency in seconds over the calls that know it
+    /// (within 5 %; null if none does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>, example = 1.84)]
+    pub latency_p50_sec: Option<Option<f64>>,
+    /// Only with `include=latency`: the 95th percentile, likewise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>, example = 6.2)]
+    pub latency_p95_sec: Option<Option<f64>>,
+    /// Only with `include=latency`: the 99th percentile, likewise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>, example = 11.9)]
+    pub latency_p99_sec: Option<Option<f64>>,
 }
 
 impl Default for Summary {
@@ -65,6 +79,9 @@ impl Summary {
             total_cost: Usd(sums.cost_micros),
             total_cost_currency: CURRENCY,
             unpriced_calls,
+            latency_p50_sec: None,
+            latency_p95_sec: None,
+            latency_p99_sec: None,
         }
     }
 }
@@ -90,6 +107,19 @@ pub struct ModelStats {
     /// rows that know it; null if none does.
     #[schema(example = 0.42)]
     pub avg_ttft_sec: Option<f64>,
+    /// Only with `include=latency`: the median latency in seconds over the calls that know it
+    /// (within 5 %; null if none does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>, example = 1.84)]
+    pub latency_p50_sec: Option<Option<f64>>,
+    /// Only with `include=latency`: the 95th percentile, likewise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>, example = 6.2)]
+    pub latency_p95_sec: Option<Option<f64>>,
+    /// Only with `include=latency`: the 99th percentile, likewise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<f64>, example = 11.9)]
+    pub latency_p99_sec: Option<Option<f64>>,
 }
 
 impl ModelStats {
@@ -112,6 +142,9 @@ impl ModelStats {
             total_cost_currency: CURRENCY,
             avg_latency_sec,
             avg_ttft_sec,
+            latency_p50_sec: None,
+            latency_p95_sec: None,
+            latency_p99_sec: None,
         }
     }
 }
@@ -234,6 +267,28 @@ pub struct TokenStatsData {
     pub by_model: Vec<ModelStats>,
     /// `Some` when a granularity was asked for.
     pub series: Option<Vec<SeriesItem>>,
+}
+
+impl TokenStatsData {
+    /// Sets the latency percentiles of the summary and of each model's line from `histograms`
+    /// (of the same filter): null percentiles where no call knows its latency.
+    pub fn with_latency(mut self, histograms: &LatencyHistograms) -> Self {
+        let p = histograms.total().percentiles();
+        self.summary.latency_p50_sec = Some(p.latency_p50_sec);
+        self.summary.latency_p95_sec = Some(p.latency_p95_sec);
+        self.summary.latency_p99_sec = Some(p.latency_p99_sec);
+        for m in &mut self.by_model {
+            let p = histograms
+                .by_model
+                .get(&m.model)
+                .map(|h| h.percentiles())
+                .unwrap_or_default();
+            m.latency_p50_sec = Some(p.latency_p50_sec);
+            m.latency_p95_sec = Some(p.latency_p95_sec);
+            m.latency_p99_sec = Some(p.latency_p99_sec);
+        }
+        self
+    }
 }
 
 /// One `(model, bucket)` group of the single aggregate query behind [`token_stats`].

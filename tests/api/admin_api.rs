@@ -32,7 +32,7 @@ pub(crate) fn state(t: &TestDb) -> AppState {
 
 /// The fixture's users: 1 admin (staff), 2 alice (not staff); plus 3 inactive staff and
 /// 4 a superuser who is not staff.
-async fn fixture_users(t: &TestDb) {
+pub(crate) async fn fixture_users(t: &TestDb) {
     create_user(
         &t.db,
         NewUser {

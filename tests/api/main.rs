@@ -14,6 +14,7 @@ mod gateway;
 mod health;
 mod http_shell;
 mod ingest;
+mod latency;
 mod layout;
 mod metrics;
 mod migrations;

@@ -54,7 +54,10 @@ fn near_grid(rng: &mut StdRng, base: DateTime<Utc>, days: i64) -> DateTime<Utc> 
 
 /// The rows `uuid::Uuid::from_u128(n)` for `n` in `ns`, their ids bound as the database stores
 /// them.
-fn ids_in(db: &DatabaseConnection, ns: std::ops::Range<u128>) -> sea_orm::sea_query::Expr {
+pub(crate) fn ids_in(
+    db: &DatabaseConnection,
+    ns: std::ops::Range<u128>,
+) -> sea_orm::sea_query::Expr {
     let backend = db.get_database_backend();
     sea_orm::sea_query::ExprTrait::is_in(
         Expr::col(usage::Column::Id),
@@ -1078,7 +1081,7 @@ db_test!(
 db_test!(
     async fn a_statements_rows_reach_the_delta_summed_per_key(backend: Backend) {
         // Migration 000015: on PostgreSQL a statement's rows reach the delta summed per key
-        // (slot, user, model, outcome), for inserts and deletes; SQLite's row triggers append
+        // (slot, user, model, outcome, and since 000020 latency bucket), for inserts and deletes; SQLite's row triggers append
         // one delta row per row. Either way the cells and the reads stay exact, and 000015's
         // `down` brings back one delta row per row.
         let t = TestDb::migrated(backend).await;
@@ -1094,6 +1097,12 @@ db_test!(
                         r.user_id,
                         r.model.clone(),
                         r.success,
+                        // The latency bucket (migration 000020).
+                        r.started_at.map(|s| {
+                            llm_tracker::usage::latency::bucket_of(
+                                (r.created_at - s).num_microseconds().unwrap().max(0),
+                            )
+                        }),
                     )
                 })
                 .collect::<std::collections::HashSet<_>>()

@@ -41,8 +41,8 @@ pub struct TokenStatsQuery {
     /// With both dates: `zero` (default) returns every bucket of the range, empty ones as zeros; `none` only buckets with rows. At most 10,000 buckets.
     #[param(example = "zero")]
     pub fill: Option<String>,
-    /// `by_user` adds per-user totals.
-    #[param(example = "by_user")]
+    /// Comma-separated: `by_user` adds per-user totals; `latency` adds `latency_p50_sec`, `latency_p95_sec` and `latency_p99_sec` (within 5 %) to `summary` and each `by_model` item.
+    #[param(example = "by_user,latency")]
     pub include: Option<String>,
     /// Users in `by_user` (default 50, at most 1000).
     #[param(example = "50")]
@@ -59,6 +59,8 @@ pub struct TokenStatsRequest {
     pub fill: bool,
     /// `include=by_user`: how many users.
     pub by_user_limit: Option<u64>,
+    /// `include=latency`: latency percentiles in the summary and per model.
+    pub latency: bool,
 }
 
 impl TokenStatsQuery {
@@ -87,14 +89,17 @@ impl TokenStatsQuery {
             }
         };
         let mut by_user_limit = None;
+        let mut latency = false;
         if let Some(raw) = given(q.include.as_deref()) {
             for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                 if part.eq_ignore_ascii_case("by_user") {
                     by_user_limit = Some(DEFAULT_USER_LIMIT);
+                } else if part.eq_ignore_ascii_case("latency") {
+                    latency = true;
                 } else {
                     return Err(ApiError::invalid_param(
                         "include",
-                        format!("unknown value {part:?}; use by_user"),
+                        format!("unknown value {part:?}; use by_user or latency"),
                     ));
                 }
             }
@@ -141,6 +146,7 @@ impl TokenStatsQuery {
             granularity,
             fill,
             by_user_limit,
+            latency,
         })
     }
 }
@@ -384,11 +390,18 @@ pub async fn token_stats(
         granularity,
         fill,
         by_user_limit,
+        latency,
     } = query.into_inner().parse(state.settings.default_timezone)?;
     let options = stats::SeriesOptions { tz, fill };
-    let stats = stats::token_stats_in(&state.read_db, &filter, granularity, options)
+    let mut stats = stats::token_stats_in(&state.read_db, &filter, granularity, options)
         .await
         .map_err(ApiError::database)?;
+    if latency {
+        let histograms = crate::usage::latency::latency_histograms(&state.read_db, &filter)
+            .await
+            .map_err(ApiError::database)?;
+        stats = stats.with_latency(&histograms);
+    }
     let (summary, by_model) = (stats.summary, stats.by_model);
     let series = granularity.zip(stats.series).map(|(g, items)| Series {
         granularity: g,

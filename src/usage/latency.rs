@@ -1,0 +1,475 @@
+//! Latency percentiles (token-stats `include=latency`): p50, p95 and p99 of `created_at −
+//! started_at` over the matching calls that know it, per model and in all, from histograms of
+//! fixed log-spaced buckets ([`migration::rollup::latency_bounds`]).
+//!
+//! The counts per bucket are exact for any range, zone and filter: the histogram cells (UTC
+//! days and quarter days of all users, per model and outcome, kept by the rollup's triggers and
+//! fold, see [`migration::rollup::LATENCY_TABLE`]) cover the whole quarter days of the range,
+//! the contributions not folded yet are added, and the rows answer the rest — under six hours
+//! at each end — and every request for one user (the histograms have no per-user cells).
+//!
+//! A percentile is the bucket holding the nearest-rank value (`⌈p·n⌉`-th smallest), reported as
+//! `2·lo·hi / (lo + hi)` of that bucket's bounds: within 5 % of the true value (see
+//! [`RELATIVE_ERROR_BOUND`]) for latencies up to about 27.8 hours (the last bucket is open).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use migration::rollup::{
+    DELTA_TABLE, LATENCY_TABLE, SLOT_SECONDS, latency_bounds, latency_bucket_sql, latency_us_sql,
+};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
+    FromQueryResult, QueryFilter, QuerySelect, Statement, Value,
+};
+
+use super::UsageFilter;
+use super::filters::escape_like;
+use crate::db::Dialect;
+use crate::db::entities::usage;
+use crate::db::read_txn;
+
+/// The largest relative error of a reported percentile: `(hi − lo) / (hi + lo)` for a bucket
+/// whose upper bound is at most 1.105 times its lower bound.
+pub const RELATIVE_ERROR_BOUND: f64 = 0.05;
+
+/// Slots in a quarter day (the finer histogram cell) and in a day.
+const QUARTER: i64 = 24;
+const DAY: i64 = 96;
+
+/// p50, p95 and p99 of the latency in seconds; null when no call in the set knows its latency.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LatencyPercentiles {
+    pub latency_p50_sec: Option<f64>,
+    pub latency_p95_sec: Option<f64>,
+    pub latency_p99_sec: Option<f64>,
+}
+
+/// How many calls fell in each latency bucket (buckets with no call are absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Histogram(BTreeMap<i64, i64>);
+
+impl Histogram {
+    /// Adds `calls` (negative: takes away) to `bucket`.
+    pub fn add(&mut self, bucket: i64, calls: i64) {
+        let n = self.0.entry(bucket).or_default();
+        *n += calls;
+        if *n == 0 {
+            self.0.remove(&bucket);
+        }
+    }
+
+    /// Adds every bucket of `other`.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (b, n) in &other.0 {
+            self.add(*b, *n);
+        }
+    }
+
+    /// The counts per bucket.
+    pub fn counts(&self) -> &BTreeMap<i64, i64> {
+        &self.0
+    }
+
+    /// The calls counted.
+    pub fn calls(&self) -> i64 {
+        self.0.values().sum()
+    }
+
+    /// The `pct`-th percentile (1–100) in microseconds: the representative value of the bucket
+    /// of the `⌈pct·n/100⌉`-th smallest latency; `None` without calls.
+    pub fn percentile_us(&self, pct: i64) -> Option<f64> {
+        let n = self.calls();
+        if n <= 0 {
+            return None;
+        }
+        let rank = (n * pct + 99) / 100;
+        let mut seen = 0;
+        for (bucket, calls) in &self.0 {
+            seen += calls;
+            if seen >= rank {
+                return Some(representative_us(*bucket));
+            }
+        }
+        self.0.keys().next_back().map(|b| representative_us(*b))
+    }
+
+    /// p50, p95 and p99 in seconds.
+    pub fn percentiles(&self) -> LatencyPercentiles {
+        // Rounded to the nanosecond: far below the bound, and no long binary fractions.
+        let sec = |pct| {
+            self.percentile_us(pct)
+                .map(|us| (us * 1000.0).round() / 1e9)
+        };
+        LatencyPercentiles {
+            latency_p50_sec: sec(50),
+            latency_p95_sec: sec(95),
+            latency_p99_sec: sec(99),
+        }
+    }
+}
+
+/// The bucket of a latency of `us` microseconds (what the database computes with
+/// [`latency_bucket_sql`]): 0 for 0, else the number of lower bounds at or below it.
+pub fn bucket_of(us: i64) -> i64 {
+    let bounds = bounds();
+    bounds.partition_point(|lo| *lo <= us) as i64
+}
+
+fn bounds() -> &'static [i64] {
+    static BOUNDS: std::sync::OnceLock<Vec<i64>> = std::sync::OnceLock::new();
+    BOUNDS.get_or_init(latency_bounds)
+}
+
+/// The value reported for `bucket`, in microseconds: `2·lo·hi / (lo + hi)` of its smallest and
+/// largest whole microsecond (the last, open bucket: its lower bound).
+pub fn representative_us(bucket: i64) -> f64 {
+    let bounds = bounds();
+    if bucket <= 0 {
+        return 0.0;
+    }
+    let k = bucket as usize;
+    let lo = bounds[(k - 1).min(bounds.len() - 1)] as f64;
+    let hi = match bounds.get(k) {
+        Some(next) => (*next - 1) as f64,
+        None => lo,
+    };
+    2.0 * lo * hi / (lo + hi)
+}
+
+/// The histograms of the matching calls, per model (as `by_model` names them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LatencyHistograms {
+    pub by_model: BTreeMap<String, Histogram>,
+}
+
+impl LatencyHistograms {
+    fn add(&mut self, row: &BucketRow) {
+        let h = self.by_model.entry(row.model.clone()).or_default();
+        h.add(row.bucket, row.calls);
+        if h.0.is_empty() {
+            self.by_model.remove(&row.model);
+        }
+    }
+
+    /// Every model's calls together.
+    pub fn total(&self) -> Histogram {
+        let mut out = Histogram::default();
+        for h in self.by_model.values() {
+            out.merge(h);
+        }
+        out
+    }
+}
+
+#[derive(Debug, FromQueryResult)]
+struct BucketRow {
+    model: String,
+    bucket: i64,
+    calls: i64,
+}
+
+/// How a request is answered: histogram cells over whole quarter days `[a, b)` (slots), days
+/// where whole ones fit, and the rows of the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cover {
+    /// `[a, b)` in slots; days `[d0, d1)` inside it (empty when `d0 >= d1`).
+    a: i64,
+    b: i64,
+    d0: i64,
+    d1: i64,
+    /// The filter narrowed to each end outside `[a, b)`.
+    edges: Vec<UsageFilter>,
+}
+
+/// Far enough before and after any row, multiples of a day.
+const LOW: i64 = -DAY * 10_000_000_000;
+const HIGH: i64 = DAY * 10_000_000_000;
+
+fn ceil_to(x: i64, n: i64) -> i64 {
+    x.div_euclid(n) * n + if x.rem_euclid(n) == 0 { 0 } else { n }
+}
+
+fn floor_to(x: i64, n: i64) -> i64 {
+    x.div_euclid(n) * n
+}
+
+fn slot_start(slot: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0)
+}
+
+/// The cover of `filter`, or `None` when the rows answer it all (one user's calls, or a range
+/// without a whole quarter day).
+fn cover(filter: &UsageFilter) -> Option<Cover> {
+    if filter.user_id.is_some() {
+        return None;
+    }
+    let slot_micros = SLOT_SECONDS * 1_000_000;
+    let a = match filter.start {
+        None => LOW,
+        Some(s) => {
+            let us = s.timestamp_micros();
+            let slot = us.div_euclid(slot_micros) + i64::from(us.rem_euclid(slot_micros) != 0);
+            ceil_to(slot, QUARTER)
+        }
+    };
+    let b = match filter.end {
+        None => HIGH,
+        Some(e) => floor_to((e.timestamp_micros() + 1).div_euclid(slot_micros), QUARTER),
+    };
+    if a >= b {
+        return None;
+    }
+    let mut edges = Vec::new();
+    if let Some(start) = filter.start {
+        let at = slot_start(a)?;
+        if start < at {
+            edges.push(UsageFilter {
+                start: Some(start),
+                end: Some(at - Duration::microseconds(1)),
+                ..filter.clone()
+            });
+        }
+    }
+    if let Some(end) = filter.end {
+        let at = slot_start(b)?;
+        if at <= end {
+            edges.push(UsageFilter {
+                start: Some(at),
+                end: Some(end),
+                ..filter.clone()
+            });
+        }
+    }
+    Some(Cover {
+        a,
+        b,
+        d0: ceil_to(a, DAY),
+        d1: floor_to(b, DAY),
+        edges,
+    })
+}
+
+/// The histogram cells and pending contributions of `cover` that `filter` selects, summed per
+/// model and bucket.
+fn cells_statement(backend: DbBackend, cover: &Cover, filter: &UsageFilter) -> Statement {
+    let Cover { a, b, d0, d1, .. } = *cover;
+    let mut runs: Vec<(i64, i64, i64)> = Vec::new();
+    if d0 < d1 {
+        runs.push((DAY, d0, d1));
+        runs.push((QUARTER, a, d0));
+        runs.push((QUARTER, d1, b));
+    } else {
+        runs.push((QUARTER, a, b));
+    }
+    // The model and outcome filters, on each part (SQLite's `?` binds one value each).
+    let mut params: Vec<Value> = Vec::new();
+    let dialect = Dialect::of(backend);
+    let mut narrow = || {
+        let mut conditions = String::new();
+        if let Some(model) = &filter.model {
+            params.push(format!("%{}%", escape_like(&model.to_lowercase())).into());
+            conditions.push_str(&format!(
+                " AND lower(r.model) LIKE {} ESCAPE '\\'",
+                dialect.placeholder(params.len())
+            ));
+        }
+        if let Some(success) = filter.success {
+            params.push(success.into());
+            conditions.push_str(&format!(
+                " AND r.success = {}",
+                dialect.placeholder(params.len())
+            ));
+        }
+        conditions
+    };
+    let mut parts: Vec<String> = Vec::new();
+    for (g, lo, hi) in runs {
+        if lo < hi {
+            parts.push(format!(
+                "SELECT r.model AS model, r.bucket AS bucket, r.calls AS calls FROM {LATENCY_TABLE} r \
+                 WHERE r.grain = {g} AND r.slot >= {lo} AND r.slot < {hi}{}",
+                narrow()
+            ));
+        }
+    }
+    parts.push(format!(
+        "SELECT r.model AS model, r.latency_bucket AS bucket, r.latency_calls AS calls FROM {DELTA_TABLE} r \
+         WHERE r.latency_bucket IS NOT NULL AND r.slot >= {a} AND r.slot < {b}{}",
+        narrow()
+    ));
+    let sql = format!(
+        "SELECT c.model AS model, CAST(c.bucket AS BIGINT) AS bucket, CAST(SUM(c.calls) AS BIGINT) AS calls \
+         FROM ({}) c GROUP BY c.model, c.bucket",
+        parts.join(" UNION ALL ")
+    );
+    Statement::from_sql_and_values(backend, sql, params)
+}
+
+/// The rows of `filter` that know their latency, counted per model and bucket.
+async fn raw_rows(
+    txn: &DatabaseTransaction,
+    filter: &UsageFilter,
+) -> Result<Vec<BucketRow>, DbErr> {
+    let backend = txn.get_database_backend();
+    let latency = latency_us_sql(backend, "created_at", "started_at");
+    let bucket = format!("CAST({} AS BIGINT)", latency_bucket_sql(backend, &latency));
+    usage::Entity::find()
+        .select_only()
+        .column(usage::Column::Model)
+        .column_as(Expr::cust(bucket), "bucket")
+        .column_as(Expr::cust("CAST(COUNT(*) AS BIGINT)"), "calls")
+        .filter(filter.condition(backend))
+        .filter(Expr::cust("started_at IS NOT NULL"))
+        .group_by(Expr::cust(Dialect::of(backend).model_group()))
+        .group_by(Expr::cust("bucket"))
+        .into_model::<BucketRow>()
+        .all(txn)
+        .await
+}
+
+/// The latency histograms of the calls `filter` selects, per model, in one snapshot: cells for
+/// the whole quarter days of all users' calls, the rows for the rest.
+pub async fn latency_histograms(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+) -> Result<LatencyHistograms, DbErr> {
+    let txn = read_txn(db).await?;
+    let backend = txn.get_database_backend();
+    let mut out = LatencyHistograms::default();
+    let rows = match cover(filter) {
+        None => {
+            if let Some(settings) = Dialect::of(backend).aggregate_settings() {
+                txn.execute_unprepared(settings).await?;
+            }
+            raw_rows(&txn, filter).await?
+        }
+        Some(cover) => {
+            let mut rows = BucketRow::find_by_statement(cells_statement(backend, &cover, filter))
+                .all(&txn)
+                .await?;
+            for edge in &cover.edges {
+                rows.extend(raw_rows(&txn, edge).await?);
+            }
+            rows
+        }
+    };
+    txn.commit().await?;
+    for row in &rows {
+        out.add(row);
+    }
+    Ok(out)
+}
+
+/// [`latency_histograms`] from the rows alone (the reference the cells are checked against).
+pub async fn latency_histograms_raw(
+    db: &DatabaseConnection,
+    filter: &UsageFilter,
+) -> Result<LatencyHistograms, DbErr> {
+    let txn = read_txn(db).await?;
+    let rows = raw_rows(&txn, filter).await?;
+    txn.commit().await?;
+    let mut out = LatencyHistograms::default();
+    for row in &rows {
+        out.add(row);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bucket_reports_a_value_within_five_percent_of_its_latencies() {
+        let bounds = latency_bounds();
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(1), 1);
+        for (k, lo) in bounds.iter().enumerate() {
+            let bucket = k as i64 + 1;
+            assert_eq!(bucket_of(*lo), bucket);
+            assert_eq!(bucket_of(*lo - 1), bucket - 1);
+            let Some(next) = bounds.get(k + 1) else {
+                break;
+            };
+            let r = representative_us(bucket);
+            for v in [*lo, (*lo + *next) / 2, *next - 1] {
+                let err = (r - v as f64).abs() / v as f64;
+                assert!(
+                    err <= 0.0499,
+                    "bucket {bucket} [{lo}, {next}): {v} as {r}: {err}"
+                );
+            }
+        }
+        // 10 ms to a minute: a few dozen buckets, not hundreds.
+        assert!(bucket_of(60_000_000) - bucket_of(10_000) < 100);
+        assert!(*bounds.last().unwrap() > 100_000_000_000);
+    }
+
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let mut h = Histogram::default();
+        // 100 calls: 1..=100 ms.
+        for ms in 1..=100 {
+            h.add(bucket_of(ms * 1000), 1);
+        }
+        let p = h.percentiles();
+        for (got, want) in [
+            (p.latency_p50_sec, 0.050),
+            (p.latency_p95_sec, 0.095),
+            (p.latency_p99_sec, 0.099),
+        ] {
+            let got = got.unwrap();
+            assert!(
+                (got - want).abs() / want <= RELATIVE_ERROR_BOUND,
+                "{got} vs {want}"
+            );
+        }
+        assert_eq!(
+            Histogram::default().percentiles(),
+            LatencyPercentiles::default()
+        );
+        h.add(bucket_of(1000), -1);
+        assert_eq!(h.calls(), 99);
+    }
+
+    #[test]
+    fn the_cover_keeps_whole_quarter_days_and_leaves_the_ends_to_the_rows() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let f = UsageFilter {
+            start: Some(t("2025-01-01T05:00:00Z")),
+            end: Some(t("2025-01-03T13:59:59.999999Z")),
+            ..UsageFilter::default()
+        };
+        let c = cover(&f).unwrap();
+        let slot = |s: &str| t(s).timestamp() / SLOT_SECONDS;
+        assert_eq!(c.a, slot("2025-01-01T06:00:00Z"));
+        assert_eq!(c.b, slot("2025-01-03T12:00:00Z"));
+        assert_eq!(
+            (c.d0, c.d1),
+            (slot("2025-01-02T00:00:00Z"), slot("2025-01-03T00:00:00Z"))
+        );
+        assert_eq!(c.edges.len(), 2);
+        assert_eq!(c.edges[0].end, Some(t("2025-01-01T05:59:59.999999Z")));
+        assert_eq!(c.edges[1].start, Some(t("2025-01-03T12:00:00Z")));
+        // One user: rows only; under six hours: rows only.
+        assert_eq!(
+            cover(&UsageFilter {
+                user_id: Some(1),
+                ..f.clone()
+            }),
+            None
+        );
+        let short = UsageFilter {
+            start: Some(t("2025-01-01T01:00:00Z")),
+            end: Some(t("2025-01-01T06:30:00Z")),
+            ..UsageFilter::default()
+        };
+        assert_eq!(cover(&short), None);
+        // Open ends: no edge there.
+        let open = cover(&UsageFilter::default()).unwrap();
+        assert!(open.edges.is_empty());
+        assert_eq!((open.a, open.b), (LOW, HIGH));
+    }
+}

@@ -1,0 +1,338 @@
+//! Latency percentiles (issue 21, SPEC token-stats `include=latency`): the histograms kept with
+//! the rollup (migration 000020) count exactly the rows' latency buckets for any range, zone
+//! and filter, whoever wrote, updated or deleted the rows and whether or not the fold ran; the
+//! reported p50/p95/p99 lie within 5 % of the nearest-rank percentiles of the raw rows.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use llm_tracker::db::entities::usage;
+use llm_tracker::usage::UsageFilter;
+use llm_tracker::usage::latency::{
+    Histogram, LatencyHistograms, RELATIVE_ERROR_BOUND, bucket_of, latency_histograms,
+    latency_histograms_raw,
+};
+use llm_tracker::usage::rollup;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sea_orm::sea_query::Expr;
+use sea_orm::{ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, Statement};
+
+use crate::db_test;
+use crate::helpers::TestDb;
+use crate::rollup::{assert_verified, fold, ids_in, random_filter, random_rows, users};
+use crate::usage_read::insert;
+
+/// A latency from a wide spread: zero, microseconds, milliseconds, seconds, minutes, past the
+/// last bucket (over 27.8 hours), or none (no `started_at`).
+fn latency(rng: &mut StdRng) -> Option<i64> {
+    match rng.random_range(0..10) {
+        0 => None,
+        1 => Some(0),
+        2 => Some(rng.random_range(1..1_000)),
+        3 => Some(rng.random_range(1_000..1_000_000)),
+        4..=6 => Some(rng.random_range(200_000..30_000_000)),
+        7 => Some(rng.random_range(30_000_000..900_000_000)),
+        8 => Some(rng.random_range(1_000_000_000..10_000_000_000)),
+        _ => Some(rng.random_range(100_000_000_000..200_000_000_000)),
+    }
+}
+
+fn with_latencies(rng: &mut StdRng, rows: Vec<usage::Model>) -> Vec<usage::Model> {
+    rows.into_iter()
+        .map(|mut r| {
+            r.started_at = match latency(rng) {
+                None => None,
+                // Clock skew now and then: started after created counts as 0.
+                Some(_) if rng.random_bool(0.03) => Some(r.created_at + Duration::seconds(2)),
+                Some(us) => Some(r.created_at - Duration::microseconds(us)),
+            };
+            r
+        })
+        .collect()
+}
+
+/// The rows' latency in microseconds as the database computes it (`created_at − started_at`,
+/// negative as 0).
+fn latency_of(r: &usage::Model) -> Option<i64> {
+    r.started_at
+        .map(|s| (r.created_at - s).num_microseconds().unwrap().max(0))
+}
+
+/// The histograms of `rows` that `filter` selects, computed in Rust.
+fn expected(rows: &[usage::Model], filter: &UsageFilter) -> LatencyHistograms {
+    let mut out = LatencyHistograms::default();
+    for r in rows.iter().filter(|r| filter.matches(r)) {
+        if let Some(us) = latency_of(r) {
+            out.by_model
+                .entry(r.model.clone())
+                .or_insert_with(Histogram::default)
+                .add(bucket_of(us), 1);
+        }
+    }
+    out
+}
+
+/// The nearest-rank `pct`-th percentile of `values` (sorted), in microseconds.
+fn nearest_rank(values: &[i64], pct: i64) -> i64 {
+    let n = values.len() as i64;
+    values[((n * pct + 99) / 100 - 1) as usize]
+}
+
+async fn all_rows(db: &DatabaseConnection) -> Vec<usage::Model> {
+    usage::Entity::find().all(db).await.unwrap()
+}
+
+/// Cells, pending contributions and edge rows together equal the rows, bucket for bucket; the
+/// percentiles are within the bound of the true ones.
+async fn assert_exact(db: &DatabaseConnection, rows: &[usage::Model], filter: &UsageFilter) {
+    let fast = latency_histograms(db, filter).await.unwrap();
+    let raw = latency_histograms_raw(db, filter).await.unwrap();
+    let want = expected(rows, filter);
+    assert_eq!(raw, want, "raw rows vs Rust, {filter:?}");
+    assert_eq!(fast, want, "histograms vs rows, {filter:?}");
+    let mut per_set: Vec<(Option<String>, Histogram)> = vec![(None, fast.total())];
+    per_set.extend(
+        fast.by_model
+            .iter()
+            .map(|(m, h)| (Some(m.clone()), h.clone())),
+    );
+    for (model, h) in per_set {
+        let mut values: Vec<i64> = rows
+            .iter()
+            .filter(|r| filter.matches(r) && model.as_ref().is_none_or(|m| *m == r.model))
+            .filter_map(latency_of)
+            .collect();
+        values.sort_unstable();
+        let p = h.percentiles();
+        if values.is_empty() {
+            assert_eq!(p.latency_p50_sec, None);
+            continue;
+        }
+        for (pct, got) in [
+            (50, p.latency_p50_sec),
+            (95, p.latency_p95_sec),
+            (99, p.latency_p99_sec),
+        ] {
+            let truth = nearest_rank(&values, pct);
+            let got_us = got.unwrap() * 1e6;
+            // Past the last bucket's bound the value is reported as that bound.
+            if truth > 100_000_000_000 {
+                assert!(got_us >= 1e11 * 0.95, "{pct}: {got_us} for {truth}");
+                continue;
+            }
+            let err = if truth == 0 {
+                got_us.abs()
+            } else {
+                (got_us - truth as f64).abs() / truth as f64
+            };
+            assert!(
+                err <= RELATIVE_ERROR_BOUND,
+                "p{pct} of {model:?} {filter:?}: {got_us} µs for {truth} µs ({err})"
+            );
+        }
+    }
+}
+
+db_test!(
+    async fn latency_percentiles_equal_the_raw_rows_within_the_bound(backend: Backend) {
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["lat1", "lat2", "lat3"]).await;
+        let mut rng = StdRng::seed_from_u64(21);
+        let base = Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap();
+        let days = 9;
+        let first = random_rows(&mut rng, &ids, base, days, 900, 1);
+        let first = with_latencies(&mut rng, first);
+        insert(db, &first).await;
+        fold(&t).await;
+        // More rows, not folded; some updated (new latencies, new model) and some deleted by
+        // plain SQL, as the Django app would.
+        let second = random_rows(&mut rng, &ids, base, days, 700, 10_000);
+        let second = with_latencies(&mut rng, second);
+        insert(db, &second).await;
+        let dialect = llm_tracker::db::Dialect::of(db.get_database_backend());
+        usage::Entity::update_many()
+            .col_expr(
+                usage::Column::StartedAt,
+                Expr::value(dialect.datetime(base - Duration::hours(1))),
+            )
+            .col_expr(usage::Column::Model, Expr::value("o4-mini"))
+            .filter(ids_in(db, 1..130))
+            .exec(db)
+            .await
+            .unwrap();
+        usage::Entity::delete_many()
+            .filter(ids_in(db, 10_000..10_060))
+            .exec(db)
+            .await
+            .unwrap();
+        let rows = all_rows(db).await;
+        let times: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
+        let mut filters = vec![
+            UsageFilter::default(),
+            UsageFilter {
+                start: Some(base + Duration::hours(5)),
+                end: Some(base + Duration::days(4) + Duration::hours(13)),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(base + Duration::days(1)),
+                end: Some(base + Duration::days(3) - Duration::microseconds(1)),
+                model: Some("gpt".into()),
+                success: Some(true),
+                ..UsageFilter::default()
+            },
+        ];
+        for _ in 0..40 {
+            filters.push(random_filter(&mut rng, &ids, &times, base, days));
+        }
+        for f in &filters {
+            assert_exact(db, &rows, f).await;
+        }
+        assert_verified(db).await;
+        // After the fold: the same.
+        fold(&t).await;
+        for f in filters.iter().take(20) {
+            assert_exact(db, &rows, f).await;
+        }
+        assert_verified(db).await;
+        // A histogram cell off by one: verify names it; rebuild repairs it.
+        db.execute_raw(Statement::from_string(
+            db.get_database_backend(),
+            "INSERT INTO llm_tracker_usage_latency (grain, slot, model, success, bucket, calls) VALUES (96, 0, 'gpt-4o', true, 5, 1)".to_owned(),
+        ))
+        .await
+        .unwrap();
+        let report = rollup::verify(db, None, None).await.unwrap();
+        assert_eq!(report.differing_cells, 1, "{:?}", report.examples);
+        assert!(report.examples[0].contains("llm_tracker_usage_latency"));
+        rollup::rebuild(db).await.unwrap();
+        assert_verified(db).await;
+        for f in filters.iter().take(10) {
+            assert_exact(db, &rows, f).await;
+        }
+        // Retention deletes rows but keeps their histograms: all users' percentiles over the
+        // deleted days stay, and a rebuild afterwards keeps them too.
+        let before: BTreeMap<String, Histogram> =
+            latency_histograms(db, &filters[0]).await.unwrap().by_model;
+        let report = llm_tracker::retention::run(db, 2, false, base + Duration::days(7))
+            .await
+            .unwrap();
+        assert!(report.rows > 0);
+        assert_eq!(
+            latency_histograms(db, &filters[0]).await.unwrap().by_model,
+            before
+        );
+        rollup::rebuild(db).await.unwrap();
+        assert_eq!(
+            latency_histograms(db, &filters[0]).await.unwrap().by_model,
+            before
+        );
+        let left = all_rows(db).await;
+        let horizon = llm_tracker::retention::horizon(db).await.unwrap().unwrap();
+        let after = UsageFilter {
+            start: Some(horizon),
+            ..UsageFilter::default()
+        };
+        assert_exact(db, &left, &after).await;
+        assert_verified(db).await;
+    }
+);
+
+db_test!(
+    async fn token_stats_adds_percentiles_only_when_asked(backend: Backend) {
+        use actix_web::{App, test};
+        use serde_json::{Value, json};
+        let t = TestDb::migrated(backend).await;
+        crate::admin_api::fixture_users(&t).await;
+        let db = &t.db;
+        let base = Utc.with_ymd_and_hms(2025, 3, 1, 0, 0, 0).unwrap();
+        // gpt-4o: 100 calls of 10, 20, …, 1000 ms, spread over two days; o4-mini: one call
+        // without a start time (no latency known).
+        let mut rows = Vec::new();
+        for i in 0..100u128 {
+            let created = base + Duration::minutes(29 * i as i64);
+            let mut r =
+                crate::usage_read::row(i + 1, Some(2), "gpt-4o", (1, 1, 0, 0), true, created);
+            r.started_at = Some(created - Duration::milliseconds(10 * (i as i64 + 1)));
+            rows.push(r);
+        }
+        rows.push(crate::usage_read::row(
+            500,
+            None,
+            "o4-mini",
+            (1, 1, 0, 0),
+            false,
+            base,
+        ));
+        insert(db, &rows).await;
+        fold(&t).await;
+        let app = test::init_service(
+            App::new().configure(llm_tracker::http::configure(crate::admin_api::state(&t))),
+        )
+        .await;
+        let get = |uri: &str| {
+            test::TestRequest::get()
+                .uri(uri)
+                .insert_header((
+                    "Authorization",
+                    format!("Bearer {}", crate::admin_api::staff_token()),
+                ))
+                .to_request()
+        };
+        let body: Value = test::call_and_read_body_json(
+            &app,
+            get("/api/v1/admin/token-stats/?start_date=2025-03-01&end_date=2025-03-03&include=latency"),
+        )
+        .await;
+        let near = |v: &Value, want: f64| {
+            let got = v.as_f64().unwrap_or_else(|| panic!("{v}"));
+            assert!(
+                (got - want).abs() / want <= RELATIVE_ERROR_BOUND,
+                "{got} vs {want}"
+            );
+        };
+        near(&body["summary"]["latency_p50_sec"], 0.5);
+        near(&body["summary"]["latency_p95_sec"], 0.95);
+        near(&body["summary"]["latency_p99_sec"], 0.99);
+        let models = body["by_model"].as_array().unwrap();
+        let gpt = models.iter().find(|m| m["model"] == "gpt-4o").unwrap();
+        near(&gpt["latency_p95_sec"], 0.95);
+        let mini = models.iter().find(|m| m["model"] == "o4-mini").unwrap();
+        assert_eq!(mini["latency_p50_sec"], json!(null));
+        assert_eq!(mini["latency_p99_sec"], json!(null));
+        // With a user filter (read from the rows) the same figures.
+        let one: Value = test::call_and_read_body_json(
+            &app,
+            get("/api/v1/admin/token-stats/?user_id=2&include=latency,by_user"),
+        )
+        .await;
+        assert_eq!(
+            one["summary"]["latency_p50_sec"],
+            body["summary"]["latency_p50_sec"]
+        );
+        assert!(one["by_user"].is_array());
+        // Without include=latency the JSON is as before: no such keys.
+        let plain: Value =
+            test::call_and_read_body_json(&app, get("/api/v1/admin/token-stats/")).await;
+        assert!(plain["summary"].get("latency_p50_sec").is_none(), "{plain}");
+        assert!(
+            plain["by_model"][0].get("latency_p95_sec").is_none(),
+            "{plain}"
+        );
+        // Nothing matches: nulls.
+        let none: Value = test::call_and_read_body_json(
+            &app,
+            get("/api/v1/admin/token-stats/?start_date=2030-01-01&include=latency"),
+        )
+        .await;
+        assert_eq!(none["summary"]["latency_p50_sec"], json!(null));
+        // An unknown include is refused, naming the parameter and both values.
+        let res = test::call_service(&app, get("/api/v1/admin/token-stats/?include=p99")).await;
+        assert_eq!(res.status().as_u16(), 400);
+        let err: Value = test::read_body_json(res).await;
+        let msg = err["errors"]["include"][0].as_str().unwrap();
+        assert!(msg.contains("latency") && msg.contains("by_user"), "{err}");
+    }
+);
