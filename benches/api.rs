@@ -652,6 +652,32 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
             )
         }),
         (
+            "token-stats include=latency, last 90 days".into(),
+            format!(
+                "/api/v1/admin/token-stats/?include=latency&start_date={}",
+                (Utc::now() - chrono::Duration::days(90)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            "token-stats include=latency, all time".into(),
+            "/api/v1/admin/token-stats/?include=latency".into(),
+        ),
+        (
+            "token-stats include=latency, last 7 days tz=America/New_York".into(),
+            format!(
+                "/api/v1/admin/token-stats/?include=latency&tz=America/New_York&start_date={}",
+                (Utc::now() - chrono::Duration::days(7)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            format!("token-stats include=latency user_id ({user_rows} rows)"),
+            format!("/api/v1/admin/token-stats/?include=latency&user_id={user}"),
+        ),
+        (
+            format!("token-stats include=latency user_id, heaviest user ({heavy_rows} rows)"),
+            format!("/api/v1/admin/token-stats/?include=latency&user_id={heavy}"),
+        ),
+        (
             "admin overview page, last 90 days by day".into(),
             format!(
                 "/admin/?granularity=month&start_date={}",

@@ -365,12 +365,33 @@ async fn the_admin_pages_work_in_a_real_browser() {
     let errors = b.text("#top-errors").await;
     assert!(!errors.contains("No failed calls"), "{errors}");
     // The charts are drawn (axis labels are text in the SVG).
-    for chart in ["#chart", "#outcome-chart", "#failure-chart"] {
+    for chart in [
+        "#chart",
+        "#outcome-chart",
+        "#failure-chart",
+        "#latency-chart",
+        "#ttft-chart",
+    ] {
         assert!(!b.text(chart).await.trim().is_empty(), "{chart}");
     }
+    // Latency percentiles: the largest model's p95 in the table is the API's, formatted.
+    let with_latency = api("/api/v1/admin/token-stats/?include=latency".into()).await;
+    let first = &with_latency["by_model"][0];
+    let p95 =
+        llm_tracker::http::pages::format::duration(first["latency_p95_sec"].as_f64().unwrap());
+    let table = b.text("#by-model").await;
+    assert!(table.contains(&p95), "{p95} not in {table}");
+    assert!(
+        b.text("#latency-chart")
+            .await
+            .contains(first["model"].as_str().unwrap()),
+        "the latency chart names the models"
+    );
     b.screenshot("overview.png").await;
     b.element_screenshot("#charts", "overview-charts.png").await;
     b.element_screenshot("#tables", "overview-tables.png").await;
+    b.element_screenshot("#latency-charts", "overview-latency.png")
+        .await;
     b.size(375, 900).await;
     b.screenshot("overview-375.png").await;
     b.element_screenshot("#charts", "overview-charts-375.png")

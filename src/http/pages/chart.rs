@@ -83,6 +83,8 @@ pub enum Axis {
     Count,
     Usd,
     Percent,
+    /// Durations in seconds (`850 ms`, `1.20 s`).
+    Seconds,
 }
 
 impl Axis {
@@ -97,6 +99,8 @@ impl Axis {
                 format!("${v:.decimals$}")
             }
             Axis::Percent => format!("{v:.0} %"),
+            Axis::Seconds if v == 0.0 => "0".to_owned(),
+            Axis::Seconds => super::format::duration(v),
         }
     }
 }
@@ -200,6 +204,85 @@ pub fn bars(items: &[Bar], width: f64, title: &str, axis: Axis, empty_text: &str
         if i % label_every == 0 {
             x_label(&mut svg, x + bar_width / 2.0, &item.label);
         }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// Horizontal bars, one row per item (a model), labelled on the left, stacked by segment,
+/// against an x axis of `axis`; `empty_text` when there are none.
+pub fn hbars(items: &[Bar], width: f64, title: &str, axis: Axis, empty_text: &str) -> String {
+    const ROW: f64 = 26.0;
+    const LABEL: f64 = 150.0;
+    const AXIS: f64 = 24.0;
+    let height = TOP + ROW * items.len().max(3) as f64 + AXIS;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{t}" xmlns="http://www.w3.org/2000/svg"><title>{t}</title>"#,
+        t = esc(title)
+    );
+    // Room on the right for the last axis label, centred on the end of the plot.
+    let plot_w = width - LABEL - 40.0;
+    let plot_h = ROW * items.len().max(3) as f64;
+    let top = items
+        .iter()
+        .map(|b| b.segments.iter().map(|s| s.1.max(0.0)).sum::<f64>())
+        .fold(0.0, f64::max);
+    let max = match axis {
+        Axis::Count => nice_max(top.ceil() as i64) as f64,
+        _ => nice_max_f(top),
+    };
+    for k in 0..=4 {
+        let v = max * k as f64 / 4.0;
+        let x = LABEL + plot_w * k as f64 / 4.0;
+        let _ = write!(
+            svg,
+            r#"<line x1="{x:.1}" x2="{x:.1}" y1="{TOP}" y2="{y2:.1}" class="grid"/><text x="{x:.1}" y="{ty:.1}" class="axis" text-anchor="middle">{label}</text>"#,
+            y2 = TOP + plot_h,
+            ty = TOP + plot_h + 17.0,
+            label = esc(&axis.label(v))
+        );
+    }
+    if items.is_empty() {
+        let _ = write!(
+            svg,
+            r#"<text x="{x}" y="{y}" class="empty" text-anchor="middle">{t}</text>"#,
+            x = LABEL + plot_w / 2.0,
+            y = TOP + plot_h / 2.0,
+            t = esc(empty_text)
+        );
+    }
+    for (i, item) in items.iter().enumerate() {
+        let y = TOP + ROW * i as f64;
+        let label: String = if item.label.chars().count() > 22 {
+            item.label.chars().take(21).chain(['…']).collect()
+        } else {
+            item.label.clone()
+        };
+        let _ = write!(
+            svg,
+            r#"<g><title>{}</title><text x="{lx}" y="{ly:.1}" class="axis" text-anchor="end">{}</text>"#,
+            esc(&item.title),
+            esc(&label),
+            lx = LABEL - 6.0,
+            ly = y + ROW / 2.0 + 4.0,
+        );
+        let mut base = 0.0;
+        for (class, value) in &item.segments {
+            let w = plot_w * (value.max(0.0) / max);
+            if w > 0.0 {
+                let _ = write!(
+                    svg,
+                    r#"<rect x="{x:.1}" y="{ry:.1}" width="{w:.1}" height="{h:.1}" class="{class}"/>"#,
+                    x = LABEL + base,
+                    ry = y + 4.0,
+                    h = ROW - 8.0,
+                );
+            }
+            base += w;
+        }
+        svg.push_str("</g>");
     }
     svg.push_str("</svg>");
     svg

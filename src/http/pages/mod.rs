@@ -596,6 +596,8 @@ struct OverviewPage {
     chart: String,
     outcome_chart: String,
     failure_chart: String,
+    latency_chart: String,
+    ttft_chart: String,
     by_model: Vec<ModelView>,
     top_users: Vec<UserView>,
     listing_query: String,
@@ -625,6 +627,8 @@ struct ModelView {
     cost: String,
     cost_share: String,
     latency: String,
+    p50: String,
+    p95: String,
     ttft: String,
 }
 
@@ -679,6 +683,9 @@ const MODEL_CLASSES: [&str; STACKED_MODELS + 1] = ["m0", "m1", "m2", "m3", "m4",
 fn seconds(s: Option<f64>) -> String {
     s.map(format::duration).unwrap_or_else(|| "–".into())
 }
+
+/// Models in the latency charts (the largest by tokens).
+const LATENCY_MODELS: usize = 10;
 
 const ZONES: [&str; 8] = [
     "UTC",
@@ -932,6 +939,67 @@ async fn overview(
         &format!("Failure rate by {bucket_name}"),
         empty_text,
     );
+    // Latency percentiles per model, from the histograms (exact counts, values within 5 %).
+    let latency = if error.is_some() {
+        crate::usage::latency::LatencyHistograms::default()
+    } else {
+        crate::usage::latency::latency_histograms(&state.read_db, &filter)
+            .await
+            .map_err(db_error)?
+    };
+    let percentiles = |model: &str| {
+        latency
+            .by_model
+            .get(model)
+            .map(|h| h.percentiles())
+            .unwrap_or_default()
+    };
+    let charted: Vec<&stats::ModelStats> = by_model.iter().take(LATENCY_MODELS).collect();
+    let latency_bars: Vec<chart::Bar> = charted
+        .iter()
+        .filter_map(|m| {
+            let p = percentiles(&m.model);
+            let (p50, p95) = (p.latency_p50_sec?, p.latency_p95_sec?);
+            Some(chart::Bar {
+                label: m.model.clone(),
+                segments: vec![("p50", p50), ("p95", (p95 - p50).max(0.0))],
+                title: format!(
+                    "{}: p50 {}, p95 {}, p99 {}, mean {} over {} timed calls",
+                    m.model,
+                    seconds(p.latency_p50_sec),
+                    seconds(p.latency_p95_sec),
+                    seconds(p.latency_p99_sec),
+                    seconds(m.avg_latency_sec),
+                    format::thousands(latency.by_model.get(&m.model).map_or(0, |h| h.calls()))
+                ),
+            })
+        })
+        .collect();
+    let latency_chart = chart::hbars(
+        &latency_bars,
+        chart::HALF,
+        "Latency by model (p50, p95)",
+        chart::Axis::Seconds,
+        "No call in this range knows its latency (started_at)",
+    );
+    let ttft_bars: Vec<chart::Bar> = charted
+        .iter()
+        .filter_map(|m| {
+            let t = m.avg_ttft_sec?;
+            Some(chart::Bar {
+                label: m.model.clone(),
+                segments: vec![("ttft", t)],
+                title: format!("{}: mean time to first token {}", m.model, seconds(Some(t))),
+            })
+        })
+        .collect();
+    let ttft_chart = chart::hbars(
+        &ttft_bars,
+        chart::HALF,
+        "Time to first token by model (mean of streamed calls)",
+        chart::Axis::Seconds,
+        "No streamed call in this range",
+    );
     let status = if error.is_some() {
         StatusCode::BAD_REQUEST
     } else {
@@ -951,6 +1019,8 @@ async fn overview(
             cost: format::money(m.total_cost.0, model_decimals),
             cost_share: format::share(m.total_cost.0, summary.total_cost.0),
             latency: seconds(m.avg_latency_sec),
+            p50: seconds(percentiles(&m.model).latency_p50_sec),
+            p95: seconds(percentiles(&m.model).latency_p95_sec),
             ttft: seconds(m.avg_ttft_sec),
             model: m.model,
         })
@@ -1083,6 +1153,8 @@ async fn overview(
         chart,
         outcome_chart,
         failure_chart,
+        latency_chart,
+        ttft_chart,
         by_model,
         top_users,
         listing_query,
