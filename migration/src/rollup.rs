@@ -582,7 +582,7 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     out.push(format!(
         "DELETE FROM {LATENCY_TABLE}{}",
         horizon
-            .map(|h| format!(" WHERE slot >= {h}"))
+            .map(|h| format!(" WHERE slot >= {h} OR grain = {}", Calendar::Month.code()))
             .unwrap_or_default()
     ));
     let pending_before =
@@ -595,7 +595,8 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     if let Some(p) = &pending_before {
         sources.push(Source::Delta(p));
     }
-    out.push(latency_upsert_sql(backend, &sources));
+    out.push(latency_upsert_sql_of(backend, &sources, false));
+    out.push(latency_months_from_days_sql(backend));
     if horizon.is_none() {
         // Pending contributions are recounted from the rows (with a horizon, those before it
         // are read below).
@@ -767,7 +768,8 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
 /// latency bucket, how many calls took that long. They answer latency percentiles for any range
 /// and filter without reading the rows (see `src/usage/latency.rs`).
 ///
-/// Cells are UTC days and UTC quarter days (six hours) only, for all users together: a cell
+/// Cells are UTC calendar months, UTC days and UTC quarter days (six hours) only, for all users
+/// together (a long range reads a few months, not hundreds of days): a cell
 /// holds one row per bucket its calls fell in (dozens), so finer cells, or a user's, would make
 /// the histograms outgrow the usage table (measured at 10M rows from 10,000 users: 0.29M day
 /// rows, 0.9M quarter-day rows, 3.2M hour rows). The rest of a range — under six hours at each
@@ -851,21 +853,49 @@ pub fn create_latency_tables_sql(backend: DbBackend) -> Vec<String> {
 
 /// `SELECT` of the histogram cells (`grain, slot, model, success, bucket, calls`) of the
 /// latency counts of `sources`: summed per slot, model, outcome and bucket first, then fanned
-/// out to the grains.
-pub fn latency_cells_select(backend: DbBackend, sources: &[Source<'_>]) -> String {
-    let grains: Vec<String> = LATENCY_GRAINS
+/// out to the grains ([`LATENCY_GRAINS`] and, with `months`, UTC calendar months).
+pub fn latency_cells_select(backend: DbBackend, sources: &[Source<'_>], months: bool) -> String {
+    let mut grains: Vec<String> = LATENCY_GRAINS
         .iter()
         .map(|g| format!("SELECT {} AS grain, {} AS len", g.code, g.len))
         .collect();
+    if months {
+        grains.push(format!(
+            "SELECT {} AS grain, 1 AS len",
+            Calendar::Month.code()
+        ));
+    }
     format!(
         "SELECT g.grain AS grain, {slot} AS slot, d.model AS model, d.success AS success, \
          d.latency_bucket AS bucket, SUM(d.latency_calls) AS calls \
          FROM (SELECT slot, model, success, latency_bucket, SUM(latency_calls) AS latency_calls \
          FROM ({rows}) c WHERE latency_bucket IS NOT NULL GROUP BY slot, model, success, latency_bucket) d \
          CROSS JOIN ({grains}) g GROUP BY 1, 2, 3, 4, 5",
-        slot = cell_start_sql("d.slot", "g.len", "0"),
+        slot = if months {
+            format!(
+                "CASE g.grain WHEN {} THEN {} ELSE {} END",
+                Calendar::Month.code(),
+                Calendar::Month.start_sql(backend, "d.slot"),
+                cell_start_sql("d.slot", "g.len", "0")
+            )
+        } else {
+            cell_start_sql("d.slot", "g.len", "0")
+        },
         rows = contributions(backend, sources),
         grains = grains.join(" UNION ALL "),
+    )
+}
+
+/// The month cells of the histograms summed from their day cells (what a rebuild writes: a
+/// month can straddle the retention horizon, its days cannot).
+pub fn latency_months_from_days_sql(backend: DbBackend) -> String {
+    let key = LATENCY_KEY.join(", ");
+    format!(
+        "INSERT INTO {LATENCY_TABLE} ({key}, calls) \
+         SELECT {month} AS grain, {start} AS slot, model, success, bucket, SUM(calls) AS calls \
+         FROM {LATENCY_TABLE} WHERE grain = {DAY} GROUP BY 2, 3, 4, 5 HAVING SUM(calls) <> 0",
+        month = Calendar::Month.code(),
+        start = Calendar::Month.start_sql(backend, "slot"),
     )
 }
 
@@ -875,12 +905,16 @@ pub const LATENCY_KEY: [&str; 5] = ["grain", "slot", "model", "success", "bucket
 /// `INSERT … ON CONFLICT DO UPDATE` adding the latency counts of `sources` to the histogram
 /// cells ([`latency_cells_select`]).
 pub fn latency_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    latency_upsert_sql_of(backend, sources, true)
+}
+
+fn latency_upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], months: bool) -> String {
     let key = LATENCY_KEY.join(", ");
     format!(
         "INSERT INTO {LATENCY_TABLE} ({key}, calls) \
          SELECT * FROM ({select}) cells WHERE calls <> 0 ORDER BY {key} \
          ON CONFLICT ({key}) DO UPDATE SET calls = {LATENCY_TABLE}.calls + excluded.calls",
-        select = latency_cells_select(backend, sources),
+        select = latency_cells_select(backend, sources, months),
     )
 }
 

@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 use migration::rollup::{
-    DELTA_TABLE, LATENCY_TABLE, SLOT_SECONDS, latency_bounds, latency_bucket_sql, latency_us_sql,
+    Calendar, DELTA_TABLE, LATENCY_TABLE, SLOT_SECONDS, latency_bounds, latency_bucket_sql,
+    latency_us_sql,
 };
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -29,6 +30,7 @@ use super::filters::escape_like;
 use crate::db::Dialect;
 use crate::db::entities::usage;
 use crate::db::read_txn;
+use crate::usage::rollup::calendar_cell;
 
 /// The largest relative error of a reported percentile: `(hi − lo) / (hi + lo)` for a bucket
 /// whose upper bound is at most 1.105 times its lower bound.
@@ -170,22 +172,20 @@ struct BucketRow {
     calls: i64,
 }
 
-/// How a request is answered: histogram cells over whole quarter days `[a, b)` (slots), days
-/// where whole ones fit, and the rows of the rest.
+/// How a request is answered: histogram cells over whole quarter days `[a, b)` (slots) —
+/// months and days where whole ones fit — the pending contributions there, and the rows of the
+/// rest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Cover {
-    /// `[a, b)` in slots; days `[d0, d1)` inside it (empty when `d0 >= d1`).
+    /// `[a, b)` in slots.
     a: i64,
     b: i64,
-    d0: i64,
-    d1: i64,
+    /// Cells read: `(grain, first slot, end slot, sign)`; a month less its days outside the
+    /// range reads the days with sign -1.
+    runs: Vec<(i64, i64, i64, i64)>,
     /// The filter narrowed to each end outside `[a, b)`.
     edges: Vec<UsageFilter>,
 }
-
-/// Far enough before and after any row, multiples of a day.
-const LOW: i64 = -DAY * 10_000_000_000;
-const HIGH: i64 = DAY * 10_000_000_000;
 
 fn ceil_to(x: i64, n: i64) -> i64 {
     x.div_euclid(n) * n + if x.rem_euclid(n) == 0 { 0 } else { n }
@@ -199,29 +199,69 @@ fn slot_start(slot: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0)
 }
 
+/// Whole days `[d0, d1)` as month and day cells, coarsest first: a month inside the range is
+/// one cell; a month the range covers in part is its cell less the days outside when that
+/// reads fewer cells than the days inside (the current month of "the last 90 days").
+fn day_runs(d0: i64, d1: i64) -> Vec<(i64, i64, i64, i64)> {
+    let mut runs: Vec<(i64, i64, i64, i64)> = Vec::new();
+    let mut push = |run: (i64, i64, i64, i64)| match runs.last_mut() {
+        Some(last) if last.0 == run.0 && last.2 == run.1 && last.3 == run.3 => last.2 = run.2,
+        _ => runs.push(run),
+    };
+    let mut p = d0;
+    while p < d1 {
+        let Some((m0, m1)) = calendar_cell(Calendar::Month, p) else {
+            push((DAY, p, d1, 1));
+            break;
+        };
+        let inside_end = m1.min(d1);
+        let inside = (inside_end - p) / DAY;
+        let outside = (p - m0 + m1 - inside_end) / DAY;
+        if m0 == p && m1 <= d1 {
+            push((Calendar::Month.code(), m0, m1, 1));
+        } else if 1 + outside < inside {
+            push((Calendar::Month.code(), m0, m1, 1));
+            for (lo, hi) in [(m0, p), (inside_end, m1)] {
+                if lo < hi {
+                    push((DAY, lo, hi, -1));
+                }
+            }
+        } else {
+            push((DAY, p, inside_end, 1));
+        }
+        p = inside_end;
+    }
+    runs
+}
+
 /// The cover of `filter`, or `None` when the rows answer it all (one user's calls, or a range
-/// without a whole quarter day).
-fn cover(filter: &UsageFilter) -> Option<Cover> {
+/// without a whole quarter day). `extent`: the first and last slot with a histogram cell or a
+/// pending contribution, for open ends (`None`: there is none).
+fn cover(filter: &UsageFilter, extent: Option<(i64, i64)>) -> Option<Cover> {
     if filter.user_id.is_some() {
         return None;
     }
     let slot_micros = SLOT_SECONDS * 1_000_000;
-    let a = match filter.start {
-        None => LOW,
-        Some(s) => {
+    let a = match (filter.start, extent) {
+        (Some(s), _) => {
             let us = s.timestamp_micros();
             let slot = us.div_euclid(slot_micros) + i64::from(us.rem_euclid(slot_micros) != 0);
             ceil_to(slot, QUARTER)
         }
+        (None, Some((first, _))) => floor_to(first, DAY),
+        (None, None) => 0,
     };
-    let b = match filter.end {
-        None => HIGH,
-        Some(e) => floor_to((e.timestamp_micros() + 1).div_euclid(slot_micros), QUARTER),
+    let b = match (filter.end, extent) {
+        (Some(e), _) => floor_to((e.timestamp_micros() + 1).div_euclid(slot_micros), QUARTER),
+        (None, Some((_, last))) => floor_to(last, DAY) + DAY,
+        (None, None) => 0,
     };
+    let mut edges = Vec::new();
     if a >= b {
+        // No whole quarter day: the rows answer (an open range here means no cell and nothing
+        // pending, so the rows answer that too).
         return None;
     }
-    let mut edges = Vec::new();
     if let Some(start) = filter.start {
         let at = slot_start(a)?;
         if start < at {
@@ -242,27 +282,46 @@ fn cover(filter: &UsageFilter) -> Option<Cover> {
             });
         }
     }
-    Some(Cover {
-        a,
-        b,
-        d0: ceil_to(a, DAY),
-        d1: floor_to(b, DAY),
-        edges,
-    })
+    let (d0, d1) = (ceil_to(a, DAY), floor_to(b, DAY));
+    let mut runs = Vec::new();
+    if d0 < d1 {
+        if a < d0 {
+            runs.push((QUARTER, a, d0, 1));
+        }
+        runs.extend(day_runs(d0, d1));
+        if d1 < b {
+            runs.push((QUARTER, d1, b, 1));
+        }
+    } else {
+        runs.push((QUARTER, a, b, 1));
+    }
+    Some(Cover { a, b, runs, edges })
+}
+
+/// The first and last slot of the histograms' quarter-day cells and pending contributions.
+async fn extent(txn: &DatabaseTransaction) -> Result<Option<(i64, i64)>, DbErr> {
+    let backend = txn.get_database_backend();
+    let sql = format!(
+        "SELECT (SELECT MIN(slot) FROM (SELECT MIN(slot) AS slot FROM {LATENCY_TABLE} WHERE grain = {QUARTER} \
+         UNION ALL SELECT MIN(slot) FROM {DELTA_TABLE} WHERE latency_bucket IS NOT NULL) f), \
+         (SELECT MAX(slot) FROM (SELECT MAX(slot) AS slot FROM {LATENCY_TABLE} WHERE grain = {QUARTER} \
+         UNION ALL SELECT MAX(slot) FROM {DELTA_TABLE} WHERE latency_bucket IS NOT NULL) l)"
+    );
+    let Some(row) = txn
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let first: Option<i64> = row.try_get_by_index(0)?;
+    let last: Option<i64> = row.try_get_by_index(1)?;
+    Ok(first.zip(last))
 }
 
 /// The histogram cells and pending contributions of `cover` that `filter` selects, summed per
 /// model and bucket.
 fn cells_statement(backend: DbBackend, cover: &Cover, filter: &UsageFilter) -> Statement {
-    let Cover { a, b, d0, d1, .. } = *cover;
-    let mut runs: Vec<(i64, i64, i64)> = Vec::new();
-    if d0 < d1 {
-        runs.push((DAY, d0, d1));
-        runs.push((QUARTER, a, d0));
-        runs.push((QUARTER, d1, b));
-    } else {
-        runs.push((QUARTER, a, b));
-    }
+    let Cover { a, b, .. } = *cover;
     // The model and outcome filters, on each part (SQLite's `?` binds one value each).
     let mut params: Vec<Value> = Vec::new();
     let dialect = Dialect::of(backend);
@@ -285,14 +344,13 @@ fn cells_statement(backend: DbBackend, cover: &Cover, filter: &UsageFilter) -> S
         conditions
     };
     let mut parts: Vec<String> = Vec::new();
-    for (g, lo, hi) in runs {
-        if lo < hi {
-            parts.push(format!(
-                "SELECT r.model AS model, r.bucket AS bucket, r.calls AS calls FROM {LATENCY_TABLE} r \
-                 WHERE r.grain = {g} AND r.slot >= {lo} AND r.slot < {hi}{}",
-                narrow()
-            ));
-        }
+    for (g, lo, hi, sign) in &cover.runs {
+        let calls = if *sign < 0 { "-r.calls" } else { "r.calls" };
+        parts.push(format!(
+            "SELECT r.model AS model, r.bucket AS bucket, {calls} AS calls FROM {LATENCY_TABLE} r \
+             WHERE r.grain = {g} AND r.slot >= {lo} AND r.slot < {hi}{}",
+            narrow()
+        ));
     }
     parts.push(format!(
         "SELECT r.model AS model, r.latency_bucket AS bucket, r.latency_calls AS calls FROM {DELTA_TABLE} r \
@@ -338,7 +396,12 @@ pub async fn latency_histograms(
     let txn = read_txn(db).await?;
     let backend = txn.get_database_backend();
     let mut out = LatencyHistograms::default();
-    let rows = match cover(filter) {
+    let extent = if filter.start.is_none() || filter.end.is_none() {
+        extent(&txn).await?
+    } else {
+        None
+    };
+    let rows = match cover(filter, extent) {
         None => {
             if let Some(settings) = Dialect::of(backend).aggregate_settings() {
                 txn.execute_unprepared(settings).await?;
@@ -437,28 +500,40 @@ mod tests {
     #[test]
     fn the_cover_keeps_whole_quarter_days_and_leaves_the_ends_to_the_rows() {
         let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let slot = |s: &str| t(s).timestamp() / SLOT_SECONDS;
         let f = UsageFilter {
             start: Some(t("2025-01-01T05:00:00Z")),
             end: Some(t("2025-01-03T13:59:59.999999Z")),
             ..UsageFilter::default()
         };
-        let c = cover(&f).unwrap();
-        let slot = |s: &str| t(s).timestamp() / SLOT_SECONDS;
+        let c = cover(&f, None).unwrap();
         assert_eq!(c.a, slot("2025-01-01T06:00:00Z"));
         assert_eq!(c.b, slot("2025-01-03T12:00:00Z"));
         assert_eq!(
-            (c.d0, c.d1),
-            (slot("2025-01-02T00:00:00Z"), slot("2025-01-03T00:00:00Z"))
+            c.runs,
+            vec![
+                (QUARTER, c.a, slot("2025-01-02T00:00:00Z"), 1),
+                (
+                    DAY,
+                    slot("2025-01-02T00:00:00Z"),
+                    slot("2025-01-03T00:00:00Z"),
+                    1
+                ),
+                (QUARTER, slot("2025-01-03T00:00:00Z"), c.b, 1),
+            ]
         );
         assert_eq!(c.edges.len(), 2);
         assert_eq!(c.edges[0].end, Some(t("2025-01-01T05:59:59.999999Z")));
         assert_eq!(c.edges[1].start, Some(t("2025-01-03T12:00:00Z")));
         // One user: rows only; under six hours: rows only.
         assert_eq!(
-            cover(&UsageFilter {
-                user_id: Some(1),
-                ..f.clone()
-            }),
+            cover(
+                &UsageFilter {
+                    user_id: Some(1),
+                    ..f.clone()
+                },
+                None
+            ),
             None
         );
         let short = UsageFilter {
@@ -466,10 +541,47 @@ mod tests {
             end: Some(t("2025-01-01T06:30:00Z")),
             ..UsageFilter::default()
         };
-        assert_eq!(cover(&short), None);
-        // Open ends: no edge there.
-        let open = cover(&UsageFilter::default()).unwrap();
+        assert_eq!(cover(&short, None), None);
+        // Open ends reach the histograms' extent, with no edge there; nothing at all: rows.
+        let extent = (slot("2024-12-30T06:00:00Z"), slot("2025-03-02T18:00:00Z"));
+        let open = cover(&UsageFilter::default(), Some(extent)).unwrap();
         assert!(open.edges.is_empty());
-        assert_eq!((open.a, open.b), (LOW, HIGH));
+        assert_eq!(
+            (open.a, open.b),
+            (slot("2024-12-30T00:00:00Z"), slot("2025-03-03T00:00:00Z"))
+        );
+        assert_eq!(cover(&UsageFilter::default(), None), None);
+    }
+
+    #[test]
+    fn whole_months_read_one_cell_and_mostly_covered_months_less_their_other_days() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().timestamp() / SLOT_SECONDS;
+        let month = Calendar::Month.code();
+        // 2025-01-29 to 2025-04-26: three days of January, February and March whole, April
+        // less its last four days (one run of month cells, February to April).
+        let runs = day_runs(t("2025-01-29T00:00:00Z"), t("2025-04-27T00:00:00Z"));
+        assert_eq!(
+            runs,
+            vec![
+                (DAY, t("2025-01-29T00:00:00Z"), t("2025-02-01T00:00:00Z"), 1),
+                (
+                    month,
+                    t("2025-02-01T00:00:00Z"),
+                    t("2025-05-01T00:00:00Z"),
+                    1
+                ),
+                (
+                    DAY,
+                    t("2025-04-27T00:00:00Z"),
+                    t("2025-05-01T00:00:00Z"),
+                    -1
+                ),
+            ]
+        );
+        // Within one month: days.
+        assert_eq!(
+            day_runs(t("2025-02-03T00:00:00Z"), t("2025-02-05T00:00:00Z")),
+            vec![(DAY, t("2025-02-03T00:00:00Z"), t("2025-02-05T00:00:00Z"), 1)]
+        );
     }
 }

@@ -113,7 +113,7 @@ fn slot_of(t: NaiveDateTime) -> i64 {
 }
 
 /// The first slot of the calendar cell holding `slot`, and the first slot after it.
-fn calendar_cell(c: Calendar, slot: i64) -> Option<(i64, i64)> {
+pub(crate) fn calendar_cell(c: Calendar, slot: i64) -> Option<(i64, i64)> {
     let at = slot_start(slot)?.date_naive();
     let (first, months) = match c {
         Calendar::Month => (at.with_day(1)?, 1),
@@ -884,15 +884,23 @@ pub async fn verify(
                 sign: 1,
                 where_sql: row_range.as_deref(),
             }],
+            true,
         );
-        let pending = latency_cells_select(backend, &[Source::Delta(DELTA_TABLE)]);
+        let pending = latency_cells_select(backend, &[Source::Delta(DELTA_TABLE)], true);
         let key_list = LATENCY_KEY.join(", ");
         let key_out: Vec<String> = LATENCY_KEY
             .iter()
             .map(|k| format!("CAST({k} AS TEXT) AS {k}"))
             .collect();
+        // A month cell only when the range holds all of it.
         let within = slots
-            .map(|(lo, hi)| format!(" WHERE slot >= {lo} AND slot < {hi}"))
+            .map(|(lo, hi)| {
+                format!(
+                    " WHERE slot >= {lo} AND slot < {hi} AND (grain <> {m} OR {next} <= {hi})",
+                    m = Calendar::Month.code(),
+                    next = Calendar::Month.next_sql(backend, "slot"),
+                )
+            })
             .unwrap_or_default();
         let sql = format!(
             "SELECT {key_out}, CAST(SUM(e_calls) AS BIGINT) AS expected_calls, \

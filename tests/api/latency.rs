@@ -140,15 +140,17 @@ db_test!(
         let db = &t.db;
         let ids = users(db, &["lat1", "lat2", "lat3"]).await;
         let mut rng = StdRng::seed_from_u64(21);
-        let base = Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap();
-        let days = 9;
-        let first = random_rows(&mut rng, &ids, base, days, 900, 1);
+        // 75 days from 20 May: whole months (June), months mostly covered (read as the month
+        // less its other days) and partial ones, whichever the random ranges pick.
+        let base = Utc.with_ymd_and_hms(2025, 5, 20, 0, 0, 0).unwrap();
+        let days = 75;
+        let first = random_rows(&mut rng, &ids, base, days, 1_500, 1);
         let first = with_latencies(&mut rng, first);
         insert(db, &first).await;
         fold(&t).await;
         // More rows, not folded; some updated (new latencies, new model) and some deleted by
         // plain SQL, as the Django app would.
-        let second = random_rows(&mut rng, &ids, base, days, 700, 10_000);
+        let second = random_rows(&mut rng, &ids, base, days, 1_000, 10_000);
         let second = with_latencies(&mut rng, second);
         insert(db, &second).await;
         let dialect = llm_tracker::db::Dialect::of(db.get_database_backend());
@@ -181,6 +183,20 @@ db_test!(
                 end: Some(base + Duration::days(3) - Duration::microseconds(1)),
                 model: Some("gpt".into()),
                 success: Some(true),
+                ..UsageFilter::default()
+            },
+            // June whole; 3 June to 28 July (July as its month less its last days).
+            UsageFilter {
+                start: Some(Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap()),
+                end: Some(
+                    Utc.with_ymd_and_hms(2025, 7, 1, 0, 0, 0).unwrap() - Duration::microseconds(1),
+                ),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(Utc.with_ymd_and_hms(2025, 6, 3, 7, 30, 0).unwrap()),
+                end: Some(Utc.with_ymd_and_hms(2025, 7, 28, 13, 0, 0).unwrap()),
+                success: Some(false),
                 ..UsageFilter::default()
             },
         ];
@@ -216,7 +232,8 @@ db_test!(
         // deleted days stay, and a rebuild afterwards keeps them too.
         let before: BTreeMap<String, Histogram> =
             latency_histograms(db, &filters[0]).await.unwrap().by_model;
-        let report = llm_tracker::retention::run(db, 2, false, base + Duration::days(7))
+        // The horizon falls inside a month: its month cell keeps the deleted days' counts.
+        let report = llm_tracker::retention::run(db, 2, false, base + Duration::days(40))
             .await
             .unwrap();
         assert!(report.rows > 0);
