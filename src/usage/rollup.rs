@@ -72,6 +72,10 @@ pub struct Plan {
     /// Runs of whole cells that do not overlap, each cell inside one bucket of the series
     /// (when there is one), in the table the series reads.
     pub ranges: Vec<Run>,
+    /// [`Plan::ranges`] split so that each run lies in one bucket of the series (the same runs
+    /// without a series): the per-model series sums each run in SQL, one group per bucket and
+    /// model instead of one per cell and model.
+    pub per_bucket: Vec<Run>,
     /// The same slots in the coarsest cells of the per-model table, ignoring buckets: for the
     /// sums that have none (summary, per model, per user), which then read far fewer cells.
     pub totals: Vec<Run>,
@@ -262,9 +266,14 @@ pub async fn plan<C: ConnectionTrait>(
             ..filter.clone()
         });
     }
+    let per_bucket = match series {
+        Some((gran, tz)) => split_per_bucket(&ranges, gran, tz),
+        None => ranges.clone(),
+    };
     Ok(Some(Plan {
         scope,
         ranges,
+        per_bucket,
         totals,
         coarse,
         edges,
@@ -341,6 +350,38 @@ fn user_cells(
         p = next;
     }
     (runs, gaps)
+}
+
+/// `runs` cut where the bucket of the series changes: each run's cells in one bucket.
+fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<Run> {
+    let len_of = |code: i64| GRAINS.iter().find(|g| g.code == code).map(|g| g.len);
+    let bucket = |slot: i64| slot_start(slot).map(|t| bucket_start(gran, tz, t));
+    let mut out: Vec<Run> = Vec::new();
+    for run in runs {
+        // Calendar cells (a user's months and years) are one cell each: as they are.
+        let Some(len) = len_of(run.grain).filter(|_| !run.subtract) else {
+            out.push(*run);
+            continue;
+        };
+        let mut first = run.first;
+        let mut current = bucket(first);
+        let mut p = run.first + len;
+        while p < run.end {
+            let b = bucket(p);
+            if b != current {
+                out.push(Run {
+                    first,
+                    end: p,
+                    ..*run
+                });
+                first = p;
+                current = b;
+            }
+            p += len;
+        }
+        out.push(Run { first, ..*run });
+    }
+    out
 }
 
 /// Slots `[a, b)` as merged runs of cells, coarsest first, each cell inside one bucket of the
@@ -464,7 +505,8 @@ fn build(
     // Over all models and outcomes, the totals table has one row per cell.
     let level = level_of(filter, by);
     let ranges = match (by, level) {
-        (GroupBy::Slot | GroupBy::SlotModel, _) => &plan.ranges,
+        (GroupBy::SlotModel, _) => &plan.per_bucket,
+        (GroupBy::Slot, _) => &plan.ranges,
         (_, Level::Total) => &plan.coarse,
         (_, Level::ByModel) => &plan.totals,
     };
@@ -653,11 +695,24 @@ fn build(
             ttftn = sum("r.ttft_calls"),
         )
     };
+    // The per-model series: one group per run (each in one bucket, see `Plan::per_bucket`)
+    // and model, named by the run's first slot.
+    let (cells_key, cells_group) = match by {
+        GroupBy::SlotModel => (
+            format!(
+                "r.model AS {}, CAST(v.lo AS TEXT) AS {}",
+                col::MODEL,
+                col::BUCKET
+            ),
+            " GROUP BY v.lo, r.model",
+        ),
+        _ if one_row_per_group => (key.clone(), ""),
+        _ => (key.clone(), group),
+    };
     let cells = format!(
-        "SELECT {key}, {columns} \
+        "SELECT {cells_key}, {columns} \
          FROM {join_users}v JOIN {table} r ON r.grain = v.g AND {user_on} AND r.slot >= v.lo AND r.slot < v.hi \
          WHERE {conditions}{cells_group}",
-        cells_group = if one_row_per_group { "" } else { group },
         columns = columns(
             &sum,
             match level {

@@ -967,6 +967,9 @@ db_test!(
         // Once an hour: only the fold at shutdown runs, after the last row.
         let mut opts = StoreOptions::new(dir.path().join("b.jsonl"));
         opts.fold_interval = Some(std::time::Duration::from_secs(3600));
+        // Committed before `record` returns, however loaded the machine (a row that missed the
+        // usual 10 ms deadline would reach the table later, through the spool).
+        opts.commit_deadline = std::time::Duration::from_secs(30);
         let store = UsageStore::open(t.db.clone(), opts).await;
         for r in random_rows(&mut rng, &ids, base, 2, 5, 200) {
             store.record(r).await;
@@ -979,6 +982,7 @@ db_test!(
         // None: this store never folds.
         let mut opts = StoreOptions::new(dir.path().join("c.jsonl"));
         opts.fold_interval = None;
+        opts.commit_deadline = std::time::Duration::from_secs(30);
         let store = UsageStore::open(t.db.clone(), opts).await;
         for r in random_rows(&mut rng, &ids, base, 2, 3, 300) {
             store.record(r).await;

@@ -751,35 +751,55 @@ async fn overview(
             }
         }
     }
-    let (summary, by_model, series) = if error.is_some() {
-        (Summary::default(), Vec::new(), Vec::new())
-    } else {
-        let data = stats::token_stats_in(
-            &state.read_db,
-            &filter,
-            Some(granularity),
-            SeriesOptions { tz, fill },
-        )
-        .await
-        .map_err(db_error)?;
-        (data.summary, data.by_model, data.series.unwrap_or_default())
-    };
-    let top_users = if error.is_some() || filter.user_id.is_some() {
-        Vec::new()
-    } else {
-        stats::stats_by_user(&state.read_db, &filter, 10)
-            .await
-            .map_err(db_error)?
-    };
-    let top_errors = if error.is_some() || summary.failed_calls == 0 {
-        None
-    } else {
-        Some(
-            crate::usage::errors::top_errors(&state.read_db, &filter, 10)
+    // The reads that do not depend on each other run at once, each on its own connection (the
+    // database works on them in parallel); the per-model series needs the largest models first.
+    let db = &state.read_db;
+    let ok = error.is_none();
+    let (stats, top_users, top_errors, latency) = tokio::join!(
+        async {
+            match ok {
+                true => stats::token_stats_in(
+                    db,
+                    &filter,
+                    Some(granularity),
+                    SeriesOptions { tz, fill },
+                )
                 .await
-                .map_err(db_error)?,
-        )
+                .map(Some),
+                false => Ok(None),
+            }
+        },
+        async {
+            match ok && filter.user_id.is_none() {
+                true => stats::stats_by_user(db, &filter, 10).await,
+                false => Ok(Vec::new()),
+            }
+        },
+        async {
+            match ok {
+                true => crate::usage::errors::top_errors(db, &filter, 10)
+                    .await
+                    .map(Some),
+                false => Ok(None),
+            }
+        },
+        async {
+            // Latency percentiles per model (exact counts, values within 5 %).
+            match ok {
+                true => crate::usage::latency::latency_histograms(db, &filter).await,
+                false => Ok(crate::usage::latency::LatencyHistograms::default()),
+            }
+        },
+    );
+    let (summary, by_model, series) = match stats.map_err(db_error)? {
+        Some(data) => (data.summary, data.by_model, data.series.unwrap_or_default()),
+        None => (Summary::default(), Vec::new(), Vec::new()),
     };
+    let top_users = top_users.map_err(db_error)?;
+    let top_errors = top_errors
+        .map_err(db_error)?
+        .filter(|_| summary.failed_calls > 0);
+    let latency = latency.map_err(db_error)?;
     let success_rate = if summary.total_calls == 0 {
         "–".to_owned()
     } else {
@@ -939,14 +959,6 @@ async fn overview(
         &format!("Failure rate by {bucket_name}"),
         empty_text,
     );
-    // Latency percentiles per model, from the histograms (exact counts, values within 5 %).
-    let latency = if error.is_some() {
-        crate::usage::latency::LatencyHistograms::default()
-    } else {
-        crate::usage::latency::latency_histograms(&state.read_db, &filter)
-            .await
-            .map_err(db_error)?
-    };
     let percentiles = |model: &str| {
         latency
             .by_model
