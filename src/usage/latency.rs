@@ -30,7 +30,7 @@ use super::filters::escape_like;
 use crate::db::Dialect;
 use crate::db::entities::usage;
 use crate::db::read_txn;
-use crate::usage::rollup::calendar_cell;
+use crate::usage::rollup::{calendar_cell, first_and_last};
 
 /// The largest relative error of a reported percentile: `(hi − lo) / (hi + lo)` for a bucket
 /// whose upper bound is at most 1.105 times its lower bound.
@@ -300,22 +300,13 @@ fn cover(filter: &UsageFilter, extent: Option<(i64, i64)>) -> Option<Cover> {
 
 /// The first and last slot of the histograms' quarter-day cells and pending contributions.
 async fn extent(txn: &DatabaseTransaction) -> Result<Option<(i64, i64)>, DbErr> {
-    let backend = txn.get_database_backend();
     let sql = format!(
         "SELECT (SELECT MIN(slot) FROM (SELECT MIN(slot) AS slot FROM {LATENCY_TABLE} WHERE grain = {QUARTER} \
          UNION ALL SELECT MIN(slot) FROM {DELTA_TABLE} WHERE latency_bucket IS NOT NULL) f), \
          (SELECT MAX(slot) FROM (SELECT MAX(slot) AS slot FROM {LATENCY_TABLE} WHERE grain = {QUARTER} \
          UNION ALL SELECT MAX(slot) FROM {DELTA_TABLE} WHERE latency_bucket IS NOT NULL) l)"
     );
-    let Some(row) = txn
-        .query_one_raw(Statement::from_string(backend, sql))
-        .await?
-    else {
-        return Ok(None);
-    };
-    let first: Option<i64> = row.try_get_by_index(0)?;
-    let last: Option<i64> = row.try_get_by_index(1)?;
-    Ok(first.zip(last))
+    first_and_last(txn, sql).await
 }
 
 /// The histogram cells and pending contributions of `cover` that `filter` selects, summed per

@@ -133,7 +133,6 @@ pub(crate) fn calendar_cell(c: Calendar, slot: i64) -> Option<(i64, i64)> {
 /// The first and last slot of the rollup (any user), if it has any cell or pending
 /// contribution.
 async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr> {
-    let backend = db.get_database_backend();
     let one = |order: &str| {
         format!(
             "(SELECT slot FROM {TOTALS_TABLE} WHERE grain = 1 AND user_key = {ALL_USERS} ORDER BY slot {order} LIMIT 1)"
@@ -145,6 +144,15 @@ async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr>
         one("ASC"),
         one("DESC")
     );
+    first_and_last(db, sql).await
+}
+
+/// The two slots a statement selects (first and last), when both are there.
+pub(crate) async fn first_and_last<C: ConnectionTrait>(
+    db: &C,
+    sql: String,
+) -> Result<Option<(i64, i64)>, DbErr> {
+    let backend = db.get_database_backend();
     let Some(row) = db
         .query_one_raw(Statement::from_string(backend, sql))
         .await?
@@ -894,40 +902,7 @@ pub async fn verify(
             negated = negated.join(", "),
             table = level.table(),
         );
-        let summary_sql = format!(
-            "SELECT CAST(COALESCE(SUM(is_expected), 0) AS BIGINT), CAST(COALESCE(SUM(is_diff), 0) AS BIGINT) FROM ({sql}) j"
-        );
-        if let Some(r) = txn
-            .query_one_raw(Statement::from_string(backend, summary_sql))
-            .await?
-        {
-            report.expected_cells += r.try_get_by_index::<i64>(0)?.max(0) as u64;
-            let differing = r.try_get_by_index::<i64>(1)?.max(0) as u64;
-            report.differing_cells += differing;
-            if differing == 0 {
-                continue;
-            }
-        }
-        let rows = txn
-            .query_all_raw(Statement::from_string(
-                backend,
-                format!("SELECT * FROM ({sql}) j WHERE is_diff = 1 ORDER BY slot, grain, user_key LIMIT 20"),
-            ))
-            .await?;
-        for r in rows {
-            let text = |k: &str| r.try_get::<String>("", k).unwrap_or_default();
-            let dims = key
-                .iter()
-                .map(|k| format!("{k}={}", text(k)))
-                .collect::<Vec<_>>()
-                .join(" ");
-            report.examples.push(format!(
-                "{}: {dims}: rows say {} calls, rollup {}",
-                level.table(),
-                r.try_get::<i64>("", "expected_calls").unwrap_or_default(),
-                r.try_get::<i64>("", "stored_calls").unwrap_or_default(),
-            ));
-        }
+        record_differences(&txn, &sql, key, level.table(), "rollup", &mut report).await?;
     }
     // The latency histograms: the same comparison over their cells.
     {
@@ -967,44 +942,72 @@ pub async fn verify(
              GROUP BY {key_list}",
             key_out = key_out.join(", "),
         );
-        let summary_sql = format!(
-            "SELECT CAST(COALESCE(SUM(is_expected), 0) AS BIGINT), CAST(COALESCE(SUM(is_diff), 0) AS BIGINT) FROM ({sql}) j"
-        );
-        let mut differing = 0;
-        if let Some(r) = txn
-            .query_one_raw(Statement::from_string(backend, summary_sql))
-            .await?
-        {
-            report.expected_cells += r.try_get_by_index::<i64>(0)?.max(0) as u64;
-            differing = r.try_get_by_index::<i64>(1)?.max(0) as u64;
-            report.differing_cells += differing;
-        }
-        if differing > 0 {
-            let rows = txn
-                .query_all_raw(Statement::from_string(
-                    backend,
-                    format!(
-                        "SELECT * FROM ({sql}) j WHERE is_diff = 1 ORDER BY slot, grain LIMIT 20"
-                    ),
-                ))
-                .await?;
-            for r in rows {
-                let text = |k: &str| r.try_get::<String>("", k).unwrap_or_default();
-                let dims = LATENCY_KEY
-                    .iter()
-                    .map(|k| format!("{k}={}", text(k)))
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                report.examples.push(format!(
-                    "{LATENCY_TABLE}: {dims}: rows say {} calls, histogram {}",
-                    r.try_get::<i64>("", "expected_calls").unwrap_or_default(),
-                    r.try_get::<i64>("", "stored_calls").unwrap_or_default(),
-                ));
-            }
-        }
+        record_differences(
+            &txn,
+            &sql,
+            &LATENCY_KEY,
+            LATENCY_TABLE,
+            "histogram",
+            &mut report,
+        )
+        .await?;
     }
     txn.commit().await?;
     Ok(report)
+}
+
+/// Runs a comparison of `verify` (`sql`: one row per cell key of `table`, with
+/// `expected_calls`, `stored_calls`, `is_expected` and `is_diff`) and adds what it finds to
+/// `report`: the cells expected, the cells that differ and the first 20 of them.
+async fn record_differences(
+    txn: &sea_orm::DatabaseTransaction,
+    sql: &str,
+    key: &[&str],
+    table: &str,
+    stored: &str,
+    report: &mut VerifyReport,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    let summary_sql = format!(
+        "SELECT CAST(COALESCE(SUM(is_expected), 0) AS BIGINT), CAST(COALESCE(SUM(is_diff), 0) AS BIGINT) FROM ({sql}) j"
+    );
+    let Some(r) = txn
+        .query_one_raw(Statement::from_string(backend, summary_sql))
+        .await?
+    else {
+        return Ok(());
+    };
+    report.expected_cells += r.try_get_by_index::<i64>(0)?.max(0) as u64;
+    let differing = r.try_get_by_index::<i64>(1)?.max(0) as u64;
+    report.differing_cells += differing;
+    if differing == 0 {
+        return Ok(());
+    }
+    let order = ["slot", "grain", "user_key"]
+        .into_iter()
+        .filter(|k| key.contains(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = txn
+        .query_all_raw(Statement::from_string(
+            backend,
+            format!("SELECT * FROM ({sql}) j WHERE is_diff = 1 ORDER BY {order} LIMIT 20"),
+        ))
+        .await?;
+    for r in rows {
+        let text = |k: &str| r.try_get::<String>("", k).unwrap_or_default();
+        let dims = key
+            .iter()
+            .map(|k| format!("{k}={}", text(k)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        report.examples.push(format!(
+            "{table}: {dims}: rows say {} calls, {stored} {}",
+            r.try_get::<i64>("", "expected_calls").unwrap_or_default(),
+            r.try_get::<i64>("", "stored_calls").unwrap_or_default(),
+        ));
+    }
+    Ok(())
 }
 
 /// Recreates the rollup from every row, in one transaction (PostgreSQL writers wait for it);

@@ -164,20 +164,25 @@ fn label_every(n: usize, width: f64) -> usize {
     n.div_ceil(fit).max(1)
 }
 
+/// The axis maximum for `items`: a round number at or above the tallest stack.
+fn axis_max(items: &[Bar], axis: Axis) -> f64 {
+    let top = items
+        .iter()
+        .map(|b| b.segments.iter().map(|s| s.1.max(0.0)).sum::<f64>())
+        .fold(0.0, f64::max);
+    match axis {
+        Axis::Count => nice_max(top.ceil() as i64) as f64,
+        _ => nice_max_f(top),
+    }
+}
+
 /// Bars (stacked by segment) over the buckets; `empty_text` when there are none.
 pub fn bars(items: &[Bar], width: f64, title: &str, axis: Axis, empty_text: &str) -> String {
     let mut svg = String::new();
     open(&mut svg, width, title);
     let plot_w = width - LEFT - 8.0;
     let plot_h = HEIGHT - TOP - BOTTOM;
-    let top = items
-        .iter()
-        .map(|b| b.segments.iter().map(|s| s.1.max(0.0)).sum::<f64>())
-        .fold(0.0, f64::max);
-    let max = match axis {
-        Axis::Count => nice_max(top.ceil() as i64) as f64,
-        _ => nice_max_f(top),
-    };
+    let max = axis_max(items, axis);
     grid(&mut svg, width, max, axis);
     if items.is_empty() {
         empty(&mut svg, width, empty_text);
@@ -225,14 +230,7 @@ pub fn hbars(items: &[Bar], width: f64, title: &str, axis: Axis, empty_text: &st
     // Room on the right for the last axis label, centred on the end of the plot.
     let plot_w = width - LABEL - 40.0;
     let plot_h = ROW * items.len().max(3) as f64;
-    let top = items
-        .iter()
-        .map(|b| b.segments.iter().map(|s| s.1.max(0.0)).sum::<f64>())
-        .fold(0.0, f64::max);
-    let max = match axis {
-        Axis::Count => nice_max(top.ceil() as i64) as f64,
-        _ => nice_max_f(top),
-    };
+    let max = axis_max(items, axis);
     for k in 0..=4 {
         let v = max * k as f64 / 4.0;
         let x = LABEL + plot_w * k as f64 / 4.0;
