@@ -462,6 +462,45 @@ mod label_tests {
     use super::*;
 
     #[test]
+    fn horizontal_bars_name_each_row_and_scale_to_the_longest() {
+        let b = |l: &str, p50: f64, p95: f64| Bar {
+            label: l.into(),
+            segments: vec![("p50", p50), ("p95", p95 - p50)],
+            title: format!("{l}: p50 {p50}"),
+        };
+        let svg = hbars(
+            &[
+                b("gpt-4o", 1.0, 3.0),
+                b("<script>", 2.0, 2.5),
+                b("a-model-name-longer-than-twenty-two", 0.5, 12.0),
+            ],
+            HALF,
+            "Latency",
+            Axis::Seconds,
+            "none",
+        );
+        // Every row labelled (escaped, long names cut), two segments each.
+        assert!(svg.contains(">gpt-4o</text>"), "{svg}");
+        assert!(svg.contains("&lt;script&gt;") && !svg.contains("<script>"));
+        assert!(svg.contains(">a-model-name-longer-t…</text>"), "{svg}");
+        assert_eq!(svg.matches("<rect").count(), 6);
+        // The axis reaches past the longest stack (12 s), in durations.
+        assert!(svg.contains(">20.0 s</text>"), "{svg}");
+        assert!(svg.contains(">0</text>"));
+        assert!(!svg.contains(">none</text>"));
+        // Nothing to draw: the empty text.
+        let empty = hbars(
+            &[],
+            HALF,
+            "Latency",
+            Axis::Seconds,
+            "No call knows its latency",
+        );
+        assert!(empty.contains("No call knows its latency"));
+        assert_eq!(empty.matches("<rect").count(), 0);
+    }
+
+    #[test]
     fn a_long_series_gets_a_label_every_few_bars() {
         let items: Vec<Bar> = (0..90)
             .map(|i| Bar {
