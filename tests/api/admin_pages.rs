@@ -151,7 +151,7 @@ db_test!(
         let staff = user(&t, "staffer", true, false, true).await;
         let rows: Vec<usage::Model> = (1..=30u128)
             .map(|n| {
-                row(
+                let mut r = row(
                     n,
                     Some(staff),
                     if n % 3 == 0 {
@@ -162,7 +162,13 @@ db_test!(
                     (100 + n as i32, 20, 0, 0),
                     n % 7 != 0,
                     at("2025-03-01T10:00:00Z") + chrono::Duration::hours(n as i64 * 5),
-                )
+                );
+                // Every other call timed (latency n × 100 ms).
+                if n % 2 == 0 {
+                    r.started_at =
+                        Some(r.created_at - chrono::Duration::milliseconds(n as i64 * 100));
+                }
+                r
             })
             .collect();
         insert(&t.db, &rows).await;
@@ -287,6 +293,30 @@ db_test!(
             assert!(!page.body.contains("No failed calls in this range."));
         }
         assert!(page.body.contains(">gemini-2.5-flash</a>"));
+        // Latency by model and time to first token (issue 21): the demo's calls are timed.
+        assert!(page.body.contains("id=\"latency-chart\""));
+        assert!(page.body.contains("Latency by model (p50, p95)"));
+        assert!(page.body.contains("p95 latency"));
+        assert!(
+            !page
+                .body
+                .contains("No timed calls: latency needs started_at")
+        );
+        // A range without calls: the charts say so.
+        let empty = send!(
+            app,
+            with_session(
+                "/admin/?start_date=2001-01-01&end_date=2001-01-31",
+                &session
+            )
+        );
+        assert_eq!(empty.status, 200);
+        assert!(
+            empty
+                .body
+                .contains("No timed calls: latency needs started_at")
+        );
+        assert!(empty.body.contains("No streamed calls in this range"));
         // No external resource on the page.
         assert!(
             page.body.matches("http://").count()

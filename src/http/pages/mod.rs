@@ -992,7 +992,7 @@ async fn overview(
         chart::HALF,
         "Latency by model (p50, p95)",
         chart::Axis::Seconds,
-        "No call in this range knows its latency (started_at)",
+        "No timed calls: latency needs started_at",
     );
     let ttft_bars: Vec<chart::Bar> = charted
         .iter()
@@ -1010,7 +1010,7 @@ async fn overview(
         chart::HALF,
         "Time to first token by model (mean of streamed calls)",
         chart::Axis::Seconds,
-        "No streamed call in this range",
+        "No streamed calls in this range",
     );
     let status = if error.is_some() {
         StatusCode::BAD_REQUEST
