@@ -364,7 +364,16 @@ pub fn create_table_sql(backend: DbBackend, level: Level) -> String {
 /// The contribution of the `prefix`-qualified row (`NEW.`, `OLD.` or ``) with `sign` (+1
 /// counts the row in, -1 out), as a select list of the delta columns.
 fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
+    delta_values_with(backend, sign, prefix, None)
+}
+
+/// [`delta_values`], with the row's latency read from `latency` (an expression already
+/// computed, e.g. a subquery's column) instead of computed twice (its sum and its bucket).
+fn delta_values_with(backend: DbBackend, sign: i32, prefix: &str, latency: Option<&str>) -> String {
     let col = |c: &str| format!("{prefix}{c}");
+    let row_latency = latency
+        .map(str::to_owned)
+        .unwrap_or_else(|| latency_us_sql(backend, &col("created_at"), &col("started_at")));
     let signed = |expr: String| {
         if sign == 1 {
             expr
@@ -385,10 +394,7 @@ fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
         user = col("user_id"),
         model = col("model"),
         success = col("success"),
-        bucket = latency_bucket_sql(
-            backend,
-            &latency_us_sql(backend, &col("created_at"), &col("started_at"))
-        ),
+        bucket = latency_bucket_sql(backend, &row_latency),
         p = signed(col("prompt_tokens")),
         c = signed(col("completion_tokens")),
         t = signed(col("total_tokens")),
@@ -396,11 +402,7 @@ fn delta_values(backend: DbBackend, sign: i32, prefix: &str) -> String {
         r = signed(col("reasoning_tokens")),
         cost = signed(cost_micros_sql(backend, &col("cost"))),
         priced = counted(&col("cost")),
-        latency = signed(latency_us_sql(
-            backend,
-            &col("created_at"),
-            &col("started_at")
-        )),
+        latency = signed(row_latency.clone()),
         timed = counted(&col("started_at")),
         ttft = signed(latency_us_sql(
             backend,
@@ -441,9 +443,21 @@ fn contributions(backend: DbBackend, sources: &[Source<'_>]) -> String {
                 delta_values(backend, *sign, ""),
                 where_sql.map(|w| format!(" WHERE {w}")).unwrap_or_default()
             )],
+            // One row of a row trigger: its latency computed once (on SQLite a parse of two
+            // timestamps' text), for its sum and its bucket.
             Source::Rows(rows) => rows
                 .iter()
-                .map(|(prefix, sign)| format!("SELECT {}", delta_values(backend, *sign, prefix)))
+                .map(|(prefix, sign)| {
+                    format!(
+                        "SELECT {} FROM (SELECT {} AS latency) l",
+                        delta_values_with(backend, *sign, prefix, Some("l.latency")),
+                        latency_us_sql(
+                            backend,
+                            &format!("{prefix}created_at"),
+                            &format!("{prefix}started_at")
+                        )
+                    )
+                })
                 .collect(),
             // Summed per delta key first: a second of writes is thousands of rows but a few
             // keys, and each key then fans out to six cells.
