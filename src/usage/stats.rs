@@ -424,8 +424,6 @@ pub async fn token_stats(
     token_stats_in(db, filter, granularity, SeriesOptions::default()).await
 }
 
-/// The raw groups of `filter` (the single aggregate over the rows, under its planner
-/// settings), inside `txn`.
 /// The raw `(model, bucket)` groups of the partial slots at a plan's edges.
 async fn edge_groups(
     txn: &DatabaseTransaction,
@@ -446,6 +444,8 @@ async fn edge_groups(
     Ok(groups)
 }
 
+/// The raw groups of `filter` (the single aggregate over the rows, under its planner
+/// settings), inside `txn`.
 async fn raw_groups(
     txn: &DatabaseTransaction,
     filter: &UsageFilter,

@@ -791,15 +791,19 @@ async fn overview(
             }
         },
     );
+    let latency = latency.map_err(db_error)?;
+    // The percentiles on each model's line, as the API's include=latency sets them.
     let (summary, by_model, series) = match stats.map_err(db_error)? {
-        Some(data) => (data.summary, data.by_model, data.series.unwrap_or_default()),
+        Some(data) => {
+            let data = data.with_latency(&latency);
+            (data.summary, data.by_model, data.series.unwrap_or_default())
+        }
         None => (Summary::default(), Vec::new(), Vec::new()),
     };
     let top_users = top_users.map_err(db_error)?;
     let top_errors = top_errors
         .map_err(db_error)?
         .filter(|_| summary.failed_calls > 0);
-    let latency = latency.map_err(db_error)?;
     let success_rate = if summary.total_calls == 0 {
         "–".to_owned()
     } else {
@@ -959,28 +963,20 @@ async fn overview(
         &format!("Failure rate by {bucket_name}"),
         empty_text,
     );
-    let percentiles = |model: &str| {
-        latency
-            .by_model
-            .get(model)
-            .map(|h| h.percentiles())
-            .unwrap_or_default()
-    };
     let charted: Vec<&stats::ModelStats> = by_model.iter().take(LATENCY_MODELS).collect();
     let latency_bars: Vec<chart::Bar> = charted
         .iter()
         .filter_map(|m| {
-            let p = percentiles(&m.model);
-            let (p50, p95) = (p.latency_p50_sec?, p.latency_p95_sec?);
+            let (p50, p95) = (m.latency_p50_sec.flatten()?, m.latency_p95_sec.flatten()?);
             Some(chart::Bar {
                 label: m.model.clone(),
                 segments: vec![("p50", p50), ("p95", (p95 - p50).max(0.0))],
                 title: format!(
                     "{}: p50 {}, p95 {}, p99 {}, mean {} over {} timed calls",
                     m.model,
-                    seconds(p.latency_p50_sec),
-                    seconds(p.latency_p95_sec),
-                    seconds(p.latency_p99_sec),
+                    seconds(Some(p50)),
+                    seconds(Some(p95)),
+                    seconds(m.latency_p99_sec.flatten()),
                     seconds(m.avg_latency_sec),
                     format::thousands(latency.by_model.get(&m.model).map_or(0, |h| h.calls()))
                 ),
@@ -1031,8 +1027,8 @@ async fn overview(
             cost: format::money(m.total_cost.0, model_decimals),
             cost_share: format::share(m.total_cost.0, summary.total_cost.0),
             latency: seconds(m.avg_latency_sec),
-            p50: seconds(percentiles(&m.model).latency_p50_sec),
-            p95: seconds(percentiles(&m.model).latency_p95_sec),
+            p50: seconds(m.latency_p50_sec.flatten()),
+            p95: seconds(m.latency_p95_sec.flatten()),
             ttft: seconds(m.avg_ttft_sec),
             model: m.model,
         })
