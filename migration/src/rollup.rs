@@ -591,8 +591,9 @@ pub const FOLD_LOCK: i64 = 0x6c6c_6d74_726f_6c6c;
 pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     let mut out = Vec::new();
     let from_horizon = horizon.map(|h| format!("{} >= {h}", slot_sql(backend, "created_at")));
-    // The latency histograms: recounted from the rows from the horizon on; before it the cells
-    // stay, plus what is pending there (every histogram cell lies on one side of a UTC midnight).
+    // The latency histograms: days and quarter days recounted from the rows from the horizon
+    // on (each lies on one side of it, a UTC midnight); before it they stay, plus what is
+    // pending there. Months, which can straddle the horizon, are summed from the days after.
     out.push(format!(
         "DELETE FROM {LATENCY_TABLE}{}",
         horizon
