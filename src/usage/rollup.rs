@@ -58,6 +58,15 @@ impl Run {
     }
 }
 
+/// A run of [`Plan::per_bucket`] with the bucket it counts towards, named by a slot inside
+/// that bucket: a run that subtracts may lie outside its bucket (a UTC day's cell less its
+/// hours before a local midnight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketRun {
+    pub key: i64,
+    pub run: Run,
+}
+
 /// The 15-minute slots `[first, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slots {
@@ -72,10 +81,12 @@ pub struct Plan {
     /// Runs of whole cells that do not overlap, each cell inside one bucket of the series
     /// (when there is one), in the table the series reads.
     pub ranges: Vec<Run>,
-    /// [`Plan::ranges`] split so that each run lies in one bucket of the series (the same runs
-    /// without a series): the per-model series sums each run in SQL, one group per bucket and
-    /// model instead of one per cell and model.
-    pub per_bucket: Vec<Run>,
+    /// The cells of each bucket of the series (the same runs as [`Plan::ranges`] without a
+    /// series), keyed by their bucket: the per-model series sums each bucket's runs in SQL, one
+    /// group per bucket and model instead of one per cell and model. Over all users a bucket
+    /// that is not a UTC day may read its UTC days' cells less their hours outside it (a local
+    /// day outside UTC: one day and 8–10 hour cells instead of 24 hour cells).
+    pub per_bucket: Vec<BucketRun>,
     /// The same slots in the coarsest cells of the per-model table, ignoring buckets: for the
     /// sums that have none (summary, per model, per user), which then read far fewer cells.
     pub totals: Vec<Run>,
@@ -275,8 +286,8 @@ pub async fn plan<C: ConnectionTrait>(
         });
     }
     let per_bucket = match series {
-        Some((gran, tz)) => split_per_bucket(&ranges, gran, tz),
-        None => ranges.clone(),
+        Some((gran, tz)) => per_bucket(&split_per_bucket(&ranges, gran, tz), gran, tz, scope),
+        None => unkeyed(&ranges),
     };
     Ok(Some(Plan {
         scope,
@@ -392,6 +403,93 @@ fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<Run> {
     out
 }
 
+/// The cells in `size` (each run's cells counted, the runs read as index ranges each).
+fn size(runs: &[Run]) -> i64 {
+    runs.iter()
+        .map(|r| {
+            let len = GRAINS
+                .iter()
+                .find(|g| g.code == r.grain)
+                .map_or(1, |g| g.len);
+            (r.end - r.first) / len
+        })
+        .sum()
+}
+
+/// `split` (runs each inside one bucket, in slot order) keyed by bucket. Over all users, a
+/// bucket whose slots `[s, e)` are not whole UTC days reads the UTC days around it less their
+/// slots outside it, when that is fewer cells: exact, since a fold adds a row to its day and its
+/// hour and quarter-hour cells in one transaction, so the day's cell less its other hours holds
+/// exactly the bucket's part of that day (the pending contributions are added per slot, as
+/// before). A user's cells are days at the finest: as split.
+fn per_bucket(split: &[Run], gran: Granularity, tz: Tz, scope: Scope) -> Vec<BucketRun> {
+    let bucket = |slot: i64| slot_start(slot).map(|t| bucket_start(gran, tz, t));
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < split.len() {
+        let current = bucket(split[i].first);
+        let mut j = i + 1;
+        while j < split.len()
+            && split[j].first == split[j - 1].end
+            && !split[j].subtract
+            && bucket(split[j].first) == current
+        {
+            j += 1;
+        }
+        let group = &split[i..j];
+        let (s, e) = (group[0].first, group[group.len() - 1].end);
+        // (A bucket under half a day never reads fewer cells so.)
+        let around =
+            (scope == Scope::AllUsers && e - s >= DAY / 2 && !group.iter().any(|r| r.subtract))
+                .then(|| around_days(s, e))
+                .flatten()
+                .filter(|runs| size(runs) < size(group));
+        let key = s;
+        out.extend(
+            around
+                .as_deref()
+                .unwrap_or(group)
+                .iter()
+                .map(|&run| BucketRun { key, run }),
+        );
+        i = j;
+    }
+    out
+}
+
+/// The slots `[s, e)` as a run of whole UTC days `[d0, d1)` (each end the UTC midnight before
+/// or after the bucket's) with the slots between the days' ends and the bucket's in their
+/// coarsest cells, taken away where the days reach past the bucket, added where they fall
+/// short; the choice with the fewest cells, or `None` when `[s, e)` is whole days already.
+fn around_days(s: i64, e: i64) -> Option<Vec<Run>> {
+    let floor = |x: i64| x.div_euclid(DAY) * DAY;
+    let ceil = |x: i64| floor(x) + if x.rem_euclid(DAY) == 0 { 0 } else { DAY };
+    let mut best: Option<Vec<Run>> = None;
+    for d0 in [floor(s), ceil(s)] {
+        for d1 in [floor(e), ceil(e)] {
+            if d0 >= d1 || (d0, d1) == (s, e) {
+                continue;
+            }
+            let mut runs = vec![Run::new(DAY, d0, d1)];
+            for (first, end, subtract) in
+                [(d0, s, true), (e, d1, true), (s, d0, false), (d1, e, false)]
+            {
+                if first < end {
+                    runs.extend(
+                        cells(first, end, None)?
+                            .into_iter()
+                            .map(|r| Run { subtract, ..r }),
+                    );
+                }
+            }
+            if best.as_ref().is_none_or(|b| size(&runs) < size(b)) {
+                best = Some(runs);
+            }
+        }
+    }
+    best
+}
+
 /// Slots `[a, b)` as merged runs of cells, coarsest first, each cell inside one bucket of the
 /// series; `None` when a single slot straddles two buckets.
 /// Whether the slots `[first, end)` lie inside one bucket of the series (always, without one).
@@ -501,6 +599,16 @@ pub fn models_statement(
     )
 }
 
+/// Runs named by their own first slot.
+fn unkeyed(runs: &[Run]) -> Vec<BucketRun> {
+    runs.iter()
+        .map(|&run| BucketRun {
+            key: run.first,
+            run,
+        })
+        .collect()
+}
+
 fn build(
     backend: DbBackend,
     plan: &Plan,
@@ -512,11 +620,13 @@ fn build(
 ) -> Statement {
     // Over all models and outcomes, the totals table has one row per cell.
     let level = level_of(filter, by);
-    let ranges = match (by, level) {
-        (GroupBy::SlotModel, _) => &plan.per_bucket,
-        (GroupBy::Slot, _) => &plan.ranges,
-        (_, Level::Total) => &plan.coarse,
-        (_, Level::ByModel) => &plan.totals,
+    // Each run with the slot that names its group (the per-model series groups by bucket).
+    let keyed = by == GroupBy::SlotModel;
+    let ranges: Vec<BucketRun> = match (by, level) {
+        (GroupBy::SlotModel, _) => plan.per_bucket.clone(),
+        (GroupBy::Slot, _) => unkeyed(&plan.ranges),
+        (_, Level::Total) => unkeyed(&plan.coarse),
+        (_, Level::ByModel) => unkeyed(&plan.totals),
     };
     let table = level.table();
     // Per user, without a user filter: the primary key is (grain, user_key, slot, …), so a slot
@@ -552,18 +662,27 @@ fn build(
     };
     // Runs that subtract carry a sign (-1) that multiplies their cells; without one the
     // statement stays as it was (no sign column).
-    let signed = ranges.iter().any(|r| r.subtract);
-    let mut values: Vec<String> = ranges
-        .iter()
-        .map(|r| match (signed, r.subtract) {
-            (false, _) => format!("({}, {}, {})", r.grain, r.first, r.end),
-            (true, false) => format!("({}, {}, {}, 1)", r.grain, r.first, r.end),
-            (true, true) => format!("({}, {}, {}, -1)", r.grain, r.first, r.end),
-        })
-        .collect();
+    let signed = ranges.iter().any(|r| r.run.subtract);
+    let value = |BucketRun { key, run }: BucketRun| {
+        let sign = match (signed, run.subtract) {
+            (false, _) => "",
+            (true, false) => ", 1",
+            (true, true) => ", -1",
+        };
+        let key = if keyed {
+            format!(", {key}")
+        } else {
+            String::new()
+        };
+        format!("({}, {}, {}{sign}{key})", run.grain, run.first, run.end)
+    };
+    let mut values: Vec<String> = ranges.iter().copied().map(value).collect();
     if values.is_empty() {
         // No whole cell (a user's series whose days all straddle buckets): an empty run.
-        values.push("(0, 0, 0)".to_owned());
+        values.push(value(BucketRun {
+            key: 0,
+            run: Run::new(0, 0, 0),
+        }));
     }
     let mut params: Vec<Value> = Vec::new();
     let mut placeholder = |v: Value| {
@@ -703,16 +822,16 @@ fn build(
             ttftn = sum("r.ttft_calls"),
         )
     };
-    // The per-model series: one group per run (each in one bucket, see `Plan::per_bucket`)
-    // and model, named by the run's first slot.
+    // The per-model series: one group per bucket (see `Plan::per_bucket`) and model, named by
+    // a slot of the bucket.
     let (cells_key, cells_group) = match by {
         GroupBy::SlotModel => (
             format!(
-                "r.model AS {}, CAST(v.lo AS TEXT) AS {}",
+                "r.model AS {}, CAST(v.k AS TEXT) AS {}",
                 col::MODEL,
                 col::BUCKET
             ),
-            " GROUP BY v.lo, r.model",
+            " GROUP BY v.k, r.model",
         ),
         _ if one_row_per_group => (key.clone(), ""),
         _ => (key.clone(), group),
@@ -750,7 +869,11 @@ fn build(
     let sql = format!(
         "WITH v ({v_columns}) AS (VALUES {values}) {cells} UNION ALL \
          SELECT {key}, {columns} FROM {DELTA_TABLE} r WHERE {pending}{group}",
-        v_columns = if signed { "g, lo, hi, s" } else { "g, lo, hi" },
+        v_columns = format!(
+            "g, lo, hi{}{}",
+            if signed { ", s" } else { "" },
+            if keyed { ", k" } else { "" }
+        ),
         values = values.join(", "),
         columns = columns(&aggregate, "r.successful_calls"),
         pending = pending.join(" AND "),
@@ -1073,6 +1196,67 @@ mod tests {
                 (4, a + 195, a + 195 + 4),
                 (1, a + 199, b),
             ]
+        );
+    }
+
+    #[test]
+    fn local_days_outside_utc_read_utc_days_less_their_other_hours() {
+        // Month series (local days) in New York (UTC−5 in January): a local day is
+        // [05:00, 05:00) UTC, 24 hour cells; read as the UTC day it starts in, less its first
+        // 5 hours, plus the next day's first 5 hours: 11 cells.
+        let tz: Tz = "America/New_York".parse().unwrap();
+        let a = slot("2025-01-02T05:00:00Z");
+        let b = slot("2025-01-04T05:00:00Z");
+        let series = Some((Granularity::Month, tz));
+        let split = split_per_bucket(&cells(a, b, series).unwrap(), Granularity::Month, tz);
+        assert_eq!(size(&split), 48);
+        let keyed = per_bucket(&split, Granularity::Month, tz, Scope::AllUsers);
+        let read: Vec<Run> = keyed.iter().map(|b| b.run).collect();
+        assert_eq!(size(&read), 22);
+        let day = |d: &str| slot(&format!("{d}T00:00:00Z"));
+        let runs: Vec<(i64, i64, i64, i64, bool)> = keyed
+            .iter()
+            .map(|b| (b.key, b.run.grain, b.run.first, b.run.end, b.run.subtract))
+            .collect();
+        let (d2, d3, d4) = (day("2025-01-02"), day("2025-01-03"), day("2025-01-04"));
+        assert_eq!(
+            runs,
+            vec![
+                (a, 96, d2, d3, false),
+                (a, 4, d2, d2 + 20, true),
+                (a, 4, d3, d3 + 20, false),
+                (a + 96, 96, d3, d4, false),
+                (a + 96, 4, d3, d3 + 20, true),
+                (a + 96, 4, d4, d4 + 20, false),
+            ]
+        );
+        // Each key names a slot of its own bucket; each bucket nets exactly its own slots.
+        for k in [a, a + 96] {
+            let mut net = std::collections::BTreeMap::<i64, i64>::new();
+            for b in keyed.iter().filter(|b| b.key == k) {
+                for p in b.run.first..b.run.end {
+                    *net.entry(p).or_default() += if b.run.subtract { -1 } else { 1 };
+                }
+            }
+            net.retain(|_, n| *n != 0);
+            assert_eq!(
+                net.keys().copied().collect::<Vec<_>>(),
+                (k..k + 96).collect::<Vec<_>>()
+            );
+            assert!(net.values().all(|n| *n == 1));
+        }
+        // Fewer cells only: in UTC, and for a user's cells, the runs as they were.
+        let utc = split_per_bucket(
+            &cells(d2, d4, Some((Granularity::Month, Tz::UTC))).unwrap(),
+            Granularity::Month,
+            Tz::UTC,
+        );
+        let kept = per_bucket(&utc, Granularity::Month, Tz::UTC, Scope::AllUsers);
+        assert!(kept.iter().all(|b| !b.run.subtract && b.key == b.run.first));
+        assert!(
+            per_bucket(&split, Granularity::Month, tz, Scope::PerUser)
+                .iter()
+                .all(|b| !b.run.subtract)
         );
     }
 

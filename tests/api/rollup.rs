@@ -1270,6 +1270,7 @@ db_test!(
         insert(db, &rows[600..]).await;
         let times: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
         let mut rollup_used = 0;
+        let mut around_days = 0;
         for i in 0..60 {
             let mut filter = random_filter(&mut rng, &ids, &times, base, 40);
             if i % 3 != 0 {
@@ -1310,12 +1311,16 @@ db_test!(
                     .cloned()
                     .collect::<Vec<_>>()
             );
-            if rollup::plan(db, &filter, Some((granularity, tz)), false)
+            if let Some(p) = rollup::plan(db, &filter, Some((granularity, tz)), false)
                 .await
                 .unwrap()
-                .is_some_and(|p| !p.ranges.is_empty() && filter.user_id.is_none())
+                .filter(|p| !p.ranges.is_empty() && filter.user_id.is_none())
             {
                 rollup_used += 1;
+                // Local days outside UTC: UTC days less their hours outside the bucket.
+                if p.per_bucket.iter().any(|b| b.run.subtract) {
+                    around_days += 1;
+                }
             }
             // The models' buckets add up to the series of all models.
             let all = token_stats_in(
@@ -1350,5 +1355,9 @@ db_test!(
             assert_eq!(summed, expected, "{filter:?} {granularity:?} {tz}");
         }
         assert!(rollup_used > 10, "the rollup answered {rollup_used} times");
+        assert!(
+            around_days > 3,
+            "UTC days less hours read {around_days} times"
+        );
     }
 );
