@@ -867,13 +867,10 @@ fn build(
     pending.extend(only_users);
     narrow(&mut pending);
     let sql = format!(
-        "WITH v ({v_columns}) AS (VALUES {values}) {cells} UNION ALL \
+        "WITH v (g, lo, hi{sign_column}{key_column}) AS (VALUES {values}) {cells} UNION ALL \
          SELECT {key}, {columns} FROM {DELTA_TABLE} r WHERE {pending}{group}",
-        v_columns = format!(
-            "g, lo, hi{}{}",
-            if signed { ", s" } else { "" },
-            if keyed { ", k" } else { "" }
-        ),
+        sign_column = if signed { ", s" } else { "" },
+        key_column = if keyed { ", k" } else { "" },
         values = values.join(", "),
         columns = columns(&aggregate, "r.successful_calls"),
         pending = pending.join(" AND "),
