@@ -830,6 +830,14 @@ pub async fn stats_by_user(
             for edge in &plan.edges {
                 edges.extend(raw_user_groups(&txn, edge).await?);
             }
+            for outside in &plan.minus {
+                edges.extend(
+                    raw_user_groups(&txn, outside)
+                        .await?
+                        .into_iter()
+                        .map(|g| UserGroup { sums: -g.sums, ..g }),
+                );
+            }
             // Without a user filter: rank every user on calls and tokens first (cells, pending
             // contributions and edges: exact), then read every sum of the `limit` first only.
             let chosen = match filter.user_id {

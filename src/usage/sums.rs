@@ -3,7 +3,7 @@
 //! every aggregate that feeds them (the raw rows' and the rollup's) names its columns through
 //! [`TokenSums::select`], so the SQL aliases cannot drift from the fields that read them.
 
-use std::ops::AddAssign;
+use std::ops::{AddAssign, Neg};
 
 use sea_orm::FromQueryResult;
 
@@ -92,6 +92,23 @@ impl AddAssign for TokenSums {
     }
 }
 
+/// Every sum negated: rows taken away (a day's cell less the rows of the day outside a range).
+impl Neg for TokenSums {
+    type Output = Self;
+
+    fn neg(self) -> Self {
+        Self {
+            total_calls: -self.total_calls,
+            total_prompt_tokens: -self.total_prompt_tokens,
+            total_completion_tokens: -self.total_completion_tokens,
+            total_tokens: -self.total_tokens,
+            total_cached_tokens: -self.total_cached_tokens,
+            total_reasoning_tokens: -self.total_reasoning_tokens,
+            cost_micros: -self.cost_micros,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
@@ -137,5 +154,9 @@ mod tests {
         for (sum, _) in TokenSums::COLUMNS {
             assert_eq!(get(&twice, sum), 2 * value(sum), "{sum:?}");
         }
+        let mut none = twice;
+        none += -sums;
+        none += -sums;
+        assert_eq!(none, TokenSums::default());
     }
 }

@@ -1256,6 +1256,123 @@ db_test!(
 );
 
 db_test!(
+    async fn by_user_over_most_of_a_day_reads_the_day_less_its_rows_outside(backend: Backend) {
+        // A range that cuts a UTC day at an end, more than half of it inside (a range from a
+        // local midnight in New York: 19–20 hours of that day), reads the day's per-user cells
+        // and takes away the day's rows outside the range (`Plan::minus`, 4–5 hours of rows,
+        // instead of ranking 19–20 hours of rows for every user): exact, folded or pending;
+        // never over a day before the retention horizon.
+        use llm_tracker::retention;
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["lm1", "lm2", "lm3", "lm4"]).await;
+        let mut rng = StdRng::seed_from_u64(2122);
+        let base = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        let rows = random_rows(&mut rng, &ids, base, 20, 1500, 1);
+        insert(db, &rows[..900]).await;
+        fold(&t).await;
+        insert(db, &rows[900..]).await;
+        let midnight = |zone: &str, day: u32| {
+            let tz: Tz = zone.parse().unwrap();
+            tz.with_ymd_and_hms(2026, 3, day, 0, 0, 0)
+                .unwrap()
+                .with_timezone(&Utc)
+        };
+        let micro = Duration::microseconds(1);
+        let widened = std::cell::Cell::new(0);
+        let check = async |filter: UsageFilter| {
+            let plan = rollup::plan(db, &filter, None, true).await.unwrap();
+            if plan.as_ref().is_some_and(|p| !p.minus.is_empty()) {
+                widened.set(widened.get() + 1);
+            }
+            for limit in [2, 1000] {
+                assert_eq!(
+                    stats_by_user(db, &filter, limit).await.unwrap(),
+                    stats_by_user_raw(db, &filter, limit).await.unwrap(),
+                    "{filter:?}"
+                );
+            }
+            plan
+        };
+        for zone in [
+            "America/New_York",
+            "Asia/Kolkata",
+            "Asia/Kathmandu",
+            "Pacific/Chatham",
+        ] {
+            for (d0, d1) in [(2, 9), (3, 17), (5, 6)] {
+                for user_id in [None, Some(ids[0])] {
+                    // Local days; local days ending at an instant; from an instant.
+                    for (start, end) in [
+                        (midnight(zone, d0), midnight(zone, d1) - micro),
+                        (midnight(zone, d0), midnight(zone, d1) - Duration::hours(3)),
+                        (
+                            midnight(zone, d0) + Duration::minutes(7),
+                            midnight(zone, d1) - micro,
+                        ),
+                    ] {
+                        check(UsageFilter {
+                            start: Some(start),
+                            end: Some(end),
+                            user_id,
+                            ..Default::default()
+                        })
+                        .await;
+                    }
+                }
+            }
+        }
+        // Random ranges, often exactly at a row's time.
+        let times: Vec<DateTime<Utc>> = rows.iter().map(|r| r.created_at).collect();
+        for _ in 0..40 {
+            check(random_filter(&mut rng, &ids, &times, base, 20)).await;
+        }
+        let plans = widened.get();
+        assert!(plans > 20, "the day less its rows outside: {plans} plans");
+        fold(&t).await;
+        let ny = UsageFilter {
+            start: Some(midnight("America/New_York", 4)),
+            end: Some(midnight("America/New_York", 12) - micro),
+            ..Default::default()
+        };
+        assert!(!check(ny.clone()).await.unwrap().minus.is_empty());
+        // Retention up to 8 March: the 7th's rows are gone, its cells kept. A range from 05:00
+        // on the 7th reads no cell of the 7th (its 19 hours of rows are gone: nothing of them
+        // is counted, as for any partial day there), so it equals the range from the 8th.
+        let now = Utc.with_ymd_and_hms(2026, 3, 11, 12, 0, 0).unwrap();
+        retention::run(db, 3, false, now).await.unwrap();
+        let horizon = Utc.with_ymd_and_hms(2026, 3, 8, 0, 0, 0).unwrap();
+        assert_eq!(retention::horizon(db).await.unwrap(), Some(horizon));
+        let end = midnight("UTC", 15) - micro;
+        let from_evening = UsageFilter {
+            start: Some(horizon - Duration::hours(19)),
+            end: Some(end),
+            ..Default::default()
+        };
+        let plan = rollup::plan(db, &from_evening, None, true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(plan.minus.is_empty(), "{plan:?}");
+        let from_horizon = UsageFilter {
+            start: Some(horizon),
+            ..from_evening.clone()
+        };
+        assert_eq!(
+            stats_by_user(db, &from_evening, 1000).await.unwrap(),
+            stats_by_user(db, &from_horizon, 1000).await.unwrap()
+        );
+        // After the horizon the day is read less its rows outside, and exact.
+        let after = UsageFilter {
+            start: Some(horizon + Duration::hours(5)),
+            end: Some(end),
+            ..Default::default()
+        };
+        assert!(!check(after).await.unwrap().minus.is_empty());
+    }
+);
+
+db_test!(
     async fn the_series_of_each_model_equals_the_raw_rows(backend: Backend) {
         // Issue 21: the overview's bars stacked by model read the per-model cells.
         use llm_tracker::usage::stats::{series_by_model, series_by_model_raw};
