@@ -752,22 +752,35 @@ async fn overview(
         }
     }
     // The reads that do not depend on each other run at once, each on its own connection (the
-    // database works on them in parallel); the per-model series needs the largest models first.
+    // database works on them in parallel); the per-model series needs the largest models
+    // first, so it follows the statistics while the other reads (the top users take longest)
+    // go on.
     let db = &state.read_db;
     let ok = error.is_none();
-    let (stats, top_users, top_errors, latency) = tokio::join!(
+    let (stats_and_models, top_users, top_errors, latency) = tokio::join!(
         async {
-            match ok {
-                true => stats::token_stats_in(
-                    db,
-                    &filter,
-                    Some(granularity),
-                    SeriesOptions { tz, fill },
-                )
-                .await
-                .map(Some),
-                false => Ok(None),
+            if !ok {
+                return Ok((None, Vec::new()));
             }
+            let data =
+                stats::token_stats_in(db, &filter, Some(granularity), SeriesOptions { tz, fill })
+                    .await?;
+            // Stacked by model over all users: the six largest models read from their cells,
+            // the rest as one stack (the all-models series less them: exact, and far fewer
+            // cells to read).
+            let top_models: Vec<String> = data
+                .by_model
+                .iter()
+                .take(STACKED_MODELS)
+                .map(|m| m.model.clone())
+                .collect();
+            let per_model =
+                if filter.user_id.is_some() || data.series.as_ref().is_none_or(|s| s.is_empty()) {
+                    Vec::new()
+                } else {
+                    stats::series_by_model(db, &filter, granularity, tz, Some(&top_models)).await?
+                };
+            Ok::<_, sea_orm::DbErr>((Some(data), per_model))
         },
         async {
             match ok && filter.user_id.is_none() {
@@ -792,8 +805,9 @@ async fn overview(
         },
     );
     let latency = latency.map_err(db_error)?;
+    let (stats, per_model) = stats_and_models.map_err(db_error)?;
     // The percentiles on each model's line, as the API's include=latency sets them.
-    let (summary, by_model, series) = match stats.map_err(db_error)? {
+    let (summary, by_model, series) = match stats {
         Some(data) => {
             let data = data.with_latency(&latency);
             (data.summary, data.by_model, data.series.unwrap_or_default())
@@ -844,20 +858,6 @@ async fn overview(
     let shown = |v: f64| match metric {
         Metric::Cost => format::money((v * 1e6).round() as i64, series_decimals),
         _ => format::thousands(v.round() as i64),
-    };
-    // Stacked by model over all users: the six largest models read from their cells, the rest
-    // as one stack (the all-models series less them: exact, and far fewer cells to read).
-    let top_models: Vec<String> = by_model
-        .iter()
-        .take(STACKED_MODELS)
-        .map(|m| m.model.clone())
-        .collect();
-    let per_model = if error.is_some() || filter.user_id.is_some() || series.is_empty() {
-        Vec::new()
-    } else {
-        stats::series_by_model(&state.read_db, &filter, granularity, tz, Some(&top_models))
-            .await
-            .map_err(db_error)?
     };
     let others = !per_model.is_empty() && by_model.len() > STACKED_MODELS;
     let mut legend: Vec<(String, &'static str)> = per_model
