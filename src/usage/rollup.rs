@@ -686,10 +686,14 @@ fn build(
 ) -> Statement {
     // Over all models and outcomes, the totals table has one row per cell.
     let level = level_of(filter, by);
-    // Each run with the slot that names its group (the per-model series groups by bucket).
-    let keyed = by == GroupBy::SlotModel;
+    // Each run with the slot that names its group: the per-model series groups by bucket, and
+    // so does the series of all models where a bucket reads UTC days less their hours outside
+    // it (`Plan::per_bucket`); otherwise the series reads its cells one by one.
+    let keyed = by == GroupBy::SlotModel
+        || (by == GroupBy::Slot && plan.per_bucket.iter().any(|b| b.run.subtract));
     let ranges: Vec<BucketRun> = match (by, level) {
         (GroupBy::SlotModel, _) => plan.per_bucket.clone(),
+        (GroupBy::Slot, _) if keyed => plan.per_bucket.clone(),
         (GroupBy::Slot, _) => unkeyed(&plan.ranges),
         (_, Level::Total) => unkeyed(&plan.coarse),
         (_, Level::ByModel) => unkeyed(&plan.totals),
@@ -802,7 +806,7 @@ fn build(
     narrow(&mut conditions);
     // Per slot over the totals table, each cell is one row (cells do not overlap): read as is,
     // no aggregation (which costs more than the reading, measured: 10 ms for 2,000 cells).
-    let one_row_per_group = by == GroupBy::Slot && level == Level::Total;
+    let one_row_per_group = by == GroupBy::Slot && level == Level::Total && !keyed;
     let aggregate = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
     let sum = |expr: &str| {
         let expr = if signed {
@@ -889,7 +893,7 @@ fn build(
         )
     };
     // The per-model series: one group per bucket (see `Plan::per_bucket`) and model, named by
-    // a slot of the bucket.
+    // a slot of the bucket; the series of all models, keyed, one group per bucket.
     let (cells_key, cells_group) = match by {
         GroupBy::SlotModel => (
             format!(
@@ -898,6 +902,14 @@ fn build(
                 col::BUCKET
             ),
             " GROUP BY v.k, r.model",
+        ),
+        GroupBy::Slot if keyed => (
+            format!(
+                "CAST(NULL AS TEXT) AS {}, CAST(v.k AS TEXT) AS {}",
+                col::MODEL,
+                col::BUCKET
+            ),
+            " GROUP BY v.k",
         ),
         _ if one_row_per_group => (key.clone(), ""),
         _ => (key.clone(), group),
