@@ -12,8 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use migration::rollup::{
-    ALL_USERS, Calendar, DAY, DELTA_TABLE, GRAINS, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE,
-    hour_grain, per_user,
+    ALL_USERS, Calendar, DAY, DELTA_TABLE, GRAINS, Grain, Level, NO_USER, SLOT_SECONDS,
+    TOTALS_TABLE, hour_grain, per_user,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
 
@@ -330,12 +330,12 @@ async fn complement_ends<C: ConnectionTrait>(
     // The range's first and last instants where they cut a day, more than half of it inside.
     let start = filter
         .start
-        .filter(|&s| s < a_at && a_at - s > half)
+        .filter(|&s| a_at - s > half)
         .and_then(|s| s.checked_sub_signed(micro));
     let end = filter
         .end
         .and_then(|e| e.checked_add_signed(micro))
-        .filter(|&after| b_at < after && after - b_at > half);
+        .filter(|&after| after - b_at > half);
     if start.is_none() && end.is_none() {
         return Ok((a, b, Vec::new()));
     }
@@ -439,12 +439,11 @@ fn user_cells(
 
 /// `runs` cut where the bucket of the series changes: each run's cells in one bucket.
 fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<Run> {
-    let len_of = |code: i64| GRAINS.iter().find(|g| g.code == code).map(|g| g.len);
     let bucket = |slot: i64| slot_start(slot).map(|t| bucket_start(gran, tz, t));
     let mut out: Vec<Run> = Vec::new();
     for run in runs {
         // Calendar cells (a user's months and years) are one cell each: as they are.
-        let Some(len) = len_of(run.grain).filter(|_| !run.subtract) else {
+        let Some(len) = grain(run.grain).map(|g| g.len).filter(|_| !run.subtract) else {
             out.push(*run);
             continue;
         };
@@ -469,16 +468,15 @@ fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<Run> {
     out
 }
 
-/// The cells in `size` (each run's cells counted, the runs read as index ranges each).
+/// The fixed grain of a code (not the calendar grains, a user's months and years).
+fn grain(code: i64) -> Option<Grain> {
+    GRAINS.iter().copied().find(|g| g.code == code)
+}
+
+/// How many cells `runs` read (of all users' fixed grains: the only runs [`per_bucket`] weighs).
 fn size(runs: &[Run]) -> i64 {
     runs.iter()
-        .map(|r| {
-            let len = GRAINS
-                .iter()
-                .find(|g| g.code == r.grain)
-                .map_or(1, |g| g.len);
-            (r.end - r.first) / len
-        })
+        .map(|r| (r.end - r.first) / grain(r.grain).map_or(1, |g| g.len))
         .sum()
 }
 
@@ -577,15 +575,14 @@ fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<Run>> 
     // offsets (there, no UTC hour or day fits a bucket). Elsewhere they would lead the greedy
     // choice away from UTC days, so only hourly series use them.
     let hourly = matches!(series, Some((Granularity::Day, _)));
-    let by_code = |code: i64| GRAINS.iter().copied().find(|g| g.code == code);
     let mut runs: Vec<Run> = Vec::new();
     let mut p = a;
     while p < b {
         let candidates = [
-            by_code(96),
-            by_code(4),
+            grain(96),
+            grain(4),
             hour_grain(p).filter(|g| hourly && g.phase != 0),
-            by_code(1),
+            grain(1),
         ];
         let g = candidates
             .into_iter()
