@@ -13,9 +13,11 @@
 //! keeps the cells before it.
 //!
 //! What survives: all users' cells at every grain (15-minute slots, hours, UTC days), each
-//! user's UTC days (and months and years). A request that needs raw rows over the deleted
-//! period — a range edge that is not on a 15-minute slot (a UTC day for one user), a user's
-//! series in buckets finer than a UTC day or in another zone's days — counts only the rows left.
+//! user's UTC days, months and years over all models, and per model and outcome each user's
+//! months and — added by each batch from the rows it deletes (migration 000021) — UTC days. A
+//! request that needs raw rows over the deleted period — a range edge that is not on a
+//! 15-minute slot (a UTC day for one user), a user's series in buckets finer than a UTC day or
+//! in another zone's days — counts only the rows left.
 //!
 //! Batches never make a tracked call wait beyond its bound: each is sized to take about 4 ms on
 //! SQLite (whose one write lock it holds) and 50 ms on PostgreSQL (where it locks only the old
@@ -187,11 +189,43 @@ pub async fn run(
     ))
     .await?;
     let pace = Pace::of(dialect);
-    let delete = format!(
-        "DELETE FROM llm_tracker_usage WHERE id IN (SELECT id FROM llm_tracker_usage \
-         WHERE created_at < {p1} ORDER BY created_at LIMIT {})",
+    let chosen = format!(
+        "id IN (SELECT id FROM llm_tracker_usage WHERE created_at < {p1} ORDER BY created_at LIMIT {})",
         dialect.placeholder(2)
     );
+    let delete = format!("DELETE FROM llm_tracker_usage WHERE {chosen}");
+    // The batch's rows added to their users' day cells per model and outcome (the only cells
+    // that change: a user's per-model cells are months, and these keep the per-model sums of
+    // any whole UTC day before the horizon; see `migration::rollup::retained_days_upsert_sql`).
+    // PostgreSQL: in the statement that deletes them. SQLite: just before, the same rows (the
+    // transaction holds the write lock from its first statement on).
+    let (keep, delete) = match backend {
+        sea_orm::DbBackend::Postgres => (
+            None,
+            format!(
+                "WITH gone AS ({delete} RETURNING *), kept AS ({}) SELECT COUNT(*) FROM gone",
+                migration::rollup::retained_days_upsert_sql(
+                    backend,
+                    &[migration::rollup::Source::Table {
+                        name: "gone",
+                        sign: 1,
+                        where_sql: None,
+                    }]
+                )
+            ),
+        ),
+        _ => (
+            Some(migration::rollup::retained_days_upsert_sql(
+                backend,
+                &[migration::rollup::Source::Table {
+                    name: "llm_tracker_usage",
+                    sign: 1,
+                    where_sql: Some(&chosen),
+                }],
+            )),
+            delete,
+        ),
+    };
     let mut batch = 100;
     loop {
         let started = Instant::now();
@@ -200,14 +234,25 @@ pub async fn run(
             "UPDATE {RETENTION_TABLE} SET deleting = true WHERE id = 1"
         ))
         .await?;
-        let deleted = txn
-            .execute_raw(Statement::from_sql_and_values(
+        let values = [dialect.datetime(horizon), Value::BigInt(Some(batch as i64))];
+        if let Some(keep) = &keep {
+            txn.execute_raw(Statement::from_sql_and_values(
                 backend,
-                delete.clone(),
-                [dialect.datetime(horizon), Value::BigInt(Some(batch as i64))],
+                keep.clone(),
+                values.clone(),
             ))
-            .await?
-            .rows_affected();
+            .await?;
+        }
+        let statement = Statement::from_sql_and_values(backend, delete.clone(), values);
+        let deleted = match backend {
+            sea_orm::DbBackend::Postgres => txn
+                .query_one_raw(statement)
+                .await?
+                .map(|r| r.try_get_by_index::<i64>(0))
+                .transpose()?
+                .map_or(0, |n| n.max(0) as u64),
+            _ => txn.execute_raw(statement).await?.rows_affected(),
+        };
         txn.execute_unprepared(&format!(
             "UPDATE {RETENTION_TABLE} SET deleting = false, rows_deleted = rows_deleted + {deleted} WHERE id = 1"
         ))

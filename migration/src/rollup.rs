@@ -178,12 +178,14 @@ impl Calendar {
     }
 }
 
-/// Which cells a row is counted in besides those of all users: its user's cells, by table
-/// (migration 000011). The fixed grains of [`GRAINS`] that a user has (the UTC day), and the
-/// calendar grains (months and years, totals table only).
+/// Which cells a row is counted in besides those of all users: its user's cells, by table.
+/// The fixed grains of [`GRAINS`] that a user has, and the calendar grains: in the totals table
+/// UTC days, months and years (migration 000011); per model and outcome UTC months only
+/// (migration 000021 — a user's day per model and outcome held one call in four cells of five
+/// at 10,000 users, as large as the rows it summed; see `docs/architecture.md`).
 pub fn per_user(level: Level) -> (&'static [i64], &'static [Calendar]) {
     match level {
-        Level::ByModel => (&[DAY], &[]),
+        Level::ByModel => (&[], &[Calendar::Month]),
         Level::Total => (&[DAY], &Calendar::ALL),
     }
 }
@@ -478,6 +480,19 @@ enum Whose {
     Both,
     AllUsers,
     PerUser,
+    /// A user's UTC days per model and outcome: the cells that keep what retention deleted
+    /// (see [`retained_days_upsert_sql`]).
+    RetainedDays,
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` adding the contributions of `sources` to each user's UTC
+/// day cells per model and outcome (grain [`DAY`] in [`TABLE`]). Since migration 000021 a user
+/// has month cells per model and outcome, and day cells only for the rows that retention
+/// deleted: a retention batch adds its rows here before deleting them, so a user's per-model
+/// sums over part of a month before the retention horizon are those cells plus the rows left
+/// (see `src/retention.rs`).
+pub fn retained_days_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    upsert_sql_of(backend, sources, Level::ByModel, Whose::RetainedDays)
 }
 
 fn cells_select_of(
@@ -488,7 +503,14 @@ fn cells_select_of(
 ) -> String {
     // (grain, len, phase, per user): every fixed grain for all users; the user's own cells
     // where the layout has them (calendar grains start where their month or year does).
-    let (user_fixed, all_calendar) = per_user(level);
+    let (user_fixed, all_calendar) = match whose {
+        Whose::RetainedDays => (&[DAY][..], &[][..]),
+        _ => per_user(level),
+    };
+    let whose = match whose {
+        Whose::RetainedDays => Whose::PerUser,
+        w => w,
+    };
     let user_calendar = if whose == Whose::AllUsers {
         &[][..]
     } else {
@@ -583,9 +605,10 @@ pub const FOLD_LOCK: i64 = 0x6c6c_6d74_726f_6c6c;
 ///
 /// With a retention `horizon` (the slot from which every row is still there, see
 /// [`RETENTION_TABLE`]), only the rows from the horizon on are recounted; before it the finest
-/// cells kept (all users' 15-minute slots, each user's UTC days, per model and outcome) and the
+/// cells kept (all users' 15-minute slots per model and outcome, each user's UTC days) and the
 /// contributions pending there stand in for the rows retention deleted, and every coarser cell
-/// is summed from them as from rows.
+/// is summed from them as from rows. A user's months per model and outcome are summed from
+/// every row there is and the day cells that keep what retention deleted, which stay.
 ///
 /// The transaction first runs [`rebuild_lock_sql`], then reads the horizon, then these.
 pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
@@ -629,27 +652,32 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             where_sql: from_horizon.as_deref(),
         }],
     );
-    // Before the horizon: the kept cells of `whose` and the pending contributions, as delta rows.
-    let retained = |whose: &str| match horizon {
-        None => String::new(),
-        Some(h) => {
-            let sums: Vec<String> = delta_sums()
-                .iter()
-                .map(|c| match *c {
-                    "successful_calls" => {
-                        "CASE WHEN success THEN calls ELSE 0 END AS successful_calls".to_owned()
-                    }
-                    c => c.to_owned(),
-                })
-                .collect();
-            format!(
-                " UNION ALL SELECT slot, user_key, model, success, CAST(NULL AS INTEGER) AS latency_bucket, \
-                 {sums} FROM {TABLE} WHERE {whose} AND slot < {h} \
-                 UNION ALL SELECT {columns} FROM {DELTA_TABLE} WHERE slot < {h}",
-                sums = sums.join(", "),
-                columns = delta_columns(),
-            )
-        }
+    // Before slot `before`: the kept cells of `table` that `whose` selects and the pending
+    // contributions, as delta rows.
+    let retained = |table: &str, whose: &str, before: &str| {
+        let sums: Vec<String> = delta_sums()
+            .iter()
+            .map(|c| match (*c, table == TABLE) {
+                ("successful_calls", true) => {
+                    "CASE WHEN success THEN calls ELSE 0 END AS successful_calls".to_owned()
+                }
+                (c, _) => c.to_owned(),
+            })
+            .collect();
+        // The totals table has no model or outcome: its cells come back as one model's
+        // successes (only sums over all models read them).
+        let (model, success) = if table == TABLE {
+            ("model", "success")
+        } else {
+            ("'' AS model", "(1 = 1) AS success")
+        };
+        format!(
+            " UNION ALL SELECT slot, user_key, {model}, {success}, CAST(NULL AS INTEGER) AS latency_bucket, \
+             {sums} FROM {table} WHERE {whose} AND slot < {before} \
+             UNION ALL SELECT {columns} FROM {DELTA_TABLE} WHERE slot < {before}",
+            sums = sums.join(", "),
+            columns = delta_columns(),
+        )
     };
     let sums: Vec<String> = delta_sums()
         .iter()
@@ -660,38 +688,96 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
         sums.join(", ")
     );
     let day = cell_start_sql("slot", "96", "0");
-    out.push(format!("DROP TABLE IF EXISTS {REBUILD_ALL}"));
-    out.push(format!("DROP TABLE IF EXISTS {REBUILD_USERS}"));
+    for table in [REBUILD_ALL, REBUILD_USERS, REBUILD_USER_MONTHS] {
+        out.push(format!("DROP TABLE IF EXISTS {table}"));
+    }
+    let kept = |table: &str, whose: &str| match horizon {
+        None => String::new(),
+        Some(h) => retained(table, whose, &h.to_string()),
+    };
     out.push(format!(
         "CREATE TEMP TABLE {REBUILD_ALL} AS SELECT slot, {ALL_USERS} AS user_key, model, success, {sums} \
          FROM ({rows}{}) c GROUP BY slot, model, success",
-        retained(&format!("grain = 1 AND user_key = {ALL_USERS}")),
+        kept(TABLE, &format!("grain = 1 AND user_key = {ALL_USERS}")),
     ));
+    // Each user's days: what the totals table's day, month and year cells are summed from
+    // (before the horizon, its day cells stand in for the rows).
     out.push(format!(
         "CREATE TEMP TABLE {REBUILD_USERS} AS SELECT {day} AS slot, user_key, model, success, {sums} \
          FROM ({rows}{}) c GROUP BY {day}, user_key, model, success",
-        retained(&format!("grain = {DAY} AND user_key <> {ALL_USERS}")),
+        kept(TOTALS_TABLE, &format!("grain = {DAY} AND user_key <> {ALL_USERS}")),
     ));
+    // A user's months per model and outcome: without a horizon, from the same days; with one,
+    // from every row there is (those before the horizon were written since with an old date)
+    // and the day cells that keep the rows retention deleted (which, as those rows, hold no
+    // pending contribution: a row deleted while pending was counted in its day cell).
+    let user_months = match horizon {
+        None => REBUILD_USERS,
+        Some(h) => {
+            let mut columns: Vec<&str> = vec!["slot", "user_key", "model", "success"];
+            columns.push("latency_bucket");
+            columns.extend(delta_sums());
+            let columns = columns.join(", ");
+            let before = format!("{} < {h}", slot_sql(backend, "created_at"));
+            let sums: Vec<String> = delta_sums()
+                .iter()
+                .map(|c| match *c {
+                    "successful_calls" => {
+                        "CASE WHEN success THEN calls ELSE 0 END AS successful_calls".to_owned()
+                    }
+                    c => c.to_owned(),
+                })
+                .collect();
+            out.push(format!(
+                "CREATE TEMP TABLE {REBUILD_USER_MONTHS} AS SELECT {columns} FROM {REBUILD_USERS} \
+                 WHERE slot >= {h} \
+                 UNION ALL SELECT {columns} FROM ({old_rows}) o \
+                 UNION ALL SELECT slot, user_key, model, success, CAST(NULL AS INTEGER) AS latency_bucket, \
+                 {sums} FROM {TABLE} WHERE grain = {DAY} AND user_key <> {ALL_USERS} AND slot < {h}",
+                old_rows = contributions(
+                    backend,
+                    &[Source::Table {
+                        name: "llm_tracker_usage",
+                        sign: 1,
+                        where_sql: Some(&before),
+                    }]
+                ),
+                sums = sums.join(", "),
+            ));
+            REBUILD_USER_MONTHS
+        }
+    };
     if horizon.is_some() {
         out.push(format!("DELETE FROM {DELTA_TABLE}"));
     }
     for level in Level::ALL {
-        out.push(format!("DELETE FROM {}", level.table()));
+        // (A user's day cells per model before the horizon keep what retention deleted.)
+        out.push(match (level, horizon) {
+            (Level::ByModel, Some(h)) => format!(
+                "DELETE FROM {TABLE} WHERE NOT (grain = {DAY} AND user_key <> {ALL_USERS} AND slot < {h})"
+            ),
+            _ => format!("DELETE FROM {}", level.table()),
+        });
         out.push(upsert_sql_of(
             backend,
             &[Source::Delta(REBUILD_ALL)],
             level,
             Whose::AllUsers,
         ));
+        let users = match level {
+            Level::ByModel => user_months,
+            Level::Total => REBUILD_USERS,
+        };
         out.push(upsert_sql_of(
             backend,
-            &[Source::Delta(REBUILD_USERS)],
+            &[Source::Delta(users)],
             level,
             Whose::PerUser,
         ));
     }
-    out.push(format!("DROP TABLE {REBUILD_ALL}"));
-    out.push(format!("DROP TABLE {REBUILD_USERS}"));
+    for table in [REBUILD_ALL, REBUILD_USERS, REBUILD_USER_MONTHS] {
+        out.push(format!("DROP TABLE IF EXISTS {table}"));
+    }
     out
 }
 
@@ -714,6 +800,7 @@ pub fn rebuild_lock_sql(backend: DbBackend) -> Vec<String> {
 /// The rebuild's temporary tables (see [`rebuild_sql`]).
 const REBUILD_ALL: &str = "llm_tracker_rebuild_all";
 const REBUILD_USERS: &str = "llm_tracker_rebuild_users";
+const REBUILD_USER_MONTHS: &str = "llm_tracker_rebuild_user_months";
 
 /// The delta table. No index: it is appended to, read whole by the fold and by the reads, and
 /// kept a few pages long (the fold deletes what it folds and vacuums it on PostgreSQL, which

@@ -295,8 +295,8 @@ async fn count_from_rollup<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     let plan = super::rollup::plan(txn, filter, None, false).await?;
     let mut total = 0u64;
-    let raw: Vec<&UsageFilter> = match &plan {
-        None => vec![filter],
+    let raw: Vec<UsageFilter> = match &plan {
+        None => vec![filter.clone()],
         Some(plan) => {
             if let Some(sql) = crate::db::Dialect::of(txn.get_database_backend()).rollup_settings()
             {
@@ -313,10 +313,10 @@ async fn count_from_rollup<C: ConnectionTrait>(
                 let calls = super::TokenSums::alias(super::Sum::Calls);
                 total = total.saturating_add_signed(row.try_get::<i64>("", calls)?);
             }
-            plan.edges.iter().collect()
+            plan.raw(filter, super::rollup::GroupBy::Nothing)
         }
     };
-    for f in raw {
+    for f in &raw {
         total += count_matching_raw(txn, f).await?;
     }
     Ok(total)

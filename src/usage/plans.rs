@@ -28,6 +28,11 @@ pub async fn token_stats_statements<C: ConnectionTrait>(
                 if granularity.is_some() {
                     out.push(rollup::statement(backend, &plan, filter, GroupBy::Slot));
                 }
+                out.extend(
+                    plan.model_gap_filters(filter, GroupBy::Model)
+                        .iter()
+                        .map(|f| token_stats_query(backend, f, None, tz).build(backend)),
+                );
                 out.extend(plan.edges.iter().map(raw));
                 if let Some(g) = granularity {
                     out.extend(
@@ -57,7 +62,7 @@ pub async fn list_usage_statements<C: ConnectionTrait>(
         Some(plan) => {
             let mut out = vec![rollup::statement(backend, &plan, filter, GroupBy::Nothing)];
             out.extend(
-                plan.edges
+                plan.raw(filter, GroupBy::Nothing)
                     .iter()
                     .map(|f| count_query(backend, f).build(backend)),
             );

@@ -103,6 +103,10 @@ pub struct Plan {
     /// Whole slots inside `totals` that no cell of `ranges` covers (a user's day that
     /// straddles a local bucket): the series reads their raw rows instead.
     pub gaps: Vec<Slots>,
+    /// Whole slots that no cell of `totals` covers (a user's days per model outside whole
+    /// months, see [`migration::rollup::per_user`]): sums without buckets from the per-model
+    /// table read their raw rows instead ([`Plan::raw`]).
+    pub model_gaps: Vec<Slots>,
     /// The whole slots that `ranges` and `totals` cover: the pending contributions of the
     /// delta table in them are added to the cells.
     pub slots: Slots,
@@ -111,17 +115,42 @@ pub struct Plan {
 impl Plan {
     /// The filter narrowed to each of [`Plan::gaps`]: raw rows counted in the series only.
     pub fn gap_filters(&self, filter: &UsageFilter) -> Vec<UsageFilter> {
-        self.gaps
-            .iter()
-            .filter_map(|gap| {
-                Some(UsageFilter {
-                    start: Some(slot_start(gap.first)?),
-                    end: Some(slot_start(gap.end)? - Duration::microseconds(1)),
-                    ..filter.clone()
-                })
-            })
-            .collect()
+        narrowed(&self.gaps, filter)
     }
+
+    /// The raw rows a statement grouped by `by` (not a series) leaves to its reader besides
+    /// [`Plan::edges`]: over the per-model table, a user's days outside whole months
+    /// ([`Plan::model_gaps`]).
+    pub fn model_gap_filters(&self, filter: &UsageFilter, by: GroupBy) -> Vec<UsageFilter> {
+        if level_of(filter, by) == Level::ByModel
+            && !matches!(by, GroupBy::Slot | GroupBy::SlotModel)
+        {
+            narrowed(&self.model_gaps, filter)
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Every raw filter a statement grouped by `by` (not a series) leaves to its reader: the
+    /// edges, then [`Plan::model_gap_filters`].
+    pub fn raw(&self, filter: &UsageFilter, by: GroupBy) -> Vec<UsageFilter> {
+        let mut out = self.edges.clone();
+        out.extend(self.model_gap_filters(filter, by));
+        out
+    }
+}
+
+/// `filter` narrowed to each run of whole slots.
+fn narrowed(runs: &[Slots], filter: &UsageFilter) -> Vec<UsageFilter> {
+    runs.iter()
+        .filter_map(|gap| {
+            Some(UsageFilter {
+                start: Some(slot_start(gap.first)?),
+                end: Some(slot_start(gap.end)? - Duration::microseconds(1)),
+                ..filter.clone()
+            })
+        })
+        .collect()
 }
 
 fn slot_start(slot: i64) -> Option<DateTime<Utc>> {
@@ -182,7 +211,7 @@ pub(crate) async fn first_and_last<C: ConnectionTrait>(
 
 /// The table a statement grouped by `by` reads for `filter`: the totals table over all models
 /// and outcomes, the per-model table otherwise.
-fn level_of(filter: &UsageFilter, by: GroupBy) -> Level {
+pub(crate) fn level_of(filter: &UsageFilter, by: GroupBy) -> Level {
     match by {
         GroupBy::Model | GroupBy::SlotModel => Level::ByModel,
         _ if filter.model.is_none() && filter.success.is_none() => Level::Total,
@@ -249,12 +278,14 @@ pub async fn plan<C: ConnectionTrait>(
     if a >= b {
         return Ok(None);
     }
-    let (a, b, minus) = if by_user && series.is_none() {
-        complement_ends(db, filter, a, b).await?
-    } else {
-        (a, b, Vec::new())
-    };
-    let (ranges, totals, coarse, gaps) = match scope {
+    // (Only over the totals table: per model a user has no day cells.)
+    let (a, b, minus) =
+        if by_user && series.is_none() && level_of(filter, GroupBy::User) == Level::Total {
+            complement_ends(db, filter, a, b).await?
+        } else {
+            (a, b, Vec::new())
+        };
+    let (ranges, totals, coarse, gaps, model_gaps) = match scope {
         Scope::AllUsers => {
             let Some(ranges) = cells(a, b, series) else {
                 return Ok(None);
@@ -263,14 +294,14 @@ pub async fn plan<C: ConnectionTrait>(
                 None => ranges.clone(),
                 Some(_) => cells(a, b, None).unwrap_or_else(|| ranges.clone()),
             };
-            (ranges, totals.clone(), totals, Vec::new())
+            (ranges, totals.clone(), totals, Vec::new(), Vec::new())
         }
         Scope::PerUser => {
             let series_level = level_of(filter, GroupBy::Slot);
             let (ranges, gaps) = user_cells(a, b, series, series_level);
-            let (totals, _) = user_cells(a, b, None, Level::ByModel);
+            let (totals, model_gaps) = user_cells(a, b, None, Level::ByModel);
             let (coarse, _) = user_cells(a, b, None, Level::Total);
-            (ranges, totals, coarse, gaps)
+            (ranges, totals, coarse, gaps, model_gaps)
         }
     };
     let mut edges = Vec::new();
@@ -308,6 +339,7 @@ pub async fn plan<C: ConnectionTrait>(
         edges,
         minus,
         gaps,
+        model_gaps,
         slots: Slots { first: a, end: b },
     }))
 }
@@ -367,9 +399,9 @@ async fn complement_ends<C: ConnectionTrait>(
     Ok((a, b, minus))
 }
 
-/// Whole UTC days `[a, b)` in a user's cells of `level` (days; in the totals table also
-/// months and years), coarsest first, each inside one bucket of the series; the days that fit
-/// no bucket are returned as gaps (merged runs of slots).
+/// Whole UTC days `[a, b)` in a user's cells of `level` (in the totals table days, months and
+/// years; per model months), coarsest first, each inside one bucket of the series; the days
+/// that no cell covers or that fit no bucket are returned as gaps (merged runs of slots).
 fn user_cells(
     a: i64,
     b: i64,
@@ -377,7 +409,8 @@ fn user_cells(
     level: Level,
 ) -> (Vec<Run>, Vec<Slots>) {
     let fits = |p: i64, end: i64| fits(series, p, end);
-    let (_, calendars) = per_user(level);
+    let (fixed, calendars) = per_user(level);
+    let days = fixed.contains(&DAY);
     let mut runs: Vec<Run> = Vec::new();
     let mut gaps: Vec<Slots> = Vec::new();
     let mut p = a;
@@ -388,6 +421,7 @@ fn user_cells(
         // yet, instead of up to 30 day cells per user). Exact: a fold adds a row to its day
         // and its month cell in one transaction, so the two differ by nothing outside.
         if series.is_none()
+            && days
             && calendars.contains(&Calendar::Month)
             && let Some((m0, m1)) = calendar_cell(Calendar::Month, p)
             && (m0 < p || m1 > b)
@@ -415,8 +449,18 @@ fn user_cells(
         });
         let (code, next) = match calendar {
             Some(found) => found,
-            None if fits(p, p + DAY) => (DAY, p + DAY),
+            None if days && fits(p, p + DAY) => (DAY, p + DAY),
             None => {
+                // Per model a user's days outside whole months are counted from the rows, and
+                // from the day cells that keep what retention deleted (none after its horizon).
+                if level == Level::ByModel && fits(p, p + DAY) {
+                    match runs.last_mut() {
+                        Some(run) if run.grain == DAY && run.end == p && !run.subtract => {
+                            run.end = p + DAY
+                        }
+                        _ => runs.push(Run::new(DAY, p, p + DAY)),
+                    }
+                }
                 match gaps.last_mut() {
                     Some(gap) if gap.end == p => gap.end = p + DAY,
                     _ => gaps.push(Slots {
@@ -928,14 +972,20 @@ fn build(
     // in one slot, so in one cell of the plan, and groups like the cells.
     let Slots { first, end } = plan.slots;
     let mut pending = vec![format!("r.slot >= {first} AND r.slot < {end}")];
-    // The series reads the gaps' raw rows, which hold their pending contributions already.
-    if matches!(by, GroupBy::Slot | GroupBy::SlotModel) {
-        pending.extend(
-            plan.gaps
-                .iter()
-                .map(|g| format!("NOT (r.slot >= {} AND r.slot < {})", g.first, g.end)),
-        );
-    }
+    // The series reads the gaps' raw rows, which hold their pending contributions already;
+    // so do the sums over a user's days per model outside whole months.
+    let raw_gaps = if matches!(by, GroupBy::Slot | GroupBy::SlotModel) {
+        &plan.gaps
+    } else if level == Level::ByModel {
+        &plan.model_gaps
+    } else {
+        &Vec::new()
+    };
+    pending.extend(
+        raw_gaps
+            .iter()
+            .map(|g| format!("NOT (r.slot >= {} AND r.slot < {})", g.first, g.end)),
+    );
     if let Some(user) = filter.user_id {
         pending.push(format!("r.user_key = {user}"));
     }
@@ -1269,6 +1319,45 @@ mod tests {
                 (1, a + 199, b),
             ]
         );
+    }
+
+    #[test]
+    fn a_users_cells_per_model_are_months_and_the_days_retention_kept() {
+        // 28 January to 3 March: February is a month cell; the other days are read from the
+        // rows (gaps) and from the day cells that only retention writes (runs of days).
+        let a = slot("2025-01-28T00:00:00Z");
+        let feb = slot("2025-02-01T00:00:00Z");
+        let mar = slot("2025-03-01T00:00:00Z");
+        let b = slot("2025-03-03T00:00:00Z");
+        let (runs, gaps) = user_cells(a, b, None, Level::ByModel);
+        assert_eq!(
+            tup(runs),
+            vec![
+                (DAY, a, feb),
+                (Calendar::Month.code(), feb, mar),
+                (DAY, mar, b)
+            ]
+        );
+        assert_eq!(
+            gaps,
+            vec![Slots { first: a, end: feb }, Slots { first: mar, end: b }]
+        );
+        // Over all models a user keeps days: no gaps, and the month less nothing.
+        let (runs, gaps) = user_cells(a, b, None, Level::Total);
+        assert!(gaps.is_empty());
+        assert_eq!(
+            tup(runs),
+            vec![
+                (DAY, a, feb),
+                (Calendar::Month.code(), feb, mar),
+                (DAY, mar, b)
+            ]
+        );
+        // Local days in New York fit no UTC day: per model, only rows (no day runs).
+        let ny: Tz = "America/New_York".parse().unwrap();
+        let (runs, gaps) = user_cells(a, feb, Some((Granularity::Month, ny)), Level::ByModel);
+        assert!(runs.is_empty());
+        assert_eq!(gaps, vec![Slots { first: a, end: feb }]);
     }
 
     #[test]

@@ -478,6 +478,7 @@ pub async fn token_stats_in(
     let tz = options.tz;
     let txn = read_txn(db).await?;
     let plan = rollup::plan(&txn, filter, granularity.map(|g| (g, tz)), false).await?;
+    let mut summary = None;
     let (totals, series, both) = match plan {
         None => (
             Vec::new(),
@@ -485,7 +486,24 @@ pub async fn token_stats_in(
             raw_groups(&txn, filter, granularity, tz).await?,
         ),
         Some(plan) => {
-            let totals = rollup::query(&txn, &plan, filter, rollup::GroupBy::Model).await?;
+            let mut totals = rollup::query(&txn, &plan, filter, rollup::GroupBy::Model).await?;
+            // A user's days per model outside whole months: their rows; the summary then comes
+            // from the user's cells over all models (which keep what retention deleted).
+            let gaps = plan.model_gap_filters(filter, rollup::GroupBy::Model);
+            if !gaps.is_empty()
+                && rollup::level_of(filter, rollup::GroupBy::Nothing)
+                    == migration::rollup::Level::Total
+            {
+                summary = Some(rollup::query(&txn, &plan, filter, rollup::GroupBy::Nothing).await?);
+            }
+            for gap in gaps {
+                totals.extend(
+                    token_stats_query(backend, &gap, None, tz)
+                        .into_model::<Group>()
+                        .all(&txn)
+                        .await?,
+                );
+            }
             let mut series = match granularity {
                 Some(_) => rollup::query(&txn, &plan, filter, rollup::GroupBy::Slot).await?,
                 None => Vec::new(),
@@ -506,7 +524,15 @@ pub async fn token_stats_in(
         }
     };
     txn.commit().await?;
-    fold(&totals, &series, &both, filter, granularity, options)
+    fold(
+        &totals,
+        summary.as_deref(),
+        &series,
+        &both,
+        filter,
+        granularity,
+        options,
+    )
 }
 
 /// [`token_stats_in`] from the raw rows only (the reference the rollup is checked against).
@@ -519,16 +545,18 @@ pub async fn token_stats_raw(
     let txn = read_txn(db).await?;
     let groups = raw_groups(&txn, filter, granularity, options.tz).await?;
     txn.commit().await?;
-    fold(&[], &[], &groups, filter, granularity, options)
+    fold(&[], None, &[], &groups, filter, granularity, options)
 }
 
 /// Folds groups into the response: `totals` count in the summary and per model, `series` in
-/// the buckets, `both` in all three. A model or bucket whose groups add up to no calls (rollup
+/// the buckets, `both` in all three; with `summary`, the summary counts those instead of
+/// `totals`. A model or bucket whose groups add up to no calls (rollup
 /// cells whose rows were all deleted, or cells and the pending contributions that take their
 /// rows out again) is left out, so it never appears with zeros. A single group with no calls
 /// still counts: a pending update that changed a row's tokens but not its count.
 fn fold(
     totals: &[Group],
+    summary_groups: Option<&[Group]>,
     series: &[Group],
     both: &[Group],
     filter: &UsageFilter,
@@ -540,14 +568,23 @@ fn fold(
     let mut models: BTreeMap<&str, Totals> = BTreeMap::new();
     // Local buckets by start instant (labels with offsets do not sort by time across DST).
     let mut buckets: BTreeMap<DateTime<Utc>, (String, Totals)> = BTreeMap::new();
+    // (group, counts in the summary, per model, in the series)
     let tagged = totals
         .iter()
-        .map(|g| (g, true, false))
-        .chain(series.iter().map(|g| (g, false, true)))
-        .chain(both.iter().map(|g| (g, true, true)));
-    for (g, to_totals, to_series) in tagged {
-        if to_totals {
+        .map(|g| (g, summary_groups.is_none(), true, false))
+        .chain(
+            summary_groups
+                .unwrap_or_default()
+                .iter()
+                .map(|g| (g, true, false, false)),
+        )
+        .chain(series.iter().map(|g| (g, false, false, true)))
+        .chain(both.iter().map(|g| (g, true, true, true)));
+    for (g, to_summary, to_models, to_series) in tagged {
+        if to_summary {
             summary.add(g);
+        }
+        if to_models {
             models
                 .entry(g.model.as_deref().unwrap_or_default())
                 .or_default()
@@ -827,8 +864,8 @@ pub async fn stats_by_user(
             }
             let backend = txn.get_database_backend();
             let mut edges = Vec::new();
-            for edge in &plan.edges {
-                edges.extend(raw_user_groups(&txn, edge).await?);
+            for edge in plan.raw(filter, rollup::GroupBy::User) {
+                edges.extend(raw_user_groups(&txn, &edge).await?);
             }
             for outside in &plan.minus {
                 edges.extend(

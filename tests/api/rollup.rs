@@ -507,9 +507,10 @@ db_test!(
         fold(&t).await;
         insert(db, pending_rows).await;
         assert_verified(db).await;
-        // The layout: per user, days in both tables, months and years in the totals table.
+        // The layout: per user, days, months and years in the totals table; months per model
+        // and outcome (migration 000021).
         for (table, grains) in [
-            ("llm_tracker_usage_rollup", "96"),
+            ("llm_tracker_usage_rollup", "2976"),
             ("llm_tracker_usage_rollup_total", "96, 2976, 35040"),
         ] {
             assert_eq!(
