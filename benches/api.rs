@@ -652,6 +652,29 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
             )
         }),
         (
+            format!(
+                "token-stats user_id, heaviest user, model=gpt-4o, last 30 days by date, daily ({heavy_rows} rows)"
+            ),
+            format!(
+                "/api/v1/admin/token-stats/?user_id={heavy}&model=gpt-4o&granularity=month&start_date={}",
+                (Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            format!("token-stats user_id ({user_rows} rows), model=gpt-4o, last 30 days by date"),
+            format!(
+                "/api/v1/admin/token-stats/?user_id={user}&model=gpt-4o&start_date={}",
+                (Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            "token-stats include=by_user model=gpt-4o, last 30 days by date".into(),
+            format!(
+                "/api/v1/admin/token-stats/?include=by_user&model=gpt-4o&start_date={}",
+                (Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%d")
+            ),
+        ),
+        (
             "token-stats include=latency, last 90 days".into(),
             format!(
                 "/api/v1/admin/token-stats/?include=latency&start_date={}",
