@@ -190,6 +190,11 @@ pub fn per_user(level: Level) -> (&'static [i64], &'static [Calendar]) {
     }
 }
 
+/// The calendar cells of all users together, in both tables (migration 000022): UTC months, so
+/// that sums over months (all time, a year's monthly series, a report) read a dozen cells per
+/// model and outcome instead of hundreds of days.
+pub const ALL_USERS_CALENDAR: [Calendar; 1] = [Calendar::Month];
+
 /// The grain code of a day cell.
 pub const DAY: i64 = 96;
 
@@ -516,6 +521,11 @@ fn cells_select_of(
     } else {
         all_calendar
     };
+    let everyone_calendar = if whose == Whose::PerUser {
+        &[][..]
+    } else {
+        &ALL_USERS_CALENDAR[..]
+    };
     let mut grains: Vec<String> = Vec::new();
     for g in GRAINS {
         if whose != Whose::PerUser {
@@ -531,17 +541,23 @@ fn cells_select_of(
             ));
         }
     }
-    for c in user_calendar {
-        grains.push(format!(
-            "SELECT {} AS grain, 1 AS len, 0 AS phase, 1 AS per_user",
-            c.code()
-        ));
+    for (calendars, per_user) in [(everyone_calendar, 0), (user_calendar, 1)] {
+        for c in calendars {
+            grains.push(format!(
+                "SELECT {} AS grain, 1 AS len, 0 AS phase, {per_user} AS per_user",
+                c.code()
+            ));
+        }
     }
     let fixed = cell_start_sql("d.slot", "g.len", "g.phase");
-    let slot = if user_calendar.is_empty() {
+    let calendars: Vec<Calendar> = Calendar::ALL
+        .into_iter()
+        .filter(|c| everyone_calendar.contains(c) || user_calendar.contains(c))
+        .collect();
+    let slot = if calendars.is_empty() {
         fixed
     } else {
-        let whens: String = user_calendar
+        let whens: String = calendars
             .iter()
             .map(|c| format!("WHEN {} THEN {} ", c.code(), c.start_sql(backend, "d.slot")))
             .collect();

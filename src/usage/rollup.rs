@@ -517,10 +517,13 @@ fn grain(code: i64) -> Option<Grain> {
     GRAINS.iter().copied().find(|g| g.code == code)
 }
 
-/// How many cells `runs` read (of all users' fixed grains: the only runs [`per_bucket`] weighs).
+/// How many cells `runs` read (a calendar run counts one per month or year it spans, at least).
 fn size(runs: &[Run]) -> i64 {
     runs.iter()
-        .map(|r| (r.end - r.first) / grain(r.grain).map_or(1, |g| g.len))
+        .map(|r| match grain(r.grain) {
+            Some(g) => (r.end - r.first) / g.len,
+            None => ((r.end - r.first) / (28 * DAY)).max(1),
+        })
         .sum()
 }
 
@@ -622,6 +625,21 @@ fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<Run>> 
     let mut runs: Vec<Run> = Vec::new();
     let mut p = a;
     while p < b {
+        // A whole UTC month inside the range (and the series' bucket): its cell (migration
+        // 000022). Under a series each month stays its own run (a run is keyed to one bucket).
+        if let Some((m0, m1)) = calendar_cell(Calendar::Month, p)
+            && m0 == p
+            && m1 <= b
+            && fits(p, m1 - p)
+        {
+            let code = Calendar::Month.code();
+            match runs.last_mut() {
+                Some(run) if series.is_none() && run.grain == code && run.end == p => run.end = m1,
+                _ => runs.push(Run::new(code, p, m1)),
+            }
+            p = m1;
+            continue;
+        }
         let candidates = [
             grain(96),
             grain(4),
@@ -1322,6 +1340,41 @@ mod tests {
     }
 
     #[test]
+    fn all_users_whole_months_are_month_cells() {
+        let m = Calendar::Month.code();
+        let a = slot("2025-01-15T00:00:00Z");
+        let feb = slot("2025-02-01T00:00:00Z");
+        let mar = slot("2025-03-01T00:00:00Z");
+        let apr = slot("2025-04-01T00:00:00Z");
+        let b = slot("2025-04-10T00:00:00Z");
+        // Sums: the whole months as one run of month cells, days around them.
+        assert_eq!(
+            tup(cells(a, b, None).unwrap()),
+            vec![(96, a, feb), (m, feb, apr), (96, apr, b)]
+        );
+        // A monthly series in UTC: each month its own run (a run is keyed to one bucket).
+        assert_eq!(
+            tup(cells(a, b, Some((Granularity::Year, Tz::UTC))).unwrap()),
+            vec![(96, a, feb), (m, feb, mar), (m, mar, apr), (96, apr, b)]
+        );
+        // Monthly buckets in New York are not UTC months: days (and hours at their ends).
+        let ny: Tz = "America/New_York".parse().unwrap();
+        assert!(
+            cells(a, b, Some((Granularity::Year, ny)))
+                .unwrap()
+                .iter()
+                .all(|r| r.grain != m)
+        );
+        // A daily series in UTC: days only.
+        assert!(
+            cells(a, b, Some((Granularity::Month, Tz::UTC)))
+                .unwrap()
+                .iter()
+                .all(|r| r.grain == 96)
+        );
+    }
+
+    #[test]
     fn a_users_cells_per_model_are_months_and_the_days_retention_kept() {
         // 28 January to 3 March: February is a month cell; the other days are read from the
         // rows (gaps) and from the day cells that only retention writes (runs of days).
@@ -1467,12 +1520,12 @@ mod tests {
                     );
                 }
             }
-            // Without a series (and for daily buckets) the UTC days are still read.
+            // Without a series (and for daily buckets) the UTC days (and months) are still read.
             assert!(
                 cells(a, b, None)
                     .unwrap()
                     .iter()
-                    .all(|r| [1, 4, 96].contains(&r.grain))
+                    .all(|r| [1, 4, 96, Calendar::Month.code()].contains(&r.grain))
             );
             assert!(
                 cells(a, b, Some((Granularity::Month, tz)))

@@ -1072,7 +1072,20 @@ db_test!(
                 "{before}"
             );
             migration::Migrator::up(db, None).await.unwrap();
-            assert_eq!(plan_text(db.clone()).await, plan);
+            // The same plan (its cost estimates move with the pages the way down and up left).
+            let shape = |text: &str| -> String {
+                text.split("(cost=")
+                    .enumerate()
+                    .map(|(i, part)| {
+                        if i == 0 {
+                            part
+                        } else {
+                            part.split_once(')').map_or(part, |(_, rest)| rest)
+                        }
+                    })
+                    .collect()
+            };
+            assert_eq!(shape(&plan_text(db.clone()).await), shape(&plan));
         } else {
             assert!(
                 plan.contains("llm_tracker_usage_rollup_total_slot_idx"),
