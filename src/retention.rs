@@ -199,32 +199,25 @@ pub async fn run(
     // any whole UTC day before the horizon; see `migration::rollup::retained_days_upsert_sql`).
     // PostgreSQL: in the statement that deletes them. SQLite: just before, the same rows (the
     // transaction holds the write lock from its first statement on).
+    let keep_from = |name: &str, where_sql: Option<&str>| {
+        migration::rollup::retained_days_upsert_sql(
+            backend,
+            &[migration::rollup::Source::Table {
+                name,
+                sign: 1,
+                where_sql,
+            }],
+        )
+    };
     let (keep, delete) = match backend {
         sea_orm::DbBackend::Postgres => (
             None,
             format!(
                 "WITH gone AS ({delete} RETURNING *), kept AS ({}) SELECT COUNT(*) FROM gone",
-                migration::rollup::retained_days_upsert_sql(
-                    backend,
-                    &[migration::rollup::Source::Table {
-                        name: "gone",
-                        sign: 1,
-                        where_sql: None,
-                    }]
-                )
+                keep_from("gone", None)
             ),
         ),
-        _ => (
-            Some(migration::rollup::retained_days_upsert_sql(
-                backend,
-                &[migration::rollup::Source::Table {
-                    name: "llm_tracker_usage",
-                    sign: 1,
-                    where_sql: Some(&chosen),
-                }],
-            )),
-            delete,
-        ),
+        _ => (Some(keep_from("llm_tracker_usage", Some(&chosen))), delete),
     };
     let mut batch = 100;
     loop {

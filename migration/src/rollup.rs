@@ -668,9 +668,8 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             where_sql: from_horizon.as_deref(),
         }],
     );
-    // Before slot `before`: the kept cells of `table` that `whose` selects and the pending
-    // contributions, as delta rows.
-    let retained = |table: &str, whose: &str, before: &str| {
+    // The cells of `table` that `condition` selects, as delta rows.
+    let cells_as_delta = |table: &str, condition: &str| {
         let sums: Vec<String> = delta_sums()
             .iter()
             .map(|c| match (*c, table == TABLE) {
@@ -688,10 +687,17 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             ("'' AS model", "(1 = 1) AS success")
         };
         format!(
-            " UNION ALL SELECT slot, user_key, {model}, {success}, CAST(NULL AS INTEGER) AS latency_bucket, \
-             {sums} FROM {table} WHERE {whose} AND slot < {before} \
-             UNION ALL SELECT {columns} FROM {DELTA_TABLE} WHERE slot < {before}",
+            "SELECT slot, user_key, {model}, {success}, CAST(NULL AS INTEGER) AS latency_bucket, \
+             {sums} FROM {table} WHERE {condition}",
             sums = sums.join(", "),
+        )
+    };
+    // Before slot `before`: the kept cells of `table` that `whose` selects and the pending
+    // contributions, as delta rows.
+    let retained = |table: &str, whose: &str, before: &str| {
+        format!(
+            " UNION ALL {} UNION ALL SELECT {columns} FROM {DELTA_TABLE} WHERE slot < {before}",
+            cells_as_delta(table, &format!("{whose} AND slot < {before}")),
             columns = delta_columns(),
         )
     };
@@ -730,26 +736,12 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     let user_months = match horizon {
         None => REBUILD_USERS,
         Some(h) => {
-            let mut columns: Vec<&str> = vec!["slot", "user_key", "model", "success"];
-            columns.push("latency_bucket");
-            columns.extend(delta_sums());
-            let columns = columns.join(", ");
+            let columns = delta_columns();
             let before = format!("{} < {h}", slot_sql(backend, "created_at"));
-            let sums: Vec<String> = delta_sums()
-                .iter()
-                .map(|c| match *c {
-                    "successful_calls" => {
-                        "CASE WHEN success THEN calls ELSE 0 END AS successful_calls".to_owned()
-                    }
-                    c => c.to_owned(),
-                })
-                .collect();
             out.push(format!(
                 "CREATE TEMP TABLE {REBUILD_USER_MONTHS} AS SELECT {columns} FROM {REBUILD_USERS} \
                  WHERE slot >= {h} \
-                 UNION ALL SELECT {columns} FROM ({old_rows}) o \
-                 UNION ALL SELECT slot, user_key, model, success, CAST(NULL AS INTEGER) AS latency_bucket, \
-                 {sums} FROM {TABLE} WHERE grain = {DAY} AND user_key <> {ALL_USERS} AND slot < {h}",
+                 UNION ALL SELECT {columns} FROM ({old_rows}) o UNION ALL {deleted}",
                 old_rows = contributions(
                     backend,
                     &[Source::Table {
@@ -758,7 +750,10 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
                         where_sql: Some(&before),
                     }]
                 ),
-                sums = sums.join(", "),
+                deleted = cells_as_delta(
+                    TABLE,
+                    &format!("grain = {DAY} AND user_key <> {ALL_USERS} AND slot < {h}")
+                ),
             ));
             REBUILD_USER_MONTHS
         }

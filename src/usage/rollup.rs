@@ -1382,15 +1382,13 @@ mod tests {
         let feb = slot("2025-02-01T00:00:00Z");
         let mar = slot("2025-03-01T00:00:00Z");
         let b = slot("2025-03-03T00:00:00Z");
+        let days_month_days = vec![
+            (DAY, a, feb),
+            (Calendar::Month.code(), feb, mar),
+            (DAY, mar, b),
+        ];
         let (runs, gaps) = user_cells(a, b, None, Level::ByModel);
-        assert_eq!(
-            tup(runs),
-            vec![
-                (DAY, a, feb),
-                (Calendar::Month.code(), feb, mar),
-                (DAY, mar, b)
-            ]
-        );
+        assert_eq!(tup(runs), days_month_days);
         assert_eq!(
             gaps,
             vec![Slots { first: a, end: feb }, Slots { first: mar, end: b }]
@@ -1398,14 +1396,7 @@ mod tests {
         // Over all models a user keeps days: no gaps, and the month less nothing.
         let (runs, gaps) = user_cells(a, b, None, Level::Total);
         assert!(gaps.is_empty());
-        assert_eq!(
-            tup(runs),
-            vec![
-                (DAY, a, feb),
-                (Calendar::Month.code(), feb, mar),
-                (DAY, mar, b)
-            ]
-        );
+        assert_eq!(tup(runs), days_month_days);
         // Local days in New York fit no UTC day: per model, only rows (no day runs).
         let ny: Tz = "America/New_York".parse().unwrap();
         let (runs, gaps) = user_cells(a, feb, Some((Granularity::Month, ny)), Level::ByModel);
