@@ -687,8 +687,9 @@ pub fn statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, by: Grou
 pub enum Sums {
     /// Every column of the raw aggregate.
     All,
-    /// `total_calls` and `total_tokens` only: what ranks users for `by_user` (each sum is an
-    /// aggregate per user; ranking 10,000 users on two instead of eleven halves the statement).
+    /// `total_calls` and `total_tokens` only: what ranks users for `by_user` (ranking 10,000
+    /// users on two sums instead of eleven halves the statement). Grouped by user, the cells
+    /// come one line each, not summed: the reader sums them (see `build`).
     Rank,
 }
 
@@ -865,7 +866,11 @@ fn build(
     narrow(&mut conditions);
     // Per slot over the totals table, each cell is one row (cells do not overlap): read as is,
     // no aggregation (which costs more than the reading, measured: 10 ms for 2,000 cells).
-    let one_row_per_group = by == GroupBy::Slot && level == Level::Total && !keyed;
+    // The ranking of users is summed by its reader, which merges the pending contributions and
+    // the edges anyway: PostgreSQL's hash aggregate of 20,000 cells into 10,000 users took
+    // 15 of the ranking statement's 20 ms.
+    let one_row_per_group = (by == GroupBy::Slot && level == Level::Total && !keyed)
+        || (by == GroupBy::User && sums == Sums::Rank);
     let aggregate = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
     let sum = |expr: &str| {
         let expr = if signed {

@@ -881,7 +881,9 @@ pub async fn stats_by_user(
                 Some(_) => None,
                 None => {
                     let stmt = rank_statement(backend, &plan, filter);
-                    let mut rank: BTreeMap<i64, (i64, i64)> = BTreeMap::new();
+                    // One line per cell (summed here, see `rollup::Sums::Rank`).
+                    let mut rank: std::collections::HashMap<i64, (i64, i64)> =
+                        std::collections::HashMap::new();
                     for r in RankRow::find_by_statement(stmt).all(&txn).await? {
                         let e = rank.entry(r.user_key).or_default();
                         e.0 += r.total_calls;
