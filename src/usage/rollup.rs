@@ -689,7 +689,8 @@ pub enum Sums {
     All,
     /// `total_calls` and `total_tokens` only: what ranks users for `by_user` (ranking 10,000
     /// users on two sums instead of eleven halves the statement). Grouped by user, the cells
-    /// come one line each, not summed: the reader sums them (see `build`).
+    /// come one line each, not summed: the reader sums them (see `build`). The columns are
+    /// `user_key`, `total_calls`, `total_tokens`, in this order (read by position).
     Rank,
 }
 
