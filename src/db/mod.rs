@@ -87,10 +87,32 @@ pub async fn open(
     Ok((db, up))
 }
 
-/// Applies every pending migration.
+/// Applies every pending migration. On PostgreSQL, when any was applied, then vacuums the
+/// rollup tables (outside the migrations' transactions, where `VACUUM` cannot run): a migration
+/// that fills or rewrites cells leaves pages that are not marked all-visible, and until
+/// autovacuum comes round every index-only read of the cells also visits the heap — measured at
+/// 10M rows from 10,000 users, `include=by_user` over 30 days took 103 ms before the `VACUUM`
+/// and 46 ms after. It does not block reads or writes; a failure is logged, not returned.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
-    Migrator::up(db, None).await
+    let applied = Migrator::get_pending_migrations(db).await?.len();
+    Migrator::up(db, None).await?;
+    if applied > 0 && db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let started = std::time::Instant::now();
+        match db.execute_unprepared(VACUUM_ROLLUP).await {
+            Ok(_) => tracing::info!(
+                applied,
+                seconds = started.elapsed().as_secs_f64(),
+                "migrations applied; rollup tables vacuumed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "vacuuming the rollup tables after migrating"),
+        }
+    }
+    Ok(())
 }
+
+/// What [`migrate`] runs on PostgreSQL after applying migrations.
+const VACUUM_ROLLUP: &str = "VACUUM (ANALYZE) llm_tracker_usage_rollup, \
+     llm_tracker_usage_rollup_total, llm_tracker_usage_latency";
 
 /// True when the database answers and the usage table is readable.
 pub async fn is_ready(db: &DatabaseConnection) -> bool {

@@ -774,6 +774,43 @@ db_test!(
     }
 );
 
+/// `db::migrate` vacuums the rollup tables after the migrations that filled them (PostgreSQL:
+/// without it their pages are not all-visible and every index-only read visits the heap).
+mod migrate_leaves_the_filled_rollup_tables_all_visible {
+    use super::*;
+
+    #[actix_web::test]
+    async fn postgres() {
+        let t = TestDb::empty(crate::helpers::Backend::Postgres).await;
+        let db = &t.db;
+        migration::Migrator::up(db, Some(4)).await.unwrap();
+        let ids = users(db, &["v1", "v2"]).await;
+        let mut rng = StdRng::seed_from_u64(7);
+        let base = Utc.with_ymd_and_hms(2025, 10, 20, 0, 0, 0).unwrap();
+        for r in &random_rows(&mut rng, &ids, base, 60, 3_000, 1) {
+            db.execute_unprepared(&plain_insert(db.get_database_backend(), r))
+                .await
+                .unwrap();
+        }
+        llm_tracker::db::migrate(db).await.unwrap();
+        for table in ["llm_tracker_usage_rollup", "llm_tracker_usage_rollup_total"] {
+            let pages = t
+                .scalar_i64(&format!(
+                    "SELECT CAST(relpages AS BIGINT) FROM pg_class WHERE relname = '{table}'"
+                ))
+                .await;
+            let visible = t
+                .scalar_i64(&format!(
+                    "SELECT CAST(relallvisible AS BIGINT) FROM pg_class WHERE relname = '{table}'"
+                ))
+                .await;
+            assert!(pages > 1, "{table}: {pages} pages");
+            assert_eq!(visible, pages, "{table}");
+        }
+        assert_verified(db).await;
+    }
+}
+
 db_test!(
     async fn eight_writers_and_readers_at_once_leave_exact_totals(backend: Backend) {
         let t = TestDb::migrated(backend).await;
