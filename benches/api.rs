@@ -610,6 +610,12 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
             format!("/api/v1/admin/token-stats/?user_id={user}&granularity=day&tz=Asia/Kolkata"),
         ),
         (
+            format!("token-stats user_id + month tz=America/New_York ({user_rows} rows)"),
+            format!(
+                "/api/v1/admin/token-stats/?user_id={user}&granularity=month&tz=America/New_York"
+            ),
+        ),
+        (
             "token-stats month, range with partial slots at both ends".into(),
             format!(
                 "/api/v1/admin/token-stats/?granularity=month&start_date={}&end_date={}",

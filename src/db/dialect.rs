@@ -235,6 +235,22 @@ impl Dialect {
         }
     }
 
+    /// SQL: the instant `seconds` after the epoch, as `created_at` compares with it (PostgreSQL
+    /// `to_timestamp`; on SQLite the stored text, which compares in order only where every row
+    /// is written in that one format).
+    pub fn instant_sql(self, seconds: i64) -> String {
+        match self {
+            Self::Postgres => format!(
+                "to_timestamp({})",
+                seconds.clamp(-210_866_803_200, 9_224_318_015_999)
+            ),
+            Self::Sqlite => match DateTime::from_timestamp(seconds, 0) {
+                Some(t) => format!("'{}'", django_datetime(&t)),
+                None => "NULL".to_owned(),
+            },
+        }
+    }
+
     /// The rows whose `created_at` lies in the 15-minute slots `[lo, hi)`: on PostgreSQL exact
     /// on timestamps and served by the `created_at` index; on SQLite by the rollup's own slot
     /// expression over the stored text.

@@ -74,6 +74,19 @@ pub struct Slots {
     pub end: i64,
 }
 
+/// A user's UTC day that holds one boundary of the series' buckets (a daily series outside
+/// UTC), at a slot: its day cell counts in the bucket of `key`, and the rows of `window` (the
+/// shorter side of the boundary, 5 hours of the day in New York instead of 24) move from that
+/// bucket to the other one. Exact: the cell and the pending contributions of the whole day are
+/// the day's rows (the pending ones of the window are keyed to `key` too, see `build`), so the
+/// cell's bucket gets the day less the window's rows, and the other bucket those rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moved {
+    pub day: i64,
+    pub key: i64,
+    pub window: Slots,
+}
+
 /// How a request is answered from the rollup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -103,6 +116,10 @@ pub struct Plan {
     /// Whole slots inside `totals` that no cell of `ranges` covers (a user's day that
     /// straddles a local bucket): the series reads their raw rows instead.
     pub gaps: Vec<Slots>,
+    /// A user's days whose cell counts in one of the two buckets they straddle, less the rows
+    /// moved to the other (on PostgreSQL, from the retention horizon on; [`Moved`]). Their
+    /// cells are in [`Plan::per_bucket`], keyed, and not in [`Plan::ranges`].
+    pub moved: Vec<Moved>,
     /// Whole slots that no cell of `totals` covers (a user's days per model outside whole
     /// months, see [`migration::rollup::per_user`]): sums without buckets from the per-model
     /// table read their raw rows instead ([`Plan::raw`]).
@@ -285,7 +302,7 @@ pub async fn plan<C: ConnectionTrait>(
         } else {
             (a, b, Vec::new())
         };
-    let (ranges, totals, coarse, gaps, model_gaps) = match scope {
+    let (ranges, totals, coarse, gaps, model_gaps, moved) = match scope {
         Scope::AllUsers => {
             let Some(ranges) = cells(a, b, series) else {
                 return Ok(None);
@@ -294,14 +311,37 @@ pub async fn plan<C: ConnectionTrait>(
                 None => ranges.clone(),
                 Some(_) => cells(a, b, None).unwrap_or_else(|| ranges.clone()),
             };
-            (ranges, totals.clone(), totals, Vec::new(), Vec::new())
+            (
+                ranges,
+                totals.clone(),
+                totals,
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            )
         }
         Scope::PerUser => {
             let series_level = level_of(filter, GroupBy::Slot);
-            let (ranges, gaps) = user_cells(a, b, series, series_level);
-            let (totals, model_gaps) = user_cells(a, b, None, Level::ByModel);
-            let (coarse, _) = user_cells(a, b, None, Level::Total);
-            (ranges, totals, coarse, gaps, model_gaps)
+            // Days that straddle a bucket move the rows of their shorter side (PostgreSQL
+            // only: there the rows of 365 windows are 365 ranges of the (user_id, created_at)
+            // index; SQLite, which compares text there, reads the days' rows as before).
+            // Never before the retention horizon, whose days may have lost their rows.
+            let moves_from = if series.is_some()
+                && series_level == Level::Total
+                && db.get_database_backend() == sea_orm::DbBackend::Postgres
+            {
+                Some(
+                    crate::retention::horizon_slot(db)
+                        .await?
+                        .unwrap_or(i64::MIN),
+                )
+            } else {
+                None
+            };
+            let (ranges, gaps, moved) = user_cells(a, b, series, series_level, moves_from);
+            let (totals, model_gaps, _) = user_cells(a, b, None, Level::ByModel, None);
+            let (coarse, _, _) = user_cells(a, b, None, Level::Total, None);
+            (ranges, totals, coarse, gaps, model_gaps, moved)
         }
     };
     let mut edges = Vec::new();
@@ -326,10 +366,14 @@ pub async fn plan<C: ConnectionTrait>(
             ..filter.clone()
         });
     }
-    let per_bucket = match series {
+    let mut per_bucket = match series {
         Some((gran, tz)) => per_bucket(&split_per_bucket(&ranges, gran, tz), gran, tz, scope),
         None => unkeyed(&ranges),
     };
+    per_bucket.extend(moved.iter().map(|m| BucketRun {
+        key: m.key,
+        run: Run::new(DAY, m.day, m.day + DAY),
+    }));
     Ok(Some(Plan {
         scope,
         ranges,
@@ -339,6 +383,7 @@ pub async fn plan<C: ConnectionTrait>(
         edges,
         minus,
         gaps,
+        moved,
         model_gaps,
         slots: Slots { first: a, end: b },
     }))
@@ -402,17 +447,22 @@ async fn complement_ends<C: ConnectionTrait>(
 /// Whole UTC days `[a, b)` in a user's cells of `level` (in the totals table days, months and
 /// years; per model months), coarsest first, each inside one bucket of the series; the days
 /// that no cell covers or that fit no bucket are returned as gaps (merged runs of slots).
+///
+/// With `moves_from`, a day from that slot on that holds one boundary of the series' buckets is
+/// not a gap but [`Moved`].
 fn user_cells(
     a: i64,
     b: i64,
     series: Option<(Granularity, Tz)>,
     level: Level,
-) -> (Vec<Run>, Vec<Slots>) {
+    moves_from: Option<i64>,
+) -> (Vec<Run>, Vec<Slots>, Vec<Moved>) {
     let fits = |p: i64, end: i64| fits(series, p, end);
     let (fixed, calendars) = per_user(level);
     let days = fixed.contains(&DAY);
     let mut runs: Vec<Run> = Vec::new();
     let mut gaps: Vec<Slots> = Vec::new();
+    let mut moved: Vec<Moved> = Vec::new();
     let mut p = a;
     while p < b {
         // Sums without buckets, over a month the range covers in part: the month's cell less
@@ -450,6 +500,14 @@ fn user_cells(
         let (code, next) = match calendar {
             Some(found) => found,
             None if days && fits(p, p + DAY) => (DAY, p + DAY),
+            None if let (true, Some(from), Some(series)) = (days, moves_from, series)
+                && p >= from
+                && let Some(m) = split_day(p, series) =>
+            {
+                moved.push(m);
+                p += DAY;
+                continue;
+            }
             None => {
                 // Per model a user's days outside whole months are counted from the rows, and
                 // from the day cells that keep what retention deleted (none after its horizon).
@@ -478,7 +536,40 @@ fn user_cells(
         }
         p = next;
     }
-    (runs, gaps)
+    (runs, gaps, moved)
+}
+
+/// The day `[p, p + DAY)` as [`Moved`], when it holds exactly one boundary of the series'
+/// buckets and that boundary is a slot's start.
+fn split_day(p: i64, (gran, tz): (Granularity, Tz)) -> Option<Moved> {
+    let (d0, d1) = (slot_start(p)?, slot_start(p + DAY)?);
+    let tick = Duration::microseconds(1);
+    let c = bucket_start(gran, tz, d1 - tick);
+    if c <= d0
+        || bucket_start(gran, tz, c - tick) != bucket_start(gran, tz, d0)
+        || c.timestamp_subsec_micros() != 0
+        || c.timestamp().rem_euclid(SLOT_SECONDS) != 0
+    {
+        return None;
+    }
+    let at = c.timestamp().div_euclid(SLOT_SECONDS);
+    Some(if at - p <= p + DAY - at {
+        // The part before the boundary is the shorter: the cell counts after it.
+        Moved {
+            day: p,
+            key: at,
+            window: Slots { first: p, end: at },
+        }
+    } else {
+        Moved {
+            day: p,
+            key: p,
+            window: Slots {
+                first: at,
+                end: p + DAY,
+            },
+        }
+    })
 }
 
 /// `runs` cut where the bucket of the series changes: each run's cells in one bucket.
@@ -751,7 +842,8 @@ fn build(
     // so does the series of all models where a bucket reads UTC days less their hours outside
     // it (`Plan::per_bucket`); otherwise the series reads its cells one by one.
     let keyed = by == GroupBy::SlotModel
-        || (by == GroupBy::Slot && plan.per_bucket.iter().any(|b| b.run.subtract));
+        || (by == GroupBy::Slot
+            && (plan.per_bucket.iter().any(|b| b.run.subtract) || !plan.moved.is_empty()));
     let ranges: Vec<BucketRun> = match (by, level) {
         (GroupBy::SlotModel, _) => plan.per_bucket.clone(),
         (GroupBy::Slot, _) if keyed => plan.per_bucket.clone(),
@@ -1015,9 +1107,32 @@ fn build(
     }
     pending.extend(only_users);
     narrow(&mut pending);
+    // The pending contributions of a moved day's window count where its cell does.
+    let (key, delta, group) = if by == GroupBy::Slot && !plan.moved.is_empty() {
+        let windows: Vec<String> = plan
+            .moved
+            .iter()
+            .map(|m| format!("({}, {}, {})", m.window.first, m.window.end, m.key))
+            .collect();
+        (
+            format!(
+                "CAST(NULL AS TEXT) AS {}, CAST(COALESCE(m.k, r.slot) AS TEXT) AS {}",
+                col::MODEL,
+                col::BUCKET
+            ),
+            format!(
+                "{DELTA_TABLE} r LEFT JOIN (SELECT column1 AS lo, column2 AS hi, column3 AS k \
+                 FROM (VALUES {}) l) m ON r.slot >= m.lo AND r.slot < m.hi",
+                windows.join(", ")
+            ),
+            " GROUP BY COALESCE(m.k, r.slot)",
+        )
+    } else {
+        (key, format!("{DELTA_TABLE} r"), group)
+    };
     let sql = format!(
         "WITH v (g, lo, hi{sign_column}{key_column}) AS (VALUES {values}) {cells} UNION ALL \
-         SELECT {key}, {columns} FROM {DELTA_TABLE} r WHERE {pending}{group}",
+         SELECT {key}, {columns} FROM {delta} WHERE {pending}{group}",
         sign_column = if signed { ", s" } else { "" },
         key_column = if keyed { ", k" } else { "" },
         values = values.join(", "),
@@ -1393,19 +1508,20 @@ mod tests {
             (Calendar::Month.code(), feb, mar),
             (DAY, mar, b),
         ];
-        let (runs, gaps) = user_cells(a, b, None, Level::ByModel);
+        let (runs, gaps, _) = user_cells(a, b, None, Level::ByModel, None);
         assert_eq!(tup(runs), days_month_days);
         assert_eq!(
             gaps,
             vec![Slots { first: a, end: feb }, Slots { first: mar, end: b }]
         );
         // Over all models a user keeps days: no gaps, and the month less nothing.
-        let (runs, gaps) = user_cells(a, b, None, Level::Total);
+        let (runs, gaps, _) = user_cells(a, b, None, Level::Total, None);
         assert!(gaps.is_empty());
         assert_eq!(tup(runs), days_month_days);
         // Local days in New York fit no UTC day: per model, only rows (no day runs).
         let ny: Tz = "America/New_York".parse().unwrap();
-        let (runs, gaps) = user_cells(a, feb, Some((Granularity::Month, ny)), Level::ByModel);
+        let (runs, gaps, _) =
+            user_cells(a, feb, Some((Granularity::Month, ny)), Level::ByModel, None);
         assert!(runs.is_empty());
         assert_eq!(gaps, vec![Slots { first: a, end: feb }]);
     }
