@@ -71,6 +71,19 @@ impl TokenSums {
     }
 
     /// The column alias of `sum`.
+    /// The sums from a reader of the `k`-th of [`TokenSums::COLUMNS`].
+    pub fn try_from_fn<E>(mut get: impl FnMut(usize) -> Result<i64, E>) -> Result<Self, E> {
+        Ok(Self {
+            total_calls: get(0)?,
+            total_prompt_tokens: get(1)?,
+            total_completion_tokens: get(2)?,
+            total_tokens: get(3)?,
+            total_cached_tokens: get(4)?,
+            total_reasoning_tokens: get(5)?,
+            cost_micros: get(6)?,
+        })
+    }
+
     pub fn alias(sum: Sum) -> &'static str {
         Self::COLUMNS
             .iter()
