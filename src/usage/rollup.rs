@@ -15,7 +15,7 @@ use migration::rollup::{
     ALL_USERS, Calendar, DAY, DELTA_TABLE, GRAINS, Grain, Level, NO_USER, SLOT_SECONDS,
     TOTALS_TABLE, hour_grain, per_user,
 };
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
 use super::UsageFilter;
 use super::buckets::Granularity;
@@ -1140,28 +1140,6 @@ fn build(
         pending = pending.join(" AND "),
     );
     Statement::from_sql_and_values(backend, sql, params)
-}
-
-/// The rows of [`statement`] as `T`, inside `txn` (its planner settings applied).
-pub async fn query<T: FromQueryResult>(
-    txn: &sea_orm::DatabaseTransaction,
-    plan: &Plan,
-    filter: &UsageFilter,
-    by: GroupBy,
-) -> Result<Vec<T>, DbErr> {
-    let stmt = statement(txn.get_database_backend(), plan, filter, by);
-    query_statement(txn, stmt).await
-}
-
-/// The rows of a rollup statement as `T`, inside `txn` (its planner settings applied).
-pub async fn query_statement<T: FromQueryResult>(
-    txn: &sea_orm::DatabaseTransaction,
-    stmt: Statement,
-) -> Result<Vec<T>, DbErr> {
-    if let Some(sql) = crate::db::Dialect::of(txn.get_database_backend()).rollup_settings() {
-        txn.execute_unprepared(sql).await?;
-    }
-    T::find_by_statement(stmt).all(txn).await
 }
 
 /// The rollup user key of a `user_id` (`None`: calls made for no user); [`user_of`]'s inverse.
