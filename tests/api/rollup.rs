@@ -804,8 +804,11 @@ mod migrate_leaves_the_filled_rollup_tables_all_visible {
                     "SELECT CAST(relallvisible AS BIGINT) FROM pg_class WHERE relname = '{table}'"
                 ))
                 .await;
+            // Without the VACUUM none is all-visible; with it nearly all (a page whose tuples
+            // a concurrent snapshot elsewhere on the shared test server may still not see stays
+            // unmarked: seen once, 316 of 317).
             assert!(pages > 1, "{table}: {pages} pages");
-            assert_eq!(visible, pages, "{table}");
+            assert!(visible * 10 >= pages * 9, "{table}: {visible} of {pages}");
         }
         assert_verified(db).await;
     }
