@@ -84,6 +84,21 @@ fn with_offset(tz: Tz, t: DateTime<Utc>) -> String {
     out
 }
 
+/// Where the bucket that starts at `start` should end: the hour, day or month after it. Only a
+/// guess where an offset changes by half an hour (an hour then lasts 30 or 90 minutes, and
+/// buckets may even overlap): the caller checks it. `None` past chrono's range.
+pub fn next_bucket_guess(g: Granularity, tz: Tz, start: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let local = start.with_timezone(&tz).date_naive();
+    Some(match g {
+        Granularity::Day => bucket_start(g, tz, start.checked_add_signed(Duration::hours(1))?),
+        Granularity::Month => day_start(tz, local.succ_opt()?),
+        Granularity::Year => day_start(
+            tz,
+            month_start(local).checked_add_months(chrono::Months::new(1))?,
+        ),
+    })
+}
+
 fn month_start(d: NaiveDate) -> NaiveDate {
     d.with_day(1).unwrap_or(d)
 }

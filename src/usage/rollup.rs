@@ -19,7 +19,7 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
 use super::UsageFilter;
 use super::buckets::Granularity;
-use super::buckets::bucket_start;
+use super::buckets::{bucket_start, next_bucket_guess};
 use super::filters::escape_like;
 use super::sums::{Sum, TokenSums};
 
@@ -708,6 +708,133 @@ fn fits(series: Option<(Granularity, Tz)>, first: i64, end: i64) -> bool {
 }
 
 fn cells(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<Run>> {
+    let mut runs: Vec<Run> = Vec::new();
+    match series {
+        None => greedy(a, b, Limit::NONE, &mut runs),
+        // In UTC a bucket is a UTC hour, day or month: the coarsest cells up to that grain.
+        Some((gran, Tz::UTC)) => greedy(a, b, Limit::utc(gran), &mut runs),
+        Some((Granularity::Day, _)) => return cells_by_fits(a, b, series),
+        // Daily and monthly buckets elsewhere, bucket by bucket: each bucket's slots in their
+        // coarsest cells. (Asking whether each candidate cell fits its bucket took two
+        // time-zone conversions per cell: 58 % of the server's time for a daily year in New
+        // York.)
+        Some((gran, tz)) => {
+            let bucket = |slot: i64| slot_start(slot).map(|t| bucket_start(gran, tz, t));
+            // The bucket of the last instant of slot `q - 1`.
+            let before = |q: i64| {
+                slot_start(q).map(|t| bucket_start(gran, tz, t - Duration::microseconds(1)))
+            };
+            let mut p = a;
+            while p < b {
+                let current = bucket(p)?;
+                // The bucket's slots from `p`: up to the next hour, day or month where the
+                // slots around it say so, otherwise slot by slot (where a half-hour change of
+                // offset shortens, stretches or overlaps an hour).
+                let guess = next_bucket_guess(gran, tz, current)
+                    .filter(|n| n.timestamp_subsec_micros() == 0)
+                    .filter(|n| n.timestamp().rem_euclid(SLOT_SECONDS) == 0)
+                    .map(|n| n.timestamp().div_euclid(SLOT_SECONDS))
+                    .filter(|&q| q > p && before(q) == Some(current) && bucket(q) != Some(current));
+                let end = match guess {
+                    Some(q) => q.min(b),
+                    None => {
+                        let mut q = p + 1;
+                        while q < b && bucket(q) == Some(current) {
+                            q += 1;
+                        }
+                        q
+                    }
+                };
+                // A bucket boundary inside a slot: no cell fits (a zone whose offset is not a
+                // whole number of quarter hours).
+                if before(end) != Some(current) {
+                    return None;
+                }
+                greedy(p, end, Limit::SERIES, &mut runs);
+                p = end;
+            }
+        }
+    }
+    Some(runs)
+}
+
+/// Which cells [`greedy`] may take.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    months: bool,
+    days: bool,
+    /// Consecutive months in one run (not under a series: there each month is its own run,
+    /// keyed to one bucket).
+    merge_months: bool,
+}
+
+impl Limit {
+    const NONE: Self = Self {
+        months: true,
+        days: true,
+        merge_months: true,
+    };
+    const SERIES: Self = Self {
+        months: true,
+        days: true,
+        merge_months: false,
+    };
+
+    /// The cells inside one UTC bucket of `gran`.
+    fn utc(gran: Granularity) -> Self {
+        Self {
+            months: gran == Granularity::Year,
+            days: gran != Granularity::Day,
+            merge_months: false,
+        }
+    }
+}
+
+/// The slots `[a, b)` in their coarsest cells that `limit` allows, appended to `runs` (a cell
+/// of the grain that ends the last run, right after it, extends it). The hours that start at
+/// :15 or :30 are left to [`cells_by_fits`] (hourly series outside UTC).
+fn greedy(a: i64, b: i64, limit: Limit, runs: &mut Vec<Run>) {
+    let mut p = a;
+    while p < b {
+        // A whole UTC month inside the range: its cell (migration 000022).
+        if limit.months
+            && p.rem_euclid(DAY) == 0
+            && let Some((m0, m1)) = calendar_cell(Calendar::Month, p)
+            && m0 == p
+            && m1 <= b
+        {
+            let code = Calendar::Month.code();
+            match runs.last_mut() {
+                Some(run) if limit.merge_months && run.grain == code && run.end == p => {
+                    run.end = m1
+                }
+                _ => runs.push(Run::new(code, p, m1)),
+            }
+            p = m1;
+            continue;
+        }
+        let candidates = [grain(96).filter(|_| limit.days), grain(4), grain(1)];
+        // (A slot always fits: grain 1.)
+        let Some(g) = candidates
+            .into_iter()
+            .flatten()
+            .find(|g| p.rem_euclid(g.len) == g.phase && p + g.len <= b)
+        else {
+            break;
+        };
+        match runs.last_mut() {
+            Some(run) if run.grain == g.code && run.end == p => run.end = p + g.len,
+            _ => runs.push(Run::new(g.code, p, p + g.len)),
+        }
+        p += g.len;
+    }
+}
+
+/// [`cells`] cell by cell, each candidate asked whether it fits its bucket (two time-zone
+/// conversions a cell): for hourly series outside UTC, whose buckets hold four cells at most
+/// (the walk bucket by bucket would cost more there), and the reference the walk is checked
+/// against.
+fn cells_by_fits(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Vec<Run>> {
     let fits = |p: i64, g: i64| fits(series, p, p + g);
     // Hours that start at :15 or :30 past a UTC hour serve hourly series in zones with such
     // offsets (there, no UTC hour or day fits a bucket). Elsewhere they would lead the greedy
@@ -1563,6 +1690,48 @@ mod tests {
                 .iter()
                 .all(|b| !b.run.subtract)
         );
+    }
+
+    #[test]
+    fn the_bucket_walk_chooses_the_cells_the_fit_test_chose() {
+        let zones = [
+            "UTC",
+            "America/New_York",
+            "Asia/Kolkata",
+            "Asia/Kathmandu",
+            "Australia/Lord_Howe",
+            "Pacific/Chatham",
+            "America/Santiago",
+            "Europe/London",
+        ];
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: i64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as i64
+        };
+        let base = slot("2024-01-01T00:00:00Z");
+        for zone in zones {
+            let tz: Tz = zone.parse().unwrap();
+            for gran in [Granularity::Day, Granularity::Month, Granularity::Year] {
+                for _ in 0..40 {
+                    let a = base + next(400 * 96);
+                    let len = match gran {
+                        Granularity::Day => next(20 * 96),
+                        _ => next(120 * 96),
+                    };
+                    let b = a + 1 + len;
+                    assert_eq!(
+                        cells(a, b, Some((gran, tz))),
+                        cells_by_fits(a, b, Some((gran, tz))),
+                        "{zone} {gran:?} [{a}, {b})"
+                    );
+                }
+            }
+        }
+        let (a, b) = (base, base + 400 * 96);
+        assert_eq!(cells(a, b, None), cells_by_fits(a, b, None));
     }
 
     #[test]
