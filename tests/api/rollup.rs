@@ -776,7 +776,7 @@ db_test!(
 
 /// `db::migrate` vacuums the rollup tables after the migrations that filled them (PostgreSQL:
 /// without it their pages are not all-visible and every index-only read visits the heap).
-mod migrate_leaves_the_filled_rollup_tables_all_visible {
+mod migrate_vacuums_the_rollup_tables_it_filled {
     use super::*;
 
     #[actix_web::test]
@@ -793,23 +793,28 @@ mod migrate_leaves_the_filled_rollup_tables_all_visible {
                 .unwrap();
         }
         llm_tracker::db::migrate(db).await.unwrap();
-        for table in ["llm_tracker_usage_rollup", "llm_tracker_usage_rollup_total"] {
-            let pages = t
+        // Whether each page ends up marked depends on the snapshots open meanwhile (an
+        // autoanalyze of the rows just written holds one: a run of the whole suite saw 115 of
+        // 317 pages marked); that `migrate` vacuumed is what the statistics say.
+        for table in [
+            "llm_tracker_usage_rollup",
+            "llm_tracker_usage_rollup_total",
+            "llm_tracker_usage_latency",
+        ] {
+            let vacuums = t
                 .scalar_i64(&format!(
-                    "SELECT CAST(relpages AS BIGINT) FROM pg_class WHERE relname = '{table}'"
+                    "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = '{table}'"
                 ))
                 .await;
-            let visible = t
-                .scalar_i64(&format!(
-                    "SELECT CAST(relallvisible AS BIGINT) FROM pg_class WHERE relname = '{table}'"
-                ))
-                .await;
-            // Without the VACUUM none is all-visible; with it nearly all (a page whose tuples
-            // a concurrent snapshot elsewhere on the shared test server may still not see stays
-            // unmarked: seen once, 316 of 317).
-            assert!(pages > 1, "{table}: {pages} pages");
-            assert!(visible * 10 >= pages * 9, "{table}: {visible} of {pages}");
+            assert_eq!(vacuums, 1, "{table}");
         }
+        let pages = t
+            .scalar_i64(
+                "SELECT CAST(relpages AS BIGINT) FROM pg_class \
+                 WHERE relname = 'llm_tracker_usage_rollup'",
+            )
+            .await;
+        assert!(pages > 1, "{pages} pages");
         assert_verified(db).await;
     }
 }
