@@ -223,55 +223,53 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    #[test]
-    fn bucket_start_is_the_start_of_bucket_of() {
-        let zones = [
-            "UTC",
-            "America/New_York",
-            "Asia/Kathmandu",
-            "Australia/Lord_Howe",
-            "Pacific/Chatham",
-        ];
-        for zone in zones {
+    /// Zones with DST, :30 and :45 offsets, half-hour DST changes and midnight changes.
+    const ZONES: [&str; 7] = [
+        "UTC",
+        "America/New_York",
+        "Asia/Kathmandu",
+        "Australia/Lord_Howe",
+        "Pacific/Chatham",
+        "America/Santiago",
+        "Africa/Casablanca",
+    ];
+
+    /// `check` at every `step` through 2024 in each of [`ZONES`].
+    fn through_2024(step: Duration, mut check: impl FnMut(&str, Tz, DateTime<Utc>)) {
+        for zone in ZONES {
             let tz: Tz = zone.parse().unwrap();
             let mut t = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap();
             while t.year() < 2025 {
-                for g in [Granularity::Day, Granularity::Month, Granularity::Year] {
-                    assert_eq!(
-                        bucket_start(g, tz, t),
-                        bucket_of(g, tz, t).start,
-                        "{zone} {t} {g:?}"
-                    );
-                }
-                t += Duration::seconds(7 * 3600 + 13 * 60 + 7);
+                check(zone, tz, t);
+                t += step;
             }
         }
     }
 
     #[test]
-    fn labels_are_chrono_s_text() {
-        let zones = [
-            "UTC",
-            "America/New_York",
-            "Asia/Kathmandu",
-            "Australia/Lord_Howe",
-            "Pacific/Chatham",
-            "America/Santiago",
-            "Africa/Casablanca",
-        ];
-        for zone in zones {
-            let tz: Tz = zone.parse().unwrap();
-            let mut t = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap();
-            while t.year() < 2025 {
+    fn bucket_start_is_the_start_of_bucket_of() {
+        through_2024(Duration::seconds(7 * 3600 + 13 * 60 + 7), |zone, tz, t| {
+            for g in [Granularity::Day, Granularity::Month, Granularity::Year] {
                 assert_eq!(
-                    with_offset(tz, t),
-                    t.with_timezone(&tz)
-                        .format("%Y-%m-%dT%H:%M:%S%:z")
-                        .to_string()
+                    bucket_start(g, tz, t),
+                    bucket_of(g, tz, t).start,
+                    "{zone} {t} {g:?}"
                 );
-                t += Duration::seconds(3 * 3600 + 17 * 60 + 11);
             }
-        }
+        });
+    }
+
+    #[test]
+    fn labels_are_chrono_s_text() {
+        through_2024(Duration::seconds(3 * 3600 + 17 * 60 + 11), |zone, tz, t| {
+            assert_eq!(
+                with_offset(tz, t),
+                t.with_timezone(&tz)
+                    .format("%Y-%m-%dT%H:%M:%S%:z")
+                    .to_string(),
+                "{zone} {t}"
+            );
+        });
         // An offset with seconds (local mean time) and a year of five digits: chrono's text.
         let amsterdam: Tz = "Europe/Amsterdam".parse().unwrap();
         let lmt = Utc.with_ymd_and_hms(1900, 1, 1, 0, 0, 0).unwrap();

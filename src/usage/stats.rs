@@ -305,10 +305,7 @@ async fn moved_groups(
         sums = sums.join(", "),
         windows = windows.join(", "),
     );
-    if let Some(settings) = dialect.rollup_settings() {
-        txn.execute_unprepared(settings).await?;
-    }
-    let rows = all_groups(txn, Statement::from_string(backend, sql)).await?;
+    let rows = rollup_groups(txn, Statement::from_string(backend, sql)).await?;
     let mut out = Vec::with_capacity(rows.len() * 2);
     for g in rows {
         let slot = g
@@ -1028,11 +1025,11 @@ pub async fn stats_by_user(
                 Some(_) => None,
                 None => {
                     let stmt = rank_statement(backend, &plan, filter);
-                    // One line per cell (summed here, see `rollup::Sums::Rank`).
+                    // One line per cell, summed here and read by position (see
+                    // `rollup::Sums::Rank`): 30,000 cells by column name took longer than
+                    // their sum.
                     let mut rank: std::collections::HashMap<i64, (i64, i64)> =
                         std::collections::HashMap::new();
-                    // By position (see `rollup::Sums::Rank`): 30,000 cells by column name
-                    // took longer than their sum.
                     for r in txn.query_all_raw(stmt).await? {
                         let (key, calls, tokens): (i64, i64, i64) = (
                             r.try_get_by_index(0)?,
