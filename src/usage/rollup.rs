@@ -325,8 +325,10 @@ pub async fn plan<C: ConnectionTrait>(
             // Days that straddle a bucket move the rows of their shorter side (PostgreSQL
             // only: there the rows of 365 windows are 365 ranges of the (user_id, created_at)
             // index; SQLite, which compares text there, reads the days' rows as before).
-            // Never before the retention horizon, whose days may have lost their rows.
-            let moves_from = if series.is_some()
+            // Never before the retention horizon, whose days may have lost their rows. (In UTC
+            // a day never straddles a daily or monthly bucket, and an hourly one crosses 24
+            // boundaries a day: no day moves, and the horizon is not read.)
+            let moves_from = if matches!(series, Some((gran, tz)) if gran != Granularity::Day && tz != Tz::UTC)
                 && series_level == Level::Total
                 && db.get_database_backend() == sea_orm::DbBackend::Postgres
             {
