@@ -61,7 +61,7 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 /// Connects, migrates and makes sure the table holds exactly `rows` demo rows.
 /// What the PostgreSQL bench database gets after a load or a migration.
 const VACUUM: &str = "VACUUM ANALYZE llm_tracker_usage, llm_tracker_usage_rollup, \
-     llm_tracker_usage_rollup_total, llm_tracker_usage_latency";
+     llm_tracker_usage_rollup_total, llm_tracker_usage_latency, llm_tracker_usage_latency_user";
 
 async fn prepare(label: &str, url: &str, rows: usize, users: Option<usize>) -> DatabaseConnection {
     let db = llm_tracker::db::connect(&DatabaseUrl::parse("DATABASE_URL", url).unwrap())
@@ -721,6 +721,28 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
         (
             format!("token-stats include=latency user_id, heaviest user ({heavy_rows} rows)"),
             format!("/api/v1/admin/token-stats/?include=latency&user_id={heavy}"),
+        ),
+        // Parts of months: the user's rows around the whole months (migration 000023).
+        (
+            format!("token-stats include=latency user_id ({user_rows} rows), last 90 days"),
+            format!(
+                "/api/v1/admin/token-stats/?include=latency&user_id={user}&start_date={}",
+                (Utc::now() - chrono::Duration::days(90)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            "token-stats include=latency user_id, heaviest user, last 90 days".into(),
+            format!(
+                "/api/v1/admin/token-stats/?include=latency&user_id={heavy}&start_date={}",
+                (Utc::now() - chrono::Duration::days(90)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            "token-stats include=latency user_id, heaviest user, last 7 days".into(),
+            format!(
+                "/api/v1/admin/token-stats/?include=latency&user_id={heavy}&start_date={}",
+                (Utc::now() - chrono::Duration::days(7)).format("%Y-%m-%d")
+            ),
         ),
         (
             "admin overview page, last 90 days by day".into(),

@@ -194,30 +194,38 @@ pub async fn run(
         dialect.placeholder(2)
     );
     let delete = format!("DELETE FROM llm_tracker_usage WHERE {chosen}");
-    // The batch's rows added to their users' day cells per model and outcome (the only cells
-    // that change: a user's per-model cells are months, and these keep the per-model sums of
+    // The batch's rows added to their users' day cells per model and outcome, and to their
+    // users' latency histograms per day (the only cells that change: a user's per-model cells
+    // and histograms are months, and these keep a user's per-model sums and percentiles over
     // any whole UTC day before the horizon; see `migration::rollup::retained_days_upsert_sql`).
     // PostgreSQL: in the statement that deletes them. SQLite: just before, the same rows (the
     // transaction holds the write lock from its first statement on).
     let keep_from = |name: &str, where_sql: Option<&str>| {
-        migration::rollup::retained_days_upsert_sql(
-            backend,
-            &[migration::rollup::Source::Table {
-                name,
-                sign: 1,
-                where_sql,
-            }],
-        )
+        let source = [migration::rollup::Source::Table {
+            name,
+            sign: 1,
+            where_sql,
+        }];
+        [
+            migration::rollup::retained_days_upsert_sql(backend, &source),
+            migration::rollup::retained_latency_days_upsert_sql(backend, &source),
+        ]
     };
     let (keep, delete) = match backend {
-        sea_orm::DbBackend::Postgres => (
-            None,
-            format!(
-                "WITH gone AS ({delete} RETURNING *), kept AS ({}) SELECT COUNT(*) FROM gone",
-                keep_from("gone", None)
-            ),
+        sea_orm::DbBackend::Postgres => {
+            let [days, latency] = keep_from("gone", None);
+            (
+                Vec::new(),
+                format!(
+                    "WITH gone AS ({delete} RETURNING *), kept AS ({days}), kept_latency AS ({latency}) \
+                     SELECT COUNT(*) FROM gone"
+                ),
+            )
+        }
+        _ => (
+            keep_from("llm_tracker_usage", Some(&chosen)).to_vec(),
+            delete,
         ),
-        _ => (Some(keep_from("llm_tracker_usage", Some(&chosen))), delete),
     };
     let mut batch = 100;
     loop {
@@ -228,7 +236,7 @@ pub async fn run(
         ))
         .await?;
         let values = [dialect.datetime(horizon), Value::BigInt(Some(batch as i64))];
-        if let Some(keep) = &keep {
+        for keep in &keep {
             txn.execute_raw(Statement::from_sql_and_values(
                 backend,
                 keep.clone(),

@@ -500,6 +500,13 @@ pub fn retained_days_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> S
     upsert_sql_of(backend, sources, Level::ByModel, Whose::RetainedDays)
 }
 
+/// The same for each user's latency histograms: the rows of `sources` added to their users'
+/// UTC day cells in [`USER_LATENCY_TABLE`] (a user's percentiles over whole UTC days before
+/// the horizon, where a month is read in part).
+pub fn retained_latency_days_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    user_latency_upsert_sql(backend, &latency_rows(backend, sources), DAY)
+}
+
 fn cells_select_of(
     backend: DbBackend,
     sources: &[Source<'_>],
@@ -651,6 +658,36 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     }
     out.push(latency_upsert_sql_of(backend, &sources, false));
     out.push(latency_months_from_days_sql(backend));
+    // Each user's histograms: months from every row there is and, before the horizon, the day
+    // cells that keep what retention deleted (those stay).
+    let every_row = latency_rows(
+        backend,
+        &[Source::Table {
+            name: "llm_tracker_usage",
+            sign: 1,
+            where_sql: None,
+        }],
+    );
+    let user_rows = match horizon {
+        None => {
+            out.push(format!("DELETE FROM {USER_LATENCY_TABLE}"));
+            every_row
+        }
+        Some(h) => {
+            out.push(format!(
+                "DELETE FROM {USER_LATENCY_TABLE} WHERE NOT (grain = {DAY} AND slot < {h})"
+            ));
+            format!(
+                "{every_row} UNION ALL SELECT slot, user_key, model, success, bucket AS latency_bucket, \
+                 calls AS latency_calls FROM {USER_LATENCY_TABLE} WHERE grain = {DAY} AND slot < {h}"
+            )
+        }
+    };
+    out.push(user_latency_upsert_sql(
+        backend,
+        &user_rows,
+        Calendar::Month.code(),
+    ));
     if horizon.is_none() {
         // Pending contributions are recounted from the rows (with a horizon, those before it
         // are read below).
@@ -862,9 +899,14 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
             let columns = delta_columns();
             vec![format!(
                 "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
-                 by_model AS ({}), latency AS ({}) {}",
+                 by_model AS ({}), latency AS ({}), user_latency AS ({}) {}",
                 upsert_sql(backend, &[Source::Delta("moved")], Level::ByModel),
                 latency_upsert_sql(backend, &[Source::Delta("moved")]),
+                user_latency_upsert_sql(
+                    backend,
+                    &latency_rows(backend, &[Source::Delta("moved")]),
+                    Calendar::Month.code()
+                ),
                 upsert_sql(backend, &[Source::Delta("moved")], Level::Total),
             )]
         }
@@ -872,6 +914,11 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
             upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
             upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
             latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
+            user_latency_upsert_sql(
+                backend,
+                &latency_rows(backend, &[Source::Delta(DELTA_TABLE)]),
+                Calendar::Month.code(),
+            ),
             format!("DELETE FROM {DELTA_TABLE}"),
         ],
     }
@@ -1031,6 +1078,74 @@ fn latency_upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], months: boo
     )
 }
 
+/// Each user's latency histograms (migration 000023): per user, UTC calendar month, model,
+/// outcome and latency bucket, how many of that user's calls took that long — what a `user_id`
+/// filter's percentiles read for its whole months (the rest of the range, the rows). Calls for
+/// no user ([`NO_USER`]) have none: no filter selects them alone.
+///
+/// Grain [`DAY`] holds only what retention deleted (before its horizon), as a user's day cells
+/// per model do in [`TABLE`] (see [`retained_days_upsert_sql`]): a retention batch adds its
+/// rows there, so a user's percentiles over the whole UTC days of a part of a month before the
+/// horizon stay exact.
+pub const USER_LATENCY_TABLE: &str = "llm_tracker_usage_latency_user";
+
+/// The key columns of a user's histogram cell, in the primary key's order: a user's cells of a
+/// grain over a slot range are one index range.
+pub const USER_LATENCY_KEY: [&str; 6] = ["user_key", "grain", "slot", "model", "success", "bucket"];
+
+/// The per-user histogram table.
+pub fn create_user_latency_table_sql(backend: DbBackend) -> String {
+    let (int, boolean) = match backend {
+        DbBackend::Postgres => ("bigint", "boolean"),
+        _ => ("integer", "bool"),
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {USER_LATENCY_TABLE} (\n    user_key {int} NOT NULL,\n    grain {int} NOT NULL,\n    \
+         slot {int} NOT NULL,\n    model varchar(255) NOT NULL,\n    success {boolean} NOT NULL,\n    \
+         bucket integer NOT NULL,\n    calls {int} NOT NULL DEFAULT 0,\n    \
+         PRIMARY KEY ({})\n)",
+        USER_LATENCY_KEY.join(", ")
+    )
+}
+
+/// The latency counts of `sources` as rows of `slot, user_key, model, success, latency_bucket,
+/// latency_calls` (for [`user_latency_cells_select`]).
+pub fn latency_rows(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    format!(
+        "SELECT slot, user_key, model, success, latency_bucket, latency_calls FROM ({}) c",
+        contributions(backend, sources)
+    )
+}
+
+/// `SELECT` of a user's histogram cells ([`USER_LATENCY_KEY`], then `calls`) at `grain`
+/// (`Calendar::Month.code()`, or [`DAY`] for the days retention deleted) from `rows` (the
+/// shape of [`latency_rows`]; several such selects may be joined with `UNION ALL`).
+pub fn user_latency_cells_select(backend: DbBackend, rows: &str, grain: i64) -> String {
+    let start = if grain == DAY {
+        cell_start_sql("d.slot", "96", "0")
+    } else {
+        Calendar::Month.start_sql(backend, "d.slot")
+    };
+    format!(
+        "SELECT d.user_key AS user_key, {grain} AS grain, {start} AS slot, d.model AS model, \
+         d.success AS success, d.latency_bucket AS bucket, SUM(d.latency_calls) AS calls \
+         FROM ({rows}) d WHERE d.latency_bucket IS NOT NULL AND d.user_key <> {NO_USER} \
+         GROUP BY d.user_key, {start}, d.model, d.success, d.latency_bucket"
+    )
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` adding the cells of `rows` at `grain` to each user's
+/// histograms ([`user_latency_cells_select`]), in key order.
+pub fn user_latency_upsert_sql(backend: DbBackend, rows: &str, grain: i64) -> String {
+    let key = USER_LATENCY_KEY.join(", ");
+    format!(
+        "INSERT INTO {USER_LATENCY_TABLE} ({key}, calls) \
+         SELECT * FROM ({select}) cells WHERE calls <> 0 ORDER BY {key} \
+         ON CONFLICT ({key}) DO UPDATE SET calls = {USER_LATENCY_TABLE}.calls + excluded.calls",
+        select = user_latency_cells_select(backend, rows, grain),
+    )
+}
+
 /// Trigger names, for `down` and for checks.
 pub const TRIGGERS: [&str; 4] = [
     "llm_tracker_usage_rollup_insert",
@@ -1083,7 +1198,8 @@ pub fn create_triggers_sql(backend: DbBackend) -> Vec<String> {
                 )
             };
             let truncate = format!(
-                "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}; DELETE FROM {LATENCY_TABLE}"
+                "DELETE FROM {TABLE}; DELETE FROM {TOTALS_TABLE}; DELETE FROM {DELTA_TABLE}; DELETE FROM {LATENCY_TABLE}; \
+                 DELETE FROM {USER_LATENCY_TABLE}"
             );
             out.extend([
                 // A multi-row insert or delete appends one delta row per slot, user, model and
@@ -1218,27 +1334,27 @@ mod tests {
     use super::*;
     use crate::m20251215_000006_rollup_delta as m6;
 
-    /// What the newest migration that installs triggers (000020: the latency histograms'
-    /// tables, backfill and triggers) runs is fixed text; the generator must still write exactly
+    /// What the newest migration that installs triggers (000023: each user's latency
+    /// histograms, whose table the `TRUNCATE` trigger empties too) runs is fixed text; the generator must still write exactly
     /// that text, or the databases migrated so far run other triggers than the code believes.
     /// When this fails: write a migration that installs the new triggers, freeze its SQL, and
     /// compare with that. `UPDATE_FROZEN_SQL=1` writes the files (for a new migration only:
     /// never rewrite a landed one).
     #[test]
     fn the_installed_triggers_are_what_the_code_generates() {
-        use crate::m20261201_000020_latency_histograms as m20;
+        use crate::m20261203_000023_user_latency_histograms as m23;
         let newest = [
             (
                 "postgres",
-                "m20261201_000020_latency_histograms.postgres.sql",
-                m20::frozen(DbBackend::Postgres),
-                m20::generated(DbBackend::Postgres),
+                "m20261203_000023_user_latency_histograms.postgres.sql",
+                m23::frozen(DbBackend::Postgres),
+                m23::generated(DbBackend::Postgres),
             ),
             (
                 "sqlite",
-                "m20261201_000020_latency_histograms.sqlite.sql",
-                m20::frozen(DbBackend::Sqlite),
-                m20::generated(DbBackend::Sqlite),
+                "m20261203_000023_user_latency_histograms.sqlite.sql",
+                m23::frozen(DbBackend::Sqlite),
+                m23::generated(DbBackend::Sqlite),
             ),
         ];
         for (name, file, frozen, generated) in newest {
@@ -1316,6 +1432,37 @@ mod tests {
                 _ => " WHEN NOT EXISTS (SELECT 1 FROM llm_tracker_usage_retention WHERE deleting)",
             };
             assert_eq!(n.replacen(guard, "", 1), o, "{backend:?}");
+        }
+    }
+
+    /// 000023 installs 000020's triggers again with one change: PostgreSQL's `TRUNCATE`
+    /// function also empties each user's histograms (SQLite has no `TRUNCATE`: its row
+    /// triggers count the deleted rows out).
+    #[test]
+    fn migration_000023_changes_only_the_truncate_function() {
+        use crate::m20261201_000020_latency_histograms as m20;
+        use crate::m20261203_000023_user_latency_histograms as m23;
+        for backend in [DbBackend::Postgres, DbBackend::Sqlite] {
+            let old = crate::util::trigger_statements(m20::frozen(backend));
+            let new = crate::util::trigger_statements(m23::frozen(backend));
+            assert_eq!(old.len(), new.len(), "{backend:?}");
+            let changed: Vec<(&str, &str)> = old
+                .iter()
+                .zip(&new)
+                .filter(|(o, n)| o != n)
+                .map(|(o, n)| (*o, *n))
+                .collect();
+            if backend == DbBackend::Sqlite {
+                assert!(changed.is_empty(), "{changed:#?}");
+                continue;
+            }
+            assert_eq!(changed.len(), 1, "{changed:#?}");
+            let (o, n) = changed[0];
+            assert!(n.starts_with("CREATE FUNCTION llm_tracker_usage_rollup_truncate()"));
+            assert_eq!(
+                n.replacen("; DELETE FROM llm_tracker_usage_latency_user", "", 1),
+                o
+            );
         }
     }
 

@@ -112,7 +112,7 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
 
 /// What [`migrate`] runs on PostgreSQL after applying migrations.
 const VACUUM_ROLLUP: &str = "VACUUM (ANALYZE) llm_tracker_usage_rollup, \
-     llm_tracker_usage_rollup_total, llm_tracker_usage_latency";
+     llm_tracker_usage_rollup_total, llm_tracker_usage_latency, llm_tracker_usage_latency_user";
 
 /// True when the database answers and the usage table is readable.
 pub async fn is_ready(db: &DatabaseConnection) -> bool {

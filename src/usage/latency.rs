@@ -3,10 +3,13 @@
 //! fixed log-spaced buckets ([`migration::rollup::latency_bounds`]).
 //!
 //! The counts per bucket are exact for any range, zone and filter: the histogram cells (UTC
-//! days and quarter days of all users, per model and outcome, kept by the rollup's triggers and
-//! fold, see [`migration::rollup::LATENCY_TABLE`]) cover the whole quarter days of the range,
-//! the contributions not folded yet are added, and the rows answer the rest — under six hours
-//! at each end — and every request for one user (the histograms have no per-user cells).
+//! months, days and quarter days of all users, per model and outcome, kept by the rollup's
+//! triggers and fold, see [`migration::rollup::LATENCY_TABLE`]) cover the whole quarter days of
+//! the range, the contributions not folded yet are added, and the rows answer the rest — under
+//! six hours at each end. For one user (`user_id`), that user's month cells
+//! ([`migration::rollup::USER_LATENCY_TABLE`], migration 000023) cover the whole UTC months of
+//! the range and the user's rows the rest, through the `(user_id, created_at)` index (with the
+//! day cells that keep what retention deleted there).
 //!
 //! A percentile is the bucket holding the nearest-rank value (`⌈p·n⌉`-th smallest), reported as
 //! `2·lo·hi / (lo + hi)` of that bucket's bounds: within 5 % of the true value (see
@@ -16,8 +19,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 use migration::rollup::{
-    Calendar, DELTA_TABLE, LATENCY_TABLE, SLOT_SECONDS, latency_bounds, latency_bucket_sql,
-    latency_us_sql,
+    Calendar, DELTA_TABLE, LATENCY_TABLE, SLOT_SECONDS, USER_LATENCY_TABLE, latency_bounds,
+    latency_bucket_sql, latency_us_sql,
 };
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -185,6 +188,9 @@ struct Cover {
     runs: Vec<(i64, i64, i64, i64)>,
     /// The filter narrowed to each end outside `[a, b)`.
     edges: Vec<UsageFilter>,
+    /// One user's cells ([`USER_LATENCY_TABLE`]: `runs` are that user's whole months, and the
+    /// day cells of retention's deleted rows within the edges), or all users' (`None`).
+    user: Option<i64>,
 }
 
 fn ceil_to(x: i64, n: i64) -> i64 {
@@ -197,6 +203,83 @@ fn floor_to(x: i64, n: i64) -> i64 {
 
 fn slot_start(slot: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0)
+}
+
+/// The first whole slot at or after `t`.
+fn slot_at_or_after(t: DateTime<Utc>) -> i64 {
+    let slot_micros = SLOT_SECONDS * 1_000_000;
+    let us = t.timestamp_micros();
+    us.div_euclid(slot_micros) + i64::from(us.rem_euclid(slot_micros) != 0)
+}
+
+/// The end of the last whole slot up to `t` (inclusive, to the microsecond).
+fn slot_end_through(t: DateTime<Utc>) -> i64 {
+    (t.timestamp_micros() + 1).div_euclid(SLOT_SECONDS * 1_000_000)
+}
+
+/// The cover of one user's calls (`filter.user_id` is `user`): the user's month cells over the
+/// whole UTC months of the range; outside them the rows, and the day cells that keep what
+/// retention deleted over the whole UTC days there. `extent`: the first and last slot of the
+/// user's cells and pending contributions, for open ends. `None` when the rows answer it all
+/// (no whole UTC day in the range, or nothing counted for the user).
+fn user_cover(filter: &UsageFilter, user: i64, extent: Option<(i64, i64)>) -> Option<Cover> {
+    let month = Calendar::Month;
+    let first = match (filter.start, extent) {
+        (Some(s), _) => slot_at_or_after(s),
+        (None, Some((f, _))) => calendar_cell(month, f)?.0,
+        (None, None) => return None,
+    };
+    let end = match (filter.end, extent) {
+        (Some(e), _) => slot_end_through(e),
+        (None, Some((_, l))) => calendar_cell(month, l)?.1,
+        (None, None) => return None,
+    };
+    if first >= end {
+        return None;
+    }
+    let (m0, m1) = calendar_cell(month, first)?;
+    let ma = if m0 == first { first } else { m1 };
+    let mb = calendar_cell(month, end)?.0;
+    let mut runs = Vec::new();
+    let (a, b, outside) = if ma < mb {
+        runs.push((month.code(), ma, mb, 1));
+        (ma, mb, vec![(first, ma), (mb, end)])
+    } else {
+        (first, first, vec![(first, end)])
+    };
+    let mut edges = Vec::new();
+    for (lo, hi) in outside {
+        if lo >= hi {
+            continue;
+        }
+        edges.push(UsageFilter {
+            start: if lo == first {
+                filter.start
+            } else {
+                Some(slot_start(lo)?)
+            },
+            end: if hi == end {
+                filter.end
+            } else {
+                Some(slot_start(hi)? - Duration::microseconds(1))
+            },
+            ..filter.clone()
+        });
+        let (d0, d1) = (ceil_to(lo, DAY), floor_to(hi, DAY));
+        if d0 < d1 {
+            runs.push((DAY, d0, d1, 1));
+        }
+    }
+    if runs.is_empty() {
+        return None;
+    }
+    Some(Cover {
+        a,
+        b,
+        runs,
+        edges,
+        user: Some(user),
+    })
 }
 
 /// Whole days `[d0, d1)` as month and day cells, coarsest first: a month inside the range is
@@ -234,25 +317,20 @@ fn day_runs(d0: i64, d1: i64) -> Vec<(i64, i64, i64, i64)> {
     runs
 }
 
-/// The cover of `filter`, or `None` when the rows answer it all (one user's calls, or a range
-/// without a whole quarter day). `extent`: the first and last slot with a histogram cell or a
-/// pending contribution, for open ends (`None`: there is none).
+/// The cover of `filter`, or `None` when the rows answer it all (a range without a whole
+/// quarter day; for one user, see [`user_cover`]). `extent`: the first and last slot with a
+/// histogram cell or a pending contribution, for open ends (`None`: there is none).
 fn cover(filter: &UsageFilter, extent: Option<(i64, i64)>) -> Option<Cover> {
-    if filter.user_id.is_some() {
-        return None;
+    if let Some(user) = filter.user_id {
+        return user_cover(filter, i64::from(user), extent);
     }
-    let slot_micros = SLOT_SECONDS * 1_000_000;
     let a = match (filter.start, extent) {
-        (Some(s), _) => {
-            let us = s.timestamp_micros();
-            let slot = us.div_euclid(slot_micros) + i64::from(us.rem_euclid(slot_micros) != 0);
-            ceil_to(slot, QUARTER)
-        }
+        (Some(s), _) => ceil_to(slot_at_or_after(s), QUARTER),
         (None, Some((first, _))) => floor_to(first, DAY),
         (None, None) => 0,
     };
     let b = match (filter.end, extent) {
-        (Some(e), _) => floor_to((e.timestamp_micros() + 1).div_euclid(slot_micros), QUARTER),
+        (Some(e), _) => floor_to(slot_end_through(e), QUARTER),
         (None, Some((_, last))) => floor_to(last, DAY) + DAY,
         (None, None) => 0,
     };
@@ -295,11 +373,35 @@ fn cover(filter: &UsageFilter, extent: Option<(i64, i64)>) -> Option<Cover> {
     } else {
         runs.push((QUARTER, a, b, 1));
     }
-    Some(Cover { a, b, runs, edges })
+    Some(Cover {
+        a,
+        b,
+        runs,
+        edges,
+        user: None,
+    })
 }
 
-/// The first and last slot of the histograms' quarter-day cells and pending contributions.
-async fn extent(txn: &DatabaseTransaction) -> Result<Option<(i64, i64)>, DbErr> {
+/// The first and last slot of the histograms' quarter-day cells and pending contributions
+/// (with `user`: of that user's cells, month and day, and pending contributions).
+async fn extent(txn: &DatabaseTransaction, user: Option<i64>) -> Result<Option<(i64, i64)>, DbErr> {
+    if let Some(u) = user {
+        // Each grain's end of the primary key's range `(user_key, grain, slot)`.
+        let month = Calendar::Month.code();
+        let ends = |f: &str| {
+            format!(
+                "SELECT {f}(slot) AS slot FROM {USER_LATENCY_TABLE} WHERE user_key = {u} AND grain = {month} \
+                 UNION ALL SELECT {f}(slot) FROM {USER_LATENCY_TABLE} WHERE user_key = {u} AND grain = {DAY} \
+                 UNION ALL SELECT {f}(slot) FROM {DELTA_TABLE} WHERE user_key = {u} AND latency_bucket IS NOT NULL"
+            )
+        };
+        let sql = format!(
+            "SELECT (SELECT MIN(slot) FROM ({}) f), (SELECT MAX(slot) FROM ({}) l)",
+            ends("MIN"),
+            ends("MAX")
+        );
+        return first_and_last(txn, sql).await;
+    }
     let sql = format!(
         "SELECT (SELECT MIN(slot) FROM (SELECT MIN(slot) AS slot FROM {LATENCY_TABLE} WHERE grain = {QUARTER} \
          UNION ALL SELECT MIN(slot) FROM {DELTA_TABLE} WHERE latency_bucket IS NOT NULL) f), \
@@ -334,20 +436,26 @@ fn cells_statement(backend: DbBackend, cover: &Cover, filter: &UsageFilter) -> S
         }
         conditions
     };
+    let (table, whose) = match cover.user {
+        Some(u) => (USER_LATENCY_TABLE, format!("r.user_key = {u} AND ")),
+        None => (LATENCY_TABLE, String::new()),
+    };
     let mut parts: Vec<String> = Vec::new();
     for (g, lo, hi, sign) in &cover.runs {
         let calls = if *sign < 0 { "-r.calls" } else { "r.calls" };
         parts.push(format!(
-            "SELECT r.model AS model, r.bucket AS bucket, {calls} AS calls FROM {LATENCY_TABLE} r \
-             WHERE r.grain = {g} AND r.slot >= {lo} AND r.slot < {hi}{}",
+            "SELECT r.model AS model, r.bucket AS bucket, {calls} AS calls FROM {table} r \
+             WHERE {whose}r.grain = {g} AND r.slot >= {lo} AND r.slot < {hi}{}",
             narrow()
         ));
     }
-    parts.push(format!(
-        "SELECT r.model AS model, r.latency_bucket AS bucket, r.latency_calls AS calls FROM {DELTA_TABLE} r \
-         WHERE r.latency_bucket IS NOT NULL AND r.slot >= {a} AND r.slot < {b}{}",
-        narrow()
-    ));
+    if a < b {
+        parts.push(format!(
+            "SELECT r.model AS model, r.latency_bucket AS bucket, r.latency_calls AS calls FROM {DELTA_TABLE} r \
+             WHERE {whose}r.latency_bucket IS NOT NULL AND r.slot >= {a} AND r.slot < {b}{}",
+            narrow()
+        ));
+    }
     let sql = format!(
         "SELECT c.model AS model, CAST(c.bucket AS BIGINT) AS bucket, CAST(SUM(c.calls) AS BIGINT) AS calls \
          FROM ({}) c GROUP BY c.model, c.bucket",
@@ -388,7 +496,7 @@ pub async fn latency_histograms(
     let backend = txn.get_database_backend();
     let mut out = LatencyHistograms::default();
     let extent = if filter.start.is_none() || filter.end.is_none() {
-        extent(&txn).await?
+        extent(&txn, filter.user_id.map(i64::from)).await?
     } else {
         None
     };
@@ -523,17 +631,25 @@ mod tests {
         assert_eq!(c.edges.len(), 2);
         assert_eq!(c.edges[0].end, Some(t("2025-01-01T05:59:59.999999Z")));
         assert_eq!(c.edges[1].start, Some(t("2025-01-03T12:00:00Z")));
-        // One user: rows only; under six hours: rows only.
+        // One user within a month: the rows, and the day cells of retention's deletions over
+        // the whole UTC days (2 January); under six hours: rows only.
+        let one = UsageFilter {
+            user_id: Some(1),
+            ..f.clone()
+        };
+        let c = cover(&one, None).unwrap();
+        assert_eq!(c.user, Some(1));
         assert_eq!(
-            cover(
-                &UsageFilter {
-                    user_id: Some(1),
-                    ..f.clone()
-                },
-                None
-            ),
-            None
+            c.runs,
+            vec![(
+                DAY,
+                slot("2025-01-02T00:00:00Z"),
+                slot("2025-01-03T00:00:00Z"),
+                1
+            )]
         );
+        assert_eq!(c.edges, vec![one.clone()]);
+        assert_eq!(c.a, c.b, "no pending contributions: the rows answer");
         let short = UsageFilter {
             start: Some(t("2025-01-01T01:00:00Z")),
             end: Some(t("2025-01-01T06:30:00Z")),
@@ -549,6 +665,99 @@ mod tests {
             (slot("2024-12-30T00:00:00Z"), slot("2025-03-03T00:00:00Z"))
         );
         assert_eq!(cover(&UsageFilter::default(), None), None);
+    }
+
+    #[test]
+    fn one_users_cover_is_the_whole_utc_months_and_the_rows_around_them() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let slot = |s: &str| t(s).timestamp() / SLOT_SECONDS;
+        let month = Calendar::Month.code();
+        // 29 January 10:07 to 3 April 06:00: February and March as cells; the rows before and
+        // after, with the day cells of 30–31 January and 1–2 April.
+        let f = UsageFilter {
+            start: Some(t("2025-01-29T10:07:00Z")),
+            end: Some(t("2025-04-03T06:00:00Z")),
+            user_id: Some(7),
+            model: Some("gpt".into()),
+            ..UsageFilter::default()
+        };
+        let c = cover(&f, None).unwrap();
+        assert_eq!(c.user, Some(7));
+        assert_eq!(
+            (c.a, c.b),
+            (slot("2025-02-01T00:00:00Z"), slot("2025-04-01T00:00:00Z"))
+        );
+        assert_eq!(
+            c.runs,
+            vec![
+                (month, c.a, c.b, 1),
+                (
+                    DAY,
+                    slot("2025-01-30T00:00:00Z"),
+                    slot("2025-02-01T00:00:00Z"),
+                    1
+                ),
+                (
+                    DAY,
+                    slot("2025-04-01T00:00:00Z"),
+                    slot("2025-04-03T00:00:00Z"),
+                    1
+                ),
+            ]
+        );
+        assert_eq!(
+            c.edges,
+            vec![
+                UsageFilter {
+                    end: Some(t("2025-01-31T23:59:59.999999Z")),
+                    ..f.clone()
+                },
+                UsageFilter {
+                    start: Some(t("2025-04-01T00:00:00Z")),
+                    ..f.clone()
+                },
+            ]
+        );
+        // Open ends: the months of the user's cells, whole; no edges.
+        let open = UsageFilter {
+            user_id: Some(7),
+            ..UsageFilter::default()
+        };
+        let c = cover(
+            &open,
+            Some((slot("2025-01-30T00:00:00Z"), slot("2025-03-02T18:00:00Z"))),
+        )
+        .unwrap();
+        assert_eq!(
+            c.runs,
+            vec![(
+                month,
+                slot("2025-01-01T00:00:00Z"),
+                slot("2025-04-01T00:00:00Z"),
+                1
+            )]
+        );
+        assert!(c.edges.is_empty());
+        // Nothing counted for the user: the rows (none with a latency).
+        assert_eq!(cover(&open, None), None);
+        // A month exactly: one cell, no edge.
+        let march = UsageFilter {
+            start: Some(t("2025-03-01T00:00:00Z")),
+            end: Some(t("2025-03-31T23:59:59.999999Z")),
+            user_id: Some(7),
+            ..UsageFilter::default()
+        };
+        let c = cover(&march, None).unwrap();
+        assert_eq!(
+            c.runs,
+            vec![(
+                month,
+                slot("2025-03-01T00:00:00Z"),
+                slot("2025-04-01T00:00:00Z"),
+                1
+            )]
+        );
+        assert!(c.edges.is_empty());
     }
 
     #[test]

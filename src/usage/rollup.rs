@@ -1395,25 +1395,13 @@ pub async fn verify(
         );
         record_differences(&txn, &sql, key, level.table(), "rollup", &mut report).await?;
     }
-    // The latency histograms: the same comparison over their cells.
+    // The latency histograms, all users' and each user's: the same comparison over their
+    // cells (a month cell only when the range holds all of it).
     {
-        use migration::rollup::{LATENCY_KEY, LATENCY_TABLE, latency_cells_select};
-        let expected = latency_cells_select(
-            backend,
-            &[Source::Table {
-                name: "llm_tracker_usage",
-                sign: 1,
-                where_sql: row_range.as_deref(),
-            }],
-            true,
-        );
-        let pending = latency_cells_select(backend, &[Source::Delta(DELTA_TABLE)], true);
-        let key_list = LATENCY_KEY.join(", ");
-        let key_out: Vec<String> = LATENCY_KEY
-            .iter()
-            .map(|k| format!("CAST({k} AS TEXT) AS {k}"))
-            .collect();
-        // A month cell only when the range holds all of it.
+        use migration::rollup::{
+            LATENCY_KEY, LATENCY_TABLE, USER_LATENCY_KEY, USER_LATENCY_TABLE, latency_cells_select,
+            latency_rows, user_latency_cells_select,
+        };
         let within = slots
             .map(|(lo, hi)| {
                 format!(
@@ -1423,25 +1411,45 @@ pub async fn verify(
                 )
             })
             .unwrap_or_default();
-        let sql = format!(
-            "SELECT {key_out}, CAST(SUM(e_calls) AS BIGINT) AS expected_calls, \
-             CAST(SUM(s_calls) AS BIGINT) AS stored_calls, MAX(is_expected) AS is_expected, \
-             CASE WHEN SUM(e_calls) <> SUM(s_calls) THEN 1 ELSE 0 END AS is_diff \
-             FROM (SELECT {key_list}, CASE WHEN calls <> 0 THEN 1 ELSE 0 END AS is_expected, calls AS e_calls, 0 AS s_calls FROM ({expected}) e{within} \
-             UNION ALL SELECT {key_list}, 0, 0, calls FROM {LATENCY_TABLE}{within} \
-             UNION ALL SELECT {key_list}, 0, 0, calls FROM ({pending}) p{within}) x \
-             GROUP BY {key_list}",
-            key_out = key_out.join(", "),
-        );
-        record_differences(
-            &txn,
-            &sql,
-            &LATENCY_KEY,
-            LATENCY_TABLE,
-            "histogram",
-            &mut report,
-        )
-        .await?;
+        let rows = [Source::Table {
+            name: "llm_tracker_usage",
+            sign: 1,
+            where_sql: row_range.as_deref(),
+        }];
+        let pending = [Source::Delta(DELTA_TABLE)];
+        let month = Calendar::Month.code();
+        let tables: [(&[&str], &str, String, String); 2] = [
+            (
+                &LATENCY_KEY,
+                LATENCY_TABLE,
+                latency_cells_select(backend, &rows, true),
+                latency_cells_select(backend, &pending, true),
+            ),
+            (
+                &USER_LATENCY_KEY,
+                USER_LATENCY_TABLE,
+                user_latency_cells_select(backend, &latency_rows(backend, &rows), month),
+                user_latency_cells_select(backend, &latency_rows(backend, &pending), month),
+            ),
+        ];
+        for (key, table, expected, pending) in tables {
+            let key_list = key.join(", ");
+            let key_out: Vec<String> = key
+                .iter()
+                .map(|k| format!("CAST({k} AS TEXT) AS {k}"))
+                .collect();
+            let sql = format!(
+                "SELECT {key_out}, CAST(SUM(e_calls) AS BIGINT) AS expected_calls, \
+                 CAST(SUM(s_calls) AS BIGINT) AS stored_calls, MAX(is_expected) AS is_expected, \
+                 CASE WHEN SUM(e_calls) <> SUM(s_calls) THEN 1 ELSE 0 END AS is_diff \
+                 FROM (SELECT {key_list}, CASE WHEN calls <> 0 THEN 1 ELSE 0 END AS is_expected, calls AS e_calls, 0 AS s_calls FROM ({expected}) e{within} \
+                 UNION ALL SELECT {key_list}, 0, 0, calls FROM {table}{within} \
+                 UNION ALL SELECT {key_list}, 0, 0, calls FROM ({pending}) p{within}) x \
+                 GROUP BY {key_list}",
+                key_out = key_out.join(", "),
+            );
+            record_differences(&txn, &sql, key, table, "histogram", &mut report).await?;
+        }
     }
     txn.commit().await?;
     Ok(report)

@@ -200,6 +200,29 @@ db_test!(
                 ..UsageFilter::default()
             },
         ];
+        // One user (migration 000023): all of their calls (open ends: their months' cells),
+        // June whole, and the rows around June and July with a model filter.
+        filters.extend([
+            UsageFilter {
+                user_id: Some(ids[0]),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                user_id: Some(ids[1]),
+                start: Some(Utc.with_ymd_and_hms(2025, 6, 1, 0, 0, 0).unwrap()),
+                end: Some(
+                    Utc.with_ymd_and_hms(2025, 7, 1, 0, 0, 0).unwrap() - Duration::microseconds(1),
+                ),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                user_id: Some(ids[2]),
+                start: Some(Utc.with_ymd_and_hms(2025, 5, 23, 7, 30, 0).unwrap()),
+                end: Some(Utc.with_ymd_and_hms(2025, 7, 28, 13, 0, 0).unwrap()),
+                model: Some("gpt".into()),
+                ..UsageFilter::default()
+            },
+        ]);
         for _ in 0..40 {
             filters.push(random_filter(&mut rng, &ids, &times, base, days));
         }
@@ -229,23 +252,70 @@ db_test!(
             assert_exact(db, &rows, f).await;
         }
         // Retention deletes rows but keeps their histograms: all users' percentiles over the
-        // deleted days stay, and a rebuild afterwards keeps them too.
-        let before: BTreeMap<String, Histogram> =
-            latency_histograms(db, &filters[0]).await.unwrap().by_model;
+        // deleted days stay, and a rebuild afterwards keeps them too. So do a user's, over
+        // all time, a whole month and whole UTC days of a month the horizon cuts (the day
+        // cells retention adds to), with or without a model filter.
+        let day = |d: u32| Utc.with_ymd_and_hms(2025, 6, d, 0, 0, 0).unwrap();
+        let kept_filters = [
+            filters[0].clone(),
+            UsageFilter {
+                user_id: Some(ids[0]),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                user_id: Some(ids[1]),
+                start: Some(Utc.with_ymd_and_hms(2025, 5, 1, 0, 0, 0).unwrap()),
+                end: Some(day(1) - Duration::microseconds(1)),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                user_id: Some(ids[1]),
+                start: Some(day(3)),
+                end: Some(day(20) - Duration::microseconds(1)),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                user_id: Some(ids[2]),
+                start: Some(Utc.with_ymd_and_hms(2025, 5, 25, 0, 0, 0).unwrap()),
+                end: Some(day(25) - Duration::microseconds(1)),
+                model: Some("mini".into()),
+                ..UsageFilter::default()
+            },
+        ];
+        let mut before: Vec<BTreeMap<String, Histogram>> = Vec::new();
+        for f in &kept_filters {
+            before.push(latency_histograms(db, f).await.unwrap().by_model);
+        }
+        assert!(before.iter().all(|h| !h.is_empty()));
         // The horizon falls inside a month: its month cell keeps the deleted days' counts.
         let report = llm_tracker::retention::run(db, 2, false, base + Duration::days(40))
             .await
             .unwrap();
         assert!(report.rows > 0);
-        assert_eq!(
-            latency_histograms(db, &filters[0]).await.unwrap().by_model,
-            before
-        );
+        for (f, want) in kept_filters.iter().zip(&before) {
+            assert_eq!(
+                &latency_histograms(db, f).await.unwrap().by_model,
+                want,
+                "{f:?}"
+            );
+        }
         rollup::rebuild(db).await.unwrap();
-        assert_eq!(
-            latency_histograms(db, &filters[0]).await.unwrap().by_model,
-            before
-        );
+        for (f, want) in kept_filters.iter().zip(&before) {
+            assert_eq!(
+                &latency_histograms(db, f).await.unwrap().by_model,
+                want,
+                "after rebuild: {f:?}"
+            );
+        }
+        // The fold after retention too (rows written meanwhile).
+        fold(&t).await;
+        for (f, want) in kept_filters.iter().zip(&before) {
+            assert_eq!(
+                &latency_histograms(db, f).await.unwrap().by_model,
+                want,
+                "after a fold: {f:?}"
+            );
+        }
         let left = all_rows(db).await;
         let horizon = llm_tracker::retention::horizon(db).await.unwrap().unwrap();
         let after = UsageFilter {

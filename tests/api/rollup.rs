@@ -758,6 +758,8 @@ db_test!(
                 "llm_tracker_usage_rollup",
                 "llm_tracker_usage_rollup_total",
                 migration::rollup::DELTA_TABLE,
+                migration::rollup::LATENCY_TABLE,
+                migration::rollup::USER_LATENCY_TABLE,
             ] {
                 assert_eq!(
                     t.scalar_i64(&format!("SELECT COUNT(*) FROM {table}")).await,
@@ -800,6 +802,7 @@ mod migrate_vacuums_the_rollup_tables_it_filled {
             "llm_tracker_usage_rollup",
             "llm_tracker_usage_rollup_total",
             "llm_tracker_usage_latency",
+            "llm_tracker_usage_latency_user",
         ] {
             let vacuums = t
                 .scalar_i64(&format!(
