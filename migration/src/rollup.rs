@@ -678,8 +678,9 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
                 "DELETE FROM {USER_LATENCY_TABLE} WHERE NOT (grain = {DAY} AND slot < {h})"
             ));
             format!(
-                "{every_row} UNION ALL SELECT slot, user_key, model, success, bucket AS latency_bucket, \
-                 calls AS latency_calls FROM {USER_LATENCY_TABLE} WHERE grain = {DAY} AND slot < {h}"
+                "{every_row} UNION ALL SELECT r.slot, r.user_key, r.model, r.success, r.bucket AS latency_bucket, \
+                 r.calls AS latency_calls FROM {} WHERE r.grain = {DAY} AND r.slot < {h}",
+                user_latency_stored_sql(backend, "r")
             )
         }
     };
@@ -1087,25 +1088,72 @@ fn latency_upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], months: boo
 /// per model do in [`TABLE`] (see [`retained_days_upsert_sql`]): a retention batch adds its
 /// rows there, so a user's percentiles over the whole UTC days of a part of a month before the
 /// horizon stay exact.
+///
+/// **Layout.** Most users' month cells hold one or two calls, so a row per bucket would cost
+/// as much as the rows it counts (4.0M such rows, 555 MB, for the 9M calls with a user of the
+/// 10,000-user benchmark). On PostgreSQL a row is therefore one user, grain, slot, model and
+/// outcome, and its buckets are one `bigint[]` (`counts`), each element
+/// `bucket · 2³² + calls` ([`user_latency_bucket_sql`], [`user_latency_calls_sql`]); an upsert
+/// merges the arrays. SQLite, which has no arrays, keeps a row per bucket (`bucket`, `calls`).
+/// Either way the cells read as ([`USER_LATENCY_KEY`], `calls`) through
+/// [`user_latency_stored_sql`].
 pub const USER_LATENCY_TABLE: &str = "llm_tracker_usage_latency_user";
 
-/// The key columns of a user's histogram cell, in the primary key's order: a user's cells of a
-/// grain over a slot range are one index range.
+/// The key of a user's histogram cell, one bucket (how the cells are compared and read).
 pub const USER_LATENCY_KEY: [&str; 6] = ["user_key", "grain", "slot", "model", "success", "bucket"];
+
+/// The primary key: a user's cells of a grain over a slot range are one index range. On
+/// PostgreSQL without `bucket` (the buckets are the row's array).
+fn user_latency_primary_key(backend: DbBackend) -> &'static [&'static str] {
+    match backend {
+        DbBackend::Postgres => &USER_LATENCY_KEY[..5],
+        _ => &USER_LATENCY_KEY,
+    }
+}
 
 /// The per-user histogram table.
 pub fn create_user_latency_table_sql(backend: DbBackend) -> String {
-    let (int, boolean) = match backend {
-        DbBackend::Postgres => ("bigint", "boolean"),
-        _ => ("integer", "bool"),
+    let columns = match backend {
+        DbBackend::Postgres => {
+            "    user_key integer NOT NULL,\n    grain integer NOT NULL,\n    slot integer NOT NULL,\n    \
+             model varchar(255) NOT NULL,\n    success boolean NOT NULL,\n    counts bigint[] NOT NULL"
+        }
+        _ => {
+            "    user_key integer NOT NULL,\n    grain integer NOT NULL,\n    slot integer NOT NULL,\n    \
+             model varchar(255) NOT NULL,\n    success bool NOT NULL,\n    bucket integer NOT NULL,\n    \
+             calls integer NOT NULL DEFAULT 0"
+        }
     };
     format!(
-        "CREATE TABLE IF NOT EXISTS {USER_LATENCY_TABLE} (\n    user_key {int} NOT NULL,\n    grain {int} NOT NULL,\n    \
-         slot {int} NOT NULL,\n    model varchar(255) NOT NULL,\n    success {boolean} NOT NULL,\n    \
-         bucket integer NOT NULL,\n    calls {int} NOT NULL DEFAULT 0,\n    \
-         PRIMARY KEY ({})\n)",
-        USER_LATENCY_KEY.join(", ")
+        "CREATE TABLE IF NOT EXISTS {USER_LATENCY_TABLE} (\n{columns},\n    PRIMARY KEY ({})\n)",
+        user_latency_primary_key(backend).join(", ")
     )
+}
+
+/// PostgreSQL: the bucket of an element `v` of `counts` (`bucket · 2³² + calls`, calls
+/// between −2³¹ and 2³¹: the shift rounds down).
+pub fn user_latency_bucket_sql(v: &str) -> String {
+    format!("(({v} + 2147483648) >> 32)")
+}
+
+/// PostgreSQL: the calls of an element `v` of `counts`.
+pub fn user_latency_calls_sql(v: &str) -> String {
+    format!("({v} - ({} << 32))", user_latency_bucket_sql(v))
+}
+
+/// The stored cells of each user's histograms as rows of ([`USER_LATENCY_KEY`], `calls`), a
+/// `FROM` item aliased `alias` (PostgreSQL: the arrays unnested; conditions on the key columns
+/// other than `bucket` still reach the primary key).
+pub fn user_latency_stored_sql(backend: DbBackend, alias: &str) -> String {
+    match backend {
+        DbBackend::Postgres => format!(
+            "(SELECT u.user_key, u.grain, u.slot, u.model, u.success, {bucket} AS bucket, {calls} AS calls \
+             FROM {USER_LATENCY_TABLE} u CROSS JOIN LATERAL unnest(u.counts) AS e(v)) {alias}",
+            bucket = user_latency_bucket_sql("e.v"),
+            calls = user_latency_calls_sql("e.v"),
+        ),
+        _ => format!("{USER_LATENCY_TABLE} {alias}"),
+    }
 }
 
 /// The latency counts of `sources` as rows of `slot, user_key, model, success, latency_bucket,
@@ -1135,15 +1183,36 @@ pub fn user_latency_cells_select(backend: DbBackend, rows: &str, grain: i64) -> 
 }
 
 /// `INSERT … ON CONFLICT DO UPDATE` adding the cells of `rows` at `grain` to each user's
-/// histograms ([`user_latency_cells_select`]), in key order.
+/// histograms ([`user_latency_cells_select`]), in key order. PostgreSQL: one array per user,
+/// grain, slot, model and outcome, merged with the stored one bucket by bucket (buckets whose
+/// calls come to 0 leave the array).
 pub fn user_latency_upsert_sql(backend: DbBackend, rows: &str, grain: i64) -> String {
-    let key = USER_LATENCY_KEY.join(", ");
-    format!(
-        "INSERT INTO {USER_LATENCY_TABLE} ({key}, calls) \
-         SELECT * FROM ({select}) cells WHERE calls <> 0 ORDER BY {key} \
-         ON CONFLICT ({key}) DO UPDATE SET calls = {USER_LATENCY_TABLE}.calls + excluded.calls",
-        select = user_latency_cells_select(backend, rows, grain),
-    )
+    let select = user_latency_cells_select(backend, rows, grain);
+    match backend {
+        DbBackend::Postgres => {
+            let key = user_latency_primary_key(backend).join(", ");
+            let (bucket, calls) = (
+                user_latency_bucket_sql("m.v"),
+                user_latency_calls_sql("m.v"),
+            );
+            format!(
+                "INSERT INTO {USER_LATENCY_TABLE} ({key}, counts) \
+                 SELECT {key}, array_agg(CAST(bucket AS bigint) * 4294967296 + CAST(calls AS bigint) ORDER BY bucket) \
+                 FROM ({select}) cells WHERE calls <> 0 GROUP BY {key} ORDER BY {key} \
+                 ON CONFLICT ({key}) DO UPDATE SET counts = (SELECT COALESCE(array_agg(k * 4294967296 + n ORDER BY k), '{{}}') \
+                 FROM (SELECT {bucket} AS k, CAST(SUM({calls}) AS bigint) AS n \
+                 FROM unnest({USER_LATENCY_TABLE}.counts || excluded.counts) AS m(v) GROUP BY 1) b WHERE n <> 0)"
+            )
+        }
+        _ => {
+            let key = USER_LATENCY_KEY.join(", ");
+            format!(
+                "INSERT INTO {USER_LATENCY_TABLE} ({key}, calls) \
+                 SELECT * FROM ({select}) cells WHERE calls <> 0 ORDER BY {key} \
+                 ON CONFLICT ({key}) DO UPDATE SET calls = {USER_LATENCY_TABLE}.calls + excluded.calls"
+            )
+        }
+    }
 }
 
 /// Trigger names, for `down` and for checks.

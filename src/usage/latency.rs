@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 use migration::rollup::{
     Calendar, DELTA_TABLE, LATENCY_TABLE, SLOT_SECONDS, USER_LATENCY_TABLE, latency_bounds,
-    latency_bucket_sql, latency_us_sql,
+    latency_bucket_sql, latency_us_sql, user_latency_stored_sql,
 };
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -437,14 +437,17 @@ fn cells_statement(backend: DbBackend, cover: &Cover, filter: &UsageFilter) -> S
         conditions
     };
     let (table, whose) = match cover.user {
-        Some(u) => (USER_LATENCY_TABLE, format!("r.user_key = {u} AND ")),
-        None => (LATENCY_TABLE, String::new()),
+        Some(u) => (
+            user_latency_stored_sql(backend, "r"),
+            format!("r.user_key = {u} AND "),
+        ),
+        None => (format!("{LATENCY_TABLE} r"), String::new()),
     };
     let mut parts: Vec<String> = Vec::new();
     for (g, lo, hi, sign) in &cover.runs {
         let calls = if *sign < 0 { "-r.calls" } else { "r.calls" };
         parts.push(format!(
-            "SELECT r.model AS model, r.bucket AS bucket, {calls} AS calls FROM {table} r \
+            "SELECT r.model AS model, r.bucket AS bucket, {calls} AS calls FROM {table} \
              WHERE {whose}r.grain = {g} AND r.slot >= {lo} AND r.slot < {hi}{}",
             narrow()
         ));

@@ -1400,7 +1400,7 @@ pub async fn verify(
     {
         use migration::rollup::{
             LATENCY_KEY, LATENCY_TABLE, USER_LATENCY_KEY, USER_LATENCY_TABLE, latency_cells_select,
-            latency_rows, user_latency_cells_select,
+            latency_rows, user_latency_cells_select, user_latency_stored_sql,
         };
         let within = slots
             .map(|(lo, hi)| {
@@ -1418,21 +1418,23 @@ pub async fn verify(
         }];
         let pending = [Source::Delta(DELTA_TABLE)];
         let month = Calendar::Month.code();
-        let tables: [(&[&str], &str, String, String); 2] = [
+        let tables: [(&[&str], &str, String, String, String); 2] = [
             (
                 &LATENCY_KEY,
                 LATENCY_TABLE,
+                LATENCY_TABLE.to_owned(),
                 latency_cells_select(backend, &rows, true),
                 latency_cells_select(backend, &pending, true),
             ),
             (
                 &USER_LATENCY_KEY,
                 USER_LATENCY_TABLE,
+                user_latency_stored_sql(backend, "s"),
                 user_latency_cells_select(backend, &latency_rows(backend, &rows), month),
                 user_latency_cells_select(backend, &latency_rows(backend, &pending), month),
             ),
         ];
-        for (key, table, expected, pending) in tables {
+        for (key, table, stored, expected, pending) in tables {
             let key_list = key.join(", ");
             let key_out: Vec<String> = key
                 .iter()
@@ -1443,7 +1445,7 @@ pub async fn verify(
                  CAST(SUM(s_calls) AS BIGINT) AS stored_calls, MAX(is_expected) AS is_expected, \
                  CASE WHEN SUM(e_calls) <> SUM(s_calls) THEN 1 ELSE 0 END AS is_diff \
                  FROM (SELECT {key_list}, CASE WHEN calls <> 0 THEN 1 ELSE 0 END AS is_expected, calls AS e_calls, 0 AS s_calls FROM ({expected}) e{within} \
-                 UNION ALL SELECT {key_list}, 0, 0, calls FROM {table}{within} \
+                 UNION ALL SELECT {key_list}, 0, 0, calls FROM {stored}{within} \
                  UNION ALL SELECT {key_list}, 0, 0, calls FROM ({pending}) p{within}) x \
                  GROUP BY {key_list}",
                 key_out = key_out.join(", "),

@@ -243,9 +243,41 @@ db_test!(
         ))
         .await
         .unwrap();
+        // And one in a user's month (through the upsert the fold uses: on PostgreSQL an array
+        // element, on SQLite a row).
+        db.execute_raw(Statement::from_string(
+            db.get_database_backend(),
+            migration::rollup::user_latency_upsert_sql(
+                db.get_database_backend(),
+                &format!(
+                    "SELECT 0 AS slot, {} AS user_key, 'gpt-4o' AS model, true AS success, \
+                     5 AS latency_bucket, 1 AS latency_calls",
+                    ids[0]
+                ),
+                migration::rollup::Calendar::Month.code(),
+            ),
+        ))
+        .await
+        .unwrap();
         let report = rollup::verify(db, None, None).await.unwrap();
-        assert_eq!(report.differing_cells, 1, "{:?}", report.examples);
-        assert!(report.examples[0].contains("llm_tracker_usage_latency"));
+        assert_eq!(report.differing_cells, 2, "{:?}", report.examples);
+        assert!(
+            report
+                .examples
+                .iter()
+                .any(|e| e.contains("llm_tracker_usage_latency ")
+                    || e.contains("llm_tracker_usage_latency:")),
+            "{:?}",
+            report.examples
+        );
+        assert!(
+            report
+                .examples
+                .iter()
+                .any(|e| e.contains("llm_tracker_usage_latency_user")),
+            "{:?}",
+            report.examples
+        );
         rollup::rebuild(db).await.unwrap();
         assert_verified(db).await;
         for f in filters.iter().take(10) {
