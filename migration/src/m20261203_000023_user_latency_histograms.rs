@@ -4,7 +4,8 @@
 //! every row of the user (2.9 s for the heaviest user of the 10,000-user benchmark). The fold
 //! keeps it from the delta rows, which carry their user and bucket already (no trigger change
 //! for that); the PostgreSQL `TRUNCATE` trigger empties it too, so the triggers are installed
-//! again (only that function's text changes).
+//! again (only that function's text changes). On PostgreSQL a row holds one user, month, model
+//! and outcome with its buckets as one `bigint[]` (see [`rollup::USER_LATENCY_TABLE`]).
 //!
 //! The backfill counts every row with a user and a latency, less what is pending in the delta
 //! (the fold adds that), under the folders' lock and with the usage table locked against

@@ -235,6 +235,23 @@ impl Dialect {
         }
     }
 
+    /// Planner settings for reading one user's rows over a time range, local to the read
+    /// transaction: no plain index scans, no sequential scans, no parallel workers. PostgreSQL
+    /// estimates a scan of the `created_at` index in physical order cheaper than the user's
+    /// rows through `(user_id, created_at)` (it cannot see that the user's rows are a few
+    /// percent of the range), and filtered 188,386 other users' rows to find the 13,810 of
+    /// the heaviest user's last 7 days: 89 ms; as a bitmap scan of the user's index, 18 ms
+    /// (`EXPLAIN ANALYZE` at 10M rows, 10,000 users).
+    pub fn user_rows_settings(self) -> Option<&'static str> {
+        match self {
+            Self::Postgres => Some(
+                "SET LOCAL enable_indexscan = off; SET LOCAL enable_seqscan = off; \
+                 SET LOCAL max_parallel_workers_per_gather = 0",
+            ),
+            Self::Sqlite => None,
+        }
+    }
+
     /// SQL: the instant `seconds` after the epoch, as `created_at` compares with it (PostgreSQL
     /// `to_timestamp`; on SQLite the stored text, which compares in order only where every row
     /// is written in that one format).

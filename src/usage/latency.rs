@@ -503,9 +503,16 @@ pub async fn latency_histograms(
     } else {
         None
     };
+    // One user's rows: through the `(user_id, created_at)` index.
+    let user_rows_settings = Dialect::of(backend)
+        .user_rows_settings()
+        .filter(|_| filter.user_id.is_some());
     let rows = match cover(filter, extent) {
         None => {
             if let Some(settings) = Dialect::of(backend).aggregate_settings() {
+                txn.execute_unprepared(settings).await?;
+            }
+            if let Some(settings) = user_rows_settings {
                 txn.execute_unprepared(settings).await?;
             }
             raw_rows(&txn, filter).await?
@@ -521,6 +528,9 @@ pub async fn latency_histograms(
             let mut rows = BucketRow::find_by_statement(cells_statement(backend, &cover, filter))
                 .all(&txn)
                 .await?;
+            if let Some(settings) = user_rows_settings.filter(|_| !cover.edges.is_empty()) {
+                txn.execute_unprepared(settings).await?;
+            }
             for edge in &cover.edges {
                 rows.extend(raw_rows(&txn, edge).await?);
             }
