@@ -223,11 +223,12 @@ impl Dialect {
     /// table, which has no index, is still scanned). And no parallel workers: the same
     /// misestimate made a month's 1,240 cells a parallel bitmap scan whose workers' start-up
     /// took 8 of its 12 ms (25–76 ms under load); a rollup statement reads thousands of cells,
-    /// not millions.
+    /// not millions. Plain index scans are on again (a read of one user's rows before it in
+    /// the transaction turns them off, see [`Self::user_rows_settings`]).
     pub fn rollup_settings(self) -> Option<&'static str> {
         match self {
             Self::Postgres => Some(
-                "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
+                "SET LOCAL enable_indexscan = on; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
                  SET LOCAL enable_memoize = off; SET LOCAL join_collapse_limit = 1; SET LOCAL jit = off; \
                  SET LOCAL enable_seqscan = off; SET LOCAL max_parallel_workers_per_gather = 0",
             ),

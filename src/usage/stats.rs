@@ -424,6 +424,22 @@ fn read_groups(rows: &[sea_orm::QueryResult]) -> Result<Vec<Group>, DbErr> {
         .collect()
 }
 
+/// [`all_groups`] of a raw aggregate of `filter`'s rows: for one user under
+/// [`Dialect::user_rows_settings`] (the user's rows through `(user_id, created_at)`, not the
+/// `created_at` index filtering every other user's rows out).
+async fn rows_groups(
+    txn: &DatabaseTransaction,
+    filter: &UsageFilter,
+    stmt: Statement,
+) -> Result<Vec<Group>, DbErr> {
+    if filter.user_id.is_some()
+        && let Some(sql) = Dialect::of(txn.get_database_backend()).user_rows_settings()
+    {
+        txn.execute_unprepared(sql).await?;
+    }
+    all_groups(txn, stmt).await
+}
+
 /// [`all_groups`] of a rollup statement, under the rollup's planner settings.
 async fn rollup_groups(txn: &DatabaseTransaction, stmt: Statement) -> Result<Vec<Group>, DbErr> {
     if let Some(sql) = Dialect::of(txn.get_database_backend()).rollup_settings() {
@@ -578,8 +594,9 @@ async fn edge_groups(
     let mut groups = Vec::new();
     for edge in &plan.edges {
         groups.extend(
-            all_groups(
+            rows_groups(
                 txn,
+                edge,
                 token_stats_query(backend, edge, granularity, tz).build(backend),
             )
             .await?,
@@ -600,8 +617,9 @@ async fn raw_groups(
     if let Some(settings) = Dialect::of(backend).aggregate_settings() {
         txn.execute_unprepared(settings).await?;
     }
-    all_groups(
+    rows_groups(
         txn,
+        filter,
         token_stats_query(backend, filter, granularity, tz).build(backend),
     )
     .await
@@ -644,8 +662,9 @@ pub async fn token_stats_in(
             }
             for gap in gaps {
                 totals.extend(
-                    all_groups(
+                    rows_groups(
                         &txn,
+                        &gap,
                         token_stats_query(backend, &gap, None, tz).build(backend),
                     )
                     .await?,
@@ -660,8 +679,9 @@ pub async fn token_stats_in(
             if let Some(granularity) = granularity {
                 for gap in plan.gap_filters(filter) {
                     series.extend(
-                        all_groups(
+                        rows_groups(
                             &txn,
+                            &gap,
                             series_query(backend, &gap, granularity, tz).build(backend),
                         )
                         .await?,
