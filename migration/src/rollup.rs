@@ -1467,6 +1467,20 @@ mod tests {
 
     /// 000018 changes the delete trigger alone, by one guard at its start: the rest stays as
     /// 000017 (PostgreSQL) and 000016 (SQLite) installed it.
+    /// The statements of two frozen files of the same length that differ, `(old, new)`.
+    fn changed_statements<'a>(
+        old: &[&'a str],
+        new: &[&'a str],
+        backend: DbBackend,
+    ) -> Vec<(&'a str, &'a str)> {
+        assert_eq!(old.len(), new.len(), "{backend:?}");
+        old.iter()
+            .zip(new)
+            .filter(|(o, n)| o != n)
+            .map(|(o, n)| (*o, *n))
+            .collect()
+    }
+
     #[test]
     fn migration_000018_guards_only_the_delete_trigger() {
         use crate::m20261129_000016_usage_streaming_ttft as m16;
@@ -1480,13 +1494,7 @@ mod tests {
             ),
         ] {
             let new = m18::frozen(backend);
-            assert_eq!(old.len(), new.len(), "{backend:?}");
-            let changed: Vec<(&str, &str)> = old
-                .iter()
-                .zip(&new)
-                .filter(|(o, n)| o != n)
-                .map(|(o, n)| (*o, *n))
-                .collect();
+            let changed = changed_statements(&old, &new, backend);
             assert_eq!(changed.len(), 1, "{backend:?}: {changed:#?}");
             let (o, n) = changed[0];
             assert!(n.contains("llm_tracker_usage_rollup_delete"), "{n}");
@@ -1514,13 +1522,7 @@ mod tests {
         for backend in [DbBackend::Postgres, DbBackend::Sqlite] {
             let old = crate::util::trigger_statements(m20::frozen(backend));
             let new = crate::util::trigger_statements(m23::frozen(backend));
-            assert_eq!(old.len(), new.len(), "{backend:?}");
-            let changed: Vec<(&str, &str)> = old
-                .iter()
-                .zip(&new)
-                .filter(|(o, n)| o != n)
-                .map(|(o, n)| (*o, *n))
-                .collect();
+            let changed = changed_statements(&old, &new, backend);
             if backend == DbBackend::Sqlite {
                 assert!(changed.is_empty(), "{changed:#?}");
                 continue;

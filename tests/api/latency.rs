@@ -324,30 +324,20 @@ db_test!(
             .await
             .unwrap();
         assert!(report.rows > 0);
-        for (f, want) in kept_filters.iter().zip(&before) {
-            assert_eq!(
-                &latency_histograms(db, f).await.unwrap().by_model,
-                want,
-                "{f:?}"
-            );
-        }
+        let still_kept = async |when: &str| {
+            for (f, want) in kept_filters.iter().zip(&before) {
+                assert_eq!(
+                    &latency_histograms(db, f).await.unwrap().by_model,
+                    want,
+                    "{when}: {f:?}"
+                );
+            }
+        };
+        still_kept("after retention").await;
         rollup::rebuild(db).await.unwrap();
-        for (f, want) in kept_filters.iter().zip(&before) {
-            assert_eq!(
-                &latency_histograms(db, f).await.unwrap().by_model,
-                want,
-                "after rebuild: {f:?}"
-            );
-        }
-        // The fold after retention too (rows written meanwhile).
+        still_kept("after rebuild").await;
         fold(&t).await;
-        for (f, want) in kept_filters.iter().zip(&before) {
-            assert_eq!(
-                &latency_histograms(db, f).await.unwrap().by_model,
-                want,
-                "after a fold: {f:?}"
-            );
-        }
+        still_kept("after a fold").await;
         let left = all_rows(db).await;
         let horizon = llm_tracker::retention::horizon(db).await.unwrap().unwrap();
         let after = UsageFilter {
