@@ -1070,12 +1070,21 @@ pub fn latency_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String 
 }
 
 fn latency_upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], months: bool) -> String {
-    let key = LATENCY_KEY.join(", ");
+    calls_upsert_sql(
+        LATENCY_TABLE,
+        &LATENCY_KEY,
+        &latency_cells_select(backend, sources, months),
+    )
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` adding the histogram cells of `select` (`key` columns, then
+/// `calls`) to `table`, in key order, cells with no calls left out.
+fn calls_upsert_sql(table: &str, key: &[&str], select: &str) -> String {
+    let key = key.join(", ");
     format!(
-        "INSERT INTO {LATENCY_TABLE} ({key}, calls) \
+        "INSERT INTO {table} ({key}, calls) \
          SELECT * FROM ({select}) cells WHERE calls <> 0 ORDER BY {key} \
-         ON CONFLICT ({key}) DO UPDATE SET calls = {LATENCY_TABLE}.calls + excluded.calls",
-        select = latency_cells_select(backend, sources, months),
+         ON CONFLICT ({key}) DO UPDATE SET calls = {table}.calls + excluded.calls"
     )
 }
 
@@ -1204,14 +1213,7 @@ pub fn user_latency_upsert_sql(backend: DbBackend, rows: &str, grain: i64) -> St
                  FROM unnest({USER_LATENCY_TABLE}.counts || excluded.counts) AS m(v) GROUP BY 1) b WHERE n <> 0)"
             )
         }
-        _ => {
-            let key = USER_LATENCY_KEY.join(", ");
-            format!(
-                "INSERT INTO {USER_LATENCY_TABLE} ({key}, calls) \
-                 SELECT * FROM ({select}) cells WHERE calls <> 0 ORDER BY {key} \
-                 ON CONFLICT ({key}) DO UPDATE SET calls = {USER_LATENCY_TABLE}.calls + excluded.calls"
-            )
-        }
+        _ => calls_upsert_sql(USER_LATENCY_TABLE, &USER_LATENCY_KEY, &select),
     }
 }
 

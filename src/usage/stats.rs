@@ -1050,19 +1050,29 @@ pub async fn stats_by_user(
                 txn.execute_unprepared(sql).await?;
             }
             let backend = txn.get_database_backend();
-            // The edges' rows (and, taken away, the rows outside a mostly covered day): every
-            // sum of the users `users` names (all without it).
+            // The rows the cells leave out: the edges (sign 1) and, taken away, the rows outside
+            // a mostly covered day (sign -1).
+            let parts: Vec<(UsageFilter, i64)> = plan
+                .raw(filter, rollup::GroupBy::User)
+                .into_iter()
+                .map(|f| (f, 1))
+                .chain(plan.minus.iter().map(|f| (f.clone(), -1)))
+                .collect();
+            // Every sum of those rows for the users `users` names (all without it).
             let edges_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
                 let mut edges = Vec::new();
-                for edge in plan.raw(filter, rollup::GroupBy::User) {
-                    edges.extend(raw_user_groups_of(&txn, &edge, users).await?);
-                }
-                for outside in &plan.minus {
+                for (part, sign) in &parts {
                     edges.extend(
-                        raw_user_groups_of(&txn, outside, users)
+                        raw_user_groups_of(&txn, part, users)
                             .await?
                             .into_iter()
-                            .map(|g| UserGroup { sums: -g.sums, ..g }),
+                            .map(|g| {
+                                if *sign < 0 {
+                                    UserGroup { sums: -g.sums, ..g }
+                                } else {
+                                    g
+                                }
+                            }),
                     );
                 }
                 Ok(edges)
@@ -1091,11 +1101,8 @@ pub async fn stats_by_user(
                         e.1 += tokens;
                     }
                     let mut edge_ranks = Vec::new();
-                    for edge in plan.raw(filter, rollup::GroupBy::User) {
-                        edge_ranks.extend(raw_user_ranks(&txn, &edge, 1).await?);
-                    }
-                    for outside in &plan.minus {
-                        edge_ranks.extend(raw_user_ranks(&txn, outside, -1).await?);
+                    for (part, sign) in &parts {
+                        edge_ranks.extend(raw_user_ranks(&txn, part, *sign).await?);
                     }
                     for (key, calls, tokens) in edge_ranks {
                         let e = rank.entry(key).or_default();
