@@ -912,6 +912,10 @@ pub enum Sums {
     /// come one line each, not summed: the reader sums them (see `build`). The columns are
     /// `user_key`, `total_calls`, `total_tokens`, in this order (read by position).
     Rank,
+    /// The token sums, cost and `successful_calls`: what a series bucket shows (no latency,
+    /// time to first token or unpriced calls, which only the summary and `by_model` show). An
+    /// hourly year reads 8,760 cells: 9 columns each instead of 14.
+    Series,
 }
 
 /// [`statement`] with a choice of sums and, optionally, only the cells of the user keys
@@ -940,7 +944,7 @@ pub fn models_statement(
         plan,
         filter,
         GroupBy::SlotModel,
-        Sums::All,
+        Sums::Series,
         None,
         models,
     )
@@ -1156,10 +1160,21 @@ fn build(
         Sum::CostMicros => "r.cost_micros",
     };
     let columns = |sum: &dyn Fn(&str) -> String, ok: &str| {
-        if sums == Sums::Rank {
-            return [Sum::Calls, Sum::Total]
-                .map(|s| format!("{} AS {}", sum(cell(s)), TokenSums::alias(s)))
-                .join(", ");
+        match sums {
+            Sums::Rank => {
+                return [Sum::Calls, Sum::Total]
+                    .map(|s| format!("{} AS {}", sum(cell(s)), TokenSums::alias(s)))
+                    .join(", ");
+            }
+            Sums::Series => {
+                return format!(
+                    "{}, {} AS {}",
+                    TokenSums::select(|s| sum(cell(s))),
+                    sum(ok),
+                    col::SUCCESSFUL
+                );
+            }
+            Sums::All => {}
         }
         format!(
             "{sums}, {ok} AS {}, {unpriced} AS {}, {lat} AS {}, {latn} AS {}, {ttft} AS {}, {ttftn} AS {}",

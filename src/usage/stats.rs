@@ -228,13 +228,24 @@ fn raw_sum_sql(backend: DbBackend, sum: Sum) -> String {
     format!("CAST(COALESCE(SUM({column}), 0) AS BIGINT)")
 }
 
-/// Every sum of a [`Group`] over the raw rows, with its column name.
-fn raw_sums(backend: DbBackend) -> Vec<(String, &'static str)> {
-    let dialect = Dialect::of(backend);
+/// The sums of a series bucket over the raw rows ([`rollup::Sums::Series`]), with their column
+/// names: the token sums, cost and `successful_calls`.
+fn raw_series_sums(backend: DbBackend) -> Vec<(String, &'static str)> {
     let mut out: Vec<(String, &'static str)> = TokenSums::COLUMNS
         .iter()
         .map(|&(sum, alias)| (raw_sum_sql(backend, sum), alias))
         .collect();
+    out.push((
+        "CAST(COUNT(*) FILTER (WHERE success) AS BIGINT)".to_owned(),
+        col::SUCCESSFUL,
+    ));
+    out
+}
+
+/// Every sum of a [`Group`] over the raw rows, with its column name.
+fn raw_sums(backend: DbBackend) -> Vec<(String, &'static str)> {
+    let dialect = Dialect::of(backend);
+    let mut out = raw_series_sums(backend);
     out.extend([
         (dialect.latency_sum().to_owned(), col::LATENCY_US),
         (
@@ -247,16 +258,16 @@ fn raw_sums(backend: DbBackend) -> Vec<(String, &'static str)> {
             "CAST(COUNT(*) - COUNT(cost) AS BIGINT)".to_owned(),
             col::UNPRICED,
         ),
-        (
-            "CAST(COUNT(*) FILTER (WHERE success) AS BIGINT)".to_owned(),
-            col::SUCCESSFUL,
-        ),
     ]);
     out
 }
 
-fn with_sums<S: QuerySelect>(mut q: S, backend: DbBackend) -> S {
-    for (sql, alias) in raw_sums(backend) {
+fn with_sums<S: QuerySelect>(q: S, backend: DbBackend) -> S {
+    with_these(q, raw_sums(backend))
+}
+
+fn with_these<S: QuerySelect>(mut q: S, sums: Vec<(String, &'static str)>) -> S {
+    for (sql, alias) in sums {
         q = q.column_as(Expr::cust(sql), alias);
     }
     q
@@ -292,7 +303,7 @@ async fn moved_groups(
             )
         })
         .collect();
-    let sums: Vec<String> = raw_sums(backend)
+    let sums: Vec<String> = raw_series_sums(backend)
         .into_iter()
         .map(|(sql, alias)| format!("{sql} AS {alias}"))
         .collect();
@@ -403,9 +414,12 @@ fn read_groups(rows: &[sea_orm::QueryResult]) -> Result<Vec<Group>, DbErr> {
             .ok_or_else(|| DbErr::Custom(format!("a group without the column {name}")))
     };
     let (model, bucket) = (at(col::MODEL)?, at(col::BUCKET)?);
-    let (successful, unpriced) = (at(col::SUCCESSFUL)?, at(col::UNPRICED)?);
-    let (latency_us, latency_n) = (at(col::LATENCY_US)?, at(col::LATENCY_N)?);
-    let (ttft_us, ttft_n) = (at(col::TTFT_US)?, at(col::TTFT_N)?);
+    let successful = at(col::SUCCESSFUL)?;
+    // Absent from a series' statements ([`rollup::Sums::Series`]): zeros.
+    let maybe = |name: &str| names.iter().position(|n| n == name);
+    let unpriced = maybe(col::UNPRICED);
+    let (latency_us, latency_n) = (maybe(col::LATENCY_US), maybe(col::LATENCY_N));
+    let (ttft_us, ttft_n) = (maybe(col::TTFT_US), maybe(col::TTFT_N));
     let mut sums = [0usize; TokenSums::COLUMNS.len()];
     for (i, (_, alias)) in TokenSums::COLUMNS.iter().enumerate() {
         sums[i] = at(alias)?;
@@ -413,16 +427,17 @@ fn read_groups(rows: &[sea_orm::QueryResult]) -> Result<Vec<Group>, DbErr> {
     rows.iter()
         .map(|r| {
             let int = |i: usize| r.try_get_by_index::<i64>(i);
+            let some = |i: Option<usize>| i.map_or(Ok(0), int);
             Ok(Group {
                 model: r.try_get_by_index(model)?,
                 bucket: r.try_get_by_index(bucket)?,
                 sums: TokenSums::try_from_fn(|k| int(sums[k]))?,
                 successful_calls: int(successful)?,
-                unpriced_calls: int(unpriced)?,
-                latency_us: int(latency_us)?,
-                latency_n: int(latency_n)?,
-                ttft_us: int(ttft_us)?,
-                ttft_n: int(ttft_n)?,
+                unpriced_calls: some(unpriced)?,
+                latency_us: some(latency_us)?,
+                latency_n: some(latency_n)?,
+                ttft_us: some(ttft_us)?,
+                ttft_n: some(ttft_n)?,
             })
         })
         .collect()
@@ -549,11 +564,11 @@ pub(crate) fn series_query(
     granularity: Granularity,
     tz: Tz,
 ) -> Select<usage::Entity> {
-    let q = with_sums(
+    let q = with_these(
         usage::Entity::find()
             .select_only()
             .column_as(Expr::cust("CAST(NULL AS TEXT)"), col::MODEL),
-        backend,
+        raw_series_sums(backend),
     )
     .filter(filter.condition(backend));
     let (group, text) = bucket_group(backend, granularity, tz);
@@ -675,7 +690,17 @@ pub async fn token_stats_in(
                 );
             }
             let mut series = match granularity {
-                Some(_) => rollup_groups(&txn, by(rollup::GroupBy::Slot)).await?,
+                Some(_) => {
+                    let stmt = rollup::statement_with(
+                        backend,
+                        &plan,
+                        filter,
+                        rollup::GroupBy::Slot,
+                        rollup::Sums::Series,
+                        None,
+                    );
+                    rollup_groups(&txn, stmt).await?
+                }
                 None => Vec::new(),
             };
             // A user's days that straddle a local bucket: the series reads their rows, or the
