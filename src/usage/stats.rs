@@ -397,50 +397,81 @@ pub(crate) struct Group {
 
 /// The groups of a statement. Each column is found by its name once, then read by position:
 /// by name on every row (sea-orm's derive) was a quarter of the server's time for an hourly
-/// year (8,760 rows of 14 columns).
-async fn all_groups<C: ConnectionTrait>(db: &C, stmt: Statement) -> Result<Vec<Group>, DbErr> {
-    read_groups(&db.query_all_raw(stmt).await?)
+/// year (8,760 rows of 14 columns). Read as the rows arrive, not once they all have: the
+/// server's reading of one row overlaps the database's sending of the next.
+async fn all_groups<C: ConnectionTrait + sea_orm::StreamTrait>(
+    db: &C,
+    stmt: Statement,
+) -> Result<Vec<Group>, DbErr> {
+    use futures_util::TryStreamExt;
+    let rows = sea_orm::StreamTrait::stream_raw(db, stmt).await?;
+    let mut rows = std::pin::pin!(rows);
+    let mut reader: Option<GroupReader> = None;
+    let mut out = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        let reader = match &reader {
+            Some(r) => r,
+            None => reader.insert(GroupReader::of(&row)?),
+        };
+        out.push(reader.read(&row)?);
+    }
+    Ok(out)
 }
 
-fn read_groups(rows: &[sea_orm::QueryResult]) -> Result<Vec<Group>, DbErr> {
-    let Some(first) = rows.first() else {
-        return Ok(Vec::new());
-    };
-    let names = first.column_names();
-    let at = |name: &str| {
-        names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| DbErr::Custom(format!("a group without the column {name}")))
-    };
-    let (model, bucket) = (at(col::MODEL)?, at(col::BUCKET)?);
-    let successful = at(col::SUCCESSFUL)?;
-    // Absent from a series' statements ([`rollup::Sums::Series`]): zeros.
-    let maybe = |name: &str| names.iter().position(|n| n == name);
-    let unpriced = maybe(col::UNPRICED);
-    let (latency_us, latency_n) = (maybe(col::LATENCY_US), maybe(col::LATENCY_N));
-    let (ttft_us, ttft_n) = (maybe(col::TTFT_US), maybe(col::TTFT_N));
-    let mut sums = [0usize; TokenSums::COLUMNS.len()];
-    for (i, (_, alias)) in TokenSums::COLUMNS.iter().enumerate() {
-        sums[i] = at(alias)?;
-    }
-    rows.iter()
-        .map(|r| {
-            let int = |i: usize| r.try_get_by_index::<i64>(i);
-            let some = |i: Option<usize>| i.map_or(Ok(0), int);
-            Ok(Group {
-                model: r.try_get_by_index(model)?,
-                bucket: r.try_get_by_index(bucket)?,
-                sums: TokenSums::try_from_fn(|k| int(sums[k]))?,
-                successful_calls: int(successful)?,
-                unpriced_calls: some(unpriced)?,
-                latency_us: some(latency_us)?,
-                latency_n: some(latency_n)?,
-                ttft_us: some(ttft_us)?,
-                ttft_n: some(ttft_n)?,
-            })
+/// Where each column of a [`Group`] is in a statement's rows.
+struct GroupReader {
+    model: usize,
+    bucket: usize,
+    sums: [usize; TokenSums::COLUMNS.len()],
+    successful: usize,
+    /// Absent from a series' statements ([`rollup::Sums::Series`]): zeros.
+    unpriced: Option<usize>,
+    latency_us: Option<usize>,
+    latency_n: Option<usize>,
+    ttft_us: Option<usize>,
+    ttft_n: Option<usize>,
+}
+
+impl GroupReader {
+    /// The positions of the columns in `first`'s statement.
+    fn of(first: &sea_orm::QueryResult) -> Result<Self, DbErr> {
+        let names = first.column_names();
+        let maybe = |name: &str| names.iter().position(|n| n == name);
+        let at = |name: &str| {
+            maybe(name).ok_or_else(|| DbErr::Custom(format!("a group without the column {name}")))
+        };
+        let mut sums = [0usize; TokenSums::COLUMNS.len()];
+        for (i, (_, alias)) in TokenSums::COLUMNS.iter().enumerate() {
+            sums[i] = at(alias)?;
+        }
+        Ok(Self {
+            model: at(col::MODEL)?,
+            bucket: at(col::BUCKET)?,
+            sums,
+            successful: at(col::SUCCESSFUL)?,
+            unpriced: maybe(col::UNPRICED),
+            latency_us: maybe(col::LATENCY_US),
+            latency_n: maybe(col::LATENCY_N),
+            ttft_us: maybe(col::TTFT_US),
+            ttft_n: maybe(col::TTFT_N),
         })
-        .collect()
+    }
+
+    fn read(&self, r: &sea_orm::QueryResult) -> Result<Group, DbErr> {
+        let int = |i: usize| r.try_get_by_index::<i64>(i);
+        let some = |i: Option<usize>| i.map_or(Ok(0), int);
+        Ok(Group {
+            model: r.try_get_by_index(self.model)?,
+            bucket: r.try_get_by_index(self.bucket)?,
+            sums: TokenSums::try_from_fn(|k| int(self.sums[k]))?,
+            successful_calls: int(self.successful)?,
+            unpriced_calls: some(self.unpriced)?,
+            latency_us: some(self.latency_us)?,
+            latency_n: some(self.latency_n)?,
+            ttft_us: some(self.ttft_us)?,
+            ttft_n: some(self.ttft_n)?,
+        })
+    }
 }
 
 /// [`all_groups`] of a raw aggregate of `filter`'s rows: for one user under
