@@ -161,6 +161,19 @@ pub fn bucket_of(g: Granularity, tz: Tz, t: DateTime<Utc>) -> Bucket {
     }
 }
 
+/// The label of the bucket that starts at `start` (a [`bucket_start`]): [`bucket_of`]'s, with
+/// one time-zone conversion instead of two.
+pub fn label_at(g: Granularity, tz: Tz, start: DateTime<Utc>) -> String {
+    match g {
+        Granularity::Day | Granularity::Year => with_offset(tz, start),
+        Granularity::Month => start
+            .with_timezone(&tz)
+            .date_naive()
+            .format("%Y-%m-%d")
+            .to_string(),
+    }
+}
+
 /// Every bucket from the one holding `start` to the one holding `end`, in order; `Err` with
 /// the count when that is more than [`MAX_BUCKETS`].
 pub fn buckets_between(
@@ -266,6 +279,19 @@ mod tests {
                 assert_eq!(
                     bucket_start(g, tz, t),
                     bucket_of(g, tz, t).start,
+                    "{zone} {t} {g:?}"
+                );
+            }
+        });
+    }
+
+    #[test]
+    fn the_label_at_a_bucket_start_is_the_bucket_s_label() {
+        through_2024(Duration::seconds(5 * 3600 + 41 * 60 + 3), |zone, tz, t| {
+            for g in [Granularity::Day, Granularity::Month, Granularity::Year] {
+                assert_eq!(
+                    label_at(g, tz, bucket_start(g, tz, t)),
+                    bucket_of(g, tz, t).label,
                     "{zone} {t} {g:?}"
                 );
             }

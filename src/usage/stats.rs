@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::UsageFilter;
 pub use super::buckets::Granularity;
-use super::buckets::{bucket_of, bucket_start, buckets_between};
+use super::buckets::{bucket_start, buckets_between, label_at};
 use super::latency::LatencyHistograms;
 use super::rollup;
 use super::sums::col;
@@ -828,7 +828,7 @@ fn fold(
             let at = group_instant(text)?;
             buckets
                 .entry(bucket_start(gran, tz, at))
-                .or_insert_with(|| (bucket_of(gran, tz, at).label, Totals::default()))
+                .or_insert_with_key(|&start| (label_at(gran, tz, start), Totals::default()))
                 .1
                 .add(g);
         }
@@ -947,7 +947,7 @@ fn fold_by_model(
             .entry(model)
             .or_default()
             .entry(bucket_start(granularity, tz, at))
-            .or_insert_with(|| (bucket_of(granularity, tz, at).label, Totals::default()))
+            .or_insert_with_key(|&start| (label_at(granularity, tz, start), Totals::default()))
             .1
             .add(g);
     }
