@@ -58,10 +58,18 @@ pub struct Bucket {
 /// most of the rest.
 fn with_offset(tz: Tz, t: DateTime<Utc>) -> String {
     use chrono::Offset;
-    let local = t.with_timezone(&tz);
-    let offset = local.offset().fix().local_minus_utc();
+    // (In UTC without a zone lookup: an hourly year writes 8,760 labels.)
+    let (local, offset) = if tz == Tz::UTC {
+        (t.naive_utc(), 0)
+    } else {
+        let local = t.with_timezone(&tz);
+        (local.naive_local(), local.offset().fix().local_minus_utc())
+    };
     if !(0..=9999).contains(&local.year()) || offset % 60 != 0 {
-        return local.format("%Y-%m-%dT%H:%M:%S%:z").to_string();
+        return t
+            .with_timezone(&tz)
+            .format("%Y-%m-%dT%H:%M:%S%:z")
+            .to_string();
     }
     let (sign, minutes) = if offset < 0 {
         (b'-', -offset / 60)
@@ -118,6 +126,13 @@ fn month_start(d: NaiveDate) -> NaiveDate {
 
 /// The start of the bucket of `t` (as [`bucket_of`], without formatting its label).
 pub fn bucket_start(g: Granularity, tz: Tz, t: DateTime<Utc>) -> DateTime<Utc> {
+    if tz == Tz::UTC && g == Granularity::Day {
+        // A UTC hour, without a zone lookup (an hourly year's plan and fold ask 8,760 times
+        // each): the same arithmetic as below with no offset.
+        return t
+            - (Duration::seconds(t.timestamp().rem_euclid(3600))
+                + Duration::nanoseconds(i64::from(t.timestamp_subsec_nanos())));
+    }
     let local = t.with_timezone(&tz);
     match g {
         Granularity::Day => {

@@ -420,6 +420,10 @@ async fn all_groups<C: ConnectionTrait + sea_orm::StreamTrait>(
 
 /// Where each column of a [`Group`] is in a statement's rows.
 struct GroupReader {
+    /// PostgreSQL, every integer column `bigint` (checked on the first row: a statement's
+    /// column types are the same on every row): read without sqlx's type check per value,
+    /// which was half of reading an hourly year's 8,760 rows.
+    pg_ints: bool,
     model: usize,
     bucket: usize,
     sums: [usize; TokenSums::COLUMNS.len()],
@@ -444,7 +448,8 @@ impl GroupReader {
         for (i, (_, alias)) in TokenSums::COLUMNS.iter().enumerate() {
             sums[i] = at(alias)?;
         }
-        Ok(Self {
+        let mut reader = Self {
+            pg_ints: false,
             model: at(col::MODEL)?,
             bucket: at(col::BUCKET)?,
             sums,
@@ -454,10 +459,66 @@ impl GroupReader {
             latency_n: maybe(col::LATENCY_N),
             ttft_us: maybe(col::TTFT_US),
             ttft_n: maybe(col::TTFT_N),
+        };
+        if let Some(row) = first.try_as_pg_row() {
+            use sea_orm::sqlx::{Column, Row, Type, postgres::Postgres};
+            let columns = row.columns();
+            let all_bigint = reader.ints().all(|i| {
+                columns
+                    .get(i)
+                    .is_some_and(|c| <i64 as Type<Postgres>>::compatible(c.type_info()))
+            });
+            reader.pg_ints = all_bigint;
+        }
+        Ok(reader)
+    }
+
+    /// The positions of the integer columns present.
+    fn ints(&self) -> impl Iterator<Item = usize> + '_ {
+        self.sums.iter().copied().chain(
+            [
+                Some(self.successful),
+                self.unpriced,
+                self.latency_us,
+                self.latency_n,
+                self.ttft_us,
+                self.ttft_n,
+            ]
+            .into_iter()
+            .flatten(),
+        )
+    }
+
+    /// [`GroupReader::read`] of a PostgreSQL row whose integer columns are all `bigint`.
+    fn read_pg(
+        &self,
+        r: &sea_orm::QueryResult,
+        row: &sea_orm::sqlx::postgres::PgRow,
+    ) -> Result<Group, DbErr> {
+        use sea_orm::sqlx::Row;
+        let int = |i: usize| -> Result<i64, DbErr> {
+            row.try_get_unchecked::<Option<i64>, _>(i)
+                .map_err(|e| DbErr::Custom(format!("column {i} of a group: {e}")))?
+                .ok_or_else(|| DbErr::Custom(format!("column {i} of a group is null")))
+        };
+        let some = |i: Option<usize>| i.map_or(Ok(0), int);
+        Ok(Group {
+            model: r.try_get_by_index(self.model)?,
+            bucket: r.try_get_by_index(self.bucket)?,
+            sums: TokenSums::try_from_fn(|k| int(self.sums[k]))?,
+            successful_calls: int(self.successful)?,
+            unpriced_calls: some(self.unpriced)?,
+            latency_us: some(self.latency_us)?,
+            latency_n: some(self.latency_n)?,
+            ttft_us: some(self.ttft_us)?,
+            ttft_n: some(self.ttft_n)?,
         })
     }
 
     fn read(&self, r: &sea_orm::QueryResult) -> Result<Group, DbErr> {
+        if let Some(row) = r.try_as_pg_row().filter(|_| self.pg_ints) {
+            return self.read_pg(r, row);
+        }
         let int = |i: usize| r.try_get_by_index::<i64>(i);
         let some = |i: Option<usize>| i.map_or(Ok(0), int);
         Ok(Group {
