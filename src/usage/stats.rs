@@ -489,38 +489,27 @@ impl GroupReader {
         )
     }
 
-    /// [`GroupReader::read`] of a PostgreSQL row whose integer columns are all `bigint`.
-    fn read_pg(
-        &self,
-        r: &sea_orm::QueryResult,
-        row: &sea_orm::sqlx::postgres::PgRow,
-    ) -> Result<Group, DbErr> {
-        use sea_orm::sqlx::Row;
-        let int = |i: usize| -> Result<i64, DbErr> {
-            row.try_get_unchecked::<Option<i64>, _>(i)
-                .map_err(|e| DbErr::Custom(format!("column {i} of a group: {e}")))?
-                .ok_or_else(|| DbErr::Custom(format!("column {i} of a group is null")))
-        };
-        let some = |i: Option<usize>| i.map_or(Ok(0), int);
-        Ok(Group {
-            model: r.try_get_by_index(self.model)?,
-            bucket: r.try_get_by_index(self.bucket)?,
-            sums: TokenSums::try_from_fn(|k| int(self.sums[k]))?,
-            successful_calls: int(self.successful)?,
-            unpriced_calls: some(self.unpriced)?,
-            latency_us: some(self.latency_us)?,
-            latency_n: some(self.latency_n)?,
-            ttft_us: some(self.ttft_us)?,
-            ttft_n: some(self.ttft_n)?,
-        })
+    fn read(&self, r: &sea_orm::QueryResult) -> Result<Group, DbErr> {
+        match r.try_as_pg_row().filter(|_| self.pg_ints) {
+            Some(row) => {
+                use sea_orm::sqlx::Row;
+                self.assemble(r, |i| {
+                    row.try_get_unchecked::<Option<i64>, _>(i)
+                        .map_err(|e| DbErr::Custom(format!("column {i} of a group: {e}")))?
+                        .ok_or_else(|| DbErr::Custom(format!("column {i} of a group is null")))
+                })
+            }
+            None => self.assemble(r, |i| r.try_get_by_index::<i64>(i)),
+        }
     }
 
-    fn read(&self, r: &sea_orm::QueryResult) -> Result<Group, DbErr> {
-        if let Some(row) = r.try_as_pg_row().filter(|_| self.pg_ints) {
-            return self.read_pg(r, row);
-        }
-        let int = |i: usize| r.try_get_by_index::<i64>(i);
-        let some = |i: Option<usize>| i.map_or(Ok(0), int);
+    /// The group of `r`, its integers read by `int`.
+    fn assemble(
+        &self,
+        r: &sea_orm::QueryResult,
+        int: impl Fn(usize) -> Result<i64, DbErr>,
+    ) -> Result<Group, DbErr> {
+        let some = |i: Option<usize>| i.map_or(Ok(0), &int);
         Ok(Group {
             model: r.try_get_by_index(self.model)?,
             bucket: r.try_get_by_index(self.bucket)?,
