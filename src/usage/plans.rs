@@ -26,14 +26,7 @@ pub async fn token_stats_statements<C: ConnectionTrait>(
             Some(plan) => {
                 let mut out = vec![rollup::statement(backend, &plan, filter, GroupBy::Model)];
                 if granularity.is_some() {
-                    out.push(rollup::statement_with(
-                        backend,
-                        &plan,
-                        filter,
-                        GroupBy::Slot,
-                        rollup::Sums::Series,
-                        None,
-                    ));
+                    out.push(rollup::series_statement(backend, &plan, filter));
                 }
                 out.extend(
                     plan.model_gap_filters(filter, GroupBy::Model)

@@ -931,6 +931,20 @@ pub fn statement_with(
     build(backend, plan, filter, by, sums, users, None)
 }
 
+/// The series of all models: [`GroupBy::Slot`] with the sums a bucket shows
+/// ([`Sums::Series`]); what token-stats runs and `plans` explains.
+pub fn series_statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter) -> Statement {
+    build(
+        backend,
+        plan,
+        filter,
+        GroupBy::Slot,
+        Sums::Series,
+        None,
+        None,
+    )
+}
+
 /// The series of each model: [`GroupBy::SlotModel`], over the cells of `models` only (exact
 /// names) when given.
 pub fn models_statement(

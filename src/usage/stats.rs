@@ -772,15 +772,7 @@ pub async fn token_stats_in(
             }
             let mut series = match granularity {
                 Some(_) => {
-                    let stmt = rollup::statement_with(
-                        backend,
-                        &plan,
-                        filter,
-                        rollup::GroupBy::Slot,
-                        rollup::Sums::Series,
-                        None,
-                    );
-                    rollup_groups(&txn, stmt).await?
+                    rollup_groups(&txn, rollup::series_statement(backend, &plan, filter)).await?
                 }
                 None => Vec::new(),
             };
