@@ -1467,8 +1467,6 @@ mod tests {
         }
     }
 
-    /// 000018 changes the delete trigger alone, by one guard at its start: the rest stays as
-    /// 000017 (PostgreSQL) and 000016 (SQLite) installed it.
     /// The statements of two frozen files of the same length that differ, `(old, new)`.
     fn changed_statements<'a>(
         old: &[&'a str],
@@ -1483,6 +1481,8 @@ mod tests {
             .collect()
     }
 
+    /// 000018 changes the delete trigger alone, by one guard at its start: the rest stays as
+    /// 000017 (PostgreSQL) and 000016 (SQLite) installed it.
     #[test]
     fn migration_000018_guards_only_the_delete_trigger() {
         use crate::m20261129_000016_usage_streaming_ttft as m16;

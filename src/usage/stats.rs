@@ -1259,11 +1259,8 @@ async fn raw_user_ranks(
     let stmt = usage::Entity::find()
         .select_only()
         .column(usage::Column::UserId)
-        .column_as(Expr::cust("CAST(COUNT(*) AS BIGINT)"), "calls")
-        .column_as(
-            Expr::cust("CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT)"),
-            "tokens",
-        )
+        .column_as(Expr::cust(raw_sum_sql(backend, Sum::Calls)), "calls")
+        .column_as(Expr::cust(raw_sum_sql(backend, Sum::Total)), "tokens")
         .filter(filter.condition(backend))
         .group_by(usage::Column::UserId)
         .build(backend);
