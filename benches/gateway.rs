@@ -5,6 +5,10 @@
 //! `BENCH_DATABASE_URL=postgres://postgres@127.0.0.1:55432/bench_gateway cargo bench --bench gateway`
 //! (`BENCH_CALLS`, default 4000 per line; `BENCH_CONCURRENCY`, default `1,64`;
 //! `USAGE_WRITE_MODE=queued` to measure the queued write mode).
+//!
+//! A third line per concurrency, "bare forwarder", is the floor any HTTP gateway pays here: an
+//! actix server with the gateway's two workers that forwards each body to the mock with reqwest
+//! and returns the reply, with no key, no parsing and no row.
 
 mod common;
 
@@ -192,6 +196,48 @@ async fn main() {
         "{}/v1",
         common::serve_with_store(db, settings, dir.path().join("spool.jsonl"))
     );
+    let bare = spawn_server({
+        let upstream = format!("{mock}/chat/completions");
+        move |tx| {
+            Box::pin(async move {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(256)
+                    .build()
+                    .unwrap();
+                let server = actix_web::HttpServer::new(move || {
+                    let (client, upstream) = (client.clone(), upstream.clone());
+                    actix_web::App::new().route(
+                        "/v1/chat/completions",
+                        actix_web::web::post().to(move |body: actix_web::web::Bytes| {
+                            let (client, upstream) = (client.clone(), upstream.clone());
+                            async move {
+                                let res = client
+                                    .post(&upstream)
+                                    .header("content-type", "application/json")
+                                    .body(body)
+                                    .send()
+                                    .await
+                                    .unwrap();
+                                let status = res.status().as_u16();
+                                let bytes = res.bytes().await.unwrap();
+                                actix_web::HttpResponse::build(
+                                    actix_web::http::StatusCode::from_u16(status).unwrap(),
+                                )
+                                .content_type("application/json")
+                                .body(bytes)
+                            }
+                        }),
+                    )
+                })
+                .workers(2)
+                .bind(("127.0.0.1", 0))
+                .unwrap();
+                let addr = server.addrs()[0];
+                tx.send(format!("http://{addr}/v1")).unwrap();
+                server.run().await.unwrap();
+            })
+        }
+    });
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -202,8 +248,9 @@ async fn main() {
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .collect();
-    // Warm both paths (connections, the key's last_used_at).
+    // Warm every path (connections, the key's last_used_at).
     run(&http, &format!("{mock}/chat/completions"), None, 200, 4).await;
+    run(&http, &format!("{bare}/chat/completions"), None, 200, 4).await;
     run(
         &http,
         &format!("{gateway}/chat/completions"),
@@ -251,17 +298,24 @@ async fn main() {
             c,
         )
         .await;
-        let added = |p: f64| q(&through, p).saturating_sub(q(&direct, p));
-        println!(
-            "| {label} | {c} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} MB |",
-            us(q(&direct, 0.5)),
-            us(q(&direct, 0.99)),
-            us(q(&through, 0.5)),
-            us(q(&through, 0.99)),
-            us(added(0.5)),
-            us(added(0.99)),
-            through.len() as f64 / elapsed.as_secs_f64(),
-            rss_mb()
-        );
+        let (forwarded, bare_elapsed) =
+            run(&http, &format!("{bare}/chat/completions"), None, calls, c).await;
+        for (name, through, elapsed) in [
+            (label, &through, elapsed),
+            ("bare forwarder", &forwarded, bare_elapsed),
+        ] {
+            let added = |p: f64| q(through, p).saturating_sub(q(&direct, p));
+            println!(
+                "| {name} | {c} | {} | {} | {} | {} | {} | {} | {:.0} | {:.0} MB |",
+                us(q(&direct, 0.5)),
+                us(q(&direct, 0.99)),
+                us(q(through, 0.5)),
+                us(q(through, 0.99)),
+                us(added(0.5)),
+                us(added(0.99)),
+                through.len() as f64 / elapsed.as_secs_f64(),
+                rss_mb()
+            );
+        }
     }
 }
