@@ -32,7 +32,8 @@ use llm_tracker::http::{AppState, app};
 use llm_tracker::usage::UsageFilter;
 use llm_tracker::usage::list::Cursor;
 use llm_tracker::usage::plans::{
-    explain, list_usage_statements, token_stats_settings, token_stats_statements,
+    by_user_bound_statements, explain, list_usage_statements, token_stats_settings,
+    token_stats_statements,
 };
 use llm_tracker::usage::stats::Granularity;
 use llm_tracker::users::{NewUser, create_user, find_by_username};
@@ -495,6 +496,11 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
         ..Default::default()
     };
     let all = UsageFilter::default();
+    let mid_month = UsageFilter {
+        start: Some(mid_month_start()),
+        end: Some(mid_month_start() + chrono::Duration::days(30)),
+        ..Default::default()
+    };
     let stats_settings = token_stats_settings(backend);
     let stats = stats_settings.as_deref();
     let checks: Vec<(&str, Vec<sea_orm::Statement>, Option<&str>, bool)> = vec![
@@ -517,6 +523,15 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
             token_stats_statements(&db, &week, Some(Granularity::Day))
                 .await
                 .unwrap(),
+            stats,
+            true,
+        ),
+        (
+            "token-stats include=by_user, 30 days from mid-month: the bounds",
+            by_user_bound_statements(&db, &mid_month, 50)
+                .await
+                .unwrap()
+                .unwrap_or_default(),
             stats,
             true,
         ),
@@ -661,6 +676,14 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
             format!(
                 "/api/v1/admin/token-stats/?include=by_user&start_date={}",
                 (Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%d")
+            ),
+        ),
+        (
+            "token-stats include=by_user, 30 days from the middle of last month".into(),
+            format!(
+                "/api/v1/admin/token-stats/?include=by_user&start_date={}&end_date={}",
+                mid_month_start().format("%Y-%m-%dT%H:%M:%SZ"),
+                (mid_month_start() + chrono::Duration::days(30)).format("%Y-%m-%dT%H:%M:%SZ")
             ),
         ),
         ("token-stats include=by_user, last calendar month".into(), {
@@ -874,4 +897,15 @@ async fn main() {
             Err(_) => eprintln!("BENCH_DATABASE_URL not set: PostgreSQL skipped"),
         }
     }
+}
+
+/// 14:00 UTC on the 15th of last month: a 30-day range from there reads the most day cells of
+/// every user (half of each month), the worst case of a rolling `by_user` range.
+fn mid_month_start() -> chrono::DateTime<Utc> {
+    use chrono::{Datelike, TimeZone};
+    let now = Utc::now().date_naive();
+    let last = (now.with_day(1).unwrap() - chrono::Duration::days(1))
+        .with_day(15)
+        .unwrap();
+    Utc.from_utc_datetime(&last.and_hms_opt(14, 0, 0).unwrap())
 }

@@ -29,6 +29,7 @@ pub mod m20261201_000020_latency_histograms;
 pub mod m20261202_000021_rollup_user_model_months;
 pub mod m20261202_000022_rollup_all_users_months;
 pub mod m20261203_000023_user_latency_histograms;
+pub mod m20261204_000024_negative_tokens_index;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -74,6 +75,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000021_rollup_user_model_months::Migration),
             Box::new(m20261202_000022_rollup_all_users_months::Migration),
             Box::new(m20261203_000023_user_latency_histograms::Migration),
+            Box::new(m20261204_000024_negative_tokens_index::Migration),
         ]
     }
 }

@@ -85,6 +85,34 @@ pub async fn by_user_rank_statement<C: ConnectionTrait>(
         .map(|plan| super::stats::rank_statement(backend, &plan, filter)))
 }
 
+/// The statements that rank users through bounds for `include=by_user` with `limit` shown
+/// (the check for rows with negative tokens, then the bounds over the range's whole months),
+/// when bounds apply to `filter` (see `stats::bound_plan`); the exact sums of the users they
+/// name are [`by_user_rank_statement`]'s cells for those users.
+pub async fn by_user_bound_statements<C: ConnectionTrait>(
+    db: &C,
+    filter: &UsageFilter,
+    limit: u64,
+) -> Result<Option<Vec<Statement>>, DbErr> {
+    let backend = db.get_database_backend();
+    let Some(plan) = rollup::plan(db, filter, None, true).await? else {
+        return Ok(None);
+    };
+    Ok(super::stats::bound_plan(db, filter, &plan, limit)
+        .await?
+        .map(|(cover, cover_plan)| {
+            vec![
+                super::stats::negative_tokens_statement(backend),
+                rollup::bound_statement(
+                    backend,
+                    &cover_plan,
+                    &cover,
+                    super::stats::bounded_users(limit) + 1,
+                ),
+            ]
+        }))
+}
+
 /// Planner settings the token-stats statements run under (in their read transaction), if
 /// any: run them before explaining its statements to see the plans that are served.
 pub fn token_stats_settings(backend: DbBackend) -> Option<String> {

@@ -1144,9 +1144,8 @@ pub async fn stats_by_user(
     limit: u64,
 ) -> Result<Vec<UserStats>, DbErr> {
     let txn = read_txn(db).await?;
-    let mut groups = Vec::new();
-    match rollup::plan(&txn, filter, None, true).await? {
-        None => groups = raw_user_groups(&txn, filter).await?,
+    let groups = match rollup::plan(&txn, filter, None, true).await? {
+        None => raw_user_groups(&txn, filter).await?,
         Some(plan) => {
             if let Some(sql) = Dialect::of(txn.get_database_backend()).rollup_settings() {
                 txn.execute_unprepared(sql).await?;
@@ -1179,73 +1178,222 @@ pub async fn stats_by_user(
                 }
                 Ok(edges)
             };
-            // Without a user filter: rank every user on calls and tokens first (cells, pending
-            // contributions and the edges' calls and tokens: exact), then read every sum of the
-            // `limit` first only — the edges' too (their other sums, cost above all, cost an
-            // aggregate over a partial day's rows three times as much as the ranking's two).
-            let chosen = match filter.user_id {
-                Some(_) => None,
-                None => {
-                    let stmt = rank_statement(backend, &plan, filter);
-                    // One line per cell, summed here and read by position (see
-                    // `rollup::Sums::Rank`): 30,000 cells by column name took longer than
-                    // their sum.
-                    let mut rank: std::collections::HashMap<i64, (i64, i64)> =
-                        std::collections::HashMap::new();
-                    for r in txn.query_all_raw(stmt).await? {
-                        let (key, calls, tokens): (i64, i64, i64) = (
-                            r.try_get_by_index(0)?,
-                            r.try_get_by_index(1)?,
-                            r.try_get_by_index(2)?,
-                        );
-                        let e = rank.entry(key).or_default();
-                        e.0 += calls;
-                        e.1 += tokens;
-                    }
-                    let mut edge_ranks = Vec::new();
-                    for (part, sign) in &parts {
-                        edge_ranks.extend(raw_user_ranks(&txn, part, *sign).await?);
-                    }
-                    for (key, calls, tokens) in edge_ranks {
-                        let e = rank.entry(key).or_default();
-                        e.0 += calls;
-                        e.1 += tokens;
-                    }
-                    let mut keys: Vec<(i64, i64)> = rank
-                        .into_iter()
-                        .filter(|(_, (calls, _))| *calls > 0)
-                        .map(|(k, (_, tokens))| (k, tokens))
-                        .collect();
-                    // The order of finish_by_user.
-                    keys.sort_by_key(|(k, tokens)| by_user_order(rollup::user_of(*k), *tokens));
-                    keys.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-                    Some(keys.into_iter().map(|(k, _)| k).collect::<Vec<i64>>())
+            // Every sum of the users `users` names (all without it): cells, pending
+            // contributions and the raw rows of `parts`.
+            let exact_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
+                let stmt = rollup::statement_with(
+                    backend,
+                    &plan,
+                    filter,
+                    rollup::GroupBy::User,
+                    rollup::Sums::All,
+                    users,
+                );
+                let mut out = Vec::new();
+                for r in txn.query_all_raw(stmt).await? {
+                    let mut g = UserGroup::from_query_result(&r, "")?;
+                    g.user = rollup::user_of(KeyOnly::from_query_result(&r, "")?.user_key);
+                    out.push(g);
                 }
+                // Only the chosen users' edge rows: another user's partial sums must not rank.
+                match users {
+                    Some([]) => {}
+                    users => out.extend(edges_of(users).await?),
+                }
+                Ok(out)
             };
-            let stmt = rollup::statement_with(
-                backend,
-                &plan,
-                filter,
-                rollup::GroupBy::User,
-                rollup::Sums::All,
-                chosen.as_deref(),
-            );
-            for r in txn.query_all_raw(stmt).await? {
-                let mut g = UserGroup::from_query_result(&r, "")?;
-                g.user = rollup::user_of(KeyOnly::from_query_result(&r, "")?.user_key);
-                groups.push(g);
-            }
-            // Only the chosen users' edge rows: another user's partial sums must not rank.
-            match &chosen {
-                Some(keys) if keys.is_empty() => {}
-                Some(keys) => groups.extend(edges_of(Some(keys)).await?),
-                None => groups.extend(edges_of(None).await?),
+            match filter.user_id {
+                Some(_) => exact_of(None).await?,
+                // Without a user filter: first the users whose upper bounds can reach the
+                // first `limit` (see `rollup::UserBounds`), exact, when that decides; else
+                // every user ranked on calls and tokens (cells, pending contributions and the
+                // edges' calls and tokens: exact). Then every sum of the `limit` first only —
+                // the edges' too (their other sums, cost above all, cost an aggregate over a
+                // partial day's rows three times as much as the ranking's two).
+                None => {
+                    let bounded = match user_bounds(&txn, filter, &plan, limit).await? {
+                        Some(bounds) => {
+                            let exact = exact_of(Some(&bounds.keys)).await?;
+                            bounds_decide(&bounds, &exact, limit).then_some(exact)
+                        }
+                        None => None,
+                    };
+                    match bounded {
+                        Some(exact) => exact,
+                        None => {
+                            let keys = rank_every_user(&txn, &plan, filter, &parts, limit).await?;
+                            exact_of(Some(&keys)).await?
+                        }
+                    }
+                }
             }
         }
-    }
+    };
     let users = finish_by_user(&txn, groups, limit).await?;
     txn.commit().await?;
     Ok(users)
+}
+
+/// Every user ranked on calls and tokens over `plan` and the raw rows of `parts` (each with
+/// its sign), the first `limit` keys in `by_user`'s order.
+async fn rank_every_user(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    filter: &UsageFilter,
+    parts: &[(UsageFilter, i64)],
+    limit: u64,
+) -> Result<Vec<i64>, DbErr> {
+    let stmt = rank_statement(txn.get_database_backend(), plan, filter);
+    // One line per cell, summed here and read by position (see `rollup::Sums::Rank`): 30,000
+    // cells by column name took longer than their sum.
+    let mut rank: std::collections::HashMap<i64, (i64, i64)> = std::collections::HashMap::new();
+    for r in txn.query_all_raw(stmt).await? {
+        let (key, calls, tokens): (i64, i64, i64) = (
+            r.try_get_by_index(0)?,
+            r.try_get_by_index(1)?,
+            r.try_get_by_index(2)?,
+        );
+        let e = rank.entry(key).or_default();
+        e.0 += calls;
+        e.1 += tokens;
+    }
+    for (part, sign) in parts {
+        for (key, calls, tokens) in raw_user_ranks(txn, part, *sign).await? {
+            let e = rank.entry(key).or_default();
+            e.0 += calls;
+            e.1 += tokens;
+        }
+    }
+    let mut keys: Vec<(i64, i64)> = rank
+        .into_iter()
+        .filter(|(_, (calls, _))| *calls > 0)
+        .map(|(k, (_, tokens))| (k, tokens))
+        .collect();
+    // The order of finish_by_user.
+    keys.sort_by_key(|(k, tokens)| by_user_order(rollup::user_of(*k), *tokens));
+    keys.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    Ok(keys.into_iter().map(|(k, _)| k).collect())
+}
+
+/// The largest `user_limit` ranked through bounds (beyond it, bounds would read most users).
+const BOUNDED_LIMIT: u64 = 250;
+
+/// How many users `by_user` reads exactly through bounds for `limit` shown.
+pub(crate) fn bounded_users(limit: u64) -> u64 {
+    (limit * 4).max(20)
+}
+
+/// The cover of `filter` ([`rollup::month_cover`]) and its plan, where `by_user` (no user
+/// filter, all models and outcomes, at most [`BOUNDED_LIMIT`] shown) ranks through bounds
+/// over it: `None` where bounds do not hold (a row with negative tokens, a cover reaching
+/// before the retention horizon) or would read no fewer cells per user than `plan` and no
+/// fewer raw rows (a range of whole months, all time).
+pub async fn bound_plan<C: ConnectionTrait>(
+    db: &C,
+    filter: &UsageFilter,
+    plan: &rollup::Plan,
+    limit: u64,
+) -> Result<Option<(UsageFilter, rollup::Plan)>, DbErr> {
+    if limit == 0
+        || limit > BOUNDED_LIMIT
+        || filter.user_id.is_some()
+        || rollup::level_of(filter, rollup::GroupBy::User) != migration::rollup::Level::Total
+    {
+        return Ok(None);
+    }
+    let Some(cover) = rollup::month_cover(filter) else {
+        return Ok(None);
+    };
+    let Some(cover_plan) = rollup::plan(db, &cover, None, true).await? else {
+        return Ok(None);
+    };
+    let raw_parts = !plan.edges.is_empty() || !plan.minus.is_empty();
+    if !cover_plan.edges.is_empty()
+        || !cover_plan.minus.is_empty()
+        || (!raw_parts && rollup::cells_per_user(plan) <= rollup::cells_per_user(&cover_plan))
+    {
+        return Ok(None);
+    }
+    if let Some(horizon) = crate::retention::horizon_slot(db).await?
+        && cover_plan.slots.first < horizon
+    {
+        return Ok(None);
+    }
+    if db
+        .query_one_raw(negative_tokens_statement(db.get_database_backend()))
+        .await?
+        .is_some()
+    {
+        return Ok(None);
+    }
+    Ok(Some((cover, cover_plan)))
+}
+
+/// Whether any row holds negative tokens (a line if so), read through the partial index of
+/// migration 000024, normally empty.
+pub fn negative_tokens_statement(backend: DbBackend) -> Statement {
+    Statement::from_string(
+        backend,
+        "SELECT 1 FROM llm_tracker_usage WHERE total_tokens < 0 LIMIT 1",
+    )
+}
+
+/// The users whose exact sums may decide `by_user`'s first `limit` over `filter` (see
+/// [`bound_plan`]): the `max(4 × limit, 20)` highest upper bounds over the range's
+/// [`rollup::month_cover`], and the highest one left out.
+pub async fn user_bounds<C: ConnectionTrait>(
+    db: &C,
+    filter: &UsageFilter,
+    plan: &rollup::Plan,
+    limit: u64,
+) -> Result<Option<rollup::UserBounds>, DbErr> {
+    let Some((cover, cover_plan)) = bound_plan(db, filter, plan, limit).await? else {
+        return Ok(None);
+    };
+    let n = bounded_users(limit);
+    let stmt = rollup::bound_statement(db.get_database_backend(), &cover_plan, &cover, n + 1);
+    let mut bounds = rollup::UserBounds {
+        keys: Vec::new(),
+        rest: None,
+    };
+    for r in db.query_all_raw(stmt).await? {
+        let (key, tokens): (i64, f64) = (r.try_get_by_index(0)?, r.try_get_by_index(1)?);
+        if (bounds.keys.len() as u64) < n {
+            bounds.keys.push(key);
+        } else {
+            bounds.rest = Some(tokens);
+        }
+    }
+    Ok(Some(bounds))
+}
+
+/// Whether the exact sums of the bounded users decide `by_user`'s first `limit`: every user
+/// left out has tokens at most `rest`, below the `limit`-th highest exact tokens. (A bound
+/// of 2^52 or more may have lost its last digits as a double: then it decides nothing.)
+fn bounds_decide(bounds: &rollup::UserBounds, exact: &[UserGroup], limit: u64) -> bool {
+    let Some(rest) = bounds.rest else {
+        return true;
+    };
+    if rest.is_nan() || rest >= 4_503_599_627_370_496.0 {
+        return false;
+    }
+    let mut merged: BTreeMap<Option<i32>, TokenSums> = BTreeMap::new();
+    for g in exact {
+        *merged.entry(g.user).or_default() += g.sums;
+    }
+    let mut tokens: Vec<i64> = merged
+        .values()
+        .filter(|s| s.total_calls > 0)
+        .map(|s| s.total_tokens)
+        .collect();
+    let Some(nth) = usize::try_from(limit).ok().and_then(|l| l.checked_sub(1)) else {
+        return false;
+    };
+    if tokens.len() <= nth {
+        return false;
+    }
+    let (_, &mut limit_th, _) = tokens.select_nth_unstable_by(nth, |a, b| b.cmp(a));
+    rest < limit_th as f64
 }
 
 /// Each user's calls and tokens in the rows of `filter`, as `(rollup key, calls, tokens)`

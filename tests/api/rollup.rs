@@ -12,6 +12,7 @@ use llm_tracker::usage::buckets::buckets_between;
 use llm_tracker::usage::list::{count_matching_raw, list_usage};
 use llm_tracker::usage::plans;
 use llm_tracker::usage::rollup;
+use llm_tracker::usage::stats;
 use llm_tracker::usage::stats::{
     Granularity, SeriesOptions, stats_by_model, stats_by_user, stats_by_user_raw, token_stats_in,
     token_stats_raw,
@@ -691,6 +692,261 @@ db_test!(
         migration::Migrator::up(db, None).await.unwrap();
         assert_eq!(t.scalar_i64(&old_user_hours).await, 0);
         assert_verified(db).await;
+    }
+);
+
+db_test!(
+    async fn by_user_ranks_through_upper_bounds_only_while_they_hold(backend: Backend) {
+        // Issue 16: without a user filter, by_user reads exact sums only for the users whose
+        // tokens over the range's whole UTC months (an upper bound while no row holds negative
+        // tokens and no cell keeps deleted rows) can reach its first `limit`
+        // (stats::user_bounds); elsewhere it ranks every user. Exact either way.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let names: Vec<String> = (0..60).map(|i| format!("bound{i}")).collect();
+        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        // User k calls about 60 / (k + 1) times as often as the last one.
+        let weighted: Vec<i32> = ids
+            .iter()
+            .enumerate()
+            .flat_map(|(k, id)| std::iter::repeat_n(*id, 60 / (k + 1)))
+            .collect();
+        let mut rng = StdRng::seed_from_u64(24);
+        let march = Utc.with_ymd_and_hms(2025, 3, 1, 0, 0, 0).unwrap();
+        let rows = random_rows(&mut rng, &weighted, march, 61, 3000, 1);
+        let (folded, pending_rows) = rows.split_at(rows.len() - 100);
+        insert(db, folded).await;
+        fold(&t).await;
+        insert(db, pending_rows).await;
+        // A rolling 30 days across the two months: 20 days and 9 days of cells and two
+        // partial days per user, against each user's two month cells.
+        let range = UsageFilter {
+            start: Some(march + Duration::days(11) + Duration::hours(7)),
+            end: Some(march + Duration::days(39) + Duration::hours(13)),
+            ..Default::default()
+        };
+        let plan = rollup::plan(db, &range, None, true).await.unwrap().unwrap();
+        assert!(rollup::cells_per_user(&plan) > 20, "{plan:?}");
+        let cover = rollup::month_cover(&range).unwrap();
+        assert_eq!(cover.start, Some(march));
+        assert_eq!(
+            cover.end,
+            Some(Utc.with_ymd_and_hms(2025, 5, 1, 0, 0, 0).unwrap() - Duration::microseconds(1))
+        );
+        let bounds = stats::user_bounds(db, &range, &plan, 3)
+            .await
+            .unwrap()
+            .expect("bounds hold here");
+        assert_eq!(bounds.keys.len(), 20);
+        assert!(bounds.rest.is_some());
+        for limit in [1, 3, 10, 50, 1000] {
+            assert_eq!(
+                stats_by_user(db, &range, limit).await.unwrap(),
+                stats_by_user_raw(db, &range, limit).await.unwrap(),
+                "limit {limit}"
+            );
+        }
+        // Whole months read no more cells per user than their cover: no bounds.
+        let april = UsageFilter {
+            start: Some(march + Duration::days(31)),
+            end: Some(march + Duration::days(61) - Duration::microseconds(1)),
+            ..Default::default()
+        };
+        let plan_april = rollup::plan(db, &april, None, true).await.unwrap().unwrap();
+        assert!(
+            stats::user_bounds(db, &april, &plan_april, 3)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // A user who called most inside the range, but whose month holds a row of negative
+        // tokens before it: their cover's tokens are no bound. Bounded, they would be left out
+        // and the ranking wrong; with such a row anywhere, every user is ranked.
+        let odd = users(db, &["bound-negative"]).await[0];
+        let mut heavy = row(
+            900_001,
+            Some(odd),
+            "gpt-4o",
+            (900_000, 100_000, 0, 0),
+            true,
+            march + Duration::days(20),
+        );
+        heavy.total_tokens = 1_000_000;
+        let mut negative = row(
+            900_002,
+            Some(odd),
+            "gpt-4o",
+            (0, 0, 0, 0),
+            true,
+            march + Duration::days(2),
+        );
+        negative.prompt_tokens = -2_000_000;
+        negative.total_tokens = -2_000_000;
+        insert(db, &[heavy, negative]).await;
+        fold(&t).await;
+        assert!(
+            stats::user_bounds(db, &range, &plan, 3)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let top = stats_by_user(db, &range, 3).await.unwrap();
+        assert_eq!(top, stats_by_user_raw(db, &range, 3).await.unwrap());
+        assert_eq!(top[0].user_id, Some(odd));
+        // Without that row the bounds hold again (and decide without the odd user's month).
+        db.execute_unprepared(&format!(
+            "DELETE FROM llm_tracker_usage WHERE total_tokens < 0 AND user_id = {odd}"
+        ))
+        .await
+        .unwrap();
+        assert!(
+            stats::user_bounds(db, &range, &plan, 3)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        for limit in [1, 3, 10] {
+            assert_eq!(
+                stats_by_user(db, &range, limit).await.unwrap(),
+                stats_by_user_raw(db, &range, limit).await.unwrap(),
+                "limit {limit}"
+            );
+        }
+        // Bounds that do not decide: 21 users with 5M tokens in March before the range (10
+        // inside it) hold the 20 highest bounds, and the user with most tokens inside the range
+        // is not among them; the one left out bounds at 5M, above the 10 tokens the bounded
+        // users have: every user is ranked.
+        let outside: Vec<String> = (0..21).map(|i| format!("bound-outside{i}")).collect();
+        let outside = users(db, &outside.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let inside = users(db, &["bound-inside"]).await[0];
+        let mut rows = Vec::new();
+        for (i, id) in outside.iter().enumerate() {
+            let n = 910_000 + 2 * i as u128;
+            rows.push(row(
+                n,
+                Some(*id),
+                "gpt-4o",
+                (4_000_000, 1_000_000, 0, 0),
+                true,
+                march + Duration::days(3),
+            ));
+            rows.push(row(
+                n + 1,
+                Some(*id),
+                "gpt-4o",
+                (6, 4, 0, 0),
+                true,
+                march + Duration::days(15),
+            ));
+        }
+        rows.push(row(
+            920_000,
+            Some(inside),
+            "gpt-4o",
+            (2_000_000, 1_000_000, 0, 0),
+            true,
+            march + Duration::days(16),
+        ));
+        insert(db, &rows).await;
+        fold(&t).await;
+        let bounds = stats::user_bounds(db, &range, &plan, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!bounds.keys.contains(&i64::from(inside)));
+        assert_eq!(bounds.rest, Some(5_000_010.0));
+        for limit in [1, 3] {
+            let top = stats_by_user(db, &range, limit).await.unwrap();
+            assert_eq!(top, stats_by_user_raw(db, &range, limit).await.unwrap());
+            assert_eq!(top[0].user_id, Some(inside));
+        }
+        // A retention horizon after the cover's start: its cells may keep deleted rows.
+        db.execute_unprepared(&format!(
+            "UPDATE llm_tracker_usage_retention SET horizon_slot = {} WHERE id = 1",
+            (march + Duration::days(5)).timestamp() / 900
+        ))
+        .await
+        .unwrap();
+        assert!(
+            llm_tracker::retention::horizon_slot(db)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            stats::user_bounds(db, &range, &plan, 3)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            stats_by_user(db, &range, 3).await.unwrap(),
+            stats_by_user_raw(db, &range, 3).await.unwrap()
+        );
+    }
+);
+
+db_test!(
+    async fn the_bounds_check_for_negative_tokens_through_the_partial_index(backend: Backend) {
+        // Migration 000024: "is there a row with negative tokens?" (asked before every bounded
+        // by_user ranking) reads the partial index, never the usage table; down drops it.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["n1", "n2", "n3"]).await;
+        let mut rng = StdRng::seed_from_u64(2424);
+        let base = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        insert(db, &random_rows(&mut rng, &ids, base, 60, 500, 1)).await;
+        fold(&t).await;
+        let filter = UsageFilter {
+            start: Some(base + Duration::days(14) + Duration::hours(14)),
+            end: Some(base + Duration::days(44) + Duration::hours(14)),
+            ..Default::default()
+        };
+        let pg = db.get_database_backend() == DbBackend::Postgres;
+        let statements = plans::by_user_bound_statements(db, &filter, 50)
+            .await
+            .unwrap()
+            .expect("bounds apply to 30 days from mid-month");
+        assert_eq!(statements.len(), 2);
+        let explained = |stmt: sea_orm::Statement| async move {
+            let txn = db.begin().await.unwrap();
+            if let Some(settings) = plans::token_stats_settings(db.get_database_backend()) {
+                txn.execute_unprepared(&settings).await.unwrap();
+            }
+            let rows = txn
+                .query_all_raw(plans::explain(db.get_database_backend(), &stmt))
+                .await
+                .unwrap();
+            txn.rollback().await.unwrap();
+            rows.iter()
+                .map(|r| {
+                    r.try_get_by_index::<String>(if pg { 0 } else { 3 })
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let plan = explained(statements[0].clone()).await;
+        assert!(
+            plan.contains("llm_tracker_usage_negative_tokens_idx"),
+            "{plan}"
+        );
+        // (SQLite scans the partial index, which holds only such rows.)
+        assert!(
+            !plan.contains("Seq Scan")
+                && !plan.lines().any(|l| l.trim() == "SCAN llm_tracker_usage"),
+            "{plan}"
+        );
+        crate::helpers::down_through(db, "m20261204_000024").await;
+        let index_count = |sql: &'static str| t.scalar_i64(sql);
+        let sql = if pg {
+            "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'llm_tracker_usage_negative_tokens_idx'"
+        } else {
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'llm_tracker_usage_negative_tokens_idx'"
+        };
+        assert_eq!(index_count(sql).await, 0);
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_eq!(index_count(sql).await, 1);
     }
 );
 
