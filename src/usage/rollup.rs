@@ -194,7 +194,7 @@ pub(crate) fn calendar_cell(c: Calendar, slot: i64) -> Option<(i64, i64)> {
 
 /// The first and last slot of the rollup (any user), if it has any cell or pending
 /// contribution.
-async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr> {
+pub(crate) async fn extent<C: ConnectionTrait>(db: &C) -> Result<Option<(i64, i64)>, DbErr> {
     let one = |order: &str| {
         format!(
             "(SELECT slot FROM {TOTALS_TABLE} WHERE grain = 1 AND user_key = {ALL_USERS} ORDER BY slot {order} LIMIT 1)"
@@ -1352,8 +1352,31 @@ pub fn cells_per_user(plan: &Plan) -> i64 {
 pub struct UserBounds {
     /// User keys, highest bound first.
     pub keys: Vec<i64>,
+    /// Each key's bound, in the same order.
+    pub bounds: Vec<f64>,
     /// The highest bound of a user not in `keys` (`None`: no user was left out).
     pub rest: Option<f64>,
+    /// The share of the cover's time (up to the newest cell) that the range spans.
+    pub share: f64,
+}
+
+impl UserBounds {
+    /// Whether reading the exact sums of `keys` is worth it: the `limit`-th highest exact
+    /// total is at most the `limit`-th highest bound, and near that bound × `share` when users
+    /// call evenly over time; where `rest` is not below that, the exact sums would almost
+    /// surely not decide (users of nearly equal use: every bound about twice its total), and
+    /// ranking every user straight away saves reading them. A guess only: a wrong one costs
+    /// time, never exactness (`stats::bounds_decide` decides).
+    pub fn may_decide(&self, limit: u64) -> bool {
+        let Some(rest) = self.rest else {
+            return true;
+        };
+        usize::try_from(limit)
+            .ok()
+            .and_then(|l| l.checked_sub(1))
+            .and_then(|i| self.bounds.get(i))
+            .is_some_and(|&nth| rest < nth * self.share)
+    }
 }
 
 /// The `n` user keys with the most tokens in the cells (and pending contributions) of `plan`,
@@ -1662,6 +1685,31 @@ mod tests {
 
     fn slot(s: &str) -> i64 {
         DateTime::parse_from_rfc3339(s).unwrap().timestamp() / SLOT_SECONDS
+    }
+
+    #[test]
+    fn bounds_that_cannot_decide_are_not_followed() {
+        let bounds = |b: &[f64], rest: Option<f64>, share: f64| UserBounds {
+            keys: (0..b.len() as i64).collect(),
+            bounds: b.to_vec(),
+            rest,
+            share,
+        };
+        // Nobody left out: the keys are every user.
+        assert!(bounds(&[5.0], None, 0.5).may_decide(3));
+        // The second-highest bound is 9, the highest left out 8: the second-highest exact
+        // total may still be above 8.
+        assert!(bounds(&[10.0, 9.0, 7.0], Some(8.0), 1.0).may_decide(2));
+        // The third-highest bound is 7, below the 8 left out: no exact total can rank it out.
+        assert!(!bounds(&[10.0, 9.0, 7.0], Some(8.0), 1.0).may_decide(3));
+        // A range of half its cover: the second total is likely near 4.5, not above 8.
+        assert!(!bounds(&[10.0, 9.0, 7.0], Some(8.0), 0.5).may_decide(2));
+        assert!(bounds(&[10.0, 9.0, 7.0], Some(4.0), 0.5).may_decide(2));
+        // Equal bounds (users of equal use) never decide.
+        assert!(!bounds(&[4.0, 4.0, 4.0], Some(4.0), 1.0).may_decide(1));
+        // Fewer keys than shown, or none shown.
+        assert!(!bounds(&[4.0], Some(1.0), 1.0).may_decide(2));
+        assert!(!bounds(&[4.0], Some(1.0), 1.0).may_decide(0));
     }
 
     #[test]

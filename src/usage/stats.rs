@@ -1212,11 +1212,11 @@ pub async fn stats_by_user(
                 // partial day's rows three times as much as the ranking's two).
                 None => {
                     let bounded = match user_bounds(&txn, filter, &plan, limit).await? {
-                        Some(bounds) => {
+                        Some(bounds) if bounds.may_decide(limit) => {
                             let exact = exact_of(Some(&bounds.keys)).await?;
                             bounds_decide(&bounds, &exact, limit).then_some(exact)
                         }
-                        None => None,
+                        _ => None,
                     };
                     match bounded {
                         Some(exact) => exact,
@@ -1350,16 +1350,38 @@ pub async fn user_bounds<C: ConnectionTrait>(
     let Some((cover, cover_plan)) = bound_plan(db, filter, plan, limit).await? else {
         return Ok(None);
     };
+    // The share of the cover's time inside the range, both cut at the first and last slot
+    // with a cell or pending contribution (an open end reaches the end of its year).
+    let share = match rollup::extent(db).await? {
+        None => 1.0,
+        Some((first, last)) => {
+            let slot =
+                |t: DateTime<Utc>| t.timestamp().div_euclid(migration::rollup::SLOT_SECONDS) as f64;
+            let (first, end) = (first as f64, (last + 1) as f64);
+            let lo = filter.start.map_or(first, slot).max(first);
+            let hi = filter.end.map_or(end, |e| slot(e) + 1.0).min(end);
+            let cover_lo = (cover_plan.slots.first as f64).max(first);
+            let cover_hi = (cover_plan.slots.end as f64).min(end);
+            if cover_hi > cover_lo {
+                ((hi - lo) / (cover_hi - cover_lo)).clamp(0.0, 1.0)
+            } else {
+                1.0
+            }
+        }
+    };
     let n = bounded_users(limit);
     let stmt = rollup::bound_statement(db.get_database_backend(), &cover_plan, &cover, n + 1);
     let mut bounds = rollup::UserBounds {
         keys: Vec::new(),
+        bounds: Vec::new(),
         rest: None,
+        share,
     };
     for r in db.query_all_raw(stmt).await? {
         let (key, tokens): (i64, f64) = (r.try_get_by_index(0)?, r.try_get_by_index(1)?);
         if (bounds.keys.len() as u64) < n {
             bounds.keys.push(key);
+            bounds.bounds.push(tokens);
         } else {
             bounds.rest = Some(tokens);
         }

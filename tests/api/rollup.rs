@@ -738,7 +738,7 @@ db_test!(
             .unwrap()
             .expect("bounds hold here");
         assert_eq!(bounds.keys.len(), 20);
-        assert!(bounds.rest.is_some());
+        assert!(bounds.rest.is_some() && bounds.may_decide(3), "{bounds:?}");
         for limit in [1, 3, 10, 50, 1000] {
             assert_eq!(
                 stats_by_user(db, &range, limit).await.unwrap(),
@@ -812,10 +812,11 @@ db_test!(
                 "limit {limit}"
             );
         }
-        // Bounds that do not decide: 21 users with 5M tokens in March before the range (10
+        // Bounds that do not decide: 20 users with ~20M tokens in March before the range (10
         // inside it) hold the 20 highest bounds, and the user with most tokens inside the range
-        // is not among them; the one left out bounds at 5M, above the 10 tokens the bounded
-        // users have: every user is ranked.
+        // is not among them; the one left out (a 21st such user) bounds at 5M: below the
+        // highest bound times the range's share of its cover (so the bounded users' exact
+        // sums are read) but above the 10 tokens they have: every user is ranked.
         let outside: Vec<String> = (0..21).map(|i| format!("bound-outside{i}")).collect();
         let outside = users(db, &outside.iter().map(String::as_str).collect::<Vec<_>>()).await;
         let inside = users(db, &["bound-inside"]).await[0];
@@ -826,7 +827,11 @@ db_test!(
                 n,
                 Some(*id),
                 "gpt-4o",
-                (4_000_000, 1_000_000, 0, 0),
+                if i < 20 {
+                    (19_000_000 + 1000 * (20 - i as i32), 1_000_000, 0, 0)
+                } else {
+                    (4_000_000, 1_000_000, 0, 0)
+                },
                 true,
                 march + Duration::days(3),
             ));
@@ -855,6 +860,9 @@ db_test!(
             .unwrap();
         assert!(!bounds.keys.contains(&i64::from(inside)));
         assert_eq!(bounds.rest, Some(5_000_010.0));
+        assert_eq!(bounds.bounds[0], 20_020_010.0);
+        assert!(bounds.share > 0.4 && bounds.share < 0.6, "{}", bounds.share);
+        assert!(bounds.may_decide(1));
         for limit in [1, 3] {
             let top = stats_by_user(db, &range, limit).await.unwrap();
             assert_eq!(top, stats_by_user_raw(db, &range, limit).await.unwrap());
