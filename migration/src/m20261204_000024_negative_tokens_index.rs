@@ -18,8 +18,19 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
         let sql = match manager.get_database_backend() {
             DbBackend::Postgres => {
+                // A build cut off midway (this migration is then not recorded, and runs again)
+                // leaves an invalid index that `IF NOT EXISTS` would keep, and the planner
+                // would not use: drop it first.
+                db.execute_unprepared(
+                    "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c \
+                     ON c.oid = i.indexrelid WHERE c.relname = \
+                     'llm_tracker_usage_negative_tokens_idx' AND NOT i.indisvalid) THEN \
+                     DROP INDEX llm_tracker_usage_negative_tokens_idx; END IF; END $$",
+                )
+                .await?;
                 "CREATE INDEX CONCURRENTLY IF NOT EXISTS llm_tracker_usage_negative_tokens_idx \
                  ON llm_tracker_usage (created_at) WHERE total_tokens < 0"
             }
@@ -28,7 +39,7 @@ impl MigrationTrait for Migration {
                  ON llm_tracker_usage (created_at) WHERE total_tokens < 0"
             }
         };
-        manager.get_connection().execute_unprepared(sql).await?;
+        db.execute_unprepared(sql).await?;
         Ok(())
     }
 

@@ -955,6 +955,30 @@ db_test!(
         assert_eq!(index_count(sql).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert_eq!(index_count(sql).await, 1);
+        if pg {
+            // A build cut off midway leaves an invalid index and the migration unrecorded: run
+            // again, it builds a valid one.
+            db.execute_unprepared(
+                "UPDATE pg_index SET indisvalid = false WHERE indexrelid = \
+                 'llm_tracker_usage_negative_tokens_idx'::regclass",
+            )
+            .await
+            .unwrap();
+            db.execute_unprepared(
+                "DELETE FROM seaql_migrations WHERE version = 'm20261204_000024_negative_tokens_index'",
+            )
+            .await
+            .unwrap();
+            migration::Migrator::up(db, None).await.unwrap();
+            assert_eq!(
+                t.scalar_i64(
+                    "SELECT COUNT(*) FROM pg_index WHERE indisvalid AND indexrelid = \
+                     'llm_tracker_usage_negative_tokens_idx'::regclass"
+                )
+                .await,
+                1
+            );
+        }
     }
 );
 
