@@ -894,6 +894,26 @@ db_test!(
     }
 );
 
+/// The plan `stmt` gets under token-stats' planner settings: PostgreSQL's `EXPLAIN` lines, or
+/// SQLite's `EXPLAIN QUERY PLAN` details, one per line.
+async fn plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
+    let backend = db.get_database_backend();
+    let txn = db.begin().await.unwrap();
+    if let Some(settings) = plans::token_stats_settings(backend) {
+        txn.execute_unprepared(&settings).await.unwrap();
+    }
+    let rows = txn
+        .query_all_raw(plans::explain(backend, stmt))
+        .await
+        .unwrap();
+    txn.rollback().await.unwrap();
+    let column = if backend == DbBackend::Postgres { 0 } else { 3 };
+    rows.iter()
+        .map(|r| r.try_get_by_index::<String>(column).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 db_test!(
     async fn the_bounds_check_for_negative_tokens_through_the_partial_index(backend: Backend) {
         // Migration 000024: "is there a row with negative tokens?" (asked before every bounded
@@ -916,25 +936,7 @@ db_test!(
             .unwrap()
             .expect("bounds apply to 30 days from mid-month");
         assert_eq!(statements.len(), 2);
-        let explained = |stmt: sea_orm::Statement| async move {
-            let txn = db.begin().await.unwrap();
-            if let Some(settings) = plans::token_stats_settings(db.get_database_backend()) {
-                txn.execute_unprepared(&settings).await.unwrap();
-            }
-            let rows = txn
-                .query_all_raw(plans::explain(db.get_database_backend(), &stmt))
-                .await
-                .unwrap();
-            txn.rollback().await.unwrap();
-            rows.iter()
-                .map(|r| {
-                    r.try_get_by_index::<String>(if pg { 0 } else { 3 })
-                        .unwrap()
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        let plan = explained(statements[0].clone()).await;
+        let plan = plan_of(db, &statements[0]).await;
         assert!(
             plan.contains("llm_tracker_usage_negative_tokens_idx"),
             "{plan}"
@@ -1372,23 +1374,7 @@ db_test!(
                     .await
                     .unwrap()
                     .expect("the rollup answers a calendar month");
-                let txn = db.begin().await.unwrap();
-                if let Some(settings) = plans::token_stats_settings(db.get_database_backend()) {
-                    txn.execute_unprepared(&settings).await.unwrap();
-                }
-                let rows = txn
-                    .query_all_raw(plans::explain(db.get_database_backend(), &stmt))
-                    .await
-                    .unwrap();
-                let text: Vec<String> = rows
-                    .iter()
-                    .map(|r| {
-                        r.try_get_by_index::<String>(if pg { 0 } else { 3 })
-                            .unwrap()
-                    })
-                    .collect();
-                txn.rollback().await.unwrap();
-                text.join("\n")
+                plan_of(&db, &stmt).await
             }
         };
         let plan = plan_text(db.clone()).await;
