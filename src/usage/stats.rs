@@ -1144,8 +1144,8 @@ pub async fn stats_by_user(
     limit: u64,
 ) -> Result<Vec<UserStats>, DbErr> {
     let txn = read_txn(db).await?;
-    let groups = match rollup::plan(&txn, filter, None, true).await? {
-        None => raw_user_groups(&txn, filter).await?,
+    let users = match rollup::plan(&txn, filter, None, true).await? {
+        None => merge_users(&raw_user_groups(&txn, filter).await?),
         Some(plan) => {
             if let Some(sql) = Dialect::of(txn.get_database_backend()).rollup_settings() {
                 txn.execute_unprepared(sql).await?;
@@ -1203,7 +1203,7 @@ pub async fn stats_by_user(
                 Ok(out)
             };
             match filter.user_id {
-                Some(_) => exact_of(None).await?,
+                Some(_) => merge_users(&exact_of(None).await?),
                 // Without a user filter: first the users whose upper bounds can reach the
                 // first `limit` (see `rollup::UserBounds`), exact, when that decides; else
                 // every user ranked on calls and tokens (cells, pending contributions and the
@@ -1213,7 +1213,7 @@ pub async fn stats_by_user(
                 None => {
                     let bounded = match user_bounds(&txn, filter, &plan, limit).await? {
                         Some(bounds) if bounds.may_decide(limit) => {
-                            let exact = exact_of(Some(&bounds.keys)).await?;
+                            let exact = merge_users(&exact_of(Some(&bounds.keys)).await?);
                             bounds_decide(&bounds, &exact, limit).then_some(exact)
                         }
                         _ => None,
@@ -1222,14 +1222,14 @@ pub async fn stats_by_user(
                         Some(exact) => exact,
                         None => {
                             let keys = rank_every_user(&txn, &plan, filter, &parts, limit).await?;
-                            exact_of(Some(&keys)).await?
+                            merge_users(&exact_of(Some(&keys)).await?)
                         }
                     }
                 }
             }
         }
     };
-    let users = finish_by_user(&txn, groups, limit).await?;
+    let users = finish_by_user(&txn, users, limit).await?;
     txn.commit().await?;
     Ok(users)
 }
@@ -1392,22 +1392,18 @@ pub async fn user_bounds<C: ConnectionTrait>(
 /// Whether the exact sums of the bounded users decide `by_user`'s first `limit`: every user
 /// left out has tokens at most `rest`, below the `limit`-th highest exact tokens. (A bound
 /// of 2^52 or more may have lost its last digits as a double: then it decides nothing.)
-fn bounds_decide(bounds: &rollup::UserBounds, exact: &[UserGroup], limit: u64) -> bool {
+fn bounds_decide(
+    bounds: &rollup::UserBounds,
+    exact: &[(Option<i32>, TokenSums)],
+    limit: u64,
+) -> bool {
     let Some(rest) = bounds.rest else {
         return true;
     };
     if rest.is_nan() || rest >= 4_503_599_627_370_496.0 {
         return false;
     }
-    let mut merged: BTreeMap<Option<i32>, TokenSums> = BTreeMap::new();
-    for g in exact {
-        *merged.entry(g.user).or_default() += g.sums;
-    }
-    let mut tokens: Vec<i64> = merged
-        .values()
-        .filter(|s| s.total_calls > 0)
-        .map(|s| s.total_tokens)
-        .collect();
+    let mut tokens: Vec<i64> = exact.iter().map(|(_, s)| s.total_tokens).collect();
     let Some(nth) = usize::try_from(limit).ok().and_then(|l| l.checked_sub(1)) else {
         return false;
     };
@@ -1471,7 +1467,7 @@ pub async fn stats_by_user_raw(
     limit: u64,
 ) -> Result<Vec<UserStats>, DbErr> {
     let groups = raw_user_groups(db, filter).await?;
-    finish_by_user(db, groups, limit).await
+    finish_by_user(db, merge_users(&groups), limit).await
 }
 
 /// The order of `by_user`: tokens descending, then users by id, the calls made for no user
@@ -1480,22 +1476,26 @@ fn by_user_order(user: Option<i32>, tokens: i64) -> (std::cmp::Reverse<i64>, boo
     (std::cmp::Reverse(tokens), user.is_none(), user)
 }
 
-/// Merges groups per user, orders and cuts them, and adds the usernames.
+/// Each user's groups summed, the users with a call only.
+fn merge_users(groups: &[UserGroup]) -> Vec<(Option<i32>, TokenSums)> {
+    let mut merged: BTreeMap<Option<i32>, TokenSums> = BTreeMap::new();
+    for g in groups {
+        *merged.entry(g.user).or_default() += g.sums;
+    }
+    merged
+        .into_iter()
+        .filter(|(_, s)| s.total_calls > 0)
+        .collect()
+}
+
+/// Users ([`merge_users`]) ordered and cut, with their usernames.
 async fn finish_by_user<C: ConnectionTrait>(
     db: &C,
-    groups: Vec<UserGroup>,
+    mut users: Vec<(Option<i32>, TokenSums)>,
     limit: u64,
 ) -> Result<Vec<UserStats>, DbErr> {
     use crate::db::entities::auth_user;
     use sea_orm::ColumnTrait;
-    let mut merged: BTreeMap<Option<i32>, TokenSums> = BTreeMap::new();
-    for g in &groups {
-        *merged.entry(g.user).or_default() += g.sums;
-    }
-    let mut users: Vec<(Option<i32>, TokenSums)> = merged
-        .into_iter()
-        .filter(|(_, s)| s.total_calls > 0)
-        .collect();
     users.sort_by_key(|(u, s)| by_user_order(*u, s.total_tokens));
     users.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let ids: Vec<i32> = users.iter().filter_map(|(u, _)| *u).collect();
