@@ -30,6 +30,7 @@ pub mod m20261202_000021_rollup_user_model_months;
 pub mod m20261202_000022_rollup_all_users_months;
 pub mod m20261203_000023_user_latency_histograms;
 pub mod m20261204_000024_negative_tokens_index;
+pub mod m20261205_000025_rollup_dense_user_hours;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -76,6 +77,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000022_rollup_all_users_months::Migration),
             Box::new(m20261203_000023_user_latency_histograms::Migration),
             Box::new(m20261204_000024_negative_tokens_index::Migration),
+            Box::new(m20261205_000025_rollup_dense_user_hours::Migration),
         ]
     }
 }

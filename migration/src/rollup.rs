@@ -488,6 +488,9 @@ enum Whose {
     /// A user's UTC days per model and outcome: the cells that keep what retention deleted
     /// (see [`retained_days_upsert_sql`]).
     RetainedDays,
+    /// A dense user's UTC hours in the totals table, from the user's `since` on (see
+    /// [`DENSE_TABLE`]); other users' contributions and earlier ones are left out.
+    DenseHours,
 }
 
 /// `INSERT … ON CONFLICT DO UPDATE` adding the contributions of `sources` to each user's UTC
@@ -517,10 +520,18 @@ fn cells_select_of(
     // where the layout has them (calendar grains start where their month or year does).
     let (user_fixed, all_calendar) = match whose {
         Whose::RetainedDays => (&[DAY][..], &[][..]),
+        Whose::DenseHours => (&[DENSE_GRAIN.code][..], &[][..]),
         _ => per_user(level),
     };
+    // Only a dense user's contributions from the user's `since` on.
+    let only = match whose {
+        Whose::DenseHours => format!(
+            " AND EXISTS (SELECT 1 FROM {DENSE_TABLE} x WHERE x.user_key = d.user_key AND d.slot >= x.since)"
+        ),
+        _ => String::new(),
+    };
     let whose = match whose {
-        Whose::RetainedDays => Whose::PerUser,
+        Whose::RetainedDays | Whose::DenseHours => Whose::PerUser,
         w => w,
     };
     let user_calendar = if whose == Whose::AllUsers {
@@ -584,7 +595,7 @@ fn cells_select_of(
          CASE WHEN g.per_user = 1 THEN d.user_key ELSE {ALL_USERS} END AS user_key, \
          {slot} AS slot, {dims}{sums} \
          FROM ({rows}) d CROSS JOIN ({grains}) g \
-         WHERE 1 = 1 \
+         WHERE 1 = 1{only} \
          GROUP BY {group}",
         sums = sums.join(", "),
         rows = contributions(backend, sources),
@@ -616,6 +627,94 @@ fn upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], level: Level, whose
         select = cells_select_of(backend, sources, level, whose),
         any = any_change.join(" OR "),
         updates = updates.join(", "),
+    )
+}
+
+/// The users whose UTC hours are kept in the totals table (migration 000025), with the first
+/// slot (a UTC midnight) from which they are: a dense user's hour cells (grain
+/// [`DENSE_GRAIN`], the user's key) hold every row of that user from `since` on, as the day
+/// cells do.
+///
+/// **Why.** A user's finest cells are UTC days (see [`per_user`]): an hourly series, or a daily
+/// series in New York, reads that user's rows. For most users those are a few thousand rows;
+/// for the heaviest they are hundreds of thousands (the heaviest user's hourly year read
+/// 677,035 rows: 5.6 s). Hour cells for every user would outgrow the usage table (4.8M cells at
+/// 10,000 users); for the users who call often they are 24 cells a day that replace thousands
+/// of rows, and few users call that often (49 of 10,000 Zipf users make ≥ 20,000 calls a
+/// year). A user becomes dense when one of the user's UTC days holds [`DENSE_DAY_CALLS`] calls
+/// ([`promote_dense_sql`], run by the fold once a minute at most) and stays dense.
+pub const DENSE_TABLE: &str = "llm_tracker_usage_rollup_dense_user";
+
+/// The grain of a dense user's cells: the UTC hour.
+pub const DENSE_GRAIN: Grain = GRAINS[1];
+
+/// The calls in one UTC day that make a user dense (about four an hour).
+pub const DENSE_DAY_CALLS: i64 = 100;
+
+/// The table of dense users.
+pub fn create_dense_table_sql(backend: DbBackend) -> String {
+    let int = match backend {
+        DbBackend::Postgres => "bigint",
+        _ => "integer",
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {DENSE_TABLE} (\n    user_key {int} NOT NULL PRIMARY KEY,\n    since {int} NOT NULL\n)"
+    )
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` adding the contributions of `sources` to the hour cells of
+/// the dense users (from each one's `since` on; every other contribution is left out).
+pub fn dense_hours_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    upsert_sql_of(backend, sources, Level::Total, Whose::DenseHours)
+}
+
+/// `SELECT` of the dense users' hour cells of `sources` (what `rollup verify` compares).
+pub fn dense_hours_select(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    cells_select_of(backend, sources, Level::Total, Whose::DenseHours)
+}
+
+/// The hour cells of the dense users that `keys` selects (an SQL list or subquery of user
+/// keys) filled from their rows, less their contributions still pending (which the fold adds
+/// later): exact whenever it runs, as one statement, while no fold runs (under the folders'
+/// lock on PostgreSQL, in a write transaction on SQLite). For users who have no hour cells yet.
+pub fn dense_backfill_sql(backend: DbBackend, keys: &str) -> String {
+    let rows_of = format!("user_id IN ({keys})");
+    let negated: Vec<String> = delta_sums()
+        .iter()
+        .map(|c| format!("-{c} AS {c}"))
+        .collect();
+    let pending = format!(
+        "(SELECT {key}, {negated} FROM {DELTA_TABLE} WHERE user_key IN ({keys})) p",
+        key = DELTA_KEY.join(", "),
+        negated = negated.join(", "),
+    );
+    dense_hours_upsert_sql(
+        backend,
+        &[
+            Source::Table {
+                name: "llm_tracker_usage",
+                sign: 1,
+                where_sql: Some(&rows_of),
+            },
+            Source::Delta(&pending),
+        ],
+    )
+}
+
+/// The users who become dense: a UTC day cell of theirs from slot `day` on holds
+/// [`DENSE_DAY_CALLS`] calls or more. Each is dense from the UTC day after `today` (a UTC
+/// midnight slot), so that no hour the reads use was half counted; its hour cells from there
+/// are filled by [`dense_backfill_sql`] in the same transaction (rows written ahead of time).
+/// Returns the new users' keys.
+pub fn promote_dense_sql(day: i64, today: i64) -> String {
+    format!(
+        "INSERT INTO {DENSE_TABLE} (user_key, since) \
+         SELECT user_key, {since} FROM {TOTALS_TABLE} t \
+         WHERE grain = {DAY} AND slot >= {day} AND user_key < {ALL_USERS} AND calls >= {DENSE_DAY_CALLS} \
+         AND NOT EXISTS (SELECT 1 FROM {DENSE_TABLE} x WHERE x.user_key = t.user_key) \
+         GROUP BY user_key ORDER BY user_key \
+         RETURNING user_key",
+        since = today + DAY,
     )
 }
 
@@ -824,6 +923,22 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             Whose::PerUser,
         ));
     }
+    // The dense users' hours, deleted with the totals table: from the rows (nothing is pending
+    // now), from the horizon on (before it rows are gone; reads do not use hours there).
+    if let Some(h) = horizon {
+        out.push(format!(
+            "UPDATE {DENSE_TABLE} SET since = {h} WHERE since < {h}"
+        ));
+    }
+    let dense_rows = format!("user_id IN (SELECT user_key FROM {DENSE_TABLE})");
+    out.push(dense_hours_upsert_sql(
+        backend,
+        &[Source::Table {
+            name: "llm_tracker_usage",
+            sign: 1,
+            where_sql: Some(&dense_rows),
+        }],
+    ));
     for table in [REBUILD_ALL, REBUILD_USERS, REBUILD_USER_MONTHS] {
         out.push(format!("DROP TABLE IF EXISTS {table}"));
     }
@@ -900,8 +1015,9 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
             let columns = delta_columns();
             vec![format!(
                 "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
-                 by_model AS ({}), latency AS ({}), user_latency AS ({}) {}",
+                 by_model AS ({}), dense_hours AS ({}), latency AS ({}), user_latency AS ({}) {}",
                 upsert_sql(backend, &[Source::Delta("moved")], Level::ByModel),
+                dense_hours_upsert_sql(backend, &[Source::Delta("moved")]),
                 latency_upsert_sql(backend, &[Source::Delta("moved")]),
                 user_latency_upsert_sql(
                     backend,
@@ -914,6 +1030,7 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
         _ => vec![
             upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
             upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
+            dense_hours_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
             latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
             user_latency_upsert_sql(
                 backend,
@@ -1392,6 +1509,24 @@ pub async fn fold(
     for sql in fold_sql(backend) {
         txn.execute_unprepared(&sql).await?;
     }
+    // At most once a minute per process: the users whose day just reached the dense threshold.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let last = LAST_PROMOTION.load(std::sync::atomic::Ordering::Relaxed);
+    if now - last >= 60
+        && LAST_PROMOTION
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        promote_dense_in(&txn, now).await?;
+    }
     txn.commit().await?;
     // No VACUUM here: the folded rows are dead tuples, but vacuuming from this loop (every
     // second, in every process) queued behind other sessions' locks, and its truncation of the
@@ -1400,10 +1535,91 @@ pub async fn fold(
     Ok(true)
 }
 
+/// When this process last looked for new dense users (seconds since the epoch).
+static LAST_PROMOTION: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Makes dense the users whose UTC day, yesterday or today (of `now`, seconds since the
+/// epoch), reached [`DENSE_DAY_CALLS`] ([`promote_dense_sql`]) and fills their hour cells from
+/// tomorrow on ([`dense_backfill_sql`]), in `txn`, which must hold the folders' lock
+/// (PostgreSQL) or write (SQLite). Returns the new dense users' keys.
+pub async fn promote_dense_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
+    txn: &C,
+    now: i64,
+) -> Result<Vec<i64>, sea_orm_migration::sea_orm::DbErr> {
+    use sea_orm_migration::sea_orm::Statement;
+    let backend = txn.get_database_backend();
+    let today = now.div_euclid(SLOT_SECONDS * DAY) * DAY;
+    let keys: Vec<i64> = txn
+        .query_all_raw(Statement::from_string(
+            backend,
+            promote_dense_sql(today - DAY, today),
+        ))
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index::<i64>(0))
+        .collect::<Result<_, _>>()?;
+    if !keys.is_empty() {
+        let list: Vec<String> = keys.iter().map(i64::to_string).collect();
+        txn.execute_unprepared(&dense_backfill_sql(backend, &list.join(", ")))
+            .await?;
+    }
+    Ok(keys)
+}
+
+/// [`promote_dense_in`] in a transaction of its own, under the folders' lock (waiting for a
+/// fold that runs): what `llm-tracker rollup fold` and the tests call.
+pub async fn promote_dense(
+    db: &sea_orm_migration::sea_orm::DatabaseConnection,
+    now: i64,
+) -> Result<Vec<i64>, sea_orm_migration::sea_orm::DbErr> {
+    use sea_orm_migration::sea_orm::{ConnectionTrait, TransactionTrait};
+    let backend = db.get_database_backend();
+    let txn = db.begin().await?;
+    if backend == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"))
+            .await?;
+    }
+    let keys = promote_dense_in(&txn, now).await?;
+    txn.commit().await?;
+    Ok(keys)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::m20251215_000006_rollup_delta as m6;
+
+    /// Migration 000025's SQL (the dense users' table and their hour cells from the rows, less
+    /// what is pending) is fixed text; while it is the newest to fill cells, the code must still
+    /// generate it (the fold and promotion use the same generators). `UPDATE_FROZEN_SQL=1`
+    /// writes the files (for a new migration only).
+    #[test]
+    fn the_dense_hours_backfill_is_what_the_code_generates() {
+        use crate::m20261205_000025_rollup_dense_user_hours as m25;
+        for (name, backend) in [
+            ("postgres", DbBackend::Postgres),
+            ("sqlite", DbBackend::Sqlite),
+        ] {
+            let generated = m25::generated(backend);
+            if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
+                let path = format!(
+                    "{}/sql/m20261205_000025_rollup_dense_user_hours.{name}.sql",
+                    env!("CARGO_MANIFEST_DIR")
+                );
+                std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
+                continue;
+            }
+            let frozen = m25::frozen(backend);
+            assert_eq!(frozen.len(), generated.len(), "{name}");
+            for (f, g) in frozen.iter().zip(&generated) {
+                assert_eq!(
+                    *f,
+                    g.trim(),
+                    "{name}: the dense hours' generated SQL changed"
+                );
+            }
+        }
+    }
 
     /// What the newest migration that installs triggers (000023: each user's latency
     /// histograms, whose table the `TRUNCATE` trigger empties too) runs is fixed text; the generator must still write exactly

@@ -12,8 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use migration::rollup::{
-    ALL_USERS, Calendar, DAY, DELTA_TABLE, GRAINS, Grain, Level, NO_USER, SLOT_SECONDS,
-    TOTALS_TABLE, hour_grain, per_user,
+    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAIN, DENSE_TABLE, GRAINS, Grain, Level, NO_USER,
+    SLOT_SECONDS, TOTALS_TABLE, hour_grain, per_user,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
@@ -236,6 +236,28 @@ pub(crate) fn level_of(filter: &UsageFilter, by: GroupBy) -> Level {
     }
 }
 
+/// The first slot from which the user of rollup key `key` has hour cells that a read may use:
+/// the user's `since` if the user is dense ([`migration::rollup::DENSE_TABLE`]), and never
+/// before the retention horizon (cells there keep rows that are gone, and a rebuild refills
+/// hours from the rows only).
+pub(crate) async fn dense_since<C: ConnectionTrait>(
+    db: &C,
+    key: i64,
+) -> Result<Option<i64>, DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT since FROM {DENSE_TABLE} WHERE user_key = {key}"),
+        ))
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let since: i64 = row.try_get_by_index(0)?;
+    let horizon = crate::retention::horizon_slot(db).await?;
+    Ok(Some(horizon.map_or(since, |h| since.max(h))))
+}
+
 /// The plan for `filter` (and, for a series, its buckets), or `None` when the raw rows answer
 /// it better: a range shorter than a slot (a day, for one user's cells), an empty rollup, or a
 /// slot that straddles a bucket. `by_user`: the plan serves per-user sums (see [`Scope`]).
@@ -340,9 +362,17 @@ pub async fn plan<C: ConnectionTrait>(
             } else {
                 None
             };
-            let (ranges, gaps, moved) = user_cells(a, b, series, series_level, moves_from);
-            let (totals, model_gaps, _) = user_cells(a, b, None, Level::ByModel, None);
-            let (coarse, _, _) = user_cells(a, b, None, Level::Total, None);
+            // A dense user's series reads hour cells where days do not fit its buckets.
+            let hours_from = match (filter.user_id, series) {
+                (Some(user), Some(_)) if series_level == Level::Total => {
+                    dense_since(db, key_of(Some(user))).await?
+                }
+                _ => None,
+            };
+            let (ranges, gaps, moved) =
+                user_cells(a, b, series, series_level, moves_from, hours_from);
+            let (totals, model_gaps, _) = user_cells(a, b, None, Level::ByModel, None, None);
+            let (coarse, _, _) = user_cells(a, b, None, Level::Total, None, None);
             (ranges, totals, coarse, gaps, model_gaps, moved)
         }
     };
@@ -451,13 +481,15 @@ async fn complement_ends<C: ConnectionTrait>(
 /// that no cell covers or that fit no bucket are returned as gaps (merged runs of slots).
 ///
 /// With `moves_from`, a day from that slot on that holds one boundary of the series' buckets is
-/// not a gap but [`Moved`].
+/// not a gap but [`Moved`]. With `hours_from` (a dense user, [`dense_since`]), a day from that
+/// slot on whose UTC hours each fit one bucket reads those hours' cells instead of either.
 fn user_cells(
     a: i64,
     b: i64,
     series: Option<(Granularity, Tz)>,
     level: Level,
     moves_from: Option<i64>,
+    hours_from: Option<i64>,
 ) -> (Vec<Run>, Vec<Slots>, Vec<Moved>) {
     let fits = |p: i64, end: i64| fits(series, p, end);
     let (fixed, calendars) = per_user(level);
@@ -499,9 +531,16 @@ fn user_cells(
             let (first, next) = calendar_cell(*c, p)?;
             (first == p && next <= b && fits(p, next)).then_some((c.code(), next))
         });
+        let hour = DENSE_GRAIN.len;
         let (code, next) = match calendar {
             Some(found) => found,
             None if days && fits(p, p + DAY) => (DAY, p + DAY),
+            None if level == Level::Total
+                && hours_from.is_some_and(|from| p >= from)
+                && (0..DAY / hour).all(|h| fits(p + h * hour, p + (h + 1) * hour)) =>
+            {
+                (DENSE_GRAIN.code, p + DAY)
+            }
             None if let (true, Some(from), Some(series)) = (days, moves_from, series)
                 && p >= from
                 && let Some(m) = split_day(p, series) =>
@@ -1482,9 +1521,17 @@ pub async fn verify(
         differing_cells: 0,
         examples: Vec::new(),
     };
+    // The cells of `sources` at `level`: in the totals table the dense users' hours too.
+    let kept = |sources: &[Source<'_>], level: Level| match level {
+        Level::ByModel => cells_select(backend, sources, level),
+        Level::Total => format!(
+            "{} UNION ALL {}",
+            cells_select(backend, sources, level),
+            migration::rollup::dense_hours_select(backend, sources)
+        ),
+    };
     for level in Level::ALL {
-        let expected = cells_select(
-            backend,
+        let expected = kept(
             &[Source::Table {
                 name: "llm_tracker_usage",
                 sign: 1,
@@ -1500,7 +1547,7 @@ pub async fn verify(
         let sums = level.sums();
         let sum_list = sums.join(", ");
         let negated: Vec<String> = sums.iter().map(|c| format!("-{c} AS {c}")).collect();
-        let pending = cells_select(backend, &[Source::Delta(DELTA_TABLE)], level);
+        let pending = kept(&[Source::Delta(DELTA_TABLE)], level);
         let differs: Vec<String> = sums.iter().map(|c| format!("SUM({c}) <> 0")).collect();
         let key_out: Vec<String> = key
             .iter()
@@ -1776,20 +1823,26 @@ mod tests {
             (Calendar::Month.code(), feb, mar),
             (DAY, mar, b),
         ];
-        let (runs, gaps, _) = user_cells(a, b, None, Level::ByModel, None);
+        let (runs, gaps, _) = user_cells(a, b, None, Level::ByModel, None, None);
         assert_eq!(tup(runs), days_month_days);
         assert_eq!(
             gaps,
             vec![Slots { first: a, end: feb }, Slots { first: mar, end: b }]
         );
         // Over all models a user keeps days: no gaps, and the month less nothing.
-        let (runs, gaps, _) = user_cells(a, b, None, Level::Total, None);
+        let (runs, gaps, _) = user_cells(a, b, None, Level::Total, None, None);
         assert!(gaps.is_empty());
         assert_eq!(tup(runs), days_month_days);
         // Local days in New York fit no UTC day: per model, only rows (no day runs).
         let ny: Tz = "America/New_York".parse().unwrap();
-        let (runs, gaps, _) =
-            user_cells(a, feb, Some((Granularity::Month, ny)), Level::ByModel, None);
+        let (runs, gaps, _) = user_cells(
+            a,
+            feb,
+            Some((Granularity::Month, ny)),
+            Level::ByModel,
+            None,
+            None,
+        );
         assert!(runs.is_empty());
         assert_eq!(gaps, vec![Slots { first: a, end: feb }]);
     }

@@ -1818,3 +1818,185 @@ db_test!(
         );
     }
 );
+
+db_test!(
+    async fn a_dense_users_series_reads_hour_cells_exactly(backend: Backend) {
+        // Issue 16, migration 000025: a user with a UTC day of 100 calls or more becomes dense,
+        // and from then on the totals table keeps that user's UTC hours, so the user's hourly
+        // series and daily series outside UTC read hour cells instead of the user's rows. The
+        // cells must equal the rows whoever wrote them, pending or folded, after a promotion
+        // that finds rows pending, and after a rebuild; `rollup verify` checks them too.
+        use migration::rollup::{DENSE_TABLE, TOTALS_TABLE, promote_dense};
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["dense", "light1", "light2"]).await;
+        let (heavy, light) = (ids[0], &ids[1..]);
+        let mut rng = StdRng::seed_from_u64(25);
+        // Ten days across New York's change to summer time (2025-03-09).
+        let base = Utc.with_ymd_and_hms(2025, 3, 4, 0, 0, 0).unwrap();
+        let mut rows = random_rows(&mut rng, &[heavy], base, 10, 2400, 1);
+        rows.extend(random_rows(&mut rng, light, base, 10, 300, 10_000));
+        // Calls made for no user stay out of every user's hours.
+        let (first, rest) = rows.split_at(1800);
+        insert(db, first).await;
+        fold(&t).await;
+        // Written by the Django app, not folded yet when the user becomes dense.
+        for r in &rest[..300] {
+            db.execute_unprepared(&plain_insert(db.get_database_backend(), r))
+                .await
+                .unwrap();
+        }
+        assert!(pending(&t).await > 0);
+        // Promoted as of the day before `base`: dense from `base` on (the day after "today").
+        let dense = promote_dense(db, (base - Duration::days(1)).timestamp())
+            .await
+            .unwrap();
+        assert_eq!(
+            dense,
+            vec![i64::from(heavy)],
+            "only the heavy user has 100 calls a day"
+        );
+        let hours =
+            format!("SELECT COUNT(*) FROM {TOTALS_TABLE} WHERE grain = 4 AND user_key = {heavy}");
+        assert!(t.scalar_i64(&hours).await > 100);
+        assert_eq!(
+            t.scalar_i64(&format!("SELECT since FROM {DENSE_TABLE}"))
+                .await,
+            base.timestamp() / 900
+        );
+        assert_verified(db).await;
+        insert(db, &rest[300..]).await;
+        let user = |start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>| UsageFilter {
+            start,
+            end,
+            user_id: Some(heavy),
+            ..Default::default()
+        };
+        let ranges = [
+            user(None, None),
+            user(
+                Some(base + Duration::hours(30)),
+                Some(base + Duration::days(8) + Duration::minutes(7)),
+            ),
+            user(
+                Some(base - Duration::days(3)),
+                Some(base + Duration::days(4)),
+            ),
+        ];
+        let check = async || {
+            for filter in &ranges {
+                for zone in ["UTC", "America/New_York", "Asia/Kolkata", "Europe/Berlin"] {
+                    assert_same(db, filter, zone.parse().unwrap(), true).await;
+                }
+            }
+        };
+        // Pending, folded, and after a rebuild.
+        check().await;
+        // An hourly series in UTC reads the hour cells, not the rows.
+        let plan = rollup::plan(db, &ranges[0], Some((Granularity::Day, Tz::UTC)), false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            plan.ranges.iter().any(|r| r.grain == 4),
+            "{:?}",
+            plan.ranges
+        );
+        // (Rows only before the user became dense, and after the newest row: no cells yet.)
+        let (from, to) = (
+            base.timestamp() / 900,
+            (base + Duration::days(10)).timestamp() / 900,
+        );
+        assert!(
+            plan.gaps.iter().all(|g| g.end <= from || g.first >= to),
+            "{:?}",
+            plan.gaps
+        );
+        // So does a daily series in New York.
+        let ny: Tz = "America/New_York".parse().unwrap();
+        let plan = rollup::plan(db, &ranges[0], Some((Granularity::Month, ny)), false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            plan.ranges.iter().any(|r| r.grain == 4),
+            "{:?}",
+            plan.ranges
+        );
+        assert!(
+            plan.moved.iter().all(|m| m.day < from || m.day >= to)
+                && plan.gaps.iter().all(|g| g.end <= from || g.first >= to),
+            "{:?} {:?}",
+            plan.moved,
+            plan.gaps
+        );
+        // A light user still reads rows for an hourly series.
+        let light_plan = rollup::plan(
+            db,
+            &UsageFilter {
+                user_id: Some(light[0]),
+                ..Default::default()
+            },
+            Some((Granularity::Day, Tz::UTC)),
+            false,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(!light_plan.ranges.iter().any(|r| r.grain == 4));
+        fold(&t).await;
+        assert_verified(db).await;
+        check().await;
+        // Updates and deletes of the user's rows, as the Django app writes them.
+        db.execute_unprepared(&format!(
+            "UPDATE llm_tracker_usage SET total_tokens = total_tokens + 7 WHERE user_id = {heavy} AND prompt_tokens < 500"
+        ))
+        .await
+        .unwrap();
+        db.execute_unprepared(&format!(
+            "DELETE FROM llm_tracker_usage WHERE user_id = {heavy} AND completion_tokens < 50"
+        ))
+        .await
+        .unwrap();
+        check().await;
+        fold(&t).await;
+        assert_verified(db).await;
+        rollup::rebuild(db).await.unwrap();
+        assert!(t.scalar_i64(&hours).await > 100);
+        assert_verified(db).await;
+        check().await;
+        // The reads use the cells: one corrupted, and the answer and `verify` both show it.
+        db.execute_unprepared(&format!(
+            "UPDATE {TOTALS_TABLE} SET calls = calls + 1 WHERE grain = 4 AND user_key = {heavy} \
+             AND slot = (SELECT MIN(slot) FROM {TOTALS_TABLE} WHERE grain = 4 AND user_key = {heavy})"
+        ))
+        .await
+        .unwrap();
+        let options = SeriesOptions {
+            tz: Tz::UTC,
+            fill: false,
+        };
+        assert_ne!(
+            token_stats_in(db, &ranges[0], Some(Granularity::Day), options)
+                .await
+                .unwrap(),
+            token_stats_raw(db, &ranges[0], Some(Granularity::Day), options)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            rollup::verify(db, None, None)
+                .await
+                .unwrap()
+                .differing_cells,
+            1
+        );
+        // Migration 000025 down and up again: the hours come back from the rows.
+        migration::Migrator::down(db, Some(1)).await.unwrap();
+        assert_eq!(t.scalar_i64(&hours).await, 0);
+        migration::Migrator::up(db, None).await.unwrap();
+        assert!(t.scalar_i64(&hours).await > 100);
+        assert_verified(db).await;
+        check().await;
+    }
+);
