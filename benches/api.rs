@@ -658,6 +658,16 @@ async fn bench_backend(label: &str, url: &str, cfg: &Config) {
             ),
         ),
         (
+            format!(
+                "token-stats user_id, heaviest user, day (hourly, all time) ({heavy_rows} rows)"
+            ),
+            format!("/api/v1/admin/token-stats/?user_id={heavy}&granularity=day"),
+        ),
+        (
+            format!("token-stats user_id, heaviest user, day tz=Asia/Kolkata ({heavy_rows} rows)"),
+            format!("/api/v1/admin/token-stats/?user_id={heavy}&granularity=day&tz=Asia/Kolkata"),
+        ),
+        (
             format!("token-stats user_id, heaviest user, day, last 24 h ({heavy_rows} rows)"),
             format!(
                 "/api/v1/admin/token-stats/?user_id={heavy}&granularity=day&start_date={}",

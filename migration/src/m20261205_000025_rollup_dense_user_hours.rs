@@ -79,7 +79,7 @@ impl MigrationTrait for Migration {
             statements.push(format!("SELECT pg_advisory_xact_lock({FOLDERS_LOCK})"));
         }
         statements.push(
-            "DELETE FROM llm_tracker_usage_rollup_total WHERE grain = 4 AND user_key <> 2147483648"
+            "DELETE FROM llm_tracker_usage_rollup_total WHERE grain IN (4, 6) AND user_key <> 2147483648"
                 .to_owned(),
         );
         statements.push("DROP TABLE IF EXISTS llm_tracker_usage_rollup_dense_user".to_owned());

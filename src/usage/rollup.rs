@@ -12,8 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use migration::rollup::{
-    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAIN, DENSE_TABLE, GRAINS, Grain, Level, NO_USER,
-    SLOT_SECONDS, TOTALS_TABLE, hour_grain, per_user,
+    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAINS, DENSE_TABLE, GRAINS, Grain, Level,
+    NO_USER, SLOT_SECONDS, TOTALS_TABLE, hour_grain, per_user,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
@@ -497,8 +497,44 @@ fn user_cells(
     let mut runs: Vec<Run> = Vec::new();
     let mut gaps: Vec<Slots> = Vec::new();
     let mut moved: Vec<Moved> = Vec::new();
+    // A dense user's days from `hours_from` on whose UTC hours do not fit the buckets but whose
+    // :30 hours do (India's hours and days): a span of such days reads its :30 hour cells, and
+    // the rows of its first and last half hour (the cells there reach outside the span).
+    let [utc_hour, phased_hour] = DENSE_GRAINS;
+    let add_gap = |gaps: &mut Vec<Slots>, first: i64, end: i64| match gaps.last_mut() {
+        Some(gap) if gap.end == first => gap.end = end,
+        _ => gaps.push(Slots { first, end }),
+    };
+    let mut span: Option<i64> = None;
+    let end_span = |s: i64, e: i64, runs: &mut Vec<Run>, gaps: &mut Vec<Slots>| {
+        let (first, end) = (
+            s + phased_hour.phase,
+            e - (utc_hour.len - phased_hour.phase),
+        );
+        add_gap(gaps, s, first);
+        runs.push(Run::new(phased_hour.code, first, end));
+        add_gap(gaps, end, e);
+    };
     let mut p = a;
     while p < b {
+        let dense = level == Level::Total
+            && series.is_some()
+            && hours_from.is_some_and(|from| p >= from)
+            && !fits(p, p + DAY);
+        // Every cell of grain `g` that holds a slot of the day fits one bucket.
+        let hours_fit = |g: Grain| {
+            let first = p - (g.len - g.phase) % g.len;
+            let cells = DAY / g.len + i64::from(g.phase != 0);
+            (0..cells).all(|k| fits(first + k * g.len, first + (k + 1) * g.len))
+        };
+        if dense && !hours_fit(utc_hour) && hours_fit(phased_hour) {
+            span.get_or_insert(p);
+            p += DAY;
+            continue;
+        }
+        if let Some(s) = span.take() {
+            end_span(s, p, &mut runs, &mut gaps);
+        }
         // Sums without buckets, over a month the range covers in part: the month's cell less
         // the month's days outside the range, when that is fewer cells than the days inside (a
         // rolling 30 days: one month cell and the few days after today, which have no cells
@@ -531,16 +567,10 @@ fn user_cells(
             let (first, next) = calendar_cell(*c, p)?;
             (first == p && next <= b && fits(p, next)).then_some((c.code(), next))
         });
-        let hour = DENSE_GRAIN.len;
         let (code, next) = match calendar {
             Some(found) => found,
             None if days && fits(p, p + DAY) => (DAY, p + DAY),
-            None if level == Level::Total
-                && hours_from.is_some_and(|from| p >= from)
-                && (0..DAY / hour).all(|h| fits(p + h * hour, p + (h + 1) * hour)) =>
-            {
-                (DENSE_GRAIN.code, p + DAY)
-            }
+            None if dense && hours_fit(utc_hour) => (utc_hour.code, p + DAY),
             None if let (true, Some(from), Some(series)) = (days, moves_from, series)
                 && p >= from
                 && let Some(m) = split_day(p, series) =>
@@ -576,6 +606,9 @@ fn user_cells(
             _ => runs.push(Run::new(code, p, next)),
         }
         p = next;
+    }
+    if let Some(s) = span {
+        end_span(s, p, &mut runs, &mut gaps);
     }
     (runs, gaps, moved)
 }

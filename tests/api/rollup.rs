@@ -1834,10 +1834,10 @@ db_test!(
         let mut rng = StdRng::seed_from_u64(25);
         // Ten days across New York's change to summer time (2025-03-09).
         let base = Utc.with_ymd_and_hms(2025, 3, 4, 0, 0, 0).unwrap();
-        let mut rows = random_rows(&mut rng, &[heavy], base, 10, 2400, 1);
+        let mut rows = random_rows(&mut rng, &[heavy], base, 10, 3600, 1);
         rows.extend(random_rows(&mut rng, light, base, 10, 300, 10_000));
         // Calls made for no user stay out of every user's hours.
-        let (first, rest) = rows.split_at(1800);
+        let (first, rest) = rows.split_at(2700);
         insert(db, first).await;
         fold(&t).await;
         // Written by the Django app, not folded yet when the user becomes dense.
@@ -1885,7 +1885,13 @@ db_test!(
         ];
         let check = async || {
             for filter in &ranges {
-                for zone in ["UTC", "America/New_York", "Asia/Kolkata", "Europe/Berlin"] {
+                for zone in [
+                    "UTC",
+                    "America/New_York",
+                    "Asia/Kolkata",
+                    "Asia/Kathmandu",
+                    "Australia/Lord_Howe",
+                ] {
                     assert_same(db, filter, zone.parse().unwrap(), true).await;
                 }
             }
@@ -1928,6 +1934,23 @@ db_test!(
                 && plan.gaps.iter().all(|g| g.end <= from || g.first >= to),
             "{:?} {:?}",
             plan.moved,
+            plan.gaps
+        );
+        // An hourly series in India reads the :30 hours, and the rows of the first and last
+        // half hour of the days it reads them for.
+        let kolkata: Tz = "Asia/Kolkata".parse().unwrap();
+        let plan = rollup::plan(db, &ranges[1], Some((Granularity::Day, kolkata)), false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            plan.ranges.iter().any(|r| r.grain == 6),
+            "{:?}",
+            plan.ranges
+        );
+        assert!(
+            plan.gaps.iter().all(|g| g.end - g.first == 2),
+            "{:?}",
             plan.gaps
         );
         // A light user still reads rows for an hourly series.
