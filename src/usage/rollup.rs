@@ -258,6 +258,102 @@ pub(crate) async fn dense_since<C: ConnectionTrait>(
     Ok(Some(horizon.map_or(since, |h| since.max(h))))
 }
 
+/// Every dense user's key and the first slot from which reads may use the user's hour cells
+/// (see [`dense_since`]).
+pub(crate) async fn dense_users<C: ConnectionTrait>(
+    db: &C,
+) -> Result<std::collections::HashMap<i64, i64>, DbErr> {
+    let horizon = crate::retention::horizon_slot(db).await?;
+    let mut out = std::collections::HashMap::new();
+    for r in db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT user_key, since FROM {DENSE_TABLE}"),
+        ))
+        .await?
+    {
+        let (key, since): (i64, i64) = (r.try_get_by_index(0)?, r.try_get_by_index(1)?);
+        out.insert(key, horizon.map_or(since, |h| since.max(h)));
+    }
+    Ok(out)
+}
+
+/// A range of rows `filter` (its two ends set) as whole UTC hours `[first, end)` (slots) and
+/// the rows to add (sign 1) or take away (sign -1) around them: at each end, the partial
+/// hour's cell less its rows outside the range where more than half of it lies inside, else
+/// its rows inside. `None` when no whole hour results.
+pub(crate) fn hour_split(filter: &UsageFilter) -> Option<(Slots, Vec<(UsageFilter, i64)>)> {
+    let (s, e) = (filter.start?, filter.end?);
+    let hour = Duration::hours(1);
+    let tick = Duration::microseconds(1);
+    let floor = |t: DateTime<Utc>| {
+        DateTime::from_timestamp(t.timestamp().div_euclid(3600) * 3600, 0)
+            .expect("an hour of a valid instant")
+    };
+    let after = e.checked_add_signed(tick)?;
+    let part = |start: DateTime<Utc>, end: DateTime<Utc>, sign: i64| {
+        (start < end).then(|| {
+            (
+                UsageFilter {
+                    start: Some(start),
+                    end: Some(end - tick),
+                    ..filter.clone()
+                },
+                sign,
+            )
+        })
+    };
+    let mut rows = Vec::new();
+    let first = floor(s);
+    let first = if s == first || first + hour - s > s - first {
+        rows.extend(part(first, s, -1));
+        first
+    } else {
+        rows.extend(part(s, first + hour, 1));
+        first + hour
+    };
+    let last = floor(after);
+    let last = if after == last {
+        last
+    } else if after - last > last + hour - after {
+        rows.extend(part(after, last + hour, -1));
+        last + hour
+    } else {
+        rows.extend(part(last, after, 1));
+        last
+    };
+    if first >= last {
+        return None;
+    }
+    let slot = |t: DateTime<Utc>| t.timestamp().div_euclid(SLOT_SECONDS);
+    Some((
+        Slots {
+            first: slot(first),
+            end: slot(last),
+        },
+        rows,
+    ))
+}
+
+/// The plan that reads the users' UTC hour cells over `hours` (per user, with their pending
+/// contributions): for dense users' rows ([`hour_split`]).
+pub(crate) fn hours_plan(hours: Slots) -> Plan {
+    let run = Run::new(DENSE_GRAINS[0].code, hours.first, hours.end);
+    Plan {
+        scope: Scope::PerUser,
+        ranges: vec![run],
+        per_bucket: unkeyed(&[run]),
+        totals: vec![run],
+        coarse: vec![run],
+        edges: Vec::new(),
+        minus: Vec::new(),
+        gaps: Vec::new(),
+        moved: Vec::new(),
+        model_gaps: Vec::new(),
+        slots: hours,
+    }
+}
+
 /// The plan for `filter` (and, for a series, its buckets), or `None` when the raw rows answer
 /// it better: a range shorter than a slot (a day, for one user's cells), an empty rollup, or a
 /// slot that straddles a bucket. `by_user`: the plan serves per-user sums (see [`Scope`]).
@@ -1765,6 +1861,69 @@ mod tests {
 
     fn slot(s: &str) -> i64 {
         DateTime::parse_from_rfc3339(s).unwrap().timestamp() / SLOT_SECONDS
+    }
+
+    #[test]
+    fn a_range_of_rows_as_whole_hours_and_the_rows_around_them() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let range = |s: &str, e: &str| UsageFilter {
+            start: Some(at(s)),
+            end: Some(at(e)),
+            ..Default::default()
+        };
+        let slot = |s: &str| at(s).timestamp() / 900;
+        let tick = Duration::microseconds(1);
+        let parts = |rows: Vec<(UsageFilter, i64)>| -> Vec<(DateTime<Utc>, DateTime<Utc>, i64)> {
+            rows.into_iter()
+                .map(|(f, sign)| (f.start.unwrap(), f.end.unwrap(), sign))
+                .collect()
+        };
+        // Whole hours: nothing around them.
+        let (hours, rows) = hour_split(&range(
+            "2026-03-04T14:00:00Z",
+            "2026-03-04T23:59:59.999999Z",
+        ))
+        .unwrap();
+        assert_eq!(
+            (hours.first, hours.end),
+            (slot("2026-03-04T14:00:00Z"), slot("2026-03-05T00:00:00Z"))
+        );
+        assert!(rows.is_empty());
+        // A microsecond after the hour (a by_user `minus` part): the hour less that instant.
+        let (hours, rows) = hour_split(&range(
+            "2026-03-04T14:00:00.000001Z",
+            "2026-03-04T23:59:59.999999Z",
+        ))
+        .unwrap();
+        assert_eq!(hours.first, slot("2026-03-04T14:00:00Z"));
+        assert_eq!(
+            parts(rows),
+            vec![(at("2026-03-04T14:00:00Z"), at("2026-03-04T14:00:00Z"), -1)]
+        );
+        // Less than half of the first hour, more than half of the last.
+        let (hours, rows) =
+            hour_split(&range("2026-03-04T14:40:00Z", "2026-03-04T20:50:00Z")).unwrap();
+        assert_eq!(
+            (hours.first, hours.end),
+            (slot("2026-03-04T15:00:00Z"), slot("2026-03-04T21:00:00Z"))
+        );
+        assert_eq!(
+            parts(rows),
+            vec![
+                (
+                    at("2026-03-04T14:40:00Z"),
+                    at("2026-03-04T15:00:00Z") - tick,
+                    1
+                ),
+                (
+                    at("2026-03-04T20:50:00Z") + tick,
+                    at("2026-03-04T21:00:00Z") - tick,
+                    -1
+                ),
+            ]
+        );
+        // Inside one hour: no whole hour.
+        assert!(hour_split(&range("2026-03-04T14:40:00Z", "2026-03-04T14:45:00Z")).is_none());
     }
 
     #[test]

@@ -1159,22 +1159,66 @@ pub async fn stats_by_user(
                 .map(|f| (f, 1))
                 .chain(plan.minus.iter().map(|f| (f.clone(), -1)))
                 .collect();
+            let signed = |groups: Vec<UserGroup>, sign: i64| {
+                groups.into_iter().map(move |g| {
+                    if sign < 0 {
+                        UserGroup { sums: -g.sums, ..g }
+                    } else {
+                        g
+                    }
+                })
+            };
+            // Over all models and outcomes, the dense users' UTC hours (migration 000025) stand
+            // for most of their rows in a part: the heaviest users' rows are most of the rows
+            // a few hundred users have on a partial day.
+            let dense = match level_of_total(filter) {
+                true => rollup::dense_users(&txn).await?,
+                false => Default::default(),
+            };
             // Every sum of those rows for the users `users` names (all without it).
             let edges_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
                 let mut edges = Vec::new();
                 for (part, sign) in &parts {
-                    edges.extend(
-                        raw_user_groups_of(&txn, part, users)
-                            .await?
-                            .into_iter()
-                            .map(|g| {
-                                if *sign < 0 {
-                                    UserGroup { sums: -g.sums, ..g }
-                                } else {
-                                    g
-                                }
-                            }),
+                    let split = users
+                        .filter(|_| !dense.is_empty())
+                        .and_then(|keys| Some((keys, rollup::hour_split(part)?)));
+                    let Some((keys, (hours, around))) = split else {
+                        edges.extend(signed(raw_user_groups_of(&txn, part, users).await?, *sign));
+                        continue;
+                    };
+                    let (hourly, others): (Vec<i64>, Vec<i64>) = keys
+                        .iter()
+                        .partition(|k| dense.get(k).is_some_and(|from| *from <= hours.first));
+                    if !others.is_empty() {
+                        edges.extend(signed(
+                            raw_user_groups_of(&txn, part, Some(&others)).await?,
+                            *sign,
+                        ));
+                    }
+                    if hourly.is_empty() {
+                        continue;
+                    }
+                    let stmt = rollup::statement_with(
+                        backend,
+                        &rollup::hours_plan(hours),
+                        filter,
+                        rollup::GroupBy::User,
+                        rollup::Sums::All,
+                        Some(&hourly),
                     );
+                    let mut cells = Vec::new();
+                    for r in txn.query_all_raw(stmt).await? {
+                        let mut g = UserGroup::from_query_result(&r, "")?;
+                        g.user = rollup::user_of(KeyOnly::from_query_result(&r, "")?.user_key);
+                        cells.push(g);
+                    }
+                    edges.extend(signed(cells, *sign));
+                    for (rows, rows_sign) in &around {
+                        edges.extend(signed(
+                            raw_user_groups_of(&txn, rows, Some(&hourly)).await?,
+                            sign * rows_sign,
+                        ));
+                    }
                 }
                 Ok(edges)
             };
@@ -1273,6 +1317,12 @@ async fn rank_every_user(
     keys.sort_by_key(|(k, tokens)| by_user_order(rollup::user_of(*k), *tokens));
     keys.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     Ok(keys.into_iter().map(|(k, _)| k).collect())
+}
+
+/// Whether `filter`'s sums over all users come from the totals table (all models and
+/// outcomes): where the dense users' hours can stand for their rows.
+fn level_of_total(filter: &UsageFilter) -> bool {
+    rollup::level_of(filter, rollup::GroupBy::User) == migration::rollup::Level::Total
 }
 
 /// The largest `user_limit` ranked through bounds (beyond it, bounds would read most users).

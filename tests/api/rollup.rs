@@ -1883,7 +1883,44 @@ db_test!(
                 Some(base + Duration::days(4)),
             ),
         ];
+        // by_user over ranges whose partial days read the dense user's hours, and the rows of
+        // the partial hours around them (or the hour less its rows outside the range).
+        let everyone = [
+            (
+                base + Duration::days(1) + Duration::minutes(433),
+                base + Duration::days(8) + Duration::hours(15),
+            ),
+            (
+                base + Duration::days(2) + Duration::minutes(20),
+                base + Duration::days(6) + Duration::minutes(211),
+            ),
+            (
+                base + Duration::days(3),
+                base + Duration::days(4) - Duration::microseconds(1),
+            ),
+            (
+                base + Duration::days(3) + Duration::hours(5),
+                base + Duration::days(3) + Duration::minutes(400),
+            ),
+        ];
+        let check_by_user = async || {
+            for (start, end) in everyone {
+                let filter = UsageFilter {
+                    start: Some(start),
+                    end: Some(end),
+                    ..Default::default()
+                };
+                for limit in [1, 2, 50] {
+                    assert_eq!(
+                        stats_by_user(db, &filter, limit).await.unwrap(),
+                        stats_by_user_raw(db, &filter, limit).await.unwrap(),
+                        "by_user {filter:?} {limit}"
+                    );
+                }
+            }
+        };
         let check = async || {
+            check_by_user().await;
             for filter in &ranges {
                 for zone in [
                     "UTC",
@@ -2007,18 +2044,65 @@ db_test!(
                 .await
                 .unwrap()
         );
+        // An hour inside the first range's partial first day, which by_user takes from the
+        // hour cells (the day's cell less its hours before the range).
+        let inside = (base + Duration::days(1) + Duration::hours(3)).timestamp() / 900;
+        db.execute_unprepared(&format!(
+            "UPDATE {TOTALS_TABLE} SET calls = calls + 1 WHERE grain = 4 AND user_key = {heavy} \
+             AND slot = {inside}"
+        ))
+        .await
+        .unwrap();
+        let first = UsageFilter {
+            start: Some(everyone[0].0),
+            end: Some(everyone[0].1),
+            ..Default::default()
+        };
+        assert_ne!(
+            stats_by_user(db, &first, 50).await.unwrap(),
+            stats_by_user_raw(db, &first, 50).await.unwrap()
+        );
         assert_eq!(
             rollup::verify(db, None, None)
                 .await
                 .unwrap()
                 .differing_cells,
-            1
+            2
         );
         // Migration 000025 down and up again: the hours come back from the rows.
         migration::Migrator::down(db, Some(1)).await.unwrap();
         assert_eq!(t.scalar_i64(&hours).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert!(t.scalar_i64(&hours).await > 100);
+        assert_verified(db).await;
+        check().await;
+        // A retention horizon inside the dense days: hours only from there (a rebuild cannot
+        // refill them before it), and a rebuild moves `since` up to it.
+        let horizon = (base + Duration::days(5)).timestamp() / 900;
+        db.execute_unprepared(&format!(
+            "UPDATE llm_tracker_usage_retention SET horizon_slot = {horizon} WHERE id = 1"
+        ))
+        .await
+        .unwrap();
+        let plan = rollup::plan(db, &ranges[0], Some((Granularity::Day, Tz::UTC)), false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            plan.ranges
+                .iter()
+                .filter(|r| r.grain == 4)
+                .all(|r| r.first >= horizon),
+            "{:?}",
+            plan.ranges
+        );
+        check().await;
+        rollup::rebuild(db).await.unwrap();
+        assert_eq!(
+            t.scalar_i64(&format!("SELECT since FROM {DENSE_TABLE}"))
+                .await,
+            horizon
+        );
         assert_verified(db).await;
         check().await;
     }
