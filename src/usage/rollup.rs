@@ -1545,6 +1545,17 @@ impl UserBounds {
             .and_then(|i| self.bounds.get(i))
             .is_some_and(|&nth| rest < nth * self.share)
     }
+
+    /// The first `n` users only: the bound of the next one becomes `rest`.
+    pub fn first(&self, n: usize) -> UserBounds {
+        let n = n.min(self.keys.len());
+        UserBounds {
+            keys: self.keys[..n].to_vec(),
+            bounds: self.bounds[..n].to_vec(),
+            rest: self.bounds.get(n).copied().or(self.rest),
+            share: self.share,
+        }
+    }
 }
 
 /// The `n` user keys with the most tokens in the cells (and pending contributions) of `plan`,
@@ -1949,6 +1960,15 @@ mod tests {
         // Fewer keys than shown, or none shown.
         assert!(!bounds(&[4.0], Some(1.0), 1.0).may_decide(2));
         assert!(!bounds(&[4.0], Some(1.0), 1.0).may_decide(0));
+        // The first users of the bounded ones: the next one's bound is what is left out.
+        let first = bounds(&[10.0, 9.0, 7.0], Some(2.0), 1.0).first(2);
+        assert_eq!(
+            (first.keys, first.bounds, first.rest),
+            (vec![0, 1], vec![10.0, 9.0], Some(7.0))
+        );
+        let all = bounds(&[10.0, 9.0, 7.0], Some(2.0), 1.0).first(5);
+        assert_eq!((all.keys.len(), all.rest), (3, Some(2.0)));
+        assert_eq!(bounds(&[10.0], None, 1.0).first(1).rest, None);
     }
 
     #[test]

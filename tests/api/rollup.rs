@@ -2107,3 +2107,56 @@ db_test!(
         check().await;
     }
 );
+
+db_test!(
+    async fn by_user_reads_the_bounded_users_in_two_steps(backend: Backend) {
+        // by_user through bounds reads the first 2 × limit bounded users exactly, and the rest
+        // of the 4 × limit only when those do not decide: the first step's "left out" is the
+        // next user's bound, not the last one's. Here 20 users have the highest bounds from
+        // calls outside the range, and the user with most tokens inside it is 21st by bound.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let names: Vec<String> = (0..45).map(|i| format!("step{i}")).collect();
+        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let march = Utc.with_ymd_and_hms(2025, 3, 1, 0, 0, 0).unwrap();
+        let inside = march + Duration::days(20);
+        let outside = march + Duration::days(2);
+        let mut rows = Vec::new();
+        let mut n = 1u128;
+        let mut add = |user: i32, tokens: i32, at: DateTime<Utc>| {
+            rows.push(row(n, Some(user), "gpt-4o", (tokens, 0, 0, 0), true, at));
+            n += 1;
+        };
+        for (k, id) in ids.iter().enumerate() {
+            match k {
+                // High bounds, little inside the range.
+                0..20 => {
+                    add(*id, 1_000_000 - k as i32, outside);
+                    add(*id, 10 + k as i32, inside);
+                }
+                // The 21st bound, all of it inside.
+                20 => add(*id, 500_000, inside),
+                // Between: bounds below it, little inside.
+                21..40 => add(*id, 400_000 - k as i32, outside),
+                _ => add(*id, 5, inside),
+            }
+        }
+        insert(db, &rows).await;
+        fold(&t).await;
+        let range = UsageFilter {
+            start: Some(march + Duration::days(11) + Duration::hours(7)),
+            end: Some(march + Duration::days(39) + Duration::hours(13)),
+            ..Default::default()
+        };
+        let plan = rollup::plan(db, &range, None, true).await.unwrap().unwrap();
+        let bounds = stats::user_bounds(db, &range, &plan, 10)
+            .await
+            .unwrap()
+            .expect("bounds hold here");
+        assert_eq!(bounds.keys.len(), 40);
+        assert_eq!(bounds.keys[20], i64::from(ids[20]));
+        let top = stats_by_user(db, &range, 10).await.unwrap();
+        assert_eq!(top, stats_by_user_raw(db, &range, 10).await.unwrap());
+        assert_eq!(top[0].user_id, Some(ids[20]));
+    }
+);
