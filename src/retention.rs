@@ -272,6 +272,9 @@ pub async fn run(
         batch = pace.next(batch, took);
         tokio::time::sleep((took * pace.rest).max(Duration::from_millis(1))).await;
     }
+    // The dense users' hours before the horizon go with the rows: nothing reads them.
+    db.execute_unprepared(&migration::rollup::delete_dense_hours_before_sql(slot))
+        .await?;
     Ok(report)
 }
 

@@ -659,6 +659,16 @@ const DENSE_GRAIN_CODES: [i64; 2] = [DENSE_GRAINS[0].code, DENSE_GRAINS[1].code]
 /// usage table; in general at most 2 × 24 cells per 150 rows.
 pub const DENSE_DAY_CALLS: i64 = 150;
 
+/// Deletes the dense users' hours before slot `horizon` (a retention horizon): no read uses
+/// them (reads and `rollup verify` start at the horizon, and a rebuild cannot refill them from
+/// rows that are gone).
+pub fn delete_dense_hours_before_sql(horizon: i64) -> String {
+    format!(
+        "DELETE FROM {TOTALS_TABLE} WHERE grain IN ({}, {}) AND user_key < {ALL_USERS} AND slot < {horizon}",
+        DENSE_GRAINS[0].code, DENSE_GRAINS[1].code
+    )
+}
+
 /// The table of dense users.
 pub fn create_dense_table_sql(backend: DbBackend) -> String {
     let int = match backend {

@@ -244,6 +244,9 @@ pub(crate) async fn dense_since<C: ConnectionTrait>(
     db: &C,
     key: i64,
 ) -> Result<Option<i64>, DbErr> {
+    if !dense_table_exists(db).await? {
+        return Ok(None);
+    }
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
@@ -258,13 +261,32 @@ pub(crate) async fn dense_since<C: ConnectionTrait>(
     Ok(Some(horizon.map_or(since, |h| since.max(h))))
 }
 
+/// Whether the dense users' table exists (migration 000025): a database not migrated that far
+/// yet (a file an earlier version wrote, read before `migrate`) has no dense users. Asked of
+/// the catalog, because on PostgreSQL a statement on a missing table would abort the read's
+/// transaction.
+async fn dense_table_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => format!("SELECT 1 WHERE to_regclass('{DENSE_TABLE}') IS NOT NULL"),
+        _ => format!("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{DENSE_TABLE}'"),
+    };
+    Ok(db
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+        .is_some())
+}
+
 /// Every dense user's key and the first slot from which reads may use the user's hour cells
 /// (see [`dense_since`]).
 pub(crate) async fn dense_users<C: ConnectionTrait>(
     db: &C,
 ) -> Result<std::collections::HashMap<i64, i64>, DbErr> {
-    let horizon = crate::retention::horizon_slot(db).await?;
     let mut out = std::collections::HashMap::new();
+    if !dense_table_exists(db).await? {
+        return Ok(out);
+    }
+    let horizon = crate::retention::horizon_slot(db).await?;
     for r in db
         .query_all_raw(Statement::from_string(
             db.get_database_backend(),

@@ -1171,7 +1171,7 @@ pub async fn stats_by_user(
             // Over all models and outcomes, the dense users' UTC hours (migration 000025) stand
             // for most of their rows in a part: the heaviest users' rows are most of the rows
             // a few hundred users have on a partial day.
-            let dense = match level_of_total(filter) {
+            let dense = match level_of_total(filter) && !parts.is_empty() {
                 true => rollup::dense_users(&txn).await?,
                 false => Default::default(),
             };

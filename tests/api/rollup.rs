@@ -2105,6 +2105,30 @@ db_test!(
         );
         assert_verified(db).await;
         check().await;
+        // Retention deletes the rows before a later horizon, and the hours there with them.
+        let later = base + Duration::days(6);
+        llm_tracker::retention::run(db, 1, false, later + Duration::days(1) + Duration::hours(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            llm_tracker::retention::horizon(db).await.unwrap(),
+            Some(later)
+        );
+        let before_later = format!(
+            "SELECT COUNT(*) FROM {TOTALS_TABLE} WHERE grain IN (4, 6) AND user_key = {heavy} \
+             AND slot < {}",
+            later.timestamp() / 900
+        );
+        assert_eq!(t.scalar_i64(&before_later).await, 0);
+        assert!(t.scalar_i64(&hours).await > 50);
+        assert_verified(db).await;
+        let after = user(
+            Some(later + Duration::hours(5)),
+            Some(later + Duration::hours(75)),
+        );
+        for zone in ["UTC", "America/New_York", "Asia/Kolkata"] {
+            assert_same(db, &after, zone.parse().unwrap(), true).await;
+        }
     }
 );
 
