@@ -2129,6 +2129,21 @@ db_test!(
         for zone in ["UTC", "America/New_York", "Asia/Kolkata"] {
             assert_same(db, &after, zone.parse().unwrap(), true).await;
         }
+        // PostgreSQL: a TRUNCATE empties the hours with the totals table; the user stays
+        // dense, and the next rows count in the hours again.
+        if backend == crate::helpers::Backend::Postgres {
+            db.execute_unprepared("TRUNCATE llm_tracker_usage")
+                .await
+                .unwrap();
+            assert_eq!(t.scalar_i64(&hours).await, 0);
+            insert(db, &rows[..500]).await;
+            fold(&t).await;
+            assert!(t.scalar_i64(&hours).await > 50);
+            assert_verified(db).await;
+            for zone in ["UTC", "Asia/Kolkata"] {
+                assert_same(db, &after, zone.parse().unwrap(), true).await;
+            }
+        }
     }
 );
 
