@@ -656,7 +656,8 @@ const DENSE_GRAIN_CODES: [i64; 2] = [DENSE_GRAINS[0].code, DENSE_GRAINS[1].code]
 
 /// The calls in one UTC day that make a user dense (about six an hour): with both grains, at
 /// the benchmark's shape (10M rows, 10,000 Zipf users) 22 users and 0.39M cells, 0.03× the
-/// usage table; in general at most 2 × 24 cells per 150 rows.
+/// usage table; on a day of that many calls at most 2 × 24 cells for 150 rows (a user who stays
+/// dense but calls rarely can have two cells a call).
 pub const DENSE_DAY_CALLS: i64 = 150;
 
 /// Deletes the dense users' hours before slot `horizon` (a retention horizon): no read uses
