@@ -523,10 +523,11 @@ fn cells_select_of(
         Whose::DenseHours => (&DENSE_GRAIN_CODES[..], &[][..]),
         _ => per_user(level),
     };
-    // Only a dense user's contributions from the user's `since` on.
+    // Only a dense user's contributions from the user's `since` on (and before `until`).
     let only = match whose {
         Whose::DenseHours => format!(
-            " AND EXISTS (SELECT 1 FROM {DENSE_TABLE} x WHERE x.user_key = d.user_key AND d.slot >= x.since)"
+            " AND EXISTS (SELECT 1 FROM {DENSE_TABLE} x WHERE x.user_key = d.user_key AND d.slot >= x.since \
+             AND (x.until IS NULL OR d.slot < x.until))"
         ),
         _ => String::new(),
     };
@@ -677,7 +678,7 @@ pub fn create_dense_table_sql(backend: DbBackend) -> String {
         _ => "integer",
     };
     format!(
-        "CREATE TABLE IF NOT EXISTS {DENSE_TABLE} (\n    user_key {int} NOT NULL PRIMARY KEY,\n    since {int} NOT NULL\n)"
+        "CREATE TABLE IF NOT EXISTS {DENSE_TABLE} (\n    user_key {int} NOT NULL PRIMARY KEY,\n    since {int} NOT NULL,\n    until {int} NULL\n)"
     )
 }
 
@@ -717,6 +718,66 @@ pub fn dense_backfill_sql(backend: DbBackend, keys: &str) -> String {
             },
             Source::Delta(&pending),
         ],
+    )
+}
+
+/// The hour cells of the dense users `keys` (an SQL list) from slot `from` on, filled from
+/// their rows less their pending contributions (`sign` 1), or emptied of them (`sign` -1):
+/// exact as [`dense_backfill_sql`], for a window of hours that the fold starts (a promotion) or
+/// stops (a demotion) keeping. Run while the window includes `from`.
+pub fn dense_backfill_from_sql(backend: DbBackend, keys: &str, from: i64, sign: i32) -> String {
+    let rows_of = format!(
+        "user_id IN ({keys}) AND {} >= {from}",
+        slot_sql(backend, "created_at")
+    );
+    let pending_sign = if sign > 0 { "-" } else { "" };
+    let pending_sums: Vec<String> = delta_sums()
+        .iter()
+        .map(|c| format!("{pending_sign}{c} AS {c}"))
+        .collect();
+    let pending = format!(
+        "(SELECT {key}, {sums} FROM {DELTA_TABLE} WHERE user_key IN ({keys}) AND slot >= {from}) p",
+        key = DELTA_KEY.join(", "),
+        sums = pending_sums.join(", "),
+    );
+    dense_hours_upsert_sql(
+        backend,
+        &[
+            Source::Table {
+                name: "llm_tracker_usage",
+                sign,
+                where_sql: Some(&rows_of),
+            },
+            Source::Delta(&pending),
+        ],
+    )
+}
+
+/// A user stops being dense when none of the user's UTC days of the last
+/// [`DENSE_IDLE_DAYS`] held half of [`DENSE_DAY_CALLS`] (and the user has been dense that
+/// long): a user who called much once and then little would otherwise keep two cells of
+/// hours for each call. The hours kept so far stay (`until` ends the window); a later heavy
+/// day makes the user dense again and fills the hours since `until`.
+pub const DENSE_IDLE_DAYS: i64 = 28;
+
+/// The dense users to demote as of the UTC day `today` (see [`DENSE_IDLE_DAYS`]).
+pub fn idle_dense_sql(today: i64) -> String {
+    let first = today - DENSE_IDLE_DAYS * DAY;
+    format!(
+        "SELECT x.user_key FROM {DENSE_TABLE} x WHERE x.until IS NULL AND x.since <= {first} \
+         AND NOT EXISTS (SELECT 1 FROM {TOTALS_TABLE} t WHERE t.grain = {DAY} AND t.user_key = x.user_key \
+         AND t.slot >= {first} AND t.calls >= {half}) ORDER BY x.user_key",
+        half = DENSE_DAY_CALLS / 2,
+    )
+}
+
+/// The demoted users whose UTC day cell from slot `day` on reached [`DENSE_DAY_CALLS`] again,
+/// with the end of their window.
+pub fn busy_again_sql(day: i64) -> String {
+    format!(
+        "SELECT x.user_key, x.until FROM {DENSE_TABLE} x WHERE x.until IS NOT NULL \
+         AND EXISTS (SELECT 1 FROM {TOTALS_TABLE} t WHERE t.grain = {DAY} AND t.user_key = x.user_key \
+         AND t.slot >= {day} AND t.calls >= {DENSE_DAY_CALLS}) ORDER BY x.user_key"
     )
 }
 
@@ -1559,8 +1620,9 @@ static LAST_PROMOTION: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI
 
 /// Makes dense the users whose UTC day, yesterday or today (of `now`, seconds since the
 /// epoch), reached [`DENSE_DAY_CALLS`] ([`promote_dense_sql`]) and fills their hour cells from
-/// tomorrow on ([`dense_backfill_sql`]), in `txn`, which must hold the folders' lock
-/// (PostgreSQL) or write (SQLite). Returns the new dense users' keys.
+/// tomorrow on ([`dense_backfill_from_sql`]); reopens the window of demoted users busy again
+/// ([`busy_again_sql`]); closes it for idle ones ([`idle_dense_sql`]). In `txn`, which must
+/// hold the folders' lock (PostgreSQL) or write (SQLite). Returns the new dense users' keys.
 pub async fn promote_dense_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
     txn: &C,
     now: i64,
@@ -1577,10 +1639,61 @@ pub async fn promote_dense_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
         .iter()
         .map(|r| r.try_get_by_index::<i64>(0))
         .collect::<Result<_, _>>()?;
+    let tomorrow = today + DAY;
     if !keys.is_empty() {
         let list: Vec<String> = keys.iter().map(i64::to_string).collect();
-        txn.execute_unprepared(&dense_backfill_sql(backend, &list.join(", ")))
+        txn.execute_unprepared(&dense_backfill_from_sql(
+            backend,
+            &list.join(", "),
+            tomorrow,
+            1,
+        ))
+        .await?;
+    }
+    // Demoted users busy again: the window reopens, its hours since `until` filled.
+    let again = txn
+        .query_all_raw(Statement::from_string(backend, busy_again_sql(today - DAY)))
+        .await?;
+    for r in again {
+        let (key, until): (i64, i64) = (r.try_get_by_index(0)?, r.try_get_by_index(1)?);
+        txn.execute_unprepared(&format!(
+            "UPDATE {DENSE_TABLE} SET until = NULL WHERE user_key = {key}"
+        ))
+        .await?;
+        txn.execute_unprepared(&dense_backfill_from_sql(
+            backend,
+            &key.to_string(),
+            until,
+            1,
+        ))
+        .await?;
+    }
+    // Users idle for [`DENSE_IDLE_DAYS`]: the window closes tomorrow. What was counted from
+    // then on (rows written ahead of time) is taken out of the hours first, while the window
+    // still holds it, and the emptied cells go.
+    let idle: Vec<i64> = txn
+        .query_all_raw(Statement::from_string(backend, idle_dense_sql(today)))
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index::<i64>(0))
+        .collect::<Result<_, _>>()?;
+    if !idle.is_empty() {
+        let list = idle
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        txn.execute_unprepared(&dense_backfill_from_sql(backend, &list, tomorrow, -1))
             .await?;
+        txn.execute_unprepared(&format!(
+            "UPDATE {DENSE_TABLE} SET until = {tomorrow} WHERE user_key IN ({list})"
+        ))
+        .await?;
+        txn.execute_unprepared(&format!(
+            "DELETE FROM {TOTALS_TABLE} WHERE grain IN ({}, {}) AND user_key IN ({list}) AND slot >= {tomorrow}",
+            DENSE_GRAINS[0].code, DENSE_GRAINS[1].code
+        ))
+        .await?;
     }
     Ok(keys)
 }

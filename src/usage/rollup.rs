@@ -236,29 +236,47 @@ pub(crate) fn level_of(filter: &UsageFilter, by: GroupBy) -> Level {
     }
 }
 
-/// The first slot from which the user of rollup key `key` has hour cells that a read may use:
-/// the user's `since` if the user is dense ([`migration::rollup::DENSE_TABLE`]), and never
-/// before the retention horizon (cells there keep rows that are gone, and a rebuild refills
-/// hours from the rows only).
+/// The slots in which the user of rollup key `key` has hour cells that a read may use: from
+/// the user's `since` (never before the retention horizon: cells there keep rows that are
+/// gone, and a rebuild refills hours from the rows only) to its `until`, if the user is dense
+/// ([`migration::rollup::DENSE_TABLE`]).
 pub(crate) async fn dense_since<C: ConnectionTrait>(
     db: &C,
     key: i64,
-) -> Result<Option<i64>, DbErr> {
+) -> Result<Option<HourWindow>, DbErr> {
     if !dense_table_exists(db).await? {
         return Ok(None);
     }
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
-            format!("SELECT since FROM {DENSE_TABLE} WHERE user_key = {key}"),
+            format!("SELECT since, until FROM {DENSE_TABLE} WHERE user_key = {key}"),
         ))
         .await?;
     let Some(row) = row else {
         return Ok(None);
     };
-    let since: i64 = row.try_get_by_index(0)?;
+    let (since, until): (i64, Option<i64>) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
     let horizon = crate::retention::horizon_slot(db).await?;
-    Ok(Some(horizon.map_or(since, |h| since.max(h))))
+    Ok(Some(HourWindow {
+        from: horizon.map_or(since, |h| since.max(h)),
+        until,
+    }))
+}
+
+/// The slots `[from, until)` (both UTC midnights, `until` open when `None`) in which a dense
+/// user's hour cells hold every row of the user (see [`dense_since`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HourWindow {
+    pub from: i64,
+    pub until: Option<i64>,
+}
+
+impl HourWindow {
+    /// Whether the slots `[first, end)` lie inside.
+    pub fn holds(&self, first: i64, end: i64) -> bool {
+        first >= self.from && self.until.is_none_or(|u| end <= u)
+    }
 }
 
 /// Whether the dense users' table exists (migration 000025): a database not migrated that far
@@ -277,11 +295,11 @@ async fn dense_table_exists<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
         .is_some())
 }
 
-/// Every dense user's key and the first slot from which reads may use the user's hour cells
-/// (see [`dense_since`]).
+/// Every dense user's key and the window in which reads may use the user's hour cells (see
+/// [`dense_since`]).
 pub(crate) async fn dense_users<C: ConnectionTrait>(
     db: &C,
-) -> Result<std::collections::HashMap<i64, i64>, DbErr> {
+) -> Result<std::collections::HashMap<i64, HourWindow>, DbErr> {
     let mut out = std::collections::HashMap::new();
     if !dense_table_exists(db).await? {
         return Ok(out);
@@ -290,12 +308,17 @@ pub(crate) async fn dense_users<C: ConnectionTrait>(
     for r in db
         .query_all_raw(Statement::from_string(
             db.get_database_backend(),
-            format!("SELECT user_key, since FROM {DENSE_TABLE}"),
+            format!("SELECT user_key, since, until FROM {DENSE_TABLE}"),
         ))
         .await?
     {
-        let (key, since): (i64, i64) = (r.try_get_by_index(0)?, r.try_get_by_index(1)?);
-        out.insert(key, horizon.map_or(since, |h| since.max(h)));
+        let (key, since, until): (i64, i64, Option<i64>) = (
+            r.try_get_by_index(0)?,
+            r.try_get_by_index(1)?,
+            r.try_get_by_index(2)?,
+        );
+        let from = horizon.map_or(since, |h| since.max(h));
+        out.insert(key, HourWindow { from, until });
     }
     Ok(out)
 }
@@ -481,14 +504,13 @@ pub async fn plan<C: ConnectionTrait>(
                 None
             };
             // A dense user's series reads hour cells where days do not fit its buckets.
-            let hours_from = match (filter.user_id, series) {
+            let hours = match (filter.user_id, series) {
                 (Some(user), Some(_)) if series_level == Level::Total => {
                     dense_since(db, key_of(Some(user))).await?
                 }
                 _ => None,
             };
-            let (ranges, gaps, moved) =
-                user_cells(a, b, series, series_level, moves_from, hours_from);
+            let (ranges, gaps, moved) = user_cells(a, b, series, series_level, moves_from, hours);
             let (totals, model_gaps, _) = user_cells(a, b, None, Level::ByModel, None, None);
             let (coarse, _, _) = user_cells(a, b, None, Level::Total, None, None);
             (ranges, totals, coarse, gaps, model_gaps, moved)
@@ -599,15 +621,15 @@ async fn complement_ends<C: ConnectionTrait>(
 /// that no cell covers or that fit no bucket are returned as gaps (merged runs of slots).
 ///
 /// With `moves_from`, a day from that slot on that holds one boundary of the series' buckets is
-/// not a gap but [`Moved`]. With `hours_from` (a dense user, [`dense_since`]), a day from that
-/// slot on whose UTC hours each fit one bucket reads those hours' cells instead of either.
+/// not a gap but [`Moved`]. With `hours` (a dense user's window, [`dense_since`]), a day inside
+/// it whose UTC hours each fit one bucket reads those hours' cells instead of either.
 fn user_cells(
     a: i64,
     b: i64,
     series: Option<(Granularity, Tz)>,
     level: Level,
     moves_from: Option<i64>,
-    hours_from: Option<i64>,
+    hours: Option<HourWindow>,
 ) -> (Vec<Run>, Vec<Slots>, Vec<Moved>) {
     let fits = |p: i64, end: i64| fits(series, p, end);
     let (fixed, calendars) = per_user(level);
@@ -637,7 +659,7 @@ fn user_cells(
     while p < b {
         let dense = level == Level::Total
             && series.is_some()
-            && hours_from.is_some_and(|from| p >= from)
+            && hours.is_some_and(|w| w.holds(p, p + DAY))
             && !fits(p, p + DAY);
         // Every cell of grain `g` that holds a slot of the day fits one bucket.
         let hours_fit = |g: Grain| {

@@ -1186,9 +1186,11 @@ pub async fn stats_by_user(
                         edges.extend(signed(raw_user_groups_of(&txn, part, users).await?, *sign));
                         continue;
                     };
-                    let (hourly, others): (Vec<i64>, Vec<i64>) = keys
-                        .iter()
-                        .partition(|k| dense.get(k).is_some_and(|from| *from <= hours.first));
+                    let (hourly, others): (Vec<i64>, Vec<i64>) = keys.iter().partition(|k| {
+                        dense
+                            .get(k)
+                            .is_some_and(|w| w.holds(hours.first, hours.end))
+                    });
                     if !others.is_empty() {
                         edges.extend(signed(
                             raw_user_groups_of(&txn, part, Some(&others)).await?,

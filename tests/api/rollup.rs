@@ -2199,3 +2199,137 @@ db_test!(
         assert_eq!(top[0].user_id, Some(ids[20]));
     }
 );
+
+db_test!(
+    async fn a_dense_user_idle_for_four_weeks_stops_and_starts_again(backend: Backend) {
+        // A dense user whose days of the last 28 all stayed under 75 calls stops being dense
+        // from the next UTC midnight (the hours so far stay; what was counted after it, rows
+        // written ahead of time, is taken out), and becomes dense again on a day of 150 calls,
+        // its hours since then filled from the rows less what is pending. Exact throughout.
+        use migration::rollup::{DENSE_TABLE, TOTALS_TABLE, promote_dense};
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["burst", "other"]).await;
+        let (heavy, other) = (ids[0], ids[1]);
+        let base = Utc.with_ymd_and_hms(2025, 5, 5, 0, 0, 0).unwrap();
+        let mut n = 0u128;
+        let mut calls = |user: i32, day: DateTime<Utc>, count: i64| -> Vec<usage::Model> {
+            (0..count)
+                .map(|i| {
+                    n += 1;
+                    row(
+                        n,
+                        Some(user),
+                        "gpt-4o",
+                        (100 + i as i32, 10, 5, 0),
+                        true,
+                        day + Duration::seconds(i * 86_400 / count + 7),
+                    )
+                })
+                .collect()
+        };
+        let mut rows = calls(heavy, base, 200);
+        for d in 1..4 {
+            rows.extend(calls(heavy, base + Duration::days(d), 20));
+            rows.extend(calls(other, base + Duration::days(d), 20));
+        }
+        insert(db, &rows).await;
+        fold(&t).await;
+        assert_eq!(
+            promote_dense(db, base.timestamp()).await.unwrap(),
+            vec![i64::from(heavy)]
+        );
+        // Written ahead of time, counted in the hours while the user is dense: one in the first
+        // quarter hour of the day the user will stop being dense (its :30 hour cell straddles
+        // that midnight), three later.
+        insert(db, &calls(heavy, base + Duration::days(36), 1)).await;
+        insert(
+            db,
+            &calls(heavy, base + Duration::days(40) + Duration::hours(2), 3),
+        )
+        .await;
+        fold(&t).await;
+        let window = format!("SELECT COALESCE(until, -1) FROM {DENSE_TABLE}");
+        let slot = |t: DateTime<Utc>| t.timestamp() / 900;
+        let hours_from = |t: DateTime<Utc>| {
+            format!(
+                "SELECT COUNT(*) FROM {TOTALS_TABLE} WHERE grain IN (4, 6) AND user_key = {heavy} AND slot >= {}",
+                slot(t)
+            )
+        };
+        assert!(t.scalar_i64(&hours_from(base + Duration::days(40))).await > 0);
+        assert_verified(db).await;
+        let hourly = |start: DateTime<Utc>, end: DateTime<Utc>| UsageFilter {
+            start: Some(start),
+            end: Some(end),
+            user_id: Some(heavy),
+            ..Default::default()
+        };
+        let check = async |end: DateTime<Utc>| {
+            for zone in ["UTC", "Asia/Kolkata", "America/New_York"] {
+                assert_same(db, &hourly(base, end), zone.parse().unwrap(), true).await;
+            }
+        };
+        check(base + Duration::days(42)).await;
+        // Four weeks later, idle: not dense from the next midnight on.
+        let idle_day = base + Duration::days(35);
+        assert!(
+            promote_dense(db, idle_day.timestamp())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let until = idle_day + Duration::days(1);
+        assert_eq!(t.scalar_i64(&window).await, slot(until));
+        assert_eq!(t.scalar_i64(&hours_from(until)).await, 0);
+        assert!(t.scalar_i64(&hours_from(base)).await > 0);
+        assert_verified(db).await;
+        check(base + Duration::days(42)).await;
+        let plan = rollup::plan(
+            db,
+            &hourly(until, until + Duration::days(6)),
+            Some((Granularity::Day, Tz::UTC)),
+            false,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(
+            !plan.ranges.iter().any(|r| r.grain == 4),
+            "{:?}",
+            plan.ranges
+        );
+        // Busy again: dense again, its hours since `until` filled (some rows still pending).
+        let busy = base + Duration::days(50);
+        let again = calls(heavy, busy, 200);
+        insert(db, &again[..150]).await;
+        fold(&t).await;
+        insert(db, &again[150..]).await;
+        assert!(
+            promote_dense(db, busy.timestamp())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(t.scalar_i64(&window).await, -1);
+        assert!(t.scalar_i64(&hours_from(until)).await > 0);
+        check(base + Duration::days(51)).await;
+        fold(&t).await;
+        assert_verified(db).await;
+        check(base + Duration::days(51)).await;
+        let plan = rollup::plan(
+            db,
+            &hourly(until, busy + Duration::days(1)),
+            Some((Granularity::Day, Tz::UTC)),
+            false,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(
+            plan.ranges.iter().any(|r| r.grain == 4),
+            "{:?}",
+            plan.ranges
+        );
+    }
+);
