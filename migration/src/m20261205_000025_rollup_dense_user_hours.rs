@@ -4,11 +4,12 @@
 //! whose days are not UTC days (New York), read that user's rows. For the heaviest users those
 //! are hundreds of thousands of rows: the heaviest of the 10,000-user benchmark (677,035 rows)
 //! took 5.6 s for an hourly series over all time and 150 ms for a daily one in New York. This
-//! migration creates `llm_tracker_usage_rollup_dense_user` (`user_key`, `since`): the users
-//! whose UTC hours the totals table keeps (grain 4 with the user's key) from slot `since` on
-//! (`migration::rollup::DENSE_TABLE`). Here every user with a UTC day of 100 calls or more
-//! becomes dense from the retention horizon, or the user's first day; the fold keeps the hours
-//! and makes later users dense (`migration::rollup::promote_dense_sql`).
+//! migration creates `llm_tracker_usage_rollup_dense_user` (`user_key`, `since`, `until`): the
+//! users whose UTC hours and :30 hours the totals table keeps (grains 4 and 6 with the user's
+//! key) from slot `since` on, and before `until` when set (`migration::rollup::DENSE_TABLE`).
+//! Here every user with a UTC day of 150 calls or more becomes dense from the retention
+//! horizon, or the user's first day; the fold keeps the hours, makes later users dense and
+//! stops keeping them for idle ones (`migration::rollup::promote_dense_in`).
 //!
 //! The hour cells are filled from the rows less what is pending in the delta (which the fold
 //! adds), under the folders' lock (PostgreSQL), then `ANALYZE`. Frozen SQL

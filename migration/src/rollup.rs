@@ -644,7 +644,9 @@ fn upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], level: Level, whose
 /// users); for the users who call often they are 24 cells a day that replace thousands of
 /// rows, and few users call that often (22 of 10,000 Zipf users have a day of 150 calls).
 /// A user becomes dense when one of the user's UTC days holds [`DENSE_DAY_CALLS`] calls
-/// ([`promote_dense_sql`], looked for by the fold once a minute at most) and stays dense.
+/// ([`promote_dense_sql`], looked for by the fold once a minute at most), stops after
+/// [`DENSE_IDLE_DAYS`] quiet days (`until`: the hours kept so far stay, none are added past it)
+/// and starts again on the next busy day.
 pub const DENSE_TABLE: &str = "llm_tracker_usage_rollup_dense_user";
 
 /// A dense user's cells: UTC hours, and hours that start at :30 past a UTC hour (the hours of
