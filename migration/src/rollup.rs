@@ -667,9 +667,14 @@ pub const DENSE_DAY_CALLS: i64 = 150;
 /// them (reads and `rollup verify` start at the horizon, and a rebuild cannot refill them from
 /// rows that are gone).
 pub fn delete_dense_hours_before_sql(horizon: i64) -> String {
+    delete_dense_hours_sql(&format!("user_key < {ALL_USERS} AND slot < {horizon}"))
+}
+
+/// Deletes the dense users' hour cells that `condition` selects.
+fn delete_dense_hours_sql(condition: &str) -> String {
     format!(
-        "DELETE FROM {TOTALS_TABLE} WHERE grain IN ({}, {}) AND user_key < {ALL_USERS} AND slot < {horizon}",
-        DENSE_GRAINS[0].code, DENSE_GRAINS[1].code
+        "DELETE FROM {TOTALS_TABLE} WHERE grain IN ({}, {}) AND {condition}",
+        DENSE_GRAIN_CODES[0], DENSE_GRAIN_CODES[1]
     )
 }
 
@@ -700,27 +705,7 @@ pub fn dense_hours_select(backend: DbBackend, sources: &[Source<'_>]) -> String 
 /// later): exact whenever it runs, as one statement, while no fold runs (under the folders'
 /// lock on PostgreSQL, in a write transaction on SQLite). For users who have no hour cells yet.
 pub fn dense_backfill_sql(backend: DbBackend, keys: &str) -> String {
-    let rows_of = format!("user_id IN ({keys})");
-    let negated: Vec<String> = delta_sums()
-        .iter()
-        .map(|c| format!("-{c} AS {c}"))
-        .collect();
-    let pending = format!(
-        "(SELECT {key}, {negated} FROM {DELTA_TABLE} WHERE user_key IN ({keys})) p",
-        key = DELTA_KEY.join(", "),
-        negated = negated.join(", "),
-    );
-    dense_hours_upsert_sql(
-        backend,
-        &[
-            Source::Table {
-                name: "llm_tracker_usage",
-                sign: 1,
-                where_sql: Some(&rows_of),
-            },
-            Source::Delta(&pending),
-        ],
-    )
+    dense_fill_sql(backend, keys, None, 1)
 }
 
 /// The hour cells of the dense users `keys` (an SQL list) from slot `from` on, filled from
@@ -728,17 +713,27 @@ pub fn dense_backfill_sql(backend: DbBackend, keys: &str) -> String {
 /// exact as [`dense_backfill_sql`], for a window of hours that the fold starts (a promotion) or
 /// stops (a demotion) keeping. Run while the window includes `from`.
 pub fn dense_backfill_from_sql(backend: DbBackend, keys: &str, from: i64, sign: i32) -> String {
-    let rows_of = format!(
-        "user_id IN ({keys}) AND {} >= {from}",
-        slot_sql(backend, "created_at")
-    );
+    dense_fill_sql(backend, keys, Some(from), sign)
+}
+
+/// [`dense_backfill_sql`] and [`dense_backfill_from_sql`]: the rows of `keys` (from slot
+/// `from`) with `sign`, and their pending contributions with the opposite sign.
+fn dense_fill_sql(backend: DbBackend, keys: &str, from: Option<i64>, sign: i32) -> String {
+    let (rows_from, pending_from) = match from {
+        Some(from) => (
+            format!(" AND {} >= {from}", slot_sql(backend, "created_at")),
+            format!(" AND slot >= {from}"),
+        ),
+        None => (String::new(), String::new()),
+    };
+    let rows_of = format!("user_id IN ({keys}){rows_from}");
     let pending_sign = if sign > 0 { "-" } else { "" };
     let pending_sums: Vec<String> = delta_sums()
         .iter()
         .map(|c| format!("{pending_sign}{c} AS {c}"))
         .collect();
     let pending = format!(
-        "(SELECT {key}, {sums} FROM {DELTA_TABLE} WHERE user_key IN ({keys}) AND slot >= {from}) p",
+        "(SELECT {key}, {sums} FROM {DELTA_TABLE} WHERE user_key IN ({keys}){pending_from}) p",
         key = DELTA_KEY.join(", "),
         sums = pending_sums.join(", "),
     );
@@ -786,7 +781,8 @@ pub fn busy_again_sql(day: i64) -> String {
 /// The users who become dense: a UTC day cell of theirs from slot `day` on holds
 /// [`DENSE_DAY_CALLS`] calls or more. Each is dense from the UTC day after `today` (a UTC
 /// midnight slot), so that no hour the reads use was half counted; its hour cells from there
-/// are filled by [`dense_backfill_sql`] in the same transaction (rows written ahead of time).
+/// are filled by [`dense_backfill_from_sql`] in the same transaction (rows written ahead of
+/// time).
 /// Returns the new users' keys.
 pub fn promote_dense_sql(day: i64, today: i64) -> String {
     format!(
@@ -1691,10 +1687,9 @@ pub async fn promote_dense_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
             "UPDATE {DENSE_TABLE} SET until = {tomorrow} WHERE user_key IN ({list})"
         ))
         .await?;
-        txn.execute_unprepared(&format!(
-            "DELETE FROM {TOTALS_TABLE} WHERE grain IN ({}, {}) AND user_key IN ({list}) AND slot >= {tomorrow}",
-            DENSE_GRAINS[0].code, DENSE_GRAINS[1].code
-        ))
+        txn.execute_unprepared(&delete_dense_hours_sql(&format!(
+            "user_key IN ({list}) AND slot >= {tomorrow}"
+        )))
         .await?;
     }
     Ok(keys)

@@ -244,24 +244,7 @@ pub(crate) async fn dense_since<C: ConnectionTrait>(
     db: &C,
     key: i64,
 ) -> Result<Option<HourWindow>, DbErr> {
-    if !dense_table_exists(db).await? {
-        return Ok(None);
-    }
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            format!("SELECT since, until FROM {DENSE_TABLE} WHERE user_key = {key}"),
-        ))
-        .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let (since, until): (i64, Option<i64>) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
-    let horizon = crate::retention::horizon_slot(db).await?;
-    Ok(Some(HourWindow {
-        from: horizon.map_or(since, |h| since.max(h)),
-        until,
-    }))
+    Ok(dense_users(db).await?.remove(&key))
 }
 
 /// The slots `[from, until)` (both UTC midnights, `until` open when `None`) in which a dense

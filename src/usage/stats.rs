@@ -1136,6 +1136,22 @@ async fn raw_user_groups_of<C: ConnectionTrait>(
         .collect()
 }
 
+/// The per-user groups of a rollup statement grouped by user (its `user_key` column).
+async fn rollup_user_groups(
+    txn: &DatabaseTransaction,
+    stmt: Statement,
+) -> Result<Vec<UserGroup>, DbErr> {
+    txn.query_all_raw(stmt)
+        .await?
+        .iter()
+        .map(|r| {
+            let mut g = UserGroup::from_query_result(r, "")?;
+            g.user = rollup::user_of(KeyOnly::from_query_result(r, "")?.user_key);
+            Ok(g)
+        })
+        .collect()
+}
+
 /// Per-user totals, by total tokens descending (then user id, no-user last), at most `limit`:
 /// whole slots from the rollup, the edges from the raw rows, as [`token_stats_in`].
 pub async fn stats_by_user(
@@ -1208,13 +1224,7 @@ pub async fn stats_by_user(
                         rollup::Sums::All,
                         Some(&hourly),
                     );
-                    let mut cells = Vec::new();
-                    for r in txn.query_all_raw(stmt).await? {
-                        let mut g = UserGroup::from_query_result(&r, "")?;
-                        g.user = rollup::user_of(KeyOnly::from_query_result(&r, "")?.user_key);
-                        cells.push(g);
-                    }
-                    edges.extend(signed(cells, *sign));
+                    edges.extend(signed(rollup_user_groups(&txn, stmt).await?, *sign));
                     for (rows, rows_sign) in &around {
                         edges.extend(signed(
                             raw_user_groups_of(&txn, rows, Some(&hourly)).await?,
@@ -1235,12 +1245,7 @@ pub async fn stats_by_user(
                     rollup::Sums::All,
                     users,
                 );
-                let mut out = Vec::new();
-                for r in txn.query_all_raw(stmt).await? {
-                    let mut g = UserGroup::from_query_result(&r, "")?;
-                    g.user = rollup::user_of(KeyOnly::from_query_result(&r, "")?.user_key);
-                    out.push(g);
-                }
+                let mut out = rollup_user_groups(&txn, stmt).await?;
                 // Only the chosen users' edge rows: another user's partial sums must not rank.
                 match users {
                     Some([]) => {}
