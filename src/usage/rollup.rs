@@ -19,7 +19,7 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
 use super::UsageFilter;
 use super::buckets::Granularity;
-use super::buckets::{bucket_start, next_bucket_guess};
+use super::buckets::{bucket_start, bucket_start_seconds, next_bucket_guess};
 use super::filters::escape_like;
 use super::sums::{Sum, TokenSums};
 
@@ -644,13 +644,15 @@ fn user_cells(
             && series.is_some()
             && hours.is_some_and(|w| w.holds(p, p + DAY))
             && !fits(p, p + DAY);
-        // Every cell of grain `g` that holds a slot of the day fits one bucket.
+        // Every cell of grain `g` that holds a slot of the day fits one bucket (asked once per
+        // day and grain: each asks up to 25 cells).
         let hours_fit = |g: Grain| {
             let first = p - (g.len - g.phase) % g.len;
             let cells = DAY / g.len + i64::from(g.phase != 0);
             (0..cells).all(|k| fits(first + k * g.len, first + (k + 1) * g.len))
         };
-        if dense && !hours_fit(utc_hour) && hours_fit(phased_hour) {
+        let utc_hours_fit = dense && hours_fit(utc_hour);
+        if dense && !utc_hours_fit && hours_fit(phased_hour) {
             span.get_or_insert(p);
             p += DAY;
             continue;
@@ -693,7 +695,7 @@ fn user_cells(
         let (code, next) = match calendar {
             Some(found) => found,
             None if days && fits(p, p + DAY) => (DAY, p + DAY),
-            None if dense && hours_fit(utc_hour) => (utc_hour.code, p + DAY),
+            None if utc_hours_fit => (utc_hour.code, p + DAY),
             None if let (true, Some(from), Some(series)) = (days, moves_from, series)
                 && p >= from
                 && let Some(m) = split_day(p, series) =>
@@ -895,9 +897,14 @@ fn around_days(s: i64, e: i64) -> Option<Vec<Run>> {
 fn fits(series: Option<(Granularity, Tz)>, first: i64, end: i64) -> bool {
     match series {
         None => true,
-        Some((gran, tz)) => match (slot_start(first), slot_start(end)) {
+        // The last instant of slot `end - 1` is in the bucket of its last second: buckets
+        // start at whole seconds.
+        Some((gran, tz)) => match (
+            first.checked_mul(SLOT_SECONDS),
+            end.checked_mul(SLOT_SECONDS),
+        ) {
             (Some(s), Some(e)) => {
-                bucket_start(gran, tz, s) == bucket_start(gran, tz, e - Duration::microseconds(1))
+                bucket_start_seconds(gran, tz, s) == bucket_start_seconds(gran, tz, e - 1)
             }
             _ => false,
         },

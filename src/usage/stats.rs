@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::UsageFilter;
 pub use super::buckets::Granularity;
-use super::buckets::{bucket_start, buckets_between, label_at};
+use super::buckets::{bucket_start_seconds, buckets_between, label_at_seconds};
 use super::latency::LatencyHistograms;
 use super::rollup;
 use super::sums::col;
@@ -325,16 +325,15 @@ async fn moved_groups(
     for g in rows {
         let slot = g
             .bucket
-            .as_deref()
-            .and_then(|t| t.parse::<i64>().ok())
-            .ok_or_else(|| DbErr::Custom(format!("a moved window's slot: {:?}", g.bucket)))?;
+            .map(|at| at.div_euclid(seconds))
+            .ok_or_else(|| DbErr::Custom("a moved window without its slot".into()))?;
         // The windows are in slot order and do not overlap; `slot` is a window's first.
         let i = plan.moved.partition_point(|m| m.window.end <= slot);
         let Some(m) = plan.moved.get(i).filter(|m| m.window.first <= slot) else {
             return Err(DbErr::Custom(format!("slot {slot} outside every window")));
         };
         out.push(Group {
-            bucket: Some(m.key.to_string()),
+            bucket: Some(m.key * seconds),
             ..g.negated()
         });
         out.push(g);
@@ -385,7 +384,8 @@ impl TokenStatsData {
 #[derive(Debug)]
 pub(crate) struct Group {
     model: Option<String>,
-    bucket: Option<String>,
+    /// The instant its bucket text stands for, in UTC epoch seconds ([`group_instant`]).
+    bucket: Option<i64>,
     sums: TokenSums,
     successful_calls: i64,
     unpriced_calls: i64,
@@ -493,26 +493,40 @@ impl GroupReader {
         match r.try_as_pg_row().filter(|_| self.pg_ints) {
             Some(row) => {
                 use sea_orm::sqlx::Row;
-                self.assemble(r, |i| {
+                // The bucket's text borrowed from the row, not copied into a `String` per row.
+                let bucket = row
+                    .try_get_unchecked::<Option<&str>, _>(self.bucket)
+                    .map_err(|e| DbErr::Custom(format!("the bucket of a group: {e}")))?
+                    .map(group_instant)
+                    .transpose()?;
+                self.assemble(r, bucket, |i| {
                     row.try_get_unchecked::<Option<i64>, _>(i)
                         .map_err(|e| DbErr::Custom(format!("column {i} of a group: {e}")))?
                         .ok_or_else(|| DbErr::Custom(format!("column {i} of a group is null")))
                 })
             }
-            None => self.assemble(r, |i| r.try_get_by_index::<i64>(i)),
+            None => {
+                let bucket = r
+                    .try_get_by_index::<Option<String>>(self.bucket)?
+                    .as_deref()
+                    .map(group_instant)
+                    .transpose()?;
+                self.assemble(r, bucket, |i| r.try_get_by_index::<i64>(i))
+            }
         }
     }
 
-    /// The group of `r`, its integers read by `int`.
+    /// The group of `r` in `bucket`, its integers read by `int`.
     fn assemble(
         &self,
         r: &sea_orm::QueryResult,
+        bucket: Option<i64>,
         int: impl Fn(usize) -> Result<i64, DbErr>,
     ) -> Result<Group, DbErr> {
         let some = |i: Option<usize>| i.map_or(Ok(0), &int);
         Ok(Group {
             model: r.try_get_by_index(self.model)?,
-            bucket: r.try_get_by_index(self.bucket)?,
+            bucket,
             sums: TokenSums::try_from_fn(|k| int(self.sums[k]))?,
             successful_calls: int(self.successful)?,
             unpriced_calls: some(self.unpriced)?,
@@ -553,7 +567,7 @@ impl Group {
     fn negated(&self) -> Self {
         Self {
             model: self.model.clone(),
-            bucket: self.bucket.clone(),
+            bucket: self.bucket,
             sums: -self.sums,
             successful_calls: -self.successful_calls,
             unpriced_calls: -self.unpriced_calls,
@@ -632,7 +646,11 @@ fn bucket_group(backend: DbBackend, granularity: Granularity, tz: Tz) -> (String
         let (group, text) = Dialect::of(backend).utc_bucket_start(granularity.trunc());
         (group.to_owned(), text.to_owned())
     } else {
-        (slot_sql(backend), slot_sql(backend))
+        // Grouped by the integer, shown as text: hashing a text per row cost more.
+        (
+            migration::rollup::slot_sql(backend, "created_at"),
+            slot_sql(backend),
+        )
     }
 }
 
@@ -659,17 +677,22 @@ pub(crate) fn series_query(
 
 /// The instant a group's bucket text stands for: a 15-minute slot number (the rollup, and the
 /// raw rows outside UTC), or a UTC bucket start `YYYY-MM-DD HH:MM:SS`.
-fn group_instant(text: &str) -> Result<DateTime<Utc>, DbErr> {
+///
+/// In UTC epoch seconds, within chrono's range: the fold works on seconds and makes a
+/// `DateTime` per bucket, not per group (an hourly year is 8,760 groups).
+fn group_instant(text: &str) -> Result<i64, DbErr> {
     let bad = |e: String| DbErr::Custom(format!("bucket {text:?}: {e}"));
-    if let Ok(slot) = text.parse::<i64>() {
-        return slot
-            .checked_mul(900)
-            .and_then(|s| DateTime::from_timestamp(s, 0))
-            .ok_or_else(|| bad("out of range".into()));
-    }
-    NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
-        .map(|t| t.and_utc())
-        .map_err(|e| bad(e.to_string()))
+    let seconds = match text.parse::<i64>() {
+        Ok(slot) => slot
+            .checked_mul(migration::rollup::SLOT_SECONDS)
+            .ok_or_else(|| bad("out of range".into()))?,
+        Err(_) => NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+            .map(|t| t.and_utc().timestamp())
+            .map_err(|e| bad(e.to_string()))?,
+    };
+    DateTime::from_timestamp(seconds, 0)
+        .map(|_| seconds)
+        .ok_or_else(|| bad("out of range".into()))
 }
 
 /// Summary, per-model breakdown and (with a granularity) the series, from a single
@@ -840,8 +863,9 @@ fn fold(
     let tz = options.tz;
     let mut summary = Totals::default();
     let mut models: BTreeMap<&str, Totals> = BTreeMap::new();
-    // Local buckets by start instant (labels with offsets do not sort by time across DST).
-    let mut buckets: BTreeMap<DateTime<Utc>, (String, Totals)> = BTreeMap::new();
+    // Local buckets by start instant in epoch seconds (labels with offsets do not sort by time
+    // across DST).
+    let mut buckets: BTreeMap<i64, (String, Totals)> = BTreeMap::new();
     // (group, counts in the summary, per model, in the series)
     let tagged = totals
         .iter()
@@ -864,13 +888,12 @@ fn fold(
                 .or_default()
                 .add(g);
         }
-        if let (true, Some(text), Some(gran)) = (to_series, &g.bucket, granularity) {
+        if let (true, Some(at), Some(gran)) = (to_series, g.bucket, granularity) {
             // The label is formatted once per bucket, not once per group (a quarter's hourly
             // series in a :45 zone comes as 8,640 slot groups).
-            let at = group_instant(text)?;
             buckets
-                .entry(bucket_start(gran, tz, at))
-                .or_insert_with_key(|&start| (label_at(gran, tz, start), Totals::default()))
+                .entry(bucket_start_seconds(gran, tz, at))
+                .or_insert_with_key(|&start| (label_at_seconds(gran, tz, start), Totals::default()))
                 .1
                 .add(g);
         }
@@ -882,7 +905,7 @@ fn fold(
     {
         for b in buckets_between(gran, tz, start, end).unwrap_or_default() {
             buckets
-                .entry(b.start)
+                .entry(b.start.timestamp())
                 .or_insert_with(|| (b.label, Totals::default()));
         }
     }
@@ -976,20 +999,21 @@ fn fold_by_model(
     tz: Tz,
     only: Option<&[String]>,
 ) -> Result<Vec<ModelSeries>, DbErr> {
-    type Buckets = BTreeMap<DateTime<Utc>, (String, Totals)>;
+    type Buckets = BTreeMap<i64, (String, Totals)>;
     let mut models: BTreeMap<&str, Buckets> = BTreeMap::new();
     for g in groups {
-        let Some(text) = &g.bucket else { continue };
+        let Some(at) = g.bucket else { continue };
         let model = g.model.as_deref().unwrap_or_default();
         if only.is_some_and(|o| !o.iter().any(|m| m == model)) {
             continue;
         }
-        let at = group_instant(text)?;
         models
             .entry(model)
             .or_default()
-            .entry(bucket_start(granularity, tz, at))
-            .or_insert_with_key(|&start| (label_at(granularity, tz, start), Totals::default()))
+            .entry(bucket_start_seconds(granularity, tz, at))
+            .or_insert_with_key(|&start| {
+                (label_at_seconds(granularity, tz, start), Totals::default())
+            })
             .1
             .add(g);
     }
@@ -1650,7 +1674,7 @@ mod tests {
             TokenSums::try_from_fn(|k| Ok::<i64, ()>(10 + k as i64)).unwrap()
         );
         assert_eq!(g.model.as_deref(), Some("gpt"));
-        assert_eq!(g.bucket.as_deref(), Some("7"));
+        assert_eq!(g.bucket, Some(7 * 900));
         assert_eq!(
             (
                 g.successful_calls,
