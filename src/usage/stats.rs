@@ -646,11 +646,7 @@ fn bucket_group(backend: DbBackend, granularity: Granularity, tz: Tz) -> (String
         let (group, text) = Dialect::of(backend).utc_bucket_start(granularity.trunc());
         (group.to_owned(), text.to_owned())
     } else {
-        // Grouped by the integer, shown as text: hashing a text per row cost more.
-        (
-            migration::rollup::slot_sql(backend, "created_at"),
-            slot_sql(backend),
-        )
+        (slot_sql(backend), slot_sql(backend))
     }
 }
 
