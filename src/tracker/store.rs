@@ -131,6 +131,9 @@ struct Inner {
     /// Queued rows not yet committed or spooled, and a signal when that count drops.
     in_flight: AtomicUsize,
     settled: Notify,
+    /// When this store's folder last looked for new dense users: its own, so that stores of
+    /// different databases in one process each look once a minute.
+    promotion: migration::rollup::PromotionClock,
 }
 
 /// A row on its way to a writer, where to say how it went, and who has it: [`WAITING`] in the
@@ -194,6 +197,7 @@ impl UsageStore {
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
             settled: Notify::new(),
+            promotion: migration::rollup::PromotionClock::new(),
         });
         let worker = tokio::spawn(worker(inner.clone()));
         let queue = Arc::new(Mutex::new(queue));
@@ -673,7 +677,7 @@ async fn fold_every(inner: Arc<Inner>, interval: Duration, stop: Arc<Notify>) {
         let fold = async {
             let _turn = inner.sqlite_turn().await;
             let started = Instant::now();
-            let folded = migration::rollup::fold(&inner.db).await;
+            let folded = migration::rollup::fold_with(&inner.db, &inner.promotion).await;
             if let Ok(true) = folded {
                 crate::metrics::metrics()
                     .fold_duration

@@ -1890,7 +1890,7 @@ pub async fn rebuild(db: &sea_orm::DatabaseConnection) -> Result<u64, DbErr> {
 
 /// The fold lives with the rollup's SQL in the schema crate ([`migration::rollup::fold`]):
 /// the write path (the usage store folds every second) must not depend on the read side.
-pub use migration::rollup::fold;
+pub use migration::rollup::{PromotionClock, fold, fold_with};
 
 #[cfg(test)]
 mod tests {

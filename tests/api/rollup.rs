@@ -2333,3 +2333,61 @@ db_test!(
         );
     }
 );
+
+db_test!(
+    async fn each_folder_looks_for_dense_users_on_its_own_clock(backend: Backend) {
+        // Issue 16, migration 000025: the fold looks for new dense users at most once a minute
+        // per clock (the look reads two days of day cells). A clock shared by the folders of
+        // two databases lets one database's folds take every turn; each store keeps its own.
+        use migration::rollup::DENSE_TABLE;
+        use rollup::{PromotionClock, fold_with};
+        let today = Utc::now()
+            .date_naive()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc();
+        // 160 calls of one user in the first minutes of today (UTC): a dense day.
+        let busy_day = |user: i32, first: u128| -> Vec<usage::Model> {
+            (0..160)
+                .map(|i| {
+                    let at = today + Duration::seconds(i as i64);
+                    row(first + i, Some(user), "gpt-4o", (10, 5, 0, 0), true, at)
+                })
+                .collect()
+        };
+        let dense = format!("SELECT COUNT(*) FROM {DENSE_TABLE}");
+        let (a, b) = (
+            TestDb::migrated(backend).await,
+            TestDb::migrated(backend).await,
+        );
+        let (ua, ub) = (
+            users(&a.db, &["busy"]).await[0],
+            users(&b.db, &["busy"]).await[0],
+        );
+        insert(&a.db, &busy_day(ua, 1)).await;
+        insert(&b.db, &busy_day(ub, 1)).await;
+
+        let shared = PromotionClock::new();
+        assert!(fold_with(&a.db, &shared).await.unwrap());
+        assert_eq!(
+            a.scalar_i64(&dense).await,
+            1,
+            "the first fold on a clock looks"
+        );
+        assert!(fold_with(&b.db, &shared).await.unwrap());
+        assert_eq!(
+            b.scalar_i64(&dense).await,
+            0,
+            "the shared clock's minute is not over"
+        );
+
+        insert(&b.db, &busy_day(ub, 1_000)[..1]).await;
+        assert!(fold_with(&b.db, &PromotionClock::new()).await.unwrap());
+        assert_eq!(
+            b.scalar_i64(&dense).await,
+            1,
+            "its own clock lets the second database look"
+        );
+        assert_verified(&b.db).await;
+    }
+);
