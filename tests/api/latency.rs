@@ -350,6 +350,75 @@ db_test!(
 );
 
 db_test!(
+    async fn every_bucket_bound_counts_where_rust_puts_it(backend: Backend) {
+        // The reads over rows compute a row's latency in `double precision` on PostgreSQL
+        // (`date_part`, `usage::latency::row_latency_us_sql`), the triggers in `numeric`: both
+        // must give the whole microseconds Rust's `bucket_of` sees, at every bucket's bound and
+        // a microsecond either side, and for latencies of days (an interval with a day part),
+        // whatever the fraction of a second the row was written at.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let user = users(db, &["bounds"]).await[0];
+        let base = Utc.with_ymd_and_hms(2025, 4, 7, 10, 0, 0).unwrap();
+        let mut latencies: Vec<i64> = migration::rollup::latency_bounds()
+            .iter()
+            .flat_map(|&b| [b - 1, b, b + 1])
+            .collect();
+        latencies.extend([
+            86_400_000_000 - 1,
+            86_400_000_000,
+            3 * 86_400_000_000 + 1,
+            40 * 86_400_000_000 + 999_999,
+            400 * 86_400_000_000 + 123_457,
+        ]);
+        let rows: Vec<usage::Model> = latencies
+            .iter()
+            .enumerate()
+            .map(|(i, &us)| {
+                let created = base
+                    + Duration::seconds(i as i64)
+                    + Duration::microseconds((i as i64 * 7_919) % 1_000_000);
+                let mut r = crate::usage_read::row(
+                    i as u128 + 1,
+                    Some(user),
+                    ["gpt-4o", "o4-mini"][i % 2],
+                    (1, 1, 0, 0),
+                    true,
+                    created,
+                );
+                r.started_at = Some(created - Duration::microseconds(us));
+                r
+            })
+            .collect();
+        insert(db, &rows).await;
+        let rows = all_rows(db).await;
+        assert_eq!(rows.len(), latencies.len());
+        // Rows only; then the cells (the triggers' values) for whole days and rows for the rest.
+        let filters = [
+            UsageFilter::default(),
+            UsageFilter {
+                user_id: Some(user),
+                ..UsageFilter::default()
+            },
+        ];
+        for f in &filters {
+            let want = expected(&rows, f);
+            assert_eq!(
+                latency_histograms_raw(db, f).await.unwrap(),
+                want,
+                "rows, {f:?}"
+            );
+            assert_exact(db, &rows, f).await;
+        }
+        fold(&t).await;
+        for f in &filters {
+            assert_exact(db, &rows, f).await;
+        }
+        assert_verified(db).await;
+    }
+);
+
+db_test!(
     async fn token_stats_adds_percentiles_only_when_asked(backend: Backend) {
         use actix_web::{App, test};
         use serde_json::{Value, json};
