@@ -859,9 +859,9 @@ fn fold(
     let tz = options.tz;
     let mut summary = Totals::default();
     let mut models: BTreeMap<&str, Totals> = BTreeMap::new();
-    // Local buckets by start instant in epoch seconds (labels with offsets do not sort by time
-    // across DST).
-    let mut buckets: BTreeMap<i64, (String, Totals)> = BTreeMap::new();
+    // The series' groups by the start of their local bucket in epoch seconds (labels with
+    // offsets do not sort by time across DST); sorted and summed per bucket below.
+    let mut in_buckets: Vec<(i64, &Group)> = Vec::new();
     // (group, counts in the summary, per model, in the series)
     let tagged = totals
         .iter()
@@ -885,25 +885,44 @@ fn fold(
                 .add(g);
         }
         if let (true, Some(at), Some(gran)) = (to_series, g.bucket, granularity) {
-            // The label is formatted once per bucket, not once per group (a quarter's hourly
-            // series in a :45 zone comes as 8,640 slot groups).
-            buckets
-                .entry(bucket_start_seconds(gran, tz, at))
-                .or_insert_with_key(|&start| (label_at_seconds(gran, tz, start), Totals::default()))
-                .1
-                .add(g);
+            in_buckets.push((bucket_start_seconds(gran, tz, at), g));
         }
     }
     models.retain(|_, t| t.sums.total_calls != 0);
-    buckets.retain(|_, (_, t)| t.sums.total_calls != 0);
+    // Sorted and summed per bucket (a sorted vector, not a map: 8,760 inserts into a B-tree were
+    // a twentieth of an hourly year's time). Each bucket without a label yet gets it below, once
+    // per bucket, not once per group (a quarter's hourly series in a :45 zone comes as 8,640
+    // slot groups).
+    in_buckets.sort_unstable_by_key(|&(start, _)| start);
+    let mut buckets: Vec<(i64, Option<String>, Totals)> = Vec::new();
+    for (start, g) in in_buckets {
+        match buckets.last_mut() {
+            Some((last, _, t)) if *last == start => t.add(g),
+            _ => {
+                let mut t = Totals::default();
+                t.add(g);
+                buckets.push((start, None, t));
+            }
+        }
+    }
+    buckets.retain(|(_, _, t)| t.sums.total_calls != 0);
     if let (Some(gran), true, Some(start), Some(end)) =
         (granularity, options.fill, filter.start, filter.end)
     {
+        // Zero-filled: every bucket of the range, with the sums of those that have calls.
+        let mut have = buckets.into_iter().peekable();
+        let mut filled = Vec::new();
         for b in buckets_between(gran, tz, start, end).unwrap_or_default() {
-            buckets
-                .entry(b.start.timestamp())
-                .or_insert_with(|| (b.label, Totals::default()));
+            let at = b.start.timestamp();
+            filled.extend(std::iter::from_fn(|| have.next_if(|(s, _, _)| *s < at)));
+            filled.push(have.next_if(|(s, _, _)| *s == at).unwrap_or((
+                at,
+                Some(b.label),
+                Totals::default(),
+            )));
         }
+        filled.extend(have);
+        buckets = filled;
     }
 
     let mut by_model: Vec<ModelStats> = models
@@ -920,10 +939,13 @@ fn fold(
     // Total tokens descending, then model ascending (the map already gave model order).
     by_model.sort_by_key(|m| std::cmp::Reverse(m.total_tokens));
 
-    let series = granularity.map(|_| {
+    let series = granularity.map(|gran| {
         buckets
-            .into_values()
-            .map(|(label, t)| SeriesItem::new(label, t.sums, t.successful_calls))
+            .into_iter()
+            .map(|(start, label, t)| {
+                let label = label.unwrap_or_else(|| label_at_seconds(gran, tz, start));
+                SeriesItem::new(label, t.sums, t.successful_calls)
+            })
             .collect()
     });
     Ok(TokenStatsData {
