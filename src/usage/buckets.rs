@@ -280,7 +280,7 @@ pub fn buckets_between(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
+    use chrono::{Offset, TimeZone};
 
     /// Zones with DST, :30 and :45 offsets, half-hour DST changes and midnight changes.
     const ZONES: [&str; 7] = [
@@ -316,6 +316,52 @@ mod tests {
                 );
             }
         });
+    }
+
+    #[test]
+    fn bucket_start_in_seconds_is_bucket_start() {
+        // Through 2024, every 7 min 13 s, and around every offset change (a second either side),
+        // in each zone; and in 1950, when Monrovia's offset had seconds (−00:44:30).
+        let mut check = |zone: &str, tz: Tz, t: DateTime<Utc>| {
+            for g in [Granularity::Day, Granularity::Month, Granularity::Year] {
+                assert_eq!(
+                    bucket_start_seconds(g, tz, t.timestamp()),
+                    bucket_start(g, tz, t).timestamp(),
+                    "{zone} {t} {g:?}"
+                );
+            }
+        };
+        through_2024(Duration::seconds(7 * 60 + 13), &mut check);
+        for zone in ZONES {
+            let tz: Tz = zone.parse().unwrap();
+            let mut t = Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap();
+            while t.year() < 2025 {
+                let next = t + Duration::minutes(15);
+                if tz.offset_from_utc_datetime(&t.naive_utc())
+                    != tz.offset_from_utc_datetime(&next.naive_utc())
+                {
+                    let mut u = t - Duration::minutes(1);
+                    while u <= next + Duration::minutes(1) {
+                        check(zone, tz, u);
+                        u += Duration::seconds(1);
+                    }
+                }
+                t = next;
+            }
+        }
+        let monrovia: Tz = "Africa/Monrovia".parse().unwrap();
+        let mut t = Utc.with_ymd_and_hms(1950, 1, 1, 0, 0, 0).unwrap();
+        assert_eq!(
+            monrovia
+                .offset_from_utc_datetime(&t.naive_utc())
+                .fix()
+                .local_minus_utc(),
+            -(44 * 60 + 30)
+        );
+        for _ in 0..500 {
+            check("Africa/Monrovia", monrovia, t);
+            t += Duration::seconds(3_607);
+        }
     }
 
     #[test]
