@@ -19,7 +19,7 @@
 //! `down` deletes the hour cells of users and drops the table.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
+use sea_orm_migration::sea_orm::DbBackend;
 
 use crate::m20261126_000011_rollup_per_user_days::FOLDERS_LOCK;
 
@@ -73,21 +73,16 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let backend = manager.get_database_backend();
-        let conn = manager.get_connection();
-        let mut statements = Vec::new();
-        if backend == DbBackend::Postgres {
-            statements.push(format!("SELECT pg_advisory_xact_lock({FOLDERS_LOCK})"));
+        let lock = format!("SELECT pg_advisory_xact_lock({FOLDERS_LOCK})");
+        let mut statements: Vec<&str> = Vec::new();
+        if manager.get_database_backend() == DbBackend::Postgres {
+            statements.push(&lock);
         }
         statements.push(
-            "DELETE FROM llm_tracker_usage_rollup_total WHERE grain IN (4, 6) AND user_key <> 2147483648"
-                .to_owned(),
+            "DELETE FROM llm_tracker_usage_rollup_total WHERE grain IN (4, 6) AND user_key <> 2147483648",
         );
-        statements.push("DROP TABLE IF EXISTS llm_tracker_usage_rollup_dense_user".to_owned());
-        for sql in statements {
-            conn.execute_unprepared(&sql).await?;
-        }
-        Ok(())
+        statements.push("DROP TABLE IF EXISTS llm_tracker_usage_rollup_dense_user");
+        crate::util::run_all(manager, &statements).await
     }
 
     fn use_transaction(&self) -> Option<bool> {
