@@ -230,7 +230,8 @@ impl Dialect {
             Self::Postgres => Some(
                 "SET LOCAL enable_indexscan = on; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
                  SET LOCAL enable_memoize = off; SET LOCAL join_collapse_limit = 1; SET LOCAL jit = off; \
-                 SET LOCAL enable_seqscan = off; SET LOCAL max_parallel_workers_per_gather = 0",
+                 SET LOCAL enable_seqscan = off; SET LOCAL max_parallel_workers_per_gather = 0; \
+                 SET LOCAL enable_bitmapscan = on",
             ),
             Self::Sqlite => None,
         }
@@ -247,6 +248,26 @@ impl Dialect {
         match self {
             Self::Postgres => Some(
                 "SET LOCAL enable_indexscan = off; SET LOCAL enable_seqscan = off; \
+                 SET LOCAL max_parallel_workers_per_gather = 0; SET LOCAL enable_bitmapscan = on",
+            ),
+            Self::Sqlite => None,
+        }
+    }
+
+    /// Planner settings for reading one user's rows one by one through
+    /// [`crate::usage::UsageFilter::user_range_condition`] (a range of the `(user_id,
+    /// created_at)` index that no other index serves), local to the read transaction: a plain
+    /// index scan, no bitmap scan, no sequential scan, no parallel workers, no JIT (the
+    /// planner cannot estimate the rows of a row comparison and guessed 139,280 for a
+    /// typical user's 9,758, enough to compile the statement: 115 ms). A bitmap scan visits
+    /// the same heap pages through a bitmap: a typical user's year (9,758 rows on 9,598 pages)
+    /// took 17–22 ms that way, 11 ms in index order (`EXPLAIN ANALYZE` at 10M rows, 10,000
+    /// users, cached).
+    pub fn user_range_settings(self) -> Option<&'static str> {
+        match self {
+            Self::Postgres => Some(
+                "SET LOCAL enable_bitmapscan = off; SET LOCAL enable_indexscan = on; \
+                 SET LOCAL enable_seqscan = off; SET LOCAL jit = off; \
                  SET LOCAL max_parallel_workers_per_gather = 0",
             ),
             Self::Sqlite => None,

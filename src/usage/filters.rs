@@ -4,7 +4,7 @@
 use chrono::{DateTime, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use sea_orm::sea_query::{Expr, ExprTrait, Func, LikeExpr};
-use sea_orm::{ColumnTrait, Condition, DbBackend};
+use sea_orm::{ColumnTrait, Condition, DbBackend, Value};
 
 use crate::db::entities::usage;
 
@@ -140,6 +140,32 @@ impl UsageFilter {
         if let Some(user_id) = self.user_id {
             c = c.add(usage::Column::UserId.eq(user_id));
         }
+        self.row_condition(c)
+    }
+
+    /// [`Self::condition`] with the user and both ends of the range as one range of the
+    /// `(user_id, created_at)` index, `(user_id, created_at) BETWEEN (user, start) AND (user,
+    /// end)` in row comparisons: no other index can serve them, so a plain index scan of one
+    /// user's rows (PostgreSQL, [`crate::db::Dialect::user_range_settings`]) cannot turn into
+    /// a scan of the `created_at` index that filters every other user's rows out. `None`
+    /// without a user or either end.
+    pub fn user_range_condition(&self, backend: DbBackend) -> Option<Condition> {
+        let (user, start, end) = (self.user_id?, self.start?, self.end?);
+        let dialect = crate::db::Dialect::of(backend);
+        let c = Condition::all()
+            .add(Expr::cust_with_values(
+                "(user_id, created_at) >= ($1, $2)",
+                [Value::from(user), dialect.datetime(start)],
+            ))
+            .add(Expr::cust_with_values(
+                "(user_id, created_at) <= ($1, $2)",
+                [Value::from(user), dialect.datetime(end)],
+            ));
+        Some(self.row_condition(c))
+    }
+
+    /// `c` and the conditions of this filter on a row's own columns (model, outcome).
+    fn row_condition(&self, mut c: Condition) -> Condition {
         if let Some(model) = &self.model {
             let pattern = format!("%{}%", escape_like(&model.to_lowercase()));
             c = c.add(

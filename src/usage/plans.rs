@@ -7,7 +7,7 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, QueryTrait, Statement};
 use super::UsageFilter;
 use super::list::{count_query, page_query};
 use super::rollup::{self, GroupBy};
-use super::stats::{Granularity, token_stats_query};
+use super::stats::{Granularity, gap_query, token_stats_query};
 
 /// The statements one token-stats request (in UTC) runs: the rollup's per-model and (with a
 /// granularity) per-slot sums and the raw aggregate of each edge; or, when the rollup cannot
@@ -38,7 +38,7 @@ pub async fn token_stats_statements<C: ConnectionTrait>(
                     out.extend(
                         plan.gap_filters(filter)
                             .iter()
-                            .map(|f| super::stats::series_query(backend, f, g, tz).build(backend)),
+                            .map(|f| gap_query(backend, &plan, f, g, tz).build(backend)),
                     );
                 }
                 out

@@ -424,6 +424,9 @@ struct GroupReader {
     /// column types are the same on every row): read without sqlx's type check per value,
     /// which was half of reading an hourly year's 8,760 rows.
     pg_ints: bool,
+    /// PostgreSQL, the bucket a `timestamptz` (a row's `created_at`, [`series_rows_query`]):
+    /// the group is in that instant's slot.
+    pg_instant: bool,
     model: usize,
     bucket: usize,
     sums: [usize; TokenSums::COLUMNS.len()],
@@ -450,6 +453,7 @@ impl GroupReader {
         }
         let mut reader = Self {
             pg_ints: false,
+            pg_instant: false,
             model: at(col::MODEL)?,
             bucket: at(col::BUCKET)?,
             sums,
@@ -469,6 +473,9 @@ impl GroupReader {
                     .is_some_and(|c| <i64 as Type<Postgres>>::compatible(c.type_info()))
             });
             reader.pg_ints = all_bigint;
+            reader.pg_instant = columns
+                .get(reader.bucket)
+                .is_some_and(|c| <DateTime<Utc> as Type<Postgres>>::compatible(c.type_info()));
         }
         Ok(reader)
     }
@@ -500,9 +507,15 @@ impl GroupReader {
                         .map_err(|e| DbErr::Custom(format!("the {what} of a group: {e}")))
                 };
                 let model = text(self.model, "model")?.map(str::to_owned);
-                let bucket = text(self.bucket, "bucket")?
-                    .map(group_instant)
-                    .transpose()?;
+                let bucket = if self.pg_instant {
+                    row.try_get_unchecked::<Option<DateTime<Utc>>, _>(self.bucket)
+                        .map_err(|e| DbErr::Custom(format!("the instant of a row: {e}")))?
+                        .map(slot_start_of)
+                } else {
+                    text(self.bucket, "bucket")?
+                        .map(group_instant)
+                        .transpose()?
+                };
                 self.assemble(model, bucket, |i| {
                     row.try_get_unchecked::<Option<i64>, _>(i)
                         .map_err(|e| DbErr::Custom(format!("column {i} of a group: {e}")))?
@@ -677,6 +690,85 @@ pub(crate) fn series_query(
         .group_by(Expr::cust(group))
 }
 
+/// The series' statement over one of a plan's gaps ([`rollup::Plan::gap_filters`]): its rows
+/// grouped per bucket or slot, or one by one ([`rollup::Plan::gaps_by_row`]).
+pub fn gap_query(
+    backend: DbBackend,
+    plan: &rollup::Plan,
+    gap: &UsageFilter,
+    granularity: Granularity,
+    tz: Tz,
+) -> Select<usage::Entity> {
+    if plan.gaps_by_row {
+        series_rows_query(backend, gap)
+    } else {
+        series_query(backend, gap, granularity, tz)
+    }
+}
+
+/// The series' groups of one of a plan's gaps ([`gap_query`], under its planner settings).
+async fn gap_groups(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    gap: &UsageFilter,
+    granularity: Granularity,
+    tz: Tz,
+) -> Result<Vec<Group>, DbErr> {
+    let backend = txn.get_database_backend();
+    let stmt = gap_query(backend, plan, gap, granularity, tz).build(backend);
+    if !plan.gaps_by_row {
+        return rows_groups(txn, gap, stmt).await;
+    }
+    if let Some(sql) = Dialect::of(backend).user_range_settings() {
+        txn.execute_unprepared(sql).await?;
+    }
+    all_groups(txn, stmt).await
+}
+
+/// The rows of `filter` one by one, each a group of its own in its 15-minute slot (PostgreSQL;
+/// see [`rollup::Plan::gaps_by_row`]): the columns of [`series_query`] with each row's values
+/// in place of the sums, and `created_at` itself as the bucket, whose slot the reader finds in
+/// integer arithmetic. A row's cost in micro-dollars is exact: `cost` is `numeric(12, 6)`, so
+/// each row's micro-dollars are whole and their sum is the sum's.
+pub(crate) fn series_rows_query(backend: DbBackend, filter: &UsageFilter) -> Select<usage::Entity> {
+    let value = |sum: Sum| match sum {
+        Sum::Calls => "CAST(1 AS BIGINT)".to_owned(),
+        Sum::CostMicros => "CAST(COALESCE(cost, 0) * 1000000 AS BIGINT)".to_owned(),
+        Sum::Prompt => "CAST(prompt_tokens AS BIGINT)".to_owned(),
+        Sum::Completion => "CAST(completion_tokens AS BIGINT)".to_owned(),
+        Sum::Total => "CAST(total_tokens AS BIGINT)".to_owned(),
+        Sum::Cached => "CAST(cached_tokens AS BIGINT)".to_owned(),
+        Sum::Reasoning => "CAST(reasoning_tokens AS BIGINT)".to_owned(),
+    };
+    let mut values: Vec<(String, &'static str)> = TokenSums::COLUMNS
+        .iter()
+        .map(|&(sum, alias)| (value(sum), alias))
+        .collect();
+    values.push((
+        "CAST(CASE WHEN success THEN 1 ELSE 0 END AS BIGINT)".to_owned(),
+        col::SUCCESSFUL,
+    ));
+    with_these(
+        usage::Entity::find()
+            .select_only()
+            .column_as(Expr::cust("CAST(NULL AS TEXT)"), col::MODEL),
+        values,
+    )
+    .column_as(Expr::cust("created_at"), col::BUCKET)
+    .filter(
+        filter
+            .user_range_condition(backend)
+            .unwrap_or_else(|| filter.condition(backend)),
+    )
+}
+
+/// The start of the 15-minute slot holding `at`, in UTC epoch seconds (what a group's slot
+/// number stands for, [`group_instant`]).
+fn slot_start_of(at: DateTime<Utc>) -> i64 {
+    let seconds = migration::rollup::SLOT_SECONDS;
+    at.timestamp().div_euclid(seconds) * seconds
+}
+
 /// The instant a group's bucket text stands for: a 15-minute slot number (the rollup, and the
 /// raw rows outside UTC), or a UTC bucket start `YYYY-MM-DD HH:MM:SS`.
 ///
@@ -805,14 +897,7 @@ pub async fn token_stats_in(
             // rows on the shorter side of the bucket boundary (PostgreSQL).
             if let Some(granularity) = granularity {
                 for gap in plan.gap_filters(filter) {
-                    series.extend(
-                        rows_groups(
-                            &txn,
-                            &gap,
-                            series_query(backend, &gap, granularity, tz).build(backend),
-                        )
-                        .await?,
-                    );
+                    series.extend(gap_groups(&txn, &plan, &gap, granularity, tz).await?);
                 }
                 if let Some(user) = filter.user_id {
                     series.extend(moved_groups(&txn, &plan, user).await?);

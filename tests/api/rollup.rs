@@ -1956,6 +1956,9 @@ db_test!(
         // An hourly series in UTC reads the hour cells, not the rows.
         let plan = series_plan(db, &ranges[0], Granularity::Day, Tz::UTC).await;
         assert!(reads_grain(&plan, 4), "{:?}", plan.ranges);
+        // Where it reads rows (before it became dense), they are grouped in SQL: a dense
+        // user's day holds many rows per slot.
+        assert!(!plan.gaps_by_row);
         // (Rows only before the user became dense, and after the newest row: no cells yet.)
         let (from, to) = (
             base.timestamp() / 900,
@@ -1999,6 +2002,11 @@ db_test!(
         )
         .await;
         assert!(!reads_grain(&light_plan, 4));
+        assert_eq!(
+            light_plan.gaps_by_row,
+            db.get_database_backend() == DbBackend::Postgres,
+            "a light user's rows one by one on PostgreSQL"
+        );
         fold(&t).await;
         assert_verified(db).await;
         check().await;
@@ -2369,5 +2377,154 @@ db_test!(
             "its own clock lets the second database look"
         );
         assert_verified(&b.db).await;
+    }
+);
+
+db_test!(
+    async fn a_light_users_hourly_series_reads_its_rows_one_by_one(backend: Backend) {
+        // Issue 16: the hourly series of a user who is not dense reads the user's days that no
+        // cell fits from the rows. On PostgreSQL it reads them one by one (`Plan::gaps_by_row`):
+        // each row's slot found in Rust from `created_at`, its cost in micro-dollars per row,
+        // summed by the reader; through one range of the `(user_id, created_at)` index in row
+        // comparisons. The answers must be the raw aggregate's, key for key, for rows on slot
+        // boundaries and a microsecond either side (before the epoch too), costs of whole
+        // dollars with six decimals, unpriced and failed calls, and any zone.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let backend = db.get_database_backend();
+        let postgres = backend == DbBackend::Postgres;
+        let ids = users(db, &["light", "other"]).await;
+        let (light, other) = (ids[0], ids[1]);
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let micro = Duration::microseconds(1);
+        let boundaries = [
+            at("1969-12-31T23:45:00Z"),
+            at("1970-01-01T00:00:00Z"),
+            at("2025-03-09T07:00:00Z"), // New York's change to summer time
+            at("2025-06-15T18:30:00Z"), // midnight in India
+            at("2025-06-15T18:15:00Z"), // midnight in Nepal
+            at("2025-06-16T00:00:00Z"),
+            at("2025-12-31T23:45:00Z"),
+        ];
+        let mut rows = Vec::new();
+        for (i, t0) in boundaries.iter().enumerate() {
+            for (j, t) in [*t0 - micro, *t0, *t0 + micro, *t0 + Duration::minutes(7)]
+                .into_iter()
+                .enumerate()
+            {
+                let n = (i * 4 + j) as u128 + 1;
+                let user = if j == 3 && i % 2 == 0 { other } else { light };
+                let mut r = row(
+                    n,
+                    Some(user),
+                    if n.is_multiple_of(2) {
+                        "gpt-4o"
+                    } else {
+                        "o4-mini"
+                    },
+                    (100 + n as i32, 10, 3, 2),
+                    !n.is_multiple_of(3),
+                    t,
+                );
+                r.cost = match n % 4 {
+                    0 => None,
+                    1 => Some(usage::Cost(1_234_567_891)),
+                    2 => Some(usage::Cost(999_999)),
+                    _ => Some(usage::Cost(500_000 + n as i64)),
+                };
+                rows.push(r);
+            }
+        }
+        insert(db, &rows).await;
+        let light_filter = |start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>| UsageFilter {
+            start,
+            end,
+            user_id: Some(light),
+            ..Default::default()
+        };
+        let all_time = light_filter(None, None);
+        let plan = series_plan(db, &all_time, Granularity::Day, Tz::UTC).await;
+        assert!(!plan.gaps.is_empty(), "an hourly series reads rows");
+        assert_eq!(plan.gaps_by_row, postgres, "one by one on PostgreSQL only");
+        let daily = series_plan(db, &all_time, Granularity::Month, Tz::UTC).await;
+        assert!(!daily.gaps_by_row, "a daily series groups its rows in SQL");
+        if postgres {
+            // The statement is one range of the user's index, as a plain index scan.
+            let gap = &plan.gap_filters(&all_time)[0];
+            let stmt = sea_orm::QueryTrait::build(
+                &stats::gap_query(backend, &plan, gap, Granularity::Day, Tz::UTC),
+                backend,
+            );
+            assert!(
+                stmt.sql.contains("(user_id, created_at) >="),
+                "{}",
+                stmt.sql
+            );
+            let txn = db.begin().await.unwrap();
+            let settings = llm_tracker::db::Dialect::of(backend)
+                .user_range_settings()
+                .unwrap();
+            txn.execute_unprepared(settings).await.unwrap();
+            let explained: Vec<String> = txn
+                .query_all_raw(plans::explain(backend, &stmt))
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.try_get_by_index::<String>(0).unwrap())
+                .collect();
+            txn.rollback().await.unwrap();
+            let explained = explained.join("\n");
+            assert!(
+                explained.contains("Index Scan using llm_tracker_usage_user_created_idx")
+                    && !explained.contains("Bitmap"),
+                "{explained}"
+            );
+        }
+        // (A span of 56 years makes every read of it plan 20,000 days: fewer zones there.)
+        let checks = [
+            (all_time.clone(), &["UTC", "Asia/Kolkata"][..]),
+            (
+                light_filter(
+                    Some(at("1969-12-31T23:45:00Z")),
+                    Some(at("1970-01-01T00:00:00Z")),
+                ),
+                &["UTC", "Asia/Kathmandu"][..],
+            ),
+            (
+                light_filter(
+                    Some(at("2025-03-08T07:00:00Z") - micro),
+                    Some(at("2025-06-16T00:00:00Z") - micro),
+                ),
+                &ZONES[..],
+            ),
+            (
+                UsageFilter {
+                    model: Some("gpt".into()),
+                    success: Some(true),
+                    start: Some(at("2025-01-01T00:00:00Z")),
+                    ..all_time.clone()
+                },
+                &["UTC", "America/New_York", "Asia/Kolkata"][..],
+            ),
+            (
+                UsageFilter {
+                    success: Some(false),
+                    ..all_time.clone()
+                },
+                &["Asia/Kathmandu"][..],
+            ),
+        ];
+        let check = async || {
+            for (filter, zones) in &checks {
+                for zone in *zones {
+                    assert_same(db, filter, zone.parse().unwrap(), true).await;
+                }
+            }
+        };
+        // Pending, then folded.
+        check().await;
+        fold(&t).await;
+        check().await;
+        assert_verified(db).await;
     }
 );
