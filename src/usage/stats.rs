@@ -424,9 +424,6 @@ struct GroupReader {
     /// column types are the same on every row): read without sqlx's type check per value,
     /// which was half of reading an hourly year's 8,760 rows.
     pg_ints: bool,
-    /// PostgreSQL, the bucket a `timestamptz` (a row's `created_at`, [`series_rows_query`]):
-    /// the group is in that instant's slot.
-    pg_instant: bool,
     model: usize,
     bucket: usize,
     sums: [usize; TokenSums::COLUMNS.len()],
@@ -453,7 +450,6 @@ impl GroupReader {
         }
         let mut reader = Self {
             pg_ints: false,
-            pg_instant: false,
             model: at(col::MODEL)?,
             bucket: at(col::BUCKET)?,
             sums,
@@ -473,9 +469,6 @@ impl GroupReader {
                     .is_some_and(|c| <i64 as Type<Postgres>>::compatible(c.type_info()))
             });
             reader.pg_ints = all_bigint;
-            reader.pg_instant = columns
-                .get(reader.bucket)
-                .is_some_and(|c| <DateTime<Utc> as Type<Postgres>>::compatible(c.type_info()));
         }
         Ok(reader)
     }
@@ -507,15 +500,9 @@ impl GroupReader {
                         .map_err(|e| DbErr::Custom(format!("the {what} of a group: {e}")))
                 };
                 let model = text(self.model, "model")?.map(str::to_owned);
-                let bucket = if self.pg_instant {
-                    row.try_get_unchecked::<Option<DateTime<Utc>>, _>(self.bucket)
-                        .map_err(|e| DbErr::Custom(format!("the instant of a row: {e}")))?
-                        .map(slot_start_of)
-                } else {
-                    text(self.bucket, "bucket")?
-                        .map(group_instant)
-                        .transpose()?
-                };
+                let bucket = text(self.bucket, "bucket")?
+                    .map(group_instant)
+                    .transpose()?;
                 self.assemble(model, bucket, |i| {
                     row.try_get_unchecked::<Option<i64>, _>(i)
                         .map_err(|e| DbErr::Custom(format!("column {i} of a group: {e}")))?
@@ -722,44 +709,100 @@ async fn gap_groups(
     if let Some(sql) = Dialect::of(backend).user_range_settings() {
         txn.execute_unprepared(sql).await?;
     }
-    all_groups(txn, stmt).await
+    row_groups(txn, stmt).await
 }
 
-/// The rows of `filter` one by one, each a group of its own in its 15-minute slot (PostgreSQL;
-/// see [`rollup::Plan::gaps_by_row`]): the columns of [`series_query`] with each row's values
-/// in place of the sums, and `created_at` itself as the bucket, whose slot the reader finds in
-/// integer arithmetic. A row's cost in micro-dollars is exact: `cost` is `numeric(12, 6)`, so
-/// each row's micro-dollars are whole and their sum is the sum's.
+/// The rows of `filter` one by one (PostgreSQL; see [`rollup::Plan::gaps_by_row`]): each row's
+/// `created_at` (as the bucket), token counts, cost in micro-dollars and outcome, named as the
+/// sums they add to, through one range of the `(user_id, created_at)` index. A row's cost in
+/// micro-dollars is exact: `cost` is `numeric(12, 6)`, so each row's micro-dollars are whole
+/// and their sum is the sum's.
 pub(crate) fn series_rows_query(backend: DbBackend, filter: &UsageFilter) -> Select<usage::Entity> {
-    let value = |sum: Sum| match sum {
-        Sum::Calls => "CAST(1 AS BIGINT)".to_owned(),
-        Sum::CostMicros => "CAST(COALESCE(cost, 0) * 1000000 AS BIGINT)".to_owned(),
-        Sum::Prompt => "CAST(prompt_tokens AS BIGINT)".to_owned(),
-        Sum::Completion => "CAST(completion_tokens AS BIGINT)".to_owned(),
-        Sum::Total => "CAST(total_tokens AS BIGINT)".to_owned(),
-        Sum::Cached => "CAST(cached_tokens AS BIGINT)".to_owned(),
-        Sum::Reasoning => "CAST(reasoning_tokens AS BIGINT)".to_owned(),
-    };
-    let mut values: Vec<(String, &'static str)> = TokenSums::COLUMNS
-        .iter()
-        .map(|&(sum, alias)| (value(sum), alias))
-        .collect();
-    values.push((
-        "CAST(CASE WHEN success THEN 1 ELSE 0 END AS BIGINT)".to_owned(),
-        col::SUCCESSFUL,
-    ));
-    with_these(
-        usage::Entity::find()
-            .select_only()
-            .column_as(Expr::cust("CAST(NULL AS TEXT)"), col::MODEL),
-        values,
-    )
-    .column_as(Expr::cust("created_at"), col::BUCKET)
-    .filter(
+    let mut q = usage::Entity::find()
+        .select_only()
+        .column_as(Expr::cust("created_at"), col::BUCKET);
+    for (sum, alias) in TokenSums::COLUMNS {
+        if let Some(value) = row_value_sql(sum) {
+            q = q.column_as(Expr::cust(value), alias);
+        }
+    }
+    q.column_as(Expr::cust("success"), col::SUCCESSFUL).filter(
         filter
             .user_range_condition(backend)
             .unwrap_or_else(|| filter.condition(backend)),
     )
+}
+
+/// One row's value of `sum` in [`series_rows_query`] (`None` for the calls: one per row).
+fn row_value_sql(sum: Sum) -> Option<&'static str> {
+    Some(match sum {
+        Sum::Calls => return None,
+        Sum::CostMicros => "CAST(COALESCE(cost, 0) * 1000000 AS BIGINT)",
+        Sum::Prompt => "prompt_tokens",
+        Sum::Completion => "completion_tokens",
+        Sum::Total => "total_tokens",
+        Sum::Cached => "cached_tokens",
+        Sum::Reasoning => "reasoning_tokens",
+    })
+}
+
+/// The groups of [`series_rows_query`]: each row a group of its own in its 15-minute slot
+/// (found in integer arithmetic from `created_at`), read as the rows arrive, each column by
+/// its position (found by name on the first row) and its type as the statement has it.
+async fn row_groups(txn: &DatabaseTransaction, stmt: Statement) -> Result<Vec<Group>, DbErr> {
+    use futures_util::TryStreamExt;
+    use sea_orm::sqlx::Row;
+    let rows = sea_orm::StreamTrait::stream_raw(txn, stmt).await?;
+    let mut rows = std::pin::pin!(rows);
+    let bad = |e: sea_orm::sqlx::Error| DbErr::Custom(format!("a row one by one: {e}"));
+    // (the bucket, each sum but the calls, the outcome)
+    let mut at: Option<(usize, [Option<usize>; TokenSums::COLUMNS.len()], usize)> = None;
+    let mut out = Vec::new();
+    while let Some(r) = rows.try_next().await? {
+        let row = r
+            .try_as_pg_row()
+            .ok_or_else(|| DbErr::Custom("rows one by one are read on PostgreSQL only".into()))?;
+        let (bucket, sums, success) = match at {
+            Some(p) => p,
+            None => {
+                let names = r.column_names();
+                let find = |name: &str| {
+                    names.iter().position(|n| n == name).ok_or_else(|| {
+                        DbErr::Custom(format!("a row one by one without the column {name}"))
+                    })
+                };
+                let mut sums = [None; TokenSums::COLUMNS.len()];
+                for (k, (sum, alias)) in TokenSums::COLUMNS.iter().enumerate() {
+                    if row_value_sql(*sum).is_some() {
+                        sums[k] = Some(find(alias)?);
+                    }
+                }
+                *at.insert((find(col::BUCKET)?, sums, find(col::SUCCESSFUL)?))
+            }
+        };
+        let instant: DateTime<Utc> = row.try_get_unchecked(bucket).map_err(bad)?;
+        out.push(Group {
+            model: None,
+            bucket: Some(slot_start_of(instant)),
+            sums: TokenSums::try_from_fn(|k| match sums[k] {
+                None => Ok(1),
+                Some(i) if TokenSums::COLUMNS[k].0 == Sum::CostMicros => {
+                    row.try_get_unchecked::<i64, _>(i).map_err(bad)
+                }
+                Some(i) => row
+                    .try_get_unchecked::<i32, _>(i)
+                    .map(i64::from)
+                    .map_err(bad),
+            })?,
+            successful_calls: i64::from(row.try_get_unchecked::<bool, _>(success).map_err(bad)?),
+            unpriced_calls: 0,
+            latency_us: 0,
+            latency_n: 0,
+            ttft_us: 0,
+            ttft_n: 0,
+        });
+    }
+    Ok(out)
 }
 
 /// The start of the 15-minute slot holding `at`, in UTC epoch seconds (what a group's slot
