@@ -164,6 +164,32 @@ impl UsageFilter {
         Some(self.row_condition(c))
     }
 
+    /// The condition of an aggregate over this filter's rows: on PostgreSQL, for one user
+    /// over a range with both ends, [`Self::user_range_condition`] (read under
+    /// [`Self::rows_settings`]); otherwise [`Self::condition`].
+    pub fn rows_condition(&self, backend: DbBackend) -> Condition {
+        match backend {
+            DbBackend::Postgres => self
+                .user_range_condition(backend)
+                .unwrap_or_else(|| self.condition(backend)),
+            _ => self.condition(backend),
+        }
+    }
+
+    /// The planner settings an aggregate over [`Self::rows_condition`] runs under, local to its
+    /// transaction: for one user, a plain index scan of the `(user_id, created_at)` range
+    /// ([`crate::db::Dialect::user_range_settings`]) where the condition is that range, else a
+    /// bitmap scan of the same index ([`crate::db::Dialect::user_rows_settings`]); none over
+    /// all users.
+    pub fn rows_settings(&self, backend: DbBackend) -> Option<&'static str> {
+        self.user_id?;
+        let dialect = crate::db::Dialect::of(backend);
+        match (backend, self.start, self.end) {
+            (DbBackend::Postgres, Some(_), Some(_)) => dialect.user_range_settings(),
+            _ => dialect.user_rows_settings(),
+        }
+    }
+
     /// `c` and the conditions of this filter on a row's own columns (model, outcome).
     fn row_condition(&self, mut c: Condition) -> Condition {
         if let Some(model) = &self.model {

@@ -496,7 +496,7 @@ async fn raw_rows(
         .column(usage::Column::Model)
         .column_as(Expr::cust(bucket), "bucket")
         .column_as(Expr::cust("CAST(COUNT(*) AS BIGINT)"), "calls")
-        .filter(filter.condition(backend))
+        .filter(filter.rows_condition(backend))
         .filter(Expr::cust("started_at IS NOT NULL"))
         .group_by(Expr::cust(Dialect::of(backend).model_group()))
         .group_by(Expr::cust("bucket"))
@@ -519,16 +519,13 @@ pub async fn latency_histograms(
     } else {
         None
     };
-    // One user's rows: through the `(user_id, created_at)` index.
-    let user_rows_settings = Dialect::of(backend)
-        .user_rows_settings()
-        .filter(|_| filter.user_id.is_some());
     let rows = match cover(filter, extent) {
         None => {
             if let Some(settings) = Dialect::of(backend).aggregate_settings() {
                 txn.execute_unprepared(settings).await?;
             }
-            if let Some(settings) = user_rows_settings {
+            // One user's rows: through the `(user_id, created_at)` index.
+            if let Some(settings) = filter.rows_settings(backend) {
                 txn.execute_unprepared(settings).await?;
             }
             raw_rows(&txn, filter).await?
@@ -544,10 +541,10 @@ pub async fn latency_histograms(
             let mut rows = BucketRow::find_by_statement(cells_statement(backend, &cover, filter))
                 .all(&txn)
                 .await?;
-            if let Some(settings) = user_rows_settings.filter(|_| !cover.edges.is_empty()) {
-                txn.execute_unprepared(settings).await?;
-            }
             for edge in &cover.edges {
+                if let Some(settings) = edge.rows_settings(backend) {
+                    txn.execute_unprepared(settings).await?;
+                }
                 rows.extend(raw_rows(&txn, edge).await?);
             }
             rows

@@ -544,17 +544,16 @@ impl GroupReader {
     }
 }
 
-/// [`all_groups`] of a raw aggregate of `filter`'s rows: for one user under
-/// [`Dialect::user_rows_settings`] (the user's rows through `(user_id, created_at)`, not the
-/// `created_at` index filtering every other user's rows out).
+/// [`all_groups`] of a raw aggregate of `filter`'s rows (built on
+/// [`UsageFilter::rows_condition`]), under its planner settings ([`UsageFilter::rows_settings`]:
+/// for one user, the user's rows through `(user_id, created_at)`, not the `created_at` index
+/// filtering every other user's rows out).
 async fn rows_groups(
     txn: &DatabaseTransaction,
     filter: &UsageFilter,
     stmt: Statement,
 ) -> Result<Vec<Group>, DbErr> {
-    if filter.user_id.is_some()
-        && let Some(sql) = Dialect::of(txn.get_database_backend()).user_rows_settings()
-    {
+    if let Some(sql) = filter.rows_settings(txn.get_database_backend()) {
         txn.execute_unprepared(sql).await?;
     }
     all_groups(txn, stmt).await
@@ -632,7 +631,7 @@ pub(crate) fn token_stats_query(
             .column(usage::Column::Model),
         backend,
     )
-    .filter(filter.condition(backend))
+    .filter(filter.rows_condition(backend))
     .group_by(Expr::cust(Dialect::of(backend).model_group()));
     match granularity {
         Some(g) => {
@@ -671,7 +670,7 @@ pub(crate) fn series_query(
             .column_as(Expr::cust("CAST(NULL AS TEXT)"), col::MODEL),
         raw_series_sums(backend),
     )
-    .filter(filter.condition(backend));
+    .filter(filter.rows_condition(backend));
     let (group, text) = bucket_group(backend, granularity, tz);
     q.column_as(Expr::cust(text), col::BUCKET)
         .group_by(Expr::cust(group))
@@ -706,7 +705,7 @@ async fn gap_groups(
     if !plan.gaps_by_row {
         return rows_groups(txn, gap, stmt).await;
     }
-    if let Some(sql) = Dialect::of(backend).user_range_settings() {
+    if let Some(sql) = gap.rows_settings(backend) {
         txn.execute_unprepared(sql).await?;
     }
     row_groups(txn, stmt).await
@@ -726,11 +725,8 @@ pub(crate) fn series_rows_query(backend: DbBackend, filter: &UsageFilter) -> Sel
             q = q.column_as(Expr::cust(value), alias);
         }
     }
-    q.column_as(Expr::cust("success"), col::SUCCESSFUL).filter(
-        filter
-            .user_range_condition(backend)
-            .unwrap_or_else(|| filter.condition(backend)),
-    )
+    q.column_as(Expr::cust("success"), col::SUCCESSFUL)
+        .filter(filter.rows_condition(backend))
 }
 
 /// One row's value of `sum` in [`series_rows_query`] (`None` for the calls: one per row).

@@ -2521,6 +2521,35 @@ db_test!(
                 }
             }
         };
+        // The aggregates over one user's rows select them through the user's index range on
+        // PostgreSQL (`rows_condition`): the very rows of the plain condition, at every bound.
+        for t0 in boundaries {
+            for (start, end) in [
+                (t0 - micro, t0),
+                (t0, t0 + Duration::minutes(7)),
+                (t0 - Duration::days(1), t0 - micro),
+                (t0 + micro, t0 + Duration::days(1)),
+            ] {
+                for user in [light, other] {
+                    let filter = UsageFilter {
+                        start: Some(start),
+                        end: Some(end),
+                        user_id: Some(user),
+                        ..Default::default()
+                    };
+                    let count = async |c: sea_orm::Condition| {
+                        sea_orm::PaginatorTrait::count(usage::Entity::find().filter(c), db)
+                            .await
+                            .unwrap()
+                    };
+                    assert_eq!(
+                        count(filter.rows_condition(backend)).await,
+                        count(filter.condition(backend)).await,
+                        "{filter:?}"
+                    );
+                }
+            }
+        }
         // Pending, then folded.
         check().await;
         fold(&t).await;
