@@ -254,7 +254,7 @@ impl Dialect {
         }
     }
 
-    /// Planner settings for reading one user's rows one by one through
+    /// Planner settings for reading one user's rows through
     /// [`crate::usage::UsageFilter::user_range_condition`] (a range of the `(user_id,
     /// created_at)` index that no other index serves), local to the read transaction: a plain
     /// index scan, no bitmap scan, no sequential scan, no parallel workers, no JIT (the

@@ -148,8 +148,12 @@ impl UsageFilter {
     /// end)` in row comparisons: no other index can serve them, so a plain index scan of one
     /// user's rows (PostgreSQL, [`crate::db::Dialect::user_range_settings`]) cannot turn into
     /// a scan of the `created_at` index that filters every other user's rows out. `None`
-    /// without a user or either end.
+    /// without a user or either end, and on SQLite (its planner needs no such help: the plain
+    /// condition serves it).
     pub fn user_range_condition(&self, backend: DbBackend) -> Option<Condition> {
+        if backend != DbBackend::Postgres {
+            return None;
+        }
         let (user, start, end) = (self.user_id?, self.start?, self.end?);
         let dialect = crate::db::Dialect::of(backend);
         let c = Condition::all()
@@ -164,15 +168,15 @@ impl UsageFilter {
         Some(self.row_condition(c))
     }
 
-    /// The condition of an aggregate over this filter's rows: on PostgreSQL, for one user
-    /// over a range with both ends, [`Self::user_range_condition`] (read under
-    /// [`Self::rows_settings`]); otherwise [`Self::condition`].
+    /// The condition of an aggregate over this filter's rows: [`Self::user_range_condition`]
+    /// where [`Self::reads_user_range`], otherwise [`Self::condition`] (the same rows either
+    /// way).
     pub fn rows_condition(&self, backend: DbBackend) -> Condition {
-        match backend {
-            DbBackend::Postgres => self
+        match self.reads_user_range(backend) {
+            true => self
                 .user_range_condition(backend)
                 .unwrap_or_else(|| self.condition(backend)),
-            _ => self.condition(backend),
+            false => self.condition(backend),
         }
     }
 
@@ -184,10 +188,27 @@ impl UsageFilter {
     pub fn rows_settings(&self, backend: DbBackend) -> Option<&'static str> {
         self.user_id?;
         let dialect = crate::db::Dialect::of(backend);
-        match (backend, self.start, self.end) {
-            (DbBackend::Postgres, Some(_), Some(_)) => dialect.user_range_settings(),
-            _ => dialect.user_rows_settings(),
+        match self.reads_user_range(backend) {
+            true => dialect.user_range_settings(),
+            false => dialect.user_rows_settings(),
         }
+    }
+
+    /// Whether an aggregate reads this filter's rows as [`Self::user_range_condition`]: on
+    /// PostgreSQL, for one user, over a range that ends less than a day ago or later. Only the
+    /// row comparison's user bounds where a scan of the index stops (PostgreSQL 15 marks a row
+    /// comparison required on its first column only): the scan begins exactly at `(user,
+    /// start)` but walks on past `end` to the user's last entry — nothing for a range that
+    /// reaches the present (a day of the heaviest user is ~2,800 entries), but all of the
+    /// heaviest user's 677,035 entries, 28 ms, for a range ending a year ago. Such ranges keep
+    /// the plain condition under a bitmap scan.
+    pub fn reads_user_range(&self, backend: DbBackend) -> bool {
+        backend == DbBackend::Postgres
+            && self.user_id.is_some()
+            && self.start.is_some()
+            && self
+                .end
+                .is_some_and(|end| end >= Utc::now() - chrono::Duration::days(1))
     }
 
     /// `c` and the conditions of this filter on a row's own columns (model, outcome).

@@ -702,13 +702,13 @@ async fn gap_groups(
 ) -> Result<Vec<Group>, DbErr> {
     let backend = txn.get_database_backend();
     let stmt = gap_query(backend, plan, gap, granularity, tz).build(backend);
-    if !plan.gaps_by_row {
-        return rows_groups(txn, gap, stmt).await;
-    }
     if let Some(sql) = gap.rows_settings(backend) {
         txn.execute_unprepared(sql).await?;
     }
-    row_groups(txn, stmt).await
+    match plan.gaps_by_row {
+        true => row_groups(txn, stmt).await,
+        false => all_groups(txn, stmt).await,
+    }
 }
 
 /// The rows of `filter` one by one (PostgreSQL; see [`rollup::Plan::gaps_by_row`]): each row's
