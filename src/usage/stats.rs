@@ -713,7 +713,7 @@ async fn gap_groups(
 
 /// The rows of `filter` one by one (PostgreSQL; see [`rollup::Plan::gaps_by_row`]): each row's
 /// `created_at` (as the bucket), token counts, cost in micro-dollars and outcome, named as the
-/// sums they add to, through one range of the `(user_id, created_at)` index. A row's cost in
+/// sums they add to, selected by [`UsageFilter::rows_condition`]. A row's cost in
 /// micro-dollars is exact: `cost` is `numeric(12, 6)`, so each row's micro-dollars are whole
 /// and their sum is the sum's.
 pub(crate) fn series_rows_query(backend: DbBackend, filter: &UsageFilter) -> Select<usage::Entity> {
