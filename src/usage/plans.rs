@@ -114,7 +114,9 @@ pub async fn by_user_bound_statements<C: ConnectionTrait>(
 }
 
 /// Planner settings the token-stats statements run under (in their read transaction), if
-/// any: run them before explaining its statements to see the plans that are served.
+/// any: run them before explaining its statements to see the plans that are served. (The
+/// statements over one user's rows, edges and gaps of a plan with a `user_id`, are served
+/// under their filter's [`super::UsageFilter::rows_settings`] instead.)
 pub fn token_stats_settings(backend: DbBackend) -> Option<String> {
     let dialect = crate::db::Dialect::of(backend);
     match (dialect.aggregate_settings(), dialect.rollup_settings()) {
