@@ -194,6 +194,19 @@ impl UsageFilter {
         }
     }
 
+    /// Runs [`Self::rows_settings`], if any, in `txn` (they are `SET LOCAL`: they last until
+    /// it ends or the next settings).
+    pub async fn set_rows_settings(
+        &self,
+        txn: &sea_orm::DatabaseTransaction,
+    ) -> Result<(), sea_orm::DbErr> {
+        use sea_orm::ConnectionTrait;
+        if let Some(sql) = self.rows_settings(txn.get_database_backend()) {
+            txn.execute_unprepared(sql).await?;
+        }
+        Ok(())
+    }
+
     /// Whether an aggregate reads this filter's rows as [`Self::user_range_condition`]: on
     /// PostgreSQL, for one user, over a range that ends less than a day ago or later. Only the
     /// row comparison's user bounds where a scan of the index stops (PostgreSQL 15 marks a row

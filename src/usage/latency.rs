@@ -525,9 +525,7 @@ pub async fn latency_histograms(
                 txn.execute_unprepared(settings).await?;
             }
             // One user's rows: through the `(user_id, created_at)` index.
-            if let Some(settings) = filter.rows_settings(backend) {
-                txn.execute_unprepared(settings).await?;
-            }
+            filter.set_rows_settings(&txn).await?;
             raw_rows(&txn, filter).await?
         }
         Some(cover) => {
@@ -542,9 +540,7 @@ pub async fn latency_histograms(
                 .all(&txn)
                 .await?;
             for edge in &cover.edges {
-                if let Some(settings) = edge.rows_settings(backend) {
-                    txn.execute_unprepared(settings).await?;
-                }
+                edge.set_rows_settings(&txn).await?;
                 rows.extend(raw_rows(&txn, edge).await?);
             }
             rows

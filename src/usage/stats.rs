@@ -553,9 +553,7 @@ async fn rows_groups(
     filter: &UsageFilter,
     stmt: Statement,
 ) -> Result<Vec<Group>, DbErr> {
-    if let Some(sql) = filter.rows_settings(txn.get_database_backend()) {
-        txn.execute_unprepared(sql).await?;
-    }
+    filter.set_rows_settings(txn).await?;
     all_groups(txn, stmt).await
 }
 
@@ -702,9 +700,7 @@ async fn gap_groups(
 ) -> Result<Vec<Group>, DbErr> {
     let backend = txn.get_database_backend();
     let stmt = gap_query(backend, plan, gap, granularity, tz).build(backend);
-    if let Some(sql) = gap.rows_settings(backend) {
-        txn.execute_unprepared(sql).await?;
-    }
+    gap.set_rows_settings(txn).await?;
     match plan.gaps_by_row {
         true => row_groups(txn, stmt).await,
         false => all_groups(txn, stmt).await,
