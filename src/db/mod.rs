@@ -134,6 +134,50 @@ pub(crate) async fn read_txn(
     }
 }
 
+/// The name of `txn`'s snapshot, for other connections to read exactly what it reads
+/// (PostgreSQL `pg_export_snapshot`, what `pg_dump --jobs` does; the name is good while `txn`
+/// is open).
+pub(crate) async fn export_snapshot(txn: &sea_orm::DatabaseTransaction) -> Result<String, DbErr> {
+    txn.query_one_raw(sea_orm::Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT pg_export_snapshot()",
+    ))
+    .await?
+    .ok_or_else(|| DbErr::Custom("pg_export_snapshot returned no row".into()))?
+    .try_get_by_index(0)
+}
+
+/// How long a read waits for a new connection of its own beside the one it has
+/// ([`spare_connections`]); past it the read goes on with the one.
+const SPARE_CONNECT: Duration = Duration::from_millis(250);
+
+/// Up to `n` connections of `db`'s PostgreSQL pool that a read may use beside its own, without
+/// making anyone wait: idle ones, and new ones while the pool is under half its size (the rest
+/// is left to other requests and to the tracker's writes). Empty on SQLite.
+pub(crate) async fn spare_connections(
+    db: &DatabaseConnection,
+    n: usize,
+) -> Vec<sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>> {
+    let mut out = Vec::new();
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return out;
+    }
+    let pool = db.get_postgres_connection_pool();
+    while out.len() < n {
+        match pool.try_acquire() {
+            Some(conn) => out.push(conn),
+            None if pool.size() < pool.options().get_max_connections() / 2 => {
+                match tokio::time::timeout(SPARE_CONNECT, pool.acquire()).await {
+                    Ok(Ok(conn)) => out.push(conn),
+                    _ => break,
+                }
+            }
+            None => break,
+        }
+    }
+    out
+}
+
 /// The pool's connections: `(in use, idle)`. Reads the pool's own counters (no query).
 pub fn pool_connections(db: &DatabaseConnection) -> (i64, i64) {
     let (size, idle) = match db.get_database_backend() {

@@ -10,6 +10,7 @@ pub mod list;
 pub mod plans;
 pub mod reprice;
 pub mod rollup;
+pub mod row_copy;
 pub mod stats;
 pub mod sums;
 

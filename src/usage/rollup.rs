@@ -244,6 +244,52 @@ pub(crate) fn level_of(filter: &UsageFilter, by: GroupBy) -> Level {
     }
 }
 
+/// The calls of `user` in each UTC month whose cell starts in slots `[from, to)`, as `(first
+/// slot, first slot of the next month, calls)` in order: the user's month cells in the totals
+/// table (one small index range: a year is 12 cells). What the user wrote since the last fold
+/// is not in them: a measure of where the user's rows lie, not a statistic.
+pub async fn user_month_calls<C: ConnectionTrait>(
+    db: &C,
+    user: i32,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(i64, i64, i64)>, DbErr> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => format!(
+            "SELECT slot, calls FROM {TOTALS_TABLE} WHERE grain = $1 AND user_key = $2 \
+             AND slot >= $3 AND slot < $4 ORDER BY slot"
+        ),
+        _ => format!(
+            "SELECT slot, calls FROM {TOTALS_TABLE} WHERE grain = ? AND user_key = ? \
+             AND slot >= ? AND slot < ? ORDER BY slot"
+        ),
+    };
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [
+                Value::from(Calendar::Month.code()),
+                Value::from(key_of(Some(user))),
+                Value::from(from),
+                Value::from(to),
+            ],
+        ))
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let slot: i64 = row.try_get_by_index(0)?;
+        let calls: i64 = row.try_get_by_index(1)?;
+        let next = slot_start(slot)
+            .and_then(|at| at.checked_add_months(Months::new(1)))
+            .map(|at| at.timestamp().div_euclid(SLOT_SECONDS))
+            .ok_or_else(|| DbErr::Custom(format!("a month cell at slot {slot}")))?;
+        out.push((slot, next, calls));
+    }
+    Ok(out)
+}
+
 /// The slots in which the user of rollup key `key` has hour cells that a read may use: from
 /// the user's `since` (never before the retention horizon: cells there keep rows that are
 /// gone, and a rebuild refills hours from the rows only) to its `until`, if the user is dense

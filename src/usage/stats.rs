@@ -395,6 +395,23 @@ pub(crate) struct Group {
     ttft_n: i64,
 }
 
+impl Group {
+    /// A row one by one as its own group in its slot (a series' group: no model).
+    fn of_row(row: super::row_copy::CopiedRow) -> Self {
+        Self {
+            model: None,
+            bucket: Some(row.slot_start),
+            sums: row.sums,
+            successful_calls: i64::from(row.success),
+            unpriced_calls: 0,
+            latency_us: 0,
+            latency_n: 0,
+            ttft_us: 0,
+            ttft_n: 0,
+        }
+    }
+}
+
 /// The groups of a statement. Each column is found by its name once, then read by position:
 /// by name on every row (sea-orm's derive) was a quarter of the server's time for an hourly
 /// year (8,760 rows of 14 columns). Read as the rows arrive, not once they all have: the
@@ -707,35 +724,250 @@ async fn gap_groups(
     }
 }
 
+/// The series' groups of all of a plan's gaps: the rows [`copied_gap_rows`] copies, each its
+/// own group; where it does not, each gap's [`gap_groups`] in turn on the request's
+/// transaction.
+async fn series_gap_groups(
+    db: &DatabaseConnection,
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    gaps: &[UsageFilter],
+    granularity: Granularity,
+    tz: Tz,
+) -> Result<Vec<Group>, DbErr> {
+    if let Some(copied) = copied_gap_rows(db, txn, plan, gaps).await? {
+        return Ok(copied.rows.into_iter().map(Group::of_row).collect());
+    }
+    let mut groups = Vec::new();
+    for gap in gaps {
+        groups.extend(gap_groups(txn, plan, gap, granularity, tz).await?);
+    }
+    Ok(groups)
+}
+
+/// The rows of a plan's gaps as [`copied_gap_rows`] read them.
+#[derive(Debug)]
+pub struct CopiedGapRows {
+    /// On how many connections at once: 1, or 2 (the halves of [`row_halves`]).
+    pub parts: usize,
+    pub rows: Vec<super::row_copy::CopiedRow>,
+}
+
+/// For a light user's rows one by one ([`rollup::Plan::gaps_by_row`]) over a long range
+/// reaching the present ([`copies_rows`]): the rows of `gaps` by `COPY` on spare connections of
+/// the pool that share `txn`'s snapshot ([`super::row_copy`], [`crate::db::export_snapshot`],
+/// [`crate::db::spare_connections`]); with two, the two halves of the user's calls at once
+/// ([`row_halves`]). `None` where it does not apply or no connection is spare: the caller
+/// reads them on `txn`.
+///
+/// PostgreSQL visits such rows one heap page each (~1 µs a page even cached: 11 ms of a
+/// typical user's year) on one core per connection, and the server reads a copied row in
+/// place where a statement's row went through sqlx's and sea-orm's layers.
+pub async fn copied_gap_rows(
+    db: &DatabaseConnection,
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    gaps: &[UsageFilter],
+) -> Result<Option<CopiedGapRows>, DbErr> {
+    if !copies_rows(txn.get_database_backend(), plan, gaps) {
+        return Ok(None);
+    }
+    let mut spares = crate::db::spare_connections(db, 2).await;
+    if spares.is_empty() {
+        return Ok(None);
+    }
+    let snapshot = crate::db::export_snapshot(txn).await?;
+    let settings = Dialect::Postgres.user_range_settings().unwrap_or_default();
+    let halves = match spares.len() {
+        2 => row_halves(gaps, &user_months(txn, gaps).await?),
+        _ => None,
+    };
+    let copy = super::row_copy::copy_rows;
+    Ok(Some(match (halves, spares.as_mut_slice()) {
+        (Some((early, late)), [a, b]) => {
+            let (early, late) = (copy_selects(&early), copy_selects(&late));
+            let (mut rows, later) = futures_util::try_join!(
+                copy(a, &snapshot, settings, &early),
+                copy(b, &snapshot, settings, &late),
+            )?;
+            rows.extend(later);
+            CopiedGapRows { parts: 2, rows }
+        }
+        (_, [a, ..]) => CopiedGapRows {
+            parts: 1,
+            rows: copy(a, &snapshot, settings, &copy_selects(gaps)).await?,
+        },
+        (_, []) => return Ok(None),
+    }))
+}
+
+/// A light user's rows one by one are copied on spare connections from this span of gaps on
+/// (shorter, their round trips are more than they save).
+pub const COPY_ROWS_FROM: chrono::Duration = chrono::Duration::days(28);
+
+/// Whether [`series_gap_groups`] copies the rows of `gaps` on spare connections: on
+/// PostgreSQL, where the plan reads them one by one, they span [`COPY_ROWS_FROM`] or more, and
+/// the latest reaches the present ([`UsageFilter::reads_user_range`]) — so that each part is
+/// read as ranges of the `(user_id, created_at)` index, and a range's scan, which walks on past
+/// its end to the user's last entry, walks over the later part's entries and at most a day
+/// more (leaf entries, not heap pages).
+pub fn copies_rows(backend: DbBackend, plan: &rollup::Plan, gaps: &[UsageFilter]) -> bool {
+    let spans: Option<Vec<_>> = gaps.iter().map(|g| Some((g.start?, g.end?))).collect();
+    let Some(spans) = spans else {
+        return false;
+    };
+    let total: chrono::Duration = spans.iter().map(|&(start, end)| end - start).sum();
+    let latest = spans.iter().map(|&(_, end)| end).max();
+    backend == DbBackend::Postgres
+        && plan.gaps_by_row
+        && total >= COPY_ROWS_FROM
+        && gaps
+            .iter()
+            .any(|g| g.end == latest && g.reads_user_range(backend))
+}
+
+/// The user's calls per UTC month over `gaps` ([`rollup::user_month_calls`]), from the month
+/// before the first gap's.
+async fn user_months(
+    txn: &DatabaseTransaction,
+    gaps: &[UsageFilter],
+) -> Result<Vec<(i64, i64, i64)>, DbErr> {
+    let slot = migration::rollup::SLOT_SECONDS;
+    let first = gaps.iter().filter_map(|g| g.start).min();
+    let last = gaps.iter().filter_map(|g| g.end).max();
+    match (gaps.first().and_then(|g| g.user_id), first, last) {
+        (Some(user), Some(first), Some(last)) => {
+            let from = first.timestamp().div_euclid(slot) - 31 * migration::rollup::DAY;
+            let to = last.timestamp().div_euclid(slot) + 1;
+            rollup::user_month_calls(txn, user, from, to).await
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// The `SELECT`s, values written in, of each gap's rows one by one as ranges of the
+/// `(user_id, created_at)` index ([`UsageFilter::user_range_condition`]).
+fn copy_selects(gaps: &[UsageFilter]) -> Vec<String> {
+    let backend = DbBackend::Postgres;
+    gaps.iter()
+        .map(|gap| {
+            let condition = gap
+                .user_range_condition(backend)
+                .unwrap_or_else(|| gap.condition(backend));
+            rows_query(condition)
+                .into_query()
+                .to_string(sea_orm::sea_query::PostgresQueryBuilder)
+        })
+        .collect()
+}
+
+/// `gaps` (one user's) in two parts holding about as many of the user's calls each, the
+/// earlier and the later, cut at a 15-minute slot boundary: the calls of each month
+/// (`(first slot, next month's first slot, calls)`, [`rollup::user_month_calls`]) taken as
+/// spread evenly over the month. `None` where either part would be empty. Together the parts
+/// select exactly the rows of `gaps`: a gap cut in two ends a microsecond before the later
+/// part begins.
+///
+/// Each part is read as ranges of the `(user_id, created_at)` index ([`range_row_groups`]):
+/// the earlier part's scans walk on past their ends to the user's last entry (see
+/// [`UsageFilter::reads_user_range`]), which, where the later part reaches the present, is the
+/// later part's entries and at most a day more: leaf entries, not heap pages.
+pub fn row_halves(
+    gaps: &[UsageFilter],
+    months: &[(i64, i64, i64)],
+) -> Option<(Vec<UsageFilter>, Vec<UsageFilter>)> {
+    let slot = migration::rollup::SLOT_SECONDS;
+    let mut spans = gaps
+        .iter()
+        .map(|g| {
+            let (start, end) = (g.start?, g.end?);
+            let after = end.checked_add_signed(chrono::Duration::microseconds(1))?;
+            Some((start.timestamp(), after.timestamp(), g))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    spans.sort_by_key(|&(start, _, _)| start);
+    // The calls of `months` in `[a, b)` seconds, each month's spread evenly over it; and, when
+    // `need` of them are reached inside, the second at which that happens.
+    let calls_in = |a: i64, b: i64, mut need: f64| -> (f64, Option<i64>) {
+        let mut sum = 0.0;
+        for &(m0, m1, calls) in months {
+            let (s0, s1) = (m0 * slot, m1 * slot);
+            let (x, y) = (a.max(s0), b.min(s1));
+            if y <= x || s1 <= s0 || calls <= 0 {
+                continue;
+            }
+            let per_second = calls as f64 / (s1 - s0) as f64;
+            let here = per_second * (y - x) as f64;
+            if need <= here {
+                return (sum + need, Some(x + (need / per_second) as i64));
+            }
+            need -= here;
+            sum += here;
+        }
+        (sum, None)
+    };
+    let total: f64 = spans
+        .iter()
+        .map(|&(a, b, _)| calls_in(a, b, f64::INFINITY).0)
+        .sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut need = total / 2.0;
+    let (mut early, mut late) = (Vec::new(), Vec::new());
+    for (a, b, gap) in spans {
+        if need <= 0.0 {
+            late.push(gap.clone());
+            continue;
+        }
+        match calls_in(a, b, need) {
+            (_, Some(at)) => {
+                need = 0.0;
+                let cut = at.div_euclid(slot) * slot;
+                let cut_at = DateTime::from_timestamp(cut, 0)?;
+                if cut > a {
+                    early.push(UsageFilter {
+                        end: Some(cut_at - chrono::Duration::microseconds(1)),
+                        ..gap.clone()
+                    });
+                    late.push(UsageFilter {
+                        start: Some(cut_at),
+                        ..gap.clone()
+                    });
+                } else {
+                    late.push(gap.clone());
+                }
+            }
+            (here, None) => {
+                need -= here;
+                early.push(gap.clone());
+            }
+        }
+    }
+    (!early.is_empty() && !late.is_empty()).then_some((early, late))
+}
+
 /// The rows of `filter` one by one (PostgreSQL; see [`rollup::Plan::gaps_by_row`]): each row's
 /// `created_at` (as the bucket), token counts, cost in micro-dollars and outcome, named as the
 /// sums they add to, selected by [`UsageFilter::rows_condition`]. A row's cost in
 /// micro-dollars is exact: `cost` is `numeric(12, 6)`, so each row's micro-dollars are whole
 /// and their sum is the sum's.
 pub(crate) fn series_rows_query(backend: DbBackend, filter: &UsageFilter) -> Select<usage::Entity> {
+    rows_query(filter.rows_condition(backend))
+}
+
+/// [`series_rows_query`] of the rows `condition` selects.
+fn rows_query(condition: sea_orm::Condition) -> Select<usage::Entity> {
     let mut q = usage::Entity::find()
         .select_only()
         .column_as(Expr::cust("created_at"), col::BUCKET);
     for (sum, alias) in TokenSums::COLUMNS {
-        if let Some(value) = row_value_sql(sum) {
+        if let Some(value) = super::row_copy::row_value_sql(sum) {
             q = q.column_as(Expr::cust(value), alias);
         }
     }
     q.column_as(Expr::cust("success"), col::SUCCESSFUL)
-        .filter(filter.rows_condition(backend))
-}
-
-/// One row's value of `sum` in [`series_rows_query`] (`None` for the calls: one per row).
-fn row_value_sql(sum: Sum) -> Option<&'static str> {
-    Some(match sum {
-        Sum::Calls => return None,
-        Sum::CostMicros => "CAST(COALESCE(cost, 0) * 1000000 AS BIGINT)",
-        Sum::Prompt => "prompt_tokens",
-        Sum::Completion => "completion_tokens",
-        Sum::Total => "total_tokens",
-        Sum::Cached => "cached_tokens",
-        Sum::Reasoning => "reasoning_tokens",
-    })
+        .filter(condition)
 }
 
 /// The groups of [`series_rows_query`]: each row a group of its own in its 15-minute slot
@@ -765,7 +997,7 @@ async fn row_groups(txn: &DatabaseTransaction, stmt: Statement) -> Result<Vec<Gr
                 };
                 let mut sums = [None; TokenSums::COLUMNS.len()];
                 for (k, (sum, alias)) in TokenSums::COLUMNS.iter().enumerate() {
-                    if row_value_sql(*sum).is_some() {
+                    if super::row_copy::row_value_sql(*sum).is_some() {
                         sums[k] = Some(find(alias)?);
                     }
                 }
@@ -931,9 +1163,8 @@ pub async fn token_stats_in(
             // A user's days that straddle a local bucket: the series reads their rows, or the
             // rows on the shorter side of the bucket boundary (PostgreSQL).
             if let Some(granularity) = granularity {
-                for gap in plan.gap_filters(filter) {
-                    series.extend(gap_groups(&txn, &plan, &gap, granularity, tz).await?);
-                }
+                let gaps = plan.gap_filters(filter);
+                series.extend(series_gap_groups(db, &txn, &plan, &gaps, granularity, tz).await?);
                 if let Some(user) = filter.user_id {
                     series.extend(moved_groups(&txn, &plan, user).await?);
                 }

@@ -70,7 +70,6 @@ impl TokenSums {
             .join(", ")
     }
 
-    /// The column alias of `sum`.
     /// The sums from a reader of the `k`-th of [`TokenSums::COLUMNS`].
     pub fn try_from_fn<E>(mut get: impl FnMut(usize) -> Result<i64, E>) -> Result<Self, E> {
         Ok(Self {
@@ -84,6 +83,7 @@ impl TokenSums {
         })
     }
 
+    /// The column alias of `sum`.
     pub fn alias(sum: Sum) -> &'static str {
         Self::COLUMNS
             .iter()

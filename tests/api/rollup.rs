@@ -2569,3 +2569,221 @@ db_test!(
         assert_verified(db).await;
     }
 );
+
+db_test!(
+    async fn a_light_users_long_series_copies_its_rows_on_spare_connections(backend: Backend) {
+        // Issue 16: a light user's hourly series over a range that reaches the present reads
+        // the user's rows by `COPY` on spare connections of the pool that share the request's
+        // snapshot, the two halves of the user's calls at once (`stats::copied_gap_rows`).
+        // The copied rows must be exactly the rows of the gaps as the request's snapshot has
+        // them, each in its slot (rows a microsecond either side of the cut, a row written
+        // after the snapshot left out), and the answers the raw aggregate's. With no spare
+        // connection, or on SQLite, the rows are read on the request's connection as before.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let backend = db.get_database_backend();
+        let postgres = backend == DbBackend::Postgres;
+        let ids = users(db, &["light", "other"]).await;
+        let (light, other) = (ids[0], ids[1]);
+        let now = Utc::now();
+        let micro = Duration::microseconds(1);
+        let mut rows = Vec::new();
+        // One call every 97 minutes for 120 days (18 a day: not dense), the other user's
+        // between them; costs of whole dollars, unpriced and failed calls.
+        for i in 0..1_780u128 {
+            let at = now - Duration::days(120) + Duration::minutes(97 * i as i64);
+            let mut r = row(
+                i + 1,
+                Some(if i % 5 == 4 { other } else { light }),
+                if i % 2 == 0 { "gpt-4o" } else { "o4-mini" },
+                (100 + i as i32, 10 + (i % 7) as i32, 3, (i % 3) as i32),
+                i % 11 != 0,
+                at,
+            );
+            r.cost = match i % 4 {
+                0 => None,
+                1 => Some(usage::Cost(1_234_567_891)),
+                _ => r.cost,
+            };
+            rows.push(r);
+        }
+        insert(db, &rows).await;
+        fold(&t).await;
+        let filter = UsageFilter {
+            user_id: Some(light),
+            ..Default::default()
+        };
+        let plan = series_plan(db, &filter, Granularity::Day, Tz::UTC).await;
+        let gaps = plan.gap_filters(&filter);
+        assert_eq!(
+            stats::copies_rows(backend, &plan, &gaps),
+            postgres,
+            "{gaps:?}"
+        );
+        // Not for a short range, nor for one that ended before yesterday.
+        let month_ago = UsageFilter {
+            start: Some(now - Duration::days(30)),
+            end: Some(now - Duration::days(3)),
+            ..filter.clone()
+        };
+        let week = UsageFilter {
+            start: Some(now - Duration::days(7)),
+            end: Some(now),
+            ..filter.clone()
+        };
+        for short in [&month_ago, &week] {
+            let plan = series_plan(db, short, Granularity::Day, Tz::UTC).await;
+            assert!(!stats::copies_rows(
+                backend,
+                &plan,
+                &plan.gap_filters(short)
+            ));
+        }
+        let read = async |db: &DatabaseConnection, f: &UsageFilter| {
+            let plan = series_plan(db, f, Granularity::Day, Tz::UTC).await;
+            let txn = db.begin().await.unwrap();
+            let copied = stats::copied_gap_rows(db, &txn, &plan, &plan.gap_filters(f))
+                .await
+                .unwrap();
+            txn.rollback().await.unwrap();
+            copied
+        };
+        if !postgres {
+            assert!(read(db, &filter).await.is_none());
+            assert_same(db, &filter, Tz::UTC, true).await;
+            return;
+        }
+        // Rows a microsecond either side of the cut between the halves (pending: the month
+        // cells that place the cut stay as they are).
+        let (first, last) = (gaps[0].start.unwrap(), gaps[gaps.len() - 1].end.unwrap());
+        let slot = |at: DateTime<Utc>| at.timestamp().div_euclid(900);
+        let months = rollup::user_month_calls(db, light, slot(first) - 31 * 96, slot(last) + 1)
+            .await
+            .unwrap();
+        assert!(months.len() >= 4, "{months:?}");
+        let (early, late) = stats::row_halves(&gaps, &months).expect("two halves");
+        let cut = late[0].start.unwrap();
+        assert_eq!(early[early.len() - 1].end.unwrap(), cut - micro);
+        assert_eq!(cut.timestamp() % 900, 0);
+        let in_early: i64 = months
+            .iter()
+            .map(|&(m0, m1, calls)| {
+                let c = slot(cut);
+                calls * (c.min(m1) - m0).max(0) / (m1 - m0)
+            })
+            .sum();
+        let all: i64 = months.iter().map(|m| m.2).sum();
+        assert!(
+            (in_early - all / 2).abs() <= all / 20,
+            "{in_early} of {all}"
+        );
+        let mut around = Vec::new();
+        for (k, at) in [cut - micro, cut, cut + micro].into_iter().enumerate() {
+            around.push(row(
+                10_000 + k as u128,
+                Some(light),
+                "gpt-4o",
+                (7_000 + k as i32, 1, 0, 0),
+                k != 1,
+                at,
+            ));
+        }
+        insert(db, &around).await;
+
+        // The request's snapshot, then a row written after it: not among the copied rows.
+        let txn = db
+            .begin_with_config(
+                Some(sea_orm::IsolationLevel::RepeatableRead),
+                Some(sea_orm::AccessMode::ReadOnly),
+            )
+            .await
+            .unwrap();
+        let per_slot_sql = format!(
+            "SELECT CAST(floor(date_part('epoch', created_at) / 900) * 900 AS BIGINT), \
+             CAST(COUNT(*) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), \
+             CAST(SUM(total_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), \
+             CAST(SUM(COALESCE(cost, 0) * 1000000) AS BIGINT), \
+             CAST(SUM(CASE WHEN success THEN 1 ELSE 0 END) AS BIGINT) \
+             FROM llm_tracker_usage WHERE user_id = {light} \
+             AND created_at >= '{}' AND created_at <= '{}' GROUP BY 1",
+            first.to_rfc3339(),
+            last.to_rfc3339()
+        );
+        let per_slot_stmt = sea_orm::Statement::from_string(DbBackend::Postgres, per_slot_sql);
+        let per_slot = |rows: Vec<sea_orm::QueryResult>| {
+            rows.iter()
+                .map(|r| {
+                    let v = |i| r.try_get_by_index::<i64>(i).unwrap();
+                    (v(0), [v(1), v(2), v(3), v(4), v(5), v(6)])
+                })
+                .collect::<std::collections::BTreeMap<i64, [i64; 6]>>()
+        };
+        let seen = per_slot(txn.query_all_raw(per_slot_stmt.clone()).await.unwrap());
+        insert(
+            db,
+            &[row(
+                20_000,
+                Some(light),
+                "gpt-4o",
+                (9, 9, 0, 0),
+                true,
+                now - Duration::hours(1),
+            )],
+        )
+        .await;
+        let plan = series_plan(db, &filter, Granularity::Day, Tz::UTC).await;
+        let copied = stats::copied_gap_rows(db, &txn, &plan, &gaps)
+            .await
+            .unwrap()
+            .expect("copied on spare connections");
+        assert_eq!(copied.parts, 2);
+        let mut got = std::collections::BTreeMap::<i64, [i64; 6]>::new();
+        for r in &copied.rows {
+            let s = got.entry(r.slot_start).or_default();
+            s[0] += r.sums.total_calls;
+            s[1] += r.sums.total_prompt_tokens;
+            s[2] += r.sums.total_tokens;
+            s[3] += r.sums.total_reasoning_tokens;
+            s[4] += r.sums.cost_micros;
+            s[5] += i64::from(r.success);
+        }
+        assert_eq!(got, seen, "the copied rows, slot by slot");
+        assert_eq!(
+            per_slot(txn.query_all_raw(per_slot_stmt.clone()).await.unwrap()),
+            seen
+        );
+        txn.rollback().await.unwrap();
+        let after: i64 = per_slot(db.query_all_raw(per_slot_stmt).await.unwrap())
+            .values()
+            .map(|v| v[0])
+            .sum();
+        assert_eq!(after, seen.values().map(|v| v[0]).sum::<i64>() + 1);
+        for slot_of_cut in [cut - micro, cut] {
+            let s = slot(slot_of_cut) * 900;
+            assert!(
+                got.contains_key(&s),
+                "the rows around the cut: {slot_of_cut}"
+            );
+        }
+
+        // The answers through the copies, pending and folded.
+        let check = async |db: &DatabaseConnection| {
+            for zone in ["UTC", "Asia/Kolkata", "Asia/Kathmandu"] {
+                assert_same(db, &filter, zone.parse().unwrap(), true).await;
+            }
+            assert_same(db, &week, Tz::UTC, true).await;
+        };
+        assert_eq!(read(db, &filter).await.map(|c| c.parts), Some(2));
+        check(db).await;
+        fold(&t).await;
+        check(db).await;
+        // No spare connection: the rows are read on the request's own, the same answers.
+        let mut opts = sea_orm::ConnectOptions::new(t.url.expose().to_owned());
+        opts.max_connections(1).sqlx_logging(false);
+        let single = sea_orm::Database::connect(opts).await.unwrap();
+        assert!(read(&single, &filter).await.is_none());
+        check(&single).await;
+        single.close().await.unwrap();
+        assert_verified(db).await;
+    }
+);
