@@ -896,10 +896,10 @@ pub fn row_halves(
             if y <= x || s1 <= s0 || calls <= 0 {
                 continue;
             }
-            let per_second = calls as f64 / (s1 - s0) as f64;
-            let here = per_second * (y - x) as f64;
+            let (calls, span) = (calls as f64, (s1 - s0) as f64);
+            let here = calls * (y - x) as f64 / span;
             if need <= here {
-                return (sum + need, Some(x + (need / per_second) as i64));
+                return (sum + need, Some(x + (need * span / calls) as i64));
             }
             need -= here;
             sum += here;
@@ -2003,6 +2003,67 @@ mod tests {
     use sea_orm::{Database, Statement};
 
     use super::*;
+
+    #[test]
+    fn a_users_gaps_are_halved_by_their_calls_at_a_slot_boundary() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let slot = |s: &str| at(s).timestamp() / 900;
+        let micro = chrono::Duration::microseconds(1);
+        let gap = |a: &str, b: &str| UsageFilter {
+            start: Some(at(a)),
+            end: Some(at(b) - micro),
+            user_id: Some(7),
+            ..Default::default()
+        };
+        let month = |a: &str, b: &str, calls| (slot(a), slot(b), calls);
+        // January (100 calls) and March (300) read from rows; February's 1,000 are in cells.
+        let gaps = [
+            gap("2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z"),
+            gap("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+        ];
+        let months = [
+            month("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z", 100),
+            month("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z", 1_000),
+            month("2026-03-01T00:00:00Z", "2026-04-01T00:00:00Z", 300),
+        ];
+        let (early, late) = row_halves(&gaps, &months).unwrap();
+        // Half of 400 is January's 100 and a third of March: 10 days 8 hours, on a slot.
+        let cut = at("2026-03-11T08:00:00Z");
+        assert_eq!(
+            early,
+            vec![
+                gaps[1].clone(),
+                UsageFilter {
+                    end: Some(cut - micro),
+                    ..gaps[0].clone()
+                }
+            ]
+        );
+        assert_eq!(
+            late,
+            vec![UsageFilter {
+                start: Some(cut),
+                ..gaps[0].clone()
+            }]
+        );
+        // All the calls in the later gap: the cut is inside it, the first gap early whole.
+        let (early, late) = row_halves(&gaps, &months[1..]).unwrap();
+        assert_eq!(early.len(), 2);
+        assert_eq!(early[0], gaps[1]);
+        assert_eq!(late[0].start, Some(at("2026-03-16T12:00:00Z")));
+        // A cut that falls inside a slot goes down to the slot's start: three slots, halved
+        // at 00:22:30.
+        let three = [gap("2026-03-01T00:00:00Z", "2026-03-01T00:45:00Z")];
+        let (early, late) = row_halves(&three, &months).unwrap();
+        let cut = at("2026-03-01T00:15:00Z");
+        assert_eq!(early[0].end, Some(cut - micro));
+        assert_eq!((late[0].start, late[0].end), (Some(cut), three[0].end));
+        // No calls known in the gaps, or nothing before the cut: no halves.
+        assert_eq!(row_halves(&gaps, &months[1..2]), None);
+        assert_eq!(row_halves(&gaps, &[]), None);
+        let first_slot_only = [month("2026-03-01T00:00:00Z", "2026-03-01T00:15:00Z", 2)];
+        assert_eq!(row_halves(&gaps[..1], &first_slot_only), None);
+    }
 
     /// A row written with the aliases of [`col`] and [`TokenSums::select`] reads back into a
     /// [`Group`] field by field, whatever the order of the columns: an alias cannot drift from
