@@ -34,7 +34,7 @@ const PG_EPOCH_SECONDS: i64 = 946_684_800;
 /// snapshot `snapshot` (exported by the request's transaction, which stays open meanwhile)
 /// under the planner settings `settings`. The transaction is rolled back if anything fails
 /// (sqlx's transaction guard), so the connection goes back to the pool clean.
-pub(crate) async fn copy_rows(
+pub async fn copy_rows(
     conn: &mut PgConnection,
     snapshot: &str,
     settings: &str,

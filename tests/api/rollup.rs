@@ -2688,6 +2688,16 @@ db_test!(
                 at,
             ));
         }
+        // A model whose name the copy's statement must quote and escape (found by the pattern
+        // `o'4\%-mini` below: quote, backslash and percent literal).
+        around.push(row(
+            10_003,
+            Some(light),
+            "o'4\\%-mini-2025",
+            (5, 5, 0, 0),
+            true,
+            cut + Duration::hours(1),
+        ));
         insert(db, &around).await;
 
         // The request's snapshot, then a row written after it: not among the copied rows.
@@ -2766,12 +2776,39 @@ db_test!(
             );
         }
 
-        // The answers through the copies, pending and folded.
+        // The answers through the copies, pending and folded; with a model and outcome, and a
+        // model pattern whose quote, backslash and `%` are written into the copy's statement.
+        let by_model = UsageFilter {
+            model: Some("gpt".into()),
+            success: Some(true),
+            ..filter.clone()
+        };
+        let odd_model = UsageFilter {
+            model: Some("o'4\\%-mini".into()),
+            ..filter.clone()
+        };
+        assert!(stats::copies_rows(
+            backend,
+            &series_plan(db, &odd_model, Granularity::Day, Tz::UTC).await,
+            &gaps
+        ));
         let check = async |db: &DatabaseConnection| {
             for zone in ["UTC", "Asia/Kolkata", "Asia/Kathmandu"] {
                 assert_same(db, &filter, zone.parse().unwrap(), true).await;
             }
             assert_same(db, &week, Tz::UTC, true).await;
+            assert_same(db, &by_model, "Asia/Kolkata".parse().unwrap(), true).await;
+            assert_same(db, &odd_model, Tz::UTC, true).await;
+            let odd = token_stats_in(
+                db,
+                &odd_model,
+                Some(Granularity::Day),
+                SeriesOptions::default(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(odd.summary.total_calls, 1, "the odd model's one row");
+            assert_eq!(odd.series.map(|s| s.len()), Some(1));
         };
         assert_eq!(read(db, &filter).await.map(|c| c.parts), Some(2));
         check(db).await;
@@ -2787,3 +2824,103 @@ db_test!(
         assert_verified(db).await;
     }
 );
+
+mod a_copy_that_fails_leaves_its_connection_clean {
+    use super::*;
+    use crate::helpers::Backend;
+    use llm_tracker::usage::row_copy::copy_rows;
+    use sea_orm::sqlx::postgres::PgConnection;
+
+    #[actix_web::test]
+    async fn postgres() {
+        // Issue 16: a copy of a user's rows on a spare connection that fails — a snapshot that
+        // cannot be imported, or an error after some rows were sent — is an error, not rows,
+        // and the connection goes back outside any transaction, ready for the next copy.
+        let t = TestDb::migrated(Backend::Postgres).await;
+        let settings = llm_tracker::db::Dialect::Postgres
+            .user_range_settings()
+            .unwrap();
+        let mut conn = t.db.get_postgres_connection_pool().acquire().await.unwrap();
+        // Inside a transaction `now()` is its start, not this statement's; in an aborted one
+        // the query fails. (One simple-protocol query: outside a transaction it is its own.)
+        let outside = async |conn: &mut PgConnection| {
+            use sea_orm::sqlx::Row;
+            sea_orm::sqlx::raw_sql("SELECT now() = statement_timestamp()")
+                .fetch_one(conn)
+                .await
+                .unwrap()
+                .get::<bool, _>(0)
+        };
+        assert!(outside(&mut conn).await);
+        {
+            use sea_orm::sqlx::Connection;
+            let mut open = conn.begin().await.unwrap();
+            sea_orm::sqlx::raw_sql("SELECT 1")
+                .execute(&mut *open)
+                .await
+                .unwrap();
+            assert!(
+                !outside(&mut open).await,
+                "the probe sees an open transaction"
+            );
+        }
+        assert!(outside(&mut conn).await);
+        let one = "SELECT now() AS created_at, 1, 2, 3, 4, 5, CAST(6 AS BIGINT), true";
+        let exported = t.db.begin().await.unwrap();
+        exported
+            .execute_unprepared("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .await
+            .unwrap();
+        let snapshot: String = exported
+            .query_one_raw(sea_orm::Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT pg_export_snapshot()",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index(0)
+            .unwrap();
+
+        let missing = copy_rows(&mut conn, "00000003-0000001B-1", settings, &[one.into()]).await;
+        assert!(missing.is_err(), "{missing:?}");
+        assert!(outside(&mut conn).await);
+        assert!(
+            copy_rows(
+                &mut conn,
+                "x'; DROP TABLE llm_tracker_usage; --",
+                settings,
+                &[]
+            )
+            .await
+            .is_err()
+        );
+        // Division by zero at the third row, after two were sent.
+        let failing = "SELECT now() AS created_at, 1, 2, 3, 4, 5, \
+                       CAST(10 / (3 - g) AS BIGINT), true FROM generate_series(1, 1000) g";
+        let midway = copy_rows(&mut conn, &snapshot, settings, &[failing.into()]).await;
+        assert!(midway.is_err(), "{midway:?}");
+        assert!(outside(&mut conn).await);
+        let three = "SELECT now() AS created_at, 1, 2, 3, 4, 5, CAST(6 AS BIGINT), g > 1 \
+                     FROM generate_series(1, 3) g";
+        let rows = copy_rows(&mut conn, &snapshot, settings, &[three.into(), one.into()])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(
+            rows.iter().map(|r| r.success).collect::<Vec<_>>(),
+            [false, true, true, true]
+        );
+        assert!(
+            rows.iter()
+                .all(|r| r.sums.total_calls == 1 && r.sums.cost_micros == 6)
+        );
+        assert!(outside(&mut conn).await);
+        exported.rollback().await.unwrap();
+        assert_eq!(
+            t.scalar_i64("SELECT COUNT(*) FROM llm_tracker_usage").await,
+            0,
+            "the table is still there"
+        );
+    }
+}
