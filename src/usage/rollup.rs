@@ -255,16 +255,15 @@ pub async fn user_month_calls<C: ConnectionTrait>(
     to: i64,
 ) -> Result<Vec<(i64, i64, i64)>, DbErr> {
     let backend = db.get_database_backend();
-    let sql = match backend {
-        DbBackend::Postgres => format!(
-            "SELECT slot, calls FROM {TOTALS_TABLE} WHERE grain = $1 AND user_key = $2 \
-             AND slot >= $3 AND slot < $4 ORDER BY slot"
-        ),
-        _ => format!(
-            "SELECT slot, calls FROM {TOTALS_TABLE} WHERE grain = ? AND user_key = ? \
-             AND slot >= ? AND slot < ? ORDER BY slot"
-        ),
-    };
+    let p = |n| crate::db::Dialect::of(backend).placeholder(n);
+    let sql = format!(
+        "SELECT slot, calls FROM {TOTALS_TABLE} WHERE grain = {} AND user_key = {} \
+         AND slot >= {} AND slot < {} ORDER BY slot",
+        p(1),
+        p(2),
+        p(3),
+        p(4)
+    );
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             backend,

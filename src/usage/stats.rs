@@ -736,7 +736,7 @@ async fn series_gap_groups(
     tz: Tz,
 ) -> Result<Vec<Group>, DbErr> {
     if let Some(copied) = copied_gap_rows(db, txn, plan, gaps).await? {
-        return Ok(copied.rows.into_iter().map(Group::of_row).collect());
+        return Ok(copied.into_iter().map(Group::of_row).collect());
     }
     let mut groups = Vec::new();
     for gap in gaps {
@@ -745,60 +745,44 @@ async fn series_gap_groups(
     Ok(groups)
 }
 
-/// The rows of a plan's gaps as [`copied_gap_rows`] read them.
-#[derive(Debug)]
-pub struct CopiedGapRows {
-    /// On how many connections at once: 1, or 2 (the halves of [`row_halves`]).
-    pub parts: usize,
-    pub rows: Vec<super::row_copy::CopiedRow>,
-}
-
 /// For a light user's rows one by one ([`rollup::Plan::gaps_by_row`]) over a long range
-/// reaching the present ([`copies_rows`]): the rows of `gaps` by `COPY` on spare connections of
-/// the pool that share `txn`'s snapshot ([`super::row_copy`], [`crate::db::export_snapshot`],
-/// [`crate::db::spare_connections`]); with two, the two halves of the user's calls at once
-/// ([`row_halves`]). `None` where it does not apply or no connection is spare: the caller
-/// reads them on `txn`.
+/// reaching the present ([`copies_rows`]): the rows of `gaps` in two halves of the user's calls
+/// ([`row_halves`]) copied at once by `COPY` on two spare connections of the pool that share
+/// `txn`'s snapshot ([`super::row_copy`], [`crate::db::export_snapshot`],
+/// [`crate::db::spare_connections`]). `None` where it does not apply, where the calls do not
+/// halve, or when two connections are not spare: the caller reads the rows on `txn`.
 ///
 /// PostgreSQL visits such rows one heap page each (~1 µs a page even cached: 11 ms of a
 /// typical user's year) on one core per connection, and the server reads a copied row in
-/// place where a statement's row went through sqlx's and sea-orm's layers.
+/// place where a statement's row went through sqlx's and sea-orm's layers. (One connection
+/// copying them all was measured no faster than the request's own reading them: the
+/// database's one core is the limit then.)
 pub async fn copied_gap_rows(
     db: &DatabaseConnection,
     txn: &DatabaseTransaction,
     plan: &rollup::Plan,
     gaps: &[UsageFilter],
-) -> Result<Option<CopiedGapRows>, DbErr> {
+) -> Result<Option<Vec<super::row_copy::CopiedRow>>, DbErr> {
     if !copies_rows(txn.get_database_backend(), plan, gaps) {
         return Ok(None);
     }
     let mut spares = crate::db::spare_connections(db, 2).await;
-    if spares.is_empty() {
+    let [a, b] = spares.as_mut_slice() else {
         return Ok(None);
-    }
+    };
+    let Some((early, late)) = row_halves(gaps, &user_months(txn, gaps).await?) else {
+        return Ok(None);
+    };
     let snapshot = crate::db::export_snapshot(txn).await?;
     let settings = Dialect::Postgres.user_range_settings().unwrap_or_default();
-    let halves = match spares.len() {
-        2 => row_halves(gaps, &user_months(txn, gaps).await?),
-        _ => None,
-    };
     let copy = super::row_copy::copy_rows;
-    Ok(Some(match (halves, spares.as_mut_slice()) {
-        (Some((early, late)), [a, b]) => {
-            let (early, late) = (copy_selects(&early), copy_selects(&late));
-            let (mut rows, later) = futures_util::try_join!(
-                copy(a, &snapshot, settings, &early),
-                copy(b, &snapshot, settings, &late),
-            )?;
-            rows.extend(later);
-            CopiedGapRows { parts: 2, rows }
-        }
-        (_, [a, ..]) => CopiedGapRows {
-            parts: 1,
-            rows: copy(a, &snapshot, settings, &copy_selects(gaps)).await?,
-        },
-        (_, []) => return Ok(None),
-    }))
+    let (early, late) = (copy_selects(&early), copy_selects(&late));
+    let (mut rows, later) = futures_util::try_join!(
+        copy(a, &snapshot, settings, &early),
+        copy(b, &snapshot, settings, &late),
+    )?;
+    rows.extend(later);
+    Ok(Some(rows))
 }
 
 /// A light user's rows one by one are copied on spare connections from this span of gaps on
