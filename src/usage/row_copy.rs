@@ -103,6 +103,13 @@ pub(crate) fn row_value_sql(sum: Sum) -> Option<&'static str> {
     })
 }
 
+/// The start of the 15-minute slot holding the instant `seconds` (UTC epoch seconds), in the
+/// same seconds; before 1970 too (`div_euclid`).
+pub(crate) fn slot_start(seconds: i64) -> i64 {
+    let slot = migration::rollup::SLOT_SECONDS;
+    seconds.div_euclid(slot) * slot
+}
+
 /// Where a binary copy's reader is.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Stage {
@@ -229,7 +236,6 @@ fn be_i32(b: &[u8]) -> i32 {
 fn row_of(values: &[i64]) -> Result<CopiedRow, DbErr> {
     let micros = values[0];
     let seconds = micros.div_euclid(1_000_000) + PG_EPOCH_SECONDS;
-    let slot = migration::rollup::SLOT_SECONDS;
     let mut by_column = [1i64; TokenSums::COLUMNS.len()];
     for (i, (k, _)) in row_sums().enumerate() {
         by_column[k] = values[1 + i];
@@ -245,7 +251,7 @@ fn row_of(values: &[i64]) -> Result<CopiedRow, DbErr> {
         }
     };
     Ok(CopiedRow {
-        slot_start: seconds.div_euclid(slot) * slot,
+        slot_start: slot_start(seconds),
         sums,
         success,
     })

@@ -852,10 +852,10 @@ fn copy_selects(gaps: &[UsageFilter]) -> Vec<String> {
 /// select exactly the rows of `gaps`: a gap cut in two ends a microsecond before the later
 /// part begins.
 ///
-/// Each part is read as ranges of the `(user_id, created_at)` index ([`range_row_groups`]):
-/// the earlier part's scans walk on past their ends to the user's last entry (see
-/// [`UsageFilter::reads_user_range`]), which, where the later part reaches the present, is the
-/// later part's entries and at most a day more: leaf entries, not heap pages.
+/// Each part is read as ranges of the `(user_id, created_at)` index ([`copied_gap_rows`],
+/// [`copy_selects`]): the earlier part's scans walk on past their ends to the user's last
+/// entry (see [`UsageFilter::reads_user_range`]), which, where the later part reaches the
+/// present, is the later part's entries and at most a day more: leaf entries, not heap pages.
 pub fn row_halves(
     gaps: &[UsageFilter],
     months: &[(i64, i64, i64)],
@@ -907,7 +907,7 @@ pub fn row_halves(
         match calls_in(a, b, need) {
             (_, Some(at)) => {
                 need = 0.0;
-                let cut = at.div_euclid(slot) * slot;
+                let cut = super::row_copy::slot_start(at);
                 let cut_at = DateTime::from_timestamp(cut, 0)?;
                 if cut > a {
                     early.push(UsageFilter {
@@ -945,9 +945,9 @@ fn rows_query(condition: sea_orm::Condition) -> Select<usage::Entity> {
     let mut q = usage::Entity::find()
         .select_only()
         .column_as(Expr::cust("created_at"), col::BUCKET);
-    for (sum, alias) in TokenSums::COLUMNS {
+    for (k, sum) in super::row_copy::row_sums() {
         if let Some(value) = super::row_copy::row_value_sql(sum) {
-            q = q.column_as(Expr::cust(value), alias);
+            q = q.column_as(Expr::cust(value), TokenSums::COLUMNS[k].1);
         }
     }
     q.column_as(Expr::cust("success"), col::SUCCESSFUL)
@@ -980,18 +980,15 @@ async fn row_groups(txn: &DatabaseTransaction, stmt: Statement) -> Result<Vec<Gr
                     })
                 };
                 let mut sums = [None; TokenSums::COLUMNS.len()];
-                for (k, (sum, alias)) in TokenSums::COLUMNS.iter().enumerate() {
-                    if super::row_copy::row_value_sql(*sum).is_some() {
-                        sums[k] = Some(find(alias)?);
-                    }
+                for (k, _) in super::row_copy::row_sums() {
+                    sums[k] = Some(find(TokenSums::COLUMNS[k].1)?);
                 }
                 *at.insert((find(col::BUCKET)?, sums, find(col::SUCCESSFUL)?))
             }
         };
         let instant: DateTime<Utc> = row.try_get_unchecked(bucket).map_err(bad)?;
-        out.push(Group {
-            model: None,
-            bucket: Some(slot_start_of(instant)),
+        out.push(Group::of_row(super::row_copy::CopiedRow {
+            slot_start: super::row_copy::slot_start(instant.timestamp()),
             sums: TokenSums::try_from_fn(|k| match sums[k] {
                 None => Ok(1),
                 Some(i) if TokenSums::COLUMNS[k].0 == Sum::CostMicros => {
@@ -1002,22 +999,10 @@ async fn row_groups(txn: &DatabaseTransaction, stmt: Statement) -> Result<Vec<Gr
                     .map(i64::from)
                     .map_err(bad),
             })?,
-            successful_calls: i64::from(row.try_get_unchecked::<bool, _>(success).map_err(bad)?),
-            unpriced_calls: 0,
-            latency_us: 0,
-            latency_n: 0,
-            ttft_us: 0,
-            ttft_n: 0,
-        });
+            success: row.try_get_unchecked::<bool, _>(success).map_err(bad)?,
+        }));
     }
     Ok(out)
-}
-
-/// The start of the 15-minute slot holding `at`, in UTC epoch seconds (what a group's slot
-/// number stands for, [`group_instant`]).
-fn slot_start_of(at: DateTime<Utc>) -> i64 {
-    let seconds = migration::rollup::SLOT_SECONDS;
-    at.timestamp().div_euclid(seconds) * seconds
 }
 
 /// The instant a group's bucket text stands for: a 15-minute slot number (the rollup, and the
