@@ -31,6 +31,7 @@ pub mod m20261202_000022_rollup_all_users_months;
 pub mod m20261203_000023_user_latency_histograms;
 pub mod m20261204_000024_negative_tokens_index;
 pub mod m20261205_000025_rollup_dense_user_hours;
+pub mod m20261206_000026_rollup_month_top_index;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -78,6 +79,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000023_user_latency_histograms::Migration),
             Box::new(m20261204_000024_negative_tokens_index::Migration),
             Box::new(m20261205_000025_rollup_dense_user_hours::Migration),
+            Box::new(m20261206_000026_rollup_month_top_index::Migration),
         ]
     }
 }

@@ -86,7 +86,8 @@ pub async fn by_user_rank_statement<C: ConnectionTrait>(
 }
 
 /// The statements that rank users through bounds for `include=by_user` with `limit` shown
-/// (the check for rows with negative tokens, then the bounds over the range's whole months),
+/// (the check for rows with negative tokens, then the bounds over the range's whole months:
+/// each month's users with the most tokens where the cover is whole months),
 /// when bounds apply to `filter` (see `stats::bound_plan`); the exact sums of the users they
 /// name are [`by_user_rank_statement`]'s cells for those users.
 pub async fn by_user_bound_statements<C: ConnectionTrait>(
@@ -103,12 +104,7 @@ pub async fn by_user_bound_statements<C: ConnectionTrait>(
         .map(|(cover, cover_plan)| {
             vec![
                 super::stats::negative_tokens_statement(backend),
-                rollup::bound_statement(
-                    backend,
-                    &cover_plan,
-                    &cover,
-                    super::stats::bounded_users(limit) + 1,
-                ),
+                super::stats::bounds_statement(backend, &cover, &cover_plan, limit),
             ]
         }))
 }

@@ -1680,6 +1680,73 @@ pub fn bound_statement(backend: DbBackend, plan: &Plan, filter: &UsageFilter, n:
     }
 }
 
+/// [`bound_statement`] without summing every user's cells, where the cover is whole months
+/// only (its [`Plan::coarse`] runs are month cells): each month cell's `k` users with the most
+/// tokens, read in that order from the month cells' index of migration 000026, and then the
+/// exact cover tokens of those users and of every user with pending contributions. A user in
+/// none of the lists has at most the `k`-th tokens of each month whose list is full. One
+/// statement, three kinds of line (`kind`, `key`, `v`, `n`):
+/// - `0`: a month cell (`key`, its position in the cover), the lowest tokens of its list
+///   (`v`) and the list's length (`n`);
+/// - `1`: a listed user (`key`) and their tokens over the cover's month cells (`v`);
+/// - `2`: a user with pending contributions in the cover and their tokens (`v`).
+///
+/// Summing 10,000 users' two month cells (30 days from mid-month, 20,000 cells) took 6.4 ms;
+/// the two lists of 400 and their users' cells well under 1 ms (`EXPLAIN ANALYZE`, cached).
+/// `None` where the cover holds cells of another grain (a year).
+pub fn top_bound_statement(backend: DbBackend, plan: &Plan, k: u64) -> Option<Statement> {
+    let month = Calendar::Month.code();
+    let mut cells = Vec::new();
+    for run in &plan.coarse {
+        if run.grain != month || run.subtract {
+            return None;
+        }
+        let mut slot = run.first;
+        while slot < run.end {
+            let (first, next) = calendar_cell(Calendar::Month, slot)?;
+            if first != slot || next <= slot {
+                return None;
+            }
+            cells.push(slot);
+            slot = next;
+        }
+    }
+    if cells.is_empty() {
+        return None;
+    }
+    // Each list in a subquery: SQLite takes no LIMIT on a part of a UNION. The listed users'
+    // cells by primary key, user after user (`CROSS JOIN`: SQLite keeps that order, where it
+    // chose to scan every month cell against the list).
+    let lists: Vec<String> = cells
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            format!(
+                "SELECT {i} AS c, user_key, total_tokens FROM (SELECT user_key, total_tokens \
+                 FROM {TOTALS_TABLE} WHERE grain = {month} AND slot = {slot} \
+                 AND user_key <> {ALL_USERS} ORDER BY total_tokens DESC LIMIT {k}) l{i}"
+            )
+        })
+        .collect();
+    let slots: Vec<String> = cells.iter().map(i64::to_string).collect();
+    let Slots { first, end } = plan.slots;
+    let sql = format!(
+        "WITH t AS ({lists}), \
+         d AS (SELECT user_key, SUM(total_tokens) AS total_tokens FROM {DELTA_TABLE} \
+         WHERE slot >= {first} AND slot < {end} GROUP BY user_key), \
+         u AS (SELECT user_key FROM t UNION SELECT user_key FROM d) \
+         SELECT 0 AS kind, c AS key, CAST(MIN(total_tokens) AS BIGINT) AS v, COUNT(*) AS n \
+         FROM t GROUP BY c \
+         UNION ALL SELECT 1, r.user_key, CAST(SUM(r.total_tokens) AS BIGINT), 0 \
+         FROM u CROSS JOIN {TOTALS_TABLE} r WHERE r.grain = {month} \
+         AND r.user_key = u.user_key AND r.slot IN ({slots}) GROUP BY r.user_key \
+         UNION ALL SELECT 2, user_key, CAST(total_tokens AS BIGINT), 0 FROM d",
+        lists = lists.join(" UNION ALL "),
+        slots = slots.join(", "),
+    );
+    Some(Statement::from_string(backend, sql))
+}
+
 /// The rollup user key of a `user_id` (`None`: calls made for no user); [`user_of`]'s inverse.
 pub fn key_of(user: Option<i32>) -> i64 {
     user.map_or(NO_USER, i64::from)

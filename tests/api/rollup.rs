@@ -894,6 +894,268 @@ db_test!(
     }
 );
 
+db_test!(
+    async fn by_user_bounds_from_each_months_top_users_hold_for_every_user_left_out(
+        backend: Backend,
+    ) {
+        // Issue 16, migration 000026: where the cover of a by_user range is whole months, the
+        // bounds come from each month's users with the most tokens (rollup::top_bound_statement,
+        // `k` per month) and those users' exact cover tokens; a user in no list has at most the
+        // sum of the full lists' last tokens. 400 Zipf users over March and April: the lists
+        // of 40 hold a tenth of each month's users.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let names: Vec<String> = (0..400).map(|i| format!("top{i}")).collect();
+        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let weighted: Vec<i32> = ids
+            .iter()
+            .enumerate()
+            .flat_map(|(k, id)| std::iter::repeat_n(*id, 400 / (k + 1)))
+            .collect();
+        let mut rng = StdRng::seed_from_u64(26);
+        let march = Utc.with_ymd_and_hms(2025, 3, 1, 0, 0, 0).unwrap();
+        let mut rows = random_rows(&mut rng, &weighted, march, 61, 4000, 1);
+        // Every user at least once a month.
+        for (i, id) in ids.iter().enumerate() {
+            for (m, day) in [3, 40].into_iter().enumerate() {
+                let n = 50_000 + 2 * i as u128 + m as u128;
+                rows.push(row(
+                    n,
+                    Some(*id),
+                    "gpt-4o",
+                    (7, 3, 0, 0),
+                    true,
+                    march + Duration::days(day) + Duration::minutes(i as i64),
+                ));
+            }
+        }
+        insert(db, &rows).await;
+        fold(&t).await;
+        // Pending, not folded: a tail user's one heavy call inside the range (in no month's
+        // list, bounded through the pending contributions), and a few more rows.
+        let tail = ids[390];
+        let mut pending_rows = random_rows(&mut rng, &weighted, march, 61, 50, 60_000);
+        pending_rows.push(row(
+            70_000,
+            Some(tail),
+            "gpt-4o",
+            (4_000_000, 1_000_000, 0, 0),
+            true,
+            march + Duration::days(20),
+        ));
+        insert(db, &pending_rows).await;
+        let range = UsageFilter {
+            start: Some(march + Duration::days(11) + Duration::hours(7)),
+            end: Some(march + Duration::days(39) + Duration::hours(13)),
+            ..Default::default()
+        };
+        let backend = db.get_database_backend();
+        let plan = rollup::plan(db, &range, None, true).await.unwrap().unwrap();
+        let (cover, cover_plan) = stats::bound_plan(db, &range, &plan, 3)
+            .await
+            .unwrap()
+            .expect("bounds hold");
+        let k = stats::top_listed_users(stats::bounded_users(3));
+        assert_eq!(k, 40);
+        let top = rollup::top_bound_statement(backend, &cover_plan, k).expect("whole months");
+        assert_eq!(
+            stats::bounds_statement(backend, &cover, &cover_plan, 3),
+            top
+        );
+        // Every user's exact bound: their cover's cells and pending contributions, summed.
+        let exact: std::collections::HashMap<i64, f64> = db
+            .query_all_raw(rollup::bound_statement(
+                backend,
+                &cover_plan,
+                &cover,
+                100_000,
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get_by_index(0).unwrap(),
+                    r.try_get_by_index(1).unwrap(),
+                )
+            })
+            .collect();
+        assert!(exact.len() > 400, "{}", exact.len());
+        for limit in [1, 3, 10] {
+            let bounds = stats::user_bounds(db, &range, &plan, limit)
+                .await
+                .unwrap()
+                .unwrap();
+            let n = usize::try_from(stats::bounded_users(limit)).unwrap();
+            assert_eq!(bounds.keys.len(), n);
+            // The listed users' bounds are exact, highest first.
+            for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
+                assert_eq!(exact[key], *bound, "user key {key}");
+            }
+            assert!(bounds.bounds.windows(2).all(|w| w[0] >= w[1]));
+            // `rest` bounds every user left out, and every user above it is in.
+            let rest = bounds.rest.expect("users are left out");
+            for (key, bound) in &exact {
+                if !bounds.keys.contains(key) {
+                    assert!(*bound <= rest, "user key {key}: {bound} > {rest}");
+                }
+            }
+            assert!(bounds.bounds[n - 1] >= rest);
+            // Short lists, and still the same n highest bounds as every user's cells give.
+            let mut all: Vec<f64> = exact.values().copied().collect();
+            all.sort_by(|a, b| b.total_cmp(a));
+            assert!(rest >= all[n], "{rest} {}", all[n]);
+            assert_eq!(bounds.bounds[n - 1], all[n - 1]);
+        }
+        // The tail user's pending call makes them the first.
+        let bounds = stats::user_bounds(db, &range, &plan, 3)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bounds.keys[0], i64::from(tail));
+        for limit in [1, 3, 10, 50] {
+            let fast = stats_by_user(db, &range, limit).await.unwrap();
+            assert_eq!(
+                fast,
+                stats_by_user_raw(db, &range, limit).await.unwrap(),
+                "{limit}"
+            );
+            assert_eq!(fast[0].user_id, Some(tail));
+        }
+        // Folded, the same.
+        fold(&t).await;
+        for limit in [1, 3, 50] {
+            assert_eq!(
+                stats_by_user(db, &range, limit).await.unwrap(),
+                stats_by_user_raw(db, &range, limit).await.unwrap(),
+                "{limit}"
+            );
+        }
+        // A user in neither month's list whose two months still add up to the most: 40 users
+        // call 10M tokens in March before the range, 40 others 10M in April after it (the
+        // two lists), and one user 9M in each month, inside the range. The 21st listed bound
+        // is about 10M; `rest` is the lists' last tokens, 20M, above that user's 18M.
+        let side: Vec<String> = (0..81).map(|i| format!("top-side{i}")).collect();
+        let side = users(db, &side.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let both = side[80];
+        let mut rows = Vec::new();
+        for (i, id) in side[..80].iter().enumerate() {
+            let (day, extra) = if i < 40 { (3, i) } else { (58, i - 40) };
+            rows.push(row(
+                80_000 + i as u128,
+                Some(*id),
+                "gpt-4o",
+                (9_000_000 + 1000 * extra as i32, 1_000_000, 0, 0),
+                true,
+                march + Duration::days(day),
+            ));
+        }
+        for (i, day) in [20, 36].into_iter().enumerate() {
+            rows.push(row(
+                80_100 + i as u128,
+                Some(both),
+                "gpt-4o",
+                (8_000_000, 1_000_000, 0, 0),
+                true,
+                march + Duration::days(day),
+            ));
+        }
+        insert(db, &rows).await;
+        fold(&t).await;
+        let exact: std::collections::HashMap<i64, f64> = db
+            .query_all_raw(rollup::bound_statement(
+                backend,
+                &cover_plan,
+                &cover,
+                100_000,
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get_by_index(0).unwrap(),
+                    r.try_get_by_index(1).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(exact[&i64::from(both)], 18_000_000.0);
+        let bounds = stats::user_bounds(db, &range, &plan, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!bounds.keys.contains(&i64::from(both)), "{bounds:?}");
+        assert!(bounds.bounds[19] < 10_100_000.0, "{bounds:?}");
+        assert!(bounds.rest.unwrap() >= 20_000_000.0, "{bounds:?}");
+        for limit in [1, 3, 50] {
+            let fast = stats_by_user(db, &range, limit).await.unwrap();
+            assert_eq!(
+                fast,
+                stats_by_user_raw(db, &range, limit).await.unwrap(),
+                "{limit}"
+            );
+            assert_eq!(fast[0].user_id, Some(both));
+        }
+        // The lists come from the month cells' index.
+        let explained = plan_of(db, &top).await;
+        assert!(
+            explained.contains("llm_tracker_usage_rollup_total_month_top_idx"),
+            "{explained}"
+        );
+        // A cover with a whole year in it holds a year cell: every user's cells are summed.
+        let long = UsageFilter {
+            start: Some(Utc.with_ymd_and_hms(2023, 12, 15, 0, 0, 0).unwrap()),
+            end: Some(march + Duration::days(20)),
+            ..Default::default()
+        };
+        let long_cover = rollup::month_cover(&long).unwrap();
+        let long_plan = rollup::plan(db, &long_cover, None, true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            long_plan
+                .coarse
+                .iter()
+                .any(|r| r.grain == migration::rollup::Calendar::Year.code()),
+            "{long_plan:?}"
+        );
+        assert!(rollup::top_bound_statement(backend, &long_plan, k).is_none());
+        for limit in [1, 3] {
+            assert_eq!(
+                stats_by_user(db, &long, limit).await.unwrap(),
+                stats_by_user_raw(db, &long, limit).await.unwrap(),
+                "{limit}"
+            );
+        }
+        // Down drops the index; the lists are then read from the table, the same.
+        let bounds = stats::user_bounds(db, &range, &plan, 3).await.unwrap();
+        crate::helpers::down_through(db, "m20261206_000026").await;
+        let index_sql = if backend == DbBackend::Postgres {
+            "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'llm_tracker_usage_rollup_total_month_top_idx'"
+        } else {
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'llm_tracker_usage_rollup_total_month_top_idx'"
+        };
+        assert_eq!(t.scalar_i64(index_sql).await, 0);
+        let explained = plan_of(db, &top).await;
+        assert!(
+            !explained.contains("llm_tracker_usage_rollup_total_month_top_idx"),
+            "{explained}"
+        );
+        assert_eq!(
+            stats::user_bounds(db, &range, &plan, 3).await.unwrap(),
+            bounds
+        );
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_eq!(t.scalar_i64(index_sql).await, 1);
+        assert!(
+            plan_of(db, &top)
+                .await
+                .contains("llm_tracker_usage_rollup_total_month_top_idx")
+        );
+    }
+);
+
 /// The plan `stmt` gets under token-stats' planner settings: PostgreSQL's `EXPLAIN` lines, or
 /// SQLite's `EXPLAIN QUERY PLAN` details, one per line.
 async fn plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
@@ -902,10 +1164,20 @@ async fn plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
     if let Some(settings) = plans::token_stats_settings(backend) {
         txn.execute_unprepared(&settings).await.unwrap();
     }
-    let rows = txn
-        .query_all_raw(plans::explain(backend, stmt))
-        .await
-        .unwrap();
+    let mut explain = plans::explain(backend, stmt);
+    if backend == DbBackend::Sqlite {
+        // A SQLite connection checks that its schema is current when a statement reads a
+        // table, which `EXPLAIN QUERY PLAN` does not, and a statement it prepared before keeps
+        // its plan: an index made or dropped since would be missed. So the schema is read
+        // first, and each explanation is a text of its own.
+        static EXPLAINED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        txn.execute_unprepared("SELECT COUNT(*) FROM sqlite_master")
+            .await
+            .unwrap();
+        let n = EXPLAINED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        explain.sql = format!("{} -- {n}", explain.sql);
+    }
+    let rows = txn.query_all_raw(explain).await.unwrap();
     txn.rollback().await.unwrap();
     let column = if backend == DbBackend::Postgres { 0 } else { 3 };
     rows.iter()
@@ -2073,7 +2345,7 @@ db_test!(
             2
         );
         // Migration 000025 down and up again: the hours come back from the rows.
-        migration::Migrator::down(db, Some(1)).await.unwrap();
+        crate::helpers::down_through(db, "m20261205_000025").await;
         assert_eq!(t.scalar_i64(&hours).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert!(t.scalar_i64(&hours).await > 100);
