@@ -32,6 +32,7 @@ pub mod m20261203_000023_user_latency_histograms;
 pub mod m20261204_000024_negative_tokens_index;
 pub mod m20261205_000025_rollup_dense_user_hours;
 pub mod m20261206_000026_rollup_month_top_index;
+pub mod m20261207_000027_usage_no_user_index;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -80,6 +81,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000024_negative_tokens_index::Migration),
             Box::new(m20261205_000025_rollup_dense_user_hours::Migration),
             Box::new(m20261206_000026_rollup_month_top_index::Migration),
+            Box::new(m20261207_000027_usage_no_user_index::Migration),
         ]
     }
 }

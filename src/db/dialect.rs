@@ -329,6 +329,13 @@ impl Dialect {
         }
     }
 
+    /// Whether a subquery in `FROM` may read the columns of the tables before it (`LATERAL`,
+    /// PostgreSQL): a list joined so, one index range per item, stays the outer loop whatever
+    /// the planner estimates.
+    pub fn lateral_joins(self) -> bool {
+        self == Self::Postgres
+    }
+
     /// Whether writes in this process take turns (SQLite: one writer at a time).
     pub fn single_writer(self) -> bool {
         self == Self::Sqlite

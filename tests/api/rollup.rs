@@ -1156,6 +1156,94 @@ db_test!(
     }
 );
 
+db_test!(
+    async fn the_chosen_users_rows_are_index_ranges_with_or_without_a_user(backend: Backend) {
+        // Issue 16, migration 000027: by_user reads the rows of the users it chose on a partial
+        // day as a list joined to the (user_id, created_at) index, and the calls made for no
+        // user through their own partial index, never the whole time range's rows tested
+        // against a list (stats::raw_user_statement).
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["e1", "e2", "e3", "e4"]).await;
+        let mut rng = StdRng::seed_from_u64(27);
+        let base = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        insert(db, &random_rows(&mut rng, &ids, base, 10, 1500, 1)).await;
+        db.execute_unprepared("ANALYZE").await.unwrap();
+        let part = UsageFilter {
+            start: Some(base + Duration::days(2) + Duration::hours(5)),
+            end: Some(base + Duration::days(4) + Duration::hours(15)),
+            ..Default::default()
+        };
+        let backend = db.get_database_backend();
+        let raw = stats_by_user_raw(db, &part, 1000).await.unwrap();
+        let of = |user: Option<i32>| raw.iter().find(|u| u.user_id == user).unwrap();
+        assert!(raw.len() == 5 && raw.iter().all(|u| u.total_calls > 0));
+        // Two users, one of them twice, and the calls made for no user.
+        let keys = [
+            rollup::key_of(Some(ids[0])),
+            rollup::key_of(Some(ids[2])),
+            rollup::key_of(None),
+            rollup::key_of(Some(ids[2])),
+        ];
+        let read = |stmt: sea_orm::Statement| async move {
+            let mut got: Vec<(Option<i32>, i64, i64)> = db
+                .query_all_raw(stmt)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r.try_get("", "user_id").unwrap(),
+                        r.try_get("", "total_calls").unwrap(),
+                        r.try_get("", "total_tokens").unwrap(),
+                    )
+                })
+                .collect();
+            got.sort();
+            got
+        };
+        let mut want: Vec<(Option<i32>, i64, i64)> = [None, Some(ids[0]), Some(ids[2])]
+            .into_iter()
+            .map(|u| (u, of(u).total_calls, of(u).total_tokens))
+            .collect();
+        want.sort();
+        let stmt = stats::raw_user_statement(backend, &part, Some(&keys));
+        assert_eq!(read(stmt.clone()).await, want);
+        // (SQLite reads the calls made for no user as a range of the (user_id, created_at)
+        // index: the partial index is PostgreSQL's only.)
+        let pg = backend == DbBackend::Postgres;
+        let explained = plan_of(db, &stmt).await;
+        assert!(
+            explained.contains("llm_tracker_usage_user_created_idx")
+                && (!pg || explained.contains("llm_tracker_usage_no_user_created_idx"))
+                && !explained.contains("llm_tracker_usage_created_at_f9de3faa")
+                && !explained
+                    .lines()
+                    .any(|l| l.starts_with("SCAN llm_tracker_usage")),
+            "{explained}"
+        );
+        // Users only; no user only; nobody.
+        let users_only = stats::raw_user_statement(backend, &part, Some(&keys[..2]));
+        assert_eq!(read(users_only).await, want[1..].to_vec());
+        let nobody = stats::raw_user_statement(backend, &part, Some(&keys[2..3]));
+        assert_eq!(read(nobody).await, want[..1].to_vec());
+        let none = stats::raw_user_statement(backend, &part, Some(&[]));
+        assert!(read(none).await.is_empty());
+        // Down drops the index, the sums stay.
+        let index_sql = if pg {
+            "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'llm_tracker_usage_no_user_created_idx'"
+        } else {
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'llm_tracker_usage_no_user_created_idx'"
+        };
+        assert_eq!(t.scalar_i64(index_sql).await, i64::from(pg));
+        crate::helpers::down_through(db, "m20261207_000027").await;
+        assert_eq!(t.scalar_i64(index_sql).await, 0);
+        assert_eq!(read(stmt.clone()).await, want);
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_eq!(t.scalar_i64(index_sql).await, i64::from(pg));
+    }
+);
+
 /// The plan `stmt` gets under token-stats' planner settings: PostgreSQL's `EXPLAIN` lines, or
 /// SQLite's `EXPLAIN QUERY PLAN` details, one per line.
 async fn plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
