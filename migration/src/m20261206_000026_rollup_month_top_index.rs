@@ -9,7 +9,7 @@
 //! The SQL is written out here, not generated from live code.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
+use sea_orm_migration::sea_orm::ConnectionTrait;
 
 pub const INDEX: &str = "llm_tracker_usage_rollup_total_month_top_idx";
 
@@ -19,32 +19,19 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        let sql = match manager.get_database_backend() {
-            DbBackend::Postgres => {
-                // A build cut off midway (this migration is then not recorded, and runs again)
-                // leaves an invalid index that `IF NOT EXISTS` would keep, and the planner
-                // would not use: drop it first.
-                db.execute_unprepared(
-                    "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c \
-                     ON c.oid = i.indexrelid WHERE c.relname = \
-                     'llm_tracker_usage_rollup_total_month_top_idx' AND NOT i.indisvalid) THEN \
-                     DROP INDEX llm_tracker_usage_rollup_total_month_top_idx; END IF; END $$",
-                )
-                .await?;
-                "CREATE INDEX CONCURRENTLY IF NOT EXISTS \
-                 llm_tracker_usage_rollup_total_month_top_idx \
-                 ON llm_tracker_usage_rollup_total (slot, total_tokens DESC, user_key) \
-                 WHERE grain = 2976"
-            }
-            _ => {
+        crate::util::create_index(
+            manager,
+            INDEX,
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS llm_tracker_usage_rollup_total_month_top_idx \
+             ON llm_tracker_usage_rollup_total (slot, total_tokens DESC, user_key) \
+             WHERE grain = 2976",
+            Some(
                 "CREATE INDEX IF NOT EXISTS llm_tracker_usage_rollup_total_month_top_idx \
                  ON llm_tracker_usage_rollup_total (slot, total_tokens DESC, user_key) \
-                 WHERE grain = 2976"
-            }
-        };
-        db.execute_unprepared(sql).await?;
-        Ok(())
+                 WHERE grain = 2976",
+            ),
+        )
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

@@ -14,7 +14,7 @@
 //! The SQL is written out here, not generated from live code.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
+use sea_orm_migration::sea_orm::ConnectionTrait;
 
 pub const INDEX: &str = "llm_tracker_usage_no_user_created_idx";
 
@@ -24,26 +24,14 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        if manager.get_database_backend() != DbBackend::Postgres {
-            return Ok(());
-        }
-        // A build cut off midway (this migration is then not recorded, and runs again) leaves
-        // an invalid index that `IF NOT EXISTS` would keep, and the planner would not use:
-        // drop it first.
-        db.execute_unprepared(
-            "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c \
-             ON c.oid = i.indexrelid WHERE c.relname = \
-             'llm_tracker_usage_no_user_created_idx' AND NOT i.indisvalid) THEN \
-             DROP INDEX llm_tracker_usage_no_user_created_idx; END IF; END $$",
-        )
-        .await?;
-        db.execute_unprepared(
+        crate::util::create_index(
+            manager,
+            INDEX,
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS llm_tracker_usage_no_user_created_idx \
              ON llm_tracker_usage (created_at) WHERE user_id IS NULL",
+            None,
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

@@ -104,3 +104,34 @@ pub async fn table_is_ours(manager: &SchemaManager<'_>, table: &str) -> Result<b
         _ => Ok(true),
     }
 }
+
+/// Builds an index without stopping writers: on PostgreSQL `postgres` (a `CREATE INDEX
+/// CONCURRENTLY IF NOT EXISTS` of the index `name`), after dropping an invalid index of that
+/// name — what a build cut off midway leaves (the migration is then not recorded and runs
+/// again), which `IF NOT EXISTS` would keep and the planner would not use; on SQLite `sqlite`
+/// (`None`: no index there). The migration runs outside a transaction.
+pub async fn create_index(
+    manager: &SchemaManager<'_>,
+    name: &str,
+    postgres: &str,
+    sqlite: Option<&str>,
+) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    match manager.get_database_backend() {
+        DbBackend::Postgres => {
+            db.execute_unprepared(&format!(
+                "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c \
+                 ON c.oid = i.indexrelid WHERE c.relname = '{name}' AND NOT i.indisvalid) THEN \
+                 DROP INDEX {name}; END IF; END $$"
+            ))
+            .await?;
+            db.execute_unprepared(postgres).await?;
+        }
+        _ => {
+            if let Some(sql) = sqlite {
+                db.execute_unprepared(sql).await?;
+            }
+        }
+    }
+    Ok(())
+}

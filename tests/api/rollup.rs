@@ -963,8 +963,8 @@ db_test!(
             top
         );
         // Every user's exact bound: their cover's cells and pending contributions, summed.
-        let exact: std::collections::HashMap<i64, f64> = db
-            .query_all_raw(rollup::bound_statement(
+        let exact_bounds = async || -> std::collections::HashMap<i64, f64> {
+            db.query_all_raw(rollup::bound_statement(
                 backend,
                 &cover_plan,
                 &cover,
@@ -979,7 +979,9 @@ db_test!(
                     r.try_get_by_index(1).unwrap(),
                 )
             })
-            .collect();
+            .collect()
+        };
+        let exact = exact_bounds().await;
         assert!(exact.len() > 400, "{}", exact.len());
         for limit in [1, 3, 10] {
             let bounds = stats::user_bounds(db, &range, &plan, limit)
@@ -1062,23 +1064,7 @@ db_test!(
         }
         insert(db, &rows).await;
         fold(&t).await;
-        let exact: std::collections::HashMap<i64, f64> = db
-            .query_all_raw(rollup::bound_statement(
-                backend,
-                &cover_plan,
-                &cover,
-                100_000,
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get_by_index(0).unwrap(),
-                    r.try_get_by_index(1).unwrap(),
-                )
-            })
-            .collect();
+        let exact = exact_bounds().await;
         assert_eq!(exact[&i64::from(both)], 18_000_000.0);
         let bounds = stats::user_bounds(db, &range, &plan, 1)
             .await
