@@ -53,13 +53,13 @@ pub struct ErrorBody {
 }
 
 impl ApiError {
-    /// A 400 about one query parameter.
     /// A database failure: logged with its cause, answered as a generic 503.
     pub fn database(err: sea_orm::DbErr) -> Self {
         tracing::error!(error = %err, "database error");
         Self::ServiceUnavailable
     }
 
+    /// A 400 about one query parameter.
     pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
         let message = message.into();
         let mut errors = BTreeMap::new();

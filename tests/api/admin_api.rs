@@ -197,6 +197,19 @@ db_test!(
             auth.clone()
         );
         assert_eq!(status, 200, "{body}");
+        // (Written into a buffer of its own, still sent as JSON.)
+        let res = test::call_service(
+            &app,
+            test::TestRequest::get()
+                .uri("/api/v1/admin/token-stats/?granularity=month")
+                .insert_header(("Authorization", auth.clone().unwrap()))
+                .to_request(),
+        )
+        .await;
+        assert_eq!(
+            res.headers().get("content-type").unwrap(),
+            "application/json"
+        );
         // Issue 6: by default a range with both ends is zero-filled, every other key unchanged.
         let (_, filled, _) = get!(
             app,
