@@ -1024,6 +1024,30 @@ db_test!(
             );
             assert_eq!(fast[0].user_id, Some(tail));
         }
+        // Pending deletes: the heaviest user's rows go, their contributions taken away and not
+        // folded yet. Still listed by their month cells, that user's bound is exact: 0.
+        db.execute_unprepared(&format!(
+            "DELETE FROM llm_tracker_usage WHERE user_id = {}",
+            ids[0]
+        ))
+        .await
+        .unwrap();
+        let exact = exact_bounds().await;
+        assert_eq!(exact.get(&i64::from(ids[0])).copied().unwrap_or(0.0), 0.0);
+        let bounds = stats::user_bounds(db, &range, &plan, 3)
+            .await
+            .unwrap()
+            .unwrap();
+        for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
+            assert_eq!(exact[key], *bound, "user key {key}");
+        }
+        for limit in [1, 3, 50] {
+            assert_eq!(
+                stats_by_user(db, &range, limit).await.unwrap(),
+                stats_by_user_raw(db, &range, limit).await.unwrap(),
+                "{limit}"
+            );
+        }
         // Folded, the same.
         fold(&t).await;
         for limit in [1, 3, 50] {
