@@ -1001,6 +1001,17 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             Whose::PerUser,
         ));
     }
+    // Users whose rows hold a UTC day of `DENSE_DAY_CALLS` calls and who are not dense (rows
+    // written for past days: a bulk load, an import; the fold's promotion looks at yesterday
+    // and today only): dense from their first day, as migration 000025 made every such user.
+    // Users dense already, or demoted, keep their window.
+    out.push(format!(
+        "INSERT INTO {DENSE_TABLE} (user_key, since) \
+         SELECT user_key, MIN(slot) FROM {TOTALS_TABLE} t \
+         WHERE grain = {DAY} AND user_key < {ALL_USERS} \
+         AND NOT EXISTS (SELECT 1 FROM {DENSE_TABLE} x WHERE x.user_key = t.user_key) \
+         GROUP BY user_key HAVING MAX(calls) >= {DENSE_DAY_CALLS}"
+    ));
     // The dense users' hours, deleted with the totals table: from the rows (nothing is pending
     // now), from the horizon on (before it rows are gone; reads do not use hours there).
     if let Some(h) = horizon {

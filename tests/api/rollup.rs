@@ -1254,6 +1254,64 @@ db_test!(
     }
 );
 
+db_test!(
+    async fn a_rebuild_makes_dense_the_users_whose_rows_hold_a_busy_day(backend: Backend) {
+        // Issue 16: rows written for past days (a bulk load, an import through the ingest API)
+        // hold busy days that the fold's promotion (yesterday and today only) never looks at. A
+        // rebuild makes dense every user with a UTC day of DENSE_DAY_CALLS calls, from their
+        // first day, as migration 000025 did; a user dense already keeps their window.
+        use migration::rollup::{DENSE_TABLE, TOTALS_TABLE};
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["busy", "calm"]).await;
+        let mut rng = StdRng::seed_from_u64(2511);
+        let base = Utc.with_ymd_and_hms(2025, 5, 1, 0, 0, 0).unwrap();
+        // About 240 calls a day for the busy user, 16 for the calm one.
+        let mut rows = random_rows(&mut rng, &[ids[0]], base, 10, 3000, 1);
+        rows.extend(random_rows(&mut rng, &[ids[1]], base, 10, 200, 10_000));
+        insert(db, &rows).await;
+        fold(&t).await;
+        let dense = format!("SELECT COUNT(*) FROM {DENSE_TABLE}");
+        let hours = format!(
+            "SELECT COUNT(*) FROM {TOTALS_TABLE} WHERE grain = 4 AND user_key = {}",
+            ids[0]
+        );
+        assert_eq!(t.scalar_i64(&dense).await, 0);
+        assert_eq!(t.scalar_i64(&hours).await, 0);
+        rollup::rebuild(db).await.unwrap();
+        assert_eq!(t.scalar_i64(&dense).await, 1);
+        assert_eq!(
+            t.scalar_i64(&format!("SELECT user_key FROM {DENSE_TABLE}"))
+                .await,
+            i64::from(ids[0])
+        );
+        let first_day = t
+            .scalar_i64(&format!(
+                "SELECT MIN(slot) FROM {TOTALS_TABLE} WHERE grain = 96 AND user_key = {}",
+                ids[0]
+            ))
+            .await;
+        assert_eq!(
+            t.scalar_i64(&format!("SELECT since FROM {DENSE_TABLE}"))
+                .await,
+            first_day
+        );
+        assert!(t.scalar_i64(&hours).await > 100);
+        assert_verified(db).await;
+        let busy = UsageFilter {
+            user_id: Some(ids[0]),
+            ..Default::default()
+        };
+        assert_same(db, &busy, "Asia/Kolkata".parse().unwrap(), false).await;
+        // Again: nothing new, the same cells.
+        let cells = t.scalar_i64(&hours).await;
+        rollup::rebuild(db).await.unwrap();
+        assert_eq!(t.scalar_i64(&dense).await, 1);
+        assert_eq!(t.scalar_i64(&hours).await, cells);
+        assert_verified(db).await;
+    }
+);
+
 /// The plan `stmt` gets under token-stats' planner settings: PostgreSQL's `EXPLAIN` lines, or
 /// SQLite's `EXPLAIN QUERY PLAN` details, one per line.
 async fn plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
