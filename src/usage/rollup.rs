@@ -1598,20 +1598,22 @@ pub fn cells_per_user(plan: &Plan) -> i64 {
         .iter()
         .map(
             |run| match Calendar::ALL.into_iter().find(|c| c.code() == run.grain) {
-                Some(c) => {
-                    let (mut n, mut slot) = (0, run.first);
-                    while slot < run.end {
-                        match calendar_cell(c, slot) {
-                            Some((_, next)) if next > slot => (n, slot) = (n + 1, next),
-                            _ => break,
-                        }
-                    }
-                    n
-                }
+                Some(c) => calendar_cells(c, run).count() as i64,
                 None => (run.end - run.first) / DAY.max(1),
             },
         )
         .sum()
+}
+
+/// The calendar cells `c` of `run` from its first slot on, each as the slot it starts at and
+/// the next cell's ([`calendar_cell`] of the slot reached), until `run` ends (or a slot has no
+/// cell after it).
+fn calendar_cells(c: Calendar, run: &Run) -> impl Iterator<Item = (i64, i64)> + '_ {
+    std::iter::successors(
+        calendar_cell(c, run.first).map(|(_, next)| (run.first, next)),
+        move |&(_, slot)| calendar_cell(c, slot).map(|(_, next)| (slot, next)),
+    )
+    .take_while(|&(slot, next)| slot < run.end && next > slot)
 }
 
 /// Upper bounds on users' tokens over a range, from their cells over its [`month_cover`]: the
@@ -1701,14 +1703,18 @@ pub fn top_bound_statement(backend: DbBackend, plan: &Plan, k: u64) -> Option<St
         if run.grain != month || run.subtract {
             return None;
         }
-        let mut slot = run.first;
-        while slot < run.end {
-            let (first, next) = calendar_cell(Calendar::Month, slot)?;
-            if first != slot || next <= slot {
-                return None;
-            }
+        // Whole month cells only, from the run's first slot (each next one starts a month) to
+        // where the run ends.
+        if calendar_cell(Calendar::Month, run.first).map(|(first, _)| first) != Some(run.first) {
+            return None;
+        }
+        let mut end = run.first;
+        for (slot, next) in calendar_cells(Calendar::Month, run) {
             cells.push(slot);
-            slot = next;
+            end = next;
+        }
+        if end < run.end {
+            return None;
         }
     }
     if cells.is_empty() {

@@ -1872,17 +1872,18 @@ pub async fn user_bounds<C: ConnectionTrait>(
     };
     let n = bounded_users(limit);
     let backend = db.get_database_backend();
-    let k = top_listed_users(n);
-    if let Some(stmt) = rollup::top_bound_statement(backend, &cover_plan, k) {
-        return top_bounds(db.query_all_raw(stmt).await?, k, n, share).map(Some);
-    }
+    let stmt = match bounds_query(backend, &cover, &cover_plan, n) {
+        BoundsQuery::Top { statement, k } => {
+            return top_bounds(db.query_all_raw(statement).await?, k, n, share).map(Some);
+        }
+        BoundsQuery::Sum(statement) => statement,
+    };
     let mut bounds = rollup::UserBounds {
         keys: Vec::new(),
         bounds: Vec::new(),
         rest: None,
         share,
     };
-    let stmt = rollup::bound_statement(backend, &cover_plan, &cover, n + 1);
     for r in db.query_all_raw(stmt).await? {
         let (key, tokens): (i64, f64) = (r.try_get_by_index(0)?, r.try_get_by_index(1)?);
         if (bounds.keys.len() as u64) < n {
@@ -1904,9 +1905,30 @@ pub fn bounds_statement(
     cover_plan: &rollup::Plan,
     limit: u64,
 ) -> Statement {
-    let n = bounded_users(limit);
-    rollup::top_bound_statement(backend, cover_plan, top_listed_users(n))
-        .unwrap_or_else(|| rollup::bound_statement(backend, cover_plan, cover, n + 1))
+    match bounds_query(backend, cover, cover_plan, bounded_users(limit)) {
+        BoundsQuery::Top { statement, .. } | BoundsQuery::Sum(statement) => statement,
+    }
+}
+
+/// How [`user_bounds`] bounds `n` users over a cover.
+enum BoundsQuery {
+    /// Each month's `k` users with the most tokens ([`rollup::top_bound_statement`]).
+    Top { statement: Statement, k: u64 },
+    /// Every user's cells summed, the `n + 1` highest ([`rollup::bound_statement`]).
+    Sum(Statement),
+}
+
+fn bounds_query(
+    backend: DbBackend,
+    cover: &UsageFilter,
+    cover_plan: &rollup::Plan,
+    n: u64,
+) -> BoundsQuery {
+    let k = top_listed_users(n);
+    match rollup::top_bound_statement(backend, cover_plan, k) {
+        Some(statement) => BoundsQuery::Top { statement, k },
+        None => BoundsQuery::Sum(rollup::bound_statement(backend, cover_plan, cover, n + 1)),
+    }
 }
 
 /// How many users of each month cell [`rollup::top_bound_statement`] lists when `by_user`
