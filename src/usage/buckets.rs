@@ -157,9 +157,34 @@ pub fn bucket_start_seconds(g: Granularity, tz: Tz, seconds: i64) -> i64 {
     match (tz, g) {
         (Tz::UTC, Granularity::Day) => seconds - seconds.rem_euclid(3600),
         (Tz::UTC, Granularity::Month) => seconds - seconds.rem_euclid(86_400),
+        // The local hour's start in seconds: one offset lookup, no `DateTime` made of the
+        // result (an hourly year's plan and fold ask ~45,000 times outside UTC).
+        (_, Granularity::Day) => offset_at(tz, seconds)
+            .map(|offset| seconds - (seconds + i64::from(offset)).rem_euclid(3600))
+            .filter(|start| in_chrono_range(*start))
+            .unwrap_or(seconds),
         _ => DateTime::from_timestamp(seconds, 0)
             .map_or(seconds, |t| bucket_start(g, tz, t).timestamp()),
     }
+}
+
+/// The UTC offset of `tz` at the instant `seconds` (UTC epoch seconds), in seconds; `None`
+/// outside chrono's range.
+fn offset_at(tz: Tz, seconds: i64) -> Option<i32> {
+    use chrono::{Offset, TimeZone};
+    let t = DateTime::from_timestamp(seconds, 0)?;
+    Some(
+        tz.offset_from_utc_datetime(&t.naive_utc())
+            .fix()
+            .local_minus_utc(),
+    )
+}
+
+/// Whether the instant `seconds` (UTC epoch seconds) is within chrono's range.
+pub(crate) fn in_chrono_range(seconds: i64) -> bool {
+    const RANGE: std::ops::RangeInclusive<i64> =
+        DateTime::<Utc>::MIN_UTC.timestamp()..=DateTime::<Utc>::MAX_UTC.timestamp();
+    RANGE.contains(&seconds)
 }
 
 /// [`label_at`] of the bucket starting at `seconds` (UTC epoch seconds).

@@ -19,7 +19,7 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
 use super::UsageFilter;
 use super::buckets::Granularity;
-use super::buckets::{bucket_start, bucket_start_seconds, next_bucket_guess};
+use super::buckets::{bucket_start, bucket_start_seconds, in_chrono_range, next_bucket_guess};
 use super::filters::escape_like;
 use super::sums::{Sum, TokenSums};
 
@@ -580,7 +580,7 @@ pub async fn plan<C: ConnectionTrait>(
         });
     }
     let mut per_bucket = match series {
-        Some((gran, tz)) => per_bucket(&split_per_bucket(&ranges, gran, tz), gran, tz, scope),
+        Some((gran, tz)) => per_bucket(&split_per_bucket(&ranges, gran, tz), scope),
         None => unkeyed(&ranges),
     };
     per_bucket.extend(moved.iter().map(|m| BucketRun {
@@ -831,13 +831,15 @@ fn split_day(p: i64, (gran, tz): (Granularity, Tz)) -> Option<Moved> {
 }
 
 /// `runs` cut where the bucket of the series changes: each run's cells in one bucket.
-fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<Run> {
+/// Each with the start of its first slot's bucket ([`bucket_of_slot`]), which [`per_bucket`]
+/// keys by: asked once per cell here, not again there.
+fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<(Run, Option<i64>)> {
     let bucket = |slot: i64| bucket_of_slot(slot, gran, tz);
-    let mut out: Vec<Run> = Vec::new();
+    let mut out: Vec<(Run, Option<i64>)> = Vec::new();
     for run in runs {
         // Calendar cells (a user's months and years) are one cell each: as they are.
         let Some(len) = grain(run.grain).map(|g| g.len).filter(|_| !run.subtract) else {
-            out.push(*run);
+            out.push((*run, bucket(run.first)));
             continue;
         };
         let mut first = run.first;
@@ -846,17 +848,20 @@ fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<Run> {
         while p < run.end {
             let b = bucket(p);
             if b != current {
-                out.push(Run {
-                    first,
-                    end: p,
-                    ..*run
-                });
+                out.push((
+                    Run {
+                        first,
+                        end: p,
+                        ..*run
+                    },
+                    current,
+                ));
                 first = p;
                 current = b;
             }
             p += len;
         }
-        out.push(Run { first, ..*run });
+        out.push((Run { first, ..*run }, current));
     }
     out
 }
@@ -864,11 +869,9 @@ fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<Run> {
 /// The start (epoch seconds) of the series bucket holding `slot`'s first instant; `None` past
 /// chrono's range. Seconds, not a `DateTime`: an hourly year's plan asks ~35,000 times.
 fn bucket_of_slot(slot: i64, gran: Granularity, tz: Tz) -> Option<i64> {
-    const RANGE: std::ops::RangeInclusive<i64> =
-        DateTime::<Utc>::MIN_UTC.timestamp()..=DateTime::<Utc>::MAX_UTC.timestamp();
     let seconds = slot
         .checked_mul(SLOT_SECONDS)
-        .filter(|s| RANGE.contains(s))?;
+        .filter(|&s| in_chrono_range(s))?;
     Some(bucket_start_seconds(gran, tz, seconds))
 }
 
@@ -893,21 +896,21 @@ fn size(runs: &[Run]) -> i64 {
 /// hour and quarter-hour cells in one transaction, so the day's cell less its other hours holds
 /// exactly the bucket's part of that day (the pending contributions are added per slot, as
 /// before). A user's cells are days at the finest: as split.
-fn per_bucket(split: &[Run], gran: Granularity, tz: Tz, scope: Scope) -> Vec<BucketRun> {
-    let bucket = |slot: i64| bucket_of_slot(slot, gran, tz);
-    let mut out = Vec::new();
+fn per_bucket(split: &[(Run, Option<i64>)], scope: Scope) -> Vec<BucketRun> {
+    let runs: Vec<Run> = split.iter().map(|(run, _)| *run).collect();
+    let mut out = Vec::with_capacity(split.len());
     let mut i = 0;
     while i < split.len() {
-        let current = bucket(split[i].first);
+        let current = split[i].1;
         let mut j = i + 1;
         while j < split.len()
-            && split[j].first == split[j - 1].end
-            && !split[j].subtract
-            && bucket(split[j].first) == current
+            && split[j].0.first == split[j - 1].0.end
+            && !split[j].0.subtract
+            && split[j].1 == current
         {
             j += 1;
         }
-        let group = &split[i..j];
+        let group = &runs[i..j];
         let (s, e) = (group[0].first, group[group.len() - 1].end);
         // (A bucket under half a day never reads fewer cells so.)
         let around =
@@ -1119,7 +1122,9 @@ fn cells_by_fits(a: i64, b: i64, series: Option<(Granularity, Tz)>) -> Option<Ve
     while p < b {
         // A whole UTC month inside the range (and the series' bucket): its cell (migration
         // 000022). Under a series each month stays its own run (a run is keyed to one bucket).
-        if let Some((m0, m1)) = calendar_cell(Calendar::Month, p)
+        // (Months start at UTC midnights: no calendar asked at the other 95 slots of a day.)
+        if p.rem_euclid(DAY) == 0
+            && let Some((m0, m1)) = calendar_cell(Calendar::Month, p)
             && m0 == p
             && m1 <= b
             && fits(p, m1 - p)
@@ -2246,8 +2251,9 @@ mod tests {
         let b = slot("2025-01-04T05:00:00Z");
         let series = Some((Granularity::Month, tz));
         let split = split_per_bucket(&cells(a, b, series).unwrap(), Granularity::Month, tz);
-        assert_eq!(size(&split), 48);
-        let keyed = per_bucket(&split, Granularity::Month, tz, Scope::AllUsers);
+        let split_runs: Vec<Run> = split.iter().map(|(run, _)| *run).collect();
+        assert_eq!(size(&split_runs), 48);
+        let keyed = per_bucket(&split, Scope::AllUsers);
         let read: Vec<Run> = keyed.iter().map(|b| b.run).collect();
         assert_eq!(size(&read), 22);
         let day = |d: &str| slot(&format!("{d}T00:00:00Z"));
@@ -2288,10 +2294,10 @@ mod tests {
             Granularity::Month,
             Tz::UTC,
         );
-        let kept = per_bucket(&utc, Granularity::Month, Tz::UTC, Scope::AllUsers);
+        let kept = per_bucket(&utc, Scope::AllUsers);
         assert!(kept.iter().all(|b| !b.run.subtract && b.key == b.run.first));
         assert!(
-            per_bucket(&split, Granularity::Month, tz, Scope::PerUser)
+            per_bucket(&split, Scope::PerUser)
                 .iter()
                 .all(|b| !b.run.subtract)
         );

@@ -186,6 +186,47 @@ impl SeriesItem {
     }
 }
 
+impl SeriesItem {
+    /// The item's JSON, as `serde_json` writes it (`a_series_item_writes_serde_s_json` holds it
+    /// so), appended to `out` by hand: field by field through serde was a fifth of the
+    /// server's time for an hourly year's 8,760 items (each key escaped on every item).
+    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        out.extend_from_slice(b"{\"bucket\":");
+        // Labels are digits and `-`, `:`, `+`, `T`: nothing to escape; anything else through
+        // serde.
+        if self
+            .bucket
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            out.push(b'"');
+            out.extend_from_slice(self.bucket.as_bytes());
+            out.push(b'"');
+        } else {
+            serde_json::to_writer(&mut *out, &self.bucket)?;
+        }
+        let mut digits = itoa::Buffer::new();
+        for (key, value) in [
+            (&b",\"total_calls\":"[..], self.total_calls),
+            (b",\"total_prompt_tokens\":", self.total_prompt_tokens),
+            (
+                b",\"total_completion_tokens\":",
+                self.total_completion_tokens,
+            ),
+            (b",\"total_tokens\":", self.total_tokens),
+            (b",\"total_cached_tokens\":", self.total_cached_tokens),
+            (b",\"total_reasoning_tokens\":", self.total_reasoning_tokens),
+        ] {
+            out.extend_from_slice(key);
+            out.extend_from_slice(digits.format(value).as_bytes());
+        }
+        out.extend_from_slice(b",\"total_cost\":");
+        serde_json::to_writer(&mut *out, &self.total_cost)?;
+        out.push(b'}');
+        Ok(())
+    }
+}
+
 /// The 15-minute UTC slot of each row (`epoch seconds / 900`), as text: every real time-zone
 /// offset is a whole number of slots, so local buckets are unions of slots. The rollup's own
 /// expression, so raw rows and rollup cells fall in the same slots.
@@ -1020,8 +1061,8 @@ fn group_instant(text: &str) -> Result<i64, DbErr> {
             .map(|t| t.and_utc().timestamp())
             .map_err(|e| bad(e.to_string()))?,
     };
-    DateTime::from_timestamp(seconds, 0)
-        .map(|_| seconds)
+    Some(seconds)
+        .filter(|&s| super::buckets::in_chrono_range(s))
         .ok_or_else(|| bad("out of range".into()))
 }
 
@@ -2123,6 +2164,58 @@ mod tests {
     use sea_orm::{Database, Statement};
 
     use super::*;
+
+    #[test]
+    fn a_series_item_writes_serde_s_json() {
+        let labels = [
+            "2025-01-31T10:00:00+00:00",
+            "2024-03-10T03:00:00-04:00",
+            "2025-01-31T10:15:00+05:45",
+            "2025-01-31",
+            "",
+            "a \"quoted\" \\ label\n\u{7}é",
+        ];
+        let numbers = [0, 1, -1, 42, 1_000_000, i64::MAX, i64::MIN];
+        let costs = [
+            0,
+            1,
+            1280,
+            1_000_000,
+            1_500_000,
+            -5,
+            75_003_911_637,
+            i64::MAX,
+        ];
+        let mut n = 0;
+        for label in labels {
+            for (i, &x) in numbers.iter().enumerate() {
+                for &cost in &costs {
+                    let pick = |k: usize| numbers[(i + k) % numbers.len()];
+                    let item = SeriesItem {
+                        bucket: label.to_owned(),
+                        total_calls: x,
+                        total_prompt_tokens: pick(1),
+                        total_completion_tokens: pick(2),
+                        total_tokens: pick(3),
+                        total_cached_tokens: pick(4),
+                        total_reasoning_tokens: pick(5),
+                        total_cost: Usd(cost),
+                        successful_calls: pick(6),
+                    };
+                    let mut out = b"[".to_vec();
+                    item.write_json(&mut out).unwrap();
+                    assert_eq!(
+                        String::from_utf8(out[1..].to_vec()).unwrap(),
+                        serde_json::to_string(&item).unwrap(),
+                        "{item:?}"
+                    );
+                    assert_eq!(out[0], b'[', "appended, not written over");
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(n, 6 * 7 * 8);
+    }
 
     #[test]
     fn a_users_gaps_are_halved_by_their_calls_at_a_slot_boundary() {

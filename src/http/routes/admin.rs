@@ -429,7 +429,7 @@ pub async fn token_stats(
         + by_model.len()
         + by_user.as_ref().map_or(0, Vec::len);
     let mut body = Vec::with_capacity(1024 + 320 * items);
-    serde_json::to_writer(
+    write_token_stats(
         &mut body,
         &TokenStats {
             summary,
@@ -445,6 +445,37 @@ pub async fn token_stats(
     Ok(HttpResponse::Ok()
         .content_type(actix_web::http::header::ContentType::json())
         .body(body))
+}
+
+/// `stats` as `serde_json` writes it, the series items by hand ([`SeriesItem::write_json`]);
+/// `token_stats_json_is_serde_s` holds it so.
+fn write_token_stats(out: &mut Vec<u8>, stats: &TokenStats) -> serde_json::Result<()> {
+    out.extend_from_slice(b"{\"summary\":");
+    serde_json::to_writer(&mut *out, &stats.summary)?;
+    out.extend_from_slice(b",\"by_model\":");
+    serde_json::to_writer(&mut *out, &stats.by_model)?;
+    out.extend_from_slice(b",\"series\":");
+    match &stats.series {
+        None => out.extend_from_slice(b"null"),
+        Some(series) => {
+            out.extend_from_slice(b"{\"granularity\":");
+            serde_json::to_writer(&mut *out, &series.granularity)?;
+            out.extend_from_slice(b",\"items\":[");
+            for (i, item) in series.items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                item.write_json(out)?;
+            }
+            out.extend_from_slice(b"]}");
+        }
+    }
+    if let Some(by_user) = &stats.by_user {
+        out.extend_from_slice(b",\"by_user\":");
+        serde_json::to_writer(&mut *out, by_user)?;
+    }
+    out.push(b'}');
+    Ok(())
 }
 
 /// One page of usage rows, newest first (`created_at` descending, then id).
@@ -670,4 +701,61 @@ fn parse_page_size(raw: &str) -> Option<u64> {
             .unwrap_or(u64::MAX)
             .clamp(1, MAX_PAGE_SIZE),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::sums::TokenSums;
+
+    #[test]
+    fn token_stats_json_is_serde_s() {
+        let sums = |n: i64| TokenSums {
+            total_calls: n,
+            total_prompt_tokens: 7 * n,
+            total_completion_tokens: -3 * n,
+            total_tokens: 4 * n,
+            total_cached_tokens: n / 2,
+            total_reasoning_tokens: 0,
+            cost_micros: 1_280 * n + 1,
+        };
+        let items = |n: i64| {
+            (0..n)
+                .map(|i| {
+                    SeriesItem::new(format!("2025-01-{:02}T10:15:00+05:45", i + 1), sums(i), i)
+                })
+                .collect::<Vec<_>>()
+        };
+        let model = |name: &str, latency| ModelStats::new(name.into(), sums(5), latency, None);
+        for granularity in [None, Some(Granularity::Day), Some(Granularity::Year)] {
+            for n in [0, 1, 3] {
+                for by_user in [
+                    None,
+                    Some(vec![]),
+                    Some(vec![
+                        UserStats::new(Some(7), Some("ada \"admin\"".into()), sums(9)),
+                        UserStats::new(None, None, sums(1)),
+                    ]),
+                ] {
+                    let stats = TokenStats {
+                        summary: Summary::new(sums(n), n, 1),
+                        by_model: vec![model("gpt-4o", Some(1.25)), model("é \\ model", None)]
+                            [..n.min(2) as usize]
+                            .to_vec(),
+                        series: granularity.map(|granularity| Series {
+                            granularity,
+                            items: items(n),
+                        }),
+                        by_user,
+                    };
+                    let mut out = Vec::new();
+                    write_token_stats(&mut out, &stats).unwrap();
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        serde_json::to_string(&stats).unwrap()
+                    );
+                }
+            }
+        }
+    }
 }
