@@ -1852,7 +1852,8 @@ pub(crate) fn first_bounded_users(limit: u64) -> u64 {
 /// filter, all models and outcomes, at most [`BOUNDED_LIMIT`] shown) ranks through bounds
 /// over it: `None` where bounds do not hold (a row with negative tokens, a cover reaching
 /// before the retention horizon) or would read no fewer cells per user than `plan` and no
-/// fewer raw rows (a range of whole months, all time).
+/// fewer raw rows (a range of whole months, all time) without the calendar cells' lists of
+/// top users ([`rollup::top_bound_statement`]).
 pub async fn bound_plan<C: ConnectionTrait>(
     db: &C,
     filter: &UsageFilter,
@@ -1873,9 +1874,19 @@ pub async fn bound_plan<C: ConnectionTrait>(
         return Ok(None);
     };
     let raw_parts = !plan.edges.is_empty() || !plan.minus.is_empty();
+    // Each calendar cell's top users bound far fewer cells than every user's, even where the
+    // cover is the range itself (all time, whole months).
+    let lists = rollup::top_bound_statement(
+        db.get_database_backend(),
+        &cover_plan,
+        top_listed_users(bounded_users(limit)),
+    )
+    .is_some();
     if !cover_plan.edges.is_empty()
         || !cover_plan.minus.is_empty()
-        || (!raw_parts && rollup::cells_per_user(plan) <= rollup::cells_per_user(&cover_plan))
+        || (!raw_parts
+            && !lists
+            && rollup::cells_per_user(plan) <= rollup::cells_per_user(&cover_plan))
     {
         return Ok(None);
     }

@@ -746,19 +746,26 @@ db_test!(
                 "limit {limit}"
             );
         }
-        // Whole months read no more cells per user than their cover: no bounds.
+        // Whole months are their own cover: bounded all the same, through each month's top
+        // users (migration 000026), which read far fewer cells than every user's month cell.
         let april = UsageFilter {
             start: Some(march + Duration::days(31)),
             end: Some(march + Duration::days(61) - Duration::microseconds(1)),
             ..Default::default()
         };
         let plan_april = rollup::plan(db, &april, None, true).await.unwrap().unwrap();
-        assert!(
-            stats::user_bounds(db, &april, &plan_april, 3)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        let (_, april_cover) = stats::bound_plan(db, &april, &plan_april, 3)
+            .await
+            .unwrap()
+            .expect("bounds through the month's list");
+        assert_eq!(april_cover.coarse, plan_april.coarse);
+        for limit in [1, 3, 50] {
+            assert_eq!(
+                stats_by_user(db, &april, limit).await.unwrap(),
+                stats_by_user_raw(db, &april, limit).await.unwrap(),
+                "April, limit {limit}"
+            );
+        }
         // A user who called most inside the range, but whose month holds a row of negative
         // tokens before it: their cover's tokens are no bound. Bounded, they would be left out
         // and the ranking wrong; with such a row anywhere, every user is ranked.
@@ -1106,13 +1113,19 @@ db_test!(
             );
             assert_eq!(fast[0].user_id, Some(both));
         }
-        // The lists come from the month cells' index.
+        // The lists come from the month cells' index; on PostgreSQL each listed user's cells
+        // are read by key (a join filter over every month cell took 100 ms for a month range
+        // of 2025 at 10,000 users).
         let explained = plan_of(db, &top).await;
         assert!(
             explained.contains("llm_tracker_usage_rollup_total_month_top_idx"),
             "{explained}"
         );
-        // A cover with a whole year in it holds a year cell: every user's cells are summed.
+        if backend == DbBackend::Postgres {
+            assert!(!explained.contains("Join Filter"), "{explained}");
+        }
+        // A cover with a whole year in it holds a year cell: that cell's list comes from the
+        // year cells' index (migration 000028), the months' from theirs.
         let long = UsageFilter {
             start: Some(Utc.with_ymd_and_hms(2023, 12, 15, 0, 0, 0).unwrap()),
             end: Some(march + Duration::days(20)),
@@ -1130,7 +1143,7 @@ db_test!(
                 .any(|r| r.grain == migration::rollup::Calendar::Year.code()),
             "{long_plan:?}"
         );
-        assert!(rollup::top_bound_statement(backend, &long_plan, k).is_none());
+        assert!(rollup::top_bound_statement(backend, &long_plan, k).is_some());
         for limit in [1, 3] {
             assert_eq!(
                 stats_by_user(db, &long, limit).await.unwrap(),
@@ -1163,6 +1176,258 @@ db_test!(
                 .await
                 .contains("llm_tracker_usage_rollup_total_month_top_idx")
         );
+    }
+);
+
+db_test!(
+    async fn by_user_over_all_time_ranks_through_each_years_top_users(backend: Backend) {
+        // Issue 16, migration 000028: "all time" is widened to whole years, so its cover is the
+        // range itself, each user's year cells. The bounds come from each year's users with the
+        // most tokens (rollup::top_bound_statement over year cells, from the year cells'
+        // index), not from every user's cells: exact for the listed users, `rest` above every
+        // user left out, and by_user the raw rows' answer. So does a range of one whole month.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let backend = db.get_database_backend();
+        let names: Vec<String> = (0..300).map(|i| format!("year{i}")).collect();
+        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let weighted: Vec<i32> = ids
+            .iter()
+            .enumerate()
+            .flat_map(|(k, id)| std::iter::repeat_n(*id, 300 / (k + 1)))
+            .collect();
+        let mut rng = StdRng::seed_from_u64(28);
+        // November 2024 to February 2025: two calendar years.
+        let november = Utc.with_ymd_and_hms(2024, 11, 1, 0, 0, 0).unwrap();
+        let mut rows = random_rows(&mut rng, &weighted, november, 120, 3000, 1);
+        for (i, id) in ids.iter().enumerate() {
+            for (m, day) in [5, 70].into_iter().enumerate() {
+                rows.push(row(
+                    50_000 + 2 * i as u128 + m as u128,
+                    Some(*id),
+                    "gpt-4o",
+                    (7, 3, 0, 0),
+                    true,
+                    november + Duration::days(day) + Duration::minutes(i as i64),
+                ));
+            }
+        }
+        // 40 users with 10M tokens in 2024, 40 others in 2025 (each year's list at limit 1),
+        // and one user with 9M in each year: in neither list, the most of all.
+        let side: Vec<String> = (0..81).map(|i| format!("year-side{i}")).collect();
+        let side = users(db, &side.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let both = side[80];
+        for (i, id) in side[..80].iter().enumerate() {
+            let (day, extra) = if i < 40 { (10, i) } else { (100, i - 40) };
+            rows.push(row(
+                80_000 + i as u128,
+                Some(*id),
+                "gpt-4o",
+                (9_000_000 + 1000 * extra as i32, 1_000_000, 0, 0),
+                true,
+                november + Duration::days(day),
+            ));
+        }
+        for (i, day) in [20, 80].into_iter().enumerate() {
+            rows.push(row(
+                80_100 + i as u128,
+                Some(both),
+                "gpt-4o",
+                (8_000_000, 1_000_000, 0, 0),
+                true,
+                november + Duration::days(day),
+            ));
+        }
+        insert(db, &rows).await;
+        fold(&t).await;
+        // Pending, not folded: a few rows, and a tail user's call that lifts them over the rest
+        // but not over `both`.
+        let tail = ids[290];
+        let mut pending_rows = random_rows(&mut rng, &weighted, november, 120, 40, 60_000);
+        pending_rows.push(row(
+            70_000,
+            Some(tail),
+            "gpt-4o",
+            (11_000_000, 1_000_000, 0, 0),
+            true,
+            november + Duration::days(90),
+        ));
+        insert(db, &pending_rows).await;
+        let all = UsageFilter::default();
+        let plan = rollup::plan(db, &all, None, true).await.unwrap().unwrap();
+        let year = migration::rollup::Calendar::Year.code();
+        assert!(plan.coarse.iter().all(|r| r.grain == year), "{plan:?}");
+        let (cover, cover_plan) = stats::bound_plan(db, &all, &plan, 1)
+            .await
+            .unwrap()
+            .expect("bounds over the year cells");
+        let k = stats::top_listed_users(stats::bounded_users(1));
+        let top = rollup::top_bound_statement(backend, &cover_plan, k).expect("whole years");
+        assert_eq!(
+            stats::bounds_statement(backend, &cover, &cover_plan, 1),
+            top
+        );
+        let exact: std::collections::HashMap<i64, f64> = db
+            .query_all_raw(rollup::bound_statement(
+                backend,
+                &cover_plan,
+                &cover,
+                100_000,
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get_by_index(0).unwrap(),
+                    r.try_get_by_index(1).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(exact[&i64::from(both)], 18_000_000.0);
+        assert!(exact[&i64::from(tail)] > 12_000_000.0);
+        for limit in [1, 3, 10] {
+            let bounds = stats::user_bounds(db, &all, &plan, limit)
+                .await
+                .unwrap()
+                .unwrap();
+            let n = usize::try_from(stats::bounded_users(limit)).unwrap();
+            assert_eq!(bounds.keys.len(), n);
+            for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
+                assert_eq!(exact[key], *bound, "user key {key}");
+            }
+            let rest = bounds.rest.expect("users are left out");
+            for (key, bound) in &exact {
+                if !bounds.keys.contains(key) {
+                    assert!(*bound <= rest, "user key {key}: {bound} > {rest}");
+                }
+            }
+        }
+        let bounds = stats::user_bounds(db, &all, &plan, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!bounds.keys.contains(&i64::from(both)), "{bounds:?}");
+        assert!(bounds.rest.unwrap() >= 20_000_000.0, "{bounds:?}");
+        for limit in [1, 3, 10, 50] {
+            let fast = stats_by_user(db, &all, limit).await.unwrap();
+            assert_eq!(
+                fast,
+                stats_by_user_raw(db, &all, limit).await.unwrap(),
+                "{limit}"
+            );
+            assert_eq!(fast[0].user_id, Some(both));
+            if limit > 1 {
+                assert_eq!(fast[1].user_id, Some(tail));
+            }
+        }
+        // One whole month: its cover is the range itself too, bounded through its month cell.
+        let january = UsageFilter {
+            start: Some(Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap()),
+            end: Some(
+                Utc.with_ymd_and_hms(2025, 2, 1, 0, 0, 0).unwrap() - Duration::microseconds(1),
+            ),
+            ..Default::default()
+        };
+        let month_plan = rollup::plan(db, &january, None, true)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            stats::bound_plan(db, &january, &month_plan, 3)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        for limit in [1, 3, 50] {
+            assert_eq!(
+                stats_by_user(db, &january, limit).await.unwrap(),
+                stats_by_user_raw(db, &january, limit).await.unwrap(),
+                "{limit}"
+            );
+        }
+        // A cover of 2024's year cell and January 2025's month cell, which start at the same
+        // slot as 2025's year cell: the listed users' bounds are their tokens over those two
+        // cells alone.
+        let mixed = UsageFilter {
+            start: Some(Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap()),
+            end: january.end,
+            ..Default::default()
+        };
+        let mixed_plan = rollup::plan(db, &mixed, None, true).await.unwrap().unwrap();
+        let (mixed_cover, mixed_cover_plan) = stats::bound_plan(db, &mixed, &mixed_plan, 3)
+            .await
+            .unwrap()
+            .expect("bounds over a year and a month");
+        let month = migration::rollup::Calendar::Month.code();
+        let grains: Vec<i64> = mixed_cover_plan.coarse.iter().map(|r| r.grain).collect();
+        assert_eq!(grains, vec![year, month], "{mixed_cover_plan:?}");
+        let mixed_exact: std::collections::HashMap<i64, f64> = db
+            .query_all_raw(rollup::bound_statement(
+                backend,
+                &mixed_cover_plan,
+                &mixed_cover,
+                100_000,
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get_by_index(0).unwrap(),
+                    r.try_get_by_index(1).unwrap(),
+                )
+            })
+            .collect();
+        let bounds = stats::user_bounds(db, &mixed, &mixed_plan, 3)
+            .await
+            .unwrap()
+            .unwrap();
+        for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
+            assert_eq!(mixed_exact[key], *bound, "user key {key}");
+        }
+        for limit in [1, 3, 50] {
+            assert_eq!(
+                stats_by_user(db, &mixed, limit).await.unwrap(),
+                stats_by_user_raw(db, &mixed, limit).await.unwrap(),
+                "{limit}"
+            );
+        }
+        // Folded, the same.
+        fold(&t).await;
+        for limit in [1, 3, 50] {
+            assert_eq!(
+                stats_by_user(db, &all, limit).await.unwrap(),
+                stats_by_user_raw(db, &all, limit).await.unwrap(),
+                "{limit}"
+            );
+        }
+        // The lists come from the year cells' index; down drops it, and the bounds are then
+        // read from the table, the same.
+        let index = "llm_tracker_usage_rollup_total_year_top_idx";
+        let explained = plan_of(db, &top).await;
+        assert!(explained.contains(index), "{explained}");
+        // On PostgreSQL each listed user's cells are a subquery of their own (`OFFSET 0`), read
+        // by key, not a join whose filter tests every year cell against the list.
+        if backend == DbBackend::Postgres {
+            assert!(!explained.contains("Join Filter"), "{explained}");
+        }
+        let before = stats::user_bounds(db, &all, &plan, 3).await.unwrap();
+        crate::helpers::down_through(db, "m20261208_000028").await;
+        let index_sql = if backend == DbBackend::Postgres {
+            format!("SELECT COUNT(*) FROM pg_indexes WHERE indexname = '{index}'")
+        } else {
+            format!("SELECT COUNT(*) FROM sqlite_master WHERE name = '{index}'")
+        };
+        assert_eq!(t.scalar_i64(&index_sql).await, 0);
+        assert!(!plan_of(db, &top).await.contains(index));
+        assert_eq!(
+            stats::user_bounds(db, &all, &plan, 3).await.unwrap(),
+            before
+        );
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_eq!(t.scalar_i64(&index_sql).await, 1);
+        assert!(plan_of(db, &top).await.contains(index));
     }
 );
 
