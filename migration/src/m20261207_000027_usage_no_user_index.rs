@@ -14,7 +14,6 @@
 //! The SQL is written out here, not generated from live code.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::ConnectionTrait;
 
 pub const INDEX: &str = "llm_tracker_usage_no_user_created_idx";
 
@@ -35,11 +34,7 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .get_connection()
-            .execute_unprepared("DROP INDEX IF EXISTS llm_tracker_usage_no_user_created_idx")
-            .await?;
-        Ok(())
+        crate::util::drop_index(manager, INDEX).await
     }
 
     fn use_transaction(&self) -> Option<bool> {

@@ -105,6 +105,16 @@ pub async fn table_is_ours(manager: &SchemaManager<'_>, table: &str) -> Result<b
     }
 }
 
+/// Drops the index `name` where it exists: the `down` of a migration that made it with
+/// [`create_index`].
+pub async fn drop_index(manager: &SchemaManager<'_>, name: &str) -> Result<(), DbErr> {
+    manager
+        .get_connection()
+        .execute_unprepared(&format!("DROP INDEX IF EXISTS {name}"))
+        .await?;
+    Ok(())
+}
+
 /// Builds an index without stopping writers: on PostgreSQL `postgres` (a `CREATE INDEX
 /// CONCURRENTLY IF NOT EXISTS` of the index `name`), after dropping an invalid index of that
 /// name — what a build cut off midway leaves (the migration is then not recorded and runs

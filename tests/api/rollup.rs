@@ -969,25 +969,7 @@ db_test!(
             stats::bounds_statement(backend, &cover, &cover_plan, 3),
             top
         );
-        // Every user's exact bound: their cover's cells and pending contributions, summed.
-        let exact_bounds = async || -> std::collections::HashMap<i64, f64> {
-            db.query_all_raw(rollup::bound_statement(
-                backend,
-                &cover_plan,
-                &cover,
-                100_000,
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get_by_index(0).unwrap(),
-                    r.try_get_by_index(1).unwrap(),
-                )
-            })
-            .collect()
-        };
+        let exact_bounds = async || exact_cover_bounds(db, &cover, &cover_plan).await;
         let exact = exact_bounds().await;
         assert!(exact.len() > 400, "{}", exact.len());
         for limit in [1, 3, 10] {
@@ -997,18 +979,10 @@ db_test!(
                 .unwrap();
             let n = usize::try_from(stats::bounded_users(limit)).unwrap();
             assert_eq!(bounds.keys.len(), n);
-            // The listed users' bounds are exact, highest first.
-            for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
-                assert_eq!(exact[key], *bound, "user key {key}");
-            }
-            assert!(bounds.bounds.windows(2).all(|w| w[0] >= w[1]));
-            // `rest` bounds every user left out, and every user above it is in.
-            let rest = bounds.rest.expect("users are left out");
-            for (key, bound) in &exact {
-                if !bounds.keys.contains(key) {
-                    assert!(*bound <= rest, "user key {key}: {bound} > {rest}");
-                }
-            }
+            // The listed users' bounds are exact, highest first; `rest` bounds every user left
+            // out, and every user above it is in.
+            assert_bounds_hold(&bounds, &exact);
+            let rest = bounds.rest.unwrap();
             assert!(bounds.bounds[n - 1] >= rest);
             // Short lists, and still the same n highest bounds as every user's cells give.
             let mut all: Vec<f64> = exact.values().copied().collect();
@@ -1045,9 +1019,7 @@ db_test!(
             .await
             .unwrap()
             .unwrap();
-        for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
-            assert_eq!(exact[key], *bound, "user key {key}");
-        }
+        assert_bounds_hold(&bounds, &exact);
         for limit in [1, 3, 50] {
             assert_eq!(
                 stats_by_user(db, &range, limit).await.unwrap(),
@@ -1154,12 +1126,8 @@ db_test!(
         // Down drops the index; the lists are then read from the table, the same.
         let bounds = stats::user_bounds(db, &range, &plan, 3).await.unwrap();
         crate::helpers::down_through(db, "m20261206_000026").await;
-        let index_sql = if backend == DbBackend::Postgres {
-            "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'llm_tracker_usage_rollup_total_month_top_idx'"
-        } else {
-            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'llm_tracker_usage_rollup_total_month_top_idx'"
-        };
-        assert_eq!(t.scalar_i64(index_sql).await, 0);
+        let index = "llm_tracker_usage_rollup_total_month_top_idx";
+        assert_eq!(index_count(&t, index).await, 0);
         let explained = plan_of(db, &top).await;
         assert!(
             !explained.contains("llm_tracker_usage_rollup_total_month_top_idx"),
@@ -1170,12 +1138,8 @@ db_test!(
             bounds
         );
         migration::Migrator::up(db, None).await.unwrap();
-        assert_eq!(t.scalar_i64(index_sql).await, 1);
-        assert!(
-            plan_of(db, &top)
-                .await
-                .contains("llm_tracker_usage_rollup_total_month_top_idx")
-        );
+        assert_eq!(index_count(&t, index).await, 1);
+        assert!(plan_of(db, &top).await.contains(index));
     }
 );
 
@@ -1267,23 +1231,7 @@ db_test!(
             stats::bounds_statement(backend, &cover, &cover_plan, 1),
             top
         );
-        let exact: std::collections::HashMap<i64, f64> = db
-            .query_all_raw(rollup::bound_statement(
-                backend,
-                &cover_plan,
-                &cover,
-                100_000,
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get_by_index(0).unwrap(),
-                    r.try_get_by_index(1).unwrap(),
-                )
-            })
-            .collect();
+        let exact = exact_cover_bounds(db, &cover, &cover_plan).await;
         assert_eq!(exact[&i64::from(both)], 18_000_000.0);
         assert!(exact[&i64::from(tail)] > 12_000_000.0);
         for limit in [1, 3, 10] {
@@ -1293,15 +1241,7 @@ db_test!(
                 .unwrap();
             let n = usize::try_from(stats::bounded_users(limit)).unwrap();
             assert_eq!(bounds.keys.len(), n);
-            for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
-                assert_eq!(exact[key], *bound, "user key {key}");
-            }
-            let rest = bounds.rest.expect("users are left out");
-            for (key, bound) in &exact {
-                if !bounds.keys.contains(key) {
-                    assert!(*bound <= rest, "user key {key}: {bound} > {rest}");
-                }
-            }
+            assert_bounds_hold(&bounds, &exact);
         }
         let bounds = stats::user_bounds(db, &all, &plan, 1)
             .await
@@ -1362,30 +1302,12 @@ db_test!(
         let month = migration::rollup::Calendar::Month.code();
         let grains: Vec<i64> = mixed_cover_plan.coarse.iter().map(|r| r.grain).collect();
         assert_eq!(grains, vec![year, month], "{mixed_cover_plan:?}");
-        let mixed_exact: std::collections::HashMap<i64, f64> = db
-            .query_all_raw(rollup::bound_statement(
-                backend,
-                &mixed_cover_plan,
-                &mixed_cover,
-                100_000,
-            ))
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.try_get_by_index(0).unwrap(),
-                    r.try_get_by_index(1).unwrap(),
-                )
-            })
-            .collect();
+        let mixed_exact = exact_cover_bounds(db, &mixed_cover, &mixed_cover_plan).await;
         let bounds = stats::user_bounds(db, &mixed, &mixed_plan, 3)
             .await
             .unwrap()
             .unwrap();
-        for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
-            assert_eq!(mixed_exact[key], *bound, "user key {key}");
-        }
+        assert_bounds_hold(&bounds, &mixed_exact);
         for limit in [1, 3, 50] {
             assert_eq!(
                 stats_by_user(db, &mixed, limit).await.unwrap(),
@@ -1414,19 +1336,14 @@ db_test!(
         }
         let before = stats::user_bounds(db, &all, &plan, 3).await.unwrap();
         crate::helpers::down_through(db, "m20261208_000028").await;
-        let index_sql = if backend == DbBackend::Postgres {
-            format!("SELECT COUNT(*) FROM pg_indexes WHERE indexname = '{index}'")
-        } else {
-            format!("SELECT COUNT(*) FROM sqlite_master WHERE name = '{index}'")
-        };
-        assert_eq!(t.scalar_i64(&index_sql).await, 0);
+        assert_eq!(index_count(&t, index).await, 0);
         assert!(!plan_of(db, &top).await.contains(index));
         assert_eq!(
             stats::user_bounds(db, &all, &plan, 3).await.unwrap(),
             before
         );
         migration::Migrator::up(db, None).await.unwrap();
-        assert_eq!(t.scalar_i64(&index_sql).await, 1);
+        assert_eq!(index_count(&t, index).await, 1);
         assert!(plan_of(db, &top).await.contains(index));
     }
 );
@@ -1505,17 +1422,13 @@ db_test!(
         let none = stats::raw_user_statement(backend, &part, Some(&[]));
         assert!(read(none).await.is_empty());
         // Down drops the index, the sums stay.
-        let index_sql = if pg {
-            "SELECT COUNT(*) FROM pg_indexes WHERE indexname = 'llm_tracker_usage_no_user_created_idx'"
-        } else {
-            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'llm_tracker_usage_no_user_created_idx'"
-        };
-        assert_eq!(t.scalar_i64(index_sql).await, i64::from(pg));
+        let index = "llm_tracker_usage_no_user_created_idx";
+        assert_eq!(index_count(&t, index).await, i64::from(pg));
         crate::helpers::down_through(db, "m20261207_000027").await;
-        assert_eq!(t.scalar_i64(index_sql).await, 0);
+        assert_eq!(index_count(&t, index).await, 0);
         assert_eq!(read(stmt.clone()).await, want);
         migration::Migrator::up(db, None).await.unwrap();
-        assert_eq!(t.scalar_i64(index_sql).await, i64::from(pg));
+        assert_eq!(index_count(&t, index).await, i64::from(pg));
     }
 );
 
@@ -1579,6 +1492,57 @@ db_test!(
 
 /// The plan `stmt` gets under token-stats' planner settings: PostgreSQL's `EXPLAIN` lines, or
 /// SQLite's `EXPLAIN QUERY PLAN` details, one per line.
+/// Every user's exact bound over `cover` (its plan `cover_plan`): their cover's cells and
+/// pending contributions, summed (`rollup::bound_statement` over all users).
+async fn exact_cover_bounds(
+    db: &DatabaseConnection,
+    cover: &UsageFilter,
+    cover_plan: &rollup::Plan,
+) -> std::collections::HashMap<i64, f64> {
+    let backend = db.get_database_backend();
+    db.query_all_raw(rollup::bound_statement(backend, cover_plan, cover, 100_000))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.try_get_by_index(0).unwrap(),
+                r.try_get_by_index(1).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `bounds` against every user's exact bound: the listed users' are exact and in order, and
+/// `rest` is at least every bound left out.
+fn assert_bounds_hold(bounds: &rollup::UserBounds, exact: &std::collections::HashMap<i64, f64>) {
+    for (key, bound) in bounds.keys.iter().zip(&bounds.bounds) {
+        assert_eq!(
+            exact.get(key).copied().unwrap_or(0.0),
+            *bound,
+            "user key {key}"
+        );
+    }
+    assert!(bounds.bounds.windows(2).all(|w| w[0] >= w[1]), "{bounds:?}");
+    let rest = bounds.rest.expect("users are left out");
+    for (key, bound) in exact {
+        if !bounds.keys.contains(key) {
+            assert!(*bound <= rest, "user key {key}: {bound} > {rest}");
+        }
+    }
+}
+
+/// How many indexes named `name` the database has.
+async fn index_count(t: &TestDb, name: &str) -> i64 {
+    let sql = match t.db.get_database_backend() {
+        DbBackend::Postgres => {
+            format!("SELECT COUNT(*) FROM pg_indexes WHERE indexname = '{name}'")
+        }
+        _ => format!("SELECT COUNT(*) FROM sqlite_master WHERE name = '{name}'"),
+    };
+    t.scalar_i64(&sql).await
+}
+
 async fn plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
     let backend = db.get_database_backend();
     let txn = db.begin().await.unwrap();
