@@ -1040,31 +1040,7 @@ db_test!(
         // call 10M tokens in March before the range, 40 others 10M in April after it (the
         // two lists), and one user 9M in each month, inside the range. The 21st listed bound
         // is about 10M; `rest` is the lists' last tokens, 20M, above that user's 18M.
-        let side: Vec<String> = (0..81).map(|i| format!("top-side{i}")).collect();
-        let side = users(db, &side.iter().map(String::as_str).collect::<Vec<_>>()).await;
-        let both = side[80];
-        let mut rows = Vec::new();
-        for (i, id) in side[..80].iter().enumerate() {
-            let (day, extra) = if i < 40 { (3, i) } else { (58, i - 40) };
-            rows.push(row(
-                80_000 + i as u128,
-                Some(*id),
-                "gpt-4o",
-                (9_000_000 + 1000 * extra as i32, 1_000_000, 0, 0),
-                true,
-                march + Duration::days(day),
-            ));
-        }
-        for (i, day) in [20, 36].into_iter().enumerate() {
-            rows.push(row(
-                80_100 + i as u128,
-                Some(both),
-                "gpt-4o",
-                (8_000_000, 1_000_000, 0, 0),
-                true,
-                march + Duration::days(day),
-            ));
-        }
+        let (both, rows) = in_neither_list(db, "top-side", march, [3, 58], [20, 36]).await;
         insert(db, &rows).await;
         fold(&t).await;
         let exact = exact_bounds().await;
@@ -1178,30 +1154,9 @@ db_test!(
         }
         // 40 users with 10M tokens in 2024, 40 others in 2025 (each year's list at limit 1),
         // and one user with 9M in each year: in neither list, the most of all.
-        let side: Vec<String> = (0..81).map(|i| format!("year-side{i}")).collect();
-        let side = users(db, &side.iter().map(String::as_str).collect::<Vec<_>>()).await;
-        let both = side[80];
-        for (i, id) in side[..80].iter().enumerate() {
-            let (day, extra) = if i < 40 { (10, i) } else { (100, i - 40) };
-            rows.push(row(
-                80_000 + i as u128,
-                Some(*id),
-                "gpt-4o",
-                (9_000_000 + 1000 * extra as i32, 1_000_000, 0, 0),
-                true,
-                november + Duration::days(day),
-            ));
-        }
-        for (i, day) in [20, 80].into_iter().enumerate() {
-            rows.push(row(
-                80_100 + i as u128,
-                Some(both),
-                "gpt-4o",
-                (8_000_000, 1_000_000, 0, 0),
-                true,
-                november + Duration::days(day),
-            ));
-        }
+        let (both, side_rows) =
+            in_neither_list(db, "year-side", november, [10, 100], [20, 80]).await;
+        rows.extend(side_rows);
         insert(db, &rows).await;
         fold(&t).await;
         // Pending, not folded: a few rows, and a tail user's call that lifts them over the rest
@@ -1492,6 +1447,49 @@ db_test!(
 
 /// The plan `stmt` gets under token-stats' planner settings: PostgreSQL's `EXPLAIN` lines, or
 /// SQLite's `EXPLAIN QUERY PLAN` details, one per line.
+/// Users for a user in neither of two calendar cells' lists of top users (at `user_limit` 1,
+/// 40 long): 40 users with ~10M tokens each on day `lists[0]` after `base` and 40 others on day
+/// `lists[1]`, and one user (returned) with 9M tokens on each of `both_days`, 18M in all, the
+/// most of anyone; user names start with `prefix`, row ids at 80,000.
+async fn in_neither_list(
+    db: &DatabaseConnection,
+    prefix: &str,
+    base: DateTime<Utc>,
+    lists: [i64; 2],
+    both_days: [i64; 2],
+) -> (i32, Vec<usage::Model>) {
+    let side: Vec<String> = (0..81).map(|i| format!("{prefix}{i}")).collect();
+    let side = users(db, &side.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let both = side[80];
+    let mut rows = Vec::new();
+    for (i, id) in side[..80].iter().enumerate() {
+        let (day, extra) = if i < 40 {
+            (lists[0], i)
+        } else {
+            (lists[1], i - 40)
+        };
+        rows.push(row(
+            80_000 + i as u128,
+            Some(*id),
+            "gpt-4o",
+            (9_000_000 + 1000 * extra as i32, 1_000_000, 0, 0),
+            true,
+            base + Duration::days(day),
+        ));
+    }
+    for (i, day) in both_days.into_iter().enumerate() {
+        rows.push(row(
+            80_100 + i as u128,
+            Some(both),
+            "gpt-4o",
+            (8_000_000, 1_000_000, 0, 0),
+            true,
+            base + Duration::days(day),
+        ));
+    }
+    (both, rows)
+}
+
 /// Every user's exact bound over `cover` (its plan `cover_plan`): their cover's cells and
 /// pending contributions, summed (`rollup::bound_statement` over all users).
 async fn exact_cover_bounds(
