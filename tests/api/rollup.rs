@@ -1100,22 +1100,14 @@ db_test!(
             );
         }
         // Down drops the index; the lists are then read from the table, the same.
-        let bounds = stats::user_bounds(db, &range, &plan, 3).await.unwrap();
-        crate::helpers::down_through(db, "m20261206_000026").await;
-        let index = "llm_tracker_usage_rollup_total_month_top_idx";
-        assert_eq!(index_count(&t, index).await, 0);
-        let explained = plan_of(db, &top).await;
-        assert!(
-            !explained.contains("llm_tracker_usage_rollup_total_month_top_idx"),
-            "{explained}"
-        );
-        assert_eq!(
-            stats::user_bounds(db, &range, &plan, 3).await.unwrap(),
-            bounds
-        );
-        migration::Migrator::up(db, None).await.unwrap();
-        assert_eq!(index_count(&t, index).await, 1);
-        assert!(plan_of(db, &top).await.contains(index));
+        bounds_without_index(
+            &t,
+            "m20261206_000026",
+            "llm_tracker_usage_rollup_total_month_top_idx",
+            &top,
+            (&range, &plan),
+        )
+        .await;
     }
 );
 
@@ -1289,17 +1281,7 @@ db_test!(
         if backend == DbBackend::Postgres {
             assert!(!explained.contains("Join Filter"), "{explained}");
         }
-        let before = stats::user_bounds(db, &all, &plan, 3).await.unwrap();
-        crate::helpers::down_through(db, "m20261208_000028").await;
-        assert_eq!(index_count(&t, index).await, 0);
-        assert!(!plan_of(db, &top).await.contains(index));
-        assert_eq!(
-            stats::user_bounds(db, &all, &plan, 3).await.unwrap(),
-            before
-        );
-        migration::Migrator::up(db, None).await.unwrap();
-        assert_eq!(index_count(&t, index).await, 1);
-        assert!(plan_of(db, &top).await.contains(index));
+        bounds_without_index(&t, "m20261208_000028", index, &top, (&all, &plan)).await;
     }
 );
 
@@ -1528,6 +1510,31 @@ fn assert_bounds_hold(bounds: &rollup::UserBounds, exact: &std::collections::Has
             assert!(*bound <= rest, "user key {key}: {bound} > {rest}");
         }
     }
+}
+
+/// Down through the migration `through` drops `index`: the lists statement `top` no longer reads it, and
+/// `by_user`'s bounds over `range` (its plan) are the same without it; up brings the index back
+/// and `top` reads it again.
+async fn bounds_without_index(
+    t: &TestDb,
+    through: &str,
+    index: &str,
+    top: &sea_orm::Statement,
+    (range, plan): (&UsageFilter, &rollup::Plan),
+) {
+    let db = &t.db;
+    let before = stats::user_bounds(db, range, plan, 3).await.unwrap();
+    crate::helpers::down_through(db, through).await;
+    assert_eq!(index_count(t, index).await, 0);
+    let explained = plan_of(db, top).await;
+    assert!(!explained.contains(index), "{explained}");
+    assert_eq!(
+        stats::user_bounds(db, range, plan, 3).await.unwrap(),
+        before
+    );
+    migration::Migrator::up(db, None).await.unwrap();
+    assert_eq!(index_count(t, index).await, 1);
+    assert!(plan_of(db, top).await.contains(index));
 }
 
 /// How many indexes named `name` the database has.
