@@ -835,37 +835,6 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     }
     out.push(latency_upsert_sql_of(backend, &sources, false));
     out.push(latency_months_from_days_sql(backend));
-    // Each user's histograms: months from every row there is and, before the horizon, the day
-    // cells that keep what retention deleted (those stay).
-    let every_row = latency_rows(
-        backend,
-        &[Source::Table {
-            name: "llm_tracker_usage",
-            sign: 1,
-            where_sql: None,
-        }],
-    );
-    let user_rows = match horizon {
-        None => {
-            out.push(format!("DELETE FROM {USER_LATENCY_TABLE}"));
-            every_row
-        }
-        Some(h) => {
-            out.push(format!(
-                "DELETE FROM {USER_LATENCY_TABLE} WHERE NOT (grain = {DAY} AND slot < {h})"
-            ));
-            format!(
-                "{every_row} UNION ALL SELECT r.slot, r.user_key, r.model, r.success, r.bucket AS latency_bucket, \
-                 r.calls AS latency_calls FROM {} WHERE r.grain = {DAY} AND r.slot < {h}",
-                user_latency_stored_sql(backend, "r")
-            )
-        }
-    };
-    out.push(user_latency_upsert_sql(
-        backend,
-        &user_rows,
-        Calendar::Month.code(),
-    ));
     if horizon.is_none() {
         // Pending contributions are recounted from the rows (with a horizon, those before it
         // are read below).
@@ -1028,6 +997,42 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             where_sql: Some(&dense_rows),
         }],
     ));
+    // The user months that are full: those that were, and those of FULL_MONTH_CALLS calls
+    // (the totals' month cells, just summed from every row and the cells kept before the
+    // horizon).
+    out.push(format!(
+        "INSERT INTO {FULL_MONTH_TABLE} (user_key, slot) SELECT t.user_key, t.slot FROM {TOTALS_TABLE} t \
+         WHERE t.grain = {} AND t.user_key < {ALL_USERS} AND t.calls >= {FULL_MONTH_CALLS} \
+         AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot)",
+        Calendar::Month.code()
+    ));
+    // Each user's histograms, full months only: from every row there is and, before the horizon, the day
+    // cells that keep what retention deleted (those stay).
+    let every_row = latency_rows(
+        backend,
+        &[Source::Table {
+            name: "llm_tracker_usage",
+            sign: 1,
+            where_sql: None,
+        }],
+    );
+    let user_rows = match horizon {
+        None => {
+            out.push(format!("DELETE FROM {USER_LATENCY_TABLE}"));
+            every_row
+        }
+        Some(h) => {
+            out.push(format!(
+                "DELETE FROM {USER_LATENCY_TABLE} WHERE NOT (grain = {DAY} AND slot < {h})"
+            ));
+            format!(
+                "{every_row} UNION ALL SELECT r.slot, r.user_key, r.model, r.success, r.bucket AS latency_bucket, \
+                 r.calls AS latency_calls FROM {} WHERE r.grain = {DAY} AND r.slot < {h}",
+                user_latency_stored_sql(backend, "r")
+            )
+        }
+    };
+    out.push(user_latency_full_months_upsert_sql(backend, &user_rows));
     for table in [REBUILD_ALL, REBUILD_USERS, REBUILD_USER_MONTHS] {
         out.push(format!("DROP TABLE IF EXISTS {table}"));
     }
@@ -1108,10 +1113,9 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
                 upsert_sql(backend, &[Source::Delta("moved")], Level::ByModel),
                 dense_hours_upsert_sql(backend, &[Source::Delta("moved")]),
                 latency_upsert_sql(backend, &[Source::Delta("moved")]),
-                user_latency_upsert_sql(
+                user_latency_full_months_upsert_sql(
                     backend,
                     &latency_rows(backend, &[Source::Delta("moved")]),
-                    Calendar::Month.code()
                 ),
                 upsert_sql(backend, &[Source::Delta("moved")], Level::Total),
             )]
@@ -1121,10 +1125,9 @@ pub fn fold_sql(backend: DbBackend) -> Vec<String> {
             upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
             dense_hours_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
             latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
-            user_latency_upsert_sql(
+            user_latency_full_months_upsert_sql(
                 backend,
                 &latency_rows(backend, &[Source::Delta(DELTA_TABLE)]),
-                Calendar::Month.code(),
             ),
             format!("DELETE FROM {DELTA_TABLE}"),
         ],
@@ -1402,7 +1405,27 @@ pub fn user_latency_cells_select(backend: DbBackend, rows: &str, grain: i64) -> 
 /// grain, slot, model and outcome, merged with the stored one bucket by bucket (buckets whose
 /// calls come to 0 leave the array).
 pub fn user_latency_upsert_sql(backend: DbBackend, rows: &str, grain: i64) -> String {
-    let select = user_latency_cells_select(backend, rows, grain);
+    user_latency_upsert_of(backend, user_latency_cells_select(backend, rows, grain))
+}
+
+/// [`user_latency_upsert_sql`] at the month grain for the cells of full months only
+/// ([`FULL_MONTH_TABLE`]): what the fold and a rebuild add (a light month has no cells).
+pub fn user_latency_full_months_upsert_sql(backend: DbBackend, rows: &str) -> String {
+    let select = user_latency_cells_select(backend, rows, Calendar::Month.code());
+    user_latency_upsert_of(backend, full_months_only(&select))
+}
+
+/// The month cells of `select` (a user's cells: `user_key` and `slot` columns, month cells
+/// only) that lie in full months ([`FULL_MONTH_TABLE`]).
+pub fn full_months_only(select: &str) -> String {
+    format!(
+        "SELECT * FROM ({select}) m WHERE EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
+         WHERE f.user_key = m.user_key AND f.slot = m.slot)"
+    )
+}
+
+/// The upsert of [`user_latency_upsert_sql`] for the cells `select` returns.
+fn user_latency_upsert_of(backend: DbBackend, select: String) -> String {
     match backend {
         DbBackend::Postgres => {
             let key = user_latency_primary_key(backend).join(", ");
@@ -1421,6 +1444,167 @@ pub fn user_latency_upsert_sql(backend: DbBackend, rows: &str, grain: i64) -> St
         }
         _ => calls_upsert_sql(USER_LATENCY_TABLE, &USER_LATENCY_KEY, &select),
     }
+}
+
+/// Each user's UTC months that keep all of their cells (migration 000029): `(user_key,
+/// slot)`, the month's first slot. A user's month with fewer than [`FULL_MONTH_CALLS`] calls
+/// is **light**: of that user's latency histograms it keeps no month cell, and reads count the
+/// month's rows instead (a few, through the `(user_id, created_at)` index). At 100,000 Zipf
+/// users and 10M rows a year most user-months hold a handful of calls, and their cells held
+/// about one call each: as large as the rows they summed.
+///
+/// A month becomes full, never light again, when its totals cell reaches
+/// [`FULL_MONTH_CALLS`] calls ([`promote_full_months_sql`], looked at by the fold once a
+/// minute, over the current and the previous UTC month), when `rollup rebuild` finds it so, or
+/// when it started before the retention horizon at migration 000029 (its deleted rows may be
+/// in no day cell). Its cells are filled from its rows in the same transaction
+/// ([`full_months_fill_sql`]). Calls for no user, and all users' cells, are not concerned.
+pub const FULL_MONTH_TABLE: &str = "llm_tracker_usage_rollup_full_month";
+
+/// The calls in a user's UTC month that make it full ([`FULL_MONTH_TABLE`]).
+pub const FULL_MONTH_CALLS: i64 = 10;
+
+/// The table of full months.
+pub fn create_full_month_table_sql(backend: DbBackend) -> String {
+    let int = match backend {
+        DbBackend::Postgres => "bigint",
+        _ => "integer",
+    };
+    format!(
+        "CREATE TABLE IF NOT EXISTS {FULL_MONTH_TABLE} (\n    user_key {int} NOT NULL,\n    slot {int} NOT NULL,\n    PRIMARY KEY (user_key, slot)\n)"
+    )
+}
+
+/// The user months that become full: a totals month cell from slot `from` on with
+/// [`FULL_MONTH_CALLS`] calls or more that is not full yet. Returns `(user_key, slot)`.
+pub fn promote_full_months_sql(from: i64) -> String {
+    format!(
+        "INSERT INTO {FULL_MONTH_TABLE} (user_key, slot) \
+         SELECT t.user_key, t.slot FROM {TOTALS_TABLE} t \
+         WHERE t.grain = {month} AND t.slot >= {from} AND t.user_key < {ALL_USERS} AND t.calls >= {FULL_MONTH_CALLS} \
+         AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot) \
+         ORDER BY t.user_key, t.slot \
+         RETURNING user_key, slot",
+        month = Calendar::Month.code(),
+    )
+}
+
+/// The instant of a slot expression as the usage table's `created_at` compares with it
+/// (PostgreSQL `timestamptz`; SQLite the text Django writes, which sorts as time).
+fn slot_instant_sql(backend: DbBackend, slot: &str) -> String {
+    match backend {
+        DbBackend::Postgres => format!("to_timestamp(({slot}) * 900)"),
+        _ => format!("strftime('%Y-%m-%d %H:%M:%S', ({slot}) * 900, 'unixepoch')"),
+    }
+}
+
+/// The cells of the light months `keys` (an SQL query of `fu`, a user key, and `fm`, a month's
+/// first slot; months without cells) filled from their rows, the day cells that keep what
+/// retention deleted there, less their contributions still pending (which the fold adds once
+/// the month is full): exact whenever it runs, while no fold runs (under the folders' lock on
+/// PostgreSQL, in a write transaction on SQLite).
+pub fn full_months_fill_sql(backend: DbBackend, keys: &str) -> String {
+    let next = Calendar::Month.next_sql(backend, "k.fm");
+    let in_month = |user: &str, slot: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM ({keys}) k WHERE k.fu = {user} AND {slot} >= k.fm AND {slot} < {next})"
+        )
+    };
+    let joined = format!(
+        "({keys}) k JOIN llm_tracker_usage ON user_id = k.fu AND created_at >= {} AND created_at < {}",
+        slot_instant_sql(backend, "k.fm"),
+        slot_instant_sql(backend, &next),
+    );
+    let rows = latency_rows(
+        backend,
+        &[Source::Table {
+            name: &joined,
+            sign: 1,
+            where_sql: None,
+        }],
+    );
+    let retained = match backend {
+        DbBackend::Postgres => format!(
+            "SELECT u.slot AS slot, u.user_key AS user_key, u.model AS model, u.success AS success, \
+             {bucket} AS latency_bucket, {calls} AS latency_calls \
+             FROM {USER_LATENCY_TABLE} u CROSS JOIN LATERAL unnest(u.counts) AS e(v) \
+             WHERE u.grain = {DAY} AND {within}",
+            bucket = user_latency_bucket_sql("e.v"),
+            calls = user_latency_calls_sql("e.v"),
+            within = in_month("u.user_key", "u.slot"),
+        ),
+        _ => format!(
+            "SELECT u.slot AS slot, u.user_key AS user_key, u.model AS model, u.success AS success, \
+             u.bucket AS latency_bucket, u.calls AS latency_calls FROM {USER_LATENCY_TABLE} u \
+             WHERE u.grain = {DAY} AND {}",
+            in_month("u.user_key", "u.slot"),
+        ),
+    };
+    let pending = format!(
+        "SELECT d.slot AS slot, d.user_key AS user_key, d.model AS model, d.success AS success, \
+         d.latency_bucket AS latency_bucket, -d.latency_calls AS latency_calls FROM {DELTA_TABLE} d \
+         WHERE d.latency_bucket IS NOT NULL AND {}",
+        in_month("d.user_key", "d.slot"),
+    );
+    user_latency_upsert_sql(
+        backend,
+        &format!("{rows} UNION ALL {retained} UNION ALL {pending}"),
+        Calendar::Month.code(),
+    )
+}
+
+/// `keys` for [`full_months_fill_sql`] from a list of `(user_key, month slot)`.
+pub fn full_months_keys(months: &[(i64, i64)]) -> String {
+    let rows: Vec<String> = months.iter().map(|(u, m)| format!("({u}, {m})")).collect();
+    format!(
+        "SELECT column1 AS fu, column2 AS fm FROM (VALUES {}) v",
+        rows.join(", ")
+    )
+}
+
+/// Makes full the user months that started in the 62 days before `now` (seconds since the
+/// epoch: the current UTC month and the previous one) that reached [`FULL_MONTH_CALLS`] ([`promote_full_months_sql`]) and fills
+/// their cells ([`full_months_fill_sql`]). In `txn`, which must hold the folders' lock
+/// (PostgreSQL) or write (SQLite). Returns the new full months.
+pub async fn promote_full_months_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
+    txn: &C,
+    now: i64,
+) -> Result<Vec<(i64, i64)>, sea_orm_migration::sea_orm::DbErr> {
+    use sea_orm_migration::sea_orm::Statement;
+    let backend = txn.get_database_backend();
+    // Every month that started in the last 62 days: the current one and the previous one.
+    let from = now.div_euclid(SLOT_SECONDS) - 62 * DAY;
+    let months: Vec<(i64, i64)> = txn
+        .query_all_raw(Statement::from_string(
+            backend,
+            promote_full_months_sql(from),
+        ))
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<i64>(1)?)))
+        .collect::<Result<_, sea_orm_migration::sea_orm::DbErr>>()?;
+    if !months.is_empty() {
+        txn.execute_unprepared(&full_months_fill_sql(backend, &full_months_keys(&months)))
+            .await?;
+    }
+    Ok(months)
+}
+
+/// [`promote_full_months_in`] in a transaction of its own, under the folders' lock (waiting
+/// for a fold that runs): what `llm-tracker rollup fold` and the tests call.
+pub async fn promote_full_months(
+    db: &sea_orm_migration::sea_orm::DatabaseConnection,
+    now: i64,
+) -> Result<Vec<(i64, i64)>, sea_orm_migration::sea_orm::DbErr> {
+    use sea_orm_migration::sea_orm::{ConnectionTrait, TransactionTrait};
+    let txn = db.begin().await?;
+    if db.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"))
+            .await?;
+    }
+    let months = promote_full_months_in(&txn, now).await?;
+    txn.commit().await?;
+    Ok(months)
 }
 
 /// Trigger names, for `down` and for checks.
@@ -1638,6 +1822,7 @@ pub async fn fold_with(
         .unwrap_or(0);
     if clock.due(now) {
         promote_dense_in(&txn, now).await?;
+        promote_full_months_in(&txn, now).await?;
     }
     txn.commit().await?;
     // No VACUUM here: the folded rows are dead tuples, but vacuuming from this loop (every
@@ -1777,6 +1962,40 @@ mod tests {
                     g.trim(),
                     "{name}: the dense hours' generated SQL changed"
                 );
+            }
+        }
+    }
+
+    /// Migration 000029's SQL (the full months, the light months' histogram cells deleted;
+    /// `down`: filled again from the rows) is fixed text; while it is the newest to fill those
+    /// cells, the code must still generate it (the fold's promotion uses the same fill).
+    /// `UPDATE_FROZEN_SQL=1` writes the files (for a new migration only).
+    #[test]
+    fn the_full_months_sql_is_what_the_code_generates() {
+        use crate::m20261209_000029_rollup_full_months as m29;
+        for (name, backend) in [
+            ("postgres", DbBackend::Postgres),
+            ("sqlite", DbBackend::Sqlite),
+        ] {
+            for (down, part) in [(false, ""), (true, "down.")] {
+                let generated = m29::generated(backend, down);
+                if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
+                    let path = format!(
+                        "{}/sql/m20261209_000029_rollup_full_months.{part}{name}.sql",
+                        env!("CARGO_MANIFEST_DIR")
+                    );
+                    std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
+                    continue;
+                }
+                let frozen = m29::frozen(backend, down);
+                assert_eq!(frozen.len(), generated.len(), "{name} {part}");
+                for (f, g) in frozen.iter().zip(&generated) {
+                    assert_eq!(
+                        *f,
+                        g.trim(),
+                        "{name} {part}: the full months' generated SQL changed"
+                    );
+                }
             }
         }
     }

@@ -19,8 +19,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 use migration::rollup::{
-    Calendar, DELTA_TABLE, LATENCY_TABLE, SLOT_SECONDS, USER_LATENCY_TABLE, latency_bounds,
-    latency_bucket_sql, latency_us_sql, user_latency_stored_sql,
+    Calendar, DELTA_TABLE, FULL_MONTH_TABLE, LATENCY_TABLE, SLOT_SECONDS, TOTALS_TABLE,
+    USER_LATENCY_TABLE, latency_bounds, latency_bucket_sql, latency_us_sql,
+    user_latency_stored_sql,
 };
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -180,9 +181,9 @@ struct BucketRow {
 /// rest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Cover {
-    /// `[a, b)` in slots.
-    a: i64,
-    b: i64,
+    /// The slots `[first, end)` whose pending contributions are added to the cells (for one
+    /// user, the full months read from cells).
+    pending: Vec<(i64, i64)>,
     /// Cells read: `(grain, first slot, end slot, sign)`; a month less its days outside the
     /// range reads the days with sign -1.
     runs: Vec<(i64, i64, i64, i64)>,
@@ -218,35 +219,43 @@ fn slot_end_through(t: DateTime<Utc>) -> i64 {
 }
 
 /// The cover of one user's calls (`filter.user_id` is `user`): the user's month cells over the
-/// whole UTC months of the range; outside them the rows, and the day cells that keep what
-/// retention deleted over the whole UTC days there. `extent`: the first and last slot of the
-/// user's cells and pending contributions, for open ends. `None` when the rows answer it all
-/// (no whole UTC day in the range, or nothing counted for the user).
-fn user_cover(filter: &UsageFilter, user: i64, extent: Option<(i64, i64)>) -> Option<Cover> {
-    let month = Calendar::Month;
-    let first = match (filter.start, extent) {
-        (Some(s), _) => slot_at_or_after(s),
-        (None, Some((f, _))) => calendar_cell(month, f)?.0,
-        (None, None) => return None,
-    };
-    let end = match (filter.end, extent) {
-        (Some(e), _) => slot_end_through(e),
-        (None, Some((_, l))) => calendar_cell(month, l)?.1,
-        (None, None) => return None,
-    };
-    if first >= end {
-        return None;
-    }
-    let (m0, m1) = calendar_cell(month, first)?;
-    let ma = if m0 == first { first } else { m1 };
-    let mb = calendar_cell(month, end)?.0;
+/// whole UTC months of the range that are full ([`migration::rollup::FULL_MONTH_TABLE`]);
+/// elsewhere — outside whole months, and over light months, which have no cells — the rows,
+/// and the day cells that keep what retention deleted over the whole UTC days there.
+/// `extent`: the first and last slot of the user's cells and pending contributions, for open
+/// ends. `light`: whether the month starting at a slot is light. `None` when the rows answer
+/// it all (no whole UTC day in the range, or nothing counted for the user).
+fn user_cover(
+    filter: &UsageFilter,
+    user: i64,
+    extent: Option<(i64, i64)>,
+    light: &dyn Fn(i64) -> bool,
+) -> Option<Cover> {
+    let (first, end, ma, mb) = user_months(filter, extent)?;
     let mut runs = Vec::new();
-    let (a, b, outside) = if ma < mb {
-        runs.push((month.code(), ma, mb, 1));
-        (ma, mb, vec![(first, ma), (mb, end)])
-    } else {
-        (first, first, vec![(first, end)])
+    let mut pending: Vec<(i64, i64)> = Vec::new();
+    // Before the whole months, then each light month, then after them: rows.
+    let mut outside: Vec<(i64, i64)> = vec![(first, ma)];
+    let extend = |spans: &mut Vec<(i64, i64)>, lo: i64, hi: i64| match spans.last_mut() {
+        Some(last) if last.1 == lo => last.1 = hi,
+        _ => spans.push((lo, hi)),
     };
+    let mut m = ma;
+    while m < mb {
+        let next = calendar_cell(Calendar::Month, m)?.1;
+        if light(m) {
+            extend(&mut outside, m, next);
+        } else {
+            extend(&mut pending, m, next);
+        }
+        m = next;
+    }
+    extend(&mut outside, mb.max(first), end);
+    runs.extend(
+        pending
+            .iter()
+            .map(|&(lo, hi)| (Calendar::Month.code(), lo, hi, 1)),
+    );
     let mut edges = Vec::new();
     for (lo, hi) in outside {
         if lo >= hi {
@@ -274,11 +283,37 @@ fn user_cover(filter: &UsageFilter, user: i64, extent: Option<(i64, i64)>) -> Op
         return None;
     }
     Some(Cover {
-        a,
-        b,
+        pending,
         runs,
         edges,
         user: Some(user),
+    })
+}
+
+/// One user's range in slots `[first, end)` and its whole UTC months `[ma, mb)` (`ma == mb`
+/// when it holds none), with open ends at the user's first and last month (`extent`).
+fn user_months(filter: &UsageFilter, extent: Option<(i64, i64)>) -> Option<(i64, i64, i64, i64)> {
+    let month = Calendar::Month;
+    let first = match (filter.start, extent) {
+        (Some(s), _) => slot_at_or_after(s),
+        (None, Some((f, _))) => calendar_cell(month, f)?.0,
+        (None, None) => return None,
+    };
+    let end = match (filter.end, extent) {
+        (Some(e), _) => slot_end_through(e),
+        (None, Some((_, l))) => calendar_cell(month, l)?.1,
+        (None, None) => return None,
+    };
+    if first >= end {
+        return None;
+    }
+    let (m0, m1) = calendar_cell(month, first)?;
+    let ma = if m0 == first { first } else { m1 };
+    let mb = calendar_cell(month, end)?.0;
+    Some(if ma < mb {
+        (first, end, ma, mb)
+    } else {
+        (first, end, first, first)
     })
 }
 
@@ -320,9 +355,13 @@ fn day_runs(d0: i64, d1: i64) -> Vec<(i64, i64, i64, i64)> {
 /// The cover of `filter`, or `None` when the rows answer it all (a range without a whole
 /// quarter day; for one user, see [`user_cover`]). `extent`: the first and last slot with a
 /// histogram cell or a pending contribution, for open ends (`None`: there is none).
-fn cover(filter: &UsageFilter, extent: Option<(i64, i64)>) -> Option<Cover> {
+fn cover(
+    filter: &UsageFilter,
+    extent: Option<(i64, i64)>,
+    light: &dyn Fn(i64) -> bool,
+) -> Option<Cover> {
     if let Some(user) = filter.user_id {
-        return user_cover(filter, i64::from(user), extent);
+        return user_cover(filter, i64::from(user), extent, light);
     }
     let a = match (filter.start, extent) {
         (Some(s), _) => ceil_to(slot_at_or_after(s), QUARTER),
@@ -374,8 +413,7 @@ fn cover(filter: &UsageFilter, extent: Option<(i64, i64)>) -> Option<Cover> {
         runs.push((QUARTER, a, b, 1));
     }
     Some(Cover {
-        a,
-        b,
+        pending: vec![(a, b)],
         runs,
         edges,
         user: None,
@@ -386,12 +424,14 @@ fn cover(filter: &UsageFilter, extent: Option<(i64, i64)>) -> Option<Cover> {
 /// (with `user`: of that user's cells, month and day, and pending contributions).
 async fn extent(txn: &DatabaseTransaction, user: Option<i64>) -> Result<Option<(i64, i64)>, DbErr> {
     if let Some(u) = user {
-        // Each grain's end of the primary key's range `(user_key, grain, slot)`.
+        // Each grain's end of the primary key's range `(user_key, grain, slot)`, and of the
+        // user's month cells in the totals table (a light month has no histogram cell).
         let month = Calendar::Month.code();
         let ends = |f: &str| {
             format!(
                 "SELECT {f}(slot) AS slot FROM {USER_LATENCY_TABLE} WHERE user_key = {u} AND grain = {month} \
                  UNION ALL SELECT {f}(slot) FROM {USER_LATENCY_TABLE} WHERE user_key = {u} AND grain = {DAY} \
+                 UNION ALL SELECT {f}(slot) FROM {TOTALS_TABLE} WHERE grain = {month} AND user_key = {u} \
                  UNION ALL SELECT {f}(slot) FROM {DELTA_TABLE} WHERE user_key = {u} AND latency_bucket IS NOT NULL"
             )
         };
@@ -414,7 +454,6 @@ async fn extent(txn: &DatabaseTransaction, user: Option<i64>) -> Result<Option<(
 /// The histogram cells and pending contributions of `cover` that `filter` selects, summed per
 /// model and bucket.
 fn cells_statement(backend: DbBackend, cover: &Cover, filter: &UsageFilter) -> Statement {
-    let Cover { a, b, .. } = *cover;
     // The model and outcome filters, on each part (SQLite's `?` binds one value each).
     let mut params: Vec<Value> = Vec::new();
     let dialect = Dialect::of(backend);
@@ -452,12 +491,14 @@ fn cells_statement(backend: DbBackend, cover: &Cover, filter: &UsageFilter) -> S
             narrow()
         ));
     }
-    if a < b {
-        parts.push(format!(
-            "SELECT r.model AS model, r.latency_bucket AS bucket, r.latency_calls AS calls FROM {DELTA_TABLE} r \
-             WHERE {whose}r.latency_bucket IS NOT NULL AND r.slot >= {a} AND r.slot < {b}{}",
-            narrow()
-        ));
+    for (a, b) in &cover.pending {
+        if a < b {
+            parts.push(format!(
+                "SELECT r.model AS model, r.latency_bucket AS bucket, r.latency_calls AS calls FROM {DELTA_TABLE} r \
+                 WHERE {whose}r.latency_bucket IS NOT NULL AND r.slot >= {a} AND r.slot < {b}{}",
+                narrow()
+            ));
+        }
     }
     let sql = format!(
         "SELECT c.model AS model, CAST(c.bucket AS BIGINT) AS bucket, CAST(SUM(c.calls) AS BIGINT) AS calls \
@@ -505,6 +546,46 @@ async fn raw_rows(
         .await
 }
 
+/// The light months of `user` among the whole UTC months `[ma, mb)` of `months`
+/// ([`user_months`]), sorted: those not in [`FULL_MONTH_TABLE`] (none before migration
+/// 000029, when every month kept its cells).
+async fn light_months(
+    txn: &DatabaseTransaction,
+    user: i64,
+    months: Option<(i64, i64, i64, i64)>,
+) -> Result<Vec<i64>, DbErr> {
+    let Some((_, _, ma, mb)) = months.filter(|m| m.2 < m.3) else {
+        return Ok(Vec::new());
+    };
+    if !crate::usage::rollup::table_exists(txn, FULL_MONTH_TABLE).await? {
+        return Ok(Vec::new());
+    }
+    let backend = txn.get_database_backend();
+    let full: std::collections::HashSet<i64> = txn
+        .query_all_raw(Statement::from_string(
+            backend,
+            format!(
+                "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {ma} AND slot < {mb}"
+            ),
+        ))
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index::<i64>(0))
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    let mut m = ma;
+    while m < mb {
+        if !full.contains(&m) {
+            out.push(m);
+        }
+        let Some((_, next)) = calendar_cell(Calendar::Month, m) else {
+            break;
+        };
+        m = next;
+    }
+    Ok(out)
+}
+
 /// The latency histograms of the calls `filter` selects, per model, in one snapshot: cells for
 /// the whole quarter days of all users' calls, the rows for the rest.
 pub async fn latency_histograms(
@@ -519,7 +600,11 @@ pub async fn latency_histograms(
     } else {
         None
     };
-    let rows = match cover(filter, extent) {
+    let light = match filter.user_id {
+        Some(user) => light_months(&txn, i64::from(user), user_months(filter, extent)).await?,
+        None => Vec::new(),
+    };
+    let rows = match cover(filter, extent, &|m| light.binary_search(&m).is_ok()) {
         None => {
             if let Some(settings) = Dialect::of(backend).aggregate_settings() {
                 txn.execute_unprepared(settings).await?;
@@ -634,20 +719,20 @@ mod tests {
             end: Some(t("2025-01-03T13:59:59.999999Z")),
             ..UsageFilter::default()
         };
-        let c = cover(&f, None).unwrap();
-        assert_eq!(c.a, slot("2025-01-01T06:00:00Z"));
-        assert_eq!(c.b, slot("2025-01-03T12:00:00Z"));
+        let c = cover(&f, None, &|_| false).unwrap();
+        let (a, b) = (slot("2025-01-01T06:00:00Z"), slot("2025-01-03T12:00:00Z"));
+        assert_eq!(c.pending, vec![(a, b)]);
         assert_eq!(
             c.runs,
             vec![
-                (QUARTER, c.a, slot("2025-01-02T00:00:00Z"), 1),
+                (QUARTER, a, slot("2025-01-02T00:00:00Z"), 1),
                 (
                     DAY,
                     slot("2025-01-02T00:00:00Z"),
                     slot("2025-01-03T00:00:00Z"),
                     1
                 ),
-                (QUARTER, slot("2025-01-03T00:00:00Z"), c.b, 1),
+                (QUARTER, slot("2025-01-03T00:00:00Z"), b, 1),
             ]
         );
         assert_eq!(c.edges.len(), 2);
@@ -659,7 +744,7 @@ mod tests {
             user_id: Some(1),
             ..f.clone()
         };
-        let c = cover(&one, None).unwrap();
+        let c = cover(&one, None, &|_| false).unwrap();
         assert_eq!(c.user, Some(1));
         assert_eq!(
             c.runs,
@@ -671,22 +756,25 @@ mod tests {
             )]
         );
         assert_eq!(c.edges, vec![one.clone()]);
-        assert_eq!(c.a, c.b, "no pending contributions: the rows answer");
+        assert!(
+            c.pending.is_empty(),
+            "no pending contributions: the rows answer"
+        );
         let short = UsageFilter {
             start: Some(t("2025-01-01T01:00:00Z")),
             end: Some(t("2025-01-01T06:30:00Z")),
             ..UsageFilter::default()
         };
-        assert_eq!(cover(&short, None), None);
+        assert_eq!(cover(&short, None, &|_| false), None);
         // Open ends reach the histograms' extent, with no edge there; nothing at all: rows.
         let extent = (slot("2024-12-30T06:00:00Z"), slot("2025-03-02T18:00:00Z"));
-        let open = cover(&UsageFilter::default(), Some(extent)).unwrap();
+        let open = cover(&UsageFilter::default(), Some(extent), &|_| false).unwrap();
         assert!(open.edges.is_empty());
         assert_eq!(
-            (open.a, open.b),
-            (slot("2024-12-30T00:00:00Z"), slot("2025-03-03T00:00:00Z"))
+            open.pending,
+            vec![(slot("2024-12-30T00:00:00Z"), slot("2025-03-03T00:00:00Z"))]
         );
-        assert_eq!(cover(&UsageFilter::default(), None), None);
+        assert_eq!(cover(&UsageFilter::default(), None, &|_| false), None);
     }
 
     #[test]
@@ -703,16 +791,14 @@ mod tests {
             model: Some("gpt".into()),
             ..UsageFilter::default()
         };
-        let c = cover(&f, None).unwrap();
+        let c = cover(&f, None, &|_| false).unwrap();
         assert_eq!(c.user, Some(7));
-        assert_eq!(
-            (c.a, c.b),
-            (slot("2025-02-01T00:00:00Z"), slot("2025-04-01T00:00:00Z"))
-        );
+        let (a, b) = (slot("2025-02-01T00:00:00Z"), slot("2025-04-01T00:00:00Z"));
+        assert_eq!(c.pending, vec![(a, b)]);
         assert_eq!(
             c.runs,
             vec![
-                (month, c.a, c.b, 1),
+                (month, a, b, 1),
                 (
                     DAY,
                     slot("2025-01-30T00:00:00Z"),
@@ -748,6 +834,7 @@ mod tests {
         let c = cover(
             &open,
             Some((slot("2025-01-30T00:00:00Z"), slot("2025-03-02T18:00:00Z"))),
+            &|_| false,
         )
         .unwrap();
         assert_eq!(
@@ -761,7 +848,7 @@ mod tests {
         );
         assert!(c.edges.is_empty());
         // Nothing counted for the user: the rows (none with a latency).
-        assert_eq!(cover(&open, None), None);
+        assert_eq!(cover(&open, None, &|_| false), None);
         // A month exactly: one cell, no edge.
         let march = UsageFilter {
             start: Some(t("2025-03-01T00:00:00Z")),
@@ -769,7 +856,7 @@ mod tests {
             user_id: Some(7),
             ..UsageFilter::default()
         };
-        let c = cover(&march, None).unwrap();
+        let c = cover(&march, None, &|_| false).unwrap();
         assert_eq!(
             c.runs,
             vec![(
@@ -780,6 +867,51 @@ mod tests {
             )]
         );
         assert!(c.edges.is_empty());
+        // A light March (no cell, migration 000029): its rows and day cells, no pending.
+        let c = cover(&march, None, &|_| true).unwrap();
+        assert_eq!(
+            c.runs,
+            vec![(
+                DAY,
+                slot("2025-03-01T00:00:00Z"),
+                slot("2025-04-01T00:00:00Z"),
+                1
+            )]
+        );
+        assert_eq!(c.edges, vec![march.clone()]);
+        assert!(c.pending.is_empty());
+        // The first range with February light: March's cell (and its pending contributions);
+        // the rows from the start to March, and April's.
+        let feb = slot("2025-02-01T00:00:00Z");
+        let c = cover(&f, None, &|m| m == feb).unwrap();
+        let mar = slot("2025-03-01T00:00:00Z");
+        assert_eq!(c.pending, vec![(mar, b)]);
+        assert_eq!(
+            c.runs,
+            vec![
+                (month, mar, b, 1),
+                (DAY, slot("2025-01-30T00:00:00Z"), mar, 1),
+                (
+                    DAY,
+                    slot("2025-04-01T00:00:00Z"),
+                    slot("2025-04-03T00:00:00Z"),
+                    1
+                ),
+            ]
+        );
+        assert_eq!(
+            c.edges,
+            vec![
+                UsageFilter {
+                    end: Some(t("2025-02-28T23:59:59.999999Z")),
+                    ..f.clone()
+                },
+                UsageFilter {
+                    start: Some(t("2025-04-01T00:00:00Z")),
+                    ..f.clone()
+                },
+            ]
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::db_test;
 use crate::helpers::TestDb;
 use crate::rollup::{assert_verified, fold, ids_in, random_filter, random_rows, users};
 use crate::usage_read::insert;
+use migration::MigratorTrait;
 
 /// A latency from a wide spread: zero, microseconds, milliseconds, seconds, minutes, past the
 /// last bucket (over 27.8 hours), or none (no `started_at`).
@@ -512,5 +513,203 @@ db_test!(
         let err: Value = test::read_body_json(res).await;
         let msg = err["errors"]["include"][0].as_str().unwrap();
         assert!(msg.contains("latency") && msg.contains("by_user"), "{err}");
+    }
+);
+
+/// How many month cells of `user`'s latency histograms are stored (rows: on PostgreSQL one per
+/// model and outcome, on SQLite one per bucket too; either way 0 for a light month).
+async fn user_month_cells(t: &TestDb, user: i32) -> i64 {
+    t.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM llm_tracker_usage_latency_user WHERE user_key = {user} AND grain = {}",
+        migration::rollup::Calendar::Month.code()
+    ))
+    .await
+}
+
+/// The full months of `user` (`migration::rollup::FULL_MONTH_TABLE`).
+async fn full_months(t: &TestDb, user: i32) -> i64 {
+    t.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM {} WHERE user_key = {user}",
+        migration::rollup::FULL_MONTH_TABLE
+    ))
+    .await
+}
+
+db_test!(
+    async fn a_users_light_months_are_counted_from_their_rows(backend: Backend) {
+        // Issue 16 (the rollup's size at 100,000 users), migration 000029: a user's month with
+        // fewer than FULL_MONTH_CALLS calls keeps no histogram cell; its percentiles come from
+        // its rows, exactly, before and after the month becomes full, whatever is pending.
+        use migration::rollup::{FULL_MONTH_CALLS, promote_full_months};
+        assert_eq!(FULL_MONTH_CALLS, 10);
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["light1", "light2", "heavy"]).await;
+        let (light, heavy) = (&ids[..2], ids[2]);
+        let mut rng = StdRng::seed_from_u64(29);
+        // May to August 2025: the light users ~3 calls a month each, the heavy one ~45.
+        let base = Utc.with_ymd_and_hms(2025, 5, 1, 0, 0, 0).unwrap();
+        let days = 123;
+        let mut rows = random_rows(&mut rng, light, base, days, 30, 1);
+        rows.extend(random_rows(&mut rng, &[heavy], base, days, 220, 1_000));
+        insert(db, &with_latencies(&mut rng, rows)).await;
+        fold(&t).await;
+        // Nothing made a month full yet (the fold looks at the current months only): every
+        // user month is light and has no cell.
+        for id in &ids {
+            assert_eq!(full_months(&t, *id).await, 0);
+            assert_eq!(user_month_cells(&t, *id).await, 0);
+        }
+        let month = |m: u32| Utc.with_ymd_and_hms(2025, m, 1, 0, 0, 0).unwrap();
+        let whole = |user: i32, m: u32| UsageFilter {
+            user_id: Some(user),
+            start: Some(month(m)),
+            end: Some(month(m + 1) - Duration::microseconds(1)),
+            ..UsageFilter::default()
+        };
+        let mut filters = Vec::new();
+        for id in &ids {
+            filters.push(UsageFilter {
+                user_id: Some(*id),
+                ..UsageFilter::default()
+            });
+            filters.push(whole(*id, 6));
+            filters.push(UsageFilter {
+                user_id: Some(*id),
+                start: Some(Utc.with_ymd_and_hms(2025, 5, 17, 9, 30, 0).unwrap()),
+                end: Some(Utc.with_ymd_and_hms(2025, 8, 3, 2, 0, 0).unwrap()),
+                success: Some(true),
+                ..UsageFilter::default()
+            });
+            filters.push(UsageFilter {
+                user_id: Some(*id),
+                start: Some(month(7)),
+                model: Some("gpt".into()),
+                ..UsageFilter::default()
+            });
+        }
+        let check = async |when: &str| {
+            let rows = all_rows(db).await;
+            for f in &filters {
+                let got = latency_histograms(db, f).await.unwrap();
+                assert_eq!(got, expected(&rows, f), "{when}: {f:?}");
+            }
+        };
+        check("all light").await;
+        assert_verified(db).await;
+        // Rows written since (pending), in July and August: then the months of the last 62
+        // days of 15 August become full where they hold 10 calls — the heavy user's July and
+        // August — filled from their rows less what is pending, which the fold adds next.
+        let mut more = random_rows(&mut rng, &[heavy], month(7), 50, 40, 5_000);
+        more.extend(random_rows(&mut rng, light, month(7), 50, 6, 6_000));
+        insert(db, &with_latencies(&mut rng, more)).await;
+        let now = Utc.with_ymd_and_hms(2025, 8, 15, 12, 0, 0).unwrap();
+        let promoted = promote_full_months(db, now.timestamp()).await.unwrap();
+        let slot = |m: u32| month(m).timestamp() / 900;
+        let mut want: Vec<(i64, i64)> = Vec::new();
+        for id in &ids {
+            for m in [7, 8] {
+                let calls = all_rows(db)
+                    .await
+                    .iter()
+                    .filter(|r| r.user_id == Some(*id) && whole(*id, m).matches(r))
+                    .count() as i64;
+                let folded = t
+                    .scalar_i64(&format!(
+                        "SELECT COALESCE(MAX(calls), 0) FROM llm_tracker_usage_rollup_total WHERE grain = 2976 AND user_key = {id} AND slot = {}",
+                        slot(m)
+                    ))
+                    .await;
+                assert!(folded <= calls);
+                if folded >= FULL_MONTH_CALLS {
+                    want.push((i64::from(*id), slot(m)));
+                }
+            }
+        }
+        want.sort();
+        assert_eq!(
+            promoted,
+            vec![(i64::from(heavy), slot(7)), (i64::from(heavy), slot(8))]
+        );
+        assert_eq!(promoted, want);
+        assert!(user_month_cells(&t, heavy).await > 0);
+        check("promoted, rows pending").await;
+        assert_verified(db).await;
+        fold(&t).await;
+        check("promoted, folded").await;
+        assert_verified(db).await;
+        // Promoting again finds nothing new; the light users' months stay without cells.
+        assert!(
+            promote_full_months(db, now.timestamp())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        for id in light {
+            assert_eq!(user_month_cells(&t, *id).await, 0);
+        }
+        // A rebuild makes full every month of 10 calls (the heavy user's May and June too).
+        rollup::rebuild(db).await.unwrap();
+        assert_eq!(full_months(&t, heavy).await, 4);
+        for id in light {
+            assert_eq!(full_months(&t, *id).await, 0);
+            assert_eq!(user_month_cells(&t, *id).await, 0);
+        }
+        check("rebuilt").await;
+        assert_verified(db).await;
+        // Retention past May and into June: a light month's deleted rows stay in its day
+        // cells, which reads add to the rows left. (Over whole UTC days: the rows of a part of
+        // a day before the horizon are gone, for a light month as for a full one.)
+        let filters: Vec<UsageFilter> = filters
+            .into_iter()
+            .filter(|f| f.start.is_none_or(|s| s.timestamp() % 86_400 == 0))
+            .collect();
+        assert_eq!(filters.len(), 9);
+        let mut before = Vec::new();
+        for f in &filters {
+            before.push(latency_histograms(db, f).await.unwrap());
+        }
+        let report = llm_tracker::retention::run(db, 2, false, month(6) + Duration::days(12))
+            .await
+            .unwrap();
+        assert!(report.rows > 0);
+        let kept = async |when: &str| {
+            for (f, want) in filters.iter().zip(&before) {
+                assert_eq!(
+                    &latency_histograms(db, f).await.unwrap(),
+                    want,
+                    "{when}: {f:?}"
+                );
+            }
+        };
+        kept("after retention").await;
+        rollup::rebuild(db).await.unwrap();
+        kept("retention, rebuilt").await;
+        assert_verified(db).await;
+        // Down through 000029 the light months get their cells back (reads without the table
+        // use every month's cells); up again they go.
+        crate::helpers::down_through(db, "m20261209_000029_rollup_full_months").await;
+        for id in light {
+            assert!(user_month_cells(&t, *id).await > 0);
+        }
+        kept("after 000029's down").await;
+        assert_verified(db).await;
+        migration::Migrator::up(db, None).await.unwrap();
+        // Months that start before the retention horizon (11 June) stay full: their cells keep
+        // what retention deleted. The light users' July and August lose theirs again.
+        for id in light {
+            assert_eq!(full_months(&t, *id).await, 2);
+            assert_eq!(
+                t.scalar_i64(&format!(
+                    "SELECT COUNT(*) FROM llm_tracker_usage_latency_user WHERE user_key = {id} AND grain = 2976 AND slot >= {}",
+                    slot(7)
+                ))
+                .await,
+                0
+            );
+        }
+        assert_eq!(full_months(&t, heavy).await, 4);
+        kept("after 000029's up").await;
+        assert_verified(db).await;
     }
 );
