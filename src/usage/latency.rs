@@ -19,8 +19,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, Utc};
 use migration::rollup::{
-    Calendar, DELTA_TABLE, LATENCY_TABLE, SLOT_SECONDS, TOTALS_TABLE, USER_LATENCY_TABLE,
-    latency_bounds, latency_bucket_sql, latency_us_sql, user_latency_stored_sql,
+    Calendar, DELTA_TABLE, FULL_MONTH_TABLE, LATENCY_TABLE, SLOT_SECONDS, TOTALS_TABLE,
+    USER_LATENCY_TABLE, latency_bounds, latency_bucket_sql, latency_us_sql,
+    user_latency_stored_sql,
 };
 use sea_orm::sea_query::Expr;
 use sea_orm::{
@@ -545,6 +546,46 @@ async fn raw_rows(
         .await
 }
 
+/// The light months of `user` among the whole UTC months `[ma, mb)` of `months`
+/// ([`user_months`]), sorted: those not in [`FULL_MONTH_TABLE`] (none before migration
+/// 000029, when every month kept its cells).
+async fn light_months(
+    txn: &DatabaseTransaction,
+    user: i64,
+    months: Option<(i64, i64, i64, i64)>,
+) -> Result<Vec<i64>, DbErr> {
+    let Some((_, _, ma, mb)) = months.filter(|m| m.2 < m.3) else {
+        return Ok(Vec::new());
+    };
+    if !crate::usage::rollup::table_exists(txn, FULL_MONTH_TABLE).await? {
+        return Ok(Vec::new());
+    }
+    let backend = txn.get_database_backend();
+    let full: std::collections::HashSet<i64> = txn
+        .query_all_raw(Statement::from_string(
+            backend,
+            format!(
+                "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {ma} AND slot < {mb}"
+            ),
+        ))
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index::<i64>(0))
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    let mut m = ma;
+    while m < mb {
+        if !full.contains(&m) {
+            out.push(m);
+        }
+        let Some((_, next)) = calendar_cell(Calendar::Month, m) else {
+            break;
+        };
+        m = next;
+    }
+    Ok(out)
+}
+
 /// The latency histograms of the calls `filter` selects, per model, in one snapshot: cells for
 /// the whole quarter days of all users' calls, the rows for the rest.
 pub async fn latency_histograms(
@@ -560,12 +601,7 @@ pub async fn latency_histograms(
         None
     };
     let light = match filter.user_id {
-        Some(user) => match user_months(filter, extent) {
-            Some((_, _, ma, mb)) if ma < mb => {
-                crate::usage::rollup::light_months(&txn, i64::from(user), ma, mb).await?
-            }
-            _ => Vec::new(),
-        },
+        Some(user) => light_months(&txn, i64::from(user), user_months(filter, extent)).await?,
         None => Vec::new(),
     };
     let rows = match cover(filter, extent, &|m| light.binary_search(&m).is_ok()) {
