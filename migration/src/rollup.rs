@@ -1100,37 +1100,69 @@ fn delta_insert_sql(backend: DbBackend, sources: &[Source<'_>], net: bool) -> St
 }
 
 /// The statements that fold the pending contributions into the cells, to run in one
-/// transaction (on PostgreSQL after taking [`FOLD_LOCK`]). Rows written meanwhile stay for the
-/// next fold: on PostgreSQL the `DELETE … RETURNING` takes exactly the rows it folds; on
-/// SQLite the transaction holds the only write lock.
-pub fn fold_sql(backend: DbBackend) -> Vec<String> {
+/// transaction (on PostgreSQL after taking [`FOLD_LOCK`]): `run`, then the query
+/// `candidates`, then `then`. Rows written meanwhile stay for the next fold: on PostgreSQL the
+/// `DELETE … RETURNING` takes exactly the rows it folds; on SQLite the transaction holds the
+/// only write lock.
+///
+/// `candidates` returns the user months (`user_key`, `slot`) whose totals month cell the fold
+/// changed, that now hold [`FULL_MONTH_CALLS`] calls and are not full yet: the fold then makes
+/// them full ([`promote_months_in`]) after `then`, once the folded contributions have left the
+/// delta (their histogram cells come from the rows, which hold those contributions).
+pub struct FoldSql {
+    pub run: Vec<String>,
+    pub candidates: String,
+    pub then: Vec<String>,
+}
+
+/// See [`FoldSql`].
+pub fn fold_sql(backend: DbBackend) -> FoldSql {
+    let not_full = format!(
+        "t.grain = {month} AND t.user_key < {ALL_USERS} AND t.calls >= {FULL_MONTH_CALLS} \
+         AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot)",
+        month = Calendar::Month.code(),
+    );
     match backend {
         DbBackend::Postgres => {
             let columns = delta_columns();
-            vec![format!(
-                "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
-                 by_model AS ({}), dense_hours AS ({}), latency AS ({}), user_latency AS ({}) {}",
-                upsert_sql(backend, &[Source::Delta("moved")], Level::ByModel),
-                dense_hours_upsert_sql(backend, &[Source::Delta("moved")]),
-                latency_upsert_sql(backend, &[Source::Delta("moved")]),
+            FoldSql {
+                run: Vec::new(),
+                candidates: format!(
+                    "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
+                     by_model AS ({}), dense_hours AS ({}), latency AS ({}), user_latency AS ({}), \
+                     totals AS ({} RETURNING grain, user_key, slot, calls) \
+                     SELECT t.user_key, t.slot FROM totals t WHERE {not_full} ORDER BY 1, 2",
+                    upsert_sql(backend, &[Source::Delta("moved")], Level::ByModel),
+                    dense_hours_upsert_sql(backend, &[Source::Delta("moved")]),
+                    latency_upsert_sql(backend, &[Source::Delta("moved")]),
+                    user_latency_full_months_upsert_sql(
+                        backend,
+                        &latency_rows(backend, &[Source::Delta("moved")]),
+                    ),
+                    upsert_sql(backend, &[Source::Delta("moved")], Level::Total),
+                ),
+                then: Vec::new(),
+            }
+        }
+        _ => FoldSql {
+            run: vec![
+                upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
+                upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
+                dense_hours_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
+                latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
                 user_latency_full_months_upsert_sql(
                     backend,
-                    &latency_rows(backend, &[Source::Delta("moved")]),
+                    &latency_rows(backend, &[Source::Delta(DELTA_TABLE)]),
                 ),
-                upsert_sql(backend, &[Source::Delta("moved")], Level::Total),
-            )]
-        }
-        _ => vec![
-            upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
-            upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
-            dense_hours_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
-            latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
-            user_latency_full_months_upsert_sql(
-                backend,
-                &latency_rows(backend, &[Source::Delta(DELTA_TABLE)]),
+            ],
+            candidates: format!(
+                "SELECT t.user_key, t.slot FROM {TOTALS_TABLE} t \
+                 JOIN (SELECT DISTINCT user_key, {start} AS m FROM {DELTA_TABLE}) d \
+                 ON t.user_key = d.user_key AND t.slot = d.m WHERE {not_full} ORDER BY 1, 2",
+                start = Calendar::Month.start_sql(backend, "slot"),
             ),
-            format!("DELETE FROM {DELTA_TABLE}"),
-        ],
+            then: vec![format!("DELETE FROM {DELTA_TABLE}")],
+        },
     }
 }
 
@@ -1453,12 +1485,12 @@ fn user_latency_upsert_of(backend: DbBackend, select: String) -> String {
 /// users and 10M rows a year most user-months hold a handful of calls, and their cells held
 /// about one call each: as large as the rows they summed.
 ///
-/// A month becomes full, never light again, when its totals cell reaches
-/// [`FULL_MONTH_CALLS`] calls ([`promote_full_months_sql`], looked at by the fold once a
-/// minute, over the current and the previous UTC month), when `rollup rebuild` finds it so, or
-/// when it started before the retention horizon at migration 000029 (its deleted rows may be
-/// in no day cell). Its cells are filled from its rows in the same transaction
-/// ([`full_months_fill_sql`]). Calls for no user, and all users' cells, are not concerned.
+/// A month becomes full, never light again, when a fold takes its totals cell to
+/// [`FULL_MONTH_CALLS`] calls ([`FoldSql::candidates`], [`promote_months_in`]), when
+/// `rollup rebuild` finds it so, or when it started before the retention horizon at migration
+/// 000029 (its deleted rows may be in no day cell). Its cells are filled from its rows in the
+/// same transaction ([`full_months_fill_sql`]). Calls for no user, and all users' cells, are
+/// not concerned.
 pub const FULL_MONTH_TABLE: &str = "llm_tracker_usage_rollup_full_month";
 
 /// The calls in a user's UTC month that make it full ([`FULL_MONTH_TABLE`]).
@@ -1472,20 +1504,6 @@ pub fn create_full_month_table_sql(backend: DbBackend) -> String {
     };
     format!(
         "CREATE TABLE IF NOT EXISTS {FULL_MONTH_TABLE} (\n    user_key {int} NOT NULL,\n    slot {int} NOT NULL,\n    PRIMARY KEY (user_key, slot)\n)"
-    )
-}
-
-/// The user months that become full: a totals month cell from slot `from` on with
-/// [`FULL_MONTH_CALLS`] calls or more that is not full yet. Returns `(user_key, slot)`.
-pub fn promote_full_months_sql(from: i64) -> String {
-    format!(
-        "INSERT INTO {FULL_MONTH_TABLE} (user_key, slot) \
-         SELECT t.user_key, t.slot FROM {TOTALS_TABLE} t \
-         WHERE t.grain = {month} AND t.slot >= {from} AND t.user_key < {ALL_USERS} AND t.calls >= {FULL_MONTH_CALLS} \
-         AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot) \
-         ORDER BY t.user_key, t.slot \
-         RETURNING user_key, slot",
-        month = Calendar::Month.code(),
     )
 }
 
@@ -1562,49 +1580,36 @@ pub fn full_months_keys(months: &[(i64, i64)]) -> String {
     )
 }
 
-/// Makes full the user months that started in the 62 days before `now` (seconds since the
-/// epoch: the current UTC month and the previous one) that reached [`FULL_MONTH_CALLS`] ([`promote_full_months_sql`]) and fills
-/// their cells ([`full_months_fill_sql`]). In `txn`, which must hold the folders' lock
-/// (PostgreSQL) or write (SQLite). Returns the new full months.
-pub async fn promote_full_months_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
-    txn: &C,
-    now: i64,
+/// `(user_key, slot)` of each row.
+fn user_months_of(
+    rows: Vec<sea_orm_migration::sea_orm::QueryResult>,
 ) -> Result<Vec<(i64, i64)>, sea_orm_migration::sea_orm::DbErr> {
-    use sea_orm_migration::sea_orm::Statement;
-    let backend = txn.get_database_backend();
-    // Every month that started in the last 62 days: the current one and the previous one.
-    let from = now.div_euclid(SLOT_SECONDS) - 62 * DAY;
-    let months: Vec<(i64, i64)> = txn
-        .query_all_raw(Statement::from_string(
-            backend,
-            promote_full_months_sql(from),
-        ))
-        .await?
-        .iter()
+    rows.iter()
         .map(|r| Ok((r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<i64>(1)?)))
-        .collect::<Result<_, sea_orm_migration::sea_orm::DbErr>>()?;
-    if !months.is_empty() {
-        txn.execute_unprepared(&full_months_fill_sql(backend, &full_months_keys(&months)))
-            .await?;
-    }
-    Ok(months)
+        .collect()
 }
 
-/// [`promote_full_months_in`] in a transaction of its own, under the folders' lock (waiting
-/// for a fold that runs): what `llm-tracker rollup fold` and the tests call.
-pub async fn promote_full_months(
-    db: &sea_orm_migration::sea_orm::DatabaseConnection,
-    now: i64,
-) -> Result<Vec<(i64, i64)>, sea_orm_migration::sea_orm::DbErr> {
-    use sea_orm_migration::sea_orm::{ConnectionTrait, TransactionTrait};
-    let txn = db.begin().await?;
-    if db.get_database_backend() == DbBackend::Postgres {
-        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({FOLD_LOCK})"))
-            .await?;
+/// Makes full the user months `months` (not full yet) and fills their cells
+/// ([`full_months_fill_sql`]): what a fold does for the months it took to
+/// [`FULL_MONTH_CALLS`]. In `txn`, which must hold the folders' lock (PostgreSQL) or write
+/// (SQLite), once the months' folded contributions have left the delta.
+pub async fn promote_months_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
+    txn: &C,
+    months: &[(i64, i64)],
+) -> Result<(), sea_orm_migration::sea_orm::DbErr> {
+    if months.is_empty() {
+        return Ok(());
     }
-    let months = promote_full_months_in(&txn, now).await?;
-    txn.commit().await?;
-    Ok(months)
+    let rows: Vec<String> = months.iter().map(|(u, m)| format!("({u}, {m})")).collect();
+    txn.execute_unprepared(&format!(
+        "INSERT INTO {FULL_MONTH_TABLE} (user_key, slot) VALUES {}",
+        rows.join(", ")
+    ))
+    .await?;
+    let backend = txn.get_database_backend();
+    txn.execute_unprepared(&full_months_fill_sql(backend, &full_months_keys(months)))
+        .await?;
+    Ok(())
 }
 
 /// Trigger names, for `down` and for checks.
@@ -1812,9 +1817,19 @@ pub async fn fold_with(
         // (measured); the fold is a few small aggregates.
         txn.execute_unprepared("SET LOCAL jit = off").await?;
     }
-    for sql in fold_sql(backend) {
-        txn.execute_unprepared(&sql).await?;
+    let fold = fold_sql(backend);
+    for sql in &fold.run {
+        txn.execute_unprepared(sql).await?;
     }
+    let months = user_months_of(
+        txn.query_all_raw(Statement::from_string(backend, fold.candidates))
+            .await?,
+    )?;
+    for sql in &fold.then {
+        txn.execute_unprepared(sql).await?;
+    }
+    // The user months the fold took to FULL_MONTH_CALLS: full from now on, their cells filled.
+    promote_months_in(&txn, &months).await?;
     // At most once a minute per clock: the users whose day just reached the dense threshold.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1822,7 +1837,6 @@ pub async fn fold_with(
         .unwrap_or(0);
     if clock.due(now) {
         promote_dense_in(&txn, now).await?;
-        promote_full_months_in(&txn, now).await?;
     }
     txn.commit().await?;
     // No VACUUM here: the folded rows are dead tuples, but vacuuming from this loop (every

@@ -539,8 +539,9 @@ db_test!(
     async fn a_users_light_months_are_counted_from_their_rows(backend: Backend) {
         // Issue 16 (the rollup's size at 100,000 users), migration 000029: a user's month with
         // fewer than FULL_MONTH_CALLS calls keeps no histogram cell; its percentiles come from
-        // its rows, exactly, before and after the month becomes full, whatever is pending.
-        use migration::rollup::{FULL_MONTH_CALLS, promote_full_months};
+        // its rows, exactly, before and after the fold makes the month full, whatever is
+        // pending.
+        use migration::rollup::FULL_MONTH_CALLS;
         assert_eq!(FULL_MONTH_CALLS, 10);
         let t = TestDb::migrated(backend).await;
         let db = &t.db;
@@ -553,9 +554,7 @@ db_test!(
         let mut rows = random_rows(&mut rng, light, base, days, 30, 1);
         rows.extend(random_rows(&mut rng, &[heavy], base, days, 220, 1_000));
         insert(db, &with_latencies(&mut rng, rows)).await;
-        fold(&t).await;
-        // Nothing made a month full yet (the fold looks at the current months only): every
-        // user month is light and has no cell.
+        // Nothing folded yet: no month is full, and none has a cell.
         for id in &ids {
             assert_eq!(full_months(&t, *id).await, 0);
             assert_eq!(user_month_cells(&t, *id).await, 0);
@@ -595,66 +594,59 @@ db_test!(
                 assert_eq!(got, expected(&rows, f), "{when}: {f:?}");
             }
         };
-        check("all light").await;
+        check("all pending").await;
         assert_verified(db).await;
-        // Rows written since (pending), in July and August: then the months of the last 62
-        // days of 15 August become full where they hold 10 calls — the heavy user's July and
-        // August — filled from their rows less what is pending, which the fold adds next.
-        let mut more = random_rows(&mut rng, &[heavy], month(7), 50, 40, 5_000);
-        more.extend(random_rows(&mut rng, light, month(7), 50, 6, 6_000));
-        insert(db, &with_latencies(&mut rng, more)).await;
-        let now = Utc.with_ymd_and_hms(2025, 8, 15, 12, 0, 0).unwrap();
-        let promoted = promote_full_months(db, now.timestamp()).await.unwrap();
-        let slot = |m: u32| month(m).timestamp() / 900;
-        let mut want: Vec<(i64, i64)> = Vec::new();
-        for id in &ids {
-            for m in [7, 8] {
-                let calls = all_rows(db)
-                    .await
-                    .iter()
-                    .filter(|r| r.user_id == Some(*id) && whole(*id, m).matches(r))
-                    .count() as i64;
-                let folded = t
-                    .scalar_i64(&format!(
-                        "SELECT COALESCE(MAX(calls), 0) FROM llm_tracker_usage_rollup_total WHERE grain = 2976 AND user_key = {id} AND slot = {}",
-                        slot(m)
-                    ))
-                    .await;
-                assert!(folded <= calls);
-                if folded >= FULL_MONTH_CALLS {
-                    want.push((i64::from(*id), slot(m)));
-                }
-            }
-        }
-        want.sort();
-        assert_eq!(
-            promoted,
-            vec![(i64::from(heavy), slot(7)), (i64::from(heavy), slot(8))]
-        );
-        assert_eq!(promoted, want);
-        assert!(user_month_cells(&t, heavy).await > 0);
-        check("promoted, rows pending").await;
-        assert_verified(db).await;
+        // The fold takes the heavy user's four months past 10 calls: they become full, their
+        // cells filled from the rows; the light users' months stay light.
         fold(&t).await;
-        check("promoted, folded").await;
-        assert_verified(db).await;
-        // Promoting again finds nothing new; the light users' months stay without cells.
-        assert!(
-            promote_full_months(db, now.timestamp())
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        for id in light {
-            assert_eq!(user_month_cells(&t, *id).await, 0);
-        }
-        // A rebuild makes full every month of 10 calls (the heavy user's May and June too).
-        rollup::rebuild(db).await.unwrap();
         assert_eq!(full_months(&t, heavy).await, 4);
+        assert!(user_month_cells(&t, heavy).await > 0);
         for id in light {
             assert_eq!(full_months(&t, *id).await, 0);
             assert_eq!(user_month_cells(&t, *id).await, 0);
         }
+        check("folded").await;
+        assert_verified(db).await;
+        // More rows, pending, in full and light months; then folded.
+        let mut more = random_rows(&mut rng, &[heavy], month(7), 50, 40, 5_000);
+        more.extend(random_rows(&mut rng, light, month(7), 50, 6, 6_000));
+        insert(db, &with_latencies(&mut rng, more)).await;
+        check("more pending").await;
+        assert_verified(db).await;
+        fold(&t).await;
+        check("more folded").await;
+        assert_verified(db).await;
+        for id in light {
+            assert_eq!(full_months(&t, *id).await, 0, "{id}");
+        }
+        // A month made full while some of its rows are pending (on PostgreSQL, a writer that
+        // commits between the fold's statement and its promotion): filled from its rows less
+        // those, which the next fold adds.
+        let slot = |m: u32| month(m).timestamp() / 900;
+        let july = (i64::from(light[0]), slot(7));
+        let late = random_rows(&mut rng, &light[..1], month(7), 20, 3, 7_000);
+        insert(db, &with_latencies(&mut rng, late)).await;
+        {
+            use sea_orm::TransactionTrait;
+            let txn = db.begin().await.unwrap();
+            migration::rollup::promote_months_in(&txn, &[july])
+                .await
+                .unwrap();
+            txn.commit().await.unwrap();
+        }
+        assert_eq!(full_months(&t, light[0]).await, 1);
+        assert!(user_month_cells(&t, light[0]).await > 0);
+        check("made full, rows pending").await;
+        assert_verified(db).await;
+        fold(&t).await;
+        check("made full, folded").await;
+        assert_verified(db).await;
+        // A rebuild keeps the full months and makes full every other month of 10 calls.
+        rollup::rebuild(db).await.unwrap();
+        assert_eq!(full_months(&t, heavy).await, 4);
+        assert_eq!(full_months(&t, light[0]).await, 1, "full months stay full");
+        assert_eq!(full_months(&t, light[1]).await, 0);
+        assert_eq!(user_month_cells(&t, light[1]).await, 0);
         check("rebuilt").await;
         assert_verified(db).await;
         // Retention past May and into June: a light month's deleted rows stay in its day
