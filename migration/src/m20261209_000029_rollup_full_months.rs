@@ -8,8 +8,8 @@
 //! holds 10 calls or more (`FULL_MONTH_CALLS`), or when it starts before the retention horizon
 //! (its deleted rows may be in no day cell); every other user month is light, and its month
 //! cells in each user's latency histograms are deleted: reads count its rows instead. The fold
-//! makes later months full when they reach the threshold (`migration::rollup::
-//! promote_full_months_in`) and keeps cells for full months only.
+//! makes later months full when it takes them to the threshold (`migration::rollup::FoldSql`,
+//! `promote_months_in`) and keeps cells for full months only.
 //!
 //! Under the folders' lock (PostgreSQL), then `ANALYZE`. Frozen SQL
 //! (`migration/sql/m20261209_000029_*`): what this migration does, whatever later versions
