@@ -705,3 +705,56 @@ db_test!(
         assert_verified(db).await;
     }
 );
+
+db_test!(
+    async fn a_month_becomes_full_at_exactly_ten_calls(backend: Backend) {
+        // Migration 000029's threshold, through the fold: 9 calls leave a user's month light,
+        // the 10th makes it full in the fold that counts it, and the histograms are exact
+        // either side (`migration::rollup::FoldSql::candidates`).
+        use migration::rollup::FULL_MONTH_CALLS;
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["edge"]).await;
+        let user = ids[0];
+        let july = Utc.with_ymd_and_hms(2025, 7, 1, 0, 0, 0).unwrap();
+        let call = |n: u128, day: i64| {
+            let created = july + Duration::days(day) + Duration::hours(3);
+            let mut r =
+                crate::usage_read::row(n, Some(user), "gpt-4o", (10, 5, 0, 0), true, created);
+            r.started_at = Some(created - Duration::milliseconds(200 * n as i64));
+            r
+        };
+        let whole = UsageFilter {
+            user_id: Some(user),
+            start: Some(july),
+            end: Some(july + Duration::days(31) - Duration::microseconds(1)),
+            ..UsageFilter::default()
+        };
+        let all = UsageFilter {
+            user_id: Some(user),
+            ..UsageFilter::default()
+        };
+        let first: Vec<usage::Model> = (1..FULL_MONTH_CALLS as u128)
+            .map(|n| call(n, n as i64))
+            .collect();
+        insert(db, &first).await;
+        fold(&t).await;
+        assert_eq!(full_months(&t, user).await, 0, "9 calls: light");
+        assert_eq!(user_month_cells(&t, user).await, 0);
+        for f in [&whole, &all] {
+            assert_exact(db, &all_rows(db).await, f).await;
+        }
+        assert_verified(db).await;
+        insert(db, &[call(10, 20)]).await;
+        // Pending: still light, and exact.
+        assert_eq!(full_months(&t, user).await, 0);
+        assert_exact(db, &all_rows(db).await, &whole).await;
+        fold(&t).await;
+        assert_eq!(full_months(&t, user).await, 1, "10 calls: full");
+        assert!(user_month_cells(&t, user).await > 0);
+        for f in [&whole, &all] {
+            assert_exact(db, &all_rows(db).await, f).await;
+        }
+        assert_verified(db).await;
+    }
+);
