@@ -1572,7 +1572,7 @@ pub fn full_months_fill_sql(backend: DbBackend, keys: &str) -> String {
 }
 
 /// `keys` for [`full_months_fill_sql`] from a list of `(user_key, month slot)`.
-pub fn full_months_keys(months: &[(i64, i64)]) -> String {
+fn full_months_keys(months: &[(i64, i64)]) -> String {
     let rows: Vec<String> = months.iter().map(|(u, m)| format!("({u}, {m})")).collect();
     format!(
         "SELECT column1 AS fu, column2 AS fm FROM (VALUES {}) v",
@@ -1600,14 +1600,13 @@ pub async fn promote_months_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
     if months.is_empty() {
         return Ok(());
     }
-    let rows: Vec<String> = months.iter().map(|(u, m)| format!("({u}, {m})")).collect();
+    let keys = full_months_keys(months);
     txn.execute_unprepared(&format!(
-        "INSERT INTO {FULL_MONTH_TABLE} (user_key, slot) VALUES {}",
-        rows.join(", ")
+        "INSERT INTO {FULL_MONTH_TABLE} (user_key, slot) SELECT k.fu, k.fm FROM ({keys}) k"
     ))
     .await?;
     let backend = txn.get_database_backend();
-    txn.execute_unprepared(&full_months_fill_sql(backend, &full_months_keys(months)))
+    txn.execute_unprepared(&full_months_fill_sql(backend, &keys))
         .await?;
     Ok(())
 }

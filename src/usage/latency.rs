@@ -546,44 +546,32 @@ async fn raw_rows(
         .await
 }
 
-/// The light months of `user` among the whole UTC months `[ma, mb)` of `months`
-/// ([`user_months`]), sorted: those not in [`FULL_MONTH_TABLE`] (none before migration
-/// 000029, when every month kept its cells).
-async fn light_months(
+/// The full months of `user` ([`FULL_MONTH_TABLE`]) among the whole UTC months `[ma, mb)` of
+/// `months` ([`user_months`]); every other month there is light. `None` where no month is
+/// light: no whole month, or a database before migration 000029 (every month kept its cells).
+async fn full_months(
     txn: &DatabaseTransaction,
     user: i64,
     months: Option<(i64, i64, i64, i64)>,
-) -> Result<Vec<i64>, DbErr> {
+) -> Result<Option<std::collections::HashSet<i64>>, DbErr> {
     let Some((_, _, ma, mb)) = months.filter(|m| m.2 < m.3) else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     if !crate::usage::rollup::table_exists(txn, FULL_MONTH_TABLE).await? {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let backend = txn.get_database_backend();
-    let full: std::collections::HashSet<i64> = txn
-        .query_all_raw(Statement::from_string(
-            backend,
-            format!(
-                "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {ma} AND slot < {mb}"
-            ),
-        ))
-        .await?
-        .iter()
-        .map(|r| r.try_get_by_index::<i64>(0))
-        .collect::<Result<_, _>>()?;
-    let mut out = Vec::new();
-    let mut m = ma;
-    while m < mb {
-        if !full.contains(&m) {
-            out.push(m);
-        }
-        let Some((_, next)) = calendar_cell(Calendar::Month, m) else {
-            break;
-        };
-        m = next;
-    }
-    Ok(out)
+    txn.query_all_raw(Statement::from_string(
+        backend,
+        format!(
+            "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {ma} AND slot < {mb}"
+        ),
+    ))
+    .await?
+    .iter()
+    .map(|r| r.try_get_by_index::<i64>(0))
+    .collect::<Result<_, _>>()
+    .map(Some)
 }
 
 /// The latency histograms of the calls `filter` selects, per model, in one snapshot: cells for
@@ -600,11 +588,12 @@ pub async fn latency_histograms(
     } else {
         None
     };
-    let light = match filter.user_id {
-        Some(user) => light_months(&txn, i64::from(user), user_months(filter, extent)).await?,
-        None => Vec::new(),
+    let full = match filter.user_id {
+        Some(user) => full_months(&txn, i64::from(user), user_months(filter, extent)).await?,
+        None => None,
     };
-    let rows = match cover(filter, extent, &|m| light.binary_search(&m).is_ok()) {
+    let light = |m: i64| full.as_ref().is_some_and(|f| !f.contains(&m));
+    let rows = match cover(filter, extent, &light) {
         None => {
             if let Some(settings) = Dialect::of(backend).aggregate_settings() {
                 txn.execute_unprepared(settings).await?;
