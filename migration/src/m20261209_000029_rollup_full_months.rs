@@ -47,7 +47,7 @@ pub fn frozen(backend: DbBackend, down: bool) -> Vec<&'static str> {
 pub fn generated(backend: DbBackend, down: bool) -> Vec<String> {
     use crate::rollup::{
         ALL_USERS, Calendar, FULL_MONTH_CALLS, FULL_MONTH_TABLE, RETENTION_TABLE, TOTALS_TABLE,
-        USER_LATENCY_TABLE, create_full_month_table_sql, full_months_fill_sql,
+        USER_LATENCY_TABLE, create_full_month_table_sql, full_months_latency_fill_sql,
     };
     let month = Calendar::Month.code();
     let mut out = Vec::new();
@@ -55,7 +55,7 @@ pub fn generated(backend: DbBackend, down: bool) -> Vec<String> {
         out.push(format!("SELECT pg_advisory_xact_lock({FOLDERS_LOCK})"));
     }
     if down {
-        out.push(full_months_fill_sql(
+        out.push(full_months_latency_fill_sql(
             backend,
             &format!(
                 "SELECT t.user_key AS fu, t.slot AS fm FROM {TOTALS_TABLE} t \

@@ -612,6 +612,42 @@ pub fn upsert_sql(backend: DbBackend, sources: &[Source<'_>], level: Level) -> S
 }
 
 fn upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], level: Level, whose: Whose) -> String {
+    upsert_cells_sql(level, &cells_select_of(backend, sources, level, whose))
+}
+
+/// [`upsert_sql`] where a user's month cells per model and outcome are added for full months
+/// only ([`FULL_MONTH_TABLE`], migration 000030): what the fold runs for [`Level::ByModel`].
+/// All users' cells, and the cells of calls made for no user, are added as by [`upsert_sql`].
+pub fn upsert_full_months_sql(backend: DbBackend, sources: &[Source<'_>], level: Level) -> String {
+    upsert_full_months_of(backend, sources, level, Whose::Both)
+}
+
+fn upsert_full_months_of(
+    backend: DbBackend,
+    sources: &[Source<'_>],
+    level: Level,
+    whose: Whose,
+) -> String {
+    let select = cells_select_of(backend, sources, level, whose);
+    match level {
+        Level::ByModel => upsert_cells_sql(level, &model_cells_of_full_months(&select)),
+        Level::Total => upsert_cells_sql(level, &select),
+    }
+}
+
+/// The cells of `select` (per model and outcome, [`TABLE`]'s key) less a user's month cells
+/// of light months ([`FULL_MONTH_TABLE`]).
+pub fn model_cells_of_full_months(select: &str) -> String {
+    format!(
+        "SELECT * FROM ({select}) m WHERE NOT (m.grain = {month} AND m.user_key < {ALL_USERS}) \
+         OR EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = m.user_key AND f.slot = m.slot)",
+        month = Calendar::Month.code(),
+    )
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` adding the cells `select` returns (the key of `level`,
+/// then its sums) to `level`'s table, cells whose sums are all zero left out.
+fn upsert_cells_sql(level: Level, select: &str) -> String {
     let table = level.table();
     let key = level.key().join(", ");
     let sums = level.sums();
@@ -625,7 +661,6 @@ fn upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], level: Level, whose
          SELECT * FROM ({select}) cells WHERE {any} ORDER BY {key} \
          ON CONFLICT ({key}) DO UPDATE SET {updates}",
         columns = sums.join(", "),
-        select = cells_select_of(backend, sources, level, whose),
         any = any_change.join(" OR "),
         updates = updates.join(", "),
     )
@@ -945,7 +980,9 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
     if horizon.is_some() {
         out.push(format!("DELETE FROM {DELTA_TABLE}"));
     }
-    for level in Level::ALL {
+    // The totals first: the months their month cells take to FULL_MONTH_CALLS calls become
+    // full before the cells per model, kept for full months only, are summed.
+    for level in [Level::Total, Level::ByModel] {
         // (A user's day cells per model before the horizon keep what retention deleted.)
         out.push(match (level, horizon) {
             (Level::ByModel, Some(h)) => format!(
@@ -963,12 +1000,24 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             Level::ByModel => user_months,
             Level::Total => REBUILD_USERS,
         };
-        out.push(upsert_sql_of(
+        // (Per model, full months only.)
+        out.push(upsert_full_months_of(
             backend,
             &[Source::Delta(users)],
             level,
             Whose::PerUser,
         ));
+        if level == Level::Total {
+            // The user months that are full: those that were, and those of FULL_MONTH_CALLS
+            // calls (the totals' month cells, just summed from every row and the cells kept
+            // before the horizon).
+            out.push(format!(
+                "INSERT INTO {FULL_MONTH_TABLE} (user_key, slot) SELECT t.user_key, t.slot FROM {TOTALS_TABLE} t \
+                 WHERE t.grain = {} AND t.user_key < {ALL_USERS} AND t.calls >= {FULL_MONTH_CALLS} \
+                 AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot)",
+                Calendar::Month.code()
+            ));
+        }
     }
     // Users whose rows hold a UTC day of `DENSE_DAY_CALLS` calls and who are not dense (rows
     // written for past days: a bulk load, an import; the fold's promotion looks at yesterday
@@ -996,15 +1045,6 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             sign: 1,
             where_sql: Some(&dense_rows),
         }],
-    ));
-    // The user months that are full: those that were, and those of FULL_MONTH_CALLS calls
-    // (the totals' month cells, just summed from every row and the cells kept before the
-    // horizon).
-    out.push(format!(
-        "INSERT INTO {FULL_MONTH_TABLE} (user_key, slot) SELECT t.user_key, t.slot FROM {TOTALS_TABLE} t \
-         WHERE t.grain = {} AND t.user_key < {ALL_USERS} AND t.calls >= {FULL_MONTH_CALLS} \
-         AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot)",
-        Calendar::Month.code()
     ));
     // Each user's histograms, full months only: from every row there is and, before the horizon, the day
     // cells that keep what retention deleted (those stay).
@@ -1132,7 +1172,7 @@ pub fn fold_sql(backend: DbBackend) -> FoldSql {
                      by_model AS ({}), dense_hours AS ({}), latency AS ({}), user_latency AS ({}), \
                      totals AS ({} RETURNING grain, user_key, slot, calls) \
                      SELECT t.user_key, t.slot FROM totals t WHERE {not_full} ORDER BY 1, 2",
-                    upsert_sql(backend, &[Source::Delta("moved")], Level::ByModel),
+                    upsert_full_months_sql(backend, &[Source::Delta("moved")], Level::ByModel),
                     dense_hours_upsert_sql(backend, &[Source::Delta("moved")]),
                     latency_upsert_sql(backend, &[Source::Delta("moved")]),
                     user_latency_full_months_upsert_sql(
@@ -1146,7 +1186,7 @@ pub fn fold_sql(backend: DbBackend) -> FoldSql {
         }
         _ => FoldSql {
             run: vec![
-                upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
+                upsert_full_months_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
                 upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
                 dense_hours_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
                 latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
@@ -1521,7 +1561,16 @@ fn slot_instant_sql(backend: DbBackend, slot: &str) -> String {
 /// retention deleted there, less their contributions still pending (which the fold adds once
 /// the month is full): exact whenever it runs, while no fold runs (under the folders' lock on
 /// PostgreSQL, in a write transaction on SQLite).
-pub fn full_months_fill_sql(backend: DbBackend, keys: &str) -> String {
+pub fn full_months_fill_sql(backend: DbBackend, keys: &str) -> Vec<String> {
+    vec![
+        full_months_latency_fill_sql(backend, keys),
+        full_months_model_fill_sql(backend, keys),
+    ]
+}
+
+/// The statement of [`full_months_fill_sql`] that fills the months' latency histograms
+/// (what migration 000029's `down` runs).
+pub fn full_months_latency_fill_sql(backend: DbBackend, keys: &str) -> String {
     let next = Calendar::Month.next_sql(backend, "k.fm");
     let in_month = |user: &str, slot: &str| {
         format!(
@@ -1571,6 +1620,63 @@ pub fn full_months_fill_sql(backend: DbBackend, keys: &str) -> String {
     )
 }
 
+/// The statement of [`full_months_fill_sql`] that fills the months' cells per model and
+/// outcome (what migration 000030's `down` runs).
+pub fn full_months_model_fill_sql(backend: DbBackend, keys: &str) -> String {
+    let next = Calendar::Month.next_sql(backend, "k.fm");
+    let in_month = |user: &str, slot: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM ({keys}) k WHERE k.fu = {user} AND {slot} >= k.fm AND {slot} < {next})"
+        )
+    };
+    let joined = format!(
+        "({keys}) k JOIN llm_tracker_usage ON user_id = k.fu AND created_at >= {} AND created_at < {}",
+        slot_instant_sql(backend, "k.fm"),
+        slot_instant_sql(backend, &next),
+    );
+    // The month cells per model and outcome: the rows, the day cells per model that keep what
+    // retention deleted, less what is pending (all sums, as delta rows).
+    let retained_days = format!(
+        "SELECT slot, user_key, model, success, CAST(NULL AS INTEGER) AS latency_bucket, {sums} \
+         FROM {TABLE} r WHERE r.grain = {DAY} AND {within}",
+        sums = delta_sums()
+            .iter()
+            .map(|c| match *c {
+                "successful_calls" => {
+                    "CASE WHEN success THEN calls ELSE 0 END AS successful_calls".to_owned()
+                }
+                c => c.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        within = in_month("r.user_key", "r.slot"),
+    );
+    let negated: Vec<String> = delta_sums()
+        .iter()
+        .map(|c| format!("-{c} AS {c}"))
+        .collect();
+    let pending_sums = format!(
+        "SELECT {key}, {sums} FROM {DELTA_TABLE} d WHERE {within}",
+        key = DELTA_KEY.join(", "),
+        sums = negated.join(", "),
+        within = in_month("d.user_key", "d.slot"),
+    );
+    upsert_sql_of(
+        backend,
+        &[
+            Source::Table {
+                name: &joined,
+                sign: 1,
+                where_sql: None,
+            },
+            Source::Delta(&format!("({retained_days}) rd")),
+            Source::Delta(&format!("({pending_sums}) pd")),
+        ],
+        Level::ByModel,
+        Whose::PerUser,
+    )
+}
+
 /// `keys` for [`full_months_fill_sql`] from a list of `(user_key, month slot)`.
 fn full_months_keys(months: &[(i64, i64)]) -> String {
     let rows: Vec<String> = months.iter().map(|(u, m)| format!("({u}, {m})")).collect();
@@ -1606,8 +1712,9 @@ pub async fn promote_months_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
     ))
     .await?;
     let backend = txn.get_database_backend();
-    txn.execute_unprepared(&full_months_fill_sql(backend, &keys))
-        .await?;
+    for sql in full_months_fill_sql(backend, &keys) {
+        txn.execute_unprepared(&sql).await?;
+    }
     Ok(())
 }
 
@@ -2007,6 +2114,38 @@ mod tests {
                         *f,
                         g.trim(),
                         "{name} {part}: the full months' generated SQL changed"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Migration 000030's SQL (the light months' cells per model deleted; `down`: filled
+    /// again), likewise.
+    #[test]
+    fn the_full_months_by_model_sql_is_what_the_code_generates() {
+        use crate::m20261210_000030_rollup_full_months_by_model as m30;
+        for (name, backend) in [
+            ("postgres", DbBackend::Postgres),
+            ("sqlite", DbBackend::Sqlite),
+        ] {
+            for (down, part) in [(false, ""), (true, "down.")] {
+                let generated = m30::generated(backend, down);
+                if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
+                    let path = format!(
+                        "{}/sql/m20261210_000030_rollup_full_months_by_model.{part}{name}.sql",
+                        env!("CARGO_MANIFEST_DIR")
+                    );
+                    std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
+                    continue;
+                }
+                let frozen = m30::frozen(backend, down);
+                assert_eq!(frozen.len(), generated.len(), "{name} {part}");
+                for (f, g) in frozen.iter().zip(&generated) {
+                    assert_eq!(
+                        *f,
+                        g.trim(),
+                        "{name} {part}: the per-model full months' generated SQL changed"
                     );
                 }
             }

@@ -12,8 +12,8 @@ use chrono::{DateTime, Duration, Utc};
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use migration::rollup::{
-    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAINS, DENSE_TABLE, GRAINS, Grain, Level,
-    NO_USER, SLOT_SECONDS, TOTALS_TABLE, hour_grain, per_user,
+    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAINS, DENSE_TABLE, FULL_MONTH_TABLE, GRAINS,
+    Grain, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE, hour_grain, per_user,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
@@ -135,9 +135,32 @@ pub struct Plan {
     /// The whole slots that `ranges` and `totals` cover: the pending contributions of the
     /// delta table in them are added to the cells.
     pub slots: Slots,
+    /// `by_user` per model or outcome, since migration 000030: the users' month cells per
+    /// model in [`Plan::totals`] exist for full months only
+    /// ([`migration::rollup::FULL_MONTH_TABLE`]). The pending contributions of light months
+    /// are left out of the cells' statement, and `by_user` adds those months' rows
+    /// ([`Plan::light_month_runs`]). (A plan for one user reads its light months' rows as
+    /// [`Plan::model_gaps`] instead.)
+    pub light_months: bool,
 }
 
 impl Plan {
+    /// The runs of month cells in [`Plan::totals`] whose light user months `by_user` counts
+    /// from the rows (see [`Plan::light_months`]).
+    pub fn light_month_runs(&self) -> Vec<Slots> {
+        if !self.light_months {
+            return Vec::new();
+        }
+        self.totals
+            .iter()
+            .filter(|r| r.grain == Calendar::Month.code() && !r.subtract)
+            .map(|r| Slots {
+                first: r.first,
+                end: r.end,
+            })
+            .collect()
+    }
+
     /// The filter narrowed to each of [`Plan::gaps`]: raw rows counted in the series only.
     pub fn gap_filters(&self, filter: &UsageFilter) -> Vec<UsageFilter> {
         narrowed(&self.gaps, filter)
@@ -440,6 +463,7 @@ pub(crate) fn hours_plan(hours: Slots) -> Plan {
         moved: Vec::new(),
         model_gaps: Vec::new(),
         slots: hours,
+        light_months: false,
     }
 }
 
@@ -510,6 +534,16 @@ pub async fn plan<C: ConnectionTrait>(
             (a, b, Vec::new())
         };
     let mut gaps_by_row = false;
+    // Per model, a user's light months have no cells (migration 000030): one user's are read
+    // from rows (model gaps); for `by_user`, see `Plan::light_months`.
+    let light = match filter.user_id {
+        Some(user) => light_months(db, key_of(Some(user)), a, b).await?,
+        None => Vec::new(),
+    };
+    let light_months = scope == Scope::PerUser
+        && filter.user_id.is_none()
+        && level_of(filter, GroupBy::User) == Level::ByModel
+        && table_exists(db, FULL_MONTH_TABLE).await?;
     let (ranges, totals, coarse, gaps, model_gaps, moved) = match scope {
         Scope::AllUsers => {
             let Some(ranges) = cells(a, b, series) else {
@@ -558,9 +592,11 @@ pub async fn plan<C: ConnectionTrait>(
                 && dense.is_none()
                 && matches!(series, Some((Granularity::Day, _)))
                 && db.get_database_backend() == sea_orm::DbBackend::Postgres;
-            let (ranges, gaps, moved) = user_cells(a, b, series, series_level, moves_from, hours);
-            let (totals, model_gaps, _) = user_cells(a, b, None, Level::ByModel, None, None);
-            let (coarse, _, _) = user_cells(a, b, None, Level::Total, None, None);
+            let (ranges, gaps, moved) =
+                user_cells(a, b, series, series_level, moves_from, hours, &light);
+            let (totals, model_gaps, _) =
+                user_cells(a, b, None, Level::ByModel, None, None, &light);
+            let (coarse, _, _) = user_cells(a, b, None, Level::Total, None, None, &[]);
             (ranges, totals, coarse, gaps, model_gaps, moved)
         }
     };
@@ -607,7 +643,49 @@ pub async fn plan<C: ConnectionTrait>(
         moved,
         model_gaps,
         slots: Slots { first: a, end: b },
+        light_months,
     }))
+}
+
+/// The months of `user` (a rollup key) starting in the slots `[a, b)` that are light
+/// (migration 000029: not in [`FULL_MONTH_TABLE`]), sorted; none before that migration, when
+/// every month kept its cells.
+pub(crate) async fn light_months<C: ConnectionTrait>(
+    db: &C,
+    user: i64,
+    a: i64,
+    b: i64,
+) -> Result<Vec<i64>, DbErr> {
+    let Some((first, _)) = calendar_cell(Calendar::Month, a) else {
+        return Ok(Vec::new());
+    };
+    if first >= b || !table_exists(db, FULL_MONTH_TABLE).await? {
+        return Ok(Vec::new());
+    }
+    let backend = db.get_database_backend();
+    let full: std::collections::HashSet<i64> = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            format!(
+                "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {first} AND slot < {b}"
+            ),
+        ))
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index::<i64>(0))
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    let mut m = first;
+    while m < b {
+        if !full.contains(&m) {
+            out.push(m);
+        }
+        let Some((_, next)) = calendar_cell(Calendar::Month, m) else {
+            break;
+        };
+        m = next;
+    }
+    Ok(out)
 }
 
 /// The whole UTC days `[a, b)` of a per-user plan widened by a day at each end where the range
@@ -679,6 +757,7 @@ fn user_cells(
     level: Level,
     moves_from: Option<i64>,
     hours: Option<HourWindow>,
+    light: &[i64],
 ) -> (Vec<Run>, Vec<Slots>, Vec<Moved>) {
     let fits = |p: i64, end: i64| fits(series, p, end);
     let (fixed, calendars) = per_user(level);
@@ -756,7 +835,12 @@ fn user_cells(
         }
         let calendar = calendars.iter().rev().find_map(|c| {
             let (first, next) = calendar_cell(*c, p)?;
-            (first == p && next <= b && fits(p, next)).then_some((c.code(), next))
+            // (Per model a light month has no cell: its days are read as those outside whole
+            // months are.)
+            let has_cell = level != Level::ByModel
+                || *c != Calendar::Month
+                || light.binary_search(&first).is_err();
+            (first == p && next <= b && fits(p, next) && has_cell).then_some((c.code(), next))
         });
         let (code, next) = match calendar {
             Some(found) => found,
@@ -1544,6 +1628,24 @@ fn build(
             .iter()
             .map(|g| format!("NOT (r.slot >= {} AND r.slot < {})", g.first, g.end)),
     );
+    // `by_user` per model: a light month's pending contributions are in its rows, which the
+    // reader adds (`Plan::light_months`).
+    let light_runs = match level {
+        Level::ByModel => plan.light_month_runs(),
+        Level::Total => Vec::new(),
+    };
+    if !light_runs.is_empty() {
+        let inside: Vec<String> = light_runs
+            .iter()
+            .map(|r| format!("(r.slot >= {} AND r.slot < {})", r.first, r.end))
+            .collect();
+        pending.push(format!(
+            "(NOT ({}) OR r.user_key >= {ALL_USERS} OR EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
+             WHERE f.user_key = r.user_key AND f.slot = {}))",
+            inside.join(" OR "),
+            Calendar::Month.start_sql(backend, "r.slot")
+        ));
+    }
     if let Some(user) = filter.user_id {
         pending.push(format!("r.user_key = {user}"));
     }
@@ -1882,8 +1984,15 @@ pub async fn verify(
         differing_cells: 0,
         examples: Vec::new(),
     };
-    // The cells of `sources` at `level`: in the totals table the dense users' hours too.
+    // (Before migration 000029 every month keeps its cells.)
+    let full_only = table_exists(&txn, migration::rollup::FULL_MONTH_TABLE).await?;
+    // The cells of `sources` at `level`: in the totals table the dense users' hours too; per
+    // model a user's months only where they are full (a light month's pending contributions
+    // are never folded into a cell).
     let kept = |sources: &[Source<'_>], level: Level| match level {
+        Level::ByModel if full_only => {
+            migration::rollup::model_cells_of_full_months(&cells_select(backend, sources, level))
+        }
         Level::ByModel => cells_select(backend, sources, level),
         Level::Total => format!(
             "{} UNION ALL {}",
@@ -1952,8 +2061,6 @@ pub async fn verify(
         }];
         let pending = [Source::Delta(DELTA_TABLE)];
         let month = Calendar::Month.code();
-        // (Before migration 000029 every month keeps its cells.)
-        let full_only = table_exists(&txn, migration::rollup::FULL_MONTH_TABLE).await?;
         let full_months_only = |select: &str| match full_only {
             true => full_months_only(select),
             false => select.to_owned(),
@@ -2272,14 +2379,14 @@ mod tests {
             (Calendar::Month.code(), feb, mar),
             (DAY, mar, b),
         ];
-        let (runs, gaps, _) = user_cells(a, b, None, Level::ByModel, None, None);
+        let (runs, gaps, _) = user_cells(a, b, None, Level::ByModel, None, None, &[]);
         assert_eq!(tup(runs), days_month_days);
         assert_eq!(
             gaps,
             vec![Slots { first: a, end: feb }, Slots { first: mar, end: b }]
         );
         // Over all models a user keeps days: no gaps, and the month less nothing.
-        let (runs, gaps, _) = user_cells(a, b, None, Level::Total, None, None);
+        let (runs, gaps, _) = user_cells(a, b, None, Level::Total, None, None, &[]);
         assert!(gaps.is_empty());
         assert_eq!(tup(runs), days_month_days);
         // Local days in New York fit no UTC day: per model, only rows (no day runs).
@@ -2291,6 +2398,7 @@ mod tests {
             Level::ByModel,
             None,
             None,
+            &[],
         );
         assert!(runs.is_empty());
         assert_eq!(gaps, vec![Slots { first: a, end: feb }]);

@@ -1622,6 +1622,47 @@ pub fn raw_user_statement(
     backend.build(&query)
 }
 
+/// `by_user` per model or outcome ([`rollup::Plan::light_months`], migration 000030): each
+/// user's sums over the rows of the plan's whole months that are light for that user (they have
+/// no cell per model; their pending contributions are left out of the cells' statement).
+async fn light_month_groups(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    filter: &UsageFilter,
+) -> Result<Vec<UserGroup>, DbErr> {
+    use migration::rollup::{Calendar, FULL_MONTH_TABLE, SLOT_SECONDS, slot_sql};
+    let backend = txn.get_database_backend();
+    let light = format!(
+        "user_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
+         WHERE f.user_key = user_id AND f.slot = {})",
+        Calendar::Month.start_sql(backend, &slot_sql(backend, "created_at"))
+    );
+    let at = |slot: i64| DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0);
+    let mut out = Vec::new();
+    for run in plan.light_month_runs() {
+        let (Some(start), Some(end)) = (at(run.first), at(run.end)) else {
+            continue;
+        };
+        let part = UsageFilter {
+            start: Some(start),
+            end: Some(end - chrono::Duration::microseconds(1)),
+            ..filter.clone()
+        };
+        let stmt = with_sums(usage::Entity::find().select_only(), backend)
+            .column(usage::Column::UserId)
+            .filter(part.condition(backend))
+            .filter(Expr::cust(light.clone()))
+            .group_by(usage::Column::UserId)
+            .build(backend);
+        for r in txn.query_all_raw(stmt).await? {
+            let mut g = UserGroup::from_query_result(&r, "")?;
+            g.user = UserIdOnly::from_query_result(&r, "")?.user_id;
+            out.push(g);
+        }
+    }
+    Ok(out)
+}
+
 /// The per-user groups of a rollup statement grouped by user (its `user_key` column).
 async fn rollup_user_groups(
     txn: &DatabaseTransaction,
@@ -1720,6 +1761,12 @@ pub async fn stats_by_user(
                 }
                 Ok(edges)
             };
+            // Per model or outcome, the rows of users' light months inside the plan's whole
+            // months (migration 000030).
+            let light = match filter.user_id {
+                None if plan.light_months => light_month_groups(&txn, &plan, filter).await?,
+                _ => Vec::new(),
+            };
             // Every sum of the users `users` names (all without it): cells, pending
             // contributions and the raw rows of `parts`.
             let exact_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
@@ -1732,6 +1779,15 @@ pub async fn stats_by_user(
                     users,
                 );
                 let mut out = rollup_user_groups(&txn, stmt).await?;
+                out.extend(
+                    light
+                        .iter()
+                        .filter(|g| users.is_none_or(|keys| keys.contains(&rollup::key_of(g.user))))
+                        .map(|g| UserGroup {
+                            user: g.user,
+                            sums: g.sums,
+                        }),
+                );
                 // Only the chosen users' edge rows: another user's partial sums must not rank.
                 match users {
                     Some([]) => {}
@@ -1773,7 +1829,8 @@ pub async fn stats_by_user(
                     match bounded {
                         Some(exact) => exact,
                         None => {
-                            let keys = rank_every_user(&txn, &plan, filter, &parts, limit).await?;
+                            let keys =
+                                rank_every_user(&txn, &plan, filter, &parts, &light, limit).await?;
                             merge_users(&exact_of(Some(&keys)).await?)
                         }
                     }
@@ -1786,13 +1843,14 @@ pub async fn stats_by_user(
     Ok(users)
 }
 
-/// Every user ranked on calls and tokens over `plan` and the raw rows of `parts` (each with
-/// its sign), the first `limit` keys in `by_user`'s order.
+/// Every user ranked on calls and tokens over `plan`, the raw rows of `parts` (each with its
+/// sign) and the light months' groups `light`, the first `limit` keys in `by_user`'s order.
 async fn rank_every_user(
     txn: &DatabaseTransaction,
     plan: &rollup::Plan,
     filter: &UsageFilter,
     parts: &[(UsageFilter, i64)],
+    light: &[UserGroup],
     limit: u64,
 ) -> Result<Vec<i64>, DbErr> {
     let stmt = rank_statement(txn.get_database_backend(), plan, filter);
@@ -1808,6 +1866,11 @@ async fn rank_every_user(
         e.1 += tokens;
     }
     drop(cells);
+    for g in light {
+        let e = rank.entry(rollup::key_of(g.user)).or_default();
+        e.0 += g.sums.total_calls;
+        e.1 += g.sums.total_tokens;
+    }
     for (part, sign) in parts {
         for (key, calls, tokens) in raw_user_ranks(txn, part, *sign).await? {
             let e = rank.entry(key).or_default();

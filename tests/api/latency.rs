@@ -12,7 +12,7 @@ use llm_tracker::usage::latency::{
     Histogram, LatencyHistograms, RELATIVE_ERROR_BOUND, bucket_of, latency_histograms,
     latency_histograms_raw,
 };
-use llm_tracker::usage::rollup;
+use llm_tracker::usage::{rollup, stats};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sea_orm::sea_query::Expr;
@@ -519,11 +519,24 @@ db_test!(
 /// How many month cells of `user`'s latency histograms are stored (rows: on PostgreSQL one per
 /// model and outcome, on SQLite one per bucket too; either way 0 for a light month).
 async fn user_month_cells(t: &TestDb, user: i32) -> i64 {
-    t.scalar_i64(&format!(
-        "SELECT COUNT(*) FROM llm_tracker_usage_latency_user WHERE user_key = {user} AND grain = {}",
-        migration::rollup::Calendar::Month.code()
-    ))
-    .await
+    let month = migration::rollup::Calendar::Month.code();
+    let latency = t
+        .scalar_i64(&format!(
+            "SELECT COUNT(*) FROM llm_tracker_usage_latency_user WHERE user_key = {user} AND grain = {month}"
+        ))
+        .await;
+    // And the user's month cells per model and outcome (migration 000030): both or neither.
+    let by_model = t
+        .scalar_i64(&format!(
+            "SELECT COUNT(*) FROM llm_tracker_usage_rollup WHERE user_key = {user} AND grain = {month}"
+        ))
+        .await;
+    assert_eq!(
+        latency > 0,
+        by_model > 0,
+        "user {user}: {latency} / {by_model}"
+    );
+    latency
 }
 
 /// The full months of `user` (`migration::rollup::FULL_MONTH_TABLE`).
@@ -587,11 +600,46 @@ db_test!(
                 ..UsageFilter::default()
             });
         }
+        // Per model too (migration 000030): a user's token sums per model and outcome, and
+        // `by_user` with a model or outcome filter, which ranks every user's months.
+        let by_user_filters = [
+            UsageFilter {
+                model: Some("gpt".into()),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(month(6)),
+                end: Some(month(8) - Duration::microseconds(1)),
+                success: Some(true),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(Utc.with_ymd_and_hms(2025, 5, 20, 0, 0, 0).unwrap()),
+                model: Some("mini".into()),
+                ..UsageFilter::default()
+            },
+        ];
         let check = async |when: &str| {
             let rows = all_rows(db).await;
             for f in &filters {
                 let got = latency_histograms(db, f).await.unwrap();
                 assert_eq!(got, expected(&rows, f), "{when}: {f:?}");
+                assert_eq!(
+                    stats::token_stats(db, f, None).await.unwrap(),
+                    stats::token_stats_raw(db, f, None, Default::default())
+                        .await
+                        .unwrap(),
+                    "{when}: token stats of {f:?}"
+                );
+            }
+            for f in &by_user_filters {
+                for limit in [1, 2, 10] {
+                    assert_eq!(
+                        stats::stats_by_user(db, f, limit).await.unwrap(),
+                        stats::stats_by_user_raw(db, f, limit).await.unwrap(),
+                        "{when}: by_user {limit} of {f:?}"
+                    );
+                }
             }
         };
         check("all pending").await;
@@ -659,18 +707,26 @@ db_test!(
         assert_eq!(filters.len(), 9);
         let mut before = Vec::new();
         for f in &filters {
-            before.push(latency_histograms(db, f).await.unwrap());
+            before.push((
+                latency_histograms(db, f).await.unwrap(),
+                stats::token_stats(db, f, None).await.unwrap(),
+            ));
         }
         let report = llm_tracker::retention::run(db, 2, false, month(6) + Duration::days(12))
             .await
             .unwrap();
         assert!(report.rows > 0);
         let kept = async |when: &str| {
-            for (f, want) in filters.iter().zip(&before) {
+            for (f, (want, sums)) in filters.iter().zip(&before) {
                 assert_eq!(
                     &latency_histograms(db, f).await.unwrap(),
                     want,
                     "{when}: {f:?}"
+                );
+                assert_eq!(
+                    &stats::token_stats(db, f, None).await.unwrap(),
+                    sums,
+                    "{when}: token stats of {f:?}"
                 );
             }
         };
@@ -678,8 +734,11 @@ db_test!(
         rollup::rebuild(db).await.unwrap();
         kept("retention, rebuilt").await;
         assert_verified(db).await;
-        // Down through 000029 the light months get their cells back (reads without the table
-        // use every month's cells); up again they go.
+        // Down through 000030, then 000029, the light months get their cells back (reads
+        // without the table use every month's cells); up again they go.
+        // (Between the two, the per-model cells are those of the code before 000030, which
+        // this code does not read that way; only the whole state after 000029's down is.)
+        crate::helpers::down_through(db, "m20261210_000030_rollup_full_months_by_model").await;
         crate::helpers::down_through(db, "m20261209_000029_rollup_full_months").await;
         for id in light {
             assert!(user_month_cells(&t, *id).await > 0);
