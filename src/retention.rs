@@ -197,7 +197,8 @@ pub async fn run(
     // The batch's rows added to their users' day cells per model and outcome, and to their
     // users' latency histograms per day (the only cells that change: a user's per-model cells
     // and histograms are months, and these keep a user's per-model sums and percentiles over
-    // any whole UTC day before the horizon; see `migration::rollup::retained_days_upsert_sql`).
+    // any whole UTC day before the horizon; see `migration::rollup::retained_days_upsert_sql`),
+    // and, in a light month (migration 000031), to the user's day cells in the totals table.
     // PostgreSQL: in the statement that deletes them. SQLite: just before, the same rows (the
     // transaction holds the write lock from its first statement on).
     let keep_from = |name: &str, where_sql: Option<&str>| {
@@ -209,16 +210,17 @@ pub async fn run(
         [
             migration::rollup::retained_days_upsert_sql(backend, &source),
             migration::rollup::retained_latency_days_upsert_sql(backend, &source),
+            migration::rollup::retained_light_days_upsert_sql(backend, &source),
         ]
     };
     let (keep, delete) = match backend {
         sea_orm::DbBackend::Postgres => {
-            let [days, latency] = keep_from("gone", None);
+            let [days, latency, light_days] = keep_from("gone", None);
             (
                 Vec::new(),
                 format!(
-                    "WITH gone AS ({delete} RETURNING *), kept AS ({days}), kept_latency AS ({latency}) \
-                     SELECT COUNT(*) FROM gone"
+                    "WITH gone AS ({delete} RETURNING *), kept AS ({days}), kept_latency AS ({latency}), \
+                     kept_light_days AS ({light_days}) SELECT COUNT(*) FROM gone"
                 ),
             )
         }

@@ -36,6 +36,7 @@ pub mod m20261207_000027_usage_no_user_index;
 pub mod m20261208_000028_rollup_year_top_index;
 pub mod m20261209_000029_rollup_full_months;
 pub mod m20261210_000030_rollup_full_months_by_model;
+pub mod m20261211_000031_rollup_light_days;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -88,6 +89,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261208_000028_rollup_year_top_index::Migration),
             Box::new(m20261209_000029_rollup_full_months::Migration),
             Box::new(m20261210_000030_rollup_full_months_by_model::Migration),
+            Box::new(m20261211_000031_rollup_light_days::Migration),
         ]
     }
 }

@@ -503,6 +503,21 @@ pub fn retained_days_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> S
     upsert_sql_of(backend, sources, Level::ByModel, Whose::RetainedDays)
 }
 
+/// The same for each user's day cells in the totals table, in light months only (migration
+/// 000031: a full month's day cells keep its rows already, a light month has day cells only
+/// for the rows that retention deleted).
+pub fn retained_light_days_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    let select = cells_select_of(backend, sources, Level::Total, Whose::RetainedDays);
+    upsert_cells_sql(
+        Level::Total,
+        &format!(
+            "SELECT * FROM ({select}) m WHERE m.user_key < {ALL_USERS} AND NOT EXISTS \
+             (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = m.user_key AND f.slot = {})",
+            Calendar::Month.start_sql(backend, "m.slot"),
+        ),
+    )
+}
+
 /// The same for each user's latency histograms: the rows of `sources` added to their users'
 /// UTC day cells in [`USER_LATENCY_TABLE`] (a user's percentiles over whole UTC days before
 /// the horizon, where a month is read in part).
@@ -615,9 +630,10 @@ fn upsert_sql_of(backend: DbBackend, sources: &[Source<'_>], level: Level, whose
     upsert_cells_sql(level, &cells_select_of(backend, sources, level, whose))
 }
 
-/// [`upsert_sql`] where a user's month cells per model and outcome are added for full months
-/// only ([`FULL_MONTH_TABLE`], migration 000030): what the fold runs for [`Level::ByModel`].
-/// All users' cells, and the cells of calls made for no user, are added as by [`upsert_sql`].
+/// [`upsert_sql`] where a user's month cells per model and outcome (migration 000030) and day
+/// cells in the totals table (migration 000031) are added for full months only
+/// ([`FULL_MONTH_TABLE`]): what the fold runs. All users' cells, the cells of calls made for no
+/// user, and a user's months and years in the totals table are added as by [`upsert_sql`].
 pub fn upsert_full_months_sql(backend: DbBackend, sources: &[Source<'_>], level: Level) -> String {
     upsert_full_months_of(backend, sources, level, Whose::Both)
 }
@@ -631,7 +647,7 @@ fn upsert_full_months_of(
     let select = cells_select_of(backend, sources, level, whose);
     match level {
         Level::ByModel => upsert_cells_sql(level, &model_cells_of_full_months(&select)),
-        Level::Total => upsert_cells_sql(level, &select),
+        Level::Total => upsert_cells_sql(level, &totals_cells_of_full_months(backend, &select)),
     }
 }
 
@@ -642,6 +658,16 @@ pub fn model_cells_of_full_months(select: &str) -> String {
         "SELECT * FROM ({select}) m WHERE NOT (m.grain = {month} AND m.user_key < {ALL_USERS}) \
          OR EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = m.user_key AND f.slot = m.slot)",
         month = Calendar::Month.code(),
+    )
+}
+
+/// The cells of `select` ([`TOTALS_TABLE`]'s key) less a user's day cells of light months
+/// ([`FULL_MONTH_TABLE`], migration 000031).
+pub fn totals_cells_of_full_months(backend: DbBackend, select: &str) -> String {
+    format!(
+        "SELECT * FROM ({select}) m WHERE NOT (m.grain = {DAY} AND m.user_key < {ALL_USERS}) \
+         OR EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = m.user_key AND f.slot = {})",
+        Calendar::Month.start_sql(backend, "m.slot"),
     )
 }
 
@@ -1000,13 +1026,14 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
             Level::ByModel => user_months,
             Level::Total => REBUILD_USERS,
         };
-        // (Per model, full months only.)
-        out.push(upsert_full_months_of(
-            backend,
-            &[Source::Delta(users)],
-            level,
-            Whose::PerUser,
-        ));
+        // (Per model, full months only; the totals' days of light months are deleted below,
+        // once the full months are known.)
+        out.push(match level {
+            Level::ByModel => {
+                upsert_full_months_of(backend, &[Source::Delta(users)], level, Whose::PerUser)
+            }
+            Level::Total => upsert_sql_of(backend, &[Source::Delta(users)], level, Whose::PerUser),
+        });
         if level == Level::Total {
             // The user months that are full: those that were, and those of FULL_MONTH_CALLS
             // calls (the totals' month cells, just summed from every row and the cells kept
@@ -1016,6 +1043,15 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
                  WHERE t.grain = {} AND t.user_key < {ALL_USERS} AND t.calls >= {FULL_MONTH_CALLS} \
                  AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot)",
                 Calendar::Month.code()
+            ));
+            // A light month's day cells hold only what retention deleted (before the horizon,
+            // those kept above): the days summed from the rows go again.
+            out.push(format!(
+                "DELETE FROM {TOTALS_TABLE} WHERE grain = {DAY} AND user_key < {ALL_USERS}{from} \
+                 AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = {TOTALS_TABLE}.user_key \
+                 AND f.slot = {month})",
+                from = horizon.map(|h| format!(" AND slot >= {h}")).unwrap_or_default(),
+                month = Calendar::Month.start_sql(backend, &format!("{TOTALS_TABLE}.slot")),
             ));
         }
     }
@@ -1158,7 +1194,8 @@ pub struct FoldSql {
 /// See [`FoldSql`].
 pub fn fold_sql(backend: DbBackend) -> FoldSql {
     let not_full = format!(
-        "t.grain = {month} AND t.user_key < {ALL_USERS} AND t.calls >= {FULL_MONTH_CALLS} \
+        "t.grain = {month} AND t.user_key < {ALL_USERS} AND (t.calls >= {FULL_MONTH_CALLS} \
+         OR t.slot < (SELECT h.horizon_slot FROM {RETENTION_TABLE} h WHERE h.id = 1)) \
          AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot)",
         month = Calendar::Month.code(),
     );
@@ -1179,7 +1216,7 @@ pub fn fold_sql(backend: DbBackend) -> FoldSql {
                         backend,
                         &latency_rows(backend, &[Source::Delta("moved")]),
                     ),
-                    upsert_sql(backend, &[Source::Delta("moved")], Level::Total),
+                    upsert_full_months_sql(backend, &[Source::Delta("moved")], Level::Total),
                 ),
                 then: Vec::new(),
             }
@@ -1187,7 +1224,7 @@ pub fn fold_sql(backend: DbBackend) -> FoldSql {
         _ => FoldSql {
             run: vec![
                 upsert_full_months_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
-                upsert_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
+                upsert_full_months_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
                 dense_hours_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
                 latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
                 user_latency_full_months_upsert_sql(
@@ -1565,6 +1602,7 @@ pub fn full_months_fill_sql(backend: DbBackend, keys: &str) -> Vec<String> {
     vec![
         full_months_latency_fill_sql(backend, keys),
         full_months_model_fill_sql(backend, keys),
+        full_months_day_fill_sql(backend, keys),
     ]
 }
 
@@ -1623,17 +1661,7 @@ pub fn full_months_latency_fill_sql(backend: DbBackend, keys: &str) -> String {
 /// The statement of [`full_months_fill_sql`] that fills the months' cells per model and
 /// outcome (what migration 000030's `down` runs).
 pub fn full_months_model_fill_sql(backend: DbBackend, keys: &str) -> String {
-    let next = Calendar::Month.next_sql(backend, "k.fm");
-    let in_month = |user: &str, slot: &str| {
-        format!(
-            "EXISTS (SELECT 1 FROM ({keys}) k WHERE k.fu = {user} AND {slot} >= k.fm AND {slot} < {next})"
-        )
-    };
-    let joined = format!(
-        "({keys}) k JOIN llm_tracker_usage ON user_id = k.fu AND created_at >= {} AND created_at < {}",
-        slot_instant_sql(backend, "k.fm"),
-        slot_instant_sql(backend, &next),
-    );
+    let fill = MonthFill::of(backend, keys);
     // The month cells per model and outcome: the rows, the day cells per model that keep what
     // retention deleted, less what is pending (all sums, as delta rows).
     let retained_days = format!(
@@ -1649,32 +1677,92 @@ pub fn full_months_model_fill_sql(backend: DbBackend, keys: &str) -> String {
             })
             .collect::<Vec<_>>()
             .join(", "),
-        within = in_month("r.user_key", "r.slot"),
-    );
-    let negated: Vec<String> = delta_sums()
-        .iter()
-        .map(|c| format!("-{c} AS {c}"))
-        .collect();
-    let pending_sums = format!(
-        "SELECT {key}, {sums} FROM {DELTA_TABLE} d WHERE {within}",
-        key = DELTA_KEY.join(", "),
-        sums = negated.join(", "),
-        within = in_month("d.user_key", "d.slot"),
+        within = fill.in_month("r.user_key", "r.slot"),
     );
     upsert_sql_of(
         backend,
         &[
             Source::Table {
-                name: &joined,
+                name: &fill.rows,
                 sign: 1,
                 where_sql: None,
             },
             Source::Delta(&format!("({retained_days}) rd")),
-            Source::Delta(&format!("({pending_sums}) pd")),
+            Source::Delta(&format!("({}) pd", fill.pending)),
         ],
         Level::ByModel,
         Whose::PerUser,
     )
+}
+
+/// The statement of [`full_months_fill_sql`] that fills the months' day cells in the totals
+/// table (migration 000031; what its `down` runs): their rows less what is pending, added to
+/// the day cells that keep what retention deleted there (the only day cells a light month has).
+pub fn full_months_day_fill_sql(backend: DbBackend, keys: &str) -> String {
+    let fill = MonthFill::of(backend, keys);
+    let select = cells_select_of(
+        backend,
+        &[
+            Source::Table {
+                name: &fill.rows,
+                sign: 1,
+                where_sql: None,
+            },
+            Source::Delta(&format!("({}) pd", fill.pending)),
+        ],
+        Level::Total,
+        Whose::PerUser,
+    );
+    upsert_cells_sql(
+        Level::Total,
+        &format!("SELECT * FROM ({select}) c WHERE c.grain = {DAY}"),
+    )
+}
+
+/// What filling the user months `keys` (`fu`, `fm`) reads: their rows, and their pending
+/// contributions negated (as delta rows).
+struct MonthFill {
+    next: String,
+    keys: String,
+    rows: String,
+    pending: String,
+}
+
+impl MonthFill {
+    fn of(backend: DbBackend, keys: &str) -> Self {
+        let next = Calendar::Month.next_sql(backend, "k.fm");
+        let rows = format!(
+            "({keys}) k JOIN llm_tracker_usage ON user_id = k.fu AND created_at >= {} AND created_at < {}",
+            slot_instant_sql(backend, "k.fm"),
+            slot_instant_sql(backend, &next),
+        );
+        let mut fill = MonthFill {
+            next,
+            keys: keys.to_owned(),
+            rows,
+            pending: String::new(),
+        };
+        let negated: Vec<String> = delta_sums()
+            .iter()
+            .map(|c| format!("-{c} AS {c}"))
+            .collect();
+        fill.pending = format!(
+            "SELECT {key}, {sums} FROM {DELTA_TABLE} d WHERE {within}",
+            key = DELTA_KEY.join(", "),
+            sums = negated.join(", "),
+            within = fill.in_month("d.user_key", "d.slot"),
+        );
+        fill
+    }
+
+    /// Whether `user` and `slot` (SQL) lie in one of the months.
+    fn in_month(&self, user: &str, slot: &str) -> String {
+        format!(
+            "EXISTS (SELECT 1 FROM ({keys}) k WHERE k.fu = {user} AND {slot} >= k.fm AND {slot} < {next})",
+            keys = self.keys,
+            next = self.next,
+        )
+    }
 }
 
 /// `keys` for [`full_months_fill_sql`] from a list of `(user_key, month slot)`.
@@ -2146,6 +2234,38 @@ mod tests {
                         *f,
                         g.trim(),
                         "{name} {part}: the per-model full months' generated SQL changed"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Migration 000031's SQL (the light months' day cells deleted; `down`: filled again),
+    /// likewise.
+    #[test]
+    fn the_light_days_sql_is_what_the_code_generates() {
+        use crate::m20261211_000031_rollup_light_days as m31;
+        for (name, backend) in [
+            ("postgres", DbBackend::Postgres),
+            ("sqlite", DbBackend::Sqlite),
+        ] {
+            for (down, part) in [(false, ""), (true, "down.")] {
+                let generated = m31::generated(backend, down);
+                if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
+                    let path = format!(
+                        "{}/sql/m20261211_000031_rollup_light_days.{part}{name}.sql",
+                        env!("CARGO_MANIFEST_DIR")
+                    );
+                    std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
+                    continue;
+                }
+                let frozen = m31::frozen(backend, down);
+                assert_eq!(frozen.len(), generated.len(), "{name} {part}");
+                for (f, g) in frozen.iter().zip(&generated) {
+                    assert_eq!(
+                        *f,
+                        g.trim(),
+                        "{name} {part}: the light days' generated SQL changed"
                     );
                 }
             }

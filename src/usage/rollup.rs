@@ -142,6 +142,19 @@ pub struct Plan {
     /// ([`Plan::light_month_runs`]). (A plan for one user reads its light months' rows as
     /// [`Plan::model_gaps`] instead.)
     pub light_months: bool,
+    /// Whole slots that no cell of [`Plan::coarse`] covers (a user's days of a light month
+    /// outside its whole month, migration 000031): sums over all models without buckets read
+    /// their raw rows instead ([`Plan::raw`]), as well as the day cells that keep what
+    /// retention deleted there.
+    pub coarse_gaps: Vec<Slots>,
+    /// `by_user` over all models without a user filter, since migration 000031: a user's day
+    /// cells in [`Plan::coarse`] exist for full months only (and for what retention deleted),
+    /// so the reader adds, for each user whose month is light, each day run's rows less its
+    /// pending contributions (what the missing cells would hold; `stats::light_day_groups`).
+    pub light_days: bool,
+    /// Only the pending contributions of users whose month starting at this slot is light
+    /// (a plan of [`light_pending_plan`]).
+    pub light_month: Option<i64>,
 }
 
 impl Plan {
@@ -179,11 +192,24 @@ impl Plan {
         }
     }
 
+    /// The raw rows a statement grouped by `by` (not a series) over the totals table leaves to
+    /// its reader besides [`Plan::edges`]: a user's days of light months outside whole months
+    /// ([`Plan::coarse_gaps`]).
+    pub fn coarse_gap_filters(&self, filter: &UsageFilter, by: GroupBy) -> Vec<UsageFilter> {
+        if level_of(filter, by) == Level::Total && !matches!(by, GroupBy::Slot | GroupBy::SlotModel)
+        {
+            narrowed(&self.coarse_gaps, filter)
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Every raw filter a statement grouped by `by` (not a series) leaves to its reader: the
-    /// edges, then [`Plan::model_gap_filters`].
+    /// edges, then [`Plan::model_gap_filters`] and [`Plan::coarse_gap_filters`].
     pub fn raw(&self, filter: &UsageFilter, by: GroupBy) -> Vec<UsageFilter> {
         let mut out = self.edges.clone();
         out.extend(self.model_gap_filters(filter, by));
+        out.extend(self.coarse_gap_filters(filter, by));
         out
     }
 }
@@ -464,6 +490,55 @@ pub(crate) fn hours_plan(hours: Slots) -> Plan {
         model_gaps: Vec::new(),
         slots: hours,
         light_months: false,
+        coarse_gaps: Vec::new(),
+        light_days: false,
+        light_month: None,
+    }
+}
+
+/// The day runs of a `by_user` plan over all models ([`Plan::light_days`]) cut at UTC month
+/// boundaries, each with its sign and the first slot of its month: where a user's month is
+/// light, its day cells are missing and the reader counts the run as they would (its rows less
+/// its pending contributions).
+pub fn light_day_runs(plan: &Plan) -> Vec<(Slots, i64, i64)> {
+    let mut out = Vec::new();
+    if !plan.light_days {
+        return out;
+    }
+    for run in plan.coarse.iter().filter(|r| r.grain == DAY) {
+        let sign = if run.subtract { -1 } else { 1 };
+        let mut p = run.first;
+        while p < run.end {
+            let Some((m0, m1)) = calendar_cell(Calendar::Month, p) else {
+                break;
+            };
+            let end = m1.min(run.end);
+            out.push((Slots { first: p, end }, sign, m0));
+            p = end;
+        }
+    }
+    out
+}
+
+/// A plan that reads no cell, only the pending contributions in `slots` of the users whose
+/// month starting at slot `month` is light (see [`light_day_runs`]).
+pub fn light_pending_plan(slots: Slots, month: i64) -> Plan {
+    Plan {
+        light_month: Some(month),
+        ..hours_plan(slots)
+    }
+    .without_cells()
+}
+
+impl Plan {
+    fn without_cells(self) -> Plan {
+        Plan {
+            ranges: Vec::new(),
+            per_bucket: Vec::new(),
+            totals: Vec::new(),
+            coarse: Vec::new(),
+            ..self
+        }
     }
 }
 
@@ -536,15 +611,30 @@ pub async fn plan<C: ConnectionTrait>(
     let mut gaps_by_row = false;
     // Per model, a user's light months have no cells (migration 000030): one user's are read
     // from rows (model gaps); for `by_user`, see `Plan::light_months`.
+    let layout = match scope {
+        Scope::PerUser => light_layout(db).await?,
+        Scope::AllUsers => LightLayout::default(),
+    };
     let light = match filter.user_id {
-        Some(user) => light_months(db, key_of(Some(user)), a, b).await?,
-        None => Vec::new(),
+        Some(user) if layout.by_model || layout.days => {
+            light_months(db, key_of(Some(user)), a, b).await?
+        }
+        _ => Vec::new(),
     };
     let light_months = scope == Scope::PerUser
         && filter.user_id.is_none()
         && level_of(filter, GroupBy::User) == Level::ByModel
-        && table_exists(db, FULL_MONTH_TABLE).await?;
-    let (ranges, totals, coarse, gaps, model_gaps, moved) = match scope {
+        && layout.by_model;
+    let light_days = scope == Scope::PerUser
+        && filter.user_id.is_none()
+        && level_of(filter, GroupBy::User) == Level::Total
+        && layout.days;
+    // The light months whose cells each table lacks.
+    let (light_model, light_total): (&[i64], &[i64]) = (
+        if layout.by_model { &light } else { &[] },
+        if layout.days { &light } else { &[] },
+    );
+    let (ranges, totals, coarse, gaps, model_gaps, moved, coarse_gaps) = match scope {
         Scope::AllUsers => {
             let Some(ranges) = cells(a, b, series) else {
                 return Ok(None);
@@ -557,6 +647,7 @@ pub async fn plan<C: ConnectionTrait>(
                 ranges,
                 totals.clone(),
                 totals,
+                Vec::new(),
                 Vec::new(),
                 Vec::new(),
                 Vec::new(),
@@ -592,12 +683,17 @@ pub async fn plan<C: ConnectionTrait>(
                 && dense.is_none()
                 && matches!(series, Some((Granularity::Day, _)))
                 && db.get_database_backend() == sea_orm::DbBackend::Postgres;
+            let series_light = match series_level {
+                Level::ByModel => light_model,
+                Level::Total => light_total,
+            };
             let (ranges, gaps, moved) =
-                user_cells(a, b, series, series_level, moves_from, hours, &light);
+                user_cells(a, b, series, series_level, moves_from, hours, series_light);
             let (totals, model_gaps, _) =
-                user_cells(a, b, None, Level::ByModel, None, None, &light);
-            let (coarse, _, _) = user_cells(a, b, None, Level::Total, None, None, &[]);
-            (ranges, totals, coarse, gaps, model_gaps, moved)
+                user_cells(a, b, None, Level::ByModel, None, None, light_model);
+            let (coarse, coarse_gaps, _) =
+                user_cells(a, b, None, Level::Total, None, None, light_total);
+            (ranges, totals, coarse, gaps, model_gaps, moved, coarse_gaps)
         }
     };
     let mut edges = Vec::new();
@@ -644,12 +740,49 @@ pub async fn plan<C: ConnectionTrait>(
         model_gaps,
         slots: Slots { first: a, end: b },
         light_months,
+        coarse_gaps,
+        light_days,
+        light_month: None,
     }))
 }
 
+/// Which tables lack the cells of light user months in this database (migrations 000029,
+/// 000030 and 000031); none on a database not migrated that far (read before `migrate`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LightLayout {
+    /// Each user's latency histograms (000029).
+    pub histograms: bool,
+    /// Each user's month cells per model and outcome (000030).
+    pub by_model: bool,
+    /// Each user's day cells in the totals table (000031).
+    pub days: bool,
+}
+
+pub(crate) async fn light_layout<C: ConnectionTrait>(db: &C) -> Result<LightLayout, DbErr> {
+    if !table_exists(db, FULL_MONTH_TABLE).await? {
+        return Ok(LightLayout::default());
+    }
+    // (The full months' table exists only where our migrations ran, which record themselves.)
+    let versions: Vec<String> = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT version FROM seaql_migrations WHERE version IN \
+             ('m20261210_000030_rollup_full_months_by_model', 'm20261211_000031_rollup_light_days')",
+        ))
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index::<String>(0))
+        .collect::<Result<_, _>>()?;
+    let has = |v: &str| versions.iter().any(|x| x == v);
+    Ok(LightLayout {
+        histograms: true,
+        by_model: has("m20261210_000030_rollup_full_months_by_model"),
+        days: has("m20261211_000031_rollup_light_days"),
+    })
+}
+
 /// The months of `user` (a rollup key) starting in the slots `[a, b)` that are light
-/// (migration 000029: not in [`FULL_MONTH_TABLE`]), sorted; none before that migration, when
-/// every month kept its cells.
+/// (not in [`FULL_MONTH_TABLE`]), sorted. Only where that table exists ([`light_layout`]).
 pub(crate) async fn light_months<C: ConnectionTrait>(
     db: &C,
     user: i64,
@@ -659,7 +792,7 @@ pub(crate) async fn light_months<C: ConnectionTrait>(
     let Some((first, _)) = calendar_cell(Calendar::Month, a) else {
         return Ok(Vec::new());
     };
-    if first >= b || !table_exists(db, FULL_MONTH_TABLE).await? {
+    if first >= b {
         return Ok(Vec::new());
     }
     let backend = db.get_database_backend();
@@ -783,6 +916,14 @@ fn user_cells(
         runs.push(Run::new(phased_hour.code, first, end));
         add_gap(gaps, end, e);
     };
+    // Over all models a light month keeps its month and year cells but no day cells (migration
+    // 000031): its days are read as per model outside whole months (see below).
+    let light_day = |p: i64| {
+        level == Level::Total
+            && !light.is_empty()
+            && calendar_cell(Calendar::Month, p)
+                .is_some_and(|(m0, _)| light.binary_search(&m0).is_ok())
+    };
     let mut p = a;
     while p < b {
         let dense = level == Level::Total
@@ -815,6 +956,7 @@ fn user_cells(
             && calendars.contains(&Calendar::Month)
             && let Some((m0, m1)) = calendar_cell(Calendar::Month, p)
             && (m0 < p || m1 > b)
+            && !light_day(p)
         {
             let inside_end = m1.min(b);
             let inside = (inside_end - p) / DAY;
@@ -844,10 +986,11 @@ fn user_cells(
         });
         let (code, next) = match calendar {
             Some(found) => found,
-            None if days && fits(p, p + DAY) => (DAY, p + DAY),
+            None if days && fits(p, p + DAY) && !light_day(p) => (DAY, p + DAY),
             None if utc_hours_fit => (utc_hour.code, p + DAY),
             None if let (true, Some(from), Some(series)) = (days, moves_from, series)
                 && p >= from
+                && !light_day(p)
                 && let Some(m) = split_day(p, series) =>
             {
                 moved.push(m);
@@ -856,8 +999,9 @@ fn user_cells(
             }
             None => {
                 // Per model a user's days outside whole months are counted from the rows, and
-                // from the day cells that keep what retention deleted (none after its horizon).
-                if level == Level::ByModel && fits(p, p + DAY) {
+                // from the day cells that keep what retention deleted (none after its horizon);
+                // so are a light month's days over all models.
+                if (level == Level::ByModel || light_day(p)) && fits(p, p + DAY) {
                     match runs.last_mut() {
                         Some(run) if run.grain == DAY && run.end == p && !run.subtract => {
                             run.end = p + DAY
@@ -1621,7 +1765,7 @@ fn build(
     } else if level == Level::ByModel {
         &plan.model_gaps
     } else {
-        &Vec::new()
+        &plan.coarse_gaps
     };
     pending.extend(
         raw_gaps
@@ -1644,6 +1788,12 @@ fn build(
              WHERE f.user_key = r.user_key AND f.slot = {}))",
             inside.join(" OR "),
             Calendar::Month.start_sql(backend, "r.slot")
+        ));
+    }
+    if let Some(month) = plan.light_month {
+        pending.push(format!(
+            "r.user_key < {ALL_USERS} AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
+             WHERE f.user_key = r.user_key AND f.slot = {month})"
         ));
     }
     if let Some(user) = filter.user_id {
@@ -1984,19 +2134,26 @@ pub async fn verify(
         differing_cells: 0,
         examples: Vec::new(),
     };
-    // (Before migration 000029 every month keeps its cells.)
-    let full_only = table_exists(&txn, migration::rollup::FULL_MONTH_TABLE).await?;
-    // The cells of `sources` at `level`: in the totals table the dense users' hours too; per
-    // model a user's months only where they are full (a light month's pending contributions
-    // are never folded into a cell).
+    // (Before migrations 000029–000031 every month keeps its cells.)
+    let layout = light_layout(&txn).await?;
+    let full_only = layout.histograms;
+    // The cells of `sources` at `level`: in the totals table the dense users' hours too; a
+    // user's months per model, and days in the totals table, only where the month is full (a
+    // light month's pending contributions are never folded into such a cell).
     let kept = |sources: &[Source<'_>], level: Level| match level {
-        Level::ByModel if full_only => {
+        Level::ByModel if layout.by_model => {
             migration::rollup::model_cells_of_full_months(&cells_select(backend, sources, level))
         }
         Level::ByModel => cells_select(backend, sources, level),
         Level::Total => format!(
             "{} UNION ALL {}",
-            cells_select(backend, sources, level),
+            match layout.days {
+                true => migration::rollup::totals_cells_of_full_months(
+                    backend,
+                    &cells_select(backend, sources, level)
+                ),
+                false => cells_select(backend, sources, level),
+            },
             migration::rollup::dense_hours_select(backend, sources)
         ),
     };

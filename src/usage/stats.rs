@@ -1174,7 +1174,19 @@ pub async fn token_stats_in(
                 && rollup::level_of(filter, rollup::GroupBy::Nothing)
                     == migration::rollup::Level::Total
             {
-                summary = Some(rollup_groups(&txn, by(rollup::GroupBy::Nothing)).await?);
+                let mut groups = rollup_groups(&txn, by(rollup::GroupBy::Nothing)).await?;
+                // (And a light month's days outside whole months: their rows, migration 000031.)
+                for gap in plan.coarse_gap_filters(filter, rollup::GroupBy::Nothing) {
+                    groups.extend(
+                        rows_groups(
+                            &txn,
+                            &gap,
+                            token_stats_query(backend, &gap, None, tz).build(backend),
+                        )
+                        .await?,
+                    );
+                }
+                summary = Some(groups);
             }
             for gap in gaps {
                 totals.extend(
@@ -1663,6 +1675,101 @@ async fn light_month_groups(
     Ok(out)
 }
 
+/// `by_user` over all models without a user filter ([`rollup::Plan::light_days`], migration
+/// 000031): for each user whose month is light, each day run of the plan's cells counted as
+/// its missing day cells would count it — the run's rows less its pending contributions — with
+/// the run's sign ([`rollup::light_day_runs`]). `users`: those users only (rollup keys; each
+/// run's rows are then read for the listed users whose month is light, through the
+/// `(user_id, created_at)` index), every user without it (the run's rows of every light month).
+async fn light_day_groups(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    filter: &UsageFilter,
+    users: Option<&[i64]>,
+) -> Result<Vec<UserGroup>, DbErr> {
+    use migration::rollup::{ALL_USERS, FULL_MONTH_TABLE, SLOT_SECONDS};
+    let backend = txn.get_database_backend();
+    let at = |slot: i64| DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0);
+    let mut out = Vec::new();
+    for (run, sign, month) in rollup::light_day_runs(plan) {
+        let light: Option<Vec<i64>> = match users {
+            None => None,
+            Some(keys) => {
+                let keys: Vec<i64> = keys.iter().copied().filter(|k| *k < ALL_USERS).collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let list: Vec<String> = keys.iter().map(i64::to_string).collect();
+                let full: std::collections::HashSet<i64> = txn
+                    .query_all_raw(Statement::from_string(
+                        backend,
+                        format!(
+                            "SELECT user_key FROM {FULL_MONTH_TABLE} WHERE slot = {month} AND user_key IN ({})",
+                            list.join(", ")
+                        ),
+                    ))
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get_by_index::<i64>(0))
+                    .collect::<Result<_, _>>()?;
+                let light: Vec<i64> = keys.into_iter().filter(|k| !full.contains(k)).collect();
+                if light.is_empty() {
+                    continue;
+                }
+                Some(light)
+            }
+        };
+        let (Some(start), Some(end)) = (at(run.first), at(run.end)) else {
+            continue;
+        };
+        let part = UsageFilter {
+            start: Some(start),
+            end: Some(end - chrono::Duration::microseconds(1)),
+            ..filter.clone()
+        };
+        let rows = match &light {
+            Some(keys) => raw_user_groups_of(txn, &part, Some(keys)).await?,
+            None => {
+                let stmt = with_sums(usage::Entity::find().select_only(), backend)
+                    .column(usage::Column::UserId)
+                    .filter(part.condition(backend))
+                    .filter(Expr::cust(format!(
+                        "user_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
+                         WHERE f.user_key = user_id AND f.slot = {month})"
+                    )))
+                    .group_by(usage::Column::UserId)
+                    .build(backend);
+                let mut groups = Vec::new();
+                for r in txn.query_all_raw(stmt).await? {
+                    let mut g = UserGroup::from_query_result(&r, "")?;
+                    g.user = UserIdOnly::from_query_result(&r, "")?.user_id;
+                    groups.push(g);
+                }
+                groups
+            }
+        };
+        let pending = rollup_user_groups(
+            txn,
+            rollup::statement_with(
+                backend,
+                &rollup::light_pending_plan(run, month),
+                filter,
+                rollup::GroupBy::User,
+                rollup::Sums::All,
+                light.as_deref(),
+            ),
+        )
+        .await?;
+        for (groups, sign) in [(rows, sign), (pending, -sign)] {
+            out.extend(groups.into_iter().map(|g| match sign < 0 {
+                true => UserGroup { sums: -g.sums, ..g },
+                false => g,
+            }));
+        }
+    }
+    Ok(out)
+}
+
 /// The per-user groups of a rollup statement grouped by user (its `user_key` column).
 async fn rollup_user_groups(
     txn: &DatabaseTransaction,
@@ -1779,6 +1886,9 @@ pub async fn stats_by_user(
                     users,
                 );
                 let mut out = rollup_user_groups(&txn, stmt).await?;
+                if !matches!(users, Some([])) {
+                    out.extend(light_day_groups(&txn, &plan, filter, users).await?);
+                }
                 out.extend(
                     light
                         .iter()
@@ -1866,7 +1976,10 @@ async fn rank_every_user(
         e.1 += tokens;
     }
     drop(cells);
-    for g in light {
+    for g in light
+        .iter()
+        .chain(&light_day_groups(txn, plan, filter, None).await?)
+    {
         let e = rank.entry(rollup::key_of(g.user)).or_default();
         e.0 += g.sums.total_calls;
         e.1 += g.sums.total_tokens;

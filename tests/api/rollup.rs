@@ -627,6 +627,14 @@ db_test!(
                 .unwrap()
                 .unwrap();
             let subtracted: Vec<_> = plan.coarse.iter().filter(|r| r.subtract).collect();
+            if user_id == Some(light) {
+                // A light user's April has no day cells (fewer than 10 calls, migration
+                // 000031): its days are that user's rows.
+                assert!(subtracted.is_empty(), "{plan:?}");
+                assert!(!plan.coarse_gaps.is_empty(), "{plan:?}");
+                assert_same(db, &rolling, Tz::UTC, true).await;
+                continue;
+            }
             assert_eq!(subtracted.len(), 1, "{plan:?}");
             assert_eq!(
                 subtracted[0].first,
