@@ -12,6 +12,8 @@ use llm_tracker::usage::latency::{
     Histogram, LatencyHistograms, RELATIVE_ERROR_BOUND, bucket_of, latency_histograms,
     latency_histograms_raw,
 };
+use llm_tracker::usage::list::{count_matching_raw, list_usage};
+use llm_tracker::usage::stats::Granularity;
 use llm_tracker::usage::{rollup, stats};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -539,6 +541,16 @@ async fn user_month_cells(t: &TestDb, user: i32) -> i64 {
     latency
 }
 
+/// How many of `user`'s day cells the totals table holds (migration 000031: none for a light
+/// month, unless retention deleted rows there).
+async fn user_day_cells(t: &TestDb, user: i32) -> i64 {
+    t.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE user_key = {user} AND grain = {}",
+        migration::rollup::DAY
+    ))
+    .await
+}
+
 /// The full months of `user` (`migration::rollup::FULL_MONTH_TABLE`).
 async fn full_months(t: &TestDb, user: i32) -> i64 {
     t.scalar_i64(&format!(
@@ -599,6 +611,13 @@ db_test!(
                 model: Some("gpt".into()),
                 ..UsageFilter::default()
             });
+            // Parts of two months (migration 000031: a light month's days are its rows).
+            filters.push(UsageFilter {
+                user_id: Some(*id),
+                start: Some(Utc.with_ymd_and_hms(2025, 6, 14, 7, 0, 0).unwrap()),
+                end: Some(Utc.with_ymd_and_hms(2025, 7, 13, 3, 0, 0).unwrap()),
+                ..UsageFilter::default()
+            });
         }
         // Per model too (migration 000030): a user's token sums per model and outcome, and
         // `by_user` with a model or outcome filter, which ranks every user's months.
@@ -618,22 +637,55 @@ db_test!(
                 model: Some("mini".into()),
                 ..UsageFilter::default()
             },
+            // Over all models (migration 000031), the day runs of partial months: 30 days
+            // across a month's end (days at both ends), days inside one month, and a month and
+            // most of the next (the next month's cell less its days after the range).
+            UsageFilter {
+                start: Some(Utc.with_ymd_and_hms(2025, 6, 14, 7, 0, 0).unwrap()),
+                end: Some(Utc.with_ymd_and_hms(2025, 7, 13, 3, 0, 0).unwrap()),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(Utc.with_ymd_and_hms(2025, 7, 5, 0, 0, 0).unwrap()),
+                end: Some(Utc.with_ymd_and_hms(2025, 7, 19, 0, 0, 0).unwrap()),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(month(6)),
+                end: Some(Utc.with_ymd_and_hms(2025, 7, 25, 0, 0, 0).unwrap()),
+                ..UsageFilter::default()
+            },
         ];
         let check = async |when: &str| {
             let rows = all_rows(db).await;
             for f in &filters {
                 let got = latency_histograms(db, f).await.unwrap();
                 assert_eq!(got, expected(&rows, f), "{when}: {f:?}");
+                // Sums, and daily and hourly series (a light month's days are its rows).
+                for granularity in [None, Some(Granularity::Month), Some(Granularity::Day)] {
+                    assert_eq!(
+                        stats::token_stats(db, f, granularity).await.unwrap(),
+                        stats::token_stats_raw(db, f, granularity, Default::default())
+                            .await
+                            .unwrap(),
+                        "{when}: token stats of {f:?} by {granularity:?}"
+                    );
+                }
+                // One user's by_user, and the listing's total.
                 assert_eq!(
-                    stats::token_stats(db, f, None).await.unwrap(),
-                    stats::token_stats_raw(db, f, None, Default::default())
-                        .await
-                        .unwrap(),
-                    "{when}: token stats of {f:?}"
+                    stats::stats_by_user(db, f, 5).await.unwrap(),
+                    stats::stats_by_user_raw(db, f, 5).await.unwrap(),
+                    "{when}: by_user of {f:?}"
+                );
+                assert_eq!(
+                    list_usage(db, f, 1, 5).await.unwrap().total,
+                    count_matching_raw(db, f).await.unwrap(),
+                    "{when}: listing total of {f:?}"
                 );
             }
+            // (1000: past the bounds' limit, every user ranked.)
             for f in &by_user_filters {
-                for limit in [1, 2, 10] {
+                for limit in [1, 2, 10, 1000] {
                     assert_eq!(
                         stats::stats_by_user(db, f, limit).await.unwrap(),
                         stats::stats_by_user_raw(db, f, limit).await.unwrap(),
@@ -652,7 +704,9 @@ db_test!(
         for id in light {
             assert_eq!(full_months(&t, *id).await, 0);
             assert_eq!(user_month_cells(&t, *id).await, 0);
+            assert_eq!(user_day_cells(&t, *id).await, 0);
         }
+        assert!(user_day_cells(&t, heavy).await > 0);
         check("folded").await;
         assert_verified(db).await;
         // More rows, pending, in full and light months; then folded.
@@ -684,6 +738,7 @@ db_test!(
         }
         assert_eq!(full_months(&t, light[0]).await, 1);
         assert!(user_month_cells(&t, light[0]).await > 0);
+        assert!(user_day_cells(&t, light[0]).await > 0);
         check("made full, rows pending").await;
         assert_verified(db).await;
         fold(&t).await;
@@ -695,6 +750,7 @@ db_test!(
         assert_eq!(full_months(&t, light[0]).await, 1, "full months stay full");
         assert_eq!(full_months(&t, light[1]).await, 0);
         assert_eq!(user_month_cells(&t, light[1]).await, 0);
+        assert_eq!(user_day_cells(&t, light[1]).await, 0);
         check("rebuilt").await;
         assert_verified(db).await;
         // Retention past May and into June: a light month's deleted rows stay in its day
@@ -710,6 +766,9 @@ db_test!(
             before.push((
                 latency_histograms(db, f).await.unwrap(),
                 stats::token_stats(db, f, None).await.unwrap(),
+                stats::token_stats(db, f, Some(Granularity::Month))
+                    .await
+                    .unwrap(),
             ));
         }
         let report = llm_tracker::retention::run(db, 2, false, month(6) + Duration::days(12))
@@ -717,7 +776,14 @@ db_test!(
             .unwrap();
         assert!(report.rows > 0);
         let kept = async |when: &str| {
-            for (f, (want, sums)) in filters.iter().zip(&before) {
+            for (f, (want, sums, daily)) in filters.iter().zip(&before) {
+                assert_eq!(
+                    &stats::token_stats(db, f, Some(Granularity::Month))
+                        .await
+                        .unwrap(),
+                    daily,
+                    "{when}: daily series of {f:?}"
+                );
                 assert_eq!(
                     &latency_histograms(db, f).await.unwrap(),
                     want,
@@ -734,10 +800,16 @@ db_test!(
         rollup::rebuild(db).await.unwrap();
         kept("retention, rebuilt").await;
         assert_verified(db).await;
-        // Down through 000030, then 000029, the light months get their cells back (reads
-        // without the table use every month's cells); up again they go.
+        // Down through 000031, 000030, then 000029, the light months get their cells back
+        // (reads without the table use every month's cells); up again they go.
         // (Between the two, the per-model cells are those of the code before 000030, which
         // this code does not read that way; only the whole state after 000029's down is.)
+        crate::helpers::down_through(db, "m20261211_000031_rollup_light_days").await;
+        for id in light {
+            assert!(user_day_cells(&t, *id).await > 0);
+        }
+        kept("after 000031's down").await;
+        assert_verified(db).await;
         crate::helpers::down_through(db, "m20261210_000030_rollup_full_months_by_model").await;
         crate::helpers::down_through(db, "m20261209_000029_rollup_full_months").await;
         for id in light {
@@ -753,6 +825,15 @@ db_test!(
             assert_eq!(
                 t.scalar_i64(&format!(
                     "SELECT COUNT(*) FROM llm_tracker_usage_latency_user WHERE user_key = {id} AND grain = 2976 AND slot >= {}",
+                    slot(7)
+                ))
+                .await,
+                0
+            );
+            // (And their day cells: migration 000031.)
+            assert_eq!(
+                t.scalar_i64(&format!(
+                    "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE user_key = {id} AND grain = 96 AND slot >= {}",
                     slot(7)
                 ))
                 .await,
