@@ -1976,10 +1976,7 @@ async fn rank_every_user(
         e.1 += tokens;
     }
     drop(cells);
-    for g in light
-        .iter()
-        .chain(&light_day_groups(txn, plan, filter, None).await?)
-    {
+    for g in light {
         let e = rank.entry(rollup::key_of(g.user)).or_default();
         e.0 += g.sums.total_calls;
         e.1 += g.sums.total_tokens;
@@ -1991,6 +1988,34 @@ async fn rank_every_user(
             e.1 += tokens;
         }
     }
+    // The users whose months in the plan's day runs are light (migration 000031) still lack
+    // those runs' folded contributions: added exactly for the users that may rank, or for all.
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    // The light users who cannot reach the first `limit`: left out, uncounted.
+    let mut left_out: std::collections::HashSet<i64> = std::collections::HashSet::new();
+    let corrections = match light_day_months(txn, plan).await? {
+        None => light_day_groups(txn, plan, filter, None).await?,
+        Some(months) if months.is_empty() => Vec::new(),
+        Some(months) => match undecided_light_users(&rank, &months, limit) {
+            None => light_day_groups(txn, plan, filter, None).await?,
+            Some((undecided, decided)) => {
+                left_out = decided;
+                match undecided.len() {
+                    0 => Vec::new(),
+                    n if n > LIGHT_USERS_BY_KEY => {
+                        light_day_groups(txn, plan, filter, None).await?
+                    }
+                    _ => light_day_groups(txn, plan, filter, Some(&undecided)).await?,
+                }
+            }
+        },
+    };
+    for g in &corrections {
+        let e = rank.entry(rollup::key_of(g.user)).or_default();
+        e.0 += g.sums.total_calls;
+        e.1 += g.sums.total_tokens;
+    }
+    rank.retain(|k, _| !left_out.contains(k));
     let mut keys: Vec<(i64, i64)> = rank
         .into_iter()
         .filter(|(_, (calls, _))| *calls > 0)
@@ -1998,8 +2023,136 @@ async fn rank_every_user(
         .collect();
     // The order of finish_by_user.
     keys.sort_by_key(|(k, tokens)| by_user_order(rollup::user_of(*k), *tokens));
-    keys.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    keys.truncate(limit);
     Ok(keys.into_iter().map(|(k, _)| k).collect())
+}
+
+/// Beyond this many light users to count exactly, [`rank_every_user`] reads every light
+/// month's rows in the day runs at once instead of each user's.
+const LIGHT_USERS_BY_KEY: usize = 5_000;
+
+/// A UTC month of the day runs of a plan with [`rollup::Plan::light_days`], as
+/// [`rank_every_user`] bounds what its light users' missing day cells would add.
+struct LightDayMonth {
+    /// The users whose month it is full (the others may be light).
+    full: std::collections::HashSet<i64>,
+    /// How many of the plan's day runs in the month add (rather than take away).
+    adds: i64,
+    /// The most tokens a light user month holds there (folded): what one adding run's
+    /// missing day cells can hold at most, rows holding no negative tokens.
+    top: i64,
+}
+
+/// The months of the plan's day runs ([`rollup::light_day_runs`]); `None` where a row holds
+/// negative tokens (bounds do not hold: every light user is counted exactly). Each month's
+/// light users with the most tokens come first in the month cells' index by tokens
+/// (migration 000026), so its `top` is read past the full months above it only.
+async fn light_day_months(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+) -> Result<Option<Vec<LightDayMonth>>, DbErr> {
+    use migration::rollup::{ALL_USERS, Calendar, FULL_MONTH_TABLE, TOTALS_TABLE};
+    let runs = rollup::light_day_runs(plan);
+    if runs.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let backend = txn.get_database_backend();
+    if txn
+        .query_one_raw(negative_tokens_statement(backend))
+        .await?
+        .is_some()
+    {
+        return Ok(None);
+    }
+    let mut slots: Vec<i64> = runs.iter().map(|(_, _, m)| *m).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let mut out = Vec::new();
+    for month in slots {
+        let full = txn
+            .query_all_raw(Statement::from_string(
+                backend,
+                format!("SELECT user_key FROM {FULL_MONTH_TABLE} WHERE slot = {month}"),
+            ))
+            .await?
+            .iter()
+            .map(|r| int8_at(r, 0))
+            .collect::<Result<_, _>>()?;
+        let top = txn
+            .query_one_raw(Statement::from_string(
+                backend,
+                format!(
+                    "SELECT t.total_tokens FROM {TOTALS_TABLE} t WHERE t.grain = {} AND t.slot = {month} \
+                     AND t.user_key < {ALL_USERS} AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
+                     WHERE f.user_key = t.user_key AND f.slot = {month}) ORDER BY t.total_tokens DESC LIMIT 1",
+                    Calendar::Month.code()
+                ),
+            ))
+            .await?
+            .map(|r| int8_at(&r, 0))
+            .transpose()?
+            .unwrap_or(0)
+            .max(0);
+        let adds = runs
+            .iter()
+            .filter(|(_, sign, m)| *m == month && *sign > 0)
+            .count() as i64;
+        out.push(LightDayMonth { full, adds, top });
+    }
+    Ok(Some(out))
+}
+
+/// Which users of `rank` may be among the first `limit` once the missing day cells of their
+/// light months ([`light_day_months`]) are counted (`undecided`), and which cannot
+/// (`decided`: left out). A user full in every month is exact already; any other can gain at
+/// most each adding run's `top` where the month is not full (a run that takes away only
+/// lowers the total), so it is undecided when its total plus that reaches the `limit`-th total
+/// of the exact users. `None` when a user with no cell in the runs could reach it, or the exact
+/// users are too few: then every light user is counted.
+fn undecided_light_users(
+    rank: &std::collections::HashMap<i64, (i64, i64)>,
+    months: &[LightDayMonth],
+    limit: usize,
+) -> Option<(Vec<i64>, std::collections::HashSet<i64>)> {
+    use migration::rollup::ALL_USERS;
+    let gain = |key: i64| -> Option<i64> {
+        if key >= ALL_USERS {
+            return None;
+        }
+        let mut gain = None;
+        for m in months.iter().filter(|m| !m.full.contains(&key)) {
+            let g: &mut i64 = gain.get_or_insert(0);
+            *g = g.saturating_add(m.adds.saturating_mul(m.top));
+        }
+        gain
+    };
+    let mut exact: Vec<i64> = rank
+        .iter()
+        .filter(|(k, (calls, _))| *calls > 0 && gain(**k).is_none())
+        .map(|(_, (_, tokens))| *tokens)
+        .collect();
+    let nth = limit.checked_sub(1).filter(|n| *n < exact.len())?;
+    let (_, &mut cut, _) = exact.select_nth_unstable_by(nth, |a, b| b.cmp(a));
+    // A user with nothing in the runs' cells gains at most every month's.
+    let most = months
+        .iter()
+        .fold(0i64, |a, m| a.saturating_add(m.adds.saturating_mul(m.top)));
+    if most >= cut {
+        return None;
+    }
+    let mut undecided = Vec::new();
+    let mut decided = std::collections::HashSet::new();
+    for (key, (_, tokens)) in rank {
+        if let Some(g) = gain(*key) {
+            match tokens.saturating_add(g) >= cut {
+                true => undecided.push(*key),
+                false => {
+                    decided.insert(*key);
+                }
+            }
+        }
+    }
+    Some((undecided, decided))
 }
 
 /// Whether `filter`'s sums over all users come from the totals table (all models and
@@ -2372,6 +2525,58 @@ mod tests {
     use sea_orm::{Database, Statement};
 
     use super::*;
+
+    /// `rank_every_user` over light months' days (migration 000031): a user full in every
+    /// month is exact; another can gain at most each adding run's largest light month where it
+    /// is not full, and is left out when even that stays below the `limit`-th exact total.
+    #[test]
+    fn light_users_that_cannot_reach_the_cut_are_left_out() {
+        use std::collections::{HashMap, HashSet};
+        let month = |full: &[i64], adds: i64, top: i64| LightDayMonth {
+            full: full.iter().copied().collect(),
+            adds,
+            top,
+        };
+        // Users 1–3 full in every month; 4 light in the second (gains at most 2 × 50), 5 light
+        // in the first two (30 + 2 × 50), 6 light in the second and in a third whose only run
+        // takes days away (2 × 50 + 0).
+        let months = [
+            month(&[1, 2, 3, 4, 6], 1, 30),
+            month(&[1, 2, 3], 2, 50),
+            month(&[1, 2, 3, 4, 5], 0, 1_000),
+        ];
+        let rank: HashMap<i64, (i64, i64)> = [
+            (1, (5, 1_000)),
+            (2, (4, 400)),
+            (3, (3, 300)),
+            (4, (2, 201)),
+            (5, (1, 150)),
+            (6, (1, 199)),
+        ]
+        .into_iter()
+        .collect();
+        // Limit 2: the cut is user 2's 400; 4 reaches 301, 5 reaches 280, 6 reaches 299.
+        let (undecided, decided) = undecided_light_users(&rank, &months, 2).unwrap();
+        assert!(undecided.is_empty());
+        assert_eq!(decided, HashSet::from([4, 5, 6]));
+        // Limit 3: the cut is 300; only 4 (201 + 100) may reach it. A user with nothing in the
+        // cells gains up to 130 < 300.
+        let (undecided, decided) = undecided_light_users(&rank, &months, 3).unwrap();
+        assert_eq!(undecided, vec![4]);
+        assert_eq!(decided, HashSet::from([5, 6]));
+        // Too few exact users for the limit, or a light month large enough for a user with no
+        // cell to reach the cut: every light user is counted.
+        assert!(undecided_light_users(&rank, &months, 4).is_none());
+        let big = [month(&[1, 2, 3], 1, 400)];
+        assert!(undecided_light_users(&rank, &big, 2).is_none());
+        // The calls made for no user are never light.
+        let no_user: HashMap<i64, (i64, i64)> =
+            [(1, (1, 10)), (migration::rollup::NO_USER, (1, 5))]
+                .into_iter()
+                .collect();
+        let (undecided, decided) = undecided_light_users(&no_user, &[month(&[], 1, 1)], 1).unwrap();
+        assert_eq!((undecided, decided), (vec![1], HashSet::new()));
+    }
 
     #[test]
     fn a_series_item_writes_serde_s_json() {

@@ -797,6 +797,23 @@ db_test!(
             }
         };
         kept("after retention").await;
+        // A range after the horizon whose month cover starts before it: no bounds, every user
+        // ranked (`rank_every_user`), the light users' missing days counted, or bounded by
+        // their month's largest light month where that decides (limit 1: the heavy user).
+        let by_user_after = async |when: &str| {
+            for f in by_user_filters.iter().filter(|f| {
+                f.model.is_none() && f.start.is_some_and(|s| s >= month(6) + Duration::days(10))
+            }) {
+                for limit in [1, 2, 10] {
+                    assert_eq!(
+                        stats::stats_by_user(db, f, limit).await.unwrap(),
+                        stats::stats_by_user_raw(db, f, limit).await.unwrap(),
+                        "{when}: by_user {limit} of {f:?}"
+                    );
+                }
+            }
+        };
+        by_user_after("after retention").await;
         rollup::rebuild(db).await.unwrap();
         kept("retention, rebuilt").await;
         assert_verified(db).await;
