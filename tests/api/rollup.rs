@@ -3483,6 +3483,15 @@ db_test!(
             assert_eq!(odd.summary.total_calls, 1, "the odd model's one row");
             assert_eq!(odd.series.map(|s| s.len()), Some(1));
         };
+        // The copy's spare connections went back to the pool each in a task of its own; on a
+        // loaded machine those may not have run yet, and the read would then rightly find no
+        // spare connection (and read on its own, as tested below). Wait for them.
+        for _ in 0..500 {
+            if llm_tracker::db::pool_connections(db).1 >= 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert!(read(db, &filter).await.is_some());
         check(db).await;
         fold(&t).await;
