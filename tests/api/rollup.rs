@@ -3374,6 +3374,26 @@ db_test!(
         ));
         insert(db, &around).await;
 
+        // Spare connections are idle ones, or new ones made within 250 ms: on a loaded machine
+        // (the suite's other tests) making one can take longer, and the read then rightly
+        // reads on its own connection (tested below). So the pool holds three idle ones first
+        // (the read's own and two spare), and the reads below test the copy itself.
+        let idle_connections = async |db: &DatabaseConnection, n: usize| {
+            let pool = db.get_postgres_connection_pool();
+            let mut held = Vec::new();
+            for _ in 0..n {
+                held.push(pool.acquire().await.unwrap());
+            }
+            drop(held);
+            // (sqlx puts them back in tasks of their own.)
+            for _ in 0..500 {
+                if llm_tracker::db::pool_connections(db).1 >= n as i64 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        idle_connections(db, 3).await;
         // The request's snapshot, then a row written after it: not among the copied rows.
         let txn = db
             .begin_with_config(
@@ -3483,15 +3503,7 @@ db_test!(
             assert_eq!(odd.summary.total_calls, 1, "the odd model's one row");
             assert_eq!(odd.series.map(|s| s.len()), Some(1));
         };
-        // The copy's spare connections went back to the pool each in a task of its own; on a
-        // loaded machine those may not have run yet, and the read would then rightly find no
-        // spare connection (and read on its own, as tested below). Wait for them.
-        for _ in 0..500 {
-            if llm_tracker::db::pool_connections(db).1 >= 2 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        idle_connections(db, 3).await;
         assert!(read(db, &filter).await.is_some());
         check(db).await;
         fold(&t).await;
