@@ -2174,38 +2174,49 @@ mod tests {
         }
     }
 
-    /// Migration 000029's SQL (the full months, the light months' histogram cells deleted;
-    /// `down`: filled again from the rows) is fixed text; while it is the newest to fill those
-    /// cells, the code must still generate it (the fold's promotion uses the same fill).
-    /// `UPDATE_FROZEN_SQL=1` writes the files (for a new migration only).
-    #[test]
-    fn the_full_months_sql_is_what_the_code_generates() {
-        use crate::m20261209_000029_rollup_full_months as m29;
+    /// The frozen `up` and `down` SQL of the migration whose files start with `stem`
+    /// (`frozen(backend, down)`) against what today's code generates for it
+    /// (`generated(backend, down)`); `UPDATE_FROZEN_SQL=1` writes the files instead (for a new
+    /// migration only).
+    fn assert_frozen_up_and_down(
+        stem: &str,
+        what: &str,
+        frozen: fn(DbBackend, bool) -> Vec<&'static str>,
+        generated: fn(DbBackend, bool) -> Vec<String>,
+    ) {
         for (name, backend) in [
             ("postgres", DbBackend::Postgres),
             ("sqlite", DbBackend::Sqlite),
         ] {
             for (down, part) in [(false, ""), (true, "down.")] {
-                let generated = m29::generated(backend, down);
+                let generated = generated(backend, down);
                 if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
-                    let path = format!(
-                        "{}/sql/m20261209_000029_rollup_full_months.{part}{name}.sql",
-                        env!("CARGO_MANIFEST_DIR")
-                    );
+                    let path =
+                        format!("{}/sql/{stem}.{part}{name}.sql", env!("CARGO_MANIFEST_DIR"));
                     std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
                     continue;
                 }
-                let frozen = m29::frozen(backend, down);
+                let frozen = frozen(backend, down);
                 assert_eq!(frozen.len(), generated.len(), "{name} {part}");
                 for (f, g) in frozen.iter().zip(&generated) {
-                    assert_eq!(
-                        *f,
-                        g.trim(),
-                        "{name} {part}: the full months' generated SQL changed"
-                    );
+                    assert_eq!(*f, g.trim(), "{name} {part}: {what}' generated SQL changed");
                 }
             }
         }
+    }
+
+    /// Migration 000029's SQL (the full months, the light months' histogram cells deleted;
+    /// `down`: filled again from the rows) is fixed text; while it is the newest to fill those
+    /// cells, the code must still generate it (the fold's promotion uses the same fill).
+    #[test]
+    fn the_full_months_sql_is_what_the_code_generates() {
+        use crate::m20261209_000029_rollup_full_months as m29;
+        assert_frozen_up_and_down(
+            "m20261209_000029_rollup_full_months",
+            "the full months",
+            m29::frozen,
+            m29::generated,
+        );
     }
 
     /// Migration 000030's SQL (the light months' cells per model deleted; `down`: filled
@@ -2213,31 +2224,12 @@ mod tests {
     #[test]
     fn the_full_months_by_model_sql_is_what_the_code_generates() {
         use crate::m20261210_000030_rollup_full_months_by_model as m30;
-        for (name, backend) in [
-            ("postgres", DbBackend::Postgres),
-            ("sqlite", DbBackend::Sqlite),
-        ] {
-            for (down, part) in [(false, ""), (true, "down.")] {
-                let generated = m30::generated(backend, down);
-                if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
-                    let path = format!(
-                        "{}/sql/m20261210_000030_rollup_full_months_by_model.{part}{name}.sql",
-                        env!("CARGO_MANIFEST_DIR")
-                    );
-                    std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
-                    continue;
-                }
-                let frozen = m30::frozen(backend, down);
-                assert_eq!(frozen.len(), generated.len(), "{name} {part}");
-                for (f, g) in frozen.iter().zip(&generated) {
-                    assert_eq!(
-                        *f,
-                        g.trim(),
-                        "{name} {part}: the per-model full months' generated SQL changed"
-                    );
-                }
-            }
-        }
+        assert_frozen_up_and_down(
+            "m20261210_000030_rollup_full_months_by_model",
+            "the per-model full months",
+            m30::frozen,
+            m30::generated,
+        );
     }
 
     /// Migration 000031's SQL (the light months' day cells deleted; `down`: filled again),
@@ -2245,31 +2237,12 @@ mod tests {
     #[test]
     fn the_light_days_sql_is_what_the_code_generates() {
         use crate::m20261211_000031_rollup_light_days as m31;
-        for (name, backend) in [
-            ("postgres", DbBackend::Postgres),
-            ("sqlite", DbBackend::Sqlite),
-        ] {
-            for (down, part) in [(false, ""), (true, "down.")] {
-                let generated = m31::generated(backend, down);
-                if std::env::var_os("UPDATE_FROZEN_SQL").is_some() {
-                    let path = format!(
-                        "{}/sql/m20261211_000031_rollup_light_days.{part}{name}.sql",
-                        env!("CARGO_MANIFEST_DIR")
-                    );
-                    std::fs::write(path, generated.join(m6::SEPARATOR) + "\n").unwrap();
-                    continue;
-                }
-                let frozen = m31::frozen(backend, down);
-                assert_eq!(frozen.len(), generated.len(), "{name} {part}");
-                for (f, g) in frozen.iter().zip(&generated) {
-                    assert_eq!(
-                        *f,
-                        g.trim(),
-                        "{name} {part}: the light days' generated SQL changed"
-                    );
-                }
-            }
-        }
+        assert_frozen_up_and_down(
+            "m20261211_000031_rollup_light_days",
+            "the light days",
+            m31::frozen,
+            m31::generated,
+        );
     }
 
     /// What the newest migration that installs triggers (000023: each user's latency

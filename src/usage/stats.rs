@@ -1167,6 +1167,15 @@ pub async fn token_stats_in(
         Some(plan) => {
             let by = |by| rollup::statement(backend, &plan, filter, by);
             let mut totals = rollup_groups(&txn, by(rollup::GroupBy::Model)).await?;
+            // Each gap's rows, grouped per model.
+            let gap_rows = async |gaps: Vec<UsageFilter>| -> Result<Vec<Group>, DbErr> {
+                let mut out = Vec::new();
+                for gap in gaps {
+                    let stmt = token_stats_query(backend, &gap, None, tz).build(backend);
+                    out.extend(rows_groups(&txn, &gap, stmt).await?);
+                }
+                Ok(out)
+            };
             // A user's days per model outside whole months: their rows; the summary then comes
             // from the user's cells over all models (which keep what retention deleted).
             let gaps = plan.model_gap_filters(filter, rollup::GroupBy::Model);
@@ -1176,28 +1185,12 @@ pub async fn token_stats_in(
             {
                 let mut groups = rollup_groups(&txn, by(rollup::GroupBy::Nothing)).await?;
                 // (And a light month's days outside whole months: their rows, migration 000031.)
-                for gap in plan.coarse_gap_filters(filter, rollup::GroupBy::Nothing) {
-                    groups.extend(
-                        rows_groups(
-                            &txn,
-                            &gap,
-                            token_stats_query(backend, &gap, None, tz).build(backend),
-                        )
-                        .await?,
-                    );
-                }
+                groups.extend(
+                    gap_rows(plan.coarse_gap_filters(filter, rollup::GroupBy::Nothing)).await?,
+                );
                 summary = Some(groups);
             }
-            for gap in gaps {
-                totals.extend(
-                    rows_groups(
-                        &txn,
-                        &gap,
-                        token_stats_query(backend, &gap, None, tz).build(backend),
-                    )
-                    .await?,
-                );
-            }
+            totals.extend(gap_rows(gaps).await?);
             let mut series = match granularity {
                 Some(_) => {
                     rollup_groups(&txn, rollup::series_statement(backend, &plan, filter)).await?
