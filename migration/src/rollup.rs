@@ -968,11 +968,51 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
         kept(TABLE, &format!("grain = 1 AND user_key = {ALL_USERS}")),
     ));
     // Each user's days: what the totals table's day, month and year cells are summed from
-    // (before the horizon, its day cells stand in for the rows).
+    // (before the horizon, its day cells stand in for the rows). A light month's day cells
+    // (migration 000031) hold only what retention deleted; before the horizon its rows still
+    // there (a retention run under way) are read instead of its pending contributions, which
+    // they hold.
+    let light = |user: &str, slot: &str| {
+        format!(
+            "{user} < {ALL_USERS} AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
+             WHERE f.user_key = {user} AND f.slot = {})",
+            Calendar::Month.start_sql(backend, slot)
+        )
+    };
+    // The rows before the horizon in light months (there while a retention run is under way).
+    let light_rows = horizon.map(|h| {
+        let slot = slot_sql(backend, "created_at");
+        format!(
+            "{slot} < {h} AND user_id IS NOT NULL AND {}",
+            light("user_id", &slot)
+        )
+    });
+    let users_before = match (horizon, &light_rows) {
+        (Some(h), Some(light_rows)) => {
+            format!(
+                " UNION ALL {} UNION ALL SELECT {columns} FROM {DELTA_TABLE} d WHERE d.slot < {h} \
+                 AND NOT ({}) UNION ALL {}",
+                cells_as_delta(
+                    TOTALS_TABLE,
+                    &format!("grain = {DAY} AND user_key <> {ALL_USERS} AND slot < {h}")
+                ),
+                light("d.user_key", "d.slot"),
+                contributions(
+                    backend,
+                    &[Source::Table {
+                        name: "llm_tracker_usage",
+                        sign: 1,
+                        where_sql: Some(light_rows),
+                    }]
+                ),
+                columns = delta_columns(),
+            )
+        }
+        _ => String::new(),
+    };
     out.push(format!(
         "CREATE TEMP TABLE {REBUILD_USERS} AS SELECT {day} AS slot, user_key, model, success, {sums} \
-         FROM ({rows}{}) c GROUP BY {day}, user_key, model, success",
-        kept(TOTALS_TABLE, &format!("grain = {DAY} AND user_key <> {ALL_USERS}")),
+         FROM ({rows}{users_before}) c GROUP BY {day}, user_key, model, success",
     ));
     // A user's months per model and outcome: without a horizon, from the same days; with one,
     // from every row there is (those before the horizon were written since with an old date)
@@ -1045,13 +1085,39 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
                 Calendar::Month.code()
             ));
             // A light month's day cells hold only what retention deleted (before the horizon,
-            // those kept above): the days summed from the rows go again.
+            // those kept above): the days summed from the rows go again — from the horizon on
+            // all of them, before it the rows still there (taken out, then the cells left
+            // empty deleted).
+            if let Some(light_rows) = &light_rows {
+                let select = cells_select_of(
+                    backend,
+                    &[Source::Table {
+                        name: "llm_tracker_usage",
+                        sign: -1,
+                        where_sql: Some(light_rows),
+                    }],
+                    Level::Total,
+                    Whose::PerUser,
+                );
+                out.push(upsert_cells_sql(
+                    Level::Total,
+                    &format!("SELECT * FROM ({select}) c WHERE c.grain = {DAY}"),
+                ));
+            }
+            let empty: Vec<String> = Level::Total
+                .sums()
+                .iter()
+                .map(|c| format!("{c} = 0"))
+                .collect();
             out.push(format!(
-                "DELETE FROM {TOTALS_TABLE} WHERE grain = {DAY} AND user_key < {ALL_USERS}{from} \
-                 AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = {TOTALS_TABLE}.user_key \
-                 AND f.slot = {month})",
-                from = horizon.map(|h| format!(" AND slot >= {h}")).unwrap_or_default(),
-                month = Calendar::Month.start_sql(backend, &format!("{TOTALS_TABLE}.slot")),
+                "DELETE FROM {TOTALS_TABLE} WHERE grain = {DAY} AND {light}{from}",
+                light = light(
+                    &format!("{TOTALS_TABLE}.user_key"),
+                    &format!("{TOTALS_TABLE}.slot")
+                ),
+                from = horizon
+                    .map(|h| format!(" AND (slot >= {h} OR ({}))", empty.join(" AND ")))
+                    .unwrap_or_default(),
             ));
         }
     }

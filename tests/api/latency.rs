@@ -817,6 +817,31 @@ db_test!(
         rollup::rebuild(db).await.unwrap();
         kept("retention, rebuilt").await;
         assert_verified(db).await;
+        // A rebuild while a retention run is under way: its horizon moved on to 10 July, the
+        // rows before it not deleted yet. A light month's days there are its rows (its day
+        // cells hold only what retention deleted), and its month and year cells count them.
+        let horizon = t
+            .scalar_i64("SELECT horizon_slot FROM llm_tracker_usage_retention WHERE id = 1")
+            .await;
+        let set_horizon = async |slot: i64| {
+            db.execute_unprepared(&format!(
+                "UPDATE llm_tracker_usage_retention SET horizon_slot = {slot} WHERE id = 1"
+            ))
+            .await
+            .unwrap();
+        };
+        assert!(t
+            .scalar_i64(&format!(
+                "SELECT COUNT(*) FROM llm_tracker_usage WHERE user_id = {} AND created_at >= '2025-07-01' AND created_at < '2025-07-10'",
+                light[1]
+            ))
+            .await
+            > 0);
+        set_horizon(slot(7) + 9 * 96).await;
+        rollup::rebuild(db).await.unwrap();
+        set_horizon(horizon).await;
+        kept("rebuilt while retention runs").await;
+        assert_verified(db).await;
         // Down through 000031, 000030, then 000029, the light months get their cells back
         // (reads without the table use every month's cells); up again they go.
         // (Between the two, the per-model cells are those of the code before 000030, which
