@@ -216,15 +216,18 @@ impl Plan {
 
 /// `filter` narrowed to each run of whole slots.
 fn narrowed(runs: &[Slots], filter: &UsageFilter) -> Vec<UsageFilter> {
-    runs.iter()
-        .filter_map(|gap| {
-            Some(UsageFilter {
-                start: Some(slot_start(gap.first)?),
-                end: Some(slot_start(gap.end)? - Duration::microseconds(1)),
-                ..filter.clone()
-            })
+    runs.iter().filter_map(|gap| gap.narrow(filter)).collect()
+}
+
+impl Slots {
+    /// `filter` over these whole slots only.
+    pub fn narrow(&self, filter: &UsageFilter) -> Option<UsageFilter> {
+        Some(UsageFilter {
+            start: Some(slot_start(self.first)?),
+            end: Some(slot_start(self.end)? - Duration::microseconds(1)),
+            ..filter.clone()
         })
-        .collect()
+    }
 }
 
 fn slot_start(slot: i64) -> Option<DateTime<Utc>> {

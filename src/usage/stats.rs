@@ -1635,35 +1635,40 @@ async fn light_month_groups(
     plan: &rollup::Plan,
     filter: &UsageFilter,
 ) -> Result<Vec<UserGroup>, DbErr> {
-    use migration::rollup::{Calendar, FULL_MONTH_TABLE, SLOT_SECONDS, slot_sql};
+    use migration::rollup::{Calendar, FULL_MONTH_TABLE, slot_sql};
     let backend = txn.get_database_backend();
     let light = format!(
         "user_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
          WHERE f.user_key = user_id AND f.slot = {})",
         Calendar::Month.start_sql(backend, &slot_sql(backend, "created_at"))
     );
-    let at = |slot: i64| DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0);
     let mut out = Vec::new();
     for run in plan.light_month_runs() {
-        let (Some(start), Some(end)) = (at(run.first), at(run.end)) else {
-            continue;
-        };
-        let part = UsageFilter {
-            start: Some(start),
-            end: Some(end - chrono::Duration::microseconds(1)),
-            ..filter.clone()
-        };
-        let stmt = with_sums(usage::Entity::find().select_only(), backend)
-            .column(usage::Column::UserId)
-            .filter(part.condition(backend))
-            .filter(Expr::cust(light.clone()))
-            .group_by(usage::Column::UserId)
-            .build(backend);
-        for r in txn.query_all_raw(stmt).await? {
-            let mut g = UserGroup::from_query_result(&r, "")?;
-            g.user = UserIdOnly::from_query_result(&r, "")?.user_id;
-            out.push(g);
+        if let Some(part) = run.narrow(filter) {
+            out.extend(user_groups_where(txn, &part, &light).await?);
         }
+    }
+    Ok(out)
+}
+
+/// Each user's sums over the rows of `part` that the SQL condition `condition` also selects.
+async fn user_groups_where(
+    txn: &DatabaseTransaction,
+    part: &UsageFilter,
+    condition: &str,
+) -> Result<Vec<UserGroup>, DbErr> {
+    let backend = txn.get_database_backend();
+    let stmt = with_sums(usage::Entity::find().select_only(), backend)
+        .column(usage::Column::UserId)
+        .filter(part.condition(backend))
+        .filter(Expr::cust(condition.to_owned()))
+        .group_by(usage::Column::UserId)
+        .build(backend);
+    let mut out = Vec::new();
+    for r in txn.query_all_raw(stmt).await? {
+        let mut g = UserGroup::from_query_result(&r, "")?;
+        g.user = UserIdOnly::from_query_result(&r, "")?.user_id;
+        out.push(g);
     }
     Ok(out)
 }
@@ -1680,9 +1685,8 @@ async fn light_day_groups(
     filter: &UsageFilter,
     users: Option<&[i64]>,
 ) -> Result<Vec<UserGroup>, DbErr> {
-    use migration::rollup::{ALL_USERS, FULL_MONTH_TABLE, SLOT_SECONDS};
+    use migration::rollup::{ALL_USERS, FULL_MONTH_TABLE};
     let backend = txn.get_database_backend();
-    let at = |slot: i64| DateTime::from_timestamp(slot.checked_mul(SLOT_SECONDS)?, 0);
     let mut out = Vec::new();
     for (run, sign, month) in rollup::light_day_runs(plan) {
         let light: Option<Vec<i64>> = match users {
@@ -1712,33 +1716,17 @@ async fn light_day_groups(
                 Some(light)
             }
         };
-        let (Some(start), Some(end)) = (at(run.first), at(run.end)) else {
+        let Some(part) = run.narrow(filter) else {
             continue;
-        };
-        let part = UsageFilter {
-            start: Some(start),
-            end: Some(end - chrono::Duration::microseconds(1)),
-            ..filter.clone()
         };
         let rows = match &light {
             Some(keys) => raw_user_groups_of(txn, &part, Some(keys)).await?,
             None => {
-                let stmt = with_sums(usage::Entity::find().select_only(), backend)
-                    .column(usage::Column::UserId)
-                    .filter(part.condition(backend))
-                    .filter(Expr::cust(format!(
-                        "user_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
-                         WHERE f.user_key = user_id AND f.slot = {month})"
-                    )))
-                    .group_by(usage::Column::UserId)
-                    .build(backend);
-                let mut groups = Vec::new();
-                for r in txn.query_all_raw(stmt).await? {
-                    let mut g = UserGroup::from_query_result(&r, "")?;
-                    g.user = UserIdOnly::from_query_result(&r, "")?.user_id;
-                    groups.push(g);
-                }
-                groups
+                let light = format!(
+                    "user_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
+                     WHERE f.user_key = user_id AND f.slot = {month})"
+                );
+                user_groups_where(txn, &part, &light).await?
             }
         };
         let pending = rollup_user_groups(
