@@ -560,18 +560,9 @@ async fn full_months(
     if !crate::usage::rollup::table_exists(txn, FULL_MONTH_TABLE).await? {
         return Ok(None);
     }
-    let backend = txn.get_database_backend();
-    txn.query_all_raw(Statement::from_string(
-        backend,
-        format!(
-            "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {ma} AND slot < {mb}"
-        ),
-    ))
-    .await?
-    .iter()
-    .map(|r| r.try_get_by_index::<i64>(0))
-    .collect::<Result<_, _>>()
-    .map(Some)
+    crate::usage::rollup::full_months_of(txn, user, ma, mb)
+        .await
+        .map(Some)
 }
 
 /// The latency histograms of the calls `filter` selects, per model, in one snapshot: cells for

@@ -784,6 +784,26 @@ pub(crate) async fn light_layout<C: ConnectionTrait>(db: &C) -> Result<LightLayo
     })
 }
 
+/// The full months of `user` (a rollup key) starting in the slots `[a, b)`
+/// ([`FULL_MONTH_TABLE`], which must exist): one primary-key range.
+pub(crate) async fn full_months_of<C: ConnectionTrait>(
+    db: &C,
+    user: i64,
+    a: i64,
+    b: i64,
+) -> Result<std::collections::HashSet<i64>, DbErr> {
+    db.query_all_raw(Statement::from_string(
+        db.get_database_backend(),
+        format!(
+            "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {a} AND slot < {b}"
+        ),
+    ))
+    .await?
+    .iter()
+    .map(|r| r.try_get_by_index::<i64>(0))
+    .collect()
+}
+
 /// The months of `user` (a rollup key) starting in the slots `[a, b)` that are light
 /// (not in [`FULL_MONTH_TABLE`]), sorted. Only where that table exists ([`light_layout`]).
 pub(crate) async fn light_months<C: ConnectionTrait>(
@@ -798,18 +818,7 @@ pub(crate) async fn light_months<C: ConnectionTrait>(
     if first >= b {
         return Ok(Vec::new());
     }
-    let backend = db.get_database_backend();
-    let full: std::collections::HashSet<i64> = db
-        .query_all_raw(Statement::from_string(
-            backend,
-            format!(
-                "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {first} AND slot < {b}"
-            ),
-        ))
-        .await?
-        .iter()
-        .map(|r| r.try_get_by_index::<i64>(0))
-        .collect::<Result<_, _>>()?;
+    let full = full_months_of(db, user, first, b).await?;
     let mut out = Vec::new();
     let mut m = first;
     while m < b {

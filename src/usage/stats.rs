@@ -1741,14 +1741,21 @@ async fn light_day_groups(
             ),
         )
         .await?;
-        for (groups, sign) in [(rows, sign), (pending, -sign)] {
-            out.extend(groups.into_iter().map(|g| match sign < 0 {
-                true => UserGroup { sums: -g.sums, ..g },
-                false => g,
-            }));
-        }
+        out.extend(signed(rows, sign));
+        out.extend(signed(pending, -sign));
     }
     Ok(out)
+}
+
+/// `groups` with their sums negated where `sign` is negative (rows taken away).
+fn signed(groups: Vec<UserGroup>, sign: i64) -> impl Iterator<Item = UserGroup> {
+    groups.into_iter().map(move |g| {
+        if sign < 0 {
+            UserGroup { sums: -g.sums, ..g }
+        } else {
+            g
+        }
+    })
 }
 
 /// The per-user groups of a rollup statement grouped by user (its `user_key` column).
@@ -1790,15 +1797,6 @@ pub async fn stats_by_user(
                 .map(|f| (f, 1))
                 .chain(plan.minus.iter().map(|f| (f.clone(), -1)))
                 .collect();
-            let signed = |groups: Vec<UserGroup>, sign: i64| {
-                groups.into_iter().map(move |g| {
-                    if sign < 0 {
-                        UserGroup { sums: -g.sums, ..g }
-                    } else {
-                        g
-                    }
-                })
-            };
             // Over all models and outcomes, the dense users' UTC hours (migration 000025) stand
             // for most of their rows in a part: the heaviest users' rows are most of the rows
             // a few hundred users have on a partial day.
