@@ -188,6 +188,30 @@ pub async fn run(
         [Value::BigInt(Some(slot)), Value::BigInt(Some(slot))],
     ))
     .await?;
+    // The light user years that now start before the horizon are made full before any of
+    // their rows goes (migration 000032: a light year's months are read from its rows, which
+    // must all be there), under the folders' lock.
+    {
+        let txn = db.begin().await?;
+        if backend == sea_orm::DbBackend::Postgres {
+            txn.execute_unprepared(&format!(
+                "SELECT pg_advisory_xact_lock({})",
+                migration::rollup::FOLD_LOCK
+            ))
+            .await?;
+        }
+        let years: Vec<(i64, i64)> = txn
+            .query_all_raw(Statement::from_string(
+                backend,
+                migration::rollup::promote_years_before_sql(),
+            ))
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get_by_index::<i64>(0)?, r.try_get_by_index::<i64>(1)?)))
+            .collect::<Result<_, DbErr>>()?;
+        migration::rollup::promote_years_in(&txn, &years).await?;
+        txn.commit().await?;
+    }
     let pace = Pace::of(dialect);
     let chosen = format!(
         "id IN (SELECT id FROM llm_tracker_usage WHERE created_at < {p1} ORDER BY created_at LIMIT {})",

@@ -37,6 +37,7 @@ pub mod m20261208_000028_rollup_year_top_index;
 pub mod m20261209_000029_rollup_full_months;
 pub mod m20261210_000030_rollup_full_months_by_model;
 pub mod m20261211_000031_rollup_light_days;
+pub mod m20261212_000032_rollup_light_years;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -90,6 +91,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261209_000029_rollup_full_months::Migration),
             Box::new(m20261210_000030_rollup_full_months_by_model::Migration),
             Box::new(m20261211_000031_rollup_light_days::Migration),
+            Box::new(m20261212_000032_rollup_light_years::Migration),
         ]
     }
 }

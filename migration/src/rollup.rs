@@ -662,13 +662,29 @@ pub fn model_cells_of_full_months(select: &str) -> String {
 }
 
 /// The cells of `select` ([`TOTALS_TABLE`]'s key) less a user's day cells of light months
-/// ([`FULL_MONTH_TABLE`], migration 000031).
+/// ([`FULL_MONTH_TABLE`], migration 000031) and a user's month cells of light years
+/// ([`FULL_YEAR_TABLE`], migration 000032).
 pub fn totals_cells_of_full_months(backend: DbBackend, select: &str) -> String {
-    format!(
-        "SELECT * FROM ({select}) m WHERE NOT (m.grain = {DAY} AND m.user_key < {ALL_USERS}) \
-         OR EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = m.user_key AND f.slot = {})",
+    totals_cells_kept(backend, select, true)
+}
+
+/// [`totals_cells_of_full_months`], with the light years' month cells (`years`) or without
+/// (a database before migration 000032 keeps them).
+pub fn totals_cells_kept(backend: DbBackend, select: &str, years: bool) -> String {
+    let days = format!(
+        "(NOT (m.grain = {DAY} AND m.user_key < {ALL_USERS}) \
+         OR EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = m.user_key AND f.slot = {}))",
         Calendar::Month.start_sql(backend, "m.slot"),
-    )
+    );
+    match years {
+        false => format!("SELECT * FROM ({select}) m WHERE {days}"),
+        true => format!(
+            "SELECT * FROM ({select}) m WHERE {days} AND (NOT (m.grain = {month} AND m.user_key < {ALL_USERS}) \
+             OR EXISTS (SELECT 1 FROM {FULL_YEAR_TABLE} y WHERE y.user_key = m.user_key AND y.slot = {}))",
+            Calendar::Year.start_sql(backend, "m.slot"),
+            month = Calendar::Month.code(),
+        ),
+    }
 }
 
 /// `INSERT … ON CONFLICT DO UPDATE` adding the cells `select` returns (the key of `level`,
@@ -1119,6 +1135,13 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
                     .map(|h| format!(" AND (slot >= {h} OR ({}))", empty.join(" AND ")))
                     .unwrap_or_default(),
             ));
+            // The user years that are full (migration 000032): those that were, and those of
+            // FULL_YEAR_CALLS calls, holding a full month or starting before the horizon; the
+            // other years' month cells go.
+            out.extend(full_years_sql(
+                backend,
+                horizon.map(|h| h.to_string()).as_deref(),
+            ));
         }
     }
     // Users whose rows hold a UTC day of `DENSE_DAY_CALLS` calls and who are not dense (rows
@@ -1247,10 +1270,13 @@ fn delta_insert_sql(backend: DbBackend, sources: &[Source<'_>], net: bool) -> St
 /// `DELETE … RETURNING` takes exactly the rows it folds; on SQLite the transaction holds the
 /// only write lock.
 ///
-/// `candidates` returns the user months (`user_key`, `slot`) whose totals month cell the fold
-/// changed, that now hold [`FULL_MONTH_CALLS`] calls and are not full yet: the fold then makes
-/// them full ([`promote_months_in`]) after `then`, once the folded contributions have left the
-/// delta (their histogram cells come from the rows, which hold those contributions).
+/// `candidates` returns `(kind, user_key, slot)`: with kind 0 the user months whose totals
+/// month cell the fold changed, that now hold [`FULL_MONTH_CALLS`] calls (or start before the
+/// retention horizon) and are not full yet; with kind 1 the user years whose year cell it
+/// changed that now hold [`FULL_YEAR_CALLS`] calls (or start before the horizon) and are not
+/// full yet. The fold then makes them full ([`promote_years_in`], [`promote_months_in`]) after
+/// `then`, once the folded contributions have left the delta (their cells come from the rows,
+/// which hold those contributions).
 pub struct FoldSql {
     pub run: Vec<String>,
     pub candidates: String,
@@ -1259,11 +1285,18 @@ pub struct FoldSql {
 
 /// See [`FoldSql`].
 pub fn fold_sql(backend: DbBackend) -> FoldSql {
+    let horizon = format!("(SELECT h.horizon_slot FROM {RETENTION_TABLE} h WHERE h.id = 1)");
     let not_full = format!(
         "t.grain = {month} AND t.user_key < {ALL_USERS} AND (t.calls >= {FULL_MONTH_CALLS} \
-         OR t.slot < (SELECT h.horizon_slot FROM {RETENTION_TABLE} h WHERE h.id = 1)) \
+         OR t.slot < {horizon}) \
          AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot)",
         month = Calendar::Month.code(),
+    );
+    let not_full_year = format!(
+        "t.grain = {year} AND t.user_key < {ALL_USERS} AND (t.calls >= {FULL_YEAR_CALLS} \
+         OR t.slot < {horizon}) \
+         AND NOT EXISTS (SELECT 1 FROM {FULL_YEAR_TABLE} y WHERE y.user_key = t.user_key AND y.slot = t.slot)",
+        year = Calendar::Year.code(),
     );
     match backend {
         DbBackend::Postgres => {
@@ -1274,7 +1307,8 @@ pub fn fold_sql(backend: DbBackend) -> FoldSql {
                     "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
                      by_model AS ({}), dense_hours AS ({}), latency AS ({}), user_latency AS ({}), \
                      totals AS ({} RETURNING grain, user_key, slot, calls) \
-                     SELECT t.user_key, t.slot FROM totals t WHERE {not_full} ORDER BY 1, 2",
+                     SELECT 0 AS kind, t.user_key, t.slot FROM totals t WHERE {not_full} \
+                     UNION ALL SELECT 1, t.user_key, t.slot FROM totals t WHERE {not_full_year} ORDER BY 1, 2, 3",
                     upsert_full_months_sql(backend, &[Source::Delta("moved")], Level::ByModel),
                     dense_hours_upsert_sql(backend, &[Source::Delta("moved")]),
                     latency_upsert_sql(backend, &[Source::Delta("moved")]),
@@ -1299,10 +1333,14 @@ pub fn fold_sql(backend: DbBackend) -> FoldSql {
                 ),
             ],
             candidates: format!(
-                "SELECT t.user_key, t.slot FROM {TOTALS_TABLE} t \
-                 JOIN (SELECT DISTINCT user_key, {start} AS m FROM {DELTA_TABLE}) d \
-                 ON t.user_key = d.user_key AND t.slot = d.m WHERE {not_full} ORDER BY 1, 2",
-                start = Calendar::Month.start_sql(backend, "slot"),
+                "SELECT 0 AS kind, t.user_key, t.slot FROM {TOTALS_TABLE} t \
+                 JOIN (SELECT DISTINCT user_key, {month_start} AS m FROM {DELTA_TABLE}) d \
+                 ON t.user_key = d.user_key AND t.slot = d.m WHERE {not_full} \
+                 UNION ALL SELECT 1, t.user_key, t.slot FROM {TOTALS_TABLE} t \
+                 JOIN (SELECT DISTINCT user_key, {year_start} AS y FROM {DELTA_TABLE}) d \
+                 ON t.user_key = d.user_key AND t.slot = d.y WHERE {not_full_year} ORDER BY 1, 2, 3",
+                month_start = Calendar::Month.start_sql(backend, "slot"),
+                year_start = Calendar::Year.start_sql(backend, "slot"),
             ),
             then: vec![format!("DELETE FROM {DELTA_TABLE}")],
         },
@@ -1650,6 +1688,163 @@ pub fn create_full_month_table_sql(backend: DbBackend) -> String {
     )
 }
 
+/// A user's UTC years that are **full** (migration 000032): `(user_key, slot)`, the year's
+/// first slot. A user's year with fewer than [`FULL_YEAR_CALLS`] calls is **light**: it keeps
+/// its year cell in [`TOTALS_TABLE`] but no month cell there (none of its months is full either,
+/// [`FULL_YEAR_CALLS`] being [`FULL_MONTH_CALLS`]), and reads count its months from its rows,
+/// which are all there: a year is made full before retention deletes any of its rows. At 10M
+/// rows a year from a million Zipf users most users call a few times a year, and their month
+/// cells (2.2M) cost more than half of the rollup's share of the usage table.
+///
+/// A year becomes full, never light again, when a fold takes its year cell to
+/// [`FULL_YEAR_CALLS`] calls or changes a year cell that starts before the retention horizon
+/// ([`FoldSql::candidates`], [`promote_years_in`]), when a retention run moves the horizon past
+/// its start ([`promote_years_before_sql`]), when `rollup rebuild` finds it so, or at migration
+/// 000032 when it holds a full month or starts before the horizon. Its month cells are filled
+/// from its rows in the same transaction ([`full_years_month_fill_sql`]).
+pub const FULL_YEAR_TABLE: &str = "llm_tracker_usage_rollup_full_year";
+
+/// The calls in a user's UTC year that make it full ([`FULL_YEAR_TABLE`]): those of a full
+/// month, so that a light year holds no full month.
+pub const FULL_YEAR_CALLS: i64 = FULL_MONTH_CALLS;
+
+/// The table of full years.
+pub fn create_full_year_table_sql(backend: DbBackend) -> String {
+    create_full_month_table_sql(backend).replace(FULL_MONTH_TABLE, FULL_YEAR_TABLE)
+}
+
+/// The index of the year cells of fewer than [`FULL_YEAR_CALLS`] calls by tokens (every light
+/// year's, migration 000032): the most tokens a light year holds, one index probe
+/// (`by_user`'s bound on what a light year's missing month cells would add).
+pub const LIGHT_YEAR_INDEX: &str = "llm_tracker_usage_rollup_total_light_year_idx";
+
+/// Creates [`LIGHT_YEAR_INDEX`].
+pub fn create_light_year_index_sql() -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS {LIGHT_YEAR_INDEX} ON {TOTALS_TABLE} (slot, total_tokens DESC) \
+         WHERE grain = {} AND user_key < {ALL_USERS} AND calls < {FULL_YEAR_CALLS}",
+        Calendar::Year.code()
+    )
+}
+
+/// The month cells in [`TOTALS_TABLE`] of the light years `keys` (an SQL query of `fu`, a user
+/// key, and `fy`, a year's first slot; years without month cells) filled from their rows and
+/// the day cells that keep what retention deleted there, less their contributions still
+/// pending: exact whenever it runs, while no fold runs (under the folders' lock on PostgreSQL,
+/// in a write transaction on SQLite). (A light year's rows are normally all there: retention
+/// makes full the years it deletes from first; but rows it deleted while they were pending
+/// reach their year's cell only at the next fold.)
+pub fn full_years_month_fill_sql(backend: DbBackend, keys: &str) -> String {
+    let next = Calendar::Year.next_sql(backend, "k.fy");
+    let rows = format!(
+        "({keys}) k JOIN llm_tracker_usage ON user_id = k.fu AND created_at >= {} AND created_at < {}",
+        slot_instant_sql(backend, "k.fy"),
+        slot_instant_sql(backend, &next),
+    );
+    let negated: Vec<String> = delta_sums()
+        .iter()
+        .map(|c| format!("-{c} AS {c}"))
+        .collect();
+    let pending = format!(
+        "SELECT {key}, {sums} FROM {DELTA_TABLE} d WHERE EXISTS (SELECT 1 FROM ({keys}) k \
+         WHERE k.fu = d.user_key AND d.slot >= k.fy AND d.slot < {next})",
+        key = DELTA_KEY.join(", "),
+        sums = negated.join(", "),
+    );
+    // The day cells of a light year: only what retention deleted there, rows pending then
+    // included (retention keeps every row it deletes in its day cell; migration 000031).
+    let retained = format!(
+        "SELECT slot, user_key, '' AS model, (1 = 1) AS success, CAST(NULL AS INTEGER) AS latency_bucket, \
+         {sums} FROM {TOTALS_TABLE} r WHERE r.grain = {DAY} AND EXISTS (SELECT 1 FROM ({keys}) k \
+         WHERE k.fu = r.user_key AND r.slot >= k.fy AND r.slot < {next})",
+        sums = delta_sums().join(", "),
+    );
+    let select = cells_select_of(
+        backend,
+        &[
+            Source::Table {
+                name: &rows,
+                sign: 1,
+                where_sql: None,
+            },
+            Source::Delta(&format!("({retained}) rd")),
+            Source::Delta(&format!("({pending}) pd")),
+        ],
+        Level::Total,
+        Whose::PerUser,
+    );
+    upsert_cells_sql(
+        Level::Total,
+        &format!(
+            "SELECT * FROM ({select}) c WHERE c.grain = {}",
+            Calendar::Month.code()
+        ),
+    )
+}
+
+/// The light years that start before the retention horizon, as `keys` for
+/// [`full_years_month_fill_sql`] (`fu`, `fy`): what a retention run makes full before it
+/// deletes rows, and migration 000032 at once.
+pub fn light_years_before_horizon_sql() -> String {
+    format!(
+        "SELECT t.user_key AS fu, t.slot AS fy FROM {TOTALS_TABLE} t JOIN {RETENTION_TABLE} h ON h.id = 1 \
+         WHERE t.grain = {} AND t.user_key < {ALL_USERS} AND t.slot < h.horizon_slot \
+         AND NOT EXISTS (SELECT 1 FROM {FULL_YEAR_TABLE} y WHERE y.user_key = t.user_key AND y.slot = t.slot)",
+        Calendar::Year.code()
+    )
+}
+
+/// `(user_key, slot)` of each light year of [`light_years_before_horizon_sql`].
+pub fn promote_years_before_sql() -> String {
+    format!(
+        "SELECT k.fu, k.fy FROM ({}) k ORDER BY 1, 2",
+        light_years_before_horizon_sql()
+    )
+}
+
+/// Makes full the user years `years` (not full yet) and fills their month cells
+/// ([`full_years_month_fill_sql`]), then makes full their months that hold
+/// [`FULL_MONTH_CALLS`] calls or start before the retention horizon ([`promote_months_in`]).
+/// In `txn`, which must hold the folders' lock (PostgreSQL) or write (SQLite), once the years'
+/// folded contributions have left the delta.
+pub async fn promote_years_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
+    txn: &C,
+    years: &[(i64, i64)],
+) -> Result<(), sea_orm_migration::sea_orm::DbErr> {
+    use sea_orm_migration::sea_orm::Statement;
+    if years.is_empty() {
+        return Ok(());
+    }
+    let backend = txn.get_database_backend();
+    let rows: Vec<String> = years.iter().map(|(u, y)| format!("({u}, {y})")).collect();
+    let keys = format!(
+        "SELECT column1 AS fu, column2 AS fy FROM (VALUES {}) v",
+        rows.join(", ")
+    );
+    txn.execute_unprepared(&format!(
+        "INSERT INTO {FULL_YEAR_TABLE} (user_key, slot) SELECT k.fu, k.fy FROM ({keys}) k"
+    ))
+    .await?;
+    txn.execute_unprepared(&full_years_month_fill_sql(backend, &keys))
+        .await?;
+    let months = user_months_of(
+        txn.query_all_raw(Statement::from_string(
+            backend,
+            format!(
+                "SELECT t.user_key, t.slot FROM ({keys}) k JOIN {TOTALS_TABLE} t ON t.grain = {month} \
+                 AND t.user_key = k.fu AND t.slot >= k.fy AND t.slot < {next} \
+                 WHERE (t.calls >= {FULL_MONTH_CALLS} OR t.slot < (SELECT h.horizon_slot FROM {RETENTION_TABLE} h WHERE h.id = 1)) \
+                 AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot = t.slot) \
+                 ORDER BY 1, 2",
+                month = Calendar::Month.code(),
+                next = Calendar::Year.next_sql(backend, "k.fy"),
+            ),
+        ))
+        .await?,
+    )?;
+    promote_months_in(txn, &months).await
+}
+
 /// The instant of a slot expression as the usage table's `created_at` compares with it
 /// (PostgreSQL `timestamptz`; SQLite the text Django writes, which sorts as time).
 fn slot_instant_sql(backend: DbBackend, slot: &str) -> String {
@@ -1872,6 +2067,35 @@ pub async fn promote_months_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
     Ok(())
 }
 
+/// The statements that make full the user years of [`FULL_YEAR_CALLS`] calls in their year
+/// cells, those holding a full month and (with a retention horizon) those starting before it,
+/// then delete the month cells of the other (light) years: what `rollup rebuild` runs once the
+/// totals and the full months are known, and migration 000032 (`horizon`, an SQL expression,
+/// then read from the retention table).
+pub fn full_years_sql(backend: DbBackend, horizon: Option<&str>) -> Vec<String> {
+    let year = Calendar::Year.code();
+    let month = Calendar::Month.code();
+    let before = match horizon {
+        Some(h) => format!(" OR t.slot < {h}"),
+        None => String::new(),
+    };
+    vec![
+        format!(
+            "INSERT INTO {FULL_YEAR_TABLE} (user_key, slot) SELECT t.user_key, t.slot FROM {TOTALS_TABLE} t \
+             WHERE t.grain = {year} AND t.user_key < {ALL_USERS} AND (t.calls >= {FULL_YEAR_CALLS}{before} \
+             OR EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f WHERE f.user_key = t.user_key AND f.slot >= t.slot \
+             AND f.slot < {next})) \
+             AND NOT EXISTS (SELECT 1 FROM {FULL_YEAR_TABLE} y WHERE y.user_key = t.user_key AND y.slot = t.slot)",
+            next = Calendar::Year.next_sql(backend, "t.slot"),
+        ),
+        format!(
+            "DELETE FROM {TOTALS_TABLE} WHERE grain = {month} AND user_key < {ALL_USERS} AND NOT EXISTS \
+             (SELECT 1 FROM {FULL_YEAR_TABLE} y WHERE y.user_key = {TOTALS_TABLE}.user_key AND y.slot = {})",
+            Calendar::Year.start_sql(backend, &format!("{TOTALS_TABLE}.slot")),
+        ),
+    ]
+}
+
 /// Trigger names, for `down` and for checks.
 pub const TRIGGERS: [&str; 4] = [
     "llm_tracker_usage_rollup_insert",
@@ -2081,14 +2305,24 @@ pub async fn fold_with(
     for sql in &fold.run {
         txn.execute_unprepared(sql).await?;
     }
-    let months = user_months_of(
-        txn.query_all_raw(Statement::from_string(backend, fold.candidates))
-            .await?,
-    )?;
+    let mut months = Vec::new();
+    let mut years = Vec::new();
+    for r in txn
+        .query_all_raw(Statement::from_string(backend, fold.candidates))
+        .await?
+    {
+        let key = (r.try_get_by_index::<i64>(1)?, r.try_get_by_index::<i64>(2)?);
+        match r.try_get_by_index::<i32>(0)? {
+            0 => months.push(key),
+            _ => years.push(key),
+        }
+    }
     for sql in &fold.then {
         txn.execute_unprepared(sql).await?;
     }
-    // The user months the fold took to FULL_MONTH_CALLS: full from now on, their cells filled.
+    // The user years and months the fold took to FULL_YEAR_CALLS and FULL_MONTH_CALLS: full
+    // from now on, their cells filled (a year's months that are full with it among them).
+    promote_years_in(&txn, &years).await?;
     promote_months_in(&txn, &months).await?;
     // At most once a minute per clock: the users whose day just reached the dense threshold.
     let now = std::time::SystemTime::now()
@@ -2308,6 +2542,19 @@ mod tests {
             "the light days",
             m31::frozen,
             m31::generated,
+        );
+    }
+
+    /// Migration 000032's SQL (the full years, the light years' month cells deleted, their
+    /// index by tokens; `down`: filled again), likewise.
+    #[test]
+    fn the_light_years_sql_is_what_the_code_generates() {
+        use crate::m20261212_000032_rollup_light_years as m32;
+        assert_frozen_up_and_down(
+            "m20261212_000032_rollup_light_years",
+            "the light years",
+            m32::frozen,
+            m32::generated,
         );
     }
 

@@ -424,14 +424,25 @@ fn cover(
 /// (with `user`: of that user's cells, month and day, and pending contributions).
 async fn extent(txn: &DatabaseTransaction, user: Option<i64>) -> Result<Option<(i64, i64)>, DbErr> {
     if let Some(u) = user {
-        // Each grain's end of the primary key's range `(user_key, grain, slot)`, and of the
-        // user's month cells in the totals table (a light month has no histogram cell).
+        // Each grain's end of the primary key's range `(user_key, grain, slot)`, of the user's
+        // month cells in the totals table (a light month has no histogram cell), and of the
+        // user's year cells there (a light year has no month cell, migration 000032: its
+        // last slot stands for its end).
         let month = Calendar::Month.code();
+        let year = Calendar::Year.code();
         let ends = |f: &str| {
+            let year_end = match f {
+                "MIN" => "MIN(slot)".to_owned(),
+                _ => format!(
+                    "MAX({}) - 1",
+                    Calendar::Year.next_sql(txn.get_database_backend(), "slot")
+                ),
+            };
             format!(
                 "SELECT {f}(slot) AS slot FROM {USER_LATENCY_TABLE} WHERE user_key = {u} AND grain = {month} \
                  UNION ALL SELECT {f}(slot) FROM {USER_LATENCY_TABLE} WHERE user_key = {u} AND grain = {DAY} \
                  UNION ALL SELECT {f}(slot) FROM {TOTALS_TABLE} WHERE grain = {month} AND user_key = {u} \
+                 UNION ALL SELECT {year_end} FROM {TOTALS_TABLE} WHERE grain = {year} AND user_key = {u} \
                  UNION ALL SELECT {f}(slot) FROM {DELTA_TABLE} WHERE user_key = {u} AND latency_bucket IS NOT NULL"
             )
         };

@@ -12,8 +12,9 @@ use chrono::{DateTime, Duration, Utc};
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use migration::rollup::{
-    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAINS, DENSE_TABLE, FULL_MONTH_TABLE, GRAINS,
-    Grain, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE, hour_grain, per_user,
+    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAINS, DENSE_TABLE, FULL_MONTH_TABLE,
+    FULL_YEAR_TABLE, GRAINS, Grain, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE, hour_grain,
+    per_user,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
@@ -155,6 +156,15 @@ pub struct Plan {
     /// Only the pending contributions of users whose month starting at this slot is light
     /// (a plan of [`light_pending_plan`]).
     pub light_month: Option<i64>,
+    /// `by_user` over all models without a user filter, since migration 000032: a user's
+    /// month cells in [`Plan::coarse`] exist for full years only
+    /// ([`migration::rollup::FULL_YEAR_TABLE`]), so the reader adds, for each user whose year
+    /// is light, each month run's rows less its pending contributions
+    /// (`stats::light_year_groups`, [`light_year_runs`]).
+    pub light_years: bool,
+    /// Only the pending contributions of users whose year starting at this slot is light (a
+    /// plan of [`light_year_pending_plan`]).
+    pub light_year: Option<i64>,
 }
 
 impl Plan {
@@ -496,6 +506,8 @@ pub(crate) fn hours_plan(hours: Slots) -> Plan {
         coarse_gaps: Vec::new(),
         light_days: false,
         light_month: None,
+        light_years: false,
+        light_year: None,
     }
 }
 
@@ -521,6 +533,63 @@ pub fn light_day_runs(plan: &Plan) -> Vec<(Slots, i64, i64)> {
         }
     }
     out
+}
+
+/// The month runs of a `by_user` plan over all models ([`Plan::light_years`]) cut at UTC year
+/// boundaries, each with its sign and the first slot of its year: where a user's year is
+/// light, its month cells are missing and the reader counts the run as they would (its rows
+/// and day cells — what retention deleted — less its pending contributions).
+pub fn light_year_runs(plan: &Plan) -> Vec<(Slots, i64, i64)> {
+    let mut out = Vec::new();
+    if !plan.light_years {
+        return out;
+    }
+    for run in plan
+        .coarse
+        .iter()
+        .filter(|r| r.grain == Calendar::Month.code())
+    {
+        let sign = if run.subtract { -1 } else { 1 };
+        let mut p = run.first;
+        while p < run.end {
+            let Some((y0, y1)) = calendar_cell(Calendar::Year, p) else {
+                break;
+            };
+            let end = y1.min(run.end);
+            out.push((Slots { first: p, end }, sign, y0));
+            p = end;
+        }
+    }
+    out
+}
+
+/// A plan that reads the day cells in `slots` (whole UTC days) of the users whose year starting
+/// at slot `year` is light, and no pending contribution: what retention deleted there, which
+/// only those cells keep (see [`light_year_runs`]).
+pub fn light_year_days_plan(slots: Slots, year: i64) -> Plan {
+    let run = Run::new(DAY, slots.first, slots.end);
+    Plan {
+        ranges: vec![run],
+        per_bucket: unkeyed(&[run]),
+        totals: vec![run],
+        coarse: vec![run],
+        slots: Slots {
+            first: slots.first,
+            end: slots.first,
+        },
+        light_year: Some(year),
+        ..hours_plan(slots)
+    }
+}
+
+/// A plan that reads no cell, only the pending contributions in `slots` of the users whose
+/// year starting at slot `year` is light (see [`light_year_runs`]).
+pub fn light_year_pending_plan(slots: Slots, year: i64) -> Plan {
+    Plan {
+        light_year: Some(year),
+        ..hours_plan(slots)
+    }
+    .without_cells()
 }
 
 /// A plan that reads no cell, only the pending contributions in `slots` of the users whose
@@ -624,6 +693,15 @@ pub async fn plan<C: ConnectionTrait>(
         }
         _ => Vec::new(),
     };
+    // Over all models a user's light years have no month cells (migration 000032).
+    let light_years = match filter.user_id {
+        Some(user) if layout.years => light_years(db, key_of(Some(user)), a, b).await?,
+        _ => Vec::new(),
+    };
+    let light_years_all = scope == Scope::PerUser
+        && filter.user_id.is_none()
+        && level_of(filter, GroupBy::User) == Level::Total
+        && layout.years;
     let light_months = scope == Scope::PerUser
         && filter.user_id.is_none()
         && level_of(filter, GroupBy::User) == Level::ByModel
@@ -686,16 +764,33 @@ pub async fn plan<C: ConnectionTrait>(
                 && dense.is_none()
                 && matches!(series, Some((Granularity::Day, _)))
                 && db.get_database_backend() == sea_orm::DbBackend::Postgres;
-            let series_light = match series_level {
-                Level::ByModel => light_model,
-                Level::Total => light_total,
+            let light = |level: Level| Light {
+                months: match level {
+                    Level::ByModel => light_model,
+                    Level::Total => light_total,
+                },
+                years: &light_years,
             };
-            let (ranges, gaps, moved) =
-                user_cells(a, b, series, series_level, moves_from, hours, series_light);
-            let (totals, model_gaps, _) =
-                user_cells(a, b, None, Level::ByModel, None, None, light_model);
+            let (ranges, gaps, moved) = user_cells(
+                a,
+                b,
+                series,
+                series_level,
+                moves_from,
+                hours,
+                light(series_level),
+            );
+            let (totals, model_gaps, _) = user_cells(
+                a,
+                b,
+                None,
+                Level::ByModel,
+                None,
+                None,
+                light(Level::ByModel),
+            );
             let (coarse, coarse_gaps, _) =
-                user_cells(a, b, None, Level::Total, None, None, light_total);
+                user_cells(a, b, None, Level::Total, None, None, light(Level::Total));
             (ranges, totals, coarse, gaps, model_gaps, moved, coarse_gaps)
         }
     };
@@ -746,6 +841,8 @@ pub async fn plan<C: ConnectionTrait>(
         coarse_gaps,
         light_days,
         light_month: None,
+        light_years: light_years_all,
+        light_year: None,
     }))
 }
 
@@ -759,6 +856,8 @@ pub(crate) struct LightLayout {
     pub by_model: bool,
     /// Each user's day cells in the totals table (000031).
     pub days: bool,
+    /// Each user's month cells in the totals table of light years (000032).
+    pub years: bool,
 }
 
 pub(crate) async fn light_layout<C: ConnectionTrait>(db: &C) -> Result<LightLayout, DbErr> {
@@ -770,7 +869,8 @@ pub(crate) async fn light_layout<C: ConnectionTrait>(db: &C) -> Result<LightLayo
         .query_all_raw(Statement::from_string(
             db.get_database_backend(),
             "SELECT version FROM seaql_migrations WHERE version IN \
-             ('m20261210_000030_rollup_full_months_by_model', 'm20261211_000031_rollup_light_days')",
+             ('m20261210_000030_rollup_full_months_by_model', 'm20261211_000031_rollup_light_days', \
+             'm20261212_000032_rollup_light_years')",
         ))
         .await?
         .iter()
@@ -781,6 +881,7 @@ pub(crate) async fn light_layout<C: ConnectionTrait>(db: &C) -> Result<LightLayo
         histograms: true,
         by_model: has("m20261210_000030_rollup_full_months_by_model"),
         days: has("m20261211_000031_rollup_light_days"),
+        years: has("m20261212_000032_rollup_light_years"),
     })
 }
 
@@ -829,6 +930,45 @@ pub(crate) async fn light_months<C: ConnectionTrait>(
             break;
         };
         m = next;
+    }
+    Ok(out)
+}
+
+/// The years of `user` (a rollup key) that hold a slot of `[a, b)` and are light (not in
+/// [`FULL_YEAR_TABLE`], which must exist: migration 000032), sorted: one primary-key range.
+pub(crate) async fn light_years<C: ConnectionTrait>(
+    db: &C,
+    user: i64,
+    a: i64,
+    b: i64,
+) -> Result<Vec<i64>, DbErr> {
+    let Some((first, _)) = calendar_cell(Calendar::Year, a) else {
+        return Ok(Vec::new());
+    };
+    if first >= b {
+        return Ok(Vec::new());
+    }
+    let full: std::collections::HashSet<i64> = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "SELECT slot FROM {FULL_YEAR_TABLE} WHERE user_key = {user} AND slot >= {first} AND slot < {b}"
+            ),
+        ))
+        .await?
+        .iter()
+        .map(|r| r.try_get_by_index::<i64>(0))
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    let mut y = first;
+    while y < b {
+        if !full.contains(&y) {
+            out.push(y);
+        }
+        let Some((_, next)) = calendar_cell(Calendar::Year, y) else {
+            break;
+        };
+        y = next;
     }
     Ok(out)
 }
@@ -902,8 +1042,12 @@ fn user_cells(
     level: Level,
     moves_from: Option<i64>,
     hours: Option<HourWindow>,
-    light: &[i64],
+    light: Light<'_>,
 ) -> (Vec<Run>, Vec<Slots>, Vec<Moved>) {
+    let Light {
+        months: light,
+        years: light_years,
+    } = light;
     let fits = |p: i64, end: i64| fits(series, p, end);
     let (fixed, calendars) = per_user(level);
     let days = fixed.contains(&DAY);
@@ -991,9 +1135,14 @@ fn user_cells(
             let (first, next) = calendar_cell(*c, p)?;
             // (Per model a light month has no cell: its days are read as those outside whole
             // months are.)
-            let has_cell = level != Level::ByModel
-                || *c != Calendar::Month
-                || light.binary_search(&first).is_err();
+            // (Over all models a light year has no month cells: its months are read as a light
+            // month's days, migration 000032.)
+            let has_cell = *c != Calendar::Month
+                || match level {
+                    Level::ByModel => light.binary_search(&first).is_err(),
+                    Level::Total => calendar_cell(Calendar::Year, first)
+                        .is_none_or(|(y0, _)| light_years.binary_search(&y0).is_err()),
+                };
             (first == p && next <= b && fits(p, next) && has_cell).then_some((c.code(), next))
         });
         let (code, next) = match calendar {
@@ -1042,6 +1191,15 @@ fn user_cells(
         end_span(s, p, &mut runs, &mut gaps);
     }
     (runs, gaps, moved)
+}
+
+/// The light months and years of one user's plan ([`user_cells`]): month starts whose cells
+/// the level's table lacks (migrations 000030, 000031), and year starts whose month cells the
+/// totals table lacks (migration 000032). Every month of a light year is a light month.
+#[derive(Clone, Copy, Default)]
+struct Light<'a> {
+    months: &'a [i64],
+    years: &'a [i64],
 }
 
 /// The day `[p, p + DAY)` as [`Moved`], when it holds exactly one boundary of the series'
@@ -1623,6 +1781,12 @@ fn build(
         }
     });
     let mut conditions = vec!["1 = 1".to_owned()];
+    if let Some(year) = plan.light_year {
+        conditions.push(format!(
+            "r.user_key < {ALL_USERS} AND NOT EXISTS (SELECT 1 FROM {FULL_YEAR_TABLE} y \
+             WHERE y.user_key = r.user_key AND y.slot = {year})"
+        ));
+    }
     // (The listed users' join already holds the cells to them.)
     if listed.is_none() {
         conditions.extend(only_users.clone());
@@ -1806,6 +1970,12 @@ fn build(
         pending.push(format!(
             "r.user_key < {ALL_USERS} AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
              WHERE f.user_key = r.user_key AND f.slot = {month})"
+        ));
+    }
+    if let Some(year) = plan.light_year {
+        pending.push(format!(
+            "r.user_key < {ALL_USERS} AND NOT EXISTS (SELECT 1 FROM {FULL_YEAR_TABLE} y \
+             WHERE y.user_key = r.user_key AND y.slot = {year})"
         ));
     }
     if let Some(user) = filter.user_id {
@@ -2160,9 +2330,10 @@ pub async fn verify(
         Level::Total => format!(
             "{} UNION ALL {}",
             match layout.days {
-                true => migration::rollup::totals_cells_of_full_months(
+                true => migration::rollup::totals_cells_kept(
                     backend,
-                    &cells_select(backend, sources, level)
+                    &cells_select(backend, sources, level),
+                    layout.years,
                 ),
                 false => cells_select(backend, sources, level),
             },
@@ -2548,14 +2719,14 @@ mod tests {
             (Calendar::Month.code(), feb, mar),
             (DAY, mar, b),
         ];
-        let (runs, gaps, _) = user_cells(a, b, None, Level::ByModel, None, None, &[]);
+        let (runs, gaps, _) = user_cells(a, b, None, Level::ByModel, None, None, Light::default());
         assert_eq!(tup(runs), days_month_days);
         assert_eq!(
             gaps,
             vec![Slots { first: a, end: feb }, Slots { first: mar, end: b }]
         );
         // Over all models a user keeps days: no gaps, and the month less nothing.
-        let (runs, gaps, _) = user_cells(a, b, None, Level::Total, None, None, &[]);
+        let (runs, gaps, _) = user_cells(a, b, None, Level::Total, None, None, Light::default());
         assert!(gaps.is_empty());
         assert_eq!(tup(runs), days_month_days);
         // Local days in New York fit no UTC day: per model, only rows (no day runs).
@@ -2567,10 +2738,46 @@ mod tests {
             Level::ByModel,
             None,
             None,
-            &[],
+            Light::default(),
         );
         assert!(runs.is_empty());
         assert_eq!(gaps, vec![Slots { first: a, end: feb }]);
+    }
+
+    #[test]
+    fn a_light_years_months_are_read_as_its_rows_and_retained_days() {
+        // Migration 000032: over all models a light year has no month cells; its months are
+        // light months, whose days are day runs (what retention kept) and rows. Its year cell
+        // stays. Per model nothing changes (the light months are passed as such).
+        let (jan, mar, y2026) = (
+            slot("2025-01-01T00:00:00Z"),
+            slot("2025-03-01T00:00:00Z"),
+            slot("2026-01-01T00:00:00Z"),
+        );
+        let months: Vec<i64> = ["2025-01", "2025-02"]
+            .iter()
+            .map(|m| slot(&format!("{m}-01T00:00:00Z")))
+            .collect();
+        let light = Light {
+            months: &months,
+            years: &[jan],
+        };
+        let (runs, gaps, _) = user_cells(jan, mar, None, Level::Total, None, None, light);
+        assert_eq!(tup(runs), vec![(DAY, jan, mar)]);
+        assert_eq!(
+            gaps,
+            vec![Slots {
+                first: jan,
+                end: mar
+            }]
+        );
+        // The whole year: its year cell.
+        let (runs, gaps, _) = user_cells(jan, y2026, None, Level::Total, None, None, light);
+        assert_eq!(tup(runs), vec![(Calendar::Year.code(), jan, y2026)]);
+        assert!(gaps.is_empty());
+        // A full year: month cells.
+        let (runs, _, _) = user_cells(jan, mar, None, Level::Total, None, None, Light::default());
+        assert_eq!(tup(runs), vec![(Calendar::Month.code(), jan, mar)]);
     }
 
     #[test]

@@ -1685,10 +1685,57 @@ async fn light_day_groups(
     filter: &UsageFilter,
     users: Option<&[i64]>,
 ) -> Result<Vec<UserGroup>, DbErr> {
-    use migration::rollup::{ALL_USERS, FULL_MONTH_TABLE};
+    light_groups(
+        txn,
+        filter,
+        users,
+        rollup::light_day_runs(plan),
+        migration::rollup::FULL_MONTH_TABLE,
+        rollup::light_pending_plan,
+        None,
+    )
+    .await
+}
+
+/// The same for the month runs of users whose year is light ([`rollup::Plan::light_years`],
+/// migration 000032: a light year has no month cells): each month run's rows and day cells
+/// (what retention deleted) less its pending contributions, with its sign
+/// ([`rollup::light_year_runs`]).
+async fn light_year_groups(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    filter: &UsageFilter,
+    users: Option<&[i64]>,
+) -> Result<Vec<UserGroup>, DbErr> {
+    light_groups(
+        txn,
+        filter,
+        users,
+        rollup::light_year_runs(plan),
+        migration::rollup::FULL_YEAR_TABLE,
+        rollup::light_year_pending_plan,
+        Some(rollup::light_year_days_plan),
+    )
+    .await
+}
+
+/// [`light_day_groups`] and [`light_year_groups`]: for each run `(slots, sign, period)` —
+/// `period` the first slot of the month or year that `full` lists the full ones of — the rows,
+/// plus the cells of `cells_plan`, less the pending contributions (`pending_plan`) of the users
+/// whose period is light.
+async fn light_groups(
+    txn: &DatabaseTransaction,
+    filter: &UsageFilter,
+    users: Option<&[i64]>,
+    runs: Vec<(rollup::Slots, i64, i64)>,
+    full: &str,
+    pending_plan: fn(rollup::Slots, i64) -> rollup::Plan,
+    cells_plan: Option<fn(rollup::Slots, i64) -> rollup::Plan>,
+) -> Result<Vec<UserGroup>, DbErr> {
+    use migration::rollup::ALL_USERS;
     let backend = txn.get_database_backend();
     let mut out = Vec::new();
-    for (run, sign, month) in rollup::light_day_runs(plan) {
+    for (run, sign, period) in runs {
         let light: Option<Vec<i64>> = match users {
             None => None,
             Some(keys) => {
@@ -1701,7 +1748,7 @@ async fn light_day_groups(
                     .query_all_raw(Statement::from_string(
                         backend,
                         format!(
-                            "SELECT user_key FROM {FULL_MONTH_TABLE} WHERE slot = {month} AND user_key IN ({})",
+                            "SELECT user_key FROM {full} WHERE slot = {period} AND user_key IN ({})",
                             list.join(", ")
                         ),
                     ))
@@ -1723,8 +1770,8 @@ async fn light_day_groups(
             Some(keys) => raw_user_groups_of(txn, &part, Some(keys)).await?,
             None => {
                 let light = format!(
-                    "user_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {FULL_MONTH_TABLE} f \
-                     WHERE f.user_key = user_id AND f.slot = {month})"
+                    "user_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {full} f \
+                     WHERE f.user_key = user_id AND f.slot = {period})"
                 );
                 user_groups_where(txn, &part, &light).await?
             }
@@ -1733,7 +1780,7 @@ async fn light_day_groups(
             txn,
             rollup::statement_with(
                 backend,
-                &rollup::light_pending_plan(run, month),
+                &pending_plan(run, period),
                 filter,
                 rollup::GroupBy::User,
                 rollup::Sums::All,
@@ -1741,6 +1788,21 @@ async fn light_day_groups(
             ),
         )
         .await?;
+        if let Some(cells_plan) = cells_plan {
+            let cells = rollup_user_groups(
+                txn,
+                rollup::statement_with(
+                    backend,
+                    &cells_plan(run, period),
+                    filter,
+                    rollup::GroupBy::User,
+                    rollup::Sums::All,
+                    light.as_deref(),
+                ),
+            )
+            .await?;
+            out.extend(signed(cells, sign));
+        }
         out.extend(signed(rows, sign));
         out.extend(signed(pending, -sign));
     }
@@ -1867,6 +1929,7 @@ pub async fn stats_by_user(
                 let mut out = rollup_user_groups(&txn, stmt).await?;
                 if !matches!(users, Some([])) {
                     out.extend(light_day_groups(&txn, &plan, filter, users).await?);
+                    out.extend(light_year_groups(&txn, &plan, filter, users).await?);
                 }
                 out.extend(
                     light
@@ -1967,24 +2030,28 @@ async fn rank_every_user(
             e.1 += tokens;
         }
     }
-    // The users whose months in the plan's day runs are light (migration 000031) still lack
-    // those runs' folded contributions: added exactly for the users that may rank, or for all.
+    // The users whose months in the plan's day runs are light (migration 000031), or whose
+    // years in its month runs are (000032), still lack those runs' folded contributions:
+    // added exactly for the users that may rank, or for all.
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     // The light users who cannot reach the first `limit`: left out, uncounted.
     let mut left_out: std::collections::HashSet<i64> = std::collections::HashSet::new();
-    let corrections = match light_day_months(txn, plan).await? {
-        None => light_day_groups(txn, plan, filter, None).await?,
-        Some(months) if months.is_empty() => Vec::new(),
-        Some(months) => match undecided_light_users(&rank, &months, limit) {
-            None => light_day_groups(txn, plan, filter, None).await?,
+    let light_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
+        let mut out = light_day_groups(txn, plan, filter, users).await?;
+        out.extend(light_year_groups(txn, plan, filter, users).await?);
+        Ok(out)
+    };
+    let corrections = match light_bounds(txn, plan).await? {
+        None => light_of(None).await?,
+        Some(bounds) if bounds.is_empty() => Vec::new(),
+        Some(bounds) => match undecided_light_users(&rank, &bounds, limit) {
+            None => light_of(None).await?,
             Some((undecided, decided)) => {
                 left_out = decided;
                 match undecided.len() {
                     0 => Vec::new(),
-                    n if n > LIGHT_USERS_BY_KEY => {
-                        light_day_groups(txn, plan, filter, None).await?
-                    }
-                    _ => light_day_groups(txn, plan, filter, Some(&undecided)).await?,
+                    n if n > LIGHT_USERS_BY_KEY => light_of(None).await?,
+                    _ => light_of(Some(&undecided)).await?,
                 }
             }
         },
@@ -2010,29 +2077,51 @@ async fn rank_every_user(
 /// month's rows in the day runs at once instead of each user's.
 const LIGHT_USERS_BY_KEY: usize = 5_000;
 
-/// A UTC month of the day runs of a plan with [`rollup::Plan::light_days`], as
-/// [`rank_every_user`] bounds what its light users' missing day cells would add.
-struct LightDayMonth {
-    /// The users whose month it is full (the others may be light).
+/// A UTC month of the day runs of a plan with [`rollup::Plan::light_days`], or a UTC year of
+/// the month runs of a plan with [`rollup::Plan::light_years`], as [`rank_every_user`]
+/// bounds what its light users' missing day or month cells would add.
+struct LightBound {
+    /// The users whose month (year) it is full (the others may be light).
     full: std::collections::HashSet<i64>,
-    /// How many of the plan's day runs in the month add (rather than take away).
+    /// How many of the plan's day runs in the month add (rather than take away); for a year,
+    /// 1 when any of its month runs adds (together they hold at most the year).
     adds: i64,
-    /// The most tokens a light user month holds there (folded): what one adding run's
-    /// missing day cells can hold at most, rows holding no negative tokens.
+    /// The most tokens a light user month (year) holds there (folded): what one adding run's
+    /// missing cells can hold at most, rows holding no negative tokens.
     top: i64,
 }
 
-/// The months of the plan's day runs ([`rollup::light_day_runs`]); `None` where a row holds
-/// negative tokens (bounds do not hold: every light user is counted exactly). Each month's
-/// light users with the most tokens come first in the month cells' index by tokens
-/// (migration 000026), so its `top` is read past the full months above it only.
-async fn light_day_months(
+/// The most tokens a light user year starting at slot `year` holds (folded): the first of
+/// the index of year cells of fewer than `FULL_YEAR_CALLS` calls by tokens (migration 000032).
+async fn light_year_top<C: ConnectionTrait>(txn: &C, year: i64) -> Result<i64, DbErr> {
+    use migration::rollup::{ALL_USERS, Calendar, FULL_YEAR_CALLS, TOTALS_TABLE};
+    Ok(txn
+        .query_one_raw(Statement::from_string(
+            txn.get_database_backend(),
+            format!(
+                "SELECT total_tokens FROM {TOTALS_TABLE} WHERE grain = {} AND user_key < {ALL_USERS} \
+                 AND calls < {FULL_YEAR_CALLS} AND slot = {year} ORDER BY total_tokens DESC LIMIT 1",
+                Calendar::Year.code()
+            ),
+        ))
+        .await?
+        .map(|r| int8_at(&r, 0))
+        .transpose()?
+        .unwrap_or(0)
+        .max(0))
+}
+
+/// The bounds of [`rank_every_user`]'s light users: the months of the plan's day runs
+/// ([`light_day_months`]) and the years of its month runs (migration 000032); `None` where a
+/// row holds negative tokens (bounds do not hold: every light user is counted exactly).
+async fn light_bounds(
     txn: &DatabaseTransaction,
     plan: &rollup::Plan,
-) -> Result<Option<Vec<LightDayMonth>>, DbErr> {
-    use migration::rollup::{ALL_USERS, Calendar, FULL_MONTH_TABLE, TOTALS_TABLE};
-    let runs = rollup::light_day_runs(plan);
-    if runs.is_empty() {
+) -> Result<Option<Vec<LightBound>>, DbErr> {
+    use migration::rollup::FULL_YEAR_TABLE;
+    let day_runs = rollup::light_day_runs(plan);
+    let year_runs = rollup::light_year_runs(plan);
+    if day_runs.is_empty() && year_runs.is_empty() {
         return Ok(Some(Vec::new()));
     }
     let backend = txn.get_database_backend();
@@ -2043,6 +2132,41 @@ async fn light_day_months(
     {
         return Ok(None);
     }
+    let mut out = light_day_months(txn, plan, &day_runs).await?;
+    let mut years: Vec<i64> = year_runs.iter().map(|(_, _, y)| *y).collect();
+    years.sort_unstable();
+    years.dedup();
+    for year in years {
+        let full = txn
+            .query_all_raw(Statement::from_string(
+                backend,
+                format!("SELECT user_key FROM {FULL_YEAR_TABLE} WHERE slot = {year}"),
+            ))
+            .await?
+            .iter()
+            .map(|r| int8_at(r, 0))
+            .collect::<Result<_, _>>()?;
+        let adds = i64::from(year_runs.iter().any(|(_, sign, y)| *y == year && *sign > 0));
+        let top = light_year_top(txn, year).await?;
+        out.push(LightBound { full, adds, top });
+    }
+    Ok(Some(out))
+}
+
+/// The months of the plan's day runs `runs` ([`rollup::light_day_runs`]). Each month's light
+/// users with the most tokens come first in the month cells' index by tokens (migration
+/// 000026), so its `top` is read past the full months above it only; a light year's months
+/// have no month cell (migration 000032), and hold at most what its year cell does.
+async fn light_day_months(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    runs: &[(rollup::Slots, i64, i64)],
+) -> Result<Vec<LightBound>, DbErr> {
+    use migration::rollup::{ALL_USERS, Calendar, FULL_MONTH_TABLE, TOTALS_TABLE};
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let backend = txn.get_database_backend();
     let mut slots: Vec<i64> = runs.iter().map(|(_, _, m)| *m).collect();
     slots.sort_unstable();
     slots.dedup();
@@ -2072,17 +2196,24 @@ async fn light_day_months(
             .transpose()?
             .unwrap_or(0)
             .max(0);
+        let top = match plan.light_years {
+            true => match rollup::calendar_cell(Calendar::Year, month) {
+                Some((year, _)) => top.max(light_year_top(txn, year).await?),
+                None => top,
+            },
+            false => top,
+        };
         let adds = runs
             .iter()
             .filter(|(_, sign, m)| *m == month && *sign > 0)
             .count() as i64;
-        out.push(LightDayMonth { full, adds, top });
+        out.push(LightBound { full, adds, top });
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
-/// Which users of `rank` may be among the first `limit` once the missing day cells of their
-/// light months ([`light_day_months`]) are counted (`undecided`), and which cannot
+/// Which users of `rank` may be among the first `limit` once the missing day and month cells of
+/// their light months and years ([`light_bounds`]) are counted (`undecided`), and which cannot
 /// (`decided`: left out). A user full in every month is exact already; any other can gain at
 /// most each adding run's `top` where the month is not full (a run that takes away only
 /// lowers the total), so it is undecided when its total plus that reaches the `limit`-th total
@@ -2090,7 +2221,7 @@ async fn light_day_months(
 /// users are too few: then every light user is counted.
 fn undecided_light_users(
     rank: &std::collections::HashMap<i64, (i64, i64)>,
-    months: &[LightDayMonth],
+    months: &[LightBound],
     limit: usize,
 ) -> Option<(Vec<i64>, std::collections::HashSet<i64>)> {
     use migration::rollup::ALL_USERS;
@@ -2253,9 +2384,26 @@ pub async fn user_bounds<C: ConnectionTrait>(
     };
     let n = bounded_users(limit);
     let backend = db.get_database_backend();
+    // A user's light years have no month cells (migration 000032): a listed user's months
+    // of a light year in the cover are bounded by its year cell, and any other user's by the
+    // most tokens a light year holds.
+    let years = cover_light_years(&cover_plan);
+    let mut missing = 0i64;
+    for year in &years {
+        missing = missing.saturating_add(light_year_top(db, *year).await?);
+    }
     let stmt = match bounds_query(backend, &cover, &cover_plan, n) {
         BoundsQuery::Top { statement, k } => {
-            return top_bounds(db.query_all_raw(statement).await?, k, n, share).map(Some);
+            let (unlisted, mut users) = top_lists(db.query_all_raw(statement).await?, k)?;
+            let unlisted = match missing {
+                0 => unlisted,
+                m => Some(unlisted.unwrap_or(0) + i128::from(m)),
+            };
+            let keys: Vec<i64> = users.keys().copied().collect();
+            for (key, tokens) in light_year_tokens(db, Some(&keys), &years).await? {
+                *users.entry(key).or_default() += i128::from(tokens);
+            }
+            return Ok(Some(ranked_bounds(users, unlisted, n, share)));
         }
         BoundsQuery::Sum(statement) => statement,
     };
@@ -2274,7 +2422,72 @@ pub async fn user_bounds<C: ConnectionTrait>(
             bounds.rest = Some(tokens);
         }
     }
+    if !years.is_empty() {
+        let light = light_year_tokens(db, Some(&bounds.keys), &years).await?;
+        let mut pairs: Vec<(i64, f64)> = bounds
+            .keys
+            .iter()
+            .zip(&bounds.bounds)
+            .map(|(k, b)| (*k, b + light.get(k).copied().unwrap_or(0) as f64))
+            .collect();
+        pairs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        (bounds.keys, bounds.bounds) = pairs.into_iter().unzip();
+        if missing > 0 {
+            bounds.rest = Some(bounds.rest.unwrap_or(0.0) + missing as f64);
+        }
+    }
     Ok(Some(bounds))
+}
+
+/// The years of a cover plan's month runs that add ([`rollup::light_year_runs`]): where a
+/// user's light year has no month cells to bound it by (migration 000032).
+pub fn cover_light_years(cover_plan: &rollup::Plan) -> Vec<i64> {
+    let mut years: Vec<i64> = rollup::light_year_runs(cover_plan)
+        .iter()
+        .filter(|(_, sign, _)| *sign > 0)
+        .map(|(_, _, y)| *y)
+        .collect();
+    years.sort_unstable();
+    years.dedup();
+    years
+}
+
+/// Each user's tokens in its light years among `years` (year cells without a
+/// [`migration::rollup::FULL_YEAR_TABLE`] line): the users `keys` (rollup keys), every user
+/// without it. What a user's months of those years hold at most, rows holding no negative
+/// tokens.
+pub async fn light_year_tokens<C: ConnectionTrait>(
+    db: &C,
+    keys: Option<&[i64]>,
+    years: &[i64],
+) -> Result<std::collections::HashMap<i64, i64>, DbErr> {
+    use migration::rollup::{ALL_USERS, Calendar, FULL_YEAR_TABLE, TOTALS_TABLE};
+    let mut out = std::collections::HashMap::new();
+    if years.is_empty() || matches!(keys, Some([])) {
+        return Ok(out);
+    }
+    let list = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+    let users = match keys {
+        Some(keys) => format!(" AND t.user_key IN ({})", list(keys)),
+        None => String::new(),
+    };
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "SELECT t.user_key, t.total_tokens FROM {TOTALS_TABLE} t WHERE t.grain = {} \
+                 AND t.slot IN ({}) AND t.user_key < {ALL_USERS}{users} AND NOT EXISTS \
+                 (SELECT 1 FROM {FULL_YEAR_TABLE} y WHERE y.user_key = t.user_key AND y.slot = t.slot)",
+                Calendar::Year.code(),
+                list(years),
+            ),
+        ))
+        .await?;
+    for r in &rows {
+        let (key, tokens) = (int8_at(r, 0)?, int8_at(r, 1)?);
+        *out.entry(key).or_default() += tokens.max(0);
+    }
+    Ok(out)
 }
 
 /// The statement [`user_bounds`] bounds users with over `cover` (a [`bound_plan`]'s) for `limit`
@@ -2321,16 +2534,12 @@ pub fn top_listed_users(n: u64) -> u64 {
     n.saturating_mul(2).max(40)
 }
 
-/// The bounds of the `n` users with the highest from the lines of
-/// [`rollup::top_bound_statement`] (lists of `k` users per month cell): every listed user's
-/// exact bound, and as `rest` the highest of the next listed user's and of what a user in no
-/// list can have (`None`: every user with a cell is among the `n`).
-fn top_bounds(
-    rows: Vec<sea_orm::QueryResult>,
-    k: u64,
-    n: u64,
-    share: f64,
-) -> Result<rollup::UserBounds, DbErr> {
+/// What a user in no list can have, and each listed user's bound ([`top_lists`]).
+type TopLists = (Option<i128>, std::collections::HashMap<i64, i128>);
+
+/// The lines of [`rollup::top_bound_statement`] (lists of `k` users per calendar cell): what a
+/// user in no list can have at most (`None`: no list is full), and each listed user's bound.
+fn top_lists(rows: Vec<sea_orm::QueryResult>, k: u64) -> Result<TopLists, DbErr> {
     let k = i64::try_from(k).unwrap_or(i64::MAX);
     let mut unlisted: Option<i128> = None;
     let mut users: std::collections::HashMap<i64, i128> = std::collections::HashMap::new();
@@ -2348,6 +2557,20 @@ fn top_bounds(
             _ => *users.entry(key).or_default() += i128::from(v),
         }
     }
+    Ok((unlisted, users))
+}
+
+/// The bounds of the `n` users with the highest of `users` (from [`top_lists`], with their
+/// light years, migration 000032): every listed user's exact bound over the cover (a light
+/// year's months by its year cell), and as `rest` the highest of the next listed user's and
+/// of what a user in no list can have, `unlisted` (`None`: every user with a cell is among the
+/// `n`).
+fn ranked_bounds(
+    users: std::collections::HashMap<i64, i128>,
+    unlisted: Option<i128>,
+    n: u64,
+    share: f64,
+) -> rollup::UserBounds {
     let mut ranked: Vec<(i64, f64)> = users.into_iter().map(|(key, b)| (key, b as f64)).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let cut = usize::try_from(n).unwrap_or(usize::MAX).min(ranked.len());
@@ -2359,12 +2582,12 @@ fn top_bounds(
         .reduce(f64::max);
     ranked.truncate(cut);
     let (keys, bounds) = ranked.into_iter().unzip();
-    Ok(rollup::UserBounds {
+    rollup::UserBounds {
         keys,
         bounds,
         rest,
         share,
-    })
+    }
 }
 
 /// Whether the exact sums of the bounded users decide `by_user`'s first `limit`: every user
@@ -2511,7 +2734,7 @@ mod tests {
     #[test]
     fn light_users_that_cannot_reach_the_cut_are_left_out() {
         use std::collections::{HashMap, HashSet};
-        let month = |full: &[i64], adds: i64, top: i64| LightDayMonth {
+        let month = |full: &[i64], adds: i64, top: i64| LightBound {
             full: full.iter().copied().collect(),
             adds,
             top,

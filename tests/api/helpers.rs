@@ -587,6 +587,18 @@ pub async fn down_through(db: &sea_orm::DatabaseConnection, name: &str) {
         .iter()
         .position(|m| m.name().starts_with(name))
         .unwrap_or_else(|| panic!("no migration {name}"));
-    let steps = u32::try_from(all.len() - at).unwrap();
-    migration::Migrator::down(db, Some(steps)).await.unwrap();
+    // The applied migrations from that one on (the database may be below the newest already).
+    let applied: Vec<String> = migration::Migrator::get_applied_migrations(db)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let steps = all[at..]
+        .iter()
+        .filter(|m| applied.iter().any(|a| a == m.name()))
+        .count();
+    migration::Migrator::down(db, Some(u32::try_from(steps).unwrap()))
+        .await
+        .unwrap();
 }

@@ -888,6 +888,275 @@ db_test!(
     }
 );
 
+/// The full years of `user` (`migration::rollup::FULL_YEAR_TABLE`).
+async fn full_years(t: &TestDb, user: i32) -> i64 {
+    t.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM {} WHERE user_key = {user}",
+        migration::rollup::FULL_YEAR_TABLE
+    ))
+    .await
+}
+
+/// How many month cells of `user` the totals table holds (migration 000032: none in a light
+/// year).
+async fn totals_month_cells(t: &TestDb, user: i32) -> i64 {
+    t.scalar_i64(&format!(
+        "SELECT COUNT(*) FROM llm_tracker_usage_rollup_total WHERE user_key = {user} AND grain = {}",
+        migration::rollup::Calendar::Month.code()
+    ))
+    .await
+}
+
+db_test!(
+    async fn a_users_light_years_are_counted_from_their_rows(backend: Backend) {
+        // Issue 16 (the rollup's size at a million users), migration 000032: a user's year with
+        // fewer than FULL_YEAR_CALLS calls keeps its year cell but no month cell in the totals
+        // table; one user's sums, series, percentiles and listing total read its months from
+        // its rows, and `by_user` adds them (through bounds, or ranking every user) — exactly,
+        // before and after the fold, the year's promotion, a rebuild, retention and the
+        // migration's down and up.
+        use migration::rollup::FULL_YEAR_CALLS;
+        assert_eq!(FULL_YEAR_CALLS, 10);
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["rare1", "rare2", "mid", "heavy"]).await;
+        let (rare, mid, heavy) = (&ids[..2], ids[2], ids[3]);
+        let mut rng = StdRng::seed_from_u64(32);
+        let at = |y: i32, m: u32, d: u32| Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap();
+        // May 2025 to February 2026: the rare users a few calls a year, `mid` ~3 a month (a
+        // full year of light months), `heavy` ~30 a month (full months).
+        let base = at(2025, 5, 1);
+        let days = 300;
+        let mut rows = Vec::new();
+        for (i, user) in rare.iter().enumerate() {
+            let id = 1 + 100 * i as u128;
+            for (k, (y, m, d)) in [
+                (2025, 5, 20),
+                (2025, 6, 3),
+                (2025, 7, 31),
+                (2026, 1, 9),
+                (2026, 2, 14),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let mut r = random_rows(&mut rng, &[*user], at(y, m, d), 1, 1, id + k as u128);
+                r[0].user_id = Some(*user);
+                // rare2 calls seldom but with the most tokens: it ranks first wherever its
+                // light years' rows count, which `by_user`'s bounds must allow for.
+                if i == 1 {
+                    r[0].prompt_tokens = 400_000 + 1_000 * k as i32;
+                    r[0].total_tokens = r[0].prompt_tokens + r[0].completion_tokens;
+                }
+                rows.extend(r);
+            }
+        }
+        rows.extend(random_rows(&mut rng, &[mid], base, days, 120, 1_000));
+        rows.extend(random_rows(&mut rng, &[heavy], base, days, 300, 2_000));
+        insert(db, &with_latencies(&mut rng, rows)).await;
+        let mut filters = Vec::new();
+        for id in &ids {
+            for (start, end) in [
+                (None, None),
+                (Some(at(2025, 6, 1)), Some(at(2025, 8, 1))),
+                (Some(at(2025, 5, 17)), Some(at(2026, 2, 3))),
+                (Some(at(2025, 12, 10)), None),
+                (Some(at(2025, 7, 14)), Some(at(2025, 8, 13))),
+            ] {
+                filters.push(UsageFilter {
+                    user_id: Some(*id),
+                    start,
+                    end: end.map(|e| e - Duration::microseconds(1)),
+                    ..UsageFilter::default()
+                });
+            }
+        }
+        // `by_user` over all models: whole months (month runs), across the new year, months
+        // less their days, days only, and all time (year cells).
+        let by_user_filters = [
+            UsageFilter::default(),
+            UsageFilter {
+                start: Some(at(2025, 6, 1)),
+                end: Some(at(2025, 8, 1) - Duration::microseconds(1)),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(at(2025, 11, 1)),
+                end: Some(at(2026, 3, 1) - Duration::microseconds(1)),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(at(2025, 5, 15)),
+                end: Some(at(2025, 7, 30)),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(at(2025, 7, 14)),
+                end: Some(at(2025, 8, 13)),
+                ..UsageFilter::default()
+            },
+            UsageFilter {
+                start: Some(at(2026, 1, 1)),
+                ..UsageFilter::default()
+            },
+            // Days of a light year's month: bounded by the most tokens a light year holds.
+            UsageFilter {
+                start: Some(at(2026, 1, 5)),
+                end: Some(at(2026, 1, 20)),
+                ..UsageFilter::default()
+            },
+        ];
+        let check = async |when: &str| {
+            let rows = all_rows(db).await;
+            for f in &filters {
+                assert_eq!(
+                    latency_histograms(db, f).await.unwrap(),
+                    expected(&rows, f),
+                    "{when}: {f:?}"
+                );
+                for granularity in [None, Some(Granularity::Month), Some(Granularity::Day)] {
+                    assert_eq!(
+                        stats::token_stats(db, f, granularity).await.unwrap(),
+                        stats::token_stats_raw(db, f, granularity, Default::default())
+                            .await
+                            .unwrap(),
+                        "{when}: token stats of {f:?} by {granularity:?}"
+                    );
+                }
+                assert_eq!(
+                    stats::stats_by_user(db, f, 5).await.unwrap(),
+                    stats::stats_by_user_raw(db, f, 5).await.unwrap(),
+                    "{when}: by_user of {f:?}"
+                );
+                assert_eq!(
+                    list_usage(db, f, 1, 5).await.unwrap().total,
+                    count_matching_raw(db, f).await.unwrap(),
+                    "{when}: listing total of {f:?}"
+                );
+            }
+            // (1000: past the bounds' limit, every user ranked.)
+            for f in &by_user_filters {
+                for limit in [1, 2, 3, 10, 1000] {
+                    assert_eq!(
+                        stats::stats_by_user(db, f, limit).await.unwrap(),
+                        stats::stats_by_user_raw(db, f, limit).await.unwrap(),
+                        "{when}: by_user {limit} of {f:?}"
+                    );
+                }
+            }
+        };
+        check("all pending").await;
+        assert_verified(db).await;
+        // The fold: `mid` and `heavy` have full years with month cells, the rare users' years
+        // (3 and 2 calls) are light, without month cells.
+        fold(&t).await;
+        assert_eq!(full_years(&t, heavy).await, 2);
+        assert_eq!(full_years(&t, mid).await, 2);
+        assert!(totals_month_cells(&t, mid).await >= 8);
+        for id in rare {
+            assert_eq!(full_years(&t, *id).await, 0, "{id}");
+            assert_eq!(totals_month_cells(&t, *id).await, 0, "{id}");
+        }
+        check("folded").await;
+        assert_verified(db).await;
+        // 7 more calls of rare1 in 2025, pending: 10, made full by the fold that counts them,
+        // its months filled from the rows (July's 8 calls stay a light month).
+        let mut more = Vec::new();
+        for k in 0..7 {
+            let mut r = random_rows(
+                &mut rng,
+                &[rare[0]],
+                at(2025, 7, 2 + k),
+                1,
+                1,
+                5_000 + u128::from(k),
+            );
+            r[0].user_id = Some(rare[0]);
+            more.extend(r);
+        }
+        insert(db, &with_latencies(&mut rng, more)).await;
+        check("more pending").await;
+        assert_verified(db).await;
+        fold(&t).await;
+        assert_eq!(full_years(&t, rare[0]).await, 1);
+        assert_eq!(totals_month_cells(&t, rare[0]).await, 3);
+        assert_eq!(full_months(&t, rare[0]).await, 0);
+        assert_eq!(full_years(&t, rare[1]).await, 0);
+        check("year made full").await;
+        assert_verified(db).await;
+        // A rebuild keeps the full years and leaves the light one light.
+        rollup::rebuild(db).await.unwrap();
+        assert_eq!(full_years(&t, rare[0]).await, 1);
+        assert_eq!(full_years(&t, rare[1]).await, 0);
+        assert_eq!(totals_month_cells(&t, rare[1]).await, 0);
+        check("rebuilt").await;
+        assert_verified(db).await;
+        // Retention up to 12 June 2025: rare2's 2025 starts before the horizon and is made full
+        // before any of its rows goes; its 2026 stays light.
+        let kept_filters: Vec<UsageFilter> = filters
+            .iter()
+            .filter(|f| f.start.is_none_or(|s| s >= at(2025, 6, 12)))
+            .cloned()
+            .collect();
+        let mut before = Vec::new();
+        for f in &kept_filters {
+            before.push((
+                stats::token_stats(db, f, None).await.unwrap(),
+                stats::token_stats(db, f, Some(Granularity::Month))
+                    .await
+                    .unwrap(),
+            ));
+        }
+        let report = llm_tracker::retention::run(db, 2, false, at(2025, 6, 14))
+            .await
+            .unwrap();
+        assert!(report.rows > 0);
+        assert_eq!(full_years(&t, rare[1]).await, 1);
+        let kept = async |when: &str| {
+            for (f, (sums, monthly)) in kept_filters.iter().zip(&before) {
+                assert_eq!(
+                    &stats::token_stats(db, f, None).await.unwrap(),
+                    sums,
+                    "{when}: token stats of {f:?}"
+                );
+                assert_eq!(
+                    &stats::token_stats(db, f, Some(Granularity::Month))
+                        .await
+                        .unwrap(),
+                    monthly,
+                    "{when}: monthly series of {f:?}"
+                );
+            }
+            for f in by_user_filters
+                .iter()
+                .filter(|f| f.start.is_some_and(|s| s >= at(2025, 7, 1)))
+            {
+                for limit in [1, 2, 10, 1000] {
+                    assert_eq!(
+                        stats::stats_by_user(db, f, limit).await.unwrap(),
+                        stats::stats_by_user_raw(db, f, limit).await.unwrap(),
+                        "{when}: by_user {limit} of {f:?}"
+                    );
+                }
+            }
+        };
+        kept("after retention").await;
+        assert_verified(db).await;
+        // Down through 000032 the light year (rare2's 2026) gets its month cells back; up
+        // again they go, the years before the horizon staying full.
+        crate::helpers::down_through(db, "m20261212_000032_rollup_light_years").await;
+        assert_eq!(totals_month_cells(&t, rare[1]).await, 3 + 2);
+        kept("after 000032's down").await;
+        assert_verified(db).await;
+        migration::Migrator::up(db, None).await.unwrap();
+        assert_eq!(full_years(&t, rare[1]).await, 1);
+        assert_eq!(totals_month_cells(&t, rare[1]).await, 3);
+        assert_eq!(full_years(&t, heavy).await, 2);
+        kept("after 000032's up").await;
+        assert_verified(db).await;
+    }
+);
+
 db_test!(
     async fn a_month_becomes_full_at_exactly_ten_calls(backend: Backend) {
         // Migration 000029's threshold, through the fold: 9 calls leave a user's month light,

@@ -859,6 +859,20 @@ db_test!(
                 march + Duration::days(15),
             ));
         }
+        // (Eight calls of no tokens each, before the range, make their years full: a light
+        // year, of fewer than 10 calls, has no month cell to be listed by; migration 000032.)
+        for (i, id) in outside.iter().chain([&inside]).enumerate() {
+            for k in 0..8 {
+                rows.push(row(
+                    930_000 + 10 * i as u128 + k,
+                    Some(*id),
+                    "gpt-4o",
+                    (0, 0, 0, 0),
+                    true,
+                    march + Duration::days(1),
+                ));
+            }
+        }
         rows.push(row(
             920_000,
             Some(inside),
@@ -1477,6 +1491,25 @@ async fn in_neither_list(
             base + Duration::days(day),
         ));
     }
+    // Nine calls of no tokens each, on the same days, make every year full (10 calls or
+    // more): a light year has no month cell to be listed by (migration 000032).
+    let extra: Vec<usage::Model> = rows
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            (0..9).map(move |k| {
+                row(
+                    80_200 + 10 * i as u128 + k,
+                    r.user_id,
+                    "gpt-4o",
+                    (0, 0, 0, 0),
+                    true,
+                    r.created_at,
+                )
+            })
+        })
+        .collect();
+    rows.extend(extra);
     (both, rows)
 }
 
@@ -1488,7 +1521,8 @@ async fn exact_cover_bounds(
     cover_plan: &rollup::Plan,
 ) -> std::collections::HashMap<i64, f64> {
     let backend = db.get_database_backend();
-    db.query_all_raw(rollup::bound_statement(backend, cover_plan, cover, 100_000))
+    let mut exact: std::collections::HashMap<i64, f64> = db
+        .query_all_raw(rollup::bound_statement(backend, cover_plan, cover, 100_000))
         .await
         .unwrap()
         .iter()
@@ -1498,7 +1532,13 @@ async fn exact_cover_bounds(
                 r.try_get_by_index(1).unwrap(),
             )
         })
-        .collect()
+        .collect();
+    // A light year's months have no cells (migration 000032): bounded by its year cell.
+    let years = stats::cover_light_years(cover_plan);
+    for (key, tokens) in stats::light_year_tokens(db, None, &years).await.unwrap() {
+        *exact.entry(key).or_default() += tokens as f64;
+    }
+    exact
 }
 
 /// `bounds` against every user's exact bound: the listed users' are exact and in order, and
@@ -1521,8 +1561,8 @@ fn assert_bounds_hold(bounds: &rollup::UserBounds, exact: &std::collections::Has
 }
 
 /// Down through the migration `through` drops `index`: the lists statement `top` no longer reads it, and
-/// `by_user`'s bounds over `range` (its plan) are the same without it; up brings the index back
-/// and `top` reads it again.
+/// `by_user`'s bounds over `range` (its plan) are the same without it (both before migration
+/// 000032, which changes them); up brings the index back and `top` reads it again.
 async fn bounds_without_index(
     t: &TestDb,
     through: &str,
@@ -1531,6 +1571,8 @@ async fn bounds_without_index(
     (range, plan): (&UsageFilter, &rollup::Plan),
 ) {
     let db = &t.db;
+    // (Light years first: the bounds below compare one layout with and without the index.)
+    crate::helpers::down_through(db, "m20261212_000032_rollup_light_years").await;
     let before = stats::user_bounds(db, range, plan, 3).await.unwrap();
     crate::helpers::down_through(db, through).await;
     assert_eq!(index_count(t, index).await, 0);
@@ -2848,6 +2890,11 @@ db_test!(
                 // Between: bounds below it, little inside.
                 21..40 => add(*id, 400_000 - k as i32, outside),
                 _ => add(*id, 5, inside),
+            }
+            // Nine calls of no tokens: a full year, with month cells to be listed by (a
+            // light year has none, migration 000032).
+            for _ in 0..9 {
+                add(*id, 0, outside);
             }
         }
         insert(db, &rows).await;
