@@ -1735,28 +1735,47 @@ async fn light_groups(
     use migration::rollup::ALL_USERS;
     let backend = txn.get_database_backend();
     let mut out = Vec::new();
+    if runs.is_empty() {
+        return Ok(out);
+    }
+    // With `users`: which of them are full in each of the runs' periods, in one lookup.
+    let keys: Vec<i64> = users
+        .unwrap_or_default()
+        .iter()
+        .copied()
+        .filter(|k| *k < ALL_USERS)
+        .collect();
+    let mut full_in: std::collections::HashSet<(i64, i64)> = std::collections::HashSet::new();
+    if users.is_some() {
+        if keys.is_empty() {
+            return Ok(out);
+        }
+        let list = |v: &mut dyn Iterator<Item = i64>| {
+            v.map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+        };
+        let periods = list(&mut runs.iter().map(|(_, _, p)| *p));
+        for r in txn
+            .query_all_raw(Statement::from_string(
+                backend,
+                format!(
+                    "SELECT user_key, slot FROM {full} WHERE slot IN ({periods}) AND user_key IN ({})",
+                    list(&mut keys.iter().copied())
+                ),
+            ))
+            .await?
+        {
+            full_in.insert((int8_at(&r, 0)?, int8_at(&r, 1)?));
+        }
+    }
     for (run, sign, period) in runs {
         let light: Option<Vec<i64>> = match users {
             None => None,
-            Some(keys) => {
-                let keys: Vec<i64> = keys.iter().copied().filter(|k| *k < ALL_USERS).collect();
-                if keys.is_empty() {
-                    continue;
-                }
-                let list: Vec<String> = keys.iter().map(i64::to_string).collect();
-                let full: std::collections::HashSet<i64> = txn
-                    .query_all_raw(Statement::from_string(
-                        backend,
-                        format!(
-                            "SELECT user_key FROM {full} WHERE slot = {period} AND user_key IN ({})",
-                            list.join(", ")
-                        ),
-                    ))
-                    .await?
+            Some(_) => {
+                let light: Vec<i64> = keys
                     .iter()
-                    .map(|r| r.try_get_by_index::<i64>(0))
-                    .collect::<Result<_, _>>()?;
-                let light: Vec<i64> = keys.into_iter().filter(|k| !full.contains(k)).collect();
+                    .copied()
+                    .filter(|k| !full_in.contains(&(*k, period)))
+                    .collect();
                 if light.is_empty() {
                     continue;
                 }
