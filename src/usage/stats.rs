@@ -1795,32 +1795,21 @@ async fn light_groups(
                 user_groups_where(txn, &part, &light).await?
             }
         };
-        let pending = rollup_user_groups(
-            txn,
-            rollup::statement_with(
+        // The groups of a plan of rollup cells or pending contributions, for those users.
+        let groups_of = async |plan: rollup::Plan| {
+            let stmt = rollup::statement_with(
                 backend,
-                &pending_plan(run, period),
+                &plan,
                 filter,
                 rollup::GroupBy::User,
                 rollup::Sums::All,
                 light.as_deref(),
-            ),
-        )
-        .await?;
+            );
+            rollup_user_groups(txn, stmt).await
+        };
+        let pending = groups_of(pending_plan(run, period)).await?;
         if let Some(cells_plan) = cells_plan {
-            let cells = rollup_user_groups(
-                txn,
-                rollup::statement_with(
-                    backend,
-                    &cells_plan(run, period),
-                    filter,
-                    rollup::GroupBy::User,
-                    rollup::Sums::All,
-                    light.as_deref(),
-                ),
-            )
-            .await?;
-            out.extend(signed(cells, sign));
+            out.extend(signed(groups_of(cells_plan(run, period)).await?, sign));
         }
         out.extend(signed(rows, sign));
         out.extend(signed(pending, -sign));
