@@ -893,11 +893,20 @@ pub(crate) async fn full_months_of<C: ConnectionTrait>(
     a: i64,
     b: i64,
 ) -> Result<std::collections::HashSet<i64>, DbErr> {
+    full_periods_of(db, FULL_MONTH_TABLE, user, a, b).await
+}
+
+/// The slots of `user`'s lines in `table` (the full months' or years') in `[a, b)`.
+async fn full_periods_of<C: ConnectionTrait>(
+    db: &C,
+    table: &str,
+    user: i64,
+    a: i64,
+    b: i64,
+) -> Result<std::collections::HashSet<i64>, DbErr> {
     db.query_all_raw(Statement::from_string(
         db.get_database_backend(),
-        format!(
-            "SELECT slot FROM {FULL_MONTH_TABLE} WHERE user_key = {user} AND slot >= {a} AND slot < {b}"
-        ),
+        format!("SELECT slot FROM {table} WHERE user_key = {user} AND slot >= {a} AND slot < {b}"),
     ))
     .await?
     .iter()
@@ -913,62 +922,50 @@ pub(crate) async fn light_months<C: ConnectionTrait>(
     a: i64,
     b: i64,
 ) -> Result<Vec<i64>, DbErr> {
-    let Some((first, _)) = calendar_cell(Calendar::Month, a) else {
-        return Ok(Vec::new());
-    };
-    if first >= b {
-        return Ok(Vec::new());
-    }
-    let full = full_months_of(db, user, first, b).await?;
-    let mut out = Vec::new();
-    let mut m = first;
-    while m < b {
-        if !full.contains(&m) {
-            out.push(m);
-        }
-        let Some((_, next)) = calendar_cell(Calendar::Month, m) else {
-            break;
-        };
-        m = next;
-    }
-    Ok(out)
+    light_periods(db, Calendar::Month, user, a, b).await
 }
 
 /// The years of `user` (a rollup key) that hold a slot of `[a, b)` and are light (not in
-/// [`FULL_YEAR_TABLE`], which must exist: migration 000032), sorted: one primary-key range.
+/// [`FULL_YEAR_TABLE`], which must exist: migration 000032), sorted.
 pub(crate) async fn light_years<C: ConnectionTrait>(
     db: &C,
     user: i64,
     a: i64,
     b: i64,
 ) -> Result<Vec<i64>, DbErr> {
-    let Some((first, _)) = calendar_cell(Calendar::Year, a) else {
+    light_periods(db, Calendar::Year, user, a, b).await
+}
+
+/// The months or years (`calendar`) of `user` from the one holding slot `a` to `b` that its
+/// table of full ones does not list, sorted: one primary-key range.
+async fn light_periods<C: ConnectionTrait>(
+    db: &C,
+    calendar: Calendar,
+    user: i64,
+    a: i64,
+    b: i64,
+) -> Result<Vec<i64>, DbErr> {
+    let Some((first, _)) = calendar_cell(calendar, a) else {
         return Ok(Vec::new());
     };
     if first >= b {
         return Ok(Vec::new());
     }
-    let full: std::collections::HashSet<i64> = db
-        .query_all_raw(Statement::from_string(
-            db.get_database_backend(),
-            format!(
-                "SELECT slot FROM {FULL_YEAR_TABLE} WHERE user_key = {user} AND slot >= {first} AND slot < {b}"
-            ),
-        ))
-        .await?
-        .iter()
-        .map(|r| r.try_get_by_index::<i64>(0))
-        .collect::<Result<_, _>>()?;
+    let table = match calendar {
+        Calendar::Month => FULL_MONTH_TABLE,
+        Calendar::Year => FULL_YEAR_TABLE,
+    };
+    let full = full_periods_of(db, table, user, first, b).await?;
     let mut out = Vec::new();
-    let mut y = first;
-    while y < b {
-        if !full.contains(&y) {
-            out.push(y);
+    let mut p = first;
+    while p < b {
+        if !full.contains(&p) {
+            out.push(p);
         }
-        let Some((_, next)) = calendar_cell(Calendar::Year, y) else {
+        let Some((_, next)) = calendar_cell(calendar, p) else {
             break;
         };
-        y = next;
+        p = next;
     }
     Ok(out)
 }

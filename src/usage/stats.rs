@@ -2126,7 +2126,7 @@ async fn light_bounds(
     txn: &DatabaseTransaction,
     plan: &rollup::Plan,
 ) -> Result<Option<Vec<LightBound>>, DbErr> {
-    use migration::rollup::FULL_YEAR_TABLE;
+    use migration::rollup::{Calendar, FULL_YEAR_TABLE};
     let day_runs = rollup::light_day_runs(plan);
     let year_runs = rollup::light_year_runs(plan);
     if day_runs.is_empty() && year_runs.is_empty() {
@@ -2140,11 +2140,27 @@ async fn light_bounds(
     {
         return Ok(None);
     }
-    let mut out = light_day_months(txn, plan, &day_runs).await?;
+    // The most tokens a light year holds, once per year that either kind of run reaches.
     let mut years: Vec<i64> = year_runs.iter().map(|(_, _, y)| *y).collect();
+    if plan.light_years {
+        years.extend(
+            day_runs
+                .iter()
+                .filter_map(|(_, _, m)| rollup::calendar_cell(Calendar::Year, *m))
+                .map(|(y, _)| y),
+        );
+    }
     years.sort_unstable();
     years.dedup();
-    for year in years {
+    let mut year_tops = std::collections::HashMap::new();
+    for year in &years {
+        year_tops.insert(*year, light_year_top(txn, *year).await?);
+    }
+    let mut out = light_day_months(txn, &day_runs, &year_tops).await?;
+    let mut run_years: Vec<i64> = year_runs.iter().map(|(_, _, y)| *y).collect();
+    run_years.sort_unstable();
+    run_years.dedup();
+    for year in run_years {
         let full = txn
             .query_all_raw(Statement::from_string(
                 backend,
@@ -2155,7 +2171,7 @@ async fn light_bounds(
             .map(|r| int8_at(r, 0))
             .collect::<Result<_, _>>()?;
         let adds = i64::from(year_runs.iter().any(|(_, sign, y)| *y == year && *sign > 0));
-        let top = light_year_top(txn, year).await?;
+        let top = year_tops.get(&year).copied().unwrap_or(0);
         out.push(LightBound { full, adds, top });
     }
     Ok(Some(out))
@@ -2164,11 +2180,12 @@ async fn light_bounds(
 /// The months of the plan's day runs `runs` ([`rollup::light_day_runs`]). Each month's light
 /// users with the most tokens come first in the month cells' index by tokens (migration
 /// 000026), so its `top` is read past the full months above it only; a light year's months
-/// have no month cell (migration 000032), and hold at most what its year cell does.
+/// have no month cell (migration 000032), and hold at most what its year cell does: the most
+/// tokens a light year holds, `year_tops` (by year; none before migration 000032).
 async fn light_day_months(
     txn: &DatabaseTransaction,
-    plan: &rollup::Plan,
     runs: &[(rollup::Slots, i64, i64)],
+    year_tops: &std::collections::HashMap<i64, i64>,
 ) -> Result<Vec<LightBound>, DbErr> {
     use migration::rollup::{ALL_USERS, Calendar, FULL_MONTH_TABLE, TOTALS_TABLE};
     if runs.is_empty() {
@@ -2204,13 +2221,10 @@ async fn light_day_months(
             .transpose()?
             .unwrap_or(0)
             .max(0);
-        let top = match plan.light_years {
-            true => match rollup::calendar_cell(Calendar::Year, month) {
-                Some((year, _)) => top.max(light_year_top(txn, year).await?),
-                None => top,
-            },
-            false => top,
-        };
+        let year_top = rollup::calendar_cell(Calendar::Year, month)
+            .and_then(|(year, _)| year_tops.get(&year).copied())
+            .unwrap_or(0);
+        let top = top.max(year_top);
         let adds = runs
             .iter()
             .filter(|(_, sign, m)| *m == month && *sign > 0)

@@ -541,6 +541,54 @@ async fn user_month_cells(t: &TestDb, user: i32) -> i64 {
     latency
 }
 
+/// Every reader against the rows, `when`: for each of `filters` (one user's) the histograms,
+/// sums and daily and hourly series, `by_user` and the listing's total; for each of
+/// `by_user_filters` (all users) `by_user` at each of `limits` (1000: past the bounds' limit,
+/// every user ranked).
+async fn assert_read_exactly(
+    db: &DatabaseConnection,
+    when: &str,
+    filters: &[UsageFilter],
+    by_user_filters: &[UsageFilter],
+    limits: &[u64],
+) {
+    let rows = all_rows(db).await;
+    for f in filters {
+        let got = latency_histograms(db, f).await.unwrap();
+        assert_eq!(got, expected(&rows, f), "{when}: {f:?}");
+        // Sums, and daily and hourly series (a light month's days are its rows).
+        for granularity in [None, Some(Granularity::Month), Some(Granularity::Day)] {
+            assert_eq!(
+                stats::token_stats(db, f, granularity).await.unwrap(),
+                stats::token_stats_raw(db, f, granularity, Default::default())
+                    .await
+                    .unwrap(),
+                "{when}: token stats of {f:?} by {granularity:?}"
+            );
+        }
+        // One user's by_user, and the listing's total.
+        assert_eq!(
+            stats::stats_by_user(db, f, 5).await.unwrap(),
+            stats::stats_by_user_raw(db, f, 5).await.unwrap(),
+            "{when}: by_user of {f:?}"
+        );
+        assert_eq!(
+            list_usage(db, f, 1, 5).await.unwrap().total,
+            count_matching_raw(db, f).await.unwrap(),
+            "{when}: listing total of {f:?}"
+        );
+    }
+    for f in by_user_filters {
+        for &limit in limits {
+            assert_eq!(
+                stats::stats_by_user(db, f, limit).await.unwrap(),
+                stats::stats_by_user_raw(db, f, limit).await.unwrap(),
+                "{when}: by_user {limit} of {f:?}"
+            );
+        }
+    }
+}
+
 /// How many of `user`'s day cells the totals table holds (migration 000031: none for a light
 /// month, unless retention deleted rows there).
 async fn user_day_cells(t: &TestDb, user: i32) -> i64 {
@@ -657,42 +705,7 @@ db_test!(
             },
         ];
         let check = async |when: &str| {
-            let rows = all_rows(db).await;
-            for f in &filters {
-                let got = latency_histograms(db, f).await.unwrap();
-                assert_eq!(got, expected(&rows, f), "{when}: {f:?}");
-                // Sums, and daily and hourly series (a light month's days are its rows).
-                for granularity in [None, Some(Granularity::Month), Some(Granularity::Day)] {
-                    assert_eq!(
-                        stats::token_stats(db, f, granularity).await.unwrap(),
-                        stats::token_stats_raw(db, f, granularity, Default::default())
-                            .await
-                            .unwrap(),
-                        "{when}: token stats of {f:?} by {granularity:?}"
-                    );
-                }
-                // One user's by_user, and the listing's total.
-                assert_eq!(
-                    stats::stats_by_user(db, f, 5).await.unwrap(),
-                    stats::stats_by_user_raw(db, f, 5).await.unwrap(),
-                    "{when}: by_user of {f:?}"
-                );
-                assert_eq!(
-                    list_usage(db, f, 1, 5).await.unwrap().total,
-                    count_matching_raw(db, f).await.unwrap(),
-                    "{when}: listing total of {f:?}"
-                );
-            }
-            // (1000: past the bounds' limit, every user ranked.)
-            for f in &by_user_filters {
-                for limit in [1, 2, 10, 1000] {
-                    assert_eq!(
-                        stats::stats_by_user(db, f, limit).await.unwrap(),
-                        stats::stats_by_user_raw(db, f, limit).await.unwrap(),
-                        "{when}: by_user {limit} of {f:?}"
-                    );
-                }
-            }
+            assert_read_exactly(db, when, &filters, &by_user_filters, &[1, 2, 10, 1000]).await
         };
         check("all pending").await;
         assert_verified(db).await;
@@ -1007,43 +1020,7 @@ db_test!(
             },
         ];
         let check = async |when: &str| {
-            let rows = all_rows(db).await;
-            for f in &filters {
-                assert_eq!(
-                    latency_histograms(db, f).await.unwrap(),
-                    expected(&rows, f),
-                    "{when}: {f:?}"
-                );
-                for granularity in [None, Some(Granularity::Month), Some(Granularity::Day)] {
-                    assert_eq!(
-                        stats::token_stats(db, f, granularity).await.unwrap(),
-                        stats::token_stats_raw(db, f, granularity, Default::default())
-                            .await
-                            .unwrap(),
-                        "{when}: token stats of {f:?} by {granularity:?}"
-                    );
-                }
-                assert_eq!(
-                    stats::stats_by_user(db, f, 5).await.unwrap(),
-                    stats::stats_by_user_raw(db, f, 5).await.unwrap(),
-                    "{when}: by_user of {f:?}"
-                );
-                assert_eq!(
-                    list_usage(db, f, 1, 5).await.unwrap().total,
-                    count_matching_raw(db, f).await.unwrap(),
-                    "{when}: listing total of {f:?}"
-                );
-            }
-            // (1000: past the bounds' limit, every user ranked.)
-            for f in &by_user_filters {
-                for limit in [1, 2, 3, 10, 1000] {
-                    assert_eq!(
-                        stats::stats_by_user(db, f, limit).await.unwrap(),
-                        stats::stats_by_user_raw(db, f, limit).await.unwrap(),
-                        "{when}: by_user {limit} of {f:?}"
-                    );
-                }
-            }
+            assert_read_exactly(db, when, &filters, &by_user_filters, &[1, 2, 3, 10, 1000]).await
         };
         check("all pending").await;
         assert_verified(db).await;
