@@ -150,6 +150,17 @@ impl UsageFilter {
     /// a scan of the `created_at` index that filters every other user's rows out. `None`
     /// without a user or either end, and on SQLite (its planner needs no such help: the plain
     /// condition serves it).
+    ///
+    /// `(user_id = user) IS TRUE` goes with them, for the planner's estimate only: it reads a
+    /// row comparison's selectivity from its first column, so without it a range of one
+    /// user's rows was estimated at every row from that user id up (2M of 10M), and an
+    /// aggregate by bucket above it sized its hash table for that many groups: 70–100 ms
+    /// for an empty month under a large `work_mem` (`EXPLAIN ANALYZE` at 10M rows, 10,000
+    /// users), where the same read estimated from the user's rows takes under 1 ms. A plain
+    /// `user_id = user` would give the same estimate but an index key too: the B-tree then
+    /// starts the scan at the user's first entry instead of the range's (an empty December
+    /// of the heaviest user read 2,601 pages, 19 ms). The `IS TRUE` form is no index key,
+    /// and its selectivity is that of the comparison inside.
     pub fn user_range_condition(&self, backend: DbBackend) -> Option<Condition> {
         if backend != DbBackend::Postgres {
             return None;
@@ -157,6 +168,10 @@ impl UsageFilter {
         let (user, start, end) = (self.user_id?, self.start?, self.end?);
         let dialect = crate::db::Dialect::of(backend);
         let c = Condition::all()
+            .add(Expr::cust_with_values(
+                "(user_id = $1) IS TRUE",
+                [Value::from(user)],
+            ))
             .add(Expr::cust_with_values(
                 "(user_id, created_at) >= ($1, $2)",
                 [Value::from(user), dialect.datetime(start)],

@@ -3682,3 +3682,92 @@ mod a_copy_that_fails_leaves_its_connection_clean {
         );
     }
 }
+
+mod one_users_range_is_estimated_as_that_users_rows {
+    use super::*;
+    use crate::helpers::Backend;
+    use sea_orm::{QuerySelect, QueryTrait};
+
+    #[actix_web::test]
+    async fn postgres() {
+        // Issue 16: one user's rows read as a range of the `(user_id, created_at)` index
+        // (`UsageFilter::user_range_condition`) are estimated as that user's rows, not as
+        // every row from that user id up (the row comparisons' selectivity is their first
+        // column's): an aggregate by bucket above the scan sized its hash table for the
+        // estimate, 70–100 ms for an empty month at 10M rows. And the user is no index key
+        // of its own, which would start the scan at the user's first entry, not the range's.
+        let t = TestDb::migrated(Backend::Postgres).await;
+        let db = &t.db;
+        let names: Vec<String> = (0..40).map(|i| format!("est{i}")).collect();
+        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let mut rng = StdRng::seed_from_u64(1616);
+        let base = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
+        insert(db, &random_rows(&mut rng, &ids, base, 60, 4000, 1)).await;
+        db.execute_unprepared("ANALYZE llm_tracker_usage")
+            .await
+            .unwrap();
+        // A user in the middle of the ids: half of the rows lie on either side of it.
+        let user = ids[20];
+        let filter = UsageFilter {
+            start: Some(base),
+            end: Some(base + Duration::days(60)),
+            user_id: Some(user),
+            ..Default::default()
+        };
+        let backend = DbBackend::Postgres;
+        let actual = sea_orm::PaginatorTrait::count(
+            usage::Entity::find().filter(filter.condition(backend)),
+            db,
+        )
+        .await
+        .unwrap();
+        assert!(actual > 50, "{actual}");
+        let mut explain = usage::Entity::find()
+            .select_only()
+            .expr(Expr::cust("COUNT(*)"))
+            .filter(filter.user_range_condition(backend).unwrap())
+            .group_by(Expr::cust("date_trunc('day', created_at)"))
+            .build(backend);
+        explain.sql = format!("EXPLAIN {}", explain.sql);
+        let txn = db.begin().await.unwrap();
+        txn.execute_unprepared(
+            llm_tracker::db::Dialect::Postgres
+                .user_range_settings()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        let plan: Vec<String> = txn
+            .query_all_raw(explain)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0).unwrap())
+            .collect();
+        txn.rollback().await.unwrap();
+        let plan = plan.join("\n");
+        let scan = plan
+            .lines()
+            .find(|l| l.contains("Index Scan") || l.contains("Index Only Scan"))
+            .unwrap_or_else(|| panic!("no index scan:\n{plan}"));
+        assert!(scan.contains("user_created"), "{plan}");
+        let estimated: u64 = scan
+            .split("rows=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no estimate:\n{plan}"));
+        assert!(
+            estimated <= 2 * actual,
+            "estimated {estimated} rows of the user's {actual}:\n{plan}"
+        );
+        let index_cond = plan
+            .lines()
+            .find(|l| l.contains("Index Cond:"))
+            .unwrap_or_else(|| panic!("no index condition:\n{plan}"));
+        assert!(
+            !index_cond.contains("(user_id = "),
+            "the user is an index key of its own:\n{plan}"
+        );
+    }
+}
