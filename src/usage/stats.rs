@@ -2409,10 +2409,18 @@ pub async fn user_bounds<C: ConnectionTrait>(
     // A user's light years have no month cells (migration 000032): a listed user's months
     // of a light year in the cover are bounded by its year cell, and any other user's by the
     // most tokens a light year holds.
-    let years = cover_light_years(&cover_plan);
+    // A year whose largest light year holds no tokens adds nothing to anyone's bound, so its
+    // users' year cells are not looked up: at 10,000 users, where no year is light, that
+    // lookup of the ~400 listed users was 5 ms of every bounded `by_user` (its parse, plan and
+    // run).
+    let mut years = Vec::new();
     let mut missing = 0i64;
-    for year in &years {
-        missing = missing.saturating_add(light_year_top(db, *year).await?);
+    for year in cover_light_years(&cover_plan) {
+        let top = light_year_top(db, year).await?;
+        if top > 0 {
+            years.push(year);
+        }
+        missing = missing.saturating_add(top);
     }
     let stmt = match bounds_query(backend, &cover, &cover_plan, n) {
         BoundsQuery::Top { statement, k } => {

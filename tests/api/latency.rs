@@ -932,8 +932,8 @@ db_test!(
         assert_eq!(FULL_YEAR_CALLS, 10);
         let t = TestDb::migrated(backend).await;
         let db = &t.db;
-        let ids = users(db, &["rare1", "rare2", "mid", "heavy"]).await;
-        let (rare, mid, heavy) = (&ids[..2], ids[2], ids[3]);
+        let ids = users(db, &["rare1", "rare2", "mid", "heavy", "both"]).await;
+        let (rare, mid, heavy, both) = (&ids[..2], ids[2], ids[3], ids[4]);
         let mut rng = StdRng::seed_from_u64(32);
         let at = |y: i32, m: u32, d: u32| Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap();
         // May 2025 to February 2026: the rare users a few calls a year, `mid` ~3 a month (a
@@ -966,6 +966,25 @@ db_test!(
         }
         rows.extend(random_rows(&mut rng, &[mid], base, days, 120, 1_000));
         rows.extend(random_rows(&mut rng, &[heavy], base, days, 300, 2_000));
+        // `both`: a full 2025 of small calls in November and December, then a light 2026 of
+        // two calls with the most tokens of anyone there. Over November to February it is
+        // listed by its 2025 month cells, and its bound must hold its light 2026 too.
+        for (k, mut r) in random_rows(&mut rng, &[both], at(2025, 11, 1), 60, 12, 3_000)
+            .into_iter()
+            .enumerate()
+        {
+            r.user_id = Some(both);
+            r.prompt_tokens = 10 + k as i32;
+            r.total_tokens = r.prompt_tokens + r.completion_tokens;
+            rows.push(r);
+        }
+        for (k, (m, d)) in [(1, 20), (2, 10)].into_iter().enumerate() {
+            let mut r = random_rows(&mut rng, &[both], at(2026, m, d), 1, 1, 3_100 + k as u128);
+            r[0].user_id = Some(both);
+            r[0].prompt_tokens = 500_000;
+            r[0].total_tokens = r[0].prompt_tokens + r[0].completion_tokens;
+            rows.extend(r);
+        }
         insert(db, &with_latencies(&mut rng, rows)).await;
         let mut filters = Vec::new();
         for id in &ids {
@@ -1029,6 +1048,7 @@ db_test!(
         fold(&t).await;
         assert_eq!(full_years(&t, heavy).await, 2);
         assert_eq!(full_years(&t, mid).await, 2);
+        assert_eq!(full_years(&t, both).await, 1);
         assert!(totals_month_cells(&t, mid).await >= 8);
         for id in rare {
             assert_eq!(full_years(&t, *id).await, 0, "{id}");
@@ -1184,5 +1204,55 @@ db_test!(
             assert_exact(db, &all_rows(db).await, f).await;
         }
         assert_verified(db).await;
+    }
+);
+
+db_test!(
+    async fn a_listed_users_light_year_counts_in_its_bound(backend: Backend) {
+        // Issue 16, migration 000032: `by_user` bounds a user listed by its month cells of one
+        // year with its year cell of a light year too. Here `both` is listed by its small
+        // November and December 2025 (a full year), and holds most in two calls of January
+        // 2026 (a light year); 22 others have more than its 2025 and less than its whole. Its
+        // light year is the largest there, yet less than the others' tokens: without it in
+        // its bound, the ranking stops at the others and leaves `both` out.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let names: Vec<String> = (0..23).map(|i| format!("lb{i}")).collect();
+        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let (both, others) = (ids[22], &ids[..22]);
+        let mut rng = StdRng::seed_from_u64(3232);
+        let at = |y: i32, m: u32, d: u32| Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap();
+        let mut rows = Vec::new();
+        let mut calls = |user: i32, start: DateTime<Utc>, days: i64, n: u128, tokens: i32| {
+            let first = 1 + 100 * rows.len() as u128;
+            for mut r in random_rows(&mut rng, &[user], start, days, n, first) {
+                r.user_id = Some(user);
+                (r.prompt_tokens, r.completion_tokens) = (tokens, 0);
+                (r.cached_tokens, r.reasoning_tokens) = (0, 0);
+                r.total_tokens = tokens;
+                rows.push(r);
+            }
+        };
+        for (i, user) in others.iter().enumerate() {
+            calls(*user, at(2025, 11, 1), 60, 12, 8_000 + 10 * i as i32);
+        }
+        calls(both, at(2025, 11, 1), 60, 12, 5_000);
+        calls(both, at(2026, 1, 10), 10, 2, 35_000);
+        insert(db, &rows).await;
+        fold(&t).await;
+        let filter = UsageFilter {
+            start: Some(at(2025, 11, 1)),
+            end: Some(at(2026, 2, 1) - Duration::microseconds(1)),
+            ..UsageFilter::default()
+        };
+        for limit in [1, 2] {
+            let got = stats::stats_by_user(db, &filter, limit).await.unwrap();
+            assert_eq!(
+                got,
+                stats::stats_by_user_raw(db, &filter, limit).await.unwrap(),
+                "by_user at {limit}"
+            );
+            assert_eq!(got[0].user_id, Some(both), "{got:?}");
+        }
     }
 );
