@@ -1598,6 +1598,25 @@ async fn index_count(t: &TestDb, name: &str) -> i64 {
     t.scalar_i64(&sql).await
 }
 
+/// PostgreSQL's `EXPLAIN` lines for `stmt` under the planner settings of one user's index
+/// range (`Dialect::user_range_settings`).
+async fn user_range_plan(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
+    let txn = db.begin().await.unwrap();
+    let settings = llm_tracker::db::Dialect::Postgres
+        .user_range_settings()
+        .unwrap();
+    txn.execute_unprepared(settings).await.unwrap();
+    let plan: Vec<String> = txn
+        .query_all_raw(plans::explain(DbBackend::Postgres, stmt))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get_by_index::<String>(0).unwrap())
+        .collect();
+    txn.rollback().await.unwrap();
+    plan.join("\n")
+}
+
 async fn plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
     let backend = db.get_database_backend();
     let txn = db.begin().await.unwrap();
@@ -3189,20 +3208,7 @@ db_test!(
                 "{}",
                 stmt.sql
             );
-            let txn = db.begin().await.unwrap();
-            let settings = llm_tracker::db::Dialect::of(backend)
-                .user_range_settings()
-                .unwrap();
-            txn.execute_unprepared(settings).await.unwrap();
-            let explained: Vec<String> = txn
-                .query_all_raw(plans::explain(backend, &stmt))
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.try_get_by_index::<String>(0).unwrap())
-                .collect();
-            txn.rollback().await.unwrap();
-            let explained = explained.join("\n");
+            let explained = user_range_plan(db, &stmt).await;
             assert!(
                 explained.contains("Index Scan using llm_tracker_usage_user_created_idx")
                     && !explained.contains("Bitmap"),
@@ -3722,30 +3728,13 @@ mod one_users_range_is_estimated_as_that_users_rows {
         .await
         .unwrap();
         assert!(actual > 50, "{actual}");
-        let mut explain = usage::Entity::find()
+        let stmt = usage::Entity::find()
             .select_only()
             .expr(Expr::cust("COUNT(*)"))
             .filter(filter.user_range_condition(backend).unwrap())
             .group_by(Expr::cust("date_trunc('day', created_at)"))
             .build(backend);
-        explain.sql = format!("EXPLAIN {}", explain.sql);
-        let txn = db.begin().await.unwrap();
-        txn.execute_unprepared(
-            llm_tracker::db::Dialect::Postgres
-                .user_range_settings()
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-        let plan: Vec<String> = txn
-            .query_all_raw(explain)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.try_get_by_index::<String>(0).unwrap())
-            .collect();
-        txn.rollback().await.unwrap();
-        let plan = plan.join("\n");
+        let plan = user_range_plan(db, &stmt).await;
         let scan = plan
             .lines()
             .find(|l| l.contains("Index Scan") || l.contains("Index Only Scan"))
