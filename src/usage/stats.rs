@@ -2497,21 +2497,39 @@ pub async fn light_year_tokens<C: ConnectionTrait>(
         return Ok(out);
     }
     let list = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
-    let users = match keys {
-        Some(keys) => format!(" AND t.user_key IN ({})", list(keys)),
-        None => String::new(),
+    let backend = db.get_database_backend();
+    let year = Calendar::Year.code();
+    let not_full = format!(
+        "t.user_key < {ALL_USERS} AND NOT EXISTS \
+         (SELECT 1 FROM {FULL_YEAR_TABLE} y WHERE y.user_key = t.user_key AND y.slot = t.slot)"
+    );
+    let sql = match keys {
+        // PostgreSQL: one key lookup per listed user. Given `user_key IN (…)` it walked the
+        // year's cells by tokens instead and filtered the list out of them: 20–24 ms for 400
+        // users at 100,000 (every user's year cell), 2.2 ms this way (`EXPLAIN ANALYZE`).
+        Some(keys) if backend == DbBackend::Postgres => format!(
+            "SELECT t.user_key, t.total_tokens FROM (VALUES {}) u (k) CROSS JOIN LATERAL \
+             (SELECT c.user_key, c.slot, c.total_tokens FROM {TOTALS_TABLE} c \
+             WHERE c.grain = {year} AND c.user_key = u.k AND c.slot IN ({}) OFFSET 0) t \
+             WHERE {not_full}",
+            keys.iter()
+                .map(|k| format!("({k})"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            list(years),
+        ),
+        _ => format!(
+            "SELECT t.user_key, t.total_tokens FROM {TOTALS_TABLE} t WHERE t.grain = {year} \
+             AND t.slot IN ({}){} AND {not_full}",
+            list(years),
+            match keys {
+                Some(keys) => format!(" AND t.user_key IN ({})", list(keys)),
+                None => String::new(),
+            },
+        ),
     };
     let rows = db
-        .query_all_raw(Statement::from_string(
-            db.get_database_backend(),
-            format!(
-                "SELECT t.user_key, t.total_tokens FROM {TOTALS_TABLE} t WHERE t.grain = {} \
-                 AND t.slot IN ({}) AND t.user_key < {ALL_USERS}{users} AND NOT EXISTS \
-                 (SELECT 1 FROM {FULL_YEAR_TABLE} y WHERE y.user_key = t.user_key AND y.slot = t.slot)",
-                Calendar::Year.code(),
-                list(years),
-            ),
-        ))
+        .query_all_raw(Statement::from_string(backend, sql))
         .await?;
     for r in &rows {
         let (key, tokens) = (int8_at(r, 0)?, int8_at(r, 1)?);
