@@ -250,7 +250,9 @@ db_test!(
                 "SELECT COUNT(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'llm_tracker_usage' AND name IN ('llm_tracker_usage_created_at_f9de3faa', 'llm_tracker_usage_user_created_idx', 'llm_tracker_usage_model_created_idx')"
             }
             Backend::Postgres => {
-                "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'llm_tracker_usage' AND indexdef IN ('CREATE INDEX llm_tracker_usage_created_at_f9de3faa ON public.llm_tracker_usage USING btree (created_at)', 'CREATE INDEX llm_tracker_usage_user_created_idx ON public.llm_tracker_usage USING btree (user_id, created_at)', 'CREATE INDEX llm_tracker_usage_model_created_idx ON public.llm_tracker_usage USING btree (model, created_at)')"
+                // The `(user_id, created_at)` index carries payload columns since migration
+                // 000033 (`INCLUDE (…)`): its keys are the SPEC's.
+                "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'llm_tracker_usage' AND (indexdef IN ('CREATE INDEX llm_tracker_usage_created_at_f9de3faa ON public.llm_tracker_usage USING btree (created_at)', 'CREATE INDEX llm_tracker_usage_model_created_idx ON public.llm_tracker_usage USING btree (model, created_at)') OR indexdef LIKE 'CREATE INDEX llm_tracker_usage_user_created_idx ON public.llm_tracker_usage USING btree (user_id, created_at) INCLUDE (%')"
             }
         };
         assert_eq!(t.scalar_i64(sql).await, 3);
@@ -352,5 +354,78 @@ mod the_usage_and_rollup_tables_are_analyzed_when_migrate_returns {
                 "{table}: reltuples {tuples} (never analyzed: -1)"
             );
         }
+    }
+}
+
+/// Migration 000033 (PostgreSQL): the `(user_id, created_at)` index carries the columns one
+/// user's reads take, under its own name and keys; the table is vacuumed after fewer inserts;
+/// `down` puts the plain index back and resets the table; a run cut off after the covering
+/// index was built (the plain one still there) finishes the swap when it runs again.
+mod the_user_index_covers_the_rows_reads {
+    use super::*;
+
+    async fn state(t: &TestDb) -> (i64, i64, String) {
+        let covering = t
+            .scalar_i64(
+                "SELECT COUNT(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE c.relname = 'llm_tracker_usage_user_created_idx' AND i.indisvalid \
+                 AND i.indnkeyatts = 2 AND i.indnatts = 12",
+            )
+            .await;
+        let indexes = t
+            .scalar_i64(
+                "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'llm_tracker_usage' \
+                 AND indexname LIKE 'llm_tracker_usage_user_created%'",
+            )
+            .await;
+        let options: Option<Vec<String>> = sea_orm::ConnectionTrait::query_one_raw(
+            &t.db,
+            sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT reloptions FROM pg_class WHERE relname = 'llm_tracker_usage'",
+            ),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get_by_index(0)
+        .unwrap();
+        (covering, indexes, options.unwrap_or_default().join(","))
+    }
+
+    #[actix_web::test]
+    async fn postgres() {
+        let t = TestDb::migrated(Backend::Postgres).await;
+        let vacuumed = "autovacuum_vacuum_insert_threshold=10000,\
+                        autovacuum_vacuum_insert_scale_factor=0.001";
+        assert_eq!(state(&t).await, (1, 1, vacuumed.to_owned()));
+
+        crate::helpers::down_through(&t.db, "m20261213_000033").await;
+        assert_eq!(state(&t).await, (0, 1, String::new()));
+        assert_eq!(
+            t.scalar_i64(
+                "SELECT COUNT(*) FROM pg_indexes WHERE indexdef = 'CREATE INDEX \
+                 llm_tracker_usage_user_created_idx ON public.llm_tracker_usage USING btree \
+                 (user_id, created_at)'"
+            )
+            .await,
+            1
+        );
+
+        // Cut off after the build: the covering index beside the plain one.
+        sea_orm::ConnectionTrait::execute_unprepared(
+            &t.db,
+            &format!(
+                "CREATE INDEX llm_tracker_usage_user_created_cover_idx ON llm_tracker_usage \
+                 (user_id, created_at) INCLUDE ({})",
+                migration::m20261213_000033_usage_user_rows_cover::INCLUDED
+            ),
+        )
+        .await
+        .unwrap();
+        Migrator::up(&t.db, None).await.unwrap();
+        assert_eq!(state(&t).await, (1, 1, vacuumed.to_owned()));
+        Migrator::up(&t.db, None).await.unwrap();
+        assert_eq!(state(&t).await, (1, 1, vacuumed.to_owned()));
     }
 }

@@ -3209,8 +3209,12 @@ db_test!(
                 stmt.sql
             );
             let explained = user_range_plan(db, &stmt).await;
+            // (An index-only scan since migration 000033, where the table's pages are
+            // known all-visible.)
             assert!(
-                explained.contains("Index Scan using llm_tracker_usage_user_created_idx")
+                (explained.contains("Index Scan using llm_tracker_usage_user_created_idx")
+                    || explained
+                        .contains("Index Only Scan using llm_tracker_usage_user_created_idx"))
                     && !explained.contains("Bitmap"),
                 "{explained}"
             );
@@ -3758,5 +3762,93 @@ mod one_users_range_is_estimated_as_that_users_rows {
             !index_cond.contains("(user_id = "),
             "the user is an index key of its own:\n{plan}"
         );
+    }
+}
+
+mod one_users_rows_are_read_from_the_index_alone {
+    use super::*;
+    use crate::helpers::Backend;
+
+    /// The plan lines that scan the usage table itself (not a rollup table).
+    fn usage_scans(plan: &str) -> Vec<&str> {
+        plan.lines()
+            .filter(|l| {
+                l.split(" on llm_tracker_usage")
+                    .skip(1)
+                    .any(|rest| rest.is_empty() || rest.starts_with(' '))
+            })
+            .collect()
+    }
+
+    #[actix_web::test]
+    async fn postgres() {
+        // Issue 16, migration 000033: the `(user_id, created_at)` index carries the columns
+        // the statistics read of a row, so every read of one user's rows — the edges, a
+        // series' days the cells do not fit, the per-model days outside whole months — is an
+        // index-only scan that visits no heap page once the table is vacuumed (the user's rows
+        // lie one or two to a heap page; the user's entries lie together in the index).
+        let t = TestDb::migrated(Backend::Postgres).await;
+        let db = &t.db;
+        let names: Vec<String> = (0..20).map(|i| format!("cov{i}")).collect();
+        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let mut rng = StdRng::seed_from_u64(3300);
+        let now = Utc::now();
+        let base = now - Duration::days(60);
+        insert(db, &random_rows(&mut rng, &ids, base, 60, 3000, 1)).await;
+        db.execute_unprepared("VACUUM (ANALYZE) llm_tracker_usage")
+            .await
+            .unwrap();
+        let backend = DbBackend::Postgres;
+        let user = ids[3];
+        let start = base + Duration::days(10) + Duration::minutes(13 * 60 + 7);
+        // A range reaching the present: its rows are read as a range of the index
+        // (`UsageFilter::user_range_condition`). (A range that ended before yesterday keeps the
+        // plain condition under a bitmap scan, `Dialect::user_rows_settings`, whose plain
+        // index scans off are index-only scans off too: those reads visit the heap as before.)
+        let filters = [UsageFilter {
+            start: Some(start),
+            user_id: Some(user),
+            ..Default::default()
+        }];
+        for filter in &filters {
+            let statements = plans::token_stats_statements(db, filter, Some(Granularity::Day))
+                .await
+                .unwrap();
+            let mut scans = 0;
+            for stmt in &statements {
+                // (The start's partial day ended in the past: the plain condition, above.)
+                if !stmt.sql.contains("(user_id, created_at) >=") {
+                    continue;
+                }
+                let settings = llm_tracker::db::Dialect::Postgres.user_range_settings();
+                let txn = db.begin().await.unwrap();
+                txn.execute_unprepared(settings.unwrap()).await.unwrap();
+                let plan: Vec<String> = txn
+                    .query_all_raw(sea_orm::Statement {
+                        sql: format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {}", stmt.sql),
+                        values: stmt.values.clone(),
+                        db_backend: backend,
+                    })
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.try_get_by_index::<String>(0).unwrap())
+                    .collect();
+                txn.rollback().await.unwrap();
+                let plan = plan.join("\n");
+                for scan in usage_scans(&plan) {
+                    scans += 1;
+                    assert!(
+                        scan.contains("Index Only Scan using llm_tracker_usage_user_created_idx"),
+                        "not read from the index alone:\n{}\n{plan}",
+                        stmt.sql
+                    );
+                }
+                for fetches in plan.lines().filter(|l| l.contains("Heap Fetches:")) {
+                    assert!(fetches.trim().ends_with(": 0"), "{plan}");
+                }
+            }
+            assert!(scans >= 2, "{filter:?}: {scans} reads of the user's rows");
+        }
     }
 }
