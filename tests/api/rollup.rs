@@ -3780,6 +3780,44 @@ mod one_users_rows_are_read_from_the_index_alone {
             .collect()
     }
 
+    /// `EXPLAIN ANALYZE` of every statement of a token-stats request that reads the user's
+    /// rows, each under the settings its read runs under (`UsageFilter::rows_settings`: a
+    /// range of the index, or the plain condition for a range that ended before yesterday),
+    /// as (whether it is a range of the index, the plan).
+    async fn user_row_plans(db: &DatabaseConnection, filter: &UsageFilter) -> Vec<(bool, String)> {
+        let dialect = llm_tracker::db::Dialect::Postgres;
+        let mut out = Vec::new();
+        for stmt in plans::token_stats_statements(db, filter, Some(Granularity::Day))
+            .await
+            .unwrap()
+        {
+            if !stmt.sql.contains("FROM \"llm_tracker_usage\"") {
+                continue;
+            }
+            let range = stmt.sql.contains("(user_id, created_at) >=");
+            let settings = match range {
+                true => dialect.user_range_settings(),
+                false => dialect.user_rows_settings(),
+            };
+            let txn = db.begin().await.unwrap();
+            txn.execute_unprepared(settings.unwrap()).await.unwrap();
+            let plan: Vec<String> = txn
+                .query_all_raw(sea_orm::Statement {
+                    sql: format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {}", stmt.sql),
+                    values: stmt.values.clone(),
+                    db_backend: DbBackend::Postgres,
+                })
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.try_get_by_index::<String>(0).unwrap())
+                .collect();
+            txn.rollback().await.unwrap();
+            out.push((range, plan.join("\n")));
+        }
+        out
+    }
+
     #[actix_web::test]
     async fn postgres() {
         // Issue 16, migration 000033: the `(user_id, created_at)` index carries the columns
@@ -3795,60 +3833,71 @@ mod one_users_rows_are_read_from_the_index_alone {
         let now = Utc::now();
         let base = now - Duration::days(60);
         insert(db, &random_rows(&mut rng, &ids, base, 60, 3000, 1)).await;
+        let user = ids[3];
+        let start = base + Duration::days(10) + Duration::minutes(13 * 60 + 7);
+        let filters = [
+            // Reaching the present: read as ranges of the index, but for the start's partial
+            // day (the plain condition, since it ended in the past).
+            UsageFilter {
+                start: Some(start),
+                user_id: Some(user),
+                ..Default::default()
+            },
+            // Ending in the past: the plain condition throughout.
+            UsageFilter {
+                start: Some(start),
+                end: Some(now - Duration::days(5) - Duration::minutes(7 * 60 + 30)),
+                user_id: Some(user),
+                ..Default::default()
+            },
+        ];
+
+        // Analyzed, not vacuumed (a table just loaded): no page is known all-visible, so the
+        // plain condition is read by a bitmap scan of the user's index, never through the
+        // `created_at` index (`Dialect::user_rows_settings`).
+        db.execute_unprepared("ANALYZE llm_tracker_usage")
+            .await
+            .unwrap();
+        let mut plain = 0;
+        for filter in &filters {
+            for (range, plan) in user_row_plans(db, filter).await {
+                if !range {
+                    plain += 1;
+                    for scan in usage_scans(&plan) {
+                        assert!(scan.contains("Bitmap Heap Scan"), "{plan}");
+                    }
+                    assert!(
+                        plan.contains("Bitmap Index Scan on llm_tracker_usage_user_created_idx"),
+                        "{plan}"
+                    );
+                }
+            }
+        }
+        assert!(plain >= 3, "{plain} reads under the plain condition");
+
+        // Vacuumed: every read of the user's rows is an index-only scan of its index.
         db.execute_unprepared("VACUUM (ANALYZE) llm_tracker_usage")
             .await
             .unwrap();
-        let backend = DbBackend::Postgres;
-        let user = ids[3];
-        let start = base + Duration::days(10) + Duration::minutes(13 * 60 + 7);
-        // A range reaching the present: its rows are read as a range of the index
-        // (`UsageFilter::user_range_condition`). (A range that ended before yesterday keeps the
-        // plain condition under a bitmap scan, `Dialect::user_rows_settings`, whose plain
-        // index scans off are index-only scans off too: those reads visit the heap as before.)
-        let filters = [UsageFilter {
-            start: Some(start),
-            user_id: Some(user),
-            ..Default::default()
-        }];
+        let mut ranges = 0;
         for filter in &filters {
-            let statements = plans::token_stats_statements(db, filter, Some(Granularity::Day))
-                .await
-                .unwrap();
-            let mut scans = 0;
-            for stmt in &statements {
-                // (The start's partial day ended in the past: the plain condition, above.)
-                if !stmt.sql.contains("(user_id, created_at) >=") {
-                    continue;
-                }
-                let settings = llm_tracker::db::Dialect::Postgres.user_range_settings();
-                let txn = db.begin().await.unwrap();
-                txn.execute_unprepared(settings.unwrap()).await.unwrap();
-                let plan: Vec<String> = txn
-                    .query_all_raw(sea_orm::Statement {
-                        sql: format!("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {}", stmt.sql),
-                        values: stmt.values.clone(),
-                        db_backend: backend,
-                    })
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.try_get_by_index::<String>(0).unwrap())
-                    .collect();
-                txn.rollback().await.unwrap();
-                let plan = plan.join("\n");
-                for scan in usage_scans(&plan) {
-                    scans += 1;
+            let plans = user_row_plans(db, filter).await;
+            assert!(plans.len() >= 3, "{filter:?}: {} reads", plans.len());
+            for (range, plan) in &plans {
+                ranges += usize::from(*range);
+                let scans = usage_scans(plan);
+                assert!(!scans.is_empty(), "{plan}");
+                for scan in scans {
                     assert!(
                         scan.contains("Index Only Scan using llm_tracker_usage_user_created_idx"),
-                        "not read from the index alone:\n{}\n{plan}",
-                        stmt.sql
+                        "not read from the index alone:\n{plan}"
                     );
                 }
                 for fetches in plan.lines().filter(|l| l.contains("Heap Fetches:")) {
                     assert!(fetches.trim().ends_with(": 0"), "{plan}");
                 }
             }
-            assert!(scans >= 2, "{filter:?}: {scans} reads of the user's rows");
         }
+        assert!(ranges >= 2, "{ranges} reads as a range of the index");
     }
 }
