@@ -130,6 +130,12 @@ pub(crate) async fn users(db: &DatabaseConnection, names: &[&str]) -> Vec<i32> {
     ids
 }
 
+/// `n` users named `{prefix}0`, `{prefix}1`, …: their ids.
+pub(crate) async fn numbered_users(db: &DatabaseConnection, prefix: &str, n: usize) -> Vec<i32> {
+    let names: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
 /// Random rows around the slot grid over `days` days from `base`, with latencies (and clock
 /// skew), failures, unpriced models, and calls made for no user.
 pub(crate) fn random_rows(
@@ -3708,8 +3714,7 @@ mod one_users_range_is_estimated_as_that_users_rows {
         // of its own, which would start the scan at the user's first entry, not the range's.
         let t = TestDb::migrated(Backend::Postgres).await;
         let db = &t.db;
-        let names: Vec<String> = (0..40).map(|i| format!("est{i}")).collect();
-        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let ids = numbered_users(db, "est", 40).await;
         let mut rng = StdRng::seed_from_u64(1616);
         let base = Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap();
         insert(db, &random_rows(&mut rng, &ids, base, 60, 4000, 1)).await;
@@ -3827,8 +3832,7 @@ mod one_users_rows_are_read_from_the_index_alone {
         // lie one or two to a heap page; the user's entries lie together in the index).
         let t = TestDb::migrated(Backend::Postgres).await;
         let db = &t.db;
-        let names: Vec<String> = (0..20).map(|i| format!("cov{i}")).collect();
-        let ids = users(db, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let ids = numbered_users(db, "cov", 20).await;
         let mut rng = StdRng::seed_from_u64(3300);
         let now = Utc::now();
         let base = now - Duration::days(60);
