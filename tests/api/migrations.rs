@@ -429,3 +429,37 @@ mod the_user_index_covers_the_rows_reads {
         assert_eq!(state(&t).await, (1, 1, vacuumed.to_owned()));
     }
 }
+
+/// `migrate` vacuums the usage table too when it applied a migration (PostgreSQL), so that the
+/// `(user_id, created_at)` index's reads are index-only from the first request after an
+/// upgrade (migration 000033), and leaves it alone when nothing was pending.
+mod migrate_vacuums_the_usage_table {
+    use super::*;
+
+    async fn vacuums(t: &TestDb) -> i64 {
+        t.scalar_i64(
+            "SELECT CAST(vacuum_count AS BIGINT) FROM pg_stat_user_tables \
+             WHERE relname = 'llm_tracker_usage'",
+        )
+        .await
+    }
+
+    #[actix_web::test]
+    async fn postgres() {
+        let t = TestDb::migrated(Backend::Postgres).await;
+        crate::helpers::down_through(&t.db, "m20261213_000033").await;
+        let before = vacuums(&t).await;
+        llm_tracker::db::migrate(&t.db).await.unwrap();
+        assert_eq!(
+            vacuums(&t).await,
+            before + 1,
+            "vacuumed after applying 000033"
+        );
+        llm_tracker::db::migrate(&t.db).await.unwrap();
+        assert_eq!(
+            vacuums(&t).await,
+            before + 1,
+            "nothing pending, nothing vacuumed"
+        );
+    }
+}
