@@ -39,6 +39,7 @@ pub mod m20261210_000030_rollup_full_months_by_model;
 pub mod m20261211_000031_rollup_light_days;
 pub mod m20261212_000032_rollup_light_years;
 pub mod m20261213_000033_usage_user_rows_cover;
+pub mod m20261214_000034_usage_no_user_rows_cover;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -94,6 +95,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261211_000031_rollup_light_days::Migration),
             Box::new(m20261212_000032_rollup_light_years::Migration),
             Box::new(m20261213_000033_usage_user_rows_cover::Migration),
+            Box::new(m20261214_000034_usage_no_user_rows_cover::Migration),
         ]
     }
 }

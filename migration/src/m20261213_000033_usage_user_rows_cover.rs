@@ -28,7 +28,7 @@
 //! The SQL is written out here, not generated from live code.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
+use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
 
 /// The index of one user's rows (its name since migration 000002).
 pub const INDEX: &str = "llm_tracker_usage_user_created_idx";
@@ -46,51 +46,15 @@ pub const INCLUDED: &str = "model, prompt_tokens, completion_tokens, total_token
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-/// Whether the index `name` exists, and whether it carries payload columns.
-async fn index_state(manager: &SchemaManager<'_>, name: &str) -> Result<Option<bool>, DbErr> {
-    let row = manager
-        .get_connection()
-        .query_one_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            "SELECT i.indnatts > i.indnkeyatts AS covers FROM pg_index i \
-             JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = $1 AND i.indisvalid",
-            [name.into()],
-        ))
-        .await?;
-    match row {
-        Some(row) => Ok(Some(row.try_get("", "covers")?)),
-        None => Ok(None),
-    }
-}
-
-/// Replaces [`INDEX`] by the index `create` builds under the name `temporary`, unless
-/// [`INDEX`] already covers (`covering`) or not, as wanted.
-async fn swap(
-    manager: &SchemaManager<'_>,
-    covering: bool,
-    temporary: &str,
-    create: &str,
-) -> Result<(), DbErr> {
-    if index_state(manager, INDEX).await? == Some(covering) {
-        return Ok(());
-    }
-    crate::util::create_index(manager, temporary, create, None).await?;
-    let db = manager.get_connection();
-    db.execute_unprepared(&format!("DROP INDEX CONCURRENTLY IF EXISTS {INDEX}"))
-        .await?;
-    db.execute_unprepared(&format!("ALTER INDEX {temporary} RENAME TO {INDEX}"))
-        .await?;
-    Ok(())
-}
-
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         if manager.get_database_backend() != DbBackend::Postgres {
             return Ok(());
         }
-        swap(
+        crate::util::swap_index(
             manager,
+            INDEX,
             true,
             COVER,
             &format!(
@@ -113,8 +77,9 @@ impl MigrationTrait for Migration {
         if manager.get_database_backend() != DbBackend::Postgres {
             return Ok(());
         }
-        swap(
+        crate::util::swap_index(
             manager,
+            INDEX,
             false,
             PLAIN,
             &format!(

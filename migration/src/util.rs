@@ -145,3 +145,46 @@ pub async fn create_index(
     }
     Ok(())
 }
+
+/// PostgreSQL: whether the valid index `name` exists, and whether it carries payload columns
+/// (`INCLUDE`).
+pub async fn index_covers(manager: &SchemaManager<'_>, name: &str) -> Result<Option<bool>, DbErr> {
+    let row = manager
+        .get_connection()
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT i.indnatts > i.indnkeyatts AS covers FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = $1 AND i.indisvalid",
+            [name.into()],
+        ))
+        .await?;
+    match row {
+        Some(row) => Ok(Some(row.try_get("", "covers")?)),
+        None => Ok(None),
+    }
+}
+
+/// PostgreSQL: replaces the index `name` by the one `create` builds (`CREATE INDEX
+/// CONCURRENTLY IF NOT EXISTS`) under the name `temporary`, unless `name` already carries
+/// payload columns (`covering`) or not, as wanted. The new index is built beside the old one,
+/// the old one dropped `CONCURRENTLY` and the new one renamed: writers go on throughout, and a
+/// run cut off midway finishes the swap when it runs again. The migration runs outside a
+/// transaction.
+pub async fn swap_index(
+    manager: &SchemaManager<'_>,
+    name: &str,
+    covering: bool,
+    temporary: &str,
+    create: &str,
+) -> Result<(), DbErr> {
+    if index_covers(manager, name).await? == Some(covering) {
+        return Ok(());
+    }
+    create_index(manager, temporary, create, None).await?;
+    let db = manager.get_connection();
+    db.execute_unprepared(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+        .await?;
+    db.execute_unprepared(&format!("ALTER INDEX {temporary} RENAME TO {name}"))
+        .await?;
+    Ok(())
+}

@@ -430,6 +430,73 @@ mod the_user_index_covers_the_rows_reads {
     }
 }
 
+/// Migration 000034 (PostgreSQL): the partial index of the calls made for no user carries the
+/// columns their reads take (and `user_id`), under its own name, key and predicate; `down` puts
+/// the plain index back; a run cut off after the covering index was built (the plain one still
+/// there) finishes the swap when it runs again.
+mod the_no_user_index_covers_the_rows_reads {
+    use super::*;
+
+    /// (the index covers, indexes of that name's stem, its predicate)
+    async fn state(t: &TestDb) -> (i64, i64, i64) {
+        let covering = t
+            .scalar_i64(
+                "SELECT COUNT(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE c.relname = 'llm_tracker_usage_no_user_created_idx' AND i.indisvalid \
+                 AND i.indnkeyatts = 1 AND i.indnatts = 12",
+            )
+            .await;
+        let indexes = t
+            .scalar_i64(
+                "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'llm_tracker_usage' \
+                 AND indexname LIKE 'llm_tracker_usage_no_user_created%'",
+            )
+            .await;
+        let predicate = t
+            .scalar_i64(
+                "SELECT COUNT(*) FROM pg_indexes WHERE indexname = \
+                 'llm_tracker_usage_no_user_created_idx' AND indexdef LIKE \
+                 '% USING btree (created_at) %WHERE (user_id IS NULL)'",
+            )
+            .await;
+        (covering, indexes, predicate)
+    }
+
+    #[actix_web::test]
+    async fn postgres() {
+        let t = TestDb::migrated(Backend::Postgres).await;
+        assert_eq!(state(&t).await, (1, 1, 1));
+
+        crate::helpers::down_through(&t.db, "m20261214_000034").await;
+        assert_eq!(state(&t).await, (0, 1, 1));
+        assert_eq!(
+            t.scalar_i64(
+                "SELECT COUNT(*) FROM pg_indexes WHERE indexdef = 'CREATE INDEX \
+                 llm_tracker_usage_no_user_created_idx ON public.llm_tracker_usage USING btree \
+                 (created_at) WHERE (user_id IS NULL)'"
+            )
+            .await,
+            1
+        );
+
+        // Cut off after the build: the covering index beside the plain one.
+        sea_orm::ConnectionTrait::execute_unprepared(
+            &t.db,
+            &format!(
+                "CREATE INDEX llm_tracker_usage_no_user_created_cover_idx ON llm_tracker_usage \
+                 (created_at) INCLUDE ({}) WHERE user_id IS NULL",
+                migration::m20261214_000034_usage_no_user_rows_cover::INCLUDED
+            ),
+        )
+        .await
+        .unwrap();
+        Migrator::up(&t.db, None).await.unwrap();
+        assert_eq!(state(&t).await, (1, 1, 1));
+        Migrator::up(&t.db, None).await.unwrap();
+        assert_eq!(state(&t).await, (1, 1, 1));
+    }
+}
+
 /// `migrate` vacuums the usage table too when it applied a migration (PostgreSQL), so that the
 /// `(user_id, created_at)` index's reads are index-only from the first request after an
 /// upgrade (migration 000033), and leaves it alone when nothing was pending.
