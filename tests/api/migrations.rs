@@ -357,6 +357,26 @@ mod the_usage_and_rollup_tables_are_analyzed_when_migrate_returns {
     }
 }
 
+/// PostgreSQL: whether the valid index `{stem}_idx` has `keys` key columns and 12 columns in
+/// all (the payload of migrations 000033–000034), and how many indexes of the usage table
+/// have names starting with `stem` (the index and any left beside it by a swap).
+async fn index_shape(t: &TestDb, stem: &str, keys: i64) -> (i64, i64) {
+    let covering = t
+        .scalar_i64(&format!(
+            "SELECT COUNT(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE c.relname = '{stem}_idx' AND i.indisvalid \
+             AND i.indnkeyatts = {keys} AND i.indnatts = 12"
+        ))
+        .await;
+    let indexes = t
+        .scalar_i64(&format!(
+            "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'llm_tracker_usage' \
+             AND indexname LIKE '{stem}%'"
+        ))
+        .await;
+    (covering, indexes)
+}
+
 /// Migration 000033 (PostgreSQL): the `(user_id, created_at)` index carries the columns one
 /// user's reads take, under its own name and keys; the table is vacuumed after fewer inserts;
 /// `down` puts the plain index back and resets the table; a run cut off after the covering
@@ -365,19 +385,7 @@ mod the_user_index_covers_the_rows_reads {
     use super::*;
 
     async fn state(t: &TestDb) -> (i64, i64, String) {
-        let covering = t
-            .scalar_i64(
-                "SELECT COUNT(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                 WHERE c.relname = 'llm_tracker_usage_user_created_idx' AND i.indisvalid \
-                 AND i.indnkeyatts = 2 AND i.indnatts = 12",
-            )
-            .await;
-        let indexes = t
-            .scalar_i64(
-                "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'llm_tracker_usage' \
-                 AND indexname LIKE 'llm_tracker_usage_user_created%'",
-            )
-            .await;
+        let (covering, indexes) = index_shape(t, "llm_tracker_usage_user_created", 2).await;
         let options: Option<Vec<String>> = sea_orm::ConnectionTrait::query_one_raw(
             &t.db,
             sea_orm::Statement::from_string(
@@ -439,19 +447,7 @@ mod the_no_user_index_covers_the_rows_reads {
 
     /// (the index covers, indexes of that name's stem, its predicate)
     async fn state(t: &TestDb) -> (i64, i64, i64) {
-        let covering = t
-            .scalar_i64(
-                "SELECT COUNT(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                 WHERE c.relname = 'llm_tracker_usage_no_user_created_idx' AND i.indisvalid \
-                 AND i.indnkeyatts = 1 AND i.indnatts = 12",
-            )
-            .await;
-        let indexes = t
-            .scalar_i64(
-                "SELECT COUNT(*) FROM pg_indexes WHERE tablename = 'llm_tracker_usage' \
-                 AND indexname LIKE 'llm_tracker_usage_no_user_created%'",
-            )
-            .await;
+        let (covering, indexes) = index_shape(t, "llm_tracker_usage_no_user_created", 1).await;
         let predicate = t
             .scalar_i64(
                 "SELECT COUNT(*) FROM pg_indexes WHERE indexname = \
