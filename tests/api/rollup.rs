@@ -1380,16 +1380,36 @@ db_test!(
             "{explained}"
         );
         // Migration 000034: once the table is vacuumed, the calls made for no user are read
-        // from their index alone, as the users' rows from theirs (000033).
+        // from their index alone, as the users' rows from theirs (000033) — on the statement's
+        // generic plan too, which the statistics run it on (the list is one parameter).
         if pg {
             vacuum_until_all_visible(&t).await;
             let explained = plan_of(db, &stmt).await;
+            let generic = generic_plan_of(db, &stmt).await;
             assert!(
                 explained.contains("Index Only Scan using llm_tracker_usage_no_user_created_idx")
                     && explained
                         .contains("Index Only Scan using llm_tracker_usage_user_created_idx"),
                 "not read from the indexes alone:\n{explained}"
             );
+            // The generic plan reads each part as a range of an index, alone: the no-user
+            // calls from their partial index or as the `user_id IS NULL` range of the user
+            // index, whichever the planner prices lower (on this small table, the latter).
+            let scans: Vec<&str> = generic
+                .lines()
+                .filter(|l| l.contains(" on llm_tracker_usage"))
+                .collect();
+            assert!(
+                generic.contains("$1")
+                    && scans.len() == 2
+                    && scans.iter().all(|l| l.contains("Index Only Scan using"))
+                    && !generic.contains("llm_tracker_usage_created_at_f9de3faa"),
+                "not read from the indexes alone on the generic plan:\n{generic}"
+            );
+            // The statement's text does not depend on the list's length.
+            let more =
+                stats::raw_user_statement(backend, &part, Some(&[keys[0], keys[1], keys[2], 7, 8]));
+            assert_eq!(more.sql, stmt.sql);
         }
         // Users only; no user only; nobody.
         let users_only = stats::raw_user_statement(backend, &part, Some(&keys[..2]));
@@ -1661,6 +1681,41 @@ async fn vacuum_until_all_visible(t: &TestDb) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// PostgreSQL: the generic plan of `stmt` (`PREPARE`, then `EXPLAIN EXECUTE` under
+/// `plan_cache_mode = force_generic_plan`, the statement's values given as literals), under
+/// the statistics' planner settings.
+async fn generic_plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
+    use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder};
+    let args: Vec<String> = stmt
+        .values
+        .iter()
+        .flat_map(|v| v.0.iter())
+        .map(|v| PostgresQueryBuilder.value_to_string(v))
+        .collect();
+    let txn = db.begin().await.unwrap();
+    if let Some(settings) = plans::token_stats_settings(DbBackend::Postgres) {
+        txn.execute_unprepared(&settings).await.unwrap();
+    }
+    txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    txn.execute_unprepared(&format!("PREPARE generic_plan_of AS {}", stmt.sql))
+        .await
+        .unwrap();
+    let rows = txn
+        .query_all_raw(sea_orm::Statement::from_string(
+            DbBackend::Postgres,
+            format!("EXPLAIN EXECUTE generic_plan_of({})", args.join(", ")),
+        ))
+        .await
+        .unwrap();
+    txn.rollback().await.unwrap();
+    rows.iter()
+        .map(|r| r.try_get_by_index::<String>(0).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 async fn plan_of(db: &DatabaseConnection, stmt: &sea_orm::Statement) -> String {
