@@ -1546,9 +1546,10 @@ async fn raw_user_groups_of<C: ConnectionTrait>(
     let stmt = raw_user_statement(backend, filter, users);
     // PostgreSQL: a listed users' statement on its generic plan (the same plan at every
     // execution: one index-only range per user, and the no-user calls' partial index). Its
-    // custom plan was made again at each execution, ~2 ms of the 77 chosen users' partial day
-    // at 10,000 users; `SET LOCAL` keeps the mode to this statement's transaction and it is
-    // set back before any other statement runs.
+    // custom plan was made again at each execution: 0.65 ms of its bind, against 0.12 on the
+    // generic plan (the 77 chosen users' partial day at 10,000 users). `SET LOCAL` keeps the
+    // mode to this transaction, and it is set back to the server's default before any other
+    // statement runs.
     let generic = backend == DbBackend::Postgres && users.is_some_and(|u| !u.is_empty());
     if generic {
         db.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
@@ -1556,7 +1557,7 @@ async fn raw_user_groups_of<C: ConnectionTrait>(
     }
     let rows = db.query_all_raw(stmt).await?;
     if generic {
-        db.execute_unprepared("SET LOCAL plan_cache_mode = auto")
+        db.execute_unprepared("SET LOCAL plan_cache_mode TO DEFAULT")
             .await?;
     }
     rows.iter()
