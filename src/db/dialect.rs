@@ -349,6 +349,20 @@ impl Dialect {
         self == Self::Postgres
     }
 
+    /// The statements around one statement to run on its generic plan (PostgreSQL, inside a
+    /// transaction): before it, the mode that plans it once per prepared statement; after it,
+    /// the server's default back. A statement whose text is the same for every list (a list
+    /// as one array parameter) is then planned once per connection, not at every execution.
+    pub fn generic_plan_settings(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::Postgres => Some((
+                "SET LOCAL plan_cache_mode = force_generic_plan",
+                "SET LOCAL plan_cache_mode TO DEFAULT",
+            )),
+            Self::Sqlite => None,
+        }
+    }
+
     /// Whether writes in this process take turns (SQLite: one writer at a time).
     pub fn single_writer(self) -> bool {
         self == Self::Sqlite

@@ -1550,15 +1550,15 @@ async fn raw_user_groups_of<C: ConnectionTrait>(
     // generic plan (the 77 chosen users' partial day at 10,000 users). `SET LOCAL` keeps the
     // mode to this transaction, and it is set back to the server's default before any other
     // statement runs.
-    let generic = backend == DbBackend::Postgres && users.is_some_and(|u| !u.is_empty());
-    if generic {
-        db.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
-            .await?;
+    let generic = Dialect::of(backend)
+        .generic_plan_settings()
+        .filter(|_| users.is_some_and(|u| !u.is_empty()));
+    if let Some((before, _)) = generic {
+        db.execute_unprepared(before).await?;
     }
     let rows = db.query_all_raw(stmt).await?;
-    if generic {
-        db.execute_unprepared("SET LOCAL plan_cache_mode TO DEFAULT")
-            .await?;
+    if let Some((_, after)) = generic {
+        db.execute_unprepared(after).await?;
     }
     rows.iter()
         .map(|r| {
@@ -1601,8 +1601,6 @@ pub fn raw_user_statement(
         .collect::<std::collections::BTreeSet<i32>>()
         .into_iter()
         .collect();
-    let tuples =
-        || -> Vec<ValueTuple> { ids.iter().map(|id| ValueTuple::One((*id).into())).collect() };
     let nobody = keys.iter().any(|k| rollup::user_of(*k).is_none());
     let l = Alias::new("l");
     let of_listed = Expr::col((usage::Entity, usage::Column::UserId))
@@ -1636,8 +1634,9 @@ pub fn raw_user_statement(
         } else {
             // The list first: SQLite keeps the tables of a `CROSS JOIN` in their order.
             let mut q = select().filter(of_listed).into_query();
+            let tuples = ids.iter().map(|id| ValueTuple::One((*id).into()));
             q.from_clear()
-                .from_values(tuples(), l)
+                .from_values(tuples, l)
                 .cross_join(usage::Entity);
             q
         }
