@@ -153,6 +153,42 @@ pub(crate) async fn export_snapshot(txn: &sea_orm::DatabaseTransaction) -> Resul
     .try_get_by_index(0)
 }
 
+/// A second read-only transaction that sees exactly what `txn` sees (its exported snapshot,
+/// [`export_snapshot`]), under the rollup's planner settings, on another connection of the
+/// pool — for a read to run two of its statements at once. `None` on SQLite, or where no
+/// connection is spare ([`spare_connections`]' rule: an idle one, or a new one within
+/// [`SPARE_CONNECT`] while the pool is under half its size).
+pub async fn snapshot_txn(
+    db: &DatabaseConnection,
+    txn: &sea_orm::DatabaseTransaction,
+) -> Result<Option<sea_orm::DatabaseTransaction>, DbErr> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(None);
+    }
+    let pool = db.get_postgres_connection_pool();
+    if pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections() / 2 {
+        return Ok(None);
+    }
+    let Ok(Ok(other)) = tokio::time::timeout(SPARE_CONNECT, read_txn(db)).await else {
+        return Ok(None);
+    };
+    let snapshot = export_snapshot(txn).await?;
+    // PostgreSQL names a snapshot in hex digits and dashes (`00000003-0000001B-1`); anything
+    // else is not written into a statement.
+    if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(DbErr::Custom(format!(
+            "an unexpected snapshot name {snapshot:?}"
+        )));
+    }
+    other
+        .execute_unprepared(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
+        .await?;
+    if let Some(settings) = Dialect::Postgres.rollup_settings() {
+        other.execute_unprepared(settings).await?;
+    }
+    Ok(Some(other))
+}
+
 /// How long a read waits for a new connection of its own beside the one it has
 /// ([`spare_connections`]); past it the read goes on with the one.
 const SPARE_CONNECT: Duration = Duration::from_millis(250);

@@ -1905,48 +1905,83 @@ pub async fn stats_by_user(
                 true => rollup::dense_users(&txn).await?,
                 false => Default::default(),
             };
-            // Every sum of those rows for the users `users` names (all without it).
-            let edges_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
-                let mut edges = Vec::new();
-                for (part, sign) in &parts {
-                    let split = users
-                        .filter(|_| !dense.is_empty())
-                        .and_then(|keys| Some((keys, rollup::hour_split(part)?)));
-                    let Some((keys, (hours, around))) = split else {
-                        edges.extend(signed(raw_user_groups_of(&txn, part, users).await?, *sign));
-                        continue;
-                    };
-                    let (hourly, others): (Vec<i64>, Vec<i64>) = keys.iter().partition(|k| {
-                        dense
-                            .get(k)
-                            .is_some_and(|w| w.holds(hours.first, hours.end))
-                    });
-                    if !others.is_empty() {
-                        edges.extend(signed(
-                            raw_user_groups_of(&txn, part, Some(&others)).await?,
-                            *sign,
-                        ));
-                    }
-                    if hourly.is_empty() {
-                        continue;
-                    }
-                    let stmt = rollup::statement_with(
-                        backend,
-                        &rollup::hours_plan(hours),
-                        filter,
-                        rollup::GroupBy::User,
-                        rollup::Sums::All,
-                        Some(&hourly),
-                    );
-                    edges.extend(signed(rollup_user_groups(&txn, stmt).await?, *sign));
-                    for (rows, rows_sign) in &around {
-                        edges.extend(signed(
-                            raw_user_groups_of(&txn, rows, Some(&hourly)).await?,
-                            sign * rows_sign,
-                        ));
+            // Without a user filter, other transactions on the request's snapshot, one for each
+            // part (at most two): the chosen users' rows of each part are read on its own while
+            // the request's transaction reads their cells.
+            let mut besides = Vec::new();
+            if filter.user_id.is_none() {
+                while besides.len() < parts.len().min(2) {
+                    match crate::db::snapshot_txn(db, &txn).await? {
+                        Some(other) => besides.push(other),
+                        None => break,
                     }
                 }
+            }
+            // Every sum of the rows of `part` (with its sign) for the users `users` names (all
+            // without it), read on `txn`.
+            let part_edges = async |txn: &DatabaseTransaction,
+                                    (part, sign): &(UsageFilter, i64),
+                                    users: Option<&[i64]>|
+                   -> Result<Vec<UserGroup>, DbErr> {
+                let split = users
+                    .filter(|_| !dense.is_empty())
+                    .and_then(|keys| Some((keys, rollup::hour_split(part)?)));
+                let Some((keys, (hours, around))) = split else {
+                    return Ok(signed(raw_user_groups_of(txn, part, users).await?, *sign).collect());
+                };
+                let mut edges = Vec::new();
+                let (hourly, others): (Vec<i64>, Vec<i64>) = keys.iter().partition(|k| {
+                    dense
+                        .get(k)
+                        .is_some_and(|w| w.holds(hours.first, hours.end))
+                });
+                if !others.is_empty() {
+                    edges.extend(signed(
+                        raw_user_groups_of(txn, part, Some(&others)).await?,
+                        *sign,
+                    ));
+                }
+                if hourly.is_empty() {
+                    return Ok(edges);
+                }
+                let stmt = rollup::statement_with(
+                    backend,
+                    &rollup::hours_plan(hours),
+                    filter,
+                    rollup::GroupBy::User,
+                    rollup::Sums::All,
+                    Some(&hourly),
+                );
+                edges.extend(signed(rollup_user_groups(txn, stmt).await?, *sign));
+                for (rows, rows_sign) in &around {
+                    edges.extend(signed(
+                        raw_user_groups_of(txn, rows, Some(&hourly)).await?,
+                        sign * rows_sign,
+                    ));
+                }
                 Ok(edges)
+            };
+            // The parts' sums for `users`: in turn on `txn`, or each on one of `besides` (in
+            // turn where two share one), all at once.
+            let edges_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
+                let chains: Vec<&DatabaseTransaction> = match besides.is_empty() {
+                    true => vec![&txn],
+                    false => besides.iter().collect(),
+                };
+                let n = chains.len();
+                let runs = chains.into_iter().enumerate().map(|(i, on)| {
+                    let part_edges = &part_edges;
+                    let parts = &parts;
+                    async move {
+                        let mut out = Vec::new();
+                        for part in parts.iter().skip(i).step_by(n) {
+                            out.extend(part_edges(on, part, users).await?);
+                        }
+                        Ok::<_, DbErr>(out)
+                    }
+                });
+                let all = futures_util::future::try_join_all(runs).await?;
+                Ok(all.into_iter().flatten().collect())
             };
             // Per model or outcome, the rows of users' light months inside the plan's whole
             // months (migration 000030).
@@ -1956,20 +1991,38 @@ pub async fn stats_by_user(
             };
             // Every sum of the users `users` names (all without it): cells, pending
             // contributions and the raw rows of `parts`.
+            // (The edge rows on the other transactions where there are any, at the same time.)
             let exact_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
-                let stmt = rollup::statement_with(
-                    backend,
-                    &plan,
-                    filter,
-                    rollup::GroupBy::User,
-                    rollup::Sums::All,
-                    users,
-                );
-                let mut out = rollup_user_groups(&txn, stmt).await?;
-                if !matches!(users, Some([])) {
-                    out.extend(light_day_groups(&txn, &plan, filter, users).await?);
-                    out.extend(light_year_groups(&txn, &plan, filter, users).await?);
-                }
+                let cells = async {
+                    let stmt = rollup::statement_with(
+                        backend,
+                        &plan,
+                        filter,
+                        rollup::GroupBy::User,
+                        rollup::Sums::All,
+                        users,
+                    );
+                    let mut out = rollup_user_groups(&txn, stmt).await?;
+                    if !matches!(users, Some([])) {
+                        out.extend(light_day_groups(&txn, &plan, filter, users).await?);
+                        out.extend(light_year_groups(&txn, &plan, filter, users).await?);
+                    }
+                    Ok::<_, DbErr>(out)
+                };
+                // Only the chosen users' edge rows: another user's partial sums must not rank.
+                let edges = async {
+                    match users {
+                        Some([]) => Ok(Vec::new()),
+                        users => edges_of(users).await,
+                    }
+                };
+                let (mut out, edges) = match besides.is_empty() {
+                    false => futures_util::try_join!(cells, edges)?,
+                    true => {
+                        let out = cells.await?;
+                        (out, edges.await?)
+                    }
+                };
                 out.extend(
                     light
                         .iter()
@@ -1979,14 +2032,10 @@ pub async fn stats_by_user(
                             sums: g.sums,
                         }),
                 );
-                // Only the chosen users' edge rows: another user's partial sums must not rank.
-                match users {
-                    Some([]) => {}
-                    users => out.extend(edges_of(users).await?),
-                }
+                out.extend(edges);
                 Ok(out)
             };
-            match filter.user_id {
+            let users = match filter.user_id {
                 Some(_) => merge_users(&exact_of(None).await?),
                 // Without a user filter: first the users whose upper bounds can reach the
                 // first `limit` (see `rollup::UserBounds`), exact, when that decides; else
@@ -2026,7 +2075,11 @@ pub async fn stats_by_user(
                         }
                     }
                 }
+            };
+            for other in besides {
+                other.commit().await?;
             }
+            users
         }
     };
     let users = finish_by_user(&txn, users, limit).await?;

@@ -118,6 +118,25 @@ fn plain_insert(backend: DbBackend, r: &usage::Model) -> String {
     )
 }
 
+/// Makes the PostgreSQL pool hold `n` idle connections: spare connections are idle ones, or
+/// new ones made within 250 ms, which on a loaded machine (the suite's other tests) can take
+/// longer — and a read then rightly goes on with its own.
+pub(crate) async fn idle_connections(db: &DatabaseConnection, n: usize) {
+    let pool = db.get_postgres_connection_pool();
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(pool.acquire().await.unwrap());
+    }
+    drop(held);
+    // (sqlx puts them back in tasks of their own.)
+    for _ in 0..500 {
+        if llm_tracker::db::pool_connections(db).1 >= n as i64 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 pub(crate) async fn users(db: &DatabaseConnection, names: &[&str]) -> Vec<i32> {
     let mut ids = Vec::new();
     for name in names {
@@ -3536,21 +3555,6 @@ db_test!(
         // (the suite's other tests) making one can take longer, and the read then rightly
         // reads on its own connection (tested below). So the pool holds three idle ones first
         // (the read's own and two spare), and the reads below test the copy itself.
-        let idle_connections = async |db: &DatabaseConnection, n: usize| {
-            let pool = db.get_postgres_connection_pool();
-            let mut held = Vec::new();
-            for _ in 0..n {
-                held.push(pool.acquire().await.unwrap());
-            }
-            drop(held);
-            // (sqlx puts them back in tasks of their own.)
-            for _ in 0..500 {
-                if llm_tracker::db::pool_connections(db).1 >= n as i64 {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        };
         idle_connections(db, 3).await;
         // The request's snapshot, then a row written after it: not among the copied rows.
         let txn = db
@@ -3690,6 +3694,147 @@ db_test!(
         assert!(read(&single, &filter).await.is_none());
         check(&single).await;
         single.close().await.unwrap();
+        assert_verified(db).await;
+    }
+);
+
+db_test!(
+    async fn by_user_reads_each_partial_day_on_its_own_transaction_of_the_same_snapshot(
+        backend: Backend,
+    ) {
+        // Issue 16: `by_user` without a user filter reads the chosen users' rows of each partial
+        // day at an end of the range on a transaction of its own (`db::snapshot_txn`: another
+        // connection of the pool, the request's exported snapshot) while the request's
+        // transaction reads their cells. That transaction sees exactly the request's rows — not
+        // a row written after the request's snapshot — and cannot write; the answers are the
+        // raw aggregate's, with spare connections and with none. On SQLite there is no such
+        // transaction.
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let postgres = db.get_database_backend() == DbBackend::Postgres;
+        let ids = numbered_users(db, "edge", 30).await;
+        let mut rng = StdRng::seed_from_u64(4646);
+        let base = Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap();
+        let rows = random_rows(&mut rng, &ids, base, 30, 3_000, 1);
+        insert(db, &rows[..2_000]).await;
+        fold(&t).await;
+        insert(db, &rows[2_000..]).await;
+        let count = async |txn: &sea_orm::DatabaseTransaction| {
+            txn.query_one_raw(sea_orm::Statement::from_string(
+                txn.get_database_backend(),
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM llm_tracker_usage",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get_by_index::<i64>(0)
+            .unwrap()
+        };
+
+        if postgres {
+            let txn = db
+                .begin_with_config(
+                    Some(sea_orm::IsolationLevel::RepeatableRead),
+                    Some(sea_orm::AccessMode::ReadOnly),
+                )
+                .await
+                .unwrap();
+            let seen = count(&txn).await;
+            assert_eq!(seen, 3_000);
+            let late = row(
+                9_999,
+                Some(ids[0]),
+                "gpt-4o",
+                (7, 7, 0, 0),
+                true,
+                base + Duration::days(3),
+            );
+            insert(db, &[late]).await;
+            idle_connections(db, 3).await;
+            let other = llm_tracker::db::snapshot_txn(db, &txn)
+                .await
+                .unwrap()
+                .expect("a spare connection");
+            assert_eq!(count(&other).await, seen, "the request's snapshot");
+            let write = other
+                .execute_unprepared("DELETE FROM llm_tracker_usage WHERE id IS NULL")
+                .await;
+            assert!(write.is_err(), "a read-only transaction");
+            other.rollback().await.unwrap();
+            assert_eq!(count(&txn).await, seen);
+            txn.rollback().await.unwrap();
+        } else {
+            let txn = db.begin().await.unwrap();
+            assert!(
+                llm_tracker::db::snapshot_txn(db, &txn)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            txn.rollback().await.unwrap();
+        }
+
+        // Ranges cut inside days at both ends: two partial days, each on its own transaction.
+        let ranges = [
+            (
+                Duration::hours(30) + Duration::minutes(7),
+                Duration::days(20) + Duration::hours(9),
+            ),
+            (Duration::hours(14), Duration::days(27) + Duration::hours(2)),
+            (
+                Duration::days(3) + Duration::hours(20),
+                Duration::days(9) + Duration::hours(3),
+            ),
+        ];
+        let check = async |db: &DatabaseConnection| {
+            for (from, to) in ranges {
+                for model in [None, Some("gpt".to_owned())] {
+                    let filter = UsageFilter {
+                        start: Some(base + from),
+                        end: Some(base + to),
+                        model,
+                        ..Default::default()
+                    };
+                    let plan = rollup::plan(db, &filter, None, true)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    // (The rows of an edge to add, or of a mostly covered day's rest to take
+                    // away: `Plan::minus`.)
+                    let parts = plan.raw(&filter, rollup::GroupBy::User).len() + plan.minus.len();
+                    assert!(parts >= 2, "{plan:?}");
+                    for limit in [3, 50] {
+                        assert_eq!(
+                            stats_by_user(db, &filter, limit).await.unwrap(),
+                            stats_by_user_raw(db, &filter, limit).await.unwrap(),
+                            "{filter:?} {limit}"
+                        );
+                    }
+                }
+            }
+        };
+        if postgres {
+            idle_connections(db, 3).await;
+        }
+        check(db).await;
+        fold(&t).await;
+        check(db).await;
+        if postgres {
+            // No spare connection: every part in turn on the request's own transaction.
+            let mut opts = sea_orm::ConnectOptions::new(t.url.expose().to_owned());
+            opts.max_connections(1).sqlx_logging(false);
+            let single = sea_orm::Database::connect(opts).await.unwrap();
+            let txn = single.begin().await.unwrap();
+            assert!(
+                llm_tracker::db::snapshot_txn(&single, &txn)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            txn.rollback().await.unwrap();
+            check(&single).await;
+            single.close().await.unwrap();
+        }
         assert_verified(db).await;
     }
 );
