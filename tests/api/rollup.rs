@@ -137,6 +137,16 @@ pub(crate) async fn idle_connections(db: &DatabaseConnection, n: usize) {
     }
 }
 
+/// A read transaction as a request opens one on PostgreSQL: `REPEATABLE READ`, read only.
+async fn request_txn(db: &DatabaseConnection) -> sea_orm::DatabaseTransaction {
+    db.begin_with_config(
+        Some(sea_orm::IsolationLevel::RepeatableRead),
+        Some(sea_orm::AccessMode::ReadOnly),
+    )
+    .await
+    .unwrap()
+}
+
 pub(crate) async fn users(db: &DatabaseConnection, names: &[&str]) -> Vec<i32> {
     let mut ids = Vec::new();
     for name in names {
@@ -3557,13 +3567,7 @@ db_test!(
         // (the read's own and two spare), and the reads below test the copy itself.
         idle_connections(db, 3).await;
         // The request's snapshot, then a row written after it: not among the copied rows.
-        let txn = db
-            .begin_with_config(
-                Some(sea_orm::IsolationLevel::RepeatableRead),
-                Some(sea_orm::AccessMode::ReadOnly),
-            )
-            .await
-            .unwrap();
+        let txn = request_txn(db).await;
         let per_slot_sql = format!(
             "SELECT CAST(floor(date_part('epoch', created_at) / 900) * 900 AS BIGINT), \
              CAST(COUNT(*) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), \
@@ -3732,13 +3736,7 @@ db_test!(
         };
 
         if postgres {
-            let txn = db
-                .begin_with_config(
-                    Some(sea_orm::IsolationLevel::RepeatableRead),
-                    Some(sea_orm::AccessMode::ReadOnly),
-                )
-                .await
-                .unwrap();
+            let txn = request_txn(db).await;
             let seen = count(&txn).await;
             assert_eq!(seen, 3_000);
             let late = row(
