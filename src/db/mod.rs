@@ -153,25 +153,33 @@ pub(crate) async fn export_snapshot(txn: &sea_orm::DatabaseTransaction) -> Resul
     .try_get_by_index(0)
 }
 
-/// A second read-only transaction that sees exactly what `txn` sees (its exported snapshot,
-/// [`export_snapshot`]), under the rollup's planner settings, on another connection of the
-/// pool — for a read to run two of its statements at once. `None` on SQLite, or where no
-/// connection is spare ([`spare_connections`]' rule: an idle one, or a new one within
-/// [`SPARE_CONNECT`] while the pool is under half its size).
-pub async fn snapshot_txn(
+/// Up to `n` more read-only transactions that see exactly what `txn` sees (its exported
+/// snapshot, [`export_snapshot`]), under the rollup's planner settings, each on another
+/// connection of the pool — for a read to run several of its statements at once. Empty on
+/// SQLite, and fewer where fewer connections are spare ([`spare_connections`]' rule: an idle
+/// one, or a new one within [`SPARE_CONNECT`] while the pool is under half its size).
+pub async fn snapshot_txns(
     db: &DatabaseConnection,
     txn: &sea_orm::DatabaseTransaction,
-) -> Result<Option<sea_orm::DatabaseTransaction>, DbErr> {
+    n: usize,
+) -> Result<Vec<sea_orm::DatabaseTransaction>, DbErr> {
+    let mut out = Vec::new();
     if db.get_database_backend() != sea_orm::DbBackend::Postgres {
-        return Ok(None);
+        return Ok(out);
     }
     let pool = db.get_postgres_connection_pool();
-    if pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections() / 2 {
-        return Ok(None);
+    while out.len() < n {
+        if pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections() / 2 {
+            break;
+        }
+        match tokio::time::timeout(SPARE_CONNECT, read_txn(db)).await {
+            Ok(Ok(other)) => out.push(other),
+            _ => break,
+        }
     }
-    let Ok(Ok(other)) = tokio::time::timeout(SPARE_CONNECT, read_txn(db)).await else {
-        return Ok(None);
-    };
+    if out.is_empty() {
+        return Ok(out);
+    }
     let snapshot = export_snapshot(txn).await?;
     // PostgreSQL names a snapshot in hex digits and dashes (`00000003-0000001B-1`); anything
     // else is not written into a statement.
@@ -180,13 +188,12 @@ pub async fn snapshot_txn(
             "an unexpected snapshot name {snapshot:?}"
         )));
     }
-    other
-        .execute_unprepared(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
-        .await?;
-    if let Some(settings) = Dialect::Postgres.rollup_settings() {
-        other.execute_unprepared(settings).await?;
+    let settings = Dialect::Postgres.rollup_settings().unwrap_or_default();
+    let setup = format!("SET TRANSACTION SNAPSHOT '{snapshot}'; {settings}");
+    for other in &out {
+        other.execute_unprepared(&setup).await?;
     }
-    Ok(Some(other))
+    Ok(out)
 }
 
 /// How long a read waits for a new connection of its own beside the one it has

@@ -1908,15 +1908,10 @@ pub async fn stats_by_user(
             // Without a user filter, other transactions on the request's snapshot, one for each
             // part (at most two): the chosen users' rows of each part are read on its own while
             // the request's transaction reads their cells.
-            let mut besides = Vec::new();
-            if filter.user_id.is_none() {
-                while besides.len() < parts.len().min(2) {
-                    match crate::db::snapshot_txn(db, &txn).await? {
-                        Some(other) => besides.push(other),
-                        None => break,
-                    }
-                }
-            }
+            let besides = match filter.user_id {
+                None => crate::db::snapshot_txns(db, &txn, parts.len().min(2)).await?,
+                Some(_) => Vec::new(),
+            };
             // Every sum of the rows of `part` (with its sign) for the users `users` names (all
             // without it), read on `txn`.
             let part_edges = async |txn: &DatabaseTransaction,

@@ -3707,7 +3707,7 @@ db_test!(
         backend: Backend,
     ) {
         // Issue 16: `by_user` without a user filter reads the chosen users' rows of each partial
-        // day at an end of the range on a transaction of its own (`db::snapshot_txn`: another
+        // day at an end of the range on a transaction of its own (`db::snapshot_txns`: another
         // connection of the pool, the request's exported snapshot) while the request's
         // transaction reads their cells. That transaction sees exactly the request's rows — not
         // a row written after the request's snapshot — and cannot write; the answers are the
@@ -3749,25 +3749,25 @@ db_test!(
             );
             insert(db, &[late]).await;
             idle_connections(db, 3).await;
-            let other = llm_tracker::db::snapshot_txn(db, &txn)
-                .await
-                .unwrap()
-                .expect("a spare connection");
-            assert_eq!(count(&other).await, seen, "the request's snapshot");
-            let write = other
-                .execute_unprepared("DELETE FROM llm_tracker_usage WHERE id IS NULL")
-                .await;
-            assert!(write.is_err(), "a read-only transaction");
-            other.rollback().await.unwrap();
+            let others = llm_tracker::db::snapshot_txns(db, &txn, 2).await.unwrap();
+            assert_eq!(others.len(), 2, "two spare connections");
+            for other in others {
+                assert_eq!(count(&other).await, seen, "the request's snapshot");
+                let write = other
+                    .execute_unprepared("DELETE FROM llm_tracker_usage WHERE id IS NULL")
+                    .await;
+                assert!(write.is_err(), "a read-only transaction");
+                other.rollback().await.unwrap();
+            }
             assert_eq!(count(&txn).await, seen);
             txn.rollback().await.unwrap();
         } else {
             let txn = db.begin().await.unwrap();
             assert!(
-                llm_tracker::db::snapshot_txn(db, &txn)
+                llm_tracker::db::snapshot_txns(db, &txn, 2)
                     .await
                     .unwrap()
-                    .is_none()
+                    .is_empty()
             );
             txn.rollback().await.unwrap();
         }
@@ -3824,10 +3824,10 @@ db_test!(
             let single = sea_orm::Database::connect(opts).await.unwrap();
             let txn = single.begin().await.unwrap();
             assert!(
-                llm_tracker::db::snapshot_txn(&single, &txn)
+                llm_tracker::db::snapshot_txns(&single, &txn, 2)
                     .await
                     .unwrap()
-                    .is_none()
+                    .is_empty()
             );
             txn.rollback().await.unwrap();
             check(&single).await;
