@@ -168,6 +168,31 @@ pub fn bucket_start_seconds(g: Granularity, tz: Tz, seconds: i64) -> i64 {
     }
 }
 
+/// A number naming the bucket of the instant `seconds` (UTC epoch seconds): two instants have
+/// the same key exactly when [`bucket_start_seconds`] gives them the same start. Outside UTC a
+/// daily or monthly bucket's start is a function of the local date (or month) alone, and two
+/// local dates that occur start at two different instants (each date's start is an instant of
+/// that date), so the key is the local day number (or month) — one offset lookup, not the
+/// local midnight turned back into an instant (the plan of a dense user's daily year in New
+/// York asked ~17,000 times whether an hour fits its day: half of the server's time). Hourly
+/// buckets and UTC: the start itself.
+pub fn bucket_key(g: Granularity, tz: Tz, seconds: i64) -> i64 {
+    let local_day = || {
+        let local = seconds.checked_add(i64::from(offset_at(tz, seconds)?))?;
+        Some(local.div_euclid(86_400))
+    };
+    let key = match (tz, g) {
+        (Tz::UTC, _) | (_, Granularity::Day) => None,
+        (_, Granularity::Month) => local_day(),
+        (_, Granularity::Year) => local_day()
+            .and_then(|day| DateTime::from_timestamp(day.checked_mul(86_400)?, 0))
+            .map(|t| i64::from(t.year()) * 12 + i64::from(t.month0())),
+    };
+    // (An instant chrono cannot place, beyond ±262,000 years, is keyed by its own start: far
+    // from any local day number or month.)
+    key.unwrap_or_else(|| bucket_start_seconds(g, tz, seconds))
+}
+
 /// The UTC offset of `tz` at the instant `seconds` (UTC epoch seconds), in seconds; `None`
 /// outside chrono's range.
 fn offset_at(tz: Tz, seconds: i64) -> Option<i32> {
@@ -348,6 +373,82 @@ mod tests {
                 );
             }
         });
+    }
+
+    #[test]
+    fn bucket_keys_name_the_buckets() {
+        // Two instants share a key exactly when they share a bucket: across every offset change
+        // of 2005–2030 (a second apart at each, and a bucket's length apart) in zones that
+        // change at local midnight (Santiago, Havana, Beirut, Cairo), by half an hour (Lord
+        // Howe) or at :45 (Chatham), and over the local days that never happened (Apia's
+        // 2011-12-30, Kwajalein's 1993-08-21).
+        let same = |g: Granularity, tz: Tz, a: i64, b: i64| {
+            (bucket_key(g, tz, a) == bucket_key(g, tz, b))
+                == (bucket_start_seconds(g, tz, a) == bucket_start_seconds(g, tz, b))
+        };
+        let grains = [Granularity::Day, Granularity::Month, Granularity::Year];
+        let check = |zone: &str, tz: Tz, t: i64| {
+            for g in grains {
+                for d in [1, 3_600, 86_399, 86_400, 90_000, 2_678_400] {
+                    assert!(same(g, tz, t, t + d), "{zone} {t} +{d} {g:?}");
+                    assert!(same(g, tz, t - d, t), "{zone} {t} -{d} {g:?}");
+                }
+            }
+        };
+        let zones = [
+            "America/Santiago",
+            "America/Havana",
+            "Asia/Beirut",
+            "Africa/Cairo",
+            "Australia/Lord_Howe",
+            "Pacific/Chatham",
+            "America/New_York",
+        ];
+        let offset = |tz: Tz, t: i64| offset_at(tz, t);
+        for zone in zones {
+            let tz: Tz = zone.parse().unwrap();
+            let mut t = Utc
+                .with_ymd_and_hms(2005, 1, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp();
+            let end = Utc
+                .with_ymd_and_hms(2030, 1, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp();
+            while t < end {
+                let next = t + 3_600;
+                if offset(tz, t) != offset(tz, next) {
+                    // The change's second, and a few either side of it.
+                    let (mut lo, mut hi) = (t, next);
+                    while hi - lo > 1 {
+                        let mid = (lo + hi) / 2;
+                        match offset(tz, mid) == offset(tz, t) {
+                            true => lo = mid,
+                            false => hi = mid,
+                        }
+                    }
+                    for u in hi - 2..=hi + 2 {
+                        check(zone, tz, u);
+                    }
+                    for u in (t - 60..=next + 60).step_by(311) {
+                        check(zone, tz, u);
+                    }
+                } else if t % (7 * 86_400) == 0 {
+                    check(zone, tz, t + 1_234);
+                }
+                t = next;
+            }
+        }
+        for (zone, y, m, d) in [
+            ("Pacific/Apia", 2011, 12, 29),
+            ("Pacific/Kwajalein", 1993, 8, 20),
+        ] {
+            let tz: Tz = zone.parse().unwrap();
+            let t0 = Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap().timestamp();
+            for u in (t0 - 2 * 86_400..t0 + 4 * 86_400).step_by(600) {
+                check(zone, tz, u);
+            }
+        }
     }
 
     #[test]

@@ -20,7 +20,9 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
 use super::UsageFilter;
 use super::buckets::Granularity;
-use super::buckets::{bucket_start, bucket_start_seconds, in_chrono_range, next_bucket_guess};
+use super::buckets::{
+    bucket_key, bucket_start, bucket_start_seconds, in_chrono_range, next_bucket_guess,
+};
 use super::filters::escape_like;
 use super::sums::{Sum, TokenSums};
 
@@ -1236,7 +1238,23 @@ fn split_day(p: i64, (gran, tz): (Granularity, Tz)) -> Option<Moved> {
 /// Each with the start of its first slot's bucket ([`bucket_of_slot`]), which [`per_bucket`]
 /// keys by: asked once per cell here, not again there.
 fn split_per_bucket(runs: &[Run], gran: Granularity, tz: Tz) -> Vec<(Run, Option<i64>)> {
-    let bucket = |slot: i64| bucket_of_slot(slot, gran, tz);
+    // The start computed once per bucket: consecutive cells of one bucket share its key
+    // ([`bucket_key`], one offset lookup), and only a new key asks for its start.
+    let mut last: Option<(i64, Option<i64>)> = None;
+    let mut bucket = |slot: i64| {
+        let seconds = slot
+            .checked_mul(SLOT_SECONDS)
+            .filter(|&s| in_chrono_range(s))?;
+        let key = bucket_key(gran, tz, seconds);
+        match last {
+            Some((k, start)) if k == key => start,
+            _ => {
+                let start = bucket_of_slot(slot, gran, tz);
+                last = Some((key, start));
+                start
+            }
+        }
+    };
     let mut out: Vec<(Run, Option<i64>)> = Vec::new();
     for run in runs {
         // Calendar cells (a user's months and years) are one cell each: as they are.
@@ -1378,9 +1396,7 @@ fn fits(series: Option<(Granularity, Tz)>, first: i64, end: i64) -> bool {
             first.checked_mul(SLOT_SECONDS),
             end.checked_mul(SLOT_SECONDS),
         ) {
-            (Some(s), Some(e)) => {
-                bucket_start_seconds(gran, tz, s) == bucket_start_seconds(gran, tz, e - 1)
-            }
+            (Some(s), Some(e)) => bucket_key(gran, tz, s) == bucket_key(gran, tz, e - 1),
             _ => false,
         },
     }
