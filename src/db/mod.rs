@@ -168,10 +168,7 @@ pub async fn snapshot_txns(
         return Ok(out);
     }
     let pool = db.get_postgres_connection_pool();
-    while out.len() < n {
-        if pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections() / 2 {
-            break;
-        }
+    while out.len() < n && has_spare(pool) {
         match tokio::time::timeout(SPARE_CONNECT, read_txn(db)).await {
             Ok(Ok(other)) => out.push(other),
             _ => break,
@@ -181,15 +178,11 @@ pub async fn snapshot_txns(
         return Ok(out);
     }
     let snapshot = export_snapshot(txn).await?;
-    // PostgreSQL names a snapshot in hex digits and dashes (`00000003-0000001B-1`); anything
-    // else is not written into a statement.
-    if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-        return Err(DbErr::Custom(format!(
-            "an unexpected snapshot name {snapshot:?}"
-        )));
-    }
     let settings = Dialect::Postgres.rollup_settings().unwrap_or_default();
-    let setup = format!("SET TRANSACTION SNAPSHOT '{snapshot}'; {settings}");
+    let setup = format!(
+        "SET TRANSACTION SNAPSHOT '{}'; {settings}",
+        snapshot_name(&snapshot)?
+    );
     for other in &out {
         other.execute_unprepared(&setup).await?;
     }
@@ -215,7 +208,7 @@ pub(crate) async fn spare_connections(
     while out.len() < n {
         match pool.try_acquire() {
             Some(conn) => out.push(conn),
-            None if pool.size() < pool.options().get_max_connections() / 2 => {
+            None if has_spare(pool) => {
                 match tokio::time::timeout(SPARE_CONNECT, pool.acquire()).await {
                     Ok(Ok(conn)) => out.push(conn),
                     _ => break,
@@ -225,6 +218,25 @@ pub(crate) async fn spare_connections(
         }
     }
     out
+}
+
+/// Whether a read may take one more connection of `pool` beside its own without making anyone
+/// wait: an idle one, or a new one while the pool is under half its size (the rest is left to
+/// other requests and to the tracker's writes).
+fn has_spare(pool: &sea_orm::sqlx::PgPool) -> bool {
+    pool.num_idle() > 0 || pool.size() < pool.options().get_max_connections() / 2
+}
+
+/// `snapshot` as a name PostgreSQL gives a snapshot — hex digits and dashes
+/// (`00000003-0000001B-1`) — to be written into a `SET TRANSACTION SNAPSHOT`; anything else
+/// is an error, not written into a statement.
+pub(crate) fn snapshot_name(snapshot: &str) -> Result<&str, DbErr> {
+    match !snapshot.is_empty() && snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        true => Ok(snapshot),
+        false => Err(DbErr::Custom(format!(
+            "an unexpected snapshot name {snapshot:?}"
+        ))),
+    }
 }
 
 /// The pool's connections: `(in use, idle)`. Reads the pool's own counters (no query).

@@ -42,13 +42,7 @@ pub async fn copy_rows(
 ) -> Result<Vec<CopiedRow>, DbErr> {
     use futures_util::TryStreamExt;
     let bad = |what: &str, e: sea_orm::sqlx::Error| DbErr::Custom(format!("{what}: {e}"));
-    // PostgreSQL names a snapshot in hex digits and dashes (`00000003-0000001B-1`); anything
-    // else is not written into a statement.
-    if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-        return Err(DbErr::Custom(format!(
-            "an unexpected snapshot name {snapshot:?}"
-        )));
-    }
+    let snapshot = crate::db::snapshot_name(snapshot)?;
     let mut txn = conn.begin().await.map_err(|e| bad("beginning a copy", e))?;
     let setup = format!(
         "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; \

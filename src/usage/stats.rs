@@ -1827,17 +1827,8 @@ async fn light_groups(
             }
         };
         // The groups of a plan of rollup cells or pending contributions, for those users.
-        let groups_of = async |plan: rollup::Plan| {
-            let stmt = rollup::statement_with(
-                backend,
-                &plan,
-                filter,
-                rollup::GroupBy::User,
-                rollup::Sums::All,
-                light.as_deref(),
-            );
-            rollup_user_groups(txn, stmt).await
-        };
+        let groups_of =
+            async |plan: rollup::Plan| user_cell_groups(txn, &plan, filter, light.as_deref()).await;
         let pending = groups_of(pending_plan(run, period)).await?;
         if let Some(cells_plan) = cells_plan {
             out.extend(signed(groups_of(cells_plan(run, period)).await?, sign));
@@ -1857,6 +1848,25 @@ fn signed(groups: Vec<UserGroup>, sign: i64) -> impl Iterator<Item = UserGroup> 
             g
         }
     })
+}
+
+/// Every sum per user of `plan`'s cells and pending contributions under `filter`, for the
+/// users `users` names (all without it).
+async fn user_cell_groups(
+    txn: &DatabaseTransaction,
+    plan: &rollup::Plan,
+    filter: &UsageFilter,
+    users: Option<&[i64]>,
+) -> Result<Vec<UserGroup>, DbErr> {
+    let stmt = rollup::statement_with(
+        txn.get_database_backend(),
+        plan,
+        filter,
+        rollup::GroupBy::User,
+        rollup::Sums::All,
+        users,
+    );
+    rollup_user_groups(txn, stmt).await
 }
 
 /// The per-user groups of a rollup statement grouped by user (its `user_key` column).
@@ -1889,7 +1899,6 @@ pub async fn stats_by_user(
             if let Some(sql) = Dialect::of(txn.get_database_backend()).rollup_settings() {
                 txn.execute_unprepared(sql).await?;
             }
-            let backend = txn.get_database_backend();
             // The rows the cells leave out: the edges (sign 1) and, taken away, the rows outside
             // a mostly covered day (sign -1).
             let parts: Vec<(UsageFilter, i64)> = plan
@@ -1939,15 +1948,9 @@ pub async fn stats_by_user(
                 if hourly.is_empty() {
                     return Ok(edges);
                 }
-                let stmt = rollup::statement_with(
-                    backend,
-                    &rollup::hours_plan(hours),
-                    filter,
-                    rollup::GroupBy::User,
-                    rollup::Sums::All,
-                    Some(&hourly),
-                );
-                edges.extend(signed(rollup_user_groups(txn, stmt).await?, *sign));
+                let hours = rollup::hours_plan(hours);
+                let cells = user_cell_groups(txn, &hours, filter, Some(&hourly)).await?;
+                edges.extend(signed(cells, *sign));
                 for (rows, rows_sign) in &around {
                     edges.extend(signed(
                         raw_user_groups_of(txn, rows, Some(&hourly)).await?,
@@ -1989,15 +1992,7 @@ pub async fn stats_by_user(
             // (The edge rows on the other transactions where there are any, at the same time.)
             let exact_of = async |users: Option<&[i64]>| -> Result<Vec<UserGroup>, DbErr> {
                 let cells = async {
-                    let stmt = rollup::statement_with(
-                        backend,
-                        &plan,
-                        filter,
-                        rollup::GroupBy::User,
-                        rollup::Sums::All,
-                        users,
-                    );
-                    let mut out = rollup_user_groups(&txn, stmt).await?;
+                    let mut out = user_cell_groups(&txn, &plan, filter, users).await?;
                     if !matches!(users, Some([])) {
                         out.extend(light_day_groups(&txn, &plan, filter, users).await?);
                         out.extend(light_year_groups(&txn, &plan, filter, users).await?);
