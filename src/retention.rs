@@ -298,8 +298,11 @@ pub async fn run(
         batch = pace.next(batch, took);
         tokio::time::sleep((took * pace.rest).max(Duration::from_millis(1))).await;
     }
-    // The dense users' hours before the horizon go with the rows: nothing reads them.
+    // The dense users' hours and days per model before the horizon go with the rows: nothing
+    // reads them.
     db.execute_unprepared(&migration::rollup::delete_dense_hours_before_sql(slot))
+        .await?;
+    db.execute_unprepared(&migration::rollup::delete_dense_model_days_before_sql(slot))
         .await?;
     Ok(report)
 }

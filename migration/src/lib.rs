@@ -40,6 +40,7 @@ pub mod m20261211_000031_rollup_light_days;
 pub mod m20261212_000032_rollup_light_years;
 pub mod m20261213_000033_usage_user_rows_cover;
 pub mod m20261214_000034_usage_no_user_rows_cover;
+pub mod m20261215_000035_rollup_dense_model_days;
 pub mod rollup;
 
 /// Refreshes the planner statistics of the usage and rollup tables (PostgreSQL; nothing on
@@ -96,6 +97,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261212_000032_rollup_light_years::Migration),
             Box::new(m20261213_000033_usage_user_rows_cover::Migration),
             Box::new(m20261214_000034_usage_no_user_rows_cover::Migration),
+            Box::new(m20261215_000035_rollup_dense_model_days::Migration),
         ]
     }
 }

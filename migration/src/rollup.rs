@@ -491,6 +491,8 @@ enum Whose {
     /// A dense user's UTC hours in the totals table, from the user's `since` on (see
     /// [`DENSE_TABLE`]); other users' contributions and earlier ones are left out.
     DenseHours,
+    /// A dense user's UTC days per model and outcome ([`DENSE_MODEL_DAY`]), in the same window.
+    DenseModelDays,
 }
 
 /// `INSERT … ON CONFLICT DO UPDATE` adding the contributions of `sources` to each user's UTC
@@ -536,18 +538,20 @@ fn cells_select_of(
     let (user_fixed, all_calendar) = match whose {
         Whose::RetainedDays => (&[DAY][..], &[][..]),
         Whose::DenseHours => (&DENSE_GRAIN_CODES[..], &[][..]),
+        Whose::DenseModelDays => (&[][..], &[][..]),
         _ => per_user(level),
     };
     // Only a dense user's contributions from the user's `since` on (and before `until`).
+    let dense_model_days = whose == Whose::DenseModelDays;
     let only = match whose {
-        Whose::DenseHours => format!(
+        Whose::DenseHours | Whose::DenseModelDays => format!(
             " AND EXISTS (SELECT 1 FROM {DENSE_TABLE} x WHERE x.user_key = d.user_key AND d.slot >= x.since \
              AND (x.until IS NULL OR d.slot < x.until))"
         ),
         _ => String::new(),
     };
     let whose = match whose {
-        Whose::RetainedDays | Whose::DenseHours => Whose::PerUser,
+        Whose::RetainedDays | Whose::DenseHours | Whose::DenseModelDays => Whose::PerUser,
         w => w,
     };
     let user_calendar = if whose == Whose::AllUsers {
@@ -574,6 +578,13 @@ fn cells_select_of(
                 g.code, g.len, g.phase
             ));
         }
+    }
+    if dense_model_days {
+        let g = DENSE_MODEL_DAY;
+        grains.push(format!(
+            "SELECT {} AS grain, {} AS len, {} AS phase, 1 AS per_user",
+            g.code, g.len, g.phase
+        ));
     }
     for (calendars, per_user) in [(everyone_calendar, 0), (user_calendar, 1)] {
         for c in calendars {
@@ -755,6 +766,50 @@ fn delete_dense_hours_sql(condition: &str) -> String {
     )
 }
 
+/// A dense user's UTC days per model and outcome, in [`TABLE`] under a code of their own (not
+/// [`DAY`], whose per-user cells there keep what retention deleted): in the same window as the
+/// user's hours ([`DENSE_TABLE`], migration 000035).
+///
+/// **Why.** A user's cells per model and outcome are UTC months (migration 000021), so the
+/// user's per-model sums over part of a month (the last 7 days) read the user's rows of those
+/// days: for the heaviest user of the 10,000-user benchmark 14,186 rows, ~12 ms of the
+/// database. A dense user's day holds 150 calls or more over a few dozen models and outcomes,
+/// so its cells are a fraction of its rows (209,549 cells for the 22 dense users there, ~51
+/// MB); a light user's day would hold about one call per cell, as it did before 000021.
+pub const DENSE_MODEL_DAY: Grain = Grain::new(97, 96, 0);
+
+/// Deletes the dense users' day cells per model before slot `horizon` (a retention horizon),
+/// as [`delete_dense_hours_before_sql`] does their hours.
+pub fn delete_dense_model_days_before_sql(horizon: i64) -> String {
+    delete_dense_model_days_sql(&format!("slot < {horizon}"))
+}
+
+/// Deletes the dense users' day cells per model that `condition` selects.
+fn delete_dense_model_days_sql(condition: &str) -> String {
+    format!(
+        "DELETE FROM {TABLE} WHERE grain = {} AND {condition}",
+        DENSE_MODEL_DAY.code
+    )
+}
+
+/// `INSERT … ON CONFLICT DO UPDATE` adding the contributions of `sources` to the day cells per
+/// model and outcome of the dense users (from each one's `since` on, before its `until`).
+pub fn dense_model_days_upsert_sql(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    upsert_sql_of(backend, sources, Level::ByModel, Whose::DenseModelDays)
+}
+
+/// `SELECT` of the dense users' day cells per model of `sources` (what `rollup verify`
+/// compares).
+pub fn dense_model_days_select(backend: DbBackend, sources: &[Source<'_>]) -> String {
+    cells_select_of(backend, sources, Level::ByModel, Whose::DenseModelDays)
+}
+
+/// The day cells per model of the dense users that `keys` selects, filled from their rows
+/// less their pending contributions (as [`dense_backfill_sql`] fills their hours).
+pub fn dense_model_days_backfill_sql(backend: DbBackend, keys: &str) -> String {
+    dense_fill_sql(backend, keys, None, 1, dense_model_days_upsert_sql)
+}
+
 /// The table of dense users.
 pub fn create_dense_table_sql(backend: DbBackend) -> String {
     let int = match backend {
@@ -782,20 +837,35 @@ pub fn dense_hours_select(backend: DbBackend, sources: &[Source<'_>]) -> String 
 /// later): exact whenever it runs, as one statement, while no fold runs (under the folders'
 /// lock on PostgreSQL, in a write transaction on SQLite). For users who have no hour cells yet.
 pub fn dense_backfill_sql(backend: DbBackend, keys: &str) -> String {
-    dense_fill_sql(backend, keys, None, 1)
+    dense_fill_sql(backend, keys, None, 1, dense_hours_upsert_sql)
 }
 
-/// The hour cells of the dense users `keys` (an SQL list) from slot `from` on, filled from
-/// their rows less their pending contributions (`sign` 1), or emptied of them (`sign` -1):
-/// exact as [`dense_backfill_sql`], for a window of hours that the fold starts (a promotion) or
-/// stops (a demotion) keeping. Run while the window includes `from`.
-pub fn dense_backfill_from_sql(backend: DbBackend, keys: &str, from: i64, sign: i32) -> String {
-    dense_fill_sql(backend, keys, Some(from), sign)
+/// The hour cells and day cells per model of the dense users `keys` (an SQL list) from slot
+/// `from` on, filled from their rows less their pending contributions (`sign` 1), or emptied of
+/// them (`sign` -1): exact as [`dense_backfill_sql`], for a window that the fold starts (a
+/// promotion) or stops (a demotion) keeping. Run while the window includes `from`.
+pub fn dense_backfill_from_sql(
+    backend: DbBackend,
+    keys: &str,
+    from: i64,
+    sign: i32,
+) -> [String; 2] {
+    [
+        dense_fill_sql(backend, keys, Some(from), sign, dense_hours_upsert_sql),
+        dense_fill_sql(backend, keys, Some(from), sign, dense_model_days_upsert_sql),
+    ]
 }
 
 /// [`dense_backfill_sql`] and [`dense_backfill_from_sql`]: the rows of `keys` (from slot
-/// `from`) with `sign`, and their pending contributions with the opposite sign.
-fn dense_fill_sql(backend: DbBackend, keys: &str, from: Option<i64>, sign: i32) -> String {
+/// `from`) with `sign`, and their pending contributions with the opposite sign, added by
+/// `upsert` (the hours' or the days' per model).
+fn dense_fill_sql(
+    backend: DbBackend,
+    keys: &str,
+    from: Option<i64>,
+    sign: i32,
+    upsert: fn(DbBackend, &[Source<'_>]) -> String,
+) -> String {
     let (rows_from, pending_from) = match from {
         Some(from) => (
             format!(" AND {} >= {from}", slot_sql(backend, "created_at")),
@@ -814,7 +884,7 @@ fn dense_fill_sql(backend: DbBackend, keys: &str, from: Option<i64>, sign: i32) 
         key = DELTA_KEY.join(", "),
         sums = pending_sums.join(", "),
     );
-    dense_hours_upsert_sql(
+    upsert(
         backend,
         &[
             Source::Table {
@@ -1163,14 +1233,15 @@ pub fn rebuild_sql(backend: DbBackend, horizon: Option<i64>) -> Vec<String> {
         ));
     }
     let dense_rows = format!("user_id IN (SELECT user_key FROM {DENSE_TABLE})");
-    out.push(dense_hours_upsert_sql(
-        backend,
-        &[Source::Table {
-            name: "llm_tracker_usage",
-            sign: 1,
-            where_sql: Some(&dense_rows),
-        }],
-    ));
+    let dense_sources = [Source::Table {
+        name: "llm_tracker_usage",
+        sign: 1,
+        where_sql: Some(&dense_rows),
+    }];
+    out.push(dense_hours_upsert_sql(backend, &dense_sources));
+    // Their days per model likewise (deleted with the per-model table's cells after the
+    // horizon).
+    out.push(dense_model_days_upsert_sql(backend, &dense_sources));
     // Each user's histograms, full months only: from every row there is and, before the horizon, the day
     // cells that keep what retention deleted (those stay).
     let every_row = latency_rows(
@@ -1305,12 +1376,13 @@ pub fn fold_sql(backend: DbBackend) -> FoldSql {
                 run: Vec::new(),
                 candidates: format!(
                     "WITH moved AS (DELETE FROM {DELTA_TABLE} RETURNING {columns}), \
-                     by_model AS ({}), dense_hours AS ({}), latency AS ({}), user_latency AS ({}), \
+                     by_model AS ({}), dense_hours AS ({}), dense_days AS ({}), latency AS ({}), user_latency AS ({}), \
                      totals AS ({} RETURNING grain, user_key, slot, calls) \
                      SELECT 0 AS kind, t.user_key, t.slot FROM totals t WHERE {not_full} \
                      UNION ALL SELECT 1, t.user_key, t.slot FROM totals t WHERE {not_full_year} ORDER BY 1, 2, 3",
                     upsert_full_months_sql(backend, &[Source::Delta("moved")], Level::ByModel),
                     dense_hours_upsert_sql(backend, &[Source::Delta("moved")]),
+                    dense_model_days_upsert_sql(backend, &[Source::Delta("moved")]),
                     latency_upsert_sql(backend, &[Source::Delta("moved")]),
                     user_latency_full_months_upsert_sql(
                         backend,
@@ -1326,6 +1398,7 @@ pub fn fold_sql(backend: DbBackend) -> FoldSql {
                 upsert_full_months_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::ByModel),
                 upsert_full_months_sql(backend, &[Source::Delta(DELTA_TABLE)], Level::Total),
                 dense_hours_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
+                dense_model_days_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
                 latency_upsert_sql(backend, &[Source::Delta(DELTA_TABLE)]),
                 user_latency_full_months_upsert_sql(
                     backend,
@@ -2364,13 +2437,9 @@ pub async fn promote_dense_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
     let tomorrow = today + DAY;
     if !keys.is_empty() {
         let list: Vec<String> = keys.iter().map(i64::to_string).collect();
-        txn.execute_unprepared(&dense_backfill_from_sql(
-            backend,
-            &list.join(", "),
-            tomorrow,
-            1,
-        ))
-        .await?;
+        for sql in dense_backfill_from_sql(backend, &list.join(", "), tomorrow, 1) {
+            txn.execute_unprepared(&sql).await?;
+        }
     }
     // Demoted users busy again: the window reopens, its hours since `until` filled.
     let again = txn
@@ -2382,13 +2451,9 @@ pub async fn promote_dense_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
             "UPDATE {DENSE_TABLE} SET until = NULL WHERE user_key = {key}"
         ))
         .await?;
-        txn.execute_unprepared(&dense_backfill_from_sql(
-            backend,
-            &key.to_string(),
-            until,
-            1,
-        ))
-        .await?;
+        for sql in dense_backfill_from_sql(backend, &key.to_string(), until, 1) {
+            txn.execute_unprepared(&sql).await?;
+        }
     }
     // Users idle for [`DENSE_IDLE_DAYS`]: the window closes tomorrow. What was counted from
     // then on (rows written ahead of time) is taken out of the hours first, while the window
@@ -2405,16 +2470,18 @@ pub async fn promote_dense_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        txn.execute_unprepared(&dense_backfill_from_sql(backend, &list, tomorrow, -1))
-            .await?;
+        for sql in dense_backfill_from_sql(backend, &list, tomorrow, -1) {
+            txn.execute_unprepared(&sql).await?;
+        }
         txn.execute_unprepared(&format!(
             "UPDATE {DENSE_TABLE} SET until = {tomorrow} WHERE user_key IN ({list})"
         ))
         .await?;
-        txn.execute_unprepared(&delete_dense_hours_sql(&format!(
-            "user_key IN ({list}) AND slot >= {tomorrow}"
-        )))
-        .await?;
+        let past = format!("user_key IN ({list}) AND slot >= {tomorrow}");
+        txn.execute_unprepared(&delete_dense_hours_sql(&past))
+            .await?;
+        txn.execute_unprepared(&delete_dense_model_days_sql(&past))
+            .await?;
     }
     Ok(keys)
 }
@@ -2555,6 +2622,19 @@ mod tests {
             "the light years",
             m32::frozen,
             m32::generated,
+        );
+    }
+
+    /// Migration 000035's SQL (the dense users' day cells per model from the rows, less what
+    /// is pending; `down`: deleted), likewise.
+    #[test]
+    fn the_dense_model_days_sql_is_what_the_code_generates() {
+        use crate::m20261215_000035_rollup_dense_model_days as m35;
+        assert_frozen_up_and_down(
+            "m20261215_000035_rollup_dense_model_days",
+            "the dense users' days per model",
+            m35::frozen,
+            m35::generated,
         );
     }
 

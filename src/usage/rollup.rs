@@ -12,9 +12,9 @@ use chrono::{DateTime, Duration, Utc};
 use chrono::{Datelike, Months, NaiveDate, NaiveDateTime};
 use chrono_tz::Tz;
 use migration::rollup::{
-    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAINS, DENSE_TABLE, FULL_MONTH_TABLE,
-    FULL_YEAR_TABLE, GRAINS, Grain, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE, hour_grain,
-    per_user,
+    ALL_USERS, Calendar, DAY, DELTA_TABLE, DENSE_GRAINS, DENSE_MODEL_DAY, DENSE_TABLE,
+    FULL_MONTH_TABLE, FULL_YEAR_TABLE, GRAINS, Grain, Level, NO_USER, SLOT_SECONDS, TOTALS_TABLE,
+    hour_grain, per_user,
 };
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 
@@ -756,12 +756,18 @@ pub async fn plan<C: ConnectionTrait>(
             } else {
                 None
             };
-            // A dense user's series reads hour cells where days do not fit its buckets.
+            // A dense user's series reads hour cells where days do not fit its buckets, and
+            // the user's sums per model read day cells where months do not fit the range
+            // (migration 000035).
             let dense = match (filter.user_id, series) {
                 (Some(user), Some(_)) => dense_since(db, key_of(Some(user))).await?,
+                (Some(user), None) if layout.dense_model_days => {
+                    dense_since(db, key_of(Some(user))).await?
+                }
                 _ => None,
             };
-            let hours = dense.filter(|_| series_level == Level::Total);
+            let hours = dense.filter(|_| series.is_some() && series_level == Level::Total);
+            let model_days = dense.filter(|_| layout.dense_model_days);
             gaps_by_row = filter.user_id.is_some()
                 && dense.is_none()
                 && matches!(series, Some((Granularity::Day, _)))
@@ -779,7 +785,10 @@ pub async fn plan<C: ConnectionTrait>(
                 series,
                 series_level,
                 moves_from,
-                hours,
+                Dense {
+                    hours,
+                    model_days: None,
+                },
                 light(series_level),
             );
             let (totals, model_gaps, _) = user_cells(
@@ -788,11 +797,21 @@ pub async fn plan<C: ConnectionTrait>(
                 None,
                 Level::ByModel,
                 None,
-                None,
+                Dense {
+                    hours: None,
+                    model_days,
+                },
                 light(Level::ByModel),
             );
-            let (coarse, coarse_gaps, _) =
-                user_cells(a, b, None, Level::Total, None, None, light(Level::Total));
+            let (coarse, coarse_gaps, _) = user_cells(
+                a,
+                b,
+                None,
+                Level::Total,
+                None,
+                Dense::default(),
+                light(Level::Total),
+            );
             (ranges, totals, coarse, gaps, model_gaps, moved, coarse_gaps)
         }
     };
@@ -860,6 +879,8 @@ pub(crate) struct LightLayout {
     pub days: bool,
     /// Each user's month cells in the totals table of light years (000032).
     pub years: bool,
+    /// The dense users' day cells per model and outcome (000035).
+    pub dense_model_days: bool,
 }
 
 pub(crate) async fn light_layout<C: ConnectionTrait>(db: &C) -> Result<LightLayout, DbErr> {
@@ -872,7 +893,7 @@ pub(crate) async fn light_layout<C: ConnectionTrait>(db: &C) -> Result<LightLayo
             db.get_database_backend(),
             "SELECT version FROM seaql_migrations WHERE version IN \
              ('m20261210_000030_rollup_full_months_by_model', 'm20261211_000031_rollup_light_days', \
-             'm20261212_000032_rollup_light_years')",
+             'm20261212_000032_rollup_light_years', 'm20261215_000035_rollup_dense_model_days')",
         ))
         .await?
         .iter()
@@ -884,6 +905,7 @@ pub(crate) async fn light_layout<C: ConnectionTrait>(db: &C) -> Result<LightLayo
         by_model: has("m20261210_000030_rollup_full_months_by_model"),
         days: has("m20261211_000031_rollup_light_days"),
         years: has("m20261212_000032_rollup_light_years"),
+        dense_model_days: has("m20261215_000035_rollup_dense_model_days"),
     })
 }
 
@@ -1040,13 +1062,14 @@ fn user_cells(
     series: Option<(Granularity, Tz)>,
     level: Level,
     moves_from: Option<i64>,
-    hours: Option<HourWindow>,
+    dense: Dense,
     light: Light<'_>,
 ) -> (Vec<Run>, Vec<Slots>, Vec<Moved>) {
     let Light {
         months: light,
         years: light_years,
     } = light;
+    let Dense { hours, model_days } = dense;
     let fits = |p: i64, end: i64| fits(series, p, end);
     let (fixed, calendars) = per_user(level);
     let days = fixed.contains(&DAY);
@@ -1157,6 +1180,13 @@ fn user_cells(
                 p += DAY;
                 continue;
             }
+            // Per model a dense user's days in the window have cells of their own (000035).
+            None if level == Level::ByModel
+                && model_days.is_some_and(|w| w.holds(p, p + DAY))
+                && fits(p, p + DAY) =>
+            {
+                (DENSE_MODEL_DAY.code, p + DAY)
+            }
             None => {
                 // Per model a user's days outside whole months are counted from the rows, and
                 // from the day cells that keep what retention deleted (none after its horizon);
@@ -1190,6 +1220,14 @@ fn user_cells(
         end_span(s, p, &mut runs, &mut gaps);
     }
     (runs, gaps, moved)
+}
+
+/// The windows in which one dense user's plan ([`user_cells`]) may read the user's hour cells
+/// (a series over all models) and day cells per model (sums per model, migration 000035).
+#[derive(Clone, Copy, Default)]
+struct Dense {
+    hours: Option<HourWindow>,
+    model_days: Option<HourWindow>,
 }
 
 /// The light months and years of one user's plan ([`user_cells`]): month starts whose cells
@@ -1297,7 +1335,11 @@ fn bucket_of_slot(slot: i64, gran: Granularity, tz: Tz) -> Option<i64> {
 
 /// The fixed grain of a code (not the calendar grains, a user's months and years).
 fn grain(code: i64) -> Option<Grain> {
-    GRAINS.iter().copied().find(|g| g.code == code)
+    GRAINS
+        .iter()
+        .chain([&DENSE_MODEL_DAY])
+        .copied()
+        .find(|g| g.code == code)
 }
 
 /// How many cells `runs` read (a calendar run counts one per month or year it spans, at least).
@@ -2332,14 +2374,27 @@ pub async fn verify(
     // (Before migrations 000029–000031 every month keeps its cells.)
     let layout = light_layout(&txn).await?;
     let full_only = layout.histograms;
-    // The cells of `sources` at `level`: in the totals table the dense users' hours too; a
+    // The cells of `sources` at `level`: in the totals table the dense users' hours too (per
+    // model their days); a
     // user's months per model, and days in the totals table, only where the month is full (a
     // light month's pending contributions are never folded into such a cell).
+    // Per model, the dense users' days too (migration 000035).
     let kept = |sources: &[Source<'_>], level: Level| match level {
-        Level::ByModel if layout.by_model => {
-            migration::rollup::model_cells_of_full_months(&cells_select(backend, sources, level))
+        Level::ByModel => {
+            let cells = match layout.by_model {
+                true => migration::rollup::model_cells_of_full_months(&cells_select(
+                    backend, sources, level,
+                )),
+                false => cells_select(backend, sources, level),
+            };
+            match layout.dense_model_days {
+                true => format!(
+                    "{cells} UNION ALL {}",
+                    migration::rollup::dense_model_days_select(backend, sources)
+                ),
+                false => cells,
+            }
         }
-        Level::ByModel => cells_select(backend, sources, level),
         Level::Total => format!(
             "{} UNION ALL {}",
             match layout.days {
@@ -2732,14 +2787,30 @@ mod tests {
             (Calendar::Month.code(), feb, mar),
             (DAY, mar, b),
         ];
-        let (runs, gaps, _) = user_cells(a, b, None, Level::ByModel, None, None, Light::default());
+        let (runs, gaps, _) = user_cells(
+            a,
+            b,
+            None,
+            Level::ByModel,
+            None,
+            Dense::default(),
+            Light::default(),
+        );
         assert_eq!(tup(runs), days_month_days);
         assert_eq!(
             gaps,
             vec![Slots { first: a, end: feb }, Slots { first: mar, end: b }]
         );
         // Over all models a user keeps days: no gaps, and the month less nothing.
-        let (runs, gaps, _) = user_cells(a, b, None, Level::Total, None, None, Light::default());
+        let (runs, gaps, _) = user_cells(
+            a,
+            b,
+            None,
+            Level::Total,
+            None,
+            Dense::default(),
+            Light::default(),
+        );
         assert!(gaps.is_empty());
         assert_eq!(tup(runs), days_month_days);
         // Local days in New York fit no UTC day: per model, only rows (no day runs).
@@ -2750,7 +2821,7 @@ mod tests {
             Some((Granularity::Month, ny)),
             Level::ByModel,
             None,
-            None,
+            Dense::default(),
             Light::default(),
         );
         assert!(runs.is_empty());
@@ -2775,7 +2846,8 @@ mod tests {
             months: &months,
             years: &[jan],
         };
-        let (runs, gaps, _) = user_cells(jan, mar, None, Level::Total, None, None, light);
+        let (runs, gaps, _) =
+            user_cells(jan, mar, None, Level::Total, None, Dense::default(), light);
         assert_eq!(tup(runs), vec![(DAY, jan, mar)]);
         assert_eq!(
             gaps,
@@ -2785,11 +2857,27 @@ mod tests {
             }]
         );
         // The whole year: its year cell.
-        let (runs, gaps, _) = user_cells(jan, y2026, None, Level::Total, None, None, light);
+        let (runs, gaps, _) = user_cells(
+            jan,
+            y2026,
+            None,
+            Level::Total,
+            None,
+            Dense::default(),
+            light,
+        );
         assert_eq!(tup(runs), vec![(Calendar::Year.code(), jan, y2026)]);
         assert!(gaps.is_empty());
         // A full year: month cells.
-        let (runs, _, _) = user_cells(jan, mar, None, Level::Total, None, None, Light::default());
+        let (runs, _, _) = user_cells(
+            jan,
+            mar,
+            None,
+            Level::Total,
+            None,
+            Dense::default(),
+            Light::default(),
+        );
         assert_eq!(tup(runs), vec![(Calendar::Month.code(), jan, mar)]);
     }
 

@@ -2705,7 +2705,9 @@ db_test!(
         // series and daily series outside UTC read hour cells instead of the user's rows. The
         // cells must equal the rows whoever wrote them, pending or folded, after a promotion
         // that finds rows pending, and after a rebuild; `rollup verify` checks them too.
-        use migration::rollup::{DENSE_TABLE, TOTALS_TABLE, promote_dense};
+        // Migration 000035: the user's days per model and outcome too, which the user's sums
+        // per model read over the days outside whole months instead of the rows.
+        use migration::rollup::{DENSE_MODEL_DAY, DENSE_TABLE, TABLE, TOTALS_TABLE, promote_dense};
         let t = TestDb::migrated(backend).await;
         let db = &t.db;
         let ids = users(db, &["dense", "light1", "light2"]).await;
@@ -2738,6 +2740,11 @@ db_test!(
         let hours =
             format!("SELECT COUNT(*) FROM {TOTALS_TABLE} WHERE grain = 4 AND user_key = {heavy}");
         assert!(t.scalar_i64(&hours).await > 100);
+        let model_days = format!(
+            "SELECT COUNT(*) FROM {TABLE} WHERE grain = {} AND user_key = {heavy}",
+            DENSE_MODEL_DAY.code
+        );
+        assert!(t.scalar_i64(&model_days).await > 20);
         assert_eq!(
             t.scalar_i64(&format!("SELECT since FROM {DENSE_TABLE}"))
                 .await,
@@ -2810,6 +2817,19 @@ db_test!(
                 ] {
                     assert_same(db, filter, zone.parse().unwrap(), true).await;
                 }
+                // Per model and outcome throughout: a model or an outcome asked for.
+                for narrowed in [
+                    UsageFilter {
+                        model: Some("4o".into()),
+                        ..filter.clone()
+                    },
+                    UsageFilter {
+                        success: Some(false),
+                        ..filter.clone()
+                    },
+                ] {
+                    assert_same(db, &narrowed, Tz::UTC, true).await;
+                }
             }
         };
         // Pending, folded, and after a rebuild.
@@ -2829,6 +2849,36 @@ db_test!(
             plan.gaps.iter().all(|g| g.end <= from || g.first >= to),
             "{:?}",
             plan.gaps
+        );
+        // The user's sums per model read the day cells per model over the whole days outside
+        // whole months, and no rows there (the rows of the partial days at the ends only).
+        let model_plan = rollup::plan(db, &ranges[1], None, false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            model_plan
+                .totals
+                .iter()
+                .any(|r| r.grain == DENSE_MODEL_DAY.code),
+            "{:?}",
+            model_plan.totals
+        );
+        assert!(
+            model_plan.model_gaps.is_empty(),
+            "{:?}",
+            model_plan.model_gaps
+        );
+        // Before the user became dense, rows as before.
+        let model_plan = rollup::plan(db, &ranges[2], None, false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            !model_plan.model_gaps.is_empty()
+                && model_plan.model_gaps.iter().all(|g| g.end <= from),
+            "{:?}",
+            model_plan.model_gaps
         );
         // So does a daily series in New York.
         let ny: Tz = "America/New_York".parse().unwrap();
@@ -2933,11 +2983,42 @@ db_test!(
                 .differing_cells,
             2
         );
+        // A day cell per model inside the second range: its sums per model and `verify` show
+        // it.
+        let day = (base + Duration::days(3)).timestamp() / 900;
+        let day_cells = format!(
+            "SELECT COUNT(*) FROM {TABLE} WHERE grain = {} AND user_key = {heavy} AND slot = {day}",
+            DENSE_MODEL_DAY.code
+        );
+        let corrupted = t.scalar_i64(&day_cells).await;
+        assert!(corrupted > 0);
+        db.execute_unprepared(&format!(
+            "UPDATE {TABLE} SET total_tokens = total_tokens + 3 WHERE grain = {} \
+             AND user_key = {heavy} AND slot = {day}",
+            DENSE_MODEL_DAY.code
+        ))
+        .await
+        .unwrap();
+        assert_ne!(
+            token_stats_in(db, &ranges[1], None, options).await.unwrap(),
+            token_stats_raw(db, &ranges[1], None, options)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            rollup::verify(db, None, None)
+                .await
+                .unwrap()
+                .differing_cells,
+            2 + corrupted as u64
+        );
         // Migration 000025 down and up again: the hours come back from the rows.
         crate::helpers::down_through(db, "m20261205_000025").await;
         assert_eq!(t.scalar_i64(&hours).await, 0);
+        assert_eq!(t.scalar_i64(&model_days).await, 0);
         migration::Migrator::up(db, None).await.unwrap();
         assert!(t.scalar_i64(&hours).await > 100);
+        assert!(t.scalar_i64(&model_days).await > 20);
         assert_verified(db).await;
         check().await;
         // A retention horizon inside the dense days: hours only from there (a rebuild cannot
@@ -2982,6 +3063,16 @@ db_test!(
         );
         assert_eq!(t.scalar_i64(&before_later).await, 0);
         assert!(t.scalar_i64(&hours).await > 50);
+        // And the days per model before it.
+        assert_eq!(
+            t.scalar_i64(&format!(
+                "{model_days} AND slot < {}",
+                later.timestamp() / 900
+            ))
+            .await,
+            0
+        );
+        assert!(t.scalar_i64(&model_days).await > 0);
         assert_verified(db).await;
         let after = user(
             Some(later + Duration::hours(5)),
@@ -2997,9 +3088,11 @@ db_test!(
                 .await
                 .unwrap();
             assert_eq!(t.scalar_i64(&hours).await, 0);
+            assert_eq!(t.scalar_i64(&model_days).await, 0);
             insert(db, &rows[..500]).await;
             fold(&t).await;
             assert!(t.scalar_i64(&hours).await > 50);
+            assert!(t.scalar_i64(&model_days).await > 0);
             assert_verified(db).await;
             for zone in ["UTC", "Asia/Kolkata"] {
                 assert_same(db, &after, zone.parse().unwrap(), true).await;
@@ -3071,8 +3164,9 @@ db_test!(
         // A dense user whose days of the last 28 all stayed under 75 calls stops being dense
         // from the next UTC midnight (the hours so far stay; what was counted after it, rows
         // written ahead of time, is taken out), and becomes dense again on a day of 150 calls,
-        // its hours since then filled from the rows less what is pending. Exact throughout.
-        use migration::rollup::{DENSE_TABLE, TOTALS_TABLE, promote_dense};
+        // its hours since then filled from the rows less what is pending. Exact throughout;
+        // likewise its days per model (migration 000035).
+        use migration::rollup::{DENSE_MODEL_DAY, DENSE_TABLE, TABLE, TOTALS_TABLE, promote_dense};
         let t = TestDb::migrated(backend).await;
         let db = &t.db;
         let ids = users(db, &["burst", "other"]).await;
@@ -3131,9 +3225,34 @@ db_test!(
             user_id: Some(heavy),
             ..Default::default()
         };
+        let model_days_from = |t: DateTime<Utc>| {
+            format!(
+                "SELECT COUNT(*) FROM {TABLE} WHERE grain = {} AND user_key = {heavy} AND slot >= {}",
+                DENSE_MODEL_DAY.code,
+                slot(t)
+            )
+        };
+        assert!(
+            t.scalar_i64(&model_days_from(base + Duration::days(40)))
+                .await
+                > 0
+        );
         let check = async |end: DateTime<Utc>| {
             for zone in ["UTC", "Asia/Kolkata", "America/New_York"] {
                 assert_same(db, &hourly(base, end), zone.parse().unwrap(), true).await;
+            }
+            // Per model over part of the days (edges, whole days, days past the window).
+            for (from, to) in [(1, 41), (33, 52), (36, 37)] {
+                assert_same(
+                    db,
+                    &hourly(
+                        base + Duration::days(from) + Duration::minutes(97),
+                        base + Duration::days(to) + Duration::minutes(13),
+                    ),
+                    Tz::UTC,
+                    false,
+                )
+                .await;
             }
         };
         check(base + Duration::days(42)).await;
@@ -3149,6 +3268,8 @@ db_test!(
         assert_eq!(t.scalar_i64(&window).await, slot(until));
         assert_eq!(t.scalar_i64(&hours_from(until)).await, 0);
         assert!(t.scalar_i64(&hours_from(base)).await > 0);
+        assert_eq!(t.scalar_i64(&model_days_from(until)).await, 0);
+        assert!(t.scalar_i64(&model_days_from(base)).await > 0);
         assert_verified(db).await;
         check(base + Duration::days(42)).await;
         let plan = series_plan(
@@ -3173,6 +3294,7 @@ db_test!(
         );
         assert_eq!(t.scalar_i64(&window).await, -1);
         assert!(t.scalar_i64(&hours_from(until)).await > 0);
+        assert!(t.scalar_i64(&model_days_from(until)).await > 0);
         check(base + Duration::days(51)).await;
         fold(&t).await;
         assert_verified(db).await;
