@@ -557,6 +557,155 @@ async fn raw_rows(
         .await
 }
 
+/// One user's calls from which a request counts the rows in two halves at once (PostgreSQL):
+/// below it one statement on the request's transaction costs less than a second transaction.
+/// The heaviest user of the 10,000-user benchmark has ~1,900 calls a day, so its last 7 days
+/// are 14,186 rows: 12–14 ms of one statement, on one core of the database.
+pub const HALVES_FROM_CALLS: i64 = 4_000;
+
+/// `parts` (ranges of one user's rows, in time order) as two groups of about the same calls,
+/// by the user's UTC day cells `days` (`(slot, calls)`, the totals table's grain 96): several
+/// parts dealt out, the most calls first, each to the group with fewer; one part cut at the
+/// UTC midnight inside it that leaves the closest to half of its calls before. A day's calls
+/// count for every part that touches the day (an estimate: the rows decide the sums). `None`
+/// under [`HALVES_FROM_CALLS`] calls, or where no cut leaves calls on both sides.
+pub fn halves(parts: &[UsageFilter], days: &[(i64, i64)]) -> Option<[Vec<UsageFilter>; 2]> {
+    let micros = |slot: i64| slot.checked_mul(SLOT_SECONDS * 1_000_000);
+    // The calls of the days that touch `part` (`[start, end]`, open ends unbounded).
+    let touches = |part: &UsageFilter, slot: i64| {
+        let (Some(first), Some(next)) = (micros(slot), micros(slot + DAY)) else {
+            return false;
+        };
+        part.start.is_none_or(|s| s.timestamp_micros() < next)
+            && part.end.is_none_or(|e| e.timestamp_micros() >= first)
+    };
+    let calls = |part: &UsageFilter| -> i64 {
+        days.iter()
+            .filter(|(slot, _)| touches(part, *slot))
+            .map(|(_, c)| c)
+            .sum()
+    };
+    let total: i64 = parts.iter().map(calls).sum();
+    if total < HALVES_FROM_CALLS {
+        return None;
+    }
+    if let [part] = parts {
+        // The UTC midnights strictly inside the part, each with the calls before it.
+        let mut before = 0;
+        let mut best: Option<(i64, i64)> = None;
+        let mut inside: Vec<&(i64, i64)> = days.iter().filter(|(s, _)| touches(part, *s)).collect();
+        inside.sort_unstable();
+        for (slot, c) in inside {
+            let cut = micros(*slot)?;
+            let after_start = part.start.is_none_or(|s| s.timestamp_micros() < cut);
+            let before_end = part.end.is_none_or(|e| e.timestamp_micros() >= cut);
+            if after_start && before_end && before > 0 && before < total {
+                let off = (2 * before - total).abs();
+                if best.is_none_or(|(_, o)| off < o) {
+                    best = Some((*slot, off));
+                }
+            }
+            before += c;
+        }
+        let at = DateTime::from_timestamp_micros(micros(best?.0)?)?;
+        return Some([
+            vec![UsageFilter {
+                end: Some(at - Duration::microseconds(1)),
+                ..part.clone()
+            }],
+            vec![UsageFilter {
+                start: Some(at),
+                ..part.clone()
+            }],
+        ]);
+    }
+    let mut order: Vec<(i64, &UsageFilter)> = parts.iter().map(|p| (calls(p), p)).collect();
+    order.sort_by_key(|(c, _)| std::cmp::Reverse(*c));
+    let mut groups: [(i64, Vec<UsageFilter>); 2] = Default::default();
+    for (c, part) in order {
+        let lighter = usize::from(groups[1].0 < groups[0].0);
+        groups[lighter].0 += c;
+        groups[lighter].1.push(part.clone());
+    }
+    let [(a, first), (b, second)] = groups;
+    (a > 0 && b > 0).then_some([first, second])
+}
+
+/// One user's UTC day cells `(slot, calls)` over the UTC days that `parts` touch (the totals
+/// table's primary key: one index range).
+async fn user_day_calls(
+    txn: &DatabaseTransaction,
+    user: i64,
+    parts: &[UsageFilter],
+) -> Result<Vec<(i64, i64)>, DbErr> {
+    let lo = match parts.iter().map(|p| p.start).collect::<Option<Vec<_>>>() {
+        Some(starts) => starts
+            .iter()
+            .min()
+            .map_or(i64::MIN / 2, |s| floor_to(slot_at_or_after(*s) - 1, DAY)),
+        None => i64::MIN / 2,
+    };
+    let hi = match parts.iter().map(|p| p.end).collect::<Option<Vec<_>>>() {
+        Some(ends) => ends
+            .iter()
+            .max()
+            .map_or(i64::MAX / 2, |e| ceil_to(slot_end_through(*e) + 1, DAY)),
+        None => i64::MAX / 2,
+    };
+    txn.query_all_raw(Statement::from_string(
+        txn.get_database_backend(),
+        format!(
+            "SELECT slot, calls FROM {TOTALS_TABLE} WHERE grain = {DAY} AND user_key = {user} \
+             AND slot >= {lo} AND slot < {hi}"
+        ),
+    ))
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+    .collect()
+}
+
+/// The rows of `parts` (ranges of the request's rows), counted per model and bucket, each
+/// under its planner settings after `settings`: in turn on `txn`, or — one user's many calls
+/// on PostgreSQL ([`halves`]) with a connection to spare ([`crate::db::snapshot_txns`]) — half
+/// of them on a transaction of the same snapshot at the same time, on another core of the
+/// database.
+async fn rows_of_parts(
+    db: &DatabaseConnection,
+    txn: &DatabaseTransaction,
+    parts: &[UsageFilter],
+    settings: Option<&str>,
+) -> Result<Vec<BucketRow>, DbErr> {
+    let in_turn = async |on: &DatabaseTransaction, parts: &[UsageFilter]| {
+        if let Some(settings) = settings {
+            on.execute_unprepared(settings).await?;
+        }
+        let mut rows = Vec::new();
+        for part in parts {
+            part.set_rows_settings(on).await?;
+            rows.extend(raw_rows(on, part).await?);
+        }
+        Ok::<_, DbErr>(rows)
+    };
+    let user = parts.first().and_then(|p| p.user_id);
+    let split = match user {
+        Some(user) if txn.get_database_backend() == DbBackend::Postgres => {
+            halves(parts, &user_day_calls(txn, i64::from(user), parts).await?)
+        }
+        _ => None,
+    };
+    let Some([mine, theirs]) = split else {
+        return in_turn(txn, parts).await;
+    };
+    let Some(other) = crate::db::snapshot_txns(db, txn, 1).await?.pop() else {
+        return in_turn(txn, parts).await;
+    };
+    let (mut rows, more) = futures_util::try_join!(in_turn(txn, &mine), in_turn(&other, &theirs))?;
+    other.commit().await?;
+    rows.extend(more);
+    Ok(rows)
+}
+
 /// The full months of `user` ([`FULL_MONTH_TABLE`]) among the whole UTC months `[ma, mb)` of
 /// `months` ([`user_months`]); every other month there is light. `None` where no month is
 /// light: no whole month, or a database before migration 000029 (every month kept its cells).
@@ -597,12 +746,9 @@ pub async fn latency_histograms(
     let light = |m: i64| full.as_ref().is_some_and(|f| !f.contains(&m));
     let rows = match cover(filter, extent, &light) {
         None => {
-            if let Some(settings) = Dialect::of(backend).aggregate_settings() {
-                txn.execute_unprepared(settings).await?;
-            }
             // One user's rows: through the `(user_id, created_at)` index.
-            filter.set_rows_settings(&txn).await?;
-            raw_rows(&txn, filter).await?
+            let aggregate = Dialect::of(backend).aggregate_settings();
+            rows_of_parts(db, &txn, std::slice::from_ref(filter), aggregate).await?
         }
         Some(cover) => {
             // The rollup's planner settings: the cells are index ranges; above all no parallel
@@ -615,10 +761,7 @@ pub async fn latency_histograms(
             let mut rows = BucketRow::find_by_statement(cells_statement(backend, &cover, filter))
                 .all(&txn)
                 .await?;
-            for edge in &cover.edges {
-                edge.set_rows_settings(&txn).await?;
-                rows.extend(raw_rows(&txn, edge).await?);
-            }
+            rows.extend(rows_of_parts(db, &txn, &cover.edges, None).await?);
             rows
         }
     };
@@ -699,6 +842,68 @@ mod tests {
         );
         h.add(bucket_of(1000), -1);
         assert_eq!(h.calls(), 99);
+    }
+
+    #[test]
+    fn many_calls_of_one_user_are_cut_in_two_halves() {
+        let at = |day: i64, hour: i64| {
+            DateTime::from_timestamp((day * DAY) * SLOT_SECONDS + hour * 3600, 0).unwrap()
+        };
+        let d0 = 20_000;
+        let user = |start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>| UsageFilter {
+            start,
+            end,
+            user_id: Some(7),
+            model: Some("4o".into()),
+            ..Default::default()
+        };
+        // Seven days of 1,000 calls.
+        let days: Vec<(i64, i64)> = (0..7).map(|k| ((d0 + k) * DAY, 1_000)).collect();
+        // One part from 05:00 of the first day on: cut at the midnight nearest half of the
+        // calls (3,000 or 4,000 before: the first found), the filter otherwise kept.
+        let part = user(Some(at(d0, 5)), None);
+        let [a, b] = halves(std::slice::from_ref(&part), &days).unwrap();
+        assert_eq!(
+            a,
+            vec![user(
+                Some(at(d0, 5)),
+                Some(at(d0 + 3, 0) - Duration::microseconds(1))
+            )]
+        );
+        assert_eq!(b, vec![user(Some(at(d0 + 3, 0)), None)]);
+        // Bounded at both ends: the cut stays inside.
+        let part = user(Some(at(d0 + 1, 0)), Some(at(d0 + 2, 23)));
+        let [a, b] = halves(std::slice::from_ref(&part), &days).unwrap_or_else(|| {
+            // (2,000 calls touch it: under the threshold.)
+            [vec![], vec![]]
+        });
+        assert!(a.is_empty() && b.is_empty());
+        let heavy: Vec<(i64, i64)> = days.iter().map(|&(s, _)| (s, 5_000)).collect();
+        let [a, b] = halves(std::slice::from_ref(&part), &heavy).unwrap();
+        assert_eq!(a[0].end, Some(at(d0 + 2, 0) - Duration::microseconds(1)));
+        assert_eq!(b[0].start, Some(at(d0 + 2, 0)));
+        // No midnight inside a part of one day: not cut, however many calls.
+        let day = user(Some(at(d0 + 1, 1)), Some(at(d0 + 1, 22)));
+        assert_eq!(halves(std::slice::from_ref(&day), &heavy), None);
+        // Under the threshold: one statement.
+        let few: Vec<(i64, i64)> = days.iter().map(|&(s, _)| (s, 100)).collect();
+        assert_eq!(halves(&[user(None, None)], &few), None);
+        // Several parts: dealt out, the most calls first, to the group with fewer.
+        // (5,000, 5,000 and 10,000 calls: the last alone, the first two together.)
+        let parts = [
+            user(Some(at(d0, 0)), Some(at(d0, 23))),
+            user(Some(at(d0 + 3, 6)), Some(at(d0 + 3, 9))),
+            user(Some(at(d0 + 5, 0)), None),
+        ];
+        let [a, b] = halves(&parts, &heavy).unwrap();
+        assert_eq!(a, vec![parts[2].clone()]);
+        assert_eq!(b, vec![parts[0].clone(), parts[1].clone()]);
+        // A part with no calls leaves nothing to read beside the other.
+        let lone = [
+            user(Some(at(d0, 0)), Some(at(d0 + 6, 0))),
+            user(Some(at(d0 + 9, 0)), None),
+        ];
+        assert_eq!(halves(&lone, &heavy), None);
     }
 
     #[test]

@@ -1256,3 +1256,111 @@ db_test!(
         }
     }
 );
+
+db_test!(
+    async fn one_users_many_calls_are_counted_in_two_halves_exactly(backend: Backend) {
+        // Issue 16: one user's rows of many calls are counted in two halves at once, on the
+        // request's transaction and on another of the same snapshot (PostgreSQL; on SQLite
+        // in turn): one range cut at a UTC midnight, or the rows around whole months dealt
+        // out. The histograms equal the rows whatever the cut, folded or pending.
+        use llm_tracker::usage::latency::{HALVES_FROM_CALLS, halves};
+        let t = TestDb::migrated(backend).await;
+        let db = &t.db;
+        let ids = users(db, &["busy"]).await;
+        let heavy = ids[0];
+        let mut rng = StdRng::seed_from_u64(47);
+        let march = Utc.with_ymd_and_hms(2025, 3, 1, 0, 0, 0).unwrap();
+        let mut rows = Vec::new();
+        let mut next_id = 1;
+        // Late February, ten days of March, early April (a fifth of the calls for no user).
+        for (from, days, n) in [
+            (march - Duration::days(6), 6, 4_000),
+            (march + Duration::days(3), 10, 7_000),
+            (march + Duration::days(31), 5, 4_000),
+        ] {
+            rows.extend(random_rows(&mut rng, &[heavy], from, days, n, next_id));
+            next_id += n;
+        }
+        let rows = with_latencies(&mut rng, rows);
+        let (folded, pending) = rows.split_at(rows.len() - 500);
+        insert(db, folded).await;
+        fold(&t).await;
+        insert(db, pending).await;
+        let user = |start: DateTime<Utc>, end: Option<DateTime<Utc>>| UsageFilter {
+            start: Some(start),
+            end,
+            user_id: Some(heavy),
+            ..Default::default()
+        };
+        let tick = Duration::microseconds(1);
+        let inside = user(
+            march + Duration::days(3) + Duration::hours(5),
+            Some(march + Duration::days(11) + Duration::hours(17)),
+        );
+        let open = user(march + Duration::days(4), None);
+        let around = user(
+            march - Duration::days(5) + Duration::hours(3),
+            Some(march + Duration::days(34) + Duration::hours(20)),
+        );
+        // The day cells say these are cut: one part each for the first two, the rows before
+        // and after March (whose cell answers) for the third.
+        let days: Vec<(i64, i64)> = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!(
+                    "SELECT slot, calls FROM llm_tracker_usage_rollup_total WHERE grain = 96 \
+                     AND user_key = {heavy} ORDER BY slot"
+                ),
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.try_get_by_index(0).unwrap(),
+                    r.try_get_by_index(1).unwrap(),
+                )
+            })
+            .collect();
+        let april = march + Duration::days(31);
+        let edges = [
+            user(around.start.unwrap(), Some(march - tick)),
+            user(april, around.end),
+        ];
+        for parts in [
+            std::slice::from_ref(&inside),
+            std::slice::from_ref(&open),
+            &edges[..],
+        ] {
+            let [a, b] = halves(parts, &days).unwrap_or_else(|| panic!("{parts:?}"));
+            assert!(!a.is_empty() && !b.is_empty());
+        }
+        assert!(days.iter().map(|d| d.1).sum::<i64>() > 2 * HALVES_FROM_CALLS);
+        let all = all_rows(db).await;
+        let one_day = user(
+            march + Duration::days(5) + Duration::hours(1),
+            Some(march + Duration::days(5) + Duration::hours(23)),
+        );
+        for filter in [
+            inside.clone(),
+            open.clone(),
+            around.clone(),
+            one_day,
+            UsageFilter {
+                model: Some("4o".into()),
+                ..inside.clone()
+            },
+            UsageFilter {
+                success: Some(true),
+                ..around.clone()
+            },
+        ] {
+            assert_exact(db, &all, &filter).await;
+        }
+        // Folded, the same.
+        fold(&t).await;
+        for filter in [&inside, &open, &around] {
+            assert_exact(db, &all, filter).await;
+        }
+    }
+);
