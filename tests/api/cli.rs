@@ -216,16 +216,42 @@ db_test!(
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Its log read as it comes (a pipe nobody reads would stop the server once full), for
+        // the failure messages below.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let reader = {
+            let log = log.clone();
+            let mut stderr = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stderr.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        };
+        // (Generous: the suite runs it beside a browser and other servers on two cores.)
+        let deadline = Instant::now() + Duration::from_secs(60);
         let health = loop {
             match http_get(port, "/healthz") {
                 Ok(r) => break r,
-                Err(_) if Instant::now() < deadline => {
+                Err(_) if Instant::now() < deadline && child.try_wait().unwrap().is_none() => {
                     std::thread::sleep(Duration::from_millis(100))
                 }
                 Err(e) => {
+                    let exited = child.try_wait().unwrap();
                     child.kill().ok();
-                    panic!("server never answered: {e}");
+                    child.wait().ok();
+                    reader.join().ok();
+                    panic!(
+                        "server never answered: {e}; exited: {exited:?}; its log:\n{}",
+                        log.lock().unwrap()
+                    );
                 }
             }
         };
