@@ -300,10 +300,9 @@ pub async fn run(
     }
     // The dense users' hours and days per model before the horizon go with the rows: nothing
     // reads them.
-    db.execute_unprepared(&migration::rollup::delete_dense_hours_before_sql(slot))
-        .await?;
-    db.execute_unprepared(&migration::rollup::delete_dense_model_days_before_sql(slot))
-        .await?;
+    for sql in migration::rollup::delete_dense_cells_before_sql(slot) {
+        db.execute_unprepared(&sql).await?;
+    }
     Ok(report)
 }
 

@@ -751,19 +751,25 @@ const DENSE_GRAIN_CODES: [i64; 2] = [DENSE_GRAINS[0].code, DENSE_GRAINS[1].code]
 /// dense but calls rarely can have two cells a call).
 pub const DENSE_DAY_CALLS: i64 = 150;
 
-/// Deletes the dense users' hours before slot `horizon` (a retention horizon): no read uses
-/// them (reads and `rollup verify` start at the horizon, and a rebuild cannot refill them from
-/// rows that are gone).
-pub fn delete_dense_hours_before_sql(horizon: i64) -> String {
-    delete_dense_hours_sql(&format!("user_key < {ALL_USERS} AND slot < {horizon}"))
+/// Deletes the dense users' cells — hours and days per model — before slot `horizon` (a
+/// retention horizon): no read uses them (reads and `rollup verify` start at the horizon, and
+/// a rebuild cannot refill them from rows that are gone).
+pub fn delete_dense_cells_before_sql(horizon: i64) -> [String; 2] {
+    delete_dense_cells_sql(&format!("user_key < {ALL_USERS} AND slot < {horizon}"))
 }
 
-/// Deletes the dense users' hour cells that `condition` selects.
-fn delete_dense_hours_sql(condition: &str) -> String {
-    format!(
-        "DELETE FROM {TOTALS_TABLE} WHERE grain IN ({}, {}) AND {condition}",
-        DENSE_GRAIN_CODES[0], DENSE_GRAIN_CODES[1]
-    )
+/// Deletes the dense users' hour cells and day cells per model that `condition` selects.
+fn delete_dense_cells_sql(condition: &str) -> [String; 2] {
+    [
+        format!(
+            "DELETE FROM {TOTALS_TABLE} WHERE grain IN ({}, {}) AND {condition}",
+            DENSE_GRAIN_CODES[0], DENSE_GRAIN_CODES[1]
+        ),
+        format!(
+            "DELETE FROM {TABLE} WHERE grain = {} AND {condition}",
+            DENSE_MODEL_DAY.code
+        ),
+    ]
 }
 
 /// A dense user's UTC days per model and outcome, in [`TABLE`] under a code of their own (not
@@ -774,23 +780,9 @@ fn delete_dense_hours_sql(condition: &str) -> String {
 /// user's per-model sums over part of a month (the last 7 days) read the user's rows of those
 /// days: for the heaviest user of the 10,000-user benchmark 14,186 rows, ~12 ms of the
 /// database. A dense user's day holds 150 calls or more over a few dozen models and outcomes,
-/// so its cells are a fraction of its rows (209,549 cells for the 22 dense users there, ~51
+/// so its cells are a fraction of its rows (209,549 cells for the 22 dense users there, 44.5
 /// MB); a light user's day would hold about one call per cell, as it did before 000021.
 pub const DENSE_MODEL_DAY: Grain = Grain::new(97, 96, 0);
-
-/// Deletes the dense users' day cells per model before slot `horizon` (a retention horizon),
-/// as [`delete_dense_hours_before_sql`] does their hours.
-pub fn delete_dense_model_days_before_sql(horizon: i64) -> String {
-    delete_dense_model_days_sql(&format!("slot < {horizon}"))
-}
-
-/// Deletes the dense users' day cells per model that `condition` selects.
-fn delete_dense_model_days_sql(condition: &str) -> String {
-    format!(
-        "DELETE FROM {TABLE} WHERE grain = {} AND {condition}",
-        DENSE_MODEL_DAY.code
-    )
-}
 
 /// `INSERT … ON CONFLICT DO UPDATE` adding the contributions of `sources` to the day cells per
 /// model and outcome of the dense users (from each one's `since` on, before its `until`).
@@ -2477,11 +2469,9 @@ pub async fn promote_dense_in<C: sea_orm_migration::sea_orm::ConnectionTrait>(
             "UPDATE {DENSE_TABLE} SET until = {tomorrow} WHERE user_key IN ({list})"
         ))
         .await?;
-        let past = format!("user_key IN ({list}) AND slot >= {tomorrow}");
-        txn.execute_unprepared(&delete_dense_hours_sql(&past))
-            .await?;
-        txn.execute_unprepared(&delete_dense_model_days_sql(&past))
-            .await?;
+        for sql in delete_dense_cells_sql(&format!("user_key IN ({list}) AND slot >= {tomorrow}")) {
+            txn.execute_unprepared(&sql).await?;
+        }
     }
     Ok(keys)
 }

@@ -759,9 +759,8 @@ pub async fn plan<C: ConnectionTrait>(
             // A dense user's series reads hour cells where days do not fit its buckets, and
             // the user's sums per model read day cells where months do not fit the range
             // (migration 000035).
-            let dense = match (filter.user_id, series) {
-                (Some(user), Some(_)) => dense_since(db, key_of(Some(user))).await?,
-                (Some(user), None) if layout.dense_model_days => {
+            let dense = match filter.user_id {
+                Some(user) if series.is_some() || layout.dense_model_days => {
                     dense_since(db, key_of(Some(user))).await?
                 }
                 _ => None,
